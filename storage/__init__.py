@@ -1,0 +1,50 @@
+"""trainio.storage: bytes on local disks and object stores, hashed, cached and retried.
+
+The one way trainio touches bytes is a :class:`Store`: :class:`LocalStore` for a
+local or parallel file system, :class:`S3Store` for any S3-compatible endpoint,
+and :func:`open_store` to get either from a URL. :class:`ZarrStore` lets zarr v3
+read and write through any of them, and :class:`ShardCache` keeps remote files
+on local disk within a byte budget.
+"""
+
+from __future__ import annotations
+
+from ._hashing import DIGEST_NAME, Hasher, digest
+from ._local import LocalOptions, LocalStore
+from ._open import open_store
+from ._retry import RetryPolicy
+from ._s3 import S3Options, S3Store
+from ._store import Store
+from .errors import (
+    AlreadyExists,
+    CheckpointError,
+    FormatError,
+    IntegrityError,
+    InvalidKey,
+    NotFound,
+    StoreError,
+    StoreUnavailable,
+    TrainioError,
+)
+
+__all__ = [
+    "DIGEST_NAME",
+    "AlreadyExists",
+    "CheckpointError",
+    "FormatError",
+    "Hasher",
+    "IntegrityError",
+    "InvalidKey",
+    "LocalOptions",
+    "LocalStore",
+    "NotFound",
+    "RetryPolicy",
+    "S3Options",
+    "S3Store",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "TrainioError",
+    "digest",
+    "open_store",
+]

@@ -1,0 +1,288 @@
+"""LocalStore: keys as files under a directory (local NVMe or a mounted parallel file system)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._atomic import atomic_file, fsync_dir, make_dirs, publish, temp_name, write_all
+from ._keys import TEMP_MARKER, check_bounds, check_key
+from ._store import HashingReader, HashingWriter, Store
+from .errors import AlreadyExists, InvalidKey, NotFound, StoreError
+
+_NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalOptions:
+    """How LocalStore writes and reads.
+
+    Attributes:
+        durable: fsync every written file and the directories whose entries
+            change, so a committed write survives power loss (default True).
+        io_threads: Threads of the pool the ``_async`` twins run on (default 8).
+        block_bytes: Buffer size for streamed copies (default 8 MiB; memory
+            per concurrent ``put_file``/``get_file``).
+    """
+
+    durable: bool = True
+    io_threads: int = 8
+    block_bytes: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        if self.io_threads < 1:
+            raise ValueError(f"LocalOptions.io_threads={self.io_threads}: must be >= 1")
+        if self.block_bytes < 4096:
+            raise ValueError(f"LocalOptions.block_bytes={self.block_bytes}: must be >= 4096")
+
+
+class LocalStore(Store):
+    """Keys as files under ``root``; each key's '/'-parts are directories.
+
+    Writes go to a temp file in the target directory, are fsync'd, then
+    renamed over the key, and the directory is fsync'd. Reads use ``pread``
+    and ``preadv`` straight into the caller's buffer.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, options: LocalOptions = LocalOptions()) -> None:
+        super().__init__(io_threads=options.io_threads)
+        self._root = os.path.abspath(os.fspath(root))
+        self._options = options
+        try:
+            os.makedirs(self._root, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(self.url, "", f"cannot create the store directory: {exc.strerror}") from exc
+        if not os.path.isdir(self._root):
+            raise StoreError(self.url, "", "the store root exists but is not a directory")
+
+    @property
+    def url(self) -> str:
+        return Path(self._root).as_uri()
+
+    @property
+    def root(self) -> Path:
+        """The directory holding the keys."""
+        return Path(self._root)
+
+    @property
+    def options(self) -> LocalOptions:
+        """The options this store was made with."""
+        return self._options
+
+    def _identity(self) -> tuple[object, ...]:
+        return (self._root, self._options)
+
+    def path_of(self, key: str) -> Path:
+        """The local file that holds ``key`` (which need not exist yet)."""
+        return Path(self._path(check_key(self.url, key)))
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self._root, key)
+
+    @contextmanager
+    def _errors(self, key: str, action: str) -> Iterator[None]:
+        """Translate OS errors of one operation into trainio errors naming the key."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except FileExistsError as exc:
+            raise AlreadyExists(self.url, key, f"cannot {action}: the key already exists") from exc
+        except FileNotFoundError as exc:
+            raise NotFound(self.url, key, f"cannot {action}: no such key") from exc
+        except IsADirectoryError as exc:
+            raise InvalidKey(self.url, key, f"cannot {action}: the key is a directory of other keys") from exc
+        except NotADirectoryError as exc:
+            raise InvalidKey(
+                self.url, key, f"cannot {action}: a parent of this key is itself a key (a file)"
+            ) from exc
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StoreError(
+                    self.url, key, f"cannot {action}: {exc.strerror or 'no space left'}",
+                    "free space on the device; the previous value is intact",
+                ) from exc
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise StoreError(
+                    self.url, key, f"cannot {action}: {exc.strerror}", "check the directory's permissions"
+                ) from exc
+            raise StoreError(self.url, key, f"cannot {action}: {exc.strerror or exc}") from exc
+
+    def _open_regular(self, key: str) -> int:
+        fd = os.open(self._path(key), os.O_RDONLY)
+        if not _is_regular(fd):
+            os.close(fd)
+            raise NotFound(self.url, key, "no such key (the path is a directory)")
+        return fd
+
+    # -- hooks ----------------------------------------------------------------
+
+    def _get(self, key: str, start: int, end: int | None) -> bytes:
+        with self._errors(key, "read"):
+            fd = self._open_regular(key)
+            try:
+                stop = check_bounds(self.url, key, start, end, os.fstat(fd).st_size)
+                return _pread_exact(fd, start, stop - start, self.url, key)
+            finally:
+                os.close(fd)
+
+    def _get_into(self, key: str, buffer: memoryview, offset: int) -> None:
+        with self._errors(key, "read"):
+            fd = self._open_regular(key)
+            try:
+                check_bounds(self.url, key, offset, offset + buffer.nbytes, os.fstat(fd).st_size)
+                _preadv_exact(fd, buffer, offset, self.url, key)
+            finally:
+                os.close(fd)
+
+    def _put(self, key: str, data: memoryview, overwrite: bool) -> None:
+        with self._errors(key, "write"):
+            with atomic_file(self._path(key), durable=self._options.durable, overwrite=overwrite) as f:
+                write_all(f, data)
+
+    def _write_stream(self, key: str, source: HashingReader, size: int, overwrite: bool) -> None:
+        block = memoryview(bytearray(min(max(size, 1), self._options.block_bytes)))
+        with self._errors(key, "write"):
+            with atomic_file(self._path(key), durable=self._options.durable, overwrite=overwrite) as f:
+                while n := source.readinto(block):
+                    write_all(f, block[:n])
+
+    def _read_stream(self, key: str, sink: HashingWriter) -> None:
+        with self._errors(key, "read"):
+            fd = self._open_regular(key)
+            try:
+                size = os.fstat(fd).st_size
+                block = memoryview(bytearray(min(max(size, 1), self._options.block_bytes)))
+                offset = 0
+                while offset < size:
+                    n = min(block.nbytes, size - offset)
+                    _preadv_exact(fd, block[:n], offset, self.url, key)
+                    sink.write(block[:n])
+                    offset += n
+            finally:
+                os.close(fd)
+
+    def _size(self, key: str) -> int:
+        with self._errors(key, "stat"):
+            st = os.stat(self._path(key))
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(self.url, key, "no such key (the path is a directory)")
+        return st.st_size
+
+    def _list(self, prefix: str) -> list[str]:
+        top = self._path(prefix) if prefix else self._root
+        keys: list[str] = []
+        stack = [(top, prefix)]
+        while stack:
+            directory, rel = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise StoreError(self.url, rel, f"cannot list: {exc.strerror}") from exc
+            for entry in entries:
+                if entry.name.startswith(TEMP_MARKER):
+                    continue
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, name))
+                elif entry.is_file(follow_symlinks=False):
+                    keys.append(name)
+        return keys
+
+    def _delete(self, key: str) -> None:
+        path = self._path(key)
+        with self._errors(key, "delete"):
+            try:
+                os.unlink(path)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return
+            except PermissionError:
+                if os.path.isdir(path):
+                    return
+                raise
+            parent = os.path.dirname(path)
+            if self._options.durable:
+                fsync_dir(parent)
+        self._prune_empty_dirs(parent)
+
+    def _prune_empty_dirs(self, directory: str) -> None:
+        while directory != self._root and directory.startswith(self._root + os.sep):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return
+            directory = os.path.dirname(directory)
+
+    def _delete_prefix(self, prefix: str) -> int:
+        keys = self._list(prefix)
+        targets = [self._path(prefix)] if prefix else [
+            os.path.join(self._root, name) for name in os.listdir(self._root)
+        ]
+        with self._errors(prefix, "delete"):
+            for target in targets:
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                elif os.path.lexists(target) and not prefix:
+                    os.unlink(target)
+            if self._options.durable:
+                fsync_dir(os.path.dirname(targets[0]) if targets else self._root)
+        if prefix:
+            self._prune_empty_dirs(os.path.dirname(self._path(prefix)))
+        return len(keys)
+
+    def _copy(self, src: str, dst: str) -> None:
+        src_path = self._path(src)
+        dst_path = self._path(dst)
+        with self._errors(src, "copy from"):
+            if not stat.S_ISREG(os.stat(src_path).st_mode):
+                raise NotFound(self.url, src, "cannot copy from: no such key")
+        with self._errors(dst, "copy to"):
+            directory = os.path.dirname(dst_path)
+            make_dirs(directory, durable=self._options.durable)
+            tmp = os.path.join(directory, temp_name())
+            try:
+                os.link(src_path, tmp)
+            except OSError as exc:
+                if exc.errno not in _NO_LINK_ERRNOS:
+                    raise
+                with atomic_file(dst_path, durable=self._options.durable) as f, open(src_path, "rb") as s:
+                    shutil.copyfileobj(s, f, self._options.block_bytes)
+                return
+            try:
+                publish(tmp, dst_path, overwrite=True, durable=self._options.durable)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+
+
+def _is_regular(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def _pread_exact(fd: int, offset: int, size: int, url: str, key: str) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) == size:
+        return data
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    view[: len(data)] = data
+    _preadv_exact(fd, view[len(data):], offset + len(data), url, key)
+    return bytes(buffer)
+
+
+def _preadv_exact(fd: int, buffer: memoryview, offset: int, url: str, key: str) -> None:
+    filled = 0
+    total = buffer.nbytes
+    while filled < total:
+        n = os.preadv(fd, [buffer[filled:]], offset + filled)
+        if n == 0:
+            raise StoreError(url, key, f"the file ended at byte {offset + filled} while reading", "it was truncated while being read")
+        filled += n

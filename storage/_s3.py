@@ -1,0 +1,537 @@
+"""S3Store: keys as objects in an S3 bucket (AWS or any S3-compatible endpoint), through boto3."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions as bexc
+
+from ._buffers import new_bytes
+from ._keys import check_bounds, check_key, check_prefix
+from ._retry import RetryPolicy, ShortBody, error_code, http_status, is_retryable
+from ._store import HashingReader, HashingWriter, Store
+from .errors import AlreadyExists, InvalidKey, NotFound, StoreError, StoreUnavailable
+
+T = TypeVar("T")
+log = logging.getLogger("trainio.storage.s3")
+
+_MIB = 1 << 20
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_DELETE_BATCH = 1000
+_MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class S3Options:
+    """How an S3Store talks to its endpoint.
+
+    Credentials left as None come from boto3's standard chain (environment,
+    shared files, instance metadata); an ``endpoint_url`` of None means
+    ``AWS_ENDPOINT_URL`` or AWS itself. Credentials never appear in reprs,
+    logs or error messages.
+
+    Memory: an upload holds at most ``part_size_bytes * max_concurrency``
+    bytes of parts in flight (256 MiB by default), and so does a streamed
+    download; ``get`` and ``get_into`` write the parts straight into one buffer.
+
+    Attributes:
+        endpoint_url: The S3 endpoint, e.g. ``http://127.0.0.1:8333``.
+        region: The signing region (default: boto3's chain, else us-east-1).
+        profile: A profile of the shared AWS config files.
+        access_key_id, secret_access_key, session_token: Explicit credentials.
+        part_size_bytes: Size of multipart-upload parts and of parallel
+            ranged GETs (default 16 MiB; S3 needs >= 5 MiB).
+        multipart_threshold_bytes: Objects at least this big are uploaded and
+            copied in parallel parts (default 32 MiB).
+        max_concurrency: Parallel requests of one transfer, and threads of the
+            pool the ``_async`` twins run on (default 16).
+        connect_timeout_s, read_timeout_s: Socket timeouts of one request.
+        retry: The retry policy of every request.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    part_size_bytes: int = 16 * _MIB
+    multipart_threshold_bytes: int = 32 * _MIB
+    max_concurrency: int = 16
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    retry: RetryPolicy = RetryPolicy()
+
+    def __post_init__(self) -> None:
+        if self.part_size_bytes < 5 * _MIB:
+            raise ValueError(f"S3Options.part_size_bytes={self.part_size_bytes}: S3 needs parts >= 5 MiB")
+        if self.multipart_threshold_bytes < self.part_size_bytes:
+            raise ValueError(
+                f"S3Options.multipart_threshold_bytes={self.multipart_threshold_bytes}: "
+                f"must be >= part_size_bytes ({self.part_size_bytes})"
+            )
+        if self.max_concurrency < 1:
+            raise ValueError(f"S3Options.max_concurrency={self.max_concurrency}: must be >= 1")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("S3Options: timeouts must be > 0 seconds")
+
+
+class S3Store(Store):
+    """Keys as objects ``<prefix>/<key>`` in ``bucket``.
+
+    Large objects move in parallel parts: multipart uploads (aborted on
+    failure, so no partial object ever appears) and ranged GETs written
+    straight into the destination buffer. Every request is retried under
+    ``options.retry``; what still fails raises ``StoreUnavailable`` naming
+    the endpoint, the bucket and the key.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, options: S3Options = S3Options()) -> None:
+        super().__init__(io_threads=options.max_concurrency)
+        self._bucket = bucket
+        self._prefix = prefix.strip("/")
+        self._options = options
+        if not _BUCKET_RE.match(bucket) or ".." in bucket:
+            raise StoreError(
+                self.url, "", f"{bucket!r} is not a valid bucket name",
+                "use 3-63 lowercase letters, digits, '.' or '-', starting and ending with a letter or digit",
+            )
+        check_prefix(self.url, self._prefix)
+        self._reset_s3_transient()
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self._bucket}/{self._prefix}" if self._prefix else f"s3://{self._bucket}"
+
+    @property
+    def bucket(self) -> str:
+        """The bucket holding the objects."""
+        return self._bucket
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix inside the bucket ("" for the whole bucket)."""
+        return self._prefix
+
+    @property
+    def options(self) -> S3Options:
+        """The options this store was made with."""
+        return self._options
+
+    def _identity(self) -> tuple[object, ...]:
+        return (self._bucket, self._prefix, self._options)
+
+    def _transient_attributes(self) -> tuple[str, ...]:
+        return (*super()._transient_attributes(), "_client_obj", "_transfers", "_s3_pid", "_s3_lock")
+
+    def _reset_transient(self) -> None:
+        super()._reset_transient()
+        self._reset_s3_transient()
+
+    def _reset_s3_transient(self) -> None:
+        self._client_obj: Any = None
+        self._transfers: ThreadPoolExecutor | None = None
+        self._s3_pid = 0
+        self._s3_lock = threading.Lock()
+
+    def close(self) -> None:
+        super().close()
+        transfers, self._transfers = self._transfers, None
+        if transfers is not None:
+            transfers.shutdown(wait=True)
+        client, self._client_obj = self._client_obj, None
+        if client is not None:
+            client.close()
+
+    # -- per-process resources ---------------------------------------------------
+
+    def _ensure_process_resources(self) -> None:
+        pid = os.getpid()
+        if self._s3_pid == pid:
+            return
+        with self._s3_lock:
+            if self._s3_pid == pid:
+                return
+            opts = self._options
+            session = boto3.session.Session(
+                aws_access_key_id=opts.access_key_id,
+                aws_secret_access_key=opts.secret_access_key,
+                aws_session_token=opts.session_token,
+                region_name=opts.region,
+                profile_name=opts.profile,
+            )
+            config = botocore.config.Config(
+                max_pool_connections=2 * opts.max_concurrency + 2,
+                connect_timeout=opts.connect_timeout_s,
+                read_timeout=opts.read_timeout_s,
+                retries={"total_max_attempts": 1},
+                tcp_keepalive=True,
+            )
+            self._client_obj = session.client("s3", endpoint_url=opts.endpoint_url, config=config)
+            self._transfers = ThreadPoolExecutor(opts.max_concurrency, thread_name_prefix="trainio-s3")
+            self._s3_pid = pid
+
+    @property
+    def _client(self) -> Any:
+        self._ensure_process_resources()
+        return self._client_obj
+
+    def _transfer_pool(self) -> ThreadPoolExecutor:
+        """The pool that runs the parts of one transfer (the base class's pool runs the async twins)."""
+        self._ensure_process_resources()
+        assert self._transfers is not None
+        return self._transfers
+
+    def _endpoint(self) -> str:
+        try:
+            return str(self._client.meta.endpoint_url)
+        except Exception:  # noqa: BLE001 - only for an error message
+            return self._options.endpoint_url or "the default AWS endpoint"
+
+    def _full(self, key: str) -> str:
+        return f"{self._prefix}/{key}" if self._prefix else key
+
+    # -- retries and error translation -----------------------------------------
+
+    def _call(self, action: str, key: str, fn: Callable[[], T], *, create_only: bool = False) -> T:
+        """Run one request under the retry policy, translating what finally fails."""
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except (StoreError, ValueError, TypeError):
+                raise
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise self._translate(exc, action, key, create_only) from exc
+                failures += 1
+                if failures >= self._options.retry.max_attempts:
+                    raise StoreUnavailable(
+                        self.url, key,
+                        f"cannot {action}: {failures} tries against endpoint {self._endpoint()} "
+                        f"failed; last error: {_describe(exc)}",
+                        "check that the endpoint is up and reachable, or raise S3Options.retry",
+                    ) from exc
+                delay = self._options.retry.backoff_s(failures)
+                log.info("[key=%s] %s failed (%s); retry %d in %.2fs", self._full(key), action,
+                         _describe(exc), failures, delay)
+                time.sleep(delay)
+
+    def _translate(self, exc: Exception, action: str, key: str, create_only: bool) -> StoreError:
+        code, status = error_code(exc), http_status(exc)
+        if code == "NoSuchBucket":
+            return StoreError(self.url, key, f"cannot {action}: the bucket {self._bucket!r} does not exist",
+                              "create it or fix the URL")
+        if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+            return NotFound(self.url, key, f"cannot {action}: no such key")
+        if create_only and (code == "PreconditionFailed" or status == 412):
+            return AlreadyExists(self.url, key, f"cannot {action}: the key already exists (create-only write)")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken") or status == 403:
+            return StoreError(self.url, key, f"cannot {action}: access denied ({code or status})",
+                              "check the credentials and the bucket's policy")
+        if isinstance(exc, bexc.NoCredentialsError):
+            return StoreError(self.url, key, f"cannot {action}: no AWS credentials found",
+                              "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or S3Options credentials")
+        return StoreError(self.url, key, f"cannot {action}: {_describe(exc)}")
+
+    # -- reads -------------------------------------------------------------------
+
+    def _size(self, key: str) -> int:
+        response = self._call("stat", key, lambda: self._client.head_object(Bucket=self._bucket, Key=self._full(key)))
+        return int(response["ContentLength"])
+
+    def _get_range(self, key: str, start: int, stop: int) -> Any:
+        """GET bytes [start, stop) (stop > start); the response, or None if the range is unsatisfiable."""
+        try:
+            return self._client.get_object(Bucket=self._bucket, Key=self._full(key), Range=f"bytes={start}-{stop - 1}")
+        except bexc.ClientError as exc:
+            if error_code(exc) == "InvalidRange" or http_status(exc) == 416:
+                return None
+            raise
+
+    def _read_head(self, key: str, start: int, want: int) -> tuple[bytes, int]:
+        """Up to ``want`` bytes from ``start`` and the object's total size, in one request."""
+
+        def attempt() -> tuple[bytes, int]:
+            response = self._get_range(key, start, start + want)
+            if response is None:
+                size = self._size(key)
+                check_bounds(self.url, key, start, None, size)
+                return b"", size
+            total, first = _content_range(response, start)
+            data = response["Body"].read()
+            if len(data) != int(response["ContentLength"]):
+                raise ShortBody()
+            return data[first:first + want] if first else data, total
+
+        return self._call("read", key, attempt)
+
+    def _read_range_into(self, key: str, view: memoryview, offset: int) -> None:
+        """Fill ``view`` with bytes [offset, offset + len(view)); retried as a whole."""
+
+        def attempt() -> None:
+            stop = offset + view.nbytes
+            response = self._get_range(key, offset, stop)
+            if response is None:
+                check_bounds(self.url, key, offset, stop, self._size(key))
+                raise StoreError(self.url, key, f"the endpoint refused the range [{offset}, {stop})")
+            total, skip = _content_range(response, offset)
+            check_bounds(self.url, key, offset, stop, total)
+            body = response["Body"]
+            if skip:
+                body.read(skip)
+            filled = 0
+            while filled < view.nbytes:
+                n = body.readinto(view[filled:])
+                if not n:
+                    raise ShortBody()
+                filled += n
+            body.close()
+
+        self._call("read", key, attempt)
+
+    def _parallel_into(self, key: str, view: memoryview, offset: int) -> None:
+        part = self._options.part_size_bytes
+        if view.nbytes <= part:
+            self._read_range_into(key, view, offset)
+            return
+        jobs = (
+            partial(self._read_range_into, key, view[pos:pos + part], offset + pos)
+            for pos in range(0, view.nbytes, part)
+        )
+        _run_all(self._transfer_pool(), jobs, self._options.max_concurrency)
+
+    def _get(self, key: str, start: int, end: int | None) -> bytes:
+        part = self._options.part_size_bytes
+        if end is not None and end - start <= part:
+            if end == start:
+                check_bounds(self.url, key, start, end, self._size(key))
+                return b""
+            data, total = self._read_head(key, start, end - start)
+            check_bounds(self.url, key, start, end, total)
+            return data
+        if end is not None:
+            result, view = new_bytes(end - start)
+            self._parallel_into(key, view, start)
+            return result
+        head, total = self._read_head(key, start, part)
+        if start + len(head) >= total:
+            return head
+        result, view = new_bytes(total - start)
+        view[: len(head)] = head
+        self._parallel_into(key, view[len(head):], start + len(head))
+        return result
+
+    def _get_into(self, key: str, buffer: memoryview, offset: int) -> None:
+        if buffer.nbytes == 0:
+            check_bounds(self.url, key, offset, offset, self._size(key))
+            return
+        self._parallel_into(key, buffer, offset)
+
+    def _read_stream(self, key: str, sink: HashingWriter) -> None:
+        part = self._options.part_size_bytes
+        first, total = self._read_head(key, 0, part)
+        sink.write(first)
+
+        def fetch(offset: int, size: int) -> bytearray:
+            buffer = bytearray(size)
+            self._read_range_into(key, memoryview(buffer), offset)
+            return buffer
+
+        pending: deque[Future[bytearray]] = deque()
+        offsets = iter(range(len(first), total, part))
+        try:
+            for offset in offsets:
+                pending.append(self._transfer_pool().submit(fetch, offset, min(part, total - offset)))
+                if len(pending) >= self._options.max_concurrency:
+                    sink.write(pending.popleft().result())
+            while pending:
+                sink.write(pending.popleft().result())
+        finally:
+            for future in pending:
+                future.cancel()
+            wait(pending)
+
+    # -- writes ------------------------------------------------------------------
+
+    def _put(self, key: str, data: memoryview, overwrite: bool) -> None:
+        part = self._options.part_size_bytes
+        if data.nbytes < self._options.multipart_threshold_bytes:
+            whole = isinstance(data.obj, bytes) and len(data.obj) == data.nbytes
+            self._put_object(key, data.obj if whole else bytes(data), overwrite)
+            return
+        bodies = (bytes(data[pos:pos + part]) for pos in range(0, data.nbytes, part))
+        self._multipart(key, (partial(self._upload_part, key, body) for body in bodies), overwrite)
+
+    def _write_stream(self, key: str, source: HashingReader, size: int, overwrite: bool) -> None:
+        if size < self._options.multipart_threshold_bytes:
+            buffer = bytearray(size)
+            n = source.readinto(memoryview(buffer)) if size else 0
+            if n != size or source.readinto(memoryview(bytearray(1))):
+                raise StoreError(self.url, key, "the source file changed size while it was being uploaded")
+            self._put_object(key, bytes(buffer), overwrite)
+            return
+
+        def bodies() -> Iterator[bytearray]:
+            part = max(self._options.part_size_bytes, -(-size // _MAX_PARTS))
+            while True:
+                buffer = bytearray(part)
+                n = source.readinto(memoryview(buffer))
+                if not n:
+                    return
+                del buffer[n:]
+                yield buffer
+
+        self._multipart(key, (partial(self._upload_part, key, body) for body in bodies()), overwrite)
+
+    def _put_object(self, key: str, body: bytes, overwrite: bool) -> None:
+        extra = {} if overwrite else {"IfNoneMatch": "*"}
+        try:
+            self._call(
+                "write", key,
+                lambda: self._client.put_object(Bucket=self._bucket, Key=self._full(key), Body=body, **extra),
+                create_only=not overwrite,
+            )
+        except AlreadyExists:
+            # A retried create may find its own earlier, acknowledged-but-lost write: same bytes, same ETag.
+            etag = self._call("stat", key, lambda: self._client.head_object(Bucket=self._bucket, Key=self._full(key)))["ETag"]
+            if etag.strip('"') != hashlib.md5(body, usedforsecurity=False).hexdigest():
+                raise
+
+    def _upload_part(self, key: str, body: bytes | bytearray, number: int, upload_id: str) -> str:
+        response = self._call("upload a part", key, lambda: self._client.upload_part(
+            Bucket=self._bucket, Key=self._full(key), UploadId=upload_id, PartNumber=number, Body=body))
+        return str(response["ETag"])
+
+    def _copy_part(self, src: str, dst: str, start: int, stop: int, number: int, upload_id: str) -> str:
+        response = self._call("copy a part", dst, lambda: self._client.upload_part_copy(
+            Bucket=self._bucket, Key=self._full(dst), UploadId=upload_id, PartNumber=number,
+            CopySource={"Bucket": self._bucket, "Key": self._full(src)},
+            CopySourceRange=f"bytes={start}-{stop - 1}"))
+        return str(response["CopyPartResult"]["ETag"])
+
+    def _multipart(self, key: str, jobs: Iterator[Callable[[int, str], str]], overwrite: bool) -> None:
+        """Run part jobs ``job(part_number, upload_id) -> etag`` in parallel, then complete; abort on any failure."""
+        full = self._full(key)
+        upload_id = self._call("start an upload", key,
+                               lambda: self._client.create_multipart_upload(Bucket=self._bucket, Key=full))["UploadId"]
+        try:
+            numbered = (partial(job, number, upload_id) for number, job in enumerate(jobs, 1))
+            etags = _run_all(self._transfer_pool(), numbered, self._options.max_concurrency)
+            parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
+            extra = {} if overwrite else {"IfNoneMatch": "*"}
+            self._call("complete an upload", key, lambda: self._client.complete_multipart_upload(
+                Bucket=self._bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}, **extra),
+                create_only=not overwrite)
+        except BaseException:
+            try:
+                self._client.abort_multipart_upload(Bucket=self._bucket, Key=full, UploadId=upload_id)
+            except Exception as abort_exc:  # noqa: BLE001 - the original error matters more
+                log.warning("[key=%s] could not abort multipart upload: %s", full, _describe(abort_exc))
+            raise
+
+    # -- listing, deletion, copies -------------------------------------------------
+
+    def _list(self, prefix: str) -> list[str]:
+        base = f"{self._prefix}/" if self._prefix else ""
+        search = f"{base}{prefix}/" if prefix else base
+
+        def attempt() -> list[str]:
+            keys: list[str] = []
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=search):
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"][len(base):]
+                    try:
+                        keys.append(check_key(self.url, key))
+                    except InvalidKey:
+                        log.warning("[key=%s] skipping an object whose name is not a valid key", obj["Key"])
+            return keys
+
+        return self._call("list", prefix, attempt)
+
+    def _delete(self, key: str) -> None:
+        self._call("delete", key, lambda: self._client.delete_object(Bucket=self._bucket, Key=self._full(key)))
+
+    def _delete_prefix(self, prefix: str) -> int:
+        keys = self._list(prefix)
+        for i in range(0, len(keys), _DELETE_BATCH):
+            batch = [{"Key": self._full(k)} for k in keys[i:i + _DELETE_BATCH]]
+            response = self._call("delete", prefix, lambda: self._client.delete_objects(
+                Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True}))
+            errors = response.get("Errors", ())
+            if errors:
+                first = errors[0]
+                raise StoreError(self.url, first.get("Key", prefix),
+                                 f"cannot delete: {first.get('Code')}: {first.get('Message')}")
+        return len(keys)
+
+    def _copy(self, src: str, dst: str) -> None:
+        size = self._size(src)
+        if size < self._options.multipart_threshold_bytes:
+            source = {"Bucket": self._bucket, "Key": self._full(src)}
+            self._call("copy", dst, lambda: self._client.copy_object(
+                Bucket=self._bucket, Key=self._full(dst), CopySource=source))
+            return
+        part = max(self._options.part_size_bytes, -(-size // _MAX_PARTS))
+        jobs = (partial(self._copy_part, src, dst, pos, min(pos + part, size)) for pos in range(0, size, part))
+        self._multipart(dst, jobs, True)
+
+
+def _content_range(response: dict[str, Any], start: int) -> tuple[int, int]:
+    """The object's total size, and how many leading body bytes precede ``start``."""
+    header = response.get("ContentRange")
+    if header:
+        match = _CONTENT_RANGE_RE.match(header)
+        if match and match.group(3) != "*":
+            return int(match.group(3)), int(match.group(1)) - start
+    # The endpoint ignored the Range header and sent the whole object.
+    return int(response["ContentLength"]), start
+
+
+def _run_all(pool: ThreadPoolExecutor, jobs: Iterator[Callable[[], T]], limit: int) -> list[T]:
+    """Run ``jobs`` on ``pool``, at most ``limit`` at a time; their results in order, or the first error.
+
+    On an error, jobs not yet started are cancelled and running ones are
+    waited for, so no job outlives the call (they may write into the caller's buffers).
+    """
+    futures: list[Future[T]] = []
+    running: set[Future[T]] = set()
+    try:
+        for job in jobs:
+            while len(running) >= limit:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+            future = pool.submit(job)
+            futures.append(future)
+            running.add(future)
+        wait(futures, return_when=FIRST_EXCEPTION)
+        return [future.result() for future in futures]
+    finally:
+        for future in futures:
+            future.cancel()
+        wait(futures)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short description of a provider error that never includes credentials."""
+    code = error_code(exc)
+    if code:
+        message = exc.response.get("Error", {}).get("Message", "")  # type: ignore[attr-defined]
+        return f"{code} (HTTP {http_status(exc)}){': ' + message if message else ''}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,389 @@
+"""The one byte-store abstraction every backend implements."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Self, TypeVar
+
+from ._atomic import atomic_file, write_all
+from ._hashing import Hasher, check_digest, digest
+from ._keys import check_key, check_prefix, check_range
+from .errors import NotFound
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+T = TypeVar("T")
+
+_VERIFY_BLOCK_BYTES = 16 << 20
+
+
+class HashingReader:
+    """A readable source that hashes every byte read from it, in order."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.hasher = Hasher()
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill ``buffer`` from the source as far as it goes; 0 at the end."""
+        filled = 0
+        while filled < buffer.nbytes:
+            n = self._raw.readinto(buffer[filled:])  # type: ignore[attr-defined]
+            if not n:
+                break
+            filled += n
+        self.hasher.update(buffer[:filled])
+        return filled
+
+
+class HashingWriter:
+    """A sink that hashes every byte written to it, in order, then writes it to a file."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.hasher = Hasher()
+
+    def write(self, data: Buffer) -> None:
+        """Write all of ``data``."""
+        view = memoryview(data).cast("B")
+        self.hasher.update(view)
+        write_all(self._raw, view)
+
+
+class Store(ABC):
+    """Bytes under relative '/'-separated keys, on one backend.
+
+    Contract, for every backend (checked by ``tests/storage/store_contract.py``):
+
+    - Keys are validated before any I/O: relative, '/'-separated, no empty,
+      '.' or '..' parts, no backslash or control character; a bad key raises
+      :class:`~trainio.storage.errors.InvalidKey` naming it.
+    - ``put`` is atomic: a reader sees the old value or the new one, never a
+      torn or partial one, also if the writer is killed midway.
+    - A missing key raises :class:`~trainio.storage.errors.NotFound`; reads
+      never return ``None``. ``delete`` of a missing key is not an error.
+    - Errors are trainio errors carrying the store's ``url`` and the key.
+    - Every method is thread-safe. Each has an ``_async`` twin that runs it
+      on the store's bounded I/O pool (``io_threads`` threads, re-created after
+      ``fork``).
+    - Stores pickle (without their pools and connections) and compare equal
+      when they address the same place with the same options.
+    """
+
+    def __init__(self, *, io_threads: int) -> None:
+        if io_threads < 1:
+            raise ValueError(f"io_threads={io_threads}: must be >= 1")
+        self._io_threads = io_threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
+
+    # -- identity -----------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """Where the store's keys live: ``file:///abs/path`` or ``s3://bucket/prefix``."""
+
+    @abstractmethod
+    def _identity(self) -> tuple[object, ...]:
+        """Everything that makes two stores address the same bytes in the same way."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._identity() == self._identity()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._identity()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in self._transient_attributes():
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_transient()
+
+    def _transient_attributes(self) -> tuple[str, ...]:
+        """Attributes that belong to one process (pools, clients, locks) and are not pickled."""
+        return ("_pool", "_pool_pid", "_pool_lock")
+
+    def _reset_transient(self) -> None:
+        self._pool = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
+
+    # -- the blocking hooks every backend implements (keys already checked) --
+
+    @abstractmethod
+    def _get(self, key: str, start: int, end: int | None) -> bytes: ...
+
+    @abstractmethod
+    def _get_into(self, key: str, buffer: memoryview, offset: int) -> None: ...
+
+    @abstractmethod
+    def _put(self, key: str, data: memoryview, overwrite: bool) -> None: ...
+
+    @abstractmethod
+    def _write_stream(self, key: str, source: HashingReader, size: int, overwrite: bool) -> None: ...
+
+    @abstractmethod
+    def _read_stream(self, key: str, sink: HashingWriter) -> None: ...
+
+    @abstractmethod
+    def _size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def _list(self, prefix: str) -> list[str]: ...
+
+    @abstractmethod
+    def _delete(self, key: str) -> None: ...
+
+    def _copy(self, src: str, dst: str) -> None:
+        self._put(dst, memoryview(self._get(src, 0, None)), True)
+
+    def _delete_prefix(self, prefix: str) -> int:
+        keys = self._list(prefix)
+        for key in keys:
+            self._delete(key)
+        return len(keys)
+
+    # -- the public, synchronous surface -------------------------------------
+
+    def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Return bytes ``[start, end)`` of ``key`` (the whole object by default).
+
+        Raises:
+            NotFound: the key does not exist.
+            StoreError: the range reaches past the end of the object.
+        """
+        key = check_key(self.url, key)
+        lo, hi = check_range(self.url, key, start, end)
+        return self._get(key, lo, hi)
+
+    def get_into(self, key: str, buffer: Buffer, offset: int = 0) -> int:
+        """Fill the writable ``buffer`` with bytes ``[offset, offset + len(buffer))`` of ``key``.
+
+        Returns the number of bytes written, which is always ``len(buffer)``
+        in bytes: a short object raises rather than leave the buffer partly stale.
+
+        Raises:
+            NotFound: the key does not exist.
+            StoreError: the object has fewer than ``offset + len(buffer)`` bytes.
+        """
+        key = check_key(self.url, key)
+        view = memoryview(buffer)
+        if view.readonly:
+            raise TypeError(f"get_into({key!r}): the buffer is read-only")
+        view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+        lo, _ = check_range(self.url, key, offset, None)
+        self._get_into(key, view, lo)
+        return view.nbytes
+
+    def put(self, key: str, data: Buffer, *, overwrite: bool = True) -> str:
+        """Store ``data`` under ``key`` atomically and durably; return its xxh3-128 digest.
+
+        Args:
+            key: Where to store it.
+            data: Any bytes-like object.
+            overwrite: With False, the write is create-only.
+
+        Raises:
+            AlreadyExists: ``overwrite`` is False and the key exists.
+            StoreError: the write failed; the previous value is intact.
+        """
+        key = check_key(self.url, key)
+        view = memoryview(data)
+        view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+        result = digest(view)
+        self._put(key, view, overwrite)
+        return result
+
+    def put_file(self, key: str, path: str | os.PathLike[str], *, overwrite: bool = True) -> str:
+        """Store the local file ``path`` under ``key``, streamed; return its xxh3-128 digest.
+
+        Memory stays bounded whatever the file's size; the digest is computed
+        as the bytes go out. Atomic like :meth:`put`.
+        """
+        key = check_key(self.url, key)
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            source = HashingReader(f)
+            self._write_stream(key, source, size, overwrite)
+        return source.hasher.hexdigest()
+
+    def get_file(
+        self, key: str, path: str | os.PathLike[str], *, expected_xxh3: str | None = None
+    ) -> str:
+        """Download ``key`` into the local file ``path``, streamed; return its xxh3-128 digest.
+
+        ``path`` appears atomically and only once the bytes are complete and,
+        when ``expected_xxh3`` is given, verified; otherwise it is untouched.
+
+        Raises:
+            NotFound: the key does not exist.
+            IntegrityError: the bytes do not match ``expected_xxh3``.
+        """
+        key = check_key(self.url, key)
+        with atomic_file(os.fspath(Path(path).absolute()), durable=True) as f:
+            sink = HashingWriter(f)
+            self._read_stream(key, sink)
+            actual = sink.hasher.hexdigest()
+            if expected_xxh3 is not None:
+                check_digest(self.url, key, expected_xxh3, actual)
+        return actual
+
+    def verify(self, key: str, expected_xxh3: str) -> None:
+        """Re-read the whole of ``key`` and check it against ``expected_xxh3``.
+
+        Raises:
+            NotFound: the key does not exist.
+            IntegrityError: the digest differs.
+        """
+        key = check_key(self.url, key)
+        size = self._size(key)
+        hasher = Hasher()
+        block = bytearray(min(size, _VERIFY_BLOCK_BYTES))
+        view = memoryview(block)
+        offset = 0
+        while offset < size:
+            n = min(view.nbytes, size - offset)
+            self._get_into(key, view[:n], offset)
+            hasher.update(view[:n])
+            offset += n
+        check_digest(self.url, key, expected_xxh3, hasher.hexdigest())
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+        try:
+            self.size(key)
+        except NotFound:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        """The size of ``key`` in bytes. Raises NotFound if it does not exist."""
+        return self._size(check_key(self.url, key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key under the directory-like ``prefix`` ("" for all), sorted.
+
+        ``list("a")`` returns ``a/b`` and ``a/c/d`` but neither ``a`` nor ``ab``.
+        Temp files of in-flight or crashed writers are never listed.
+        """
+        return sorted(self._list(check_prefix(self.url, prefix)))
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+        self._delete(check_key(self.url, key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under the directory-like ``prefix``; return how many there were."""
+        return self._delete_prefix(check_prefix(self.url, prefix))
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Make ``dst_key`` hold the bytes of ``src_key``, atomically, without a round trip where the backend can.
+
+        Raises:
+            NotFound: ``src_key`` does not exist.
+        """
+        src = check_key(self.url, src_key)
+        dst = check_key(self.url, dst_key)
+        if src == dst:
+            self.size(src)
+            return
+        self._copy(src, dst)
+
+    # -- async twins: the same calls, run on the store's bounded I/O pool ------
+
+    def _io_pool(self) -> ThreadPoolExecutor:
+        pid = os.getpid()
+        if self._pool is None or self._pool_pid != pid:
+            with self._pool_lock:
+                if self._pool is None or self._pool_pid != pid:
+                    self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="trainio-io")
+                    self._pool_pid = pid
+        return self._pool
+
+    async def _offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io_pool(), functools.partial(fn, *args, **kwargs))
+
+    async def get_async(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Async twin of :meth:`get`."""
+        return await self._offload(self.get, key, start, end)
+
+    async def get_into_async(self, key: str, buffer: Buffer, offset: int = 0) -> int:
+        """Async twin of :meth:`get_into`."""
+        return await self._offload(self.get_into, key, buffer, offset)
+
+    async def put_async(self, key: str, data: Buffer, *, overwrite: bool = True) -> str:
+        """Async twin of :meth:`put`."""
+        return await self._offload(self.put, key, data, overwrite=overwrite)
+
+    async def put_file_async(
+        self, key: str, path: str | os.PathLike[str], *, overwrite: bool = True
+    ) -> str:
+        """Async twin of :meth:`put_file`."""
+        return await self._offload(self.put_file, key, path, overwrite=overwrite)
+
+    async def get_file_async(
+        self, key: str, path: str | os.PathLike[str], *, expected_xxh3: str | None = None
+    ) -> str:
+        """Async twin of :meth:`get_file`."""
+        return await self._offload(self.get_file, key, path, expected_xxh3=expected_xxh3)
+
+    async def verify_async(self, key: str, expected_xxh3: str) -> None:
+        """Async twin of :meth:`verify`."""
+        await self._offload(self.verify, key, expected_xxh3)
+
+    async def exists_async(self, key: str) -> bool:
+        """Async twin of :meth:`exists`."""
+        return await self._offload(self.exists, key)
+
+    async def size_async(self, key: str) -> int:
+        """Async twin of :meth:`size`."""
+        return await self._offload(self.size, key)
+
+    async def list_async(self, prefix: str = "") -> list[str]:
+        """Async twin of :meth:`list`."""
+        return await self._offload(self.list, prefix)
+
+    async def delete_async(self, key: str) -> None:
+        """Async twin of :meth:`delete`."""
+        await self._offload(self.delete, key)
+
+    async def delete_prefix_async(self, prefix: str) -> int:
+        """Async twin of :meth:`delete_prefix`."""
+        return await self._offload(self.delete_prefix, prefix)
+
+    async def copy_async(self, src_key: str, dst_key: str) -> None:
+        """Async twin of :meth:`copy`."""
+        await self._offload(self.copy, src_key, dst_key)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the store's threads and connections; it reopens them if used again."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,87 @@
+"""The trainio error hierarchy.
+
+Every error trainio raises on purpose derives from :class:`TrainioError`. Store
+errors carry the store's ``url`` and the ``key``; each class also inherits the
+matching builtin (``NotFound`` is a ``FileNotFoundError``) so generic handlers
+keep working. All of them survive pickling, so they cross DataLoader workers
+and process pools intact.
+"""
+
+from __future__ import annotations
+
+
+class TrainioError(Exception):
+    """Base class of every error trainio raises on purpose."""
+
+
+class StoreError(TrainioError, OSError):
+    """A store operation failed.
+
+    Attributes:
+        url: The store's URL (``file:///...`` or ``s3://bucket/prefix``).
+        key: The key the operation was about ("" for the store as a whole).
+        problem: What went wrong.
+        hint: What to do about it ("" when there is nothing to add).
+    """
+
+    def __init__(self, url: str, key: str, problem: str, hint: str = "") -> None:
+        self.url = url
+        self.key = key
+        self.problem = problem
+        self.hint = hint
+        where = f"{url}: {key!r}" if key else url
+        super().__init__(f"{where}: {problem}" + (f" ({hint})" if hint else ""))
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return type(self), (self.url, self.key, self.problem, self.hint)
+
+
+class InvalidKey(StoreError, ValueError):
+    """A key is not a valid relative, '/'-separated store key."""
+
+
+class NotFound(StoreError, FileNotFoundError):
+    """The key does not exist in the store."""
+
+
+class AlreadyExists(StoreError, FileExistsError):
+    """A create-only write found the key already present."""
+
+
+class StoreUnavailable(StoreError, ConnectionError):
+    """The store could not be reached or kept failing after every retry."""
+
+
+class IntegrityError(StoreError):
+    """Bytes read back do not have the digest they were written with.
+
+    Attributes:
+        expected: The digest recorded when the bytes were written.
+        actual: The digest of the bytes that were read.
+    """
+
+    def __init__(
+        self, url: str, key: str, expected: str, actual: str, hint: str = ""
+    ) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            url,
+            key,
+            f"xxh3-128 is {actual}, expected {expected}",
+            hint or "the stored bytes are corrupt or were replaced; re-fetch or rewrite them",
+        )
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return type(self), (self.url, self.key, self.expected, self.actual, self.hint)
+
+
+class FormatError(TrainioError, ValueError):
+    """A file trainio reads (an index, a manifest) is malformed or of another format."""
+
+
+class CheckpointError(TrainioError):
+    """A checkpoint could not be saved, promoted or restored."""
