@@ -54,12 +54,12 @@ class LocalStore(Store):
         super().__init__(io_threads=options.io_threads)
         self._root = os.path.abspath(os.fspath(root))
         self._options = options
+        if os.path.lexists(self._root) and not os.path.isdir(self._root):
+            raise StoreError(self.url, "", "the store root exists but is not a directory")
         try:
             os.makedirs(self._root, exist_ok=True)
         except OSError as exc:
             raise StoreError(self.url, "", f"cannot create the store directory: {exc.strerror}") from exc
-        if not os.path.isdir(self._root):
-            raise StoreError(self.url, "", "the store root exists but is not a directory")
 
     @property
     def url(self) -> str:

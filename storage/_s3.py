@@ -150,6 +150,8 @@ class S3Store(Store):
 
     def close(self) -> None:
         super().close()
+        with self._s3_lock:
+            self._s3_pid = 0
         transfers, self._transfers = self._transfers, None
         if transfers is not None:
             transfers.shutdown(wait=True)
