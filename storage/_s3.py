@@ -373,8 +373,9 @@ class S3Store(Store):
     def _put(self, key: str, data: memoryview, overwrite: bool) -> None:
         part = self._options.part_size_bytes
         if data.nbytes < self._options.multipart_threshold_bytes:
-            whole = isinstance(data.obj, bytes) and len(data.obj) == data.nbytes
-            self._put_object(key, data.obj if whole else bytes(data), overwrite)
+            source = data.obj
+            body = source if isinstance(source, bytes) and len(source) == data.nbytes else bytes(data)
+            self._put_object(key, body, overwrite)
             return
         bodies = (bytes(data[pos:pos + part]) for pos in range(0, data.nbytes, part))
         self._multipart(key, (partial(self._upload_part, key, body) for body in bodies), overwrite)
@@ -402,16 +403,21 @@ class S3Store(Store):
 
     def _put_object(self, key: str, body: bytes, overwrite: bool) -> None:
         extra = {} if overwrite else {"IfNoneMatch": "*"}
+        tries = 0
+
+        def attempt() -> object:
+            nonlocal tries
+            tries += 1
+            return self._client.put_object(Bucket=self._bucket, Key=self._full(key), Body=body, **extra)
+
         try:
-            self._call(
-                "write", key,
-                lambda: self._client.put_object(Bucket=self._bucket, Key=self._full(key), Body=body, **extra),
-                create_only=not overwrite,
-            )
+            self._call("write", key, attempt, create_only=not overwrite)
         except AlreadyExists:
-            # A retried create may find its own earlier, acknowledged-but-lost write: same bytes, same ETag.
-            etag = self._call("stat", key, lambda: self._client.head_object(Bucket=self._bucket, Key=self._full(key)))["ETag"]
-            if etag.strip('"') != hashlib.md5(body, usedforsecurity=False).hexdigest():
+            if tries == 1:
+                raise
+            # A retried create may meet its own earlier write whose answer was lost: same bytes, same ETag.
+            head = self._call("stat", key, lambda: self._client.head_object(Bucket=self._bucket, Key=self._full(key)))
+            if head["ETag"].strip('"') != hashlib.md5(body, usedforsecurity=False).hexdigest():
                 raise
 
     def _upload_part(self, key: str, body: bytes | bytearray, number: int, upload_id: str) -> str:

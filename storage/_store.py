@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import os
 import threading
@@ -98,7 +99,7 @@ class Store(ABC):
         """Everything that makes two stores address the same bytes in the same way."""
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other._identity() == self._identity()  # type: ignore[attr-defined]
+        return type(other) is type(self) and isinstance(other, Store) and other._identity() == self._identity()
 
     def __hash__(self) -> int:
         return hash((type(self), self._identity()))
@@ -357,7 +358,7 @@ class Store(ABC):
         """Async twin of :meth:`size`."""
         return await self._offload(self.size, key)
 
-    async def list_async(self, prefix: str = "") -> list[str]:
+    async def list_async(self, prefix: str = "") -> builtins.list[str]:
         """Async twin of :meth:`list`."""
         return await self._offload(self.list, prefix)
 
