@@ -13,12 +13,17 @@ def check_key(url: str, key: object) -> str:
 
     A valid key is a non-empty, relative, '/'-separated string whose parts are
     non-empty, are neither '.' nor '..', hold no backslash or control
-    character, and do not start with the temporary-file marker.
+    character, and do not start with the temporary-file marker; it must
+    encode as UTF-8.
     """
     if not isinstance(key, str):
         raise InvalidKey(url, repr(key), f"a key must be a str, not {type(key).__name__}")
     if not key:
         raise InvalidKey(url, key, "a key must not be empty")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidKey(url, key, "a key must be valid UTF-8 (it holds a lone surrogate)") from None
     if key.startswith("/"):
         raise InvalidKey(url, key, "a key must be relative, not start with '/'")
     for part in key.split("/"):

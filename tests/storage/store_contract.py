@@ -30,7 +30,7 @@ from trainio.storage import (
 
 BAD_KEYS = [
     "", "/abs", "a//b", "a/", "./a", "a/./b", "..", "../x", "a/../b", "a\\b", "a\x00b", "a\nb", "\x7f",
-    ".trainio-tmp.abc", "a/.trainio-tmp.x",
+    ".trainio-tmp.abc", "a/.trainio-tmp.x", "lone\ud800surrogate",
 ]
 
 # 12 MiB: above the 5 MiB part size the S3 tests use, so multipart and parallel paths run.

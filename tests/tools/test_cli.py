@@ -60,3 +60,9 @@ def test_a_regular_wheel_maps_the_four_folders_into_trainio(tmp_path: Path, repo
                    for n in names), "nothing generic may land at the top of site-packages"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "trainio = trainio.tools:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_importing_trainio_does_not_import_torch() -> None:
+    code = ("import sys, trainio.storage, trainio.loaders, trainio.checkpoint, trainio.tools; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "torch must stay an optional, lazy import"
