@@ -9,12 +9,15 @@ on local disk within a byte budget.
 
 from __future__ import annotations
 
+from ._cache import CacheOptions, ShardCache
+from ._eviction import CacheEntry, EvictionPolicy, FurthestInFuture, LeastRecentlyUsed
 from ._hashing import DIGEST_NAME, Hasher, digest
 from ._local import LocalOptions, LocalStore
 from ._open import open_store
 from ._retry import RetryPolicy
 from ._s3 import S3Options, S3Store
 from ._store import Store
+from ._zarr import ZarrStore
 from .errors import (
     AlreadyExists,
     CheckpointError,
@@ -30,21 +33,28 @@ from .errors import (
 __all__ = [
     "DIGEST_NAME",
     "AlreadyExists",
+    "CacheEntry",
+    "CacheOptions",
     "CheckpointError",
+    "EvictionPolicy",
     "FormatError",
+    "FurthestInFuture",
     "Hasher",
     "IntegrityError",
     "InvalidKey",
+    "LeastRecentlyUsed",
     "LocalOptions",
     "LocalStore",
     "NotFound",
     "RetryPolicy",
     "S3Options",
     "S3Store",
+    "ShardCache",
     "Store",
     "StoreError",
     "StoreUnavailable",
     "TrainioError",
+    "ZarrStore",
     "digest",
     "open_store",
 ]

@@ -226,14 +226,17 @@ class LocalStore(Store):
         targets = [self._path(prefix)] if prefix else [
             os.path.join(self._root, name) for name in os.listdir(self._root)
         ]
+        removed = False
         with self._errors(prefix, "delete"):
             for target in targets:
                 if os.path.isdir(target) and not os.path.islink(target):
                     shutil.rmtree(target)
+                    removed = True
                 elif os.path.lexists(target) and not prefix:
                     os.unlink(target)
-            if self._options.durable:
-                fsync_dir(os.path.dirname(targets[0]) if targets else self._root)
+                    removed = True
+            if removed and self._options.durable:
+                fsync_dir(os.path.dirname(targets[0]))
         if prefix:
             self._prune_empty_dirs(os.path.dirname(self._path(prefix)))
         return len(keys)

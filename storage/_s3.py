@@ -318,22 +318,15 @@ class S3Store(Store):
         _run_all(self._transfer_pool(), jobs, self._options.max_concurrency)
 
     def _get(self, key: str, start: int, end: int | None) -> bytes:
+        if end == start:
+            check_bounds(self.url, key, start, end, self._size(key))
+            return b""
         part = self._options.part_size_bytes
-        if end is not None and end - start <= part:
-            if end == start:
-                check_bounds(self.url, key, start, end, self._size(key))
-                return b""
-            data, total = self._read_head(key, start, end - start)
-            check_bounds(self.url, key, start, end, total)
-            return data
-        if end is not None:
-            result, view = new_bytes(end - start)
-            self._parallel_into(key, view, start)
-            return result
-        head, total = self._read_head(key, start, part)
-        if start + len(head) >= total:
+        head, total = self._read_head(key, start, part if end is None else min(part, end - start))
+        stop = check_bounds(self.url, key, start, end, total)
+        if start + len(head) >= stop:
             return head
-        result, view = new_bytes(total - start)
+        result, view = new_bytes(stop - start)
         view[: len(head)] = head
         self._parallel_into(key, view[len(head):], start + len(head))
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from functools import partial
 from typing import Self, TypeVar
 
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
@@ -17,6 +18,9 @@ from ._store import Store
 from .errors import AlreadyExists, InvalidKey, NotFound, StoreError
 
 T = TypeVar("T")
+
+_SIZE_FIRST_BYTES = 8 << 20
+"""Ranges longer than this are clamped to the object's size before they are read."""
 
 
 class ZarrStore(_ZarrStoreABC):
@@ -41,11 +45,14 @@ class ZarrStore(_ZarrStoreABC):
       writing it raises :class:`~trainio.storage.errors.InvalidKey`.
     - Byte ranges are lenient: a range reaching past the end is cut at the
       end, and one starting past it reads as empty. Only the requested bytes
-      are fetched; a suffix request first asks for the object's size.
+      are fetched; a suffix request, or a range over 8 MiB, first asks
+      for the object's size.
     - ``list_prefix`` matches keys by string prefix (``"fo"`` matches
       ``"foo/x"``); ``list_dir`` and ``delete_dir`` treat the prefix as a
       directory.
     - A read-only store refuses every write with zarr's ``ValueError``.
+    - ``clear()`` deletes every key under the prefix: the whole trainio
+      store when ``prefix`` is "".
 
     Other trainio errors (``StoreUnavailable``, ``IntegrityError``, a
     ``StoreError`` for access denied) propagate unchanged. ``close()`` closes
@@ -130,8 +137,8 @@ class ZarrStore(_ZarrStoreABC):
     ) -> Buffer | None:
         # docstring inherited
         _check_request(byte_range)
-        data = await _read_async(self._store, self._key(key), byte_range)
-        return None if data is None else (prototype or default_buffer_prototype()).buffer.from_bytes(data)
+        data = await self._store._offload(_read_sync, self._store, self._key(key), byte_range)
+        return None if data is None else _buffer(data, prototype)
 
     def get_sync(
         self, key: str, *, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
@@ -139,14 +146,13 @@ class ZarrStore(_ZarrStoreABC):
         """Blocking twin of :meth:`get` (zarr's ``SupportsGetSync``)."""
         _check_request(byte_range)
         data = _read_sync(self._store, self._key(key), byte_range)
-        return None if data is None else (prototype or default_buffer_prototype()).buffer.from_bytes(data)
+        return None if data is None else _buffer(data, prototype)
 
     async def get_partial_values(
         self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
     ) -> builtins.list[Buffer | None]:
         # docstring inherited
-        calls = [(lambda k=key, r=byte_range: self.get(k, prototype, r)) for key, byte_range in key_ranges]
-        return await _gather_bounded(calls)
+        return await _gather_bounded([partial(self.get, key, prototype, byte_range) for key, byte_range in key_ranges])
 
     async def exists(self, key: str) -> bool:
         # docstring inherited
@@ -184,7 +190,7 @@ class ZarrStore(_ZarrStoreABC):
 
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         # docstring inherited
-        await _gather_bounded([(lambda k=key, v=value: self.set(k, v)) for key, value in values])
+        await _gather_bounded([partial(self.set, key, value) for key, value in values])
 
     async def delete(self, key: str) -> None:
         # docstring inherited
@@ -263,10 +269,17 @@ def _check_request(byte_range: object) -> None:
 
 
 def _first_try(byte_range: ByteRequest | None) -> tuple[int, int | None] | None:
-    """The [start, end) to read while the size is unknown; None when the size is needed first."""
+    """The [start, end) to read while the size is unknown; None when the size is needed first.
+
+    A suffix needs the size. So does a long range: a backend may allocate the
+    requested length before it learns the object is shorter, and one small
+    size request costs little next to a transfer of that length.
+    """
     if byte_range is None:
         return 0, None
     if isinstance(byte_range, RangeByteRequest):
+        if byte_range.end - byte_range.start > _SIZE_FIRST_BYTES:
+            return None
         return byte_range.start, byte_range.end
     if isinstance(byte_range, OffsetByteRequest):
         return byte_range.offset, None
@@ -309,22 +322,12 @@ def _read_sync(store: Store, key: str, byte_range: ByteRequest | None) -> bytes 
         return None
 
 
-async def _read_async(store: Store, key: str, byte_range: ByteRequest | None) -> bytes | None:
-    """Async twin of :func:`_read_sync`, on the store's ``_async`` methods."""
-    try:
-        first = _first_try(byte_range)
-        if first is not None:
-            try:
-                return await store.get_async(key, *first)
-            except StoreError as exc:
-                if byte_range is None or not _past_the_end(exc):
-                    raise
-        return await store.get_async(key, *_clamped(byte_range, await store.size_async(key)))
-    except (NotFound, InvalidKey):
-        return None
-
-
 # -- helpers -----------------------------------------------------------------------
+
+
+def _buffer(data: bytes, prototype: BufferPrototype | None) -> Buffer:
+    """``data`` as a Buffer of ``prototype`` (zarr's default when None), without a copy on the CPU."""
+    return (default_buffer_prototype() if prototype is None else prototype).buffer.from_bytes(data)
 
 
 def _bytes_of(value: Buffer) -> memoryview:

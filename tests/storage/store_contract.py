@@ -101,10 +101,10 @@ class StoreContract(ABC):
         assert store.get("r", 10) == b""
         assert store.get("r", 4, 4) == b""
 
-    @pytest.mark.parametrize(("start", "end"), [(5, 11), (11, None), (11, 12), (0, 100)])
+    @pytest.mark.parametrize(("start", "end"), [(5, 11), (11, None), (11, 12), (0, 100), (0, 1 << 40)])
     def test_range_past_end_is_refused(self, store: Store, start: int, end: int | None) -> None:
         store.put("r", b"0123456789")
-        with pytest.raises(StoreError, match="outside the object's 10 bytes") as info:
+        with pytest.raises(StoreError, match="outside the object's 10 bytes") as info:  # before any allocation
             store.get("r", start, end)
         assert info.value.key == "r"
 
@@ -290,6 +290,7 @@ class StoreContract(ABC):
         assert store.delete_prefix("p") == 2
         assert store.list() == ["other", "pq/3"]
         assert store.delete_prefix("p") == 0
+        assert store.delete_prefix("no/such/dir") == 0
         assert store.delete_prefix("") == 2
         assert store.list() == []
 
