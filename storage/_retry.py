@@ -15,7 +15,8 @@ _RETRYABLE_CODES = frozenset({
 })
 
 _RETRYABLE_ERRORS = (
-    bexc.HTTPClientError,  # connection refused/reset/closed, timeouts, proxy and SSL errors
+    bexc.HTTPClientError,  # connection reset/closed mid-request, read timeouts
+    bexc.ConnectionError,  # botocore's own, not the builtin: refused (EndpointConnectionError), connect timeouts, proxy and SSL errors
     bexc.ResponseStreamingError,
     bexc.IncompleteReadError,
     bexc.ReadTimeoutError,

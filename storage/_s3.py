@@ -435,12 +435,27 @@ class S3Store(Store):
             etags = _run_all(self._transfer_pool(), numbered, self._options.max_concurrency)
             parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
             extra = {} if overwrite else {"IfNoneMatch": "*"}
-            self._call("complete an upload", key, lambda: self._client.complete_multipart_upload(
-                Bucket=self._bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}, **extra),
-                create_only=not overwrite)
+            tries = 0
+
+            def complete() -> object:
+                nonlocal tries
+                tries += 1
+                return self._client.complete_multipart_upload(
+                    Bucket=self._bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}, **extra)
+
+            try:
+                self._call("complete an upload", key, complete, create_only=not overwrite)
+            except AlreadyExists:
+                if tries == 1:
+                    raise
+                # A retried complete may meet its own earlier completion whose answer was lost.
+                head = self._call("stat", key, lambda: self._client.head_object(Bucket=self._bucket, Key=full))
+                if head["ETag"].strip('"') != _multipart_etag(etags):
+                    raise
         except BaseException:
             try:
-                self._client.abort_multipart_upload(Bucket=self._bucket, Key=full, UploadId=upload_id)
+                self._call("abort an upload", key, lambda: self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=full, UploadId=upload_id))
             except Exception as abort_exc:  # noqa: BLE001 - the original error matters more
                 log.warning("[key=%s] could not abort multipart upload: %s", full, _describe(abort_exc))
             raise
@@ -527,6 +542,15 @@ def _run_all(pool: ThreadPoolExecutor, jobs: Iterator[Callable[[], T]], limit: i
         for future in futures:
             future.cancel()
         wait(futures)
+
+
+def _multipart_etag(etags: list[str]) -> str:
+    """The ETag S3 gives an object completed from parts with these ETags: MD5 of their MD5s, then "-<count>"."""
+    try:
+        joined = b"".join(bytes.fromhex(etag.strip('"')) for etag in etags)
+    except ValueError:  # not plain MD5s (SSE-KMS, say): nothing to compare
+        return ""
+    return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(etags)}"
 
 
 def _describe(exc: BaseException) -> str:
