@@ -33,6 +33,16 @@ DATA = b"0123456789"
 class _AdapterTests:
     """Checks beyond zarr's suite, run on every backend: lenient ranges, keys trainio rejects."""
 
+    def test_store_repr(self, store: ZarrStore) -> None:
+        assert repr(store) == f"ZarrStore({store.store!r}, prefix='zarr/root', read_only=False)"
+        assert str(store) == f"{store.store.url}/zarr/root"
+
+    def test_store_supports_writes(self, store: ZarrStore) -> None:
+        assert store.supports_writes
+
+    def test_store_supports_listing(self, store: ZarrStore) -> None:
+        assert store.supports_listing
+
     @pytest.mark.parametrize(
         ("byte_range", "expected"),
         [
@@ -122,16 +132,6 @@ class TestZarrStoreLocal(_AdapterTests, StoreTests[ZarrStore, cpu.Buffer]):
     async def get(self, store: ZarrStore, key: str) -> cpu.Buffer:
         return cpu.Buffer.from_bytes(self._path(store, key).read_bytes())
 
-    def test_store_repr(self, store: ZarrStore) -> None:
-        assert repr(store) == f"ZarrStore({store.store!r}, prefix='zarr/root', read_only=False)"
-        assert str(store) == f"{store.store.url}/zarr/root"
-
-    def test_store_supports_writes(self, store: ZarrStore) -> None:
-        assert store.supports_writes
-
-    def test_store_supports_listing(self, store: ZarrStore) -> None:
-        assert store.supports_listing
-
     def test_not_equal_across_prefix_or_mode(self, store: ZarrStore) -> None:
         assert store != ZarrStore(store.store, "zarr/other")
         assert store != store.with_read_only(True)
@@ -166,16 +166,6 @@ class TestZarrStoreS3(_AdapterTests, StoreTests[ZarrStore, cpu.Buffer]):
     async def get(self, store: ZarrStore, key: str) -> cpu.Buffer:
         bucket, name = self._where(store, key)
         return cpu.Buffer.from_bytes(self._client.get_object(Bucket=bucket, Key=name)["Body"].read())
-
-    def test_store_repr(self, store: ZarrStore) -> None:
-        assert repr(store) == f"ZarrStore({store.store!r}, prefix='zarr/root', read_only=False)"
-        assert str(store) == f"{store.store.url}/zarr/root"
-
-    def test_store_supports_writes(self, store: ZarrStore) -> None:
-        assert store.supports_writes
-
-    def test_store_supports_listing(self, store: ZarrStore) -> None:
-        assert store.supports_listing
 
 
 class _ThreadRecordingStore(LocalStore):
