@@ -15,7 +15,8 @@ from ._hashing import DIGEST_NAME, Hasher, digest
 from ._local import LocalOptions, LocalStore
 from ._open import open_store
 from ._retry import RetryPolicy
-from ._s3 import S3Options, S3Store
+from ._s3 import S3Store
+from ._s3_options import S3Options
 from ._store import Store
 from ._zarr import ZarrStore
 from .errors import (

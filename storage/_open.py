@@ -7,7 +7,8 @@ from dataclasses import replace
 from urllib.parse import unquote, urlparse
 
 from ._local import LocalOptions, LocalStore
-from ._s3 import S3Options, S3Store
+from ._s3 import S3Store
+from ._s3_options import S3Options
 from ._store import Store
 from .errors import StoreError
 

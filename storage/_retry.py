@@ -1,28 +1,9 @@
-"""Bounded retries with jittered exponential backoff, and the test of what is worth retrying."""
+"""RetryPolicy: how often and how patiently a failed request is tried again."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-
-import botocore.exceptions as bexc
-
-_RETRYABLE_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException", "RequestTimeout",
-    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "BandwidthLimitExceeded",
-    "PriorRequestNotComplete", "EC2ThrottledException", "OperationAborted",
-})
-
-_RETRYABLE_ERRORS = (
-    bexc.HTTPClientError,  # connection reset/closed mid-request, read timeouts
-    bexc.ConnectionError,  # botocore's own, not the builtin: refused (EndpointConnectionError), connect timeouts, proxy and SSL errors
-    bexc.ResponseStreamingError,
-    bexc.IncompleteReadError,
-    bexc.ReadTimeoutError,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,29 +35,3 @@ class RetryPolicy:
         """How long to wait after ``failures`` failed tries (>= 1)."""
         ceiling = min(self.max_backoff_s, self.initial_backoff_s * (2 ** (failures - 1)))
         return random.uniform(0.0, ceiling)
-
-
-class ShortBody(Exception):
-    """A response body ended before the bytes it announced; the request is worth retrying."""
-
-
-def error_code(exc: BaseException) -> str:
-    """The S3 error code of a botocore ``ClientError`` ("" for anything else)."""
-    if isinstance(exc, bexc.ClientError):
-        return str(exc.response.get("Error", {}).get("Code", ""))
-    return ""
-
-
-def http_status(exc: BaseException) -> int:
-    """The HTTP status of a botocore ``ClientError`` (0 for anything else)."""
-    if isinstance(exc, bexc.ClientError):
-        return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return 0
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Whether a failed request may succeed if simply tried again."""
-    if isinstance(exc, (ShortBody, *_RETRYABLE_ERRORS)):
-        return True
-    status = http_status(exc)
-    return error_code(exc) in _RETRYABLE_CODES or status == 429 or status >= 500

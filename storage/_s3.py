@@ -10,8 +10,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any, TypeVar
 
@@ -21,73 +20,19 @@ import botocore.exceptions as bexc
 
 from ._buffers import new_bytes
 from ._keys import check_bounds, check_key, check_prefix
-from ._retry import RetryPolicy, ShortBody, error_code, http_status, is_retryable
+from ._parallel import run_all
+from ._s3_errors import ShortBody, describe, error_code, http_status, is_retryable, translate
+from ._s3_options import S3Options
 from ._store import HashingReader, HashingWriter, Store
-from .errors import AlreadyExists, InvalidKey, NotFound, StoreError, StoreUnavailable
+from .errors import AlreadyExists, InvalidKey, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 log = logging.getLogger("trainio.storage.s3")
 
-_MIB = 1 << 20
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _DELETE_BATCH = 1000
 _MAX_PARTS = 10_000
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class S3Options:
-    """How an S3Store talks to its endpoint.
-
-    Credentials left as None come from boto3's standard chain (environment,
-    shared files, instance metadata); an ``endpoint_url`` of None means
-    ``AWS_ENDPOINT_URL`` or AWS itself. Credentials never appear in reprs,
-    logs or error messages.
-
-    Memory: an upload holds at most ``part_size_bytes * max_concurrency``
-    bytes of parts in flight (256 MiB by default), and so does a streamed
-    download; ``get`` and ``get_into`` write the parts straight into one buffer.
-
-    Attributes:
-        endpoint_url: The S3 endpoint, e.g. ``http://127.0.0.1:8333``.
-        region: The signing region (default: boto3's chain, else us-east-1).
-        profile: A profile of the shared AWS config files.
-        access_key_id, secret_access_key, session_token: Explicit credentials.
-        part_size_bytes: Size of multipart-upload parts and of parallel
-            ranged GETs (default 16 MiB; S3 needs >= 5 MiB).
-        multipart_threshold_bytes: Objects at least this big are uploaded and
-            copied in parallel parts (default 32 MiB).
-        max_concurrency: Parallel requests of one transfer, and threads of the
-            pool the ``_async`` twins run on (default 16).
-        connect_timeout_s, read_timeout_s: Socket timeouts of one request.
-        retry: The retry policy of every request.
-    """
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
-    part_size_bytes: int = 16 * _MIB
-    multipart_threshold_bytes: int = 32 * _MIB
-    max_concurrency: int = 16
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-    retry: RetryPolicy = RetryPolicy()
-
-    def __post_init__(self) -> None:
-        if self.part_size_bytes < 5 * _MIB:
-            raise ValueError(f"S3Options.part_size_bytes={self.part_size_bytes}: S3 needs parts >= 5 MiB")
-        if self.multipart_threshold_bytes < self.part_size_bytes:
-            raise ValueError(
-                f"S3Options.multipart_threshold_bytes={self.multipart_threshold_bytes}: "
-                f"must be >= part_size_bytes ({self.part_size_bytes})"
-            )
-        if self.max_concurrency < 1:
-            raise ValueError(f"S3Options.max_concurrency={self.max_concurrency}: must be >= 1")
-        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
-            raise ValueError("S3Options: timeouts must be > 0 seconds")
 
 
 class S3Store(Store):
@@ -219,38 +164,20 @@ class S3Store(Store):
                 raise
             except Exception as exc:
                 if not is_retryable(exc):
-                    raise self._translate(exc, action, key, create_only) from exc
+                    raise translate(exc, url=self.url, bucket=self._bucket, key=key, action=action,
+                                create_only=create_only) from exc
                 failures += 1
                 if failures >= self._options.retry.max_attempts:
                     raise StoreUnavailable(
                         self.url, key,
                         f"cannot {action}: {failures} tries against endpoint {self._endpoint()} "
-                        f"failed; last error: {_describe(exc)}",
+                        f"failed; last error: {describe(exc)}",
                         "check that the endpoint is up and reachable, or raise S3Options.retry",
                     ) from exc
                 delay = self._options.retry.backoff_s(failures)
                 log.info("[key=%s] %s failed (%s); retry %d in %.2fs", self._full(key), action,
-                         _describe(exc), failures, delay)
+                         describe(exc), failures, delay)
                 time.sleep(delay)
-
-    def _translate(self, exc: Exception, action: str, key: str, create_only: bool) -> StoreError:
-        code, status = error_code(exc), http_status(exc)
-        if code == "NoSuchBucket":
-            return StoreError(self.url, key, f"cannot {action}: the bucket {self._bucket!r} does not exist",
-                              "create it or fix the URL")
-        if code in ("NoSuchKey", "NotFound", "404") or status == 404:
-            return NotFound(self.url, key, f"cannot {action}: no such key")
-        if create_only and (code == "PreconditionFailed" or status == 412):
-            return AlreadyExists(self.url, key, f"cannot {action}: the key already exists (create-only write)")
-        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken") or status == 403:
-            return StoreError(self.url, key, f"cannot {action}: access denied ({code or status})",
-                              "check the credentials and the bucket's policy")
-        if isinstance(exc, bexc.NoCredentialsError):
-            return StoreError(self.url, key, f"cannot {action}: no AWS credentials found",
-                              "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or S3Options credentials")
-        return StoreError(self.url, key, f"cannot {action}: {_describe(exc)}")
-
-    # -- reads -------------------------------------------------------------------
 
     def _size(self, key: str) -> int:
         response = self._call("stat", key, lambda: self._client.head_object(Bucket=self._bucket, Key=self._full(key)))
@@ -315,7 +242,7 @@ class S3Store(Store):
             partial(self._read_range_into, key, view[pos:pos + part], offset + pos)
             for pos in range(0, view.nbytes, part)
         )
-        _run_all(self._transfer_pool(), jobs, self._options.max_concurrency)
+        run_all(self._transfer_pool(), jobs, self._options.max_concurrency)
 
     def _get(self, key: str, start: int, end: int | None) -> bytes:
         if end == start:
@@ -432,7 +359,7 @@ class S3Store(Store):
                                lambda: self._client.create_multipart_upload(Bucket=self._bucket, Key=full))["UploadId"]
         try:
             numbered = (partial(job, number, upload_id) for number, job in enumerate(jobs, 1))
-            etags = _run_all(self._transfer_pool(), numbered, self._options.max_concurrency)
+            etags = run_all(self._transfer_pool(), numbered, self._options.max_concurrency)
             parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
             extra = {} if overwrite else {"IfNoneMatch": "*"}
             tries = 0
@@ -457,7 +384,7 @@ class S3Store(Store):
                 self._call("abort an upload", key, lambda: self._client.abort_multipart_upload(
                     Bucket=self._bucket, Key=full, UploadId=upload_id))
             except Exception as abort_exc:  # noqa: BLE001 - the original error matters more
-                log.warning("[key=%s] could not abort multipart upload: %s", full, _describe(abort_exc))
+                log.warning("[key=%s] could not abort multipart upload: %s", full, describe(abort_exc))
             raise
 
     # -- listing, deletion, copies -------------------------------------------------
@@ -519,31 +446,6 @@ def _content_range(response: dict[str, Any], start: int) -> tuple[int, int]:
     return int(response["ContentLength"]), start
 
 
-def _run_all(pool: ThreadPoolExecutor, jobs: Iterator[Callable[[], T]], limit: int) -> list[T]:
-    """Run ``jobs`` on ``pool``, at most ``limit`` at a time; their results in order, or the first error.
-
-    On an error, jobs not yet started are cancelled and running ones are
-    waited for, so no job outlives the call (they may write into the caller's buffers).
-    """
-    futures: list[Future[T]] = []
-    running: set[Future[T]] = set()
-    try:
-        for job in jobs:
-            while len(running) >= limit:
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    future.result()
-            future = pool.submit(job)
-            futures.append(future)
-            running.add(future)
-        wait(futures, return_when=FIRST_EXCEPTION)
-        return [future.result() for future in futures]
-    finally:
-        for future in futures:
-            future.cancel()
-        wait(futures)
-
-
 def _multipart_etag(etags: list[str]) -> str:
     """The ETag S3 gives an object completed from parts with these ETags: MD5 of their MD5s, then "-<count>"."""
     try:
@@ -551,12 +453,3 @@ def _multipart_etag(etags: list[str]) -> str:
     except ValueError:  # not plain MD5s (SSE-KMS, say): nothing to compare
         return ""
     return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(etags)}"
-
-
-def _describe(exc: BaseException) -> str:
-    """A short description of a provider error that never includes credentials."""
-    code = error_code(exc)
-    if code:
-        message = exc.response.get("Error", {}).get("Message", "")  # type: ignore[attr-defined]
-        return f"{code} (HTTP {http_status(exc)}){': ' + message if message else ''}"
-    return f"{type(exc).__name__}: {exc}"

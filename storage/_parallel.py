@@ -1,0 +1,34 @@
+"""Bounded parallel runs of blocking jobs on a thread pool."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def run_all(pool: ThreadPoolExecutor, jobs: Iterator[Callable[[], T]], limit: int) -> list[T]:
+    """Run ``jobs`` on ``pool``, at most ``limit`` at a time; their results in order, or the first error.
+
+    On an error, jobs not yet started are cancelled and running ones are
+    waited for, so no job outlives the call (they may write into the caller's buffers).
+    """
+    futures: list[Future[T]] = []
+    running: set[Future[T]] = set()
+    try:
+        for job in jobs:
+            while len(running) >= limit:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+            future = pool.submit(job)
+            futures.append(future)
+            running.add(future)
+        wait(futures, return_when=FIRST_EXCEPTION)
+        return [future.result() for future in futures]
+    finally:
+        for future in futures:
+            future.cancel()
+        wait(futures)
