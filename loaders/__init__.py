@@ -1,10 +1,23 @@
-"""trainio.loaders: the sharded dataset format, its writer and the streaming loader.
+"""trainio.loaders: the sharded dataset format, its writer and reader.
 
-Nothing is public here yet: the dataset format arrives with the next milestone
-(see the project's issues). The package exists so the layout and the import
-direction ``tools -> loaders -> storage`` are fixed from the start.
+A dataset is ``index.json`` plus Arrow IPC shard files under ``shards/`` on
+any store (see ``FORMAT.md`` beside this file). :class:`DatasetWriter` makes
+one, hashing every shard as it is written and committing the index last;
+:class:`Dataset` opens one, validates it and reads rows at random.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._dataset import Dataset
+from ._index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
+from ._writer import DatasetWriter
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "BatchInfo",
+    "Dataset",
+    "DatasetIndex",
+    "DatasetWriter",
+    "ShardInfo",
+]

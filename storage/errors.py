@@ -14,12 +14,12 @@ class TrainioError(Exception):
     """Base class of every error trainio raises on purpose."""
 
 
-class StoreError(TrainioError, OSError):
-    """A store operation failed.
+class _LocatedError(TrainioError):
+    """An error about one place: a store (``url``) and a key in it.
 
     Attributes:
         url: The store's URL (``file:///...`` or ``s3://bucket/prefix``).
-        key: The key the operation was about ("" for the store as a whole).
+        key: The key the error is about ("" for the store as a whole).
         problem: What went wrong.
         hint: What to do about it ("" when there is nothing to add).
     """
@@ -37,6 +37,10 @@ class StoreError(TrainioError, OSError):
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
         return type(self), (self.url, self.key, self.problem, self.hint)
+
+
+class StoreError(_LocatedError, OSError):
+    """A store operation failed: says which store, which key, and what to do."""
 
 
 class InvalidKey(StoreError, ValueError):
@@ -79,8 +83,30 @@ class IntegrityError(StoreError):
         return type(self), (self.url, self.key, self.expected, self.actual, self.hint)
 
 
-class FormatError(TrainioError, ValueError):
-    """A file trainio reads (an index, a manifest) is malformed or of another format."""
+class FormatError(_LocatedError, ValueError):
+    """A file trainio reads (an index, a manifest, a shard) is malformed or of another format.
+
+    ``key`` names the file; ``problem`` names the field or part that is wrong.
+    """
+
+
+class SchemaMismatch(TrainioError, TypeError):
+    """A row or column does not fit the dataset's schema.
+
+    Attributes:
+        field: The field's name.
+        expected: The field's Arrow type, as text.
+        row: The row's number among all rows written so far (-1 if unknown).
+        got: What was found instead.
+    """
+
+    def __init__(self, field: str, expected: str, row: int, got: str) -> None:
+        self.field, self.expected, self.row, self.got = field, expected, row, got
+        where = f"row {row}, field {field!r}" if row >= 0 else f"field {field!r}"
+        super().__init__(f"{where}: expected {expected}, got {got}")
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return type(self), (self.field, self.expected, self.row, self.got)
 
 
 class CheckpointError(TrainioError):

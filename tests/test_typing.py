@@ -20,7 +20,8 @@ def test_mypy_strict(tmp_path: Path, repo_root: Path) -> None:
         (shim / package).symlink_to(repo_root / package)
     args = [arg for package in PACKAGES for arg in ("-p", f"trainio.{package}")]
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--namespace-packages", "--explicit-package-bases",
+        [sys.executable, "-m", "mypy", "--config-file", str(repo_root / "pyproject.toml"),
+         "--strict", "--namespace-packages", "--explicit-package-bases",
          "--cache-dir", str(tmp_path / ".mypy_cache"), *args],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )

@@ -1,0 +1,262 @@
+"""DatasetWriter: rows, column batches or Arrow tables in; a committed trainio dataset out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import pyarrow as pa
+
+from trainio.storage import AlreadyExists, SchemaMismatch, Store, StoreError, open_store
+
+from ._convert import column_to_arrow, infer_schema
+from ._index import COMPRESSIONS, INDEX_KEY, SHARD_DIR, DatasetIndex
+from ._shards import Compression, ShardSequenceWriter
+
+log = logging.getLogger("trainio.loaders.writer")
+
+_BATCH_BYTES = 16 << 20
+
+
+class DatasetWriter:
+    """Writes a trainio dataset: shard files first, ``index.json`` last.
+
+    The dataset exists only once :meth:`close` has written the index
+    (create-only), so a writer that fails or is killed leaves no dataset —
+    only shard files that the next writer to the same place removes.
+
+    Data is checked against the schema (inferred from the first row or batch
+    when not given). What does not fit raises :class:`SchemaMismatch` naming
+    the field, the expected type and the row number. Rows given to
+    :meth:`write` are buffered and checked a batch at a time, so the error may
+    come from a later call (at the latest from :meth:`close`); the bad row is
+    dropped, every other row is kept, and the writer stays usable. A bad
+    :meth:`write_batch` or :meth:`write_table` writes none of its rows.
+
+    Args:
+        url: Where the dataset goes: a local path, ``file://`` or ``s3://`` URL, or a Store.
+        schema: The Arrow schema; inferred from the first data when None.
+        shard_bytes: A shard file is closed once it reaches this size (default 256 MiB).
+        batch_rows: Rows per record batch (default 1024); a batch also closes
+            at 16 MiB of buffered rows. Random access reads whole batches,
+            so smaller batches make ``Dataset[i]`` cheaper.
+        compression: None, "lz4" or "zstd" (Arrow IPC buffer compression).
+        overwrite: Replace a dataset already at ``url``; without it, that is an error.
+
+    Raises:
+        AlreadyExists: a dataset is at ``url`` and ``overwrite`` is False.
+        ValueError: an option is out of range.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | Store,
+        schema: pa.Schema | None = None,
+        *,
+        shard_bytes: int = 256 << 20,
+        batch_rows: int = 1024,
+        compression: Compression = None,
+        overwrite: bool = False,
+    ) -> None:
+        if shard_bytes < 1:
+            raise ValueError(f"DatasetWriter shard_bytes={shard_bytes}: must be >= 1")
+        if batch_rows < 1:
+            raise ValueError(f"DatasetWriter batch_rows={batch_rows}: must be >= 1")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"DatasetWriter compression={compression!r}: must be one of {COMPRESSIONS}")
+        self._store = url if isinstance(url, Store) else open_store(url)
+        self._shard_bytes = shard_bytes
+        self._batch_rows = batch_rows
+        self._compression = compression
+        self._schema = schema
+        self._rows: list[Mapping[str, Any]] = []
+        self._buffered_bytes = 0
+        self._written = 0
+        self._shards: ShardSequenceWriter | None = None
+        self._closed = False
+        prepare_destination(self._store, overwrite=overwrite)
+
+    @property
+    def store(self) -> Store:
+        """Where the dataset is written."""
+        return self._store
+
+    @property
+    def schema(self) -> pa.Schema | None:
+        """The dataset's schema (None until given or inferred)."""
+        return self._schema
+
+    @property
+    def rows_written(self) -> int:
+        """Rows accepted so far, buffered ones included."""
+        return self._written + len(self._rows)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Append one row: a mapping from every field name to its value."""
+        self._check_open()
+        if self._schema is None:
+            self._schema = infer_schema(row)
+        self._check_names(row.keys(), self.rows_written)
+        self._rows.append(row)
+        self._buffered_bytes += sum(_approx_size(v) for v in row.values())
+        if len(self._rows) >= self._batch_rows or self._buffered_bytes >= _BATCH_BYTES:
+            self._flush_rows()
+
+    def write_batch(self, batch: Mapping[str, Any] | pa.RecordBatch) -> None:
+        """Append many rows at once: a mapping of field name to column (list, numpy or Arrow array), or a RecordBatch."""
+        self._check_open()
+        self._flush_rows()
+        if isinstance(batch, pa.RecordBatch):
+            self.write_table(pa.Table.from_batches([batch]))
+            return
+        if self._schema is None:
+            self._schema = infer_schema({name: _first(column, name) for name, column in batch.items()})
+        self._check_names(batch.keys(), self._written)
+        lengths = {len(column) for column in batch.values()}
+        if len(lengths) > 1:
+            raise SchemaMismatch(next(iter(batch)), "columns of one length", self._written,
+                                 f"columns of lengths {sorted(lengths)}")
+        columns = [column_to_arrow(field, batch[field.name], self._written) for field in self._schema]
+        self._emit(pa.RecordBatch.from_arrays(columns, schema=self._schema))
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append every row of an Arrow table whose columns match the schema by name."""
+        self._check_open()
+        self._flush_rows()
+        if self._schema is None:
+            self._schema = table.schema
+        self._check_names(table.column_names, self._written)
+        columns = [column_to_arrow(field, table.column(field.name), self._written) for field in self._schema]
+        self._emit(pa.Table.from_arrays(columns, schema=self._schema))
+
+    def close(self) -> DatasetIndex:
+        """Write what is buffered, then the index; return the index. The dataset exists from here on.
+
+        Raises:
+            AlreadyExists: another writer committed a dataset here meanwhile.
+        """
+        self._check_open()
+        self._flush_rows()
+        if self._schema is None:
+            raise SchemaMismatch("(any)", "at least one row or a schema", -1, "no rows and no schema")
+        shards = self._shard_writer().close()
+        index = DatasetIndex(schema=self._schema, rows=self._written, shards=tuple(shards),
+                             compression=self._compression)
+        self._store.put(INDEX_KEY, index.to_json(), overwrite=False)
+        self._closed = True
+        return index
+
+    def abort(self) -> None:
+        """Give up: delete the shards written so far; no dataset appears."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._shards is not None:
+            self._shards.abort()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(self._store.url, INDEX_KEY, "the writer is closed")
+
+    def _check_names(self, names: Any, row: int) -> None:
+        assert self._schema is not None
+        given = list(names)
+        for field in self._schema:
+            if field.name not in given:
+                raise SchemaMismatch(field.name, str(field.type), row, "nothing (the field is missing)")
+        for name in given:
+            if self._schema.get_field_index(name) < 0:
+                raise SchemaMismatch(name, "no such field", row, f"a value (the schema has {self._schema.names})")
+
+    def _flush_rows(self) -> None:
+        if not self._rows:
+            return
+        assert self._schema is not None
+        rows, self._rows, self._buffered_bytes = self._rows, [], 0
+        errors = []
+        for field in self._schema:
+            try:
+                column_to_arrow(field, [r[field.name] for r in rows], self._written)
+            except SchemaMismatch as exc:
+                errors.append(exc)
+        if errors:
+            first = min(errors, key=lambda e: e.row)
+            bad = first.row - self._written
+            self._rows = rows[bad + 1:]
+            self._buffered_bytes = sum(_approx_size(v) for r in self._rows for v in r.values())
+            self._emit_rows(rows[:bad])
+            raise first
+        self._emit_rows(rows)
+
+    def _emit_rows(self, rows: list[Mapping[str, Any]]) -> None:
+        if rows:
+            assert self._schema is not None
+            columns = [column_to_arrow(f, [r[f.name] for r in rows], self._written) for f in self._schema]
+            self._emit(pa.RecordBatch.from_arrays(columns, schema=self._schema))
+
+    def _emit(self, data: pa.RecordBatch | pa.Table) -> None:
+        batches = data.to_batches(max_chunksize=self._batch_rows) if isinstance(data, pa.Table) else [
+            data.slice(i, self._batch_rows) for i in range(0, data.num_rows, self._batch_rows)]
+        writer = self._shard_writer()
+        for batch in batches:
+            if batch.num_rows:
+                writer.write(batch)
+                self._written += batch.num_rows
+
+    def _shard_writer(self) -> ShardSequenceWriter:
+        if self._shards is None:
+            assert self._schema is not None
+            self._shards = ShardSequenceWriter(self._store, self._schema, shard_bytes=self._shard_bytes,
+                                               compression=self._compression)
+        return self._shards
+
+
+def prepare_destination(store: Store, *, overwrite: bool) -> None:
+    """Make ``store`` ready for a new dataset: refuse or remove an existing one, remove an unfinished one's shards.
+
+    Raises:
+        AlreadyExists: a dataset is there and ``overwrite`` is False.
+    """
+    if store.exists(INDEX_KEY):
+        if not overwrite:
+            raise AlreadyExists(store.url, INDEX_KEY, "a dataset already exists here",
+                                "pass overwrite=True (--overwrite) to replace it, or choose another place")
+        store.delete(INDEX_KEY)  # from here on the old dataset no longer exists, so its shards may go
+    leftover = store.delete_prefix(SHARD_DIR)
+    if leftover:
+        log.warning("removed %d shard files at %s left by an earlier write", leftover, store.url)
+
+
+def _first(column: Any, name: str) -> Any:
+    if len(column) == 0:
+        raise SchemaMismatch(name, "at least one value to infer the schema from", 0, "an empty column")
+    if isinstance(column, np.ndarray) and column.ndim >= 2:
+        return column[0]
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        raise SchemaMismatch(name, "a schema (pass schema= or a RecordBatch)", 0, "an Arrow array without one")
+    return column[0]
+
+
+def _approx_size(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return 8 * len(value)
+    return 8
