@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._dataset import Dataset
 from ._index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
+from ._verify import Problem, VerifyReport, verify_dataset
 from ._writer import DatasetWriter
 
 __all__ = [
@@ -19,5 +20,8 @@ __all__ = [
     "Dataset",
     "DatasetIndex",
     "DatasetWriter",
+    "Problem",
     "ShardInfo",
+    "VerifyReport",
+    "verify_dataset",
 ]

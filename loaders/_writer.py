@@ -76,6 +76,10 @@ class DatasetWriter:
         self._rows: list[Mapping[str, Any]] = []
         self._buffered_bytes = 0
         self._written = 0
+        self._accepted = 0
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
         self._shards: ShardSequenceWriter | None = None
         self._closed = False
         prepare_destination(self._store, overwrite=overwrite)
@@ -93,7 +97,7 @@ class DatasetWriter:
     @property
     def rows_written(self) -> int:
         """Rows accepted so far, buffered ones included."""
-        return self._written + len(self._rows)
+        return self._accepted + len(self._rows)
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row: a mapping from every field name to its value."""
@@ -115,12 +119,12 @@ class DatasetWriter:
             return
         if self._schema is None:
             self._schema = infer_schema({name: _first(column, name) for name, column in batch.items()})
-        self._check_names(batch.keys(), self._written)
+        self._check_names(batch.keys(), self._accepted)
         lengths = {len(column) for column in batch.values()}
         if len(lengths) > 1:
-            raise SchemaMismatch(next(iter(batch)), "columns of one length", self._written,
+            raise SchemaMismatch(next(iter(batch)), "columns of one length", self._accepted,
                                  f"columns of lengths {sorted(lengths)}")
-        columns = [column_to_arrow(field, batch[field.name], self._written) for field in self._schema]
+        columns = [column_to_arrow(field, batch[field.name], self._accepted) for field in self._schema]
         self._emit(pa.RecordBatch.from_arrays(columns, schema=self._schema))
 
     def write_table(self, table: pa.Table) -> None:
@@ -129,8 +133,8 @@ class DatasetWriter:
         self._flush_rows()
         if self._schema is None:
             self._schema = table.schema
-        self._check_names(table.column_names, self._written)
-        columns = [column_to_arrow(field, table.column(field.name), self._written) for field in self._schema]
+        self._check_names(table.column_names, self._accepted)
+        columns = [column_to_arrow(field, table.column(field.name), self._accepted) for field in self._schema]
         self._emit(pa.Table.from_arrays(columns, schema=self._schema))
 
     def close(self) -> DatasetIndex:
@@ -143,6 +147,8 @@ class DatasetWriter:
         self._flush_rows()
         if self._schema is None:
             raise SchemaMismatch("(any)", "at least one row or a schema", -1, "no rows and no schema")
+        if self._pending_rows:
+            self._write_pending()
         shards = self._shard_writer().close()
         index = DatasetIndex(schema=self._schema, rows=self._written, shards=tuple(shards),
                              compression=self._compression)
@@ -191,12 +197,12 @@ class DatasetWriter:
         errors = []
         for field in self._schema:
             try:
-                column_to_arrow(field, [r[field.name] for r in rows], self._written)
+                column_to_arrow(field, [r[field.name] for r in rows], self._accepted)
             except SchemaMismatch as exc:
                 errors.append(exc)
         if errors:
             first = min(errors, key=lambda e: e.row)
-            bad = first.row - self._written
+            bad = first.row - self._accepted
             self._rows = rows[bad + 1:]
             self._buffered_bytes = sum(_approx_size(v) for r in self._rows for v in r.values())
             self._emit_rows(rows[:bad])
@@ -206,17 +212,32 @@ class DatasetWriter:
     def _emit_rows(self, rows: list[Mapping[str, Any]]) -> None:
         if rows:
             assert self._schema is not None
-            columns = [column_to_arrow(f, [r[f.name] for r in rows], self._written) for f in self._schema]
+            columns = [column_to_arrow(f, [r[f.name] for r in rows], self._accepted) for f in self._schema]
             self._emit(pa.RecordBatch.from_arrays(columns, schema=self._schema))
 
     def _emit(self, data: pa.RecordBatch | pa.Table) -> None:
-        batches = data.to_batches(max_chunksize=self._batch_rows) if isinstance(data, pa.Table) else [
-            data.slice(i, self._batch_rows) for i in range(0, data.num_rows, self._batch_rows)]
-        writer = self._shard_writer()
-        for batch in batches:
+        """Queue checked rows; write them in batches of ``batch_rows`` rows (or 16 MiB, if less)."""
+        for batch in data.to_batches() if isinstance(data, pa.Table) else [data]:
             if batch.num_rows:
-                writer.write(batch)
-                self._written += batch.num_rows
+                self._pending.append(batch)
+                self._pending_rows += batch.num_rows
+                self._pending_bytes += batch.nbytes
+                self._accepted += batch.num_rows
+        while self._pending_rows >= self._batch_rows or (self._pending_bytes >= _BATCH_BYTES and self._pending_rows):
+            self._write_pending(limit=self._batch_rows)
+
+    def _write_pending(self, limit: int | None = None) -> None:
+        table = pa.Table.from_batches(self._pending, schema=self._schema)
+        take = table.num_rows if limit is None else min(limit, table.num_rows)
+        if self._pending_bytes >= _BATCH_BYTES and limit is not None:
+            average = max(1, self._pending_bytes // max(1, table.num_rows))
+            take = max(1, min(take, _BATCH_BYTES // average))
+        head, rest = table.slice(0, take), table.slice(take)
+        self._shard_writer().write(head.combine_chunks().to_batches()[0] if head.num_rows else head.to_batches()[0])
+        self._written += take
+        self._pending = rest.to_batches()
+        self._pending_rows = rest.num_rows
+        self._pending_bytes = sum(b.nbytes for b in self._pending)
 
     def _shard_writer(self) -> ShardSequenceWriter:
         if self._shards is None:
