@@ -11,7 +11,8 @@ from __future__ import annotations
 from ._dataset import Dataset
 from ._index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
 from ._verify import Problem, VerifyReport, verify_dataset
-from ._writer import DatasetWriter
+from ._shardset import ShardSetWriter
+from ._writer import DatasetWriter, Destination, commit_dataset, prepare_destination
 
 __all__ = [
     "FORMAT_NAME",
@@ -20,8 +21,12 @@ __all__ = [
     "Dataset",
     "DatasetIndex",
     "DatasetWriter",
+    "Destination",
     "Problem",
     "ShardInfo",
+    "ShardSetWriter",
     "VerifyReport",
+    "commit_dataset",
+    "prepare_destination",
     "verify_dataset",
 ]

@@ -1,49 +1,105 @@
-"""DatasetWriter: rows, column batches or Arrow tables in; a committed trainio dataset out."""
+"""DatasetWriter, and the commit protocol of a dataset: shards first, the index last."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-import numpy as np
 import pyarrow as pa
 
-from trainio.storage import AlreadyExists, SchemaMismatch, Store, StoreError, open_store
+from trainio.storage import AlreadyExists, FormatError, Store, open_store
 
-from ._convert import column_to_arrow, infer_schema
-from ._index import COMPRESSIONS, INDEX_KEY, SHARD_DIR, DatasetIndex
-from ._shards import Compression, ShardSequenceWriter
+from ._index import INDEX_KEY, SHARD_DIR, DatasetIndex, ShardInfo
+from ._shards import Compression
+from ._shardset import ShardSetWriter
 
 log = logging.getLogger("trainio.loaders.writer")
 
-_BATCH_BYTES = 16 << 20
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a new dataset will be committed, and what it replaces.
+
+    Attributes:
+        store: The dataset's store.
+        name_prefix: The prefix new shard files must use; it differs from
+            every shard of a dataset being replaced, so the old one stays
+            whole until the new index replaces its index.
+        replacing: Whether a dataset (maybe a damaged one) is there to replace.
+        replaced: The shard paths of the dataset being replaced.
+    """
+
+    store: Store
+    name_prefix: str
+    replacing: bool
+    replaced: frozenset[str]
+
+
+def prepare_destination(store: Store, *, overwrite: bool) -> Destination:
+    """Get ``store`` ready for a new dataset and say how to name its shards.
+
+    Shard files no index lists (an unfinished or killed write's) are removed.
+    An existing dataset is left intact: it is replaced only when the new one
+    commits.
+
+    Raises:
+        AlreadyExists: a dataset is there and ``overwrite`` is False.
+    """
+    replaced: frozenset[str] = frozenset()
+    replacing = store.exists(INDEX_KEY)
+    if replacing:
+        if not overwrite:
+            raise AlreadyExists(store.url, INDEX_KEY, "a dataset already exists here",
+                                "pass overwrite=True (--overwrite) to replace it, or choose another place")
+        try:
+            replaced = frozenset(s.path for s in DatasetIndex.from_json(store.get(INDEX_KEY), url=store.url).shards)
+        except FormatError:
+            log.warning("replacing the damaged dataset at %s", store.url)
+    leftovers = [key for key in store.list(SHARD_DIR) if key not in replaced]
+    for key in leftovers:
+        store.delete(key)
+    if leftovers:
+        log.warning("removed %d shard files at %s left by an unfinished write", len(leftovers), store.url)
+    prefix = f"shard-{secrets.token_hex(3)}-" if replacing else "shard-"
+    return Destination(store, prefix, replacing, replaced)
+
+
+def commit_dataset(destination: Destination, schema: pa.Schema, shards: Sequence[ShardInfo],
+                   compression: Compression) -> DatasetIndex:
+    """Write the index listing ``shards`` (the commit point), then delete the replaced dataset's shards.
+
+    Raises:
+        AlreadyExists: another writer committed a dataset there meanwhile.
+    """
+    index = DatasetIndex(schema=schema, rows=sum(s.rows for s in shards), shards=tuple(shards),
+                         compression=compression)
+    store = destination.store
+    store.put(INDEX_KEY, index.to_json(), overwrite=destination.replacing)
+    for path in destination.replaced - {s.path for s in shards}:
+        store.delete(path)
+    return index
 
 
 class DatasetWriter:
     """Writes a trainio dataset: shard files first, ``index.json`` last.
 
-    The dataset exists only once :meth:`close` has written the index
-    (create-only), so a writer that fails or is killed leaves no dataset —
-    only shard files that the next writer to the same place removes.
-
-    Data is checked against the schema (inferred from the first row or batch
-    when not given). What does not fit raises :class:`SchemaMismatch` naming
-    the field, the expected type and the row number. Rows given to
-    :meth:`write` are buffered and checked a batch at a time, so the error may
-    come from a later call (at the latest from :meth:`close`); the bad row is
-    dropped, every other row is kept, and the writer stays usable. A bad
-    :meth:`write_batch` or :meth:`write_table` writes none of its rows.
+    The dataset exists only once :meth:`close` has written the index, so a
+    writer that fails or is killed leaves no dataset — only shard files that
+    the next writer to the same place removes. With ``overwrite``, the old
+    dataset stays readable until the new index replaces it. Rows are checked
+    against the schema as :class:`ShardSetWriter` describes.
 
     Args:
         url: Where the dataset goes: a local path, ``file://`` or ``s3://`` URL, or a Store.
         schema: The Arrow schema; inferred from the first data when None.
         shard_bytes: A shard file is closed once it reaches this size (default 256 MiB).
-        batch_rows: Rows per record batch (default 1024); a batch also closes
-            at 16 MiB of buffered rows. Random access reads whole batches,
-            so smaller batches make ``Dataset[i]`` cheaper.
+        batch_rows: Rows per record batch (default 1024); random access
+            reads whole batches, so smaller batches make ``Dataset[i]`` cheaper.
         compression: None, "lz4" or "zstd" (Arrow IPC buffer compression).
         overwrite: Replace a dataset already at ``url``; without it, that is an error.
 
@@ -62,107 +118,47 @@ class DatasetWriter:
         compression: Compression = None,
         overwrite: bool = False,
     ) -> None:
-        if shard_bytes < 1:
-            raise ValueError(f"DatasetWriter shard_bytes={shard_bytes}: must be >= 1")
-        if batch_rows < 1:
-            raise ValueError(f"DatasetWriter batch_rows={batch_rows}: must be >= 1")
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"DatasetWriter compression={compression!r}: must be one of {COMPRESSIONS}")
-        self._store = url if isinstance(url, Store) else open_store(url)
-        self._shard_bytes = shard_bytes
-        self._batch_rows = batch_rows
-        self._compression = compression
-        self._schema = schema
-        self._rows: list[Mapping[str, Any]] = []
-        self._buffered_bytes = 0
-        self._written = 0
-        self._accepted = 0
-        self._pending: list[pa.RecordBatch] = []
-        self._pending_rows = 0
-        self._pending_bytes = 0
-        self._shards: ShardSequenceWriter | None = None
-        self._closed = False
-        prepare_destination(self._store, overwrite=overwrite)
+        store = url if isinstance(url, Store) else open_store(url)
+        self._destination = prepare_destination(store, overwrite=overwrite)
+        self._shards = ShardSetWriter(store, schema, shard_bytes=shard_bytes, batch_rows=batch_rows,
+                                      compression=compression, name_prefix=self._destination.name_prefix)
 
     @property
     def store(self) -> Store:
         """Where the dataset is written."""
-        return self._store
+        return self._shards.store
 
     @property
     def schema(self) -> pa.Schema | None:
         """The dataset's schema (None until given or inferred)."""
-        return self._schema
+        return self._shards.schema
 
     @property
     def rows_written(self) -> int:
         """Rows accepted so far, buffered ones included."""
-        return self._accepted + len(self._rows)
+        return self._shards.rows_written
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row: a mapping from every field name to its value."""
-        self._check_open()
-        if self._schema is None:
-            self._schema = infer_schema(row)
-        self._check_names(row.keys(), self.rows_written)
-        self._rows.append(row)
-        self._buffered_bytes += sum(_approx_size(v) for v in row.values())
-        if len(self._rows) >= self._batch_rows or self._buffered_bytes >= _BATCH_BYTES:
-            self._flush_rows()
+        self._shards.write(row)
 
     def write_batch(self, batch: Mapping[str, Any] | pa.RecordBatch) -> None:
-        """Append many rows at once: a mapping of field name to column (list, numpy or Arrow array), or a RecordBatch."""
-        self._check_open()
-        self._flush_rows()
-        if isinstance(batch, pa.RecordBatch):
-            self.write_table(pa.Table.from_batches([batch]))
-            return
-        if self._schema is None:
-            self._schema = infer_schema({name: _first(column, name) for name, column in batch.items()})
-        self._check_names(batch.keys(), self._accepted)
-        lengths = {len(column) for column in batch.values()}
-        if len(lengths) > 1:
-            raise SchemaMismatch(next(iter(batch)), "columns of one length", self._accepted,
-                                 f"columns of lengths {sorted(lengths)}")
-        columns = [column_to_arrow(field, batch[field.name], self._accepted) for field in self._schema]
-        self._emit(pa.RecordBatch.from_arrays(columns, schema=self._schema))
+        """Append many rows: a mapping of field name to column (list, numpy or Arrow array), or a RecordBatch."""
+        self._shards.write_batch(batch)
 
     def write_table(self, table: pa.Table) -> None:
         """Append every row of an Arrow table whose columns match the schema by name."""
-        self._check_open()
-        self._flush_rows()
-        if self._schema is None:
-            self._schema = table.schema
-        self._check_names(table.column_names, self._accepted)
-        columns = [column_to_arrow(field, table.column(field.name), self._accepted) for field in self._schema]
-        self._emit(pa.Table.from_arrays(columns, schema=self._schema))
+        self._shards.write_table(table)
 
     def close(self) -> DatasetIndex:
-        """Write what is buffered, then the index; return the index. The dataset exists from here on.
-
-        Raises:
-            AlreadyExists: another writer committed a dataset here meanwhile.
-        """
-        self._check_open()
-        self._flush_rows()
-        if self._schema is None:
-            raise SchemaMismatch("(any)", "at least one row or a schema", -1, "no rows and no schema")
-        if self._pending_rows:
-            self._write_pending()
-        shards = self._shard_writer().close()
-        index = DatasetIndex(schema=self._schema, rows=self._written, shards=tuple(shards),
-                             compression=self._compression)
-        self._store.put(INDEX_KEY, index.to_json(), overwrite=False)
-        self._closed = True
-        return index
+        """Write what is buffered, then the index; return the index. The dataset exists from here on."""
+        shards = self._shards.finish()
+        assert self._shards.schema is not None
+        return commit_dataset(self._destination, self._shards.schema, shards, self._shards.compression)
 
     def abort(self) -> None:
-        """Give up: delete the shards written so far; no dataset appears."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._shards is not None:
-            self._shards.abort()
+        """Give up: delete the shards written so far; no dataset appears (an old one stays)."""
+        self._shards.abort()
 
     def __enter__(self) -> Self:
         return self
@@ -172,112 +168,3 @@ class DatasetWriter:
             self.close()
         else:
             self.abort()
-
-    # -- internals ---------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreError(self._store.url, INDEX_KEY, "the writer is closed")
-
-    def _check_names(self, names: Any, row: int) -> None:
-        assert self._schema is not None
-        given = list(names)
-        for field in self._schema:
-            if field.name not in given:
-                raise SchemaMismatch(field.name, str(field.type), row, "nothing (the field is missing)")
-        for name in given:
-            if self._schema.get_field_index(name) < 0:
-                raise SchemaMismatch(name, "no such field", row, f"a value (the schema has {self._schema.names})")
-
-    def _flush_rows(self) -> None:
-        if not self._rows:
-            return
-        assert self._schema is not None
-        rows, self._rows, self._buffered_bytes = self._rows, [], 0
-        errors = []
-        for field in self._schema:
-            try:
-                column_to_arrow(field, [r[field.name] for r in rows], self._accepted)
-            except SchemaMismatch as exc:
-                errors.append(exc)
-        if errors:
-            first = min(errors, key=lambda e: e.row)
-            bad = first.row - self._accepted
-            self._rows = rows[bad + 1:]
-            self._buffered_bytes = sum(_approx_size(v) for r in self._rows for v in r.values())
-            self._emit_rows(rows[:bad])
-            raise first
-        self._emit_rows(rows)
-
-    def _emit_rows(self, rows: list[Mapping[str, Any]]) -> None:
-        if rows:
-            assert self._schema is not None
-            columns = [column_to_arrow(f, [r[f.name] for r in rows], self._accepted) for f in self._schema]
-            self._emit(pa.RecordBatch.from_arrays(columns, schema=self._schema))
-
-    def _emit(self, data: pa.RecordBatch | pa.Table) -> None:
-        """Queue checked rows; write them in batches of ``batch_rows`` rows (or 16 MiB, if less)."""
-        for batch in data.to_batches() if isinstance(data, pa.Table) else [data]:
-            if batch.num_rows:
-                self._pending.append(batch)
-                self._pending_rows += batch.num_rows
-                self._pending_bytes += batch.nbytes
-                self._accepted += batch.num_rows
-        while self._pending_rows >= self._batch_rows or (self._pending_bytes >= _BATCH_BYTES and self._pending_rows):
-            self._write_pending(limit=self._batch_rows)
-
-    def _write_pending(self, limit: int | None = None) -> None:
-        table = pa.Table.from_batches(self._pending, schema=self._schema)
-        take = table.num_rows if limit is None else min(limit, table.num_rows)
-        if self._pending_bytes >= _BATCH_BYTES and limit is not None:
-            average = max(1, self._pending_bytes // max(1, table.num_rows))
-            take = max(1, min(take, _BATCH_BYTES // average))
-        head, rest = table.slice(0, take), table.slice(take)
-        self._shard_writer().write(head.combine_chunks().to_batches()[0] if head.num_rows else head.to_batches()[0])
-        self._written += take
-        self._pending = rest.to_batches()
-        self._pending_rows = rest.num_rows
-        self._pending_bytes = sum(b.nbytes for b in self._pending)
-
-    def _shard_writer(self) -> ShardSequenceWriter:
-        if self._shards is None:
-            assert self._schema is not None
-            self._shards = ShardSequenceWriter(self._store, self._schema, shard_bytes=self._shard_bytes,
-                                               compression=self._compression)
-        return self._shards
-
-
-def prepare_destination(store: Store, *, overwrite: bool) -> None:
-    """Make ``store`` ready for a new dataset: refuse or remove an existing one, remove an unfinished one's shards.
-
-    Raises:
-        AlreadyExists: a dataset is there and ``overwrite`` is False.
-    """
-    if store.exists(INDEX_KEY):
-        if not overwrite:
-            raise AlreadyExists(store.url, INDEX_KEY, "a dataset already exists here",
-                                "pass overwrite=True (--overwrite) to replace it, or choose another place")
-        store.delete(INDEX_KEY)  # from here on the old dataset no longer exists, so its shards may go
-    leftover = store.delete_prefix(SHARD_DIR)
-    if leftover:
-        log.warning("removed %d shard files at %s left by an earlier write", leftover, store.url)
-
-
-def _first(column: Any, name: str) -> Any:
-    if len(column) == 0:
-        raise SchemaMismatch(name, "at least one value to infer the schema from", 0, "an empty column")
-    if isinstance(column, np.ndarray) and column.ndim >= 2:
-        return column[0]
-    if isinstance(column, (pa.Array, pa.ChunkedArray)):
-        raise SchemaMismatch(name, "a schema (pass schema= or a RecordBatch)", 0, "an Arrow array without one")
-    return column[0]
-
-
-def _approx_size(value: Any) -> int:
-    if isinstance(value, np.ndarray):
-        return int(value.nbytes)
-    if isinstance(value, (bytes, bytearray, memoryview, str)):
-        return len(value)
-    if isinstance(value, (list, tuple)):
-        return 8 * len(value)
-    return 8

@@ -164,7 +164,24 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path: Path) -> None:
     with DatasetWriter(tmp_path / "ds", overwrite=True) as writer:
         writer.write({"w": "new"})
     assert Dataset(tmp_path / "ds")[0] == {"w": "new"}
-    assert LocalStore(tmp_path / "ds").list() == ["index.json", "shards/shard-00000.arrow"]
+    keys = LocalStore(tmp_path / "ds").list()
+    assert len(keys) == 2 and keys[0] == "index.json" and "shard-00000.arrow" not in keys[1], keys
+
+
+def test_a_failed_overwrite_keeps_the_old_dataset(tmp_path: Path) -> None:
+    with DatasetWriter(tmp_path / "ds", shard_bytes=1000) as writer:
+        for i in range(100):
+            writer.write(make_row(i))
+    before = LocalStore(tmp_path / "ds").list()
+    with pytest.raises(RuntimeError):
+        with DatasetWriter(tmp_path / "ds", overwrite=True, shard_bytes=1000) as writer:
+            for i in range(50):
+                writer.write(make_row(1000 + i))
+            raise RuntimeError("the new write died")
+    assert LocalStore(tmp_path / "ds").list() == before
+    ds = Dataset(tmp_path / "ds")
+    check_row(ds[99], 99)
+    assert all(ds.read_shard(i).num_rows for i in range(len(ds.shards)))
 
 
 def test_an_exception_in_the_block_leaves_no_dataset(tmp_path: Path) -> None:
