@@ -8,9 +8,11 @@ one, hashing every shard as it is written and committing the index last;
 
 from __future__ import annotations
 
+from ._convert import infer_columns_schema, infer_schema
 from ._dataset import Dataset
 from ._index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
 from ._verify import Problem, VerifyReport, verify_dataset
+from ._shards import Compression
 from ._shardset import ShardSetWriter
 from ._writer import DatasetWriter, Destination, commit_dataset, prepare_destination
 
@@ -18,6 +20,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "BatchInfo",
+    "Compression",
     "Dataset",
     "DatasetIndex",
     "DatasetWriter",
@@ -27,6 +30,8 @@ __all__ = [
     "ShardSetWriter",
     "VerifyReport",
     "commit_dataset",
+    "infer_columns_schema",
+    "infer_schema",
     "prepare_destination",
     "verify_dataset",
 ]

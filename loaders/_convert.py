@@ -27,6 +27,23 @@ def infer_schema(row: Mapping[str, Any]) -> pa.Schema:
     return pa.schema([pa.field(name, _infer_type(name, value)) for name, value in row.items()])
 
 
+def infer_columns_schema(columns: Mapping[str, Any]) -> pa.Schema:
+    """The schema a batch of columns implies: Arrow columns keep their type, others follow their first value.
+
+    Raises:
+        SchemaMismatch: a column is empty, or its first value has no mapping.
+    """
+    fields = []
+    for name, column in columns.items():
+        if isinstance(column, (pa.Array, pa.ChunkedArray)):
+            fields.append(pa.field(name, column.type))
+            continue
+        if len(column) == 0:
+            raise SchemaMismatch(name, "at least one value to infer the schema from", 0, "an empty column")
+        fields.append(pa.field(name, _infer_type(name, column[0])))
+    return pa.schema(fields)
+
+
 def _infer_type(name: str, value: Any) -> pa.DataType:
     if isinstance(value, (bool, np.bool_)):
         return pa.bool_()

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from trainio.storage import SchemaMismatch, Store, StoreError
 
-from ._convert import column_to_arrow, infer_schema
+from ._convert import column_to_arrow, infer_columns_schema, infer_schema
 from ._index import COMPRESSIONS, INDEX_KEY, ShardInfo
 from ._shards import Compression, ShardSequenceWriter
 
@@ -110,7 +110,7 @@ class ShardSetWriter:
             self.write_table(pa.Table.from_batches([batch]))
             return
         if self._schema is None:
-            self._schema = infer_schema({name: _first(column, name) for name, column in batch.items()})
+            self._schema = infer_columns_schema(batch)
         self._check_names(batch.keys(), self._accepted)
         lengths = {len(column) for column in batch.values()}
         if len(lengths) > 1:
@@ -225,16 +225,6 @@ class ShardSetWriter:
             self._shards = ShardSequenceWriter(self._store, self._schema, shard_bytes=self._shard_bytes,
                                                compression=self._compression, name_prefix=self._name_prefix)
         return self._shards
-
-
-def _first(column: Any, name: str) -> Any:
-    if len(column) == 0:
-        raise SchemaMismatch(name, "at least one value to infer the schema from", 0, "an empty column")
-    if isinstance(column, np.ndarray) and column.ndim >= 2:
-        return column[0]
-    if isinstance(column, (pa.Array, pa.ChunkedArray)):
-        raise SchemaMismatch(name, "a schema (pass schema= or a RecordBatch)", 0, "an Arrow array without one")
-    return column[0]
 
 
 def _approx_size(value: Any) -> int:

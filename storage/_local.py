@@ -45,6 +45,9 @@ class LocalOptions:
 class LocalStore(Store):
     """Keys as files under ``root``; each key's '/'-parts are directories.
 
+    ``root`` is created by the first write, not before: opening a store to
+    read never changes the file system.
+
     Writes go to a temp file in the target directory, are fsync'd, then
     renamed over the key, and the directory is fsync'd. Reads use ``pread``
     and ``preadv`` straight into the caller's buffer.
@@ -56,10 +59,6 @@ class LocalStore(Store):
         self._options = options
         if os.path.lexists(self._root) and not os.path.isdir(self._root):
             raise StoreError(self.url, "", "the store root exists but is not a directory")
-        try:
-            os.makedirs(self._root, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(self.url, "", f"cannot create the store directory: {exc.strerror}") from exc
 
     @property
     def url(self) -> str:
@@ -99,6 +98,8 @@ class LocalStore(Store):
         except IsADirectoryError as exc:
             raise InvalidKey(self.url, key, f"cannot {action}: the key is a directory of other keys") from exc
         except NotADirectoryError as exc:
+            if action not in ("write", "copy to"):
+                raise NotFound(self.url, key, f"cannot {action}: no such key (a parent of it is a key)") from exc
             raise InvalidKey(
                 self.url, key, f"cannot {action}: a parent of this key is itself a key (a file)"
             ) from exc
@@ -224,7 +225,7 @@ class LocalStore(Store):
     def _delete_prefix(self, prefix: str) -> int:
         keys = self._list(prefix)
         targets = [self._path(prefix)] if prefix else [
-            os.path.join(self._root, name) for name in os.listdir(self._root)
+            os.path.join(self._root, name) for name in (os.listdir(self._root) if os.path.isdir(self._root) else ())
         ]
         removed = False
         with self._errors(prefix, "delete"):

@@ -7,7 +7,11 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+import pyarrow as pa
+
 from trainio.storage import TrainioError
+
+from . import _cmd_inspect, _cmd_shard, _cmd_verify
 
 _DESCRIPTION = """\
 trainio: the storage layer for large-model training.
@@ -33,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"trainio {_version()}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in (_cmd_shard, _cmd_verify, _cmd_inspect):
+        command.register(commands)
     return parser
 
 
@@ -50,9 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.run(args))
-    except TrainioError as exc:
-        print(f"trainio: error: {exc}", file=sys.stderr)
+    except (TrainioError, OSError, ValueError, pa.ArrowException) as exc:
+        print(f"trainio: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("trainio: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and not isinstance(exc, TrainioError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror or text}"
+    return " ".join(text.split())

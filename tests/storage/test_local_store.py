@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainio.storage import InvalidKey, LocalOptions, LocalStore, Store, StoreError, open_store
+from trainio.storage import InvalidKey, LocalOptions, LocalStore, NotFound, Store, StoreError, open_store
 
 from .store_contract import StoreContract
 
@@ -168,3 +168,14 @@ def test_open_store_urls(tmp_path: Path) -> None:
         open_store("gs://bucket/x")
     with pytest.raises(StoreError, match="local path, not host"):
         open_store("file://otherhost/x")
+
+
+def test_opening_a_missing_root_creates_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "absent")
+    assert store.list() == [] and not store.exists("k")
+    with pytest.raises(NotFound):
+        store.get("k")
+    assert store.delete_prefix("") == 0
+    assert not (tmp_path / "absent").exists()
+    store.put("a/b", b"x")
+    assert store.get("a/b") == b"x"

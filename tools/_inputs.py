@@ -1,0 +1,235 @@
+"""Inputs of ``trainio shard``: finding the files, and reading each as a stream of Arrow record batches."""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from trainio.storage import FormatError, NotFound, Store, StoreError, open_store
+
+InputFormat = Literal["parquet", "jsonl", "csv", "arrow", "files", "hf"]
+FORMATS: tuple[InputFormat, ...] = ("parquet", "jsonl", "csv", "arrow", "files", "hf")
+_EXTENSIONS: dict[str, InputFormat] = {
+    ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
+}
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    """One input: the store it is in, its key there, its size and its format."""
+
+    store: Store
+    key: str
+    size: int
+    format: InputFormat
+    label: str
+    relative: str = ""
+
+
+def find_inputs(specs: Sequence[str], fmt: InputFormat | None) -> list[InputFile]:
+    """Expand paths, directories and globs (local or ``s3://``) into input files, in order.
+
+    Directories contribute every file inside of the chosen (or inferred)
+    format, in sorted order; a saved Hugging Face dataset directory is one
+    input of format ``hf``.
+
+    Raises:
+        NotFound: a path matches nothing.
+        FormatError: the format cannot be inferred or the files mix formats.
+    """
+    found: list[InputFile] = []
+    for spec in specs:
+        found.extend(_expand(spec, fmt))
+    if not found:
+        raise NotFound(", ".join(specs), "", "no input files found")
+    formats = {f.format for f in found}
+    if len(formats) > 1:
+        raise FormatError(found[0].label, "", f"inputs mix formats {sorted(formats)}",
+                          "shard one format at a time, or pass --format")
+    return found
+
+
+def _split(spec: str) -> tuple[Store, str]:
+    """The store holding ``spec``'s parent and the key (or pattern) of ``spec`` in it."""
+    if urlparse(spec).scheme == "s3":
+        parsed = urlparse(spec)
+        return open_store(f"s3://{parsed.netloc}"), parsed.path.strip("/")
+    path = os.path.abspath(os.path.expanduser(spec.removeprefix("file://")))
+    return open_store("/"), path.lstrip("/")
+
+
+def _expand(spec: str, fmt: InputFormat | None) -> list[InputFile]:
+    store, key = _split(spec)
+    if any(c in key for c in _GLOB_CHARS):
+        base = key[: min(key.find(c) for c in _GLOB_CHARS if c in key)].rpartition("/")[0]
+        keys = [k for k in store.list(base) if fnmatch.fnmatchcase(k, key)]
+        return [_file(store, k, fmt, spec) for k in keys if _format_of(k, fmt) is not None]
+    if fmt == "hf" or (fmt is None and store.exists(f"{key}/state.json")):
+        return [_hf_input(store, key, spec)]
+    if store.exists(key):
+        return [_file(store, key, fmt, spec, strict=True)]
+    keys = store.list(key)
+    if not keys:
+        raise NotFound(spec, "", "no such file or directory")
+    if fmt == "files":
+        return [InputFile(store, k, store.size(k), "files", spec, k[len(key) + 1:]) for k in keys]
+    matching = [k for k in keys if _format_of(k, fmt) is not None]
+    if not matching:
+        raise FormatError(spec, "", "holds no files of a format trainio reads",
+                          f"pass --format (one of {', '.join(FORMATS)}); --format files takes every file")
+    return [_file(store, k, fmt, spec) for k in matching]
+
+
+def _format_of(key: str, fmt: InputFormat | None) -> InputFormat | None:
+    inferred = _EXTENSIONS.get(os.path.splitext(key)[1].lower())
+    if fmt is None:
+        return inferred
+    return fmt if fmt == "files" or inferred == fmt else None
+
+
+def _file(store: Store, key: str, fmt: InputFormat | None, spec: str, strict: bool = False) -> InputFile:
+    chosen = _format_of(key, fmt) if not strict or fmt is None else fmt
+    if chosen is None:
+        raise FormatError(spec, "", "the format cannot be inferred from the file name",
+                          f"pass --format (one of {', '.join(FORMATS)})")
+    label = f"{store.url.rstrip('/')}/{key}" if store.url.startswith("s3://") else "/" + key
+    return InputFile(store, key, store.size(key), chosen, label, os.path.basename(key))
+
+
+def _hf_input(store: Store, key: str, spec: str) -> InputFile:
+    try:
+        state = json.loads(store.get(f"{key}/state.json"))
+        files = [entry["filename"] for entry in state["_data_files"]]
+    except (NotFound, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(spec, "state.json", "is not a saved Hugging Face dataset (save_to_disk)",
+                          "for a DatasetDict, give one split's directory") from exc
+    size = sum(store.size(f"{key}/{name}") for name in files)
+    return InputFile(store, key, size, "hf", spec)
+
+
+def read_batches(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """The rows of one input as record batches, read as a stream (memory stays bounded).
+
+    Each batch comes with an estimate of the input's bytes consumed so far
+    (non-decreasing, at most the input's size), for progress reports.
+
+    Raises:
+        FormatError: the input cannot be parsed as its format, naming it.
+    """
+    try:
+        yield from _READERS[source.format](source, batch_rows)
+    except pa.ArrowException as exc:
+        raise FormatError(source.label, "", f"cannot read it as {source.format}: {exc}") from exc
+
+
+def _read_parquet(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    with _open(source.store, source.key) as f:
+        parquet = pq.ParquetFile(f)
+        total, done = max(1, parquet.metadata.num_rows), 0
+        for batch in parquet.iter_batches(batch_size=batch_rows):
+            done += batch.num_rows
+            yield batch, source.size * done // total
+
+
+def _read_jsonl(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    with _open(source.store, source.key) as f:
+        for batch in pajson.open_json(f):
+            yield batch, min(source.size, f.tell())
+
+
+def _read_csv(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    with _open(source.store, source.key) as f:
+        for batch in pacsv.open_csv(f):
+            yield batch, min(source.size, f.tell())
+
+
+def _read_arrow(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    with _open(source.store, source.key) as f:
+        try:
+            reader: Any = ipc.open_file(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            for batch in ipc.open_stream(f):
+                yield batch, min(source.size, f.tell())
+            return
+        count = max(1, reader.num_record_batches)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i), source.size * (i + 1) // count
+
+
+def _read_hf(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    state = json.loads(source.store.get(f"{source.key}/state.json"))
+    done = 0
+    for entry in state["_data_files"]:
+        key = f"{source.key}/{entry['filename']}"
+        with _open(source.store, key) as f:
+            for batch in ipc.open_stream(f):
+                yield batch, min(source.size, done + f.tell())
+        done += source.store.size(key)
+
+
+def _read_files(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    data = pa.array([source.store.get(source.key)], pa.binary())
+    yield pa.record_batch({"path": pa.array([source.relative], pa.string()), "data": data}), source.size
+
+
+_READERS = {"parquet": _read_parquet, "jsonl": _read_jsonl, "csv": _read_csv, "arrow": _read_arrow,
+            "hf": _read_hf, "files": _read_files}
+
+
+class _StoreFile(io.RawIOBase):
+    """A read-only, seekable file over one key of a store, read by byte ranges."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        super().__init__()
+        self._store, self._key = store, key
+        self._size = store.size(key)
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(view.nbytes, self._size - self._position))
+        if n:
+            self._store.get_into(self._key, view[:n], self._position)
+            self._position += n
+        return n
+
+
+def _open(store: Store, key: str) -> Any:
+    """A binary file object for ``key``: the file itself when local, ranged reads (8 MiB buffered) otherwise."""
+    if store.url.startswith("file://"):
+        try:
+            return open(store.path_of(key), "rb")  # type: ignore[attr-defined]
+        except OSError as exc:
+            raise StoreError(store.url, key, f"cannot open: {exc.strerror}") from exc
+    return io.BufferedReader(_StoreFile(store, key), buffer_size=8 << 20)

@@ -1,0 +1,233 @@
+"""shard(): inputs of many formats in, one trainio dataset out, on one or several processes."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import multiprocessing
+import os
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from trainio.loaders import (
+    Compression,
+    DatasetIndex,
+    ShardInfo,
+    ShardSetWriter,
+    commit_dataset,
+    infer_columns_schema,
+    prepare_destination,
+)
+from trainio.storage import FormatError, Store, open_store
+
+from ._inputs import InputFile, InputFormat, find_inputs, read_batches
+
+BatchMap = Callable[[pa.RecordBatch], Any]
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardOptions:
+    """How ``shard`` writes the dataset.
+
+    Attributes:
+        shard_bytes: Shard files close at this size (default 256 MiB).
+        batch_rows: Rows per record batch (default 1024).
+        compression: None, "lz4" or "zstd".
+        workers: Processes converting inputs in parallel (default 1); each
+            takes a contiguous run of the inputs, so rows keep input order.
+        map: ``"module:function"`` or ``"path/to/file.py:function"``, called
+            on every record batch; it returns a RecordBatch, a Table or a
+            dict of columns.
+        overwrite: Replace a dataset already at the destination.
+    """
+
+    shard_bytes: int = 256 << 20
+    batch_rows: int = 1024
+    compression: Compression = None
+    workers: int = 1
+    map: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: must be >= 1")
+
+
+def shard(
+    inputs: Sequence[str],
+    out: str | os.PathLike[str] | Store,
+    *,
+    format: InputFormat | None = None,
+    options: ShardOptions = ShardOptions(),
+    progress: Progress | None = None,
+) -> DatasetIndex:
+    """Convert ``inputs`` (files, directories, globs; local or ``s3://``) into a dataset at ``out``.
+
+    Inputs are read as streams, so memory stays bounded whatever their size.
+    The rows keep the inputs' order (inputs in the order given, directories
+    and globs sorted). ``progress(bytes, rows)`` is called with increments as
+    inputs are read. Returns the committed index.
+
+    Raises:
+        NotFound: an input does not exist.
+        FormatError: an input cannot be read in its format, or the inputs disagree on the schema.
+        SchemaMismatch: a mapped batch does not fit the schema of the first one.
+        AlreadyExists: a dataset is at ``out`` and ``options.overwrite`` is False.
+    """
+    files = find_inputs(inputs, format)
+    store = out if isinstance(out, Store) else open_store(out)
+    mapper = load_map(options.map)
+    schema = _first_schema(files, options.batch_rows, mapper)
+    destination = prepare_destination(store, overwrite=options.overwrite)
+    groups = _partition(files, min(options.workers, len(files)))
+    prefixes = [destination.name_prefix] if len(groups) == 1 else [
+        f"{destination.name_prefix}{g:03d}-" for g in range(len(groups))]
+    if len(groups) == 1:
+        shards = _convert(files, store, schema, options, prefixes[0], progress)
+    else:
+        shards = _convert_in_processes(groups, store, schema, options, prefixes, progress)
+    return commit_dataset(destination, schema, shards, options.compression)
+
+
+def load_map(spec: str | None) -> BatchMap | None:
+    """The function a ``--map`` spec names (``module:function`` or ``file.py:function``).
+
+    Raises:
+        FormatError: the spec is malformed, or names nothing callable.
+    """
+    if spec is None:
+        return None
+    module_name, _, function = spec.rpartition(":")
+    if not module_name or not function:
+        raise FormatError(spec, "", "a map must be given as module:function or path/to/file.py:function")
+    try:
+        if module_name.endswith(".py"):
+            loader_spec = importlib.util.spec_from_file_location("_trainio_map", module_name)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ImportError(f"cannot load {module_name}")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, OSError, SyntaxError) as exc:
+        raise FormatError(spec, "", f"cannot import the map's module: {exc}") from exc
+    found = getattr(module, function, None)
+    if not callable(found):
+        raise FormatError(spec, "", f"{module_name} has no function {function!r}")
+    return found  # type: ignore[no-any-return]
+
+
+def _mapped(batch: pa.RecordBatch, mapper: BatchMap | None, source: InputFile) -> pa.RecordBatch | pa.Table | dict[str, Any]:
+    if mapper is None:
+        return batch
+    result = mapper(batch)
+    if not isinstance(result, (pa.RecordBatch, pa.Table, dict)):
+        raise FormatError(source.label, "", f"the map returned {type(result).__name__}, "
+                          "not a RecordBatch, a Table or a dict of columns")
+    return result
+
+
+def _first_schema(files: Sequence[InputFile], batch_rows: int, mapper: BatchMap | None) -> pa.Schema:
+    """The dataset's schema: that of the first (mapped) batch of the first input that has rows."""
+    for source in files:
+        for batch, _ in read_batches(source, batch_rows):
+            data = _mapped(batch, mapper, source)
+            return infer_columns_schema(data) if isinstance(data, dict) else data.schema
+    raise FormatError(files[0].label, "", "the inputs hold no rows", "nothing to shard")
+
+
+def _partition(files: Sequence[InputFile], parts: int) -> list[list[InputFile]]:
+    """Contiguous runs of ``files`` of about equal total size."""
+    total = sum(max(f.size, 1) for f in files)
+    groups: list[list[InputFile]] = [[] for _ in range(parts)]
+    done = 0
+    for source in files:
+        groups[min(parts - 1, done * parts // total)].append(source)
+        done += max(source.size, 1)
+    return [g for g in groups if g]
+
+
+def _convert(files: Sequence[InputFile], store: Store, schema: pa.Schema, options: ShardOptions,
+             prefix: str, progress: Progress | None) -> list[ShardInfo]:
+    """Write the rows of ``files`` as shards named with ``prefix``; return them."""
+    mapper = load_map(options.map)
+    writer = ShardSetWriter(store, schema, shard_bytes=options.shard_bytes, batch_rows=options.batch_rows,
+                            compression=options.compression, name_prefix=prefix)
+    try:
+        for source in files:
+            reported = 0
+            for batch, consumed in read_batches(source, options.batch_rows):
+                data = _mapped(batch, mapper, source)
+                if isinstance(data, pa.Table):
+                    writer.write_table(data)
+                else:
+                    writer.write_batch(data)
+                if progress is not None:
+                    rows = len(next(iter(data.values()), ())) if isinstance(data, dict) else data.num_rows
+                    progress(consumed - reported, rows)
+                reported = consumed
+            if progress is not None and source.size > reported:
+                progress(source.size - reported, 0)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+_progress_queue: Any = None
+
+
+def _init_worker(events: Any) -> None:
+    global _progress_queue
+    _progress_queue = events
+
+
+def _worker(files: list[InputFile], store: Store, schema: pa.Schema, options: ShardOptions,
+            prefix: str) -> list[ShardInfo]:
+    events = _progress_queue
+    return _convert(files, store, schema, options, prefix,
+                    (lambda b, r: events.put((b, r))) if events is not None else None)
+
+
+def _convert_in_processes(groups: list[list[InputFile]], store: Store, schema: pa.Schema, options: ShardOptions,
+                          prefixes: list[str], progress: Progress | None) -> list[ShardInfo]:
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue()
+    with ProcessPoolExecutor(len(groups), mp_context=context, initializer=_init_worker, initargs=(events,)) as pool:
+        futures: list[Future[list[ShardInfo]]] = [
+            pool.submit(_worker, group, store, schema, options, prefix) for group, prefix in zip(groups, prefixes)]
+        try:
+            while True:
+                done, running = wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
+                _drain(events, progress)
+                if not running or any(f.exception() is not None for f in done):
+                    break
+            results = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            for f in futures:
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    for info in f.result():
+                        store.delete(info.path)
+            raise
+        finally:
+            _drain(events, progress)
+    return [info for shards in results for info in shards]
+
+
+def _drain(events: Any, progress: Progress | None) -> None:
+    while True:
+        try:
+            read, rows = events.get_nowait()
+        except queue.Empty:
+            return
+        if progress is not None:
+            progress(read, rows)
