@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import NoReturn
 
 import pyarrow as pa
 
@@ -29,9 +30,16 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other trainio error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``trainio`` command with all its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="trainio",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -20,14 +21,14 @@ def parse_size(text: str) -> int:
     """Bytes of a size such as ``256MB`` (decimal), ``1GiB`` (binary) or ``65536``.
 
     Raises:
-        ValueError: the text is not a size.
+        argparse.ArgumentTypeError: the text is not a size.
     """
     match = _SIZE_RE.match(text)
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size (examples: 256MB, 1GiB, 65536)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 256MB, 1GiB, 65536)")
     value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if value <= 0:
-        raise ValueError(f"{text!r}: a size must be positive")
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
     return value
 
 

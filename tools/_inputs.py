@@ -140,7 +140,8 @@ def read_batches(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.Record
 
 def _read_parquet(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
     with _open(source.store, source.key) as f:
-        parquet = pq.ParquetFile(f)
+        # pre_buffer would read ahead every row group of the file at once: unbounded memory.
+        parquet = pq.ParquetFile(f, pre_buffer=False, buffer_size=8 << 20)
         total, done = max(1, parquet.metadata.num_rows), 0
         for batch in parquet.iter_batches(batch_size=batch_rows):
             done += batch.num_rows
