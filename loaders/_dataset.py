@@ -173,26 +173,23 @@ class Dataset:
     def _read_range(self, shard: int, offset: int, length: int) -> pa.Buffer:
         info = self._index.shards[shard]
         if isinstance(self._store, LocalStore):
-            mapped = self._map(shard)
+            mapped = self._map(self._store, shard)
             if mapped.size != info.bytes:
                 raise FormatError(self.url, info.path, f"is {mapped.size} bytes, the index says {info.bytes}",
                                   "the shard was truncated or replaced: run trainio verify")
             return mapped.slice(offset, length)
         return pa.py_buffer(self._store.get(info.path, offset, offset + length))
 
-    def _map(self, shard: int) -> pa.Buffer:
+    def _map(self, store: LocalStore, shard: int) -> pa.Buffer:
         with self._lock:
             mapped = self._maps.get(shard)
             if mapped is not None:
                 self._maps.move_to_end(shard)
                 return mapped
         info = self._index.shards[shard]
-        path = self._store.path_of(info.path)  # type: ignore[attr-defined]
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                mapped = pa.py_buffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
-        except FileNotFoundError as exc:
+            mapped = map_local(store, info.path)
+        except NotFound as exc:
             raise NotFound(self.url, info.path, "the shard file is missing",
                            "the dataset is incomplete: run trainio verify") from exc
         with self._lock:
@@ -200,6 +197,21 @@ class Dataset:
             while len(self._maps) > _OPEN_MAPS:
                 self._maps.popitem(last=False)
         return mapped
+
+
+def map_local(store: LocalStore, key: str) -> pa.Buffer:
+    """The whole file of ``key`` in a local store, memory-mapped read-only (no copy).
+
+    Raises:
+        NotFound: the file does not exist.
+    """
+    path = store.path_of(key)
+    try:
+        with open(path, "rb") as f:
+            empty = os.fstat(f.fileno()).st_size == 0
+            return pa.py_buffer(b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    except FileNotFoundError as exc:
+        raise NotFound(store.url, key, "no such key") from exc
 
 
 def _value(column: pa.Array, i: int) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,7 @@ import pyarrow.ipc as ipc
 from trainio.storage import FormatError, LocalStore, NotFound, Store, StoreError, open_store
 from trainio.storage._hashing import digest
 
+from ._dataset import map_local
 from ._index import INDEX_KEY, SHARD_DIR, DatasetIndex, ShardInfo
 
 
@@ -103,7 +103,7 @@ def _shard_problems(store: Store, index: DatasetIndex, shard: ShardInfo) -> list
     size = store.size(shard.path)
     if size != shard.bytes:
         return [Problem(shard.path, f"is {size} bytes, the index says {shard.bytes} (truncated or replaced)")]
-    data = _read_whole(store, shard.path, size)
+    data = _read_whole(store, shard.path)
     actual = digest(data)
     if actual != shard.xxh3_128:
         return [Problem(shard.path, f"xxh3-128 is {actual}, the index says {shard.xxh3_128} (corrupt)")]
@@ -132,8 +132,5 @@ def _shard_problems(store: Store, index: DatasetIndex, shard: ShardInfo) -> list
     return problems
 
 
-def _read_whole(store: Store, key: str, size: int) -> pa.Buffer:
-    if isinstance(store, LocalStore) and size:
-        with open(store.path_of(key), "rb") as f:
-            return pa.py_buffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    return pa.py_buffer(store.get(key))
+def _read_whole(store: Store, key: str) -> pa.Buffer:
+    return map_local(store, key) if isinstance(store, LocalStore) else pa.py_buffer(store.get(key))

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +21,8 @@ from trainio.storage import (
     SchemaMismatch,
     Store,
 )
+
+from .._writers import kill_a_dataset_writer_midway
 
 
 def make_row(i: int) -> dict[str, object]:
@@ -195,27 +192,8 @@ def test_an_exception_in_the_block_leaves_no_dataset(tmp_path: Path) -> None:
         Dataset(tmp_path / "ds")
 
 
-_KILLED = textwrap.dedent("""
-    import sys
-    import numpy as np
-    from trainio.loaders import DatasetWriter
-    writer = DatasetWriter(sys.argv[1], shard_bytes=1 << 16)
-    for i in range(10**9):
-        writer.write({"id": i, "tokens": np.arange(512, dtype=np.int32)})
-        if i == 2000:
-            print("writing", flush=True)
-""")
-
-
 def test_a_killed_writer_leaves_no_dataset_and_the_next_one_cleans_up(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(tmp_path / "ds")], stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"writing"
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        proc.kill()
+    kill_a_dataset_writer_midway(tmp_path / "ds")
     store = LocalStore(tmp_path / "ds")
     assert store.list("shards"), "the killed writer had finished some shards"
     with pytest.raises(NotFound, match="index.json is missing"):

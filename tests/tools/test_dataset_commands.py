@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,8 @@ import pytest
 from trainio.loaders import Dataset
 from trainio.storage import S3Store
 from trainio.tools._cli import main
+
+from .._writers import kill_a_dataset_writer_midway
 
 N = 3000
 
@@ -229,26 +229,8 @@ def test_verify_reports_each_damage(
     assert not document["ok"] and any(reason in p["reason"] for p in document["problems"])
 
 
-_KILLED = textwrap.dedent("""
-    import sys, numpy as np
-    from trainio.loaders import DatasetWriter
-    writer = DatasetWriter(sys.argv[1], shard_bytes=1 << 15)
-    for i in range(10**9):
-        writer.write({"id": i, "tokens": np.arange(256, dtype=np.int32)})
-        if i == 1000:
-            print("writing", flush=True)
-""")
-
-
 def test_verify_after_a_killed_writer_says_there_is_no_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(tmp_path / "ds")], stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"writing"
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        proc.kill()
+    kill_a_dataset_writer_midway(tmp_path / "ds")
     code, _, err = run(capsys, "verify", str(tmp_path / "ds"))
     assert code == 1
     assert "index.json: missing: this is not a dataset" in err and "unfinished or killed write" in err
