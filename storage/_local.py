@@ -13,10 +13,12 @@ from pathlib import Path
 
 from ._atomic import atomic_file, fsync_dir, make_dirs, publish, temp_name, write_all
 from ._keys import TEMP_MARKER, check_bounds, check_key
+from ._hashing import Hasher
 from ._store import HashingReader, HashingWriter, Store
 from .errors import AlreadyExists, InvalidKey, NotFound, StoreError
 
 _NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+_NO_KERNEL_COPY_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,6 +153,8 @@ class LocalStore(Store):
         block = memoryview(bytearray(min(max(size, 1), self._options.block_bytes)))
         with self._errors(key, "write"):
             with atomic_file(self._path(key), durable=self._options.durable, overwrite=overwrite) as f:
+                if _kernel_copy(source.fileno(), f.fileno(), size, source.hasher, block):
+                    return
                 while n := source.readinto(block):
                     write_all(f, block[:n])
 
@@ -160,6 +164,8 @@ class LocalStore(Store):
             try:
                 size = os.fstat(fd).st_size
                 block = memoryview(bytearray(min(max(size, 1), self._options.block_bytes)))
+                if _kernel_copy(fd, sink.fileno(), size, sink.hasher, block):
+                    return
                 offset = 0
                 while offset < size:
                     n = min(block.nbytes, size - offset)
@@ -290,3 +296,35 @@ def _preadv_exact(fd: int, buffer: memoryview, offset: int, url: str, key: str) 
         if n == 0:
             raise StoreError(url, key, f"the file ended at byte {offset + filled} while reading", "it was truncated while being read")
         filled += n
+
+
+def _kernel_copy(src: int, dst: int, size: int, hasher: Hasher, block: memoryview) -> bool:
+    """Copy bytes [0, size) of ``src`` to the start of ``dst`` inside the kernel, feeding ``hasher``.
+
+    Each block is hashed by reading it back from the page cache, which the
+    copy has just filled; the data never takes a second trip through user
+    space. Returns False, having copied nothing, where the kernel or the file
+    systems cannot do it, so the caller copies the plain way.
+    """
+    if not hasattr(os, "copy_file_range") or size == 0:
+        return False
+    offset = 0
+    while offset < size:
+        try:
+            n = os.copy_file_range(src, dst, min(block.nbytes, size - offset), offset, offset)
+        except OSError as exc:
+            if offset == 0 and exc.errno in _NO_KERNEL_COPY_ERRNOS:
+                return False
+            raise
+        if n == 0:
+            raise OSError(errno.EIO, f"the source ended at byte {offset} of {size} during the copy")
+        view = block[:n]
+        filled = 0
+        while filled < n:
+            got = os.preadv(src, [view[filled:]], offset + filled)
+            if not got:
+                raise OSError(errno.EIO, f"the source ended at byte {offset + filled} while hashing")
+            filled += got
+        hasher.update(view)
+        offset += n
+    return True

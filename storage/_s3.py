@@ -268,25 +268,31 @@ class S3Store(Store):
         part = self._options.part_size_bytes
         first, total = self._read_head(key, 0, part)
         sink.write(first)
+        # A sliding window of parts in flight, each landing in one of a fixed set of reused buffers.
+        free = [memoryview(bytearray(part)) for _ in range(min(self._options.max_concurrency,
+                                                                -(-(total - len(first)) // part)))]
 
-        def fetch(offset: int, size: int) -> bytearray:
-            buffer = bytearray(size)
-            self._read_range_into(key, memoryview(buffer), offset)
-            return buffer
+        def fetch(offset: int, buffer: memoryview) -> memoryview:
+            view = buffer[: min(part, total - offset)]
+            self._read_range_into(key, view, offset)
+            return view
 
-        pending: deque[Future[bytearray]] = deque()
-        offsets = iter(range(len(first), total, part))
+        pending: deque[tuple[Future[memoryview], memoryview]] = deque()
         try:
-            for offset in offsets:
-                pending.append(self._transfer_pool().submit(fetch, offset, min(part, total - offset)))
-                if len(pending) >= self._options.max_concurrency:
-                    sink.write(pending.popleft().result())
+            for offset in range(len(first), total, part):
+                if not free:
+                    done, buffer = pending.popleft()
+                    sink.write(done.result())
+                    free.append(buffer)
+                buffer = free.pop()
+                pending.append((self._transfer_pool().submit(fetch, offset, buffer), buffer))
             while pending:
-                sink.write(pending.popleft().result())
+                done, buffer = pending.popleft()
+                sink.write(done.result())
         finally:
-            for future in pending:
+            for future, _ in pending:
                 future.cancel()
-            wait(pending)
+            wait([future for future, _ in pending])
 
     # -- writes ------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _VERIFY_BLOCK_BYTES = 16 << 20
+_CONCURRENT_HASH_BYTES = 8 << 20
 
 
 class HashingReader:
@@ -44,6 +45,10 @@ class HashingReader:
         self.hasher.update(buffer[:filled])
         return filled
 
+    def fileno(self) -> int:
+        """The source's file descriptor, for copies the kernel can do (the caller then feeds ``hasher``)."""
+        return self._raw.fileno()
+
 
 class HashingWriter:
     """A sink that hashes every byte written to it, in order, then writes it to a file."""
@@ -57,6 +62,10 @@ class HashingWriter:
         view = memoryview(data).cast("B")
         self.hasher.update(view)
         write_all(self._raw, view)
+
+    def fileno(self) -> int:
+        """The sink's file descriptor, for copies the kernel can do (the caller then feeds ``hasher``)."""
+        return self._raw.fileno()
 
 
 class Store(ABC):
@@ -208,9 +217,19 @@ class Store(ABC):
         key = check_key(self.url, key)
         view = memoryview(data)
         view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
-        result = digest(view)
-        self._put(key, view, overwrite)
-        return result
+        if view.nbytes < _CONCURRENT_HASH_BYTES:
+            result = digest(view)
+            self._put(key, view, overwrite)
+            return result
+        # xxh3 releases the GIL: hash on a helper thread while the bytes are written.
+        hashed: list[str] = []
+        hasher = threading.Thread(target=lambda: hashed.append(digest(view)), name="trainio-hash")
+        hasher.start()
+        try:
+            self._put(key, view, overwrite)
+        finally:
+            hasher.join()
+        return hashed[0]
 
     def put_file(self, key: str, path: str | os.PathLike[str], *, overwrite: bool = True) -> str:
         """Store the local file ``path`` under ``key``, streamed; return its xxh3-128 digest.
