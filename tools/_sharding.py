@@ -126,7 +126,10 @@ def load_map(spec: str | None) -> BatchMap | None:
 def _mapped(batch: pa.RecordBatch, mapper: BatchMap | None, source: InputFile) -> pa.RecordBatch | pa.Table | dict[str, Any]:
     if mapper is None:
         return batch
-    result = mapper(batch)
+    try:
+        result = mapper(batch)
+    except Exception as exc:
+        raise FormatError(source.label, "", f"the map failed on a batch of it: {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, (pa.RecordBatch, pa.Table, dict)):
         raise FormatError(source.label, "", f"the map returned {type(result).__name__}, "
                           "not a RecordBatch, a Table or a dict of columns")
@@ -136,9 +139,13 @@ def _mapped(batch: pa.RecordBatch, mapper: BatchMap | None, source: InputFile) -
 def _first_schema(files: Sequence[InputFile], batch_rows: int, mapper: BatchMap | None) -> pa.Schema:
     """The dataset's schema: that of the first (mapped) batch of the first input that has rows."""
     for source in files:
-        for batch, _ in read_batches(source, batch_rows):
-            data = _mapped(batch, mapper, source)
-            return infer_columns_schema(data) if isinstance(data, dict) else data.schema
+        batches = read_batches(source, batch_rows)
+        try:
+            for batch, _ in batches:
+                data = _mapped(batch, mapper, source)
+                return infer_columns_schema(data) if isinstance(data, dict) else data.schema
+        finally:
+            batches.close()
     raise FormatError(files[0].label, "", "the inputs hold no rows", "nothing to shard")
 
 
@@ -153,9 +160,17 @@ def _partition(files: Sequence[InputFile], parts: int) -> list[list[InputFile]]:
     return [g for g in groups if g]
 
 
+class _Stopped(Exception):
+    """Another worker failed: this one stops and removes its shards."""
+
+
 def _convert(files: Sequence[InputFile], store: Store, schema: pa.Schema, options: ShardOptions,
-             prefix: str, progress: Progress | None) -> list[ShardInfo]:
-    """Write the rows of ``files`` as shards named with ``prefix``; return them."""
+             prefix: str, progress: Progress | None, stop: Any = None) -> list[ShardInfo]:
+    """Write the rows of ``files`` as shards named with ``prefix``; return them.
+
+    ``stop`` (an Event, or None) is checked between batches; once set, the
+    shards written so far are deleted and ``_Stopped`` is raised.
+    """
     mapper = load_map(options.map)
     writer = ShardSetWriter(store, schema, shard_bytes=options.shard_bytes, batch_rows=options.batch_rows,
                             compression=options.compression, name_prefix=prefix)
@@ -163,6 +178,8 @@ def _convert(files: Sequence[InputFile], store: Store, schema: pa.Schema, option
         for source in files:
             reported = 0
             for batch, consumed in read_batches(source, options.batch_rows):
+                if stop is not None and stop.is_set():
+                    raise _Stopped()
                 data = _mapped(batch, mapper, source)
                 if isinstance(data, pa.Table):
                     writer.write_table(data)
@@ -180,26 +197,28 @@ def _convert(files: Sequence[InputFile], store: Store, schema: pa.Schema, option
         raise
 
 
-_progress_queue: Any = None
+_worker_channels: tuple[Any, Any] | None = None
 
 
-def _init_worker(events: Any) -> None:
-    global _progress_queue
-    _progress_queue = events
+def _init_worker(events: Any, stop: Any) -> None:
+    global _worker_channels
+    _worker_channels = (events, stop)
 
 
 def _worker(files: list[InputFile], store: Store, schema: pa.Schema, options: ShardOptions,
             prefix: str) -> list[ShardInfo]:
-    events = _progress_queue
-    return _convert(files, store, schema, options, prefix,
-                    (lambda b, r: events.put((b, r))) if events is not None else None)
+    assert _worker_channels is not None
+    events, stop = _worker_channels
+    return _convert(files, store, schema, options, prefix, lambda b, r: events.put((b, r)), stop)
 
 
 def _convert_in_processes(groups: list[list[InputFile]], store: Store, schema: pa.Schema, options: ShardOptions,
                           prefixes: list[str], progress: Progress | None) -> list[ShardInfo]:
+    """Convert each group in its own process; on any failure, stop the others and delete every shard."""
     context = multiprocessing.get_context("spawn")
-    events = context.Queue()
-    with ProcessPoolExecutor(len(groups), mp_context=context, initializer=_init_worker, initargs=(events,)) as pool:
+    events, stop = context.Queue(), context.Event()
+    with ProcessPoolExecutor(len(groups), mp_context=context, initializer=_init_worker,
+                             initargs=(events, stop)) as pool:
         futures: list[Future[list[ShardInfo]]] = [
             pool.submit(_worker, group, store, schema, options, prefix) for group, prefix in zip(groups, prefixes)]
         try:
@@ -210,11 +229,10 @@ def _convert_in_processes(groups: list[list[InputFile]], store: Store, schema: p
                     break
             results = [f.result() for f in futures]
         except BaseException:
-            for f in futures:
-                f.cancel()
+            stop.set()
             wait(futures)
             for f in futures:
-                if f.done() and not f.cancelled() and f.exception() is None:
+                if not f.cancelled() and f.exception() is None:
                     for info in f.result():
                         store.delete(info.path)
             raise

@@ -263,3 +263,22 @@ def test_help_has_examples() -> None:
         result = subprocess.run([sys.executable, "-m", "trainio.tools", command, "--help"],
                                 capture_output=True, text=True, check=True)
         assert "examples:" in result.stdout and f"trainio {command}" in result.stdout
+
+
+def test_a_failing_worker_stops_the_others_and_leaves_nothing(
+    inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for part in range(2, 6):
+        pq.write_table(source_table(part * N), inputs / f"part-{part}.parquet", row_group_size=200)
+    hook = tmp_path / "failing.py"
+    hook.write_text(textwrap.dedent(f"""
+        def explode(batch):
+            if batch.column("id")[0].as_py() >= {5 * N}:
+                raise ValueError("bad record in the last input")
+            return batch
+    """))
+    code, _, err = run(capsys, "shard", str(inputs), "--out", str(tmp_path / "ds"), "--workers", "2",
+                       "--shard-size", "10KB", "--map", f"{hook}:explode")
+    assert code == 1 and "bad record in the last input" in err
+    assert not (tmp_path / "ds" / "index.json").exists()
+    assert list((tmp_path / "ds").rglob("*.arrow")) == []
