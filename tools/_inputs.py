@@ -6,7 +6,7 @@ import fnmatch
 import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -123,7 +123,7 @@ def _hf_input(store: Store, key: str, spec: str) -> InputFile:
     return InputFile(store, key, size, "hf", spec)
 
 
-def read_batches(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+def read_batches(source: InputFile, batch_rows: int) -> Generator[tuple[pa.RecordBatch, int], None, None]:
     """The rows of one input as record batches, read as a stream (memory stays bounded).
 
     Each batch comes with an estimate of the input's bytes consumed so far
