@@ -11,10 +11,20 @@ from __future__ import annotations
 from ._convert import infer_columns_schema, infer_schema
 from ._dataset import Dataset
 from ._index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
+from ._units import parse_size
 from ._verify import Problem, VerifyReport, verify_dataset
 from ._shards import Compression
 from ._shardset import ShardSetWriter
 from ._writer import DatasetWriter, Destination, commit_dataset, prepare_destination
+
+def __getattr__(name: str) -> object:
+    # StreamingDataset subclasses torch's IterableDataset when torch is installed: import it (and torch) on first use.
+    if name in ("StreamingDataset", "ResumeMismatch"):
+        from . import _streaming
+
+        return getattr(_streaming, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FORMAT_NAME",
@@ -28,10 +38,13 @@ __all__ = [
     "Problem",
     "ShardInfo",
     "ShardSetWriter",
+    "StreamingDataset",
+    "ResumeMismatch",
     "VerifyReport",
     "commit_dataset",
     "infer_columns_schema",
     "infer_schema",
+    "parse_size",
     "prepare_destination",
     "verify_dataset",
 ]

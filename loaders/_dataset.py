@@ -51,6 +51,7 @@ class Dataset:
             raise NotFound(self._store.url, INDEX_KEY, "no dataset here: index.json is missing",
                            "a dataset exists only once its writer has closed; re-run the writer") from exc
         self._index = DatasetIndex.from_json(raw, url=self._store.url)
+        self._index_xxh3 = digest(raw)
         self._lock = threading.Lock()
         self._batches: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
         self._maps: OrderedDict[int, pa.Buffer] = OrderedDict()
@@ -69,6 +70,11 @@ class Dataset:
     def index(self) -> DatasetIndex:
         """The validated index."""
         return self._index
+
+    @property
+    def index_xxh3(self) -> str:
+        """The xxh3-128 of ``index.json``: it changes whenever the dataset does."""
+        return self._index_xxh3
 
     @property
     def schema(self) -> pa.Schema:
@@ -90,7 +96,7 @@ class Dataset:
         number = self._index.shards[shard].batch_of(local)
         batch = self.read_batch(shard, number)
         offset = local - self._index.shards[shard].batches[number].first_row
-        return {name: _value(batch.column(i), offset) for i, name in enumerate(batch.schema.names)}
+        return {name: value_at(batch.column(i), offset) for i, name in enumerate(batch.schema.names)}
 
     def take(self, rows: Sequence[int]) -> dict[str, Any]:
         """The given rows, in the given order, as a dict of field name to column (see the class docstring)."""
@@ -205,16 +211,21 @@ def map_local(store: LocalStore, key: str) -> pa.Buffer:
     Raises:
         NotFound: the file does not exist.
     """
-    path = store.path_of(key)
     try:
-        with open(path, "rb") as f:
-            empty = os.fstat(f.fileno()).st_size == 0
-            return pa.py_buffer(b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        return map_file(store.path_of(key))
     except FileNotFoundError as exc:
         raise NotFound(store.url, key, "no such key") from exc
 
 
-def _value(column: pa.Array, i: int) -> Any:
+def map_file(path: str | os.PathLike[str]) -> pa.Buffer:
+    """A local file, memory-mapped read-only as an Arrow buffer (no copy); FileNotFoundError if absent."""
+    with open(path, "rb") as f:
+        empty = os.fstat(f.fileno()).st_size == 0
+        return pa.py_buffer(b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+
+
+def value_at(column: pa.Array, i: int) -> Any:
+    """Row ``i`` of ``column`` as the numpy or Python value the class docstring describes."""
     kind = column.type
     if isinstance(kind, pa.FixedShapeTensorType):
         return column.slice(i, 1).to_numpy_ndarray()[0]

@@ -4,32 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
 import numpy as np
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "p": 10**15, "pb": 10**15,
-          "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
-          "ti": 2**40, "tib": 2**40, "pi": 2**50, "pib": 2**50}
+from trainio.loaders import parse_size as _parse_size
 
 
 def parse_size(text: str) -> int:
-    """Bytes of a size such as ``256MB`` (decimal), ``1GiB`` (binary) or ``65536``.
+    """Bytes of a size such as ``256MB`` (decimal), ``1GiB`` (binary) or ``65536``, for argparse.
 
     Raises:
         argparse.ArgumentTypeError: the text is not a size.
     """
-    match = _SIZE_RE.match(text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 256MB, 1GiB, 65536)")
-    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
-    return value
+    try:
+        return _parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def human_bytes(n: float) -> str:

@@ -1,0 +1,271 @@
+"""StreamingDataset: a dataset's samples, shuffled and dealt to (rank, worker), resumable mid-epoch."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from trainio.storage import FurthestInFuture, LocalStore, ShardCache, StoreError, TrainioError
+
+from ._dataset import Dataset
+from ._order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
+from ._samples import Accessor, row_accessors
+from ._shard_reader import ShardReader, shard_bytes_needed
+from ._units import parse_size
+
+STATE_FORMAT = "trainio.streaming"
+STATE_VERSION = 1
+_CHUNK = 8192
+_DECODED_BATCHES = 4096
+
+if TYPE_CHECKING:
+    _Base = object
+else:
+    try:
+        from torch.utils.data import IterableDataset as _Base
+    except ImportError:  # torch is optional: then a plain iterable
+        _Base = object
+
+
+class ResumeMismatch(TrainioError, ValueError):
+    """A saved position belongs to another dataset, seed or configuration; the message says what differs."""
+
+
+class StreamingDataset(_Base):
+    """The samples of a trainio dataset, one dict per sample, in a global order every layout agrees on.
+
+    What to iterate: the dataset at ``url`` (local: memory-mapped in place;
+    remote: through a :class:`ShardCache` in ``cache_dir``, at most
+    ``cache_limit`` bytes, the next ``prefetch_shards`` shards downloading
+    while the current one is read, the shard needed furthest in the future
+    evicted first).
+
+    How to iterate: each epoch's order is fixed by ``(seed, epoch)``: shards
+    are shuffled, then samples within windows of ``shuffle_window`` samples
+    (a dataset smaller than the window is shuffled as a whole). That global
+    sequence is cut into batches of ``batch_size`` dealt round-robin to the
+    ranks, and each rank's batches round-robin to its DataLoader workers, so
+    every sample is read exactly once and each training step sees the same
+    samples whatever the number of ranks and workers (for the same global
+    batch). Pass the same ``batch_size`` to the DataLoader. ``uneven`` says
+    what happens to a last global batch the ranks cannot share equally:
+    ``"exact"`` (default: every sample once, some ranks get a short or no last
+    batch), ``"drop"`` (skipped this epoch) or ``"pad"`` (filled from the start
+    of the epoch, every rank the same count).
+
+    Rank and world size come from torch.distributed when it is initialized,
+    else from ``RANK``/``WORLD_SIZE``, else 0 and 1 (or pass them).
+    Resumption: :meth:`state_dict` / :meth:`load_state_dict`.
+
+    Raises:
+        StoreError: ``cache_limit`` is below the smallest cache this order needs.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_window: int = DEFAULT_WINDOW,
+        uneven: Uneven = "exact",
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit: int | str = "50GB",
+        prefetch_shards: int = 2,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if uneven not in ("exact", "drop", "pad"):
+            raise ValueError(f"uneven={uneven!r}: must be 'exact', 'drop' or 'pad'")
+        if prefetch_shards < 0:
+            raise ValueError(f"prefetch_shards={prefetch_shards}: must be >= 0")
+        self._url = os.fspath(url)
+        self._dataset = Dataset(self._url)
+        self._batch = batch_size or 1
+        self._shuffle = shuffle
+        self._seed = seed
+        self._window = shuffle_window
+        self._uneven: Uneven = uneven
+        self._prefetch = prefetch_shards
+        self._rank, self._world = rank, world_size
+        self._epoch = 0
+        self._start = 0
+        self._yielded = 0
+        self._cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        self._cache_limit = parse_size(cache_limit)
+        if not isinstance(self._dataset.store, LocalStore):
+            if self._cache_dir is None:
+                raise StoreError(self._dataset.url, "", "a remote dataset needs a cache_dir on local disk")
+            self._check_cache_size()
+        self._first_rows = [np.asarray([b.first_row for b in s.batches], dtype=np.int64) for s in self._dataset.shards]
+
+    # -- what is iterated ------------------------------------------------------------
+
+    @property
+    def dataset(self) -> Dataset:
+        """The dataset the samples come from."""
+        return self._dataset
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch`` next (from its start, unless a loaded state resumes inside it)."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._start = 0
+            self._yielded = 0
+
+    def layout(self, workers: int = 1, worker: int = 0) -> Layout:
+        """This process's place in the job (rank, world size) for a given worker."""
+        rank, world = _rank_and_world(self._rank, self._world)
+        return Layout(ranks=world, rank=rank, workers=workers, worker=worker, batch=self._batch)
+
+    def order(self) -> EpochOrder:
+        """The global order of the current epoch."""
+        return EpochOrder(tuple(s.rows for s in self._dataset.shards), self._seed, self._epoch, self._shuffle,
+                          self._window)
+
+    def __len__(self) -> int:
+        """Samples this rank reads in the rest of the current epoch (all its workers together)."""
+        return self.layout(_worker_count()).count(len(self._dataset), self._start, self._uneven)
+
+    # -- iteration ----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers, worker = _worker_info()
+        order = self.order()
+        layout = self.layout(workers, worker)
+        positions = layout.positions(order.size, self._start, self._uneven)
+        reader = self._reader()
+        decoded: OrderedDict[tuple[int, int], list[tuple[str, Accessor]]] = OrderedDict()
+        try:
+            # A chunk never spans more than one shuffle window, so the shards it and the next
+            # chunk touch (those kept mapped) fit the cache that _check_cache_size asked for.
+            consumers = layout.ranks * layout.workers
+            chunk = max(1, min(_CHUNK, self._window // consumers)) if self._shuffle else _CHUNK
+            for begin in range(0, positions.size, chunk):
+                ahead = order.samples(positions[begin:begin + 2 * chunk])[0]
+                reader.plan(ahead.tolist())
+                shards, rows = order.samples(positions[begin:begin + chunk])
+                batches = np.empty_like(rows)
+                for shard in np.unique(shards):
+                    mask = shards == shard
+                    batches[mask] = np.searchsorted(self._first_rows[shard], rows[mask], side="right") - 1
+                firsts = np.fromiter((self._first_rows[s][b] for s, b in zip(shards, batches)), np.int64, shards.size)
+                for shard, number, row in zip(shards.tolist(), batches.tolist(), (rows - firsts).tolist()):
+                    accessors = decoded.get((shard, number))
+                    if accessors is None:
+                        accessors = row_accessors(reader.batch(shard, number))
+                        decoded[(shard, number)] = accessors
+                        if len(decoded) > _DECODED_BATCHES:
+                            decoded.popitem(last=False)
+                    sample = {name: get(row) for name, get in accessors}
+                    self._yielded += 1
+                    yield sample
+        finally:
+            reader.close()
+
+    def _reader(self) -> ShardReader:
+        if isinstance(self._dataset.store, LocalStore):
+            return ShardReader(self._dataset, None, None, prefetch_shards=0)
+        policy = FurthestInFuture()
+        assert self._cache_dir is not None
+        cache = ShardCache(self._dataset.store, self._cache_dir, self._cache_limit, policy=policy)
+        return ShardReader(self._dataset, cache, policy, prefetch_shards=self._prefetch)
+
+    def _check_cache_size(self) -> None:
+        shards = self._dataset.shards
+        need = shard_bytes_needed([s.rows for s in shards], [s.bytes for s in shards],
+                                  self.order().shard_sequence().tolist(), self._window, self._shuffle,
+                                  self._prefetch)
+        if self._cache_limit < need:
+            raise StoreError(self._dataset.url, "", f"cache_limit={self._cache_limit} bytes is below the "
+                             f"{need} bytes this order needs (two shuffle windows of shards plus "
+                             f"{self._prefetch} prefetched)", f"raise cache_limit to at least {need}, or shrink "
+                             "shuffle_window or prefetch_shards")
+
+    # -- resumption -------------------------------------------------------------------
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Where the epoch stands, as JSON-able data naming what it belongs to.
+
+        Args:
+            consumed: Samples of the epoch's global sequence consumed so far,
+                across all ranks (``steps * global batch``). Leave it None when
+                this process iterates the dataset itself (no DataLoader
+                workers): it is then counted, in whole global batches.
+        """
+        if consumed is None:
+            layout = self.layout()
+            consumed = self._start + (self._yielded // layout.batch) * layout.batch * layout.ranks
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": self._epoch, "consumed": int(consumed),
+            "seed": self._seed, "shuffle": self._shuffle, "shuffle_window": self._window,
+            "datasets": [{"url": self._url, "index_xxh3": self._dataset.index_xxh3, "weight": 1.0}],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where ``state`` was taken, under this (possibly different) layout.
+
+        Raises:
+            ResumeMismatch: the state belongs to another dataset, seed or
+                shuffle configuration; the message names each difference.
+        """
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise ResumeMismatch(f"not a StreamingDataset state of version {STATE_VERSION}: "
+                                 f"{state.get('format')!r} v{state.get('version')!r}")
+        mine = self.state_dict(consumed=0)
+        differences = [f"{key}: saved {state.get(key)!r}, now {mine[key]!r}"
+                       for key in ("seed", "shuffle", "shuffle_window") if state.get(key) != mine[key]]
+        saved = state.get("datasets", [])
+        if len(saved) != len(mine["datasets"]):
+            differences.append(f"datasets: saved {len(saved)}, now {len(mine['datasets'])}")
+        for i, (old, new) in enumerate(zip(saved, mine["datasets"])):
+            if old.get("index_xxh3") != new["index_xxh3"]:
+                differences.append(f"dataset {i} ({new['url']}): index.json changed "
+                                   f"(saved xxh3 {old.get('index_xxh3')}, now {new['index_xxh3']})")
+            if old.get("weight") != new["weight"]:
+                differences.append(f"dataset {i}: weight saved {old.get('weight')}, now {new['weight']}")
+        if differences:
+            raise ResumeMismatch("cannot resume: " + "; ".join(differences) +
+                                 " (resuming would silently change the sample order)")
+        self._epoch = int(state["epoch"])
+        self._start = int(state["consumed"])
+        self._yielded = 0
+
+
+def _rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    if rank is not None and world is not None:
+        return rank, world
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _worker_info() -> tuple[int, int]:
+    """(number of DataLoader workers, this worker's id); (1, 0) outside a worker."""
+    try:
+        from torch.utils.data import get_worker_info
+    except ImportError:
+        return 1, 0
+    info = get_worker_info()
+    return (1, 0) if info is None else (info.num_workers, info.id)
+
+
+def _worker_count() -> int:
+    return _worker_info()[0]
