@@ -23,12 +23,18 @@ def __getattr__(name: str) -> object:
         from . import _streaming
 
         return getattr(_streaming, name)
+    if name in ("Loader", "LoaderError"):
+        from . import _loader
+
+        return getattr(_loader, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "Loader",
+    "LoaderError",
     "BatchInfo",
     "Compression",
     "Dataset",

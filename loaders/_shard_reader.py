@@ -110,6 +110,10 @@ class ShardReader:
                 assert self._cache is not None
                 self._downloads[shard] = self._pool.submit(self._cache.fetch, info.path, expected_xxh3=info.xxh3_128)
 
+    def cache_stats(self) -> dict[str, int]:
+        """The cache's hit and miss counts ({} for a local dataset)."""
+        return self._cache.stats() if self._cache is not None else {}
+
     def close(self) -> None:
         """Unpin and unmap every shard and stop prefetching."""
         if self._pool is not None:

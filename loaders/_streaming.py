@@ -143,26 +143,11 @@ class StreamingDataset(_Base):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers, worker = _worker_info()
-        order = self.order()
-        layout = self.layout(workers, worker)
-        positions = layout.positions(order.size, self._start, self._uneven)
         reader = self._reader()
         decoded: OrderedDict[tuple[int, int], list[tuple[str, Accessor]]] = OrderedDict()
         try:
-            # A chunk never spans more than one shuffle window, so the shards it and the next
-            # chunk touch (those kept mapped) fit the cache that _check_cache_size asked for.
-            consumers = layout.ranks * layout.workers
-            chunk = max(1, min(_CHUNK, self._window // consumers)) if self._shuffle else _CHUNK
-            for begin in range(0, positions.size, chunk):
-                ahead = order.samples(positions[begin:begin + 2 * chunk])[0]
-                reader.plan(ahead.tolist())
-                shards, rows = order.samples(positions[begin:begin + chunk])
-                batches = np.empty_like(rows)
-                for shard in np.unique(shards):
-                    mask = shards == shard
-                    batches[mask] = np.searchsorted(self._first_rows[shard], rows[mask], side="right") - 1
-                firsts = np.fromiter((self._first_rows[s][b] for s, b in zip(shards, batches)), np.int64, shards.size)
-                for shard, number, row in zip(shards.tolist(), batches.tolist(), (rows - firsts).tolist()):
+            for shards, batches, rows in self.located(self.layout(workers, worker), reader):
+                for shard, number, row in zip(shards.tolist(), batches.tolist(), rows.tolist()):
                     accessors = decoded.get((shard, number))
                     if accessors is None:
                         accessors = row_accessors(reader.batch(shard, number))
@@ -174,6 +159,38 @@ class StreamingDataset(_Base):
                     yield sample
         finally:
             reader.close()
+
+    def located(self, layout: Layout, reader: ShardReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """This consumer's samples of the epoch, in chunks of (shard, record batch, row in batch) arrays.
+
+        Plans ``reader`` ahead of each chunk (what to keep mapped, prefetch
+        and evict). Used by iteration and by :class:`Loader`.
+        """
+        order = self.order()
+        positions = layout.positions(order.size, self._start, self._uneven)
+        # A chunk never spans more than one shuffle window, so the shards it and the next
+        # chunk touch (those kept mapped) fit the cache that _check_cache_size asked for.
+        consumers = layout.ranks * layout.workers
+        chunk = max(1, min(_CHUNK, self._window // consumers)) if self._shuffle else _CHUNK
+        for begin in range(0, positions.size, chunk):
+            reader.plan(order.samples(positions[begin:begin + 2 * chunk])[0].tolist())
+            shards, rows = order.samples(positions[begin:begin + chunk])
+            batches = np.empty_like(rows)
+            firsts = np.empty_like(rows)
+            for shard in np.unique(shards):
+                mask = shards == shard
+                found = np.searchsorted(self._first_rows[shard], rows[mask], side="right") - 1
+                batches[mask] = found
+                firsts[mask] = self._first_rows[shard][found]
+            yield shards, batches, rows - firsts
+
+    def count_consumed(self, samples: int) -> None:
+        """Record that ``samples`` more samples were handed to the trainer by this process (for :meth:`state_dict`)."""
+        self._yielded += samples
+
+    def reader(self) -> ShardReader:
+        """A new reader of this dataset's shards (close it when done)."""
+        return self._reader()
 
     def _reader(self) -> ShardReader:
         if isinstance(self._dataset.store, LocalStore):

@@ -1,0 +1,141 @@
+"""Loader: batches assembled in-process, exactly once, safe buffer reuse, errors and early exits handled."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainio.loaders import DatasetWriter, Loader, LoaderError, StreamingDataset
+
+ROWS = 1001
+
+
+@pytest.fixture
+def ragged(tmp_path: Path) -> Path:
+    with DatasetWriter(tmp_path / "ds", shard_bytes=30_000, batch_rows=50) as writer:
+        for i in range(ROWS):
+            writer.write({"id": i, "tokens": np.arange(i % 7 + 1, dtype=np.int32) + i,
+                          "image": np.full((2, 3), i % 200, np.uint8), "name": f"s{i}"})
+    return tmp_path / "ds"
+
+
+@pytest.fixture
+def uniform(tmp_path: Path) -> Path:
+    with DatasetWriter(tmp_path / "u", shard_bytes=100_000, batch_rows=64) as writer:
+        writer.write_batch({"id": np.arange(ROWS), "tokens": np.arange(ROWS * 16, dtype=np.int32).reshape(ROWS, 16)})
+    return tmp_path / "u"
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_batches_hold_every_sample_once_with_its_values(ragged: Path, shuffle: bool) -> None:
+    seen = []
+    for batch in Loader(StreamingDataset(ragged, shuffle=shuffle, seed=3, batch_size=32), 32):
+        ids = batch["id"].tolist()
+        assert isinstance(batch["id"], torch.Tensor) and batch["tokens"].dtype == torch.int32
+        for j, i in enumerate(ids):
+            length = int(batch["tokens_lengths"][j])
+            assert length == i % 7 + 1
+            assert batch["tokens"][j, :length].tolist() == list(range(i, i + length))
+            assert batch["tokens"][j, length:].tolist() == [0] * (batch["tokens"].shape[1] - length)
+            assert batch["image"][j].tolist() == [[i % 200] * 3] * 2
+            assert batch["name"][j] == f"s{i}"
+        seen.extend(ids)
+    assert sorted(seen) == list(range(ROWS))
+    if shuffle:
+        assert seen != sorted(seen)
+
+
+def test_the_loader_order_is_the_datasets(uniform: Path) -> None:
+    reference = [int(s["id"]) for s in StreamingDataset(uniform, seed=8, batch_size=10)]
+    got = [i for b in Loader(StreamingDataset(uniform, seed=8, batch_size=10), 10) for i in b["id"].tolist()]
+    assert got == reference
+
+
+def test_packed_lists_and_fixed_padding(ragged: Path) -> None:
+    batch = next(iter(Loader(StreamingDataset(ragged, shuffle=False), 5, lists="pack")))
+    offsets = batch["tokens_offsets"].tolist()
+    assert offsets == [0, 1, 3, 6, 10, 15]
+    assert batch["tokens"][offsets[3]:offsets[4]].tolist() == [3, 4, 5, 6]
+    padded = next(iter(Loader(StreamingDataset(ragged, shuffle=False), 8, pad_to=4, pad_value=-1)))
+    assert padded["tokens"].shape == (8, 4)
+    assert padded["tokens"][1].tolist() == [1, 2, -1, -1]
+    assert padded["tokens"][6].tolist() == [6, 7, 8, 9], "longer rows are cut at pad_to"
+    assert padded["tokens_lengths"][6] == 4
+
+
+def test_uniform_lists_come_as_one_block(uniform: Path) -> None:
+    batch = next(iter(Loader(StreamingDataset(uniform, shuffle=False), 4)))
+    assert batch["tokens"].shape == (4, 16) and batch["tokens"][3, 0] == 48
+
+
+def test_held_batches_stay_intact_while_newer_ones_arrive(uniform: Path) -> None:
+    held = []
+    for batch in Loader(StreamingDataset(uniform, shuffle=False), 16, prefetch=2):
+        held.append((batch, batch["tokens"].clone()))
+    for batch, copy in held:
+        assert torch.equal(batch["tokens"], copy), "a staging slot was reused while its batch was still held"
+
+
+def test_drop_last_and_metrics(ragged: Path) -> None:
+    loader = Loader(StreamingDataset(ragged, shuffle=False), 100, drop_last=True)
+    sizes = [len(b["id"]) for b in loader]
+    assert sizes == [100] * 10
+    metrics = loader.metrics()
+    assert metrics["samples"] == 1000 and metrics["batches"] == 10
+    assert metrics["bytes"] > 0 and metrics["samples_per_s"] > 0 and metrics["wait_s"] >= 0
+
+
+def test_collate_gets_sample_dicts(ragged: Path) -> None:
+    loader = Loader(StreamingDataset(ragged, shuffle=False), 3, collate=lambda samples: [int(s["id"]) for s in samples])
+    assert next(iter(loader)) == [0, 1, 2]
+
+
+def test_background_errors_surface_with_their_cause(ragged: Path) -> None:
+    def broken(samples: list[dict[str, object]]) -> None:
+        raise KeyError("no such field")
+
+    with pytest.raises(LoaderError, match="background thread failed") as info:
+        list(Loader(StreamingDataset(ragged), 4, collate=broken))
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_leaving_early_stops_the_thread(ragged: Path) -> None:
+    for i, _ in enumerate(Loader(StreamingDataset(ragged), 4, prefetch=2)):
+        if i == 3:
+            break
+    assert not [t for t in threading.enumerate() if t.name == "trainio-loader"]
+
+
+def test_resume_state_counts_what_the_loader_handed_out(uniform: Path) -> None:
+    dataset = StreamingDataset(uniform, seed=5, batch_size=10)
+    seen = []
+    for i, batch in enumerate(Loader(dataset, 10)):
+        seen.extend(batch["id"].tolist())
+        if i == 9:
+            break
+    state = dataset.state_dict()
+    assert state["consumed"] == 100
+    resumed = StreamingDataset(uniform, seed=5, batch_size=10)
+    resumed.load_state_dict(state)
+    rest = [i for b in Loader(resumed, 10) for i in b["id"].tolist()]
+    assert sorted(seen + rest) == list(range(ROWS))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+def test_cuda_batches_arrive_on_the_device_intact(uniform: Path) -> None:
+    reference = [b["tokens"].clone() for b in Loader(StreamingDataset(uniform, shuffle=False), 32)]
+    got = list(Loader(StreamingDataset(uniform, shuffle=False), 32, device="cuda"))
+    assert all(b["tokens"].is_cuda for b in got)
+    for batch, expected in zip(got, reference):
+        assert torch.equal(batch["tokens"].cpu(), expected)
+
+
+def test_cuda_device_without_cuda_is_refused(uniform: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        Loader(StreamingDataset(uniform), 4, device="cuda")
