@@ -67,6 +67,17 @@ def s3_store(s3_bucket: str, s3_options: S3Options) -> Iterator[S3Store]:
 
 
 @pytest.fixture
+def s3_url(s3_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The ``s3://`` URL of ``s3_store``, with the environment set so ``open_store`` reaches the test server."""
+    options = s3_store.options
+    monkeypatch.setenv("AWS_ENDPOINT_URL", options.endpoint_url or "")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", options.access_key_id or "")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options.secret_access_key or "")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    return f"s3://{s3_store.bucket}/{s3_store.prefix}"
+
+
+@pytest.fixture
 def repo_root() -> Path:
     """The repository's top folder."""
     return Path(__file__).resolve().parent.parent

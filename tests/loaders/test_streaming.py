@@ -123,9 +123,9 @@ def test_uneven_policies(local: Path) -> None:
         assert sum(len(r) for r in per_rank) == expected
 
 
-def test_early_break_leaks_no_threads_or_pins(s3_store: S3Store, remote_env: str, tmp_path: Path) -> None:
+def test_early_break_leaks_no_threads_or_pins(s3_store: S3Store, s3_url: str, tmp_path: Path) -> None:
     write_dataset(s3_store)
-    dataset = StreamingDataset(remote_env, cache_dir=tmp_path / "cache", prefetch_shards=3)
+    dataset = StreamingDataset(s3_url, cache_dir=tmp_path / "cache", prefetch_shards=3)
     for i, _ in enumerate(dataset):
         if i == 50:
             break
@@ -137,43 +137,33 @@ def test_early_break_leaks_no_threads_or_pins(s3_store: S3Store, remote_env: str
     assert cache.used_bytes() == 0, "a shard stayed pinned after the loop ended"
 
 
-@pytest.fixture
-def remote_env(s3_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> str:
-    options = s3_store.options
-    monkeypatch.setenv("AWS_ENDPOINT_URL", options.endpoint_url or "")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", options.access_key_id or "")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options.secret_access_key or "")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    return f"s3://{s3_store.bucket}/{s3_store.prefix}"
-
-
 def test_remote_dataset_through_a_cache_smaller_than_the_dataset(
-    s3_store: S3Store, remote_env: str, tmp_path: Path
+    s3_store: S3Store, s3_url: str, tmp_path: Path
 ) -> None:
     write_dataset(s3_store, shard_bytes=8_000)
     sizes = [s3_store.size(k) for k in s3_store.list("shards")]
     limit = sum(sizes) * 6 // 10
-    dataset = StreamingDataset(remote_env, cache_dir=tmp_path / "cache", cache_limit=limit, shuffle_window=128,
+    dataset = StreamingDataset(s3_url, cache_dir=tmp_path / "cache", cache_limit=limit, shuffle_window=128,
                                prefetch_shards=1, seed=3)
     assert sorted(ids(dataset)) == list(range(ROWS))
     cached = sum(f.stat().st_size for f in (tmp_path / "cache" / "objects").rglob("*") if f.is_file())
     assert cached <= limit
 
 
-def test_too_small_a_cache_fails_fast_with_the_figure(s3_store: S3Store, remote_env: str, tmp_path: Path) -> None:
+def test_too_small_a_cache_fails_fast_with_the_figure(s3_store: S3Store, s3_url: str, tmp_path: Path) -> None:
     write_dataset(s3_store, shard_bytes=8_000)
     with pytest.raises(StoreError, match=r"cache_limit=1000 bytes is below the \d+ bytes this order needs"):
-        StreamingDataset(remote_env, cache_dir=tmp_path / "cache", cache_limit=1000)
+        StreamingDataset(s3_url, cache_dir=tmp_path / "cache", cache_limit=1000)
 
 
-def test_a_corrupt_remote_shard_is_named(s3_store: S3Store, remote_env: str, tmp_path: Path) -> None:
+def test_a_corrupt_remote_shard_is_named(s3_store: S3Store, s3_url: str, tmp_path: Path) -> None:
     write_dataset(s3_store)
     victim = s3_store.list("shards")[1]
     data = bytearray(s3_store.get(victim))
     data[len(data) // 2] ^= 0xFF
     s3_store.put(victim, bytes(data))
     with pytest.raises(IntegrityError) as info:
-        ids(StreamingDataset(remote_env, cache_dir=tmp_path / "cache", shuffle=False))
+        ids(StreamingDataset(s3_url, cache_dir=tmp_path / "cache", shuffle=False))
     assert info.value.key == victim
 
 

@@ -141,18 +141,12 @@ def test_map_hook_transforms_every_batch(inputs: Path, tmp_path: Path, capsys: p
     np.testing.assert_array_equal(ds[7]["tokens"], np.arange(2, dtype=np.int32))
 
 
-def test_s3_input_and_output(s3_store: S3Store, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                             monkeypatch: pytest.MonkeyPatch) -> None:
-    options = s3_store.options
-    monkeypatch.setenv("AWS_ENDPOINT_URL", options.endpoint_url or "")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", options.access_key_id or "")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options.secret_access_key or "")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+def test_s3_input_and_output(s3_store: S3Store, s3_url: str, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
     local = tmp_path / "x.parquet"
     pq.write_table(source_table(), local)
     s3_store.put_file("raw/x.parquet", local)
-    source = f"s3://{s3_store.bucket}/{s3_store.prefix}/raw/"
-    target = f"s3://{s3_store.bucket}/{s3_store.prefix}/ds"
+    source, target = f"{s3_url}/raw/", f"{s3_url}/ds"
     code, out, err = run(capsys, "shard", source, "--out", target, "--shard-size", "20KB")
     assert code == 0, err
     assert run(capsys, "verify", target)[0] == 0
