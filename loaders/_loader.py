@@ -77,6 +77,11 @@ class Loader:
         self._metrics = {"samples": 0, "batches": 0, "bytes": 0, "wait_s": 0.0, "seconds": 0.0,
                          "cache_hits": 0, "cache_misses": 0}
 
+    def __len__(self) -> int:
+        """Batches the rest of the current epoch holds for this rank."""
+        samples = len(self._dataset)
+        return samples // self._batch_size if self._drop_last else -(-samples // self._batch_size)
+
     def metrics(self) -> dict[str, float]:
         """Counts of the last (or current) epoch: samples, batches, bytes, samples_per_s, bytes_per_s, wait_s, cache hits and misses."""
         m = dict(self._metrics)

@@ -83,7 +83,8 @@ def test_held_batches_stay_intact_while_newer_ones_arrive(uniform: Path) -> None
 def test_drop_last_and_metrics(ragged: Path) -> None:
     loader = Loader(StreamingDataset(ragged, shuffle=False), 100, drop_last=True)
     sizes = [len(b["id"]) for b in loader]
-    assert sizes == [100] * 10
+    assert sizes == [100] * 10 == [100] * len(loader)
+    assert len(Loader(StreamingDataset(ragged), 100)) == 11
     metrics = loader.metrics()
     assert metrics["samples"] == 1000 and metrics["batches"] == 10
     assert metrics["bytes"] > 0 and metrics["samples_per_s"] > 0 and metrics["wait_s"] >= 0
