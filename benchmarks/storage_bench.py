@@ -51,9 +51,9 @@ from boto3.s3.transfer import TransferConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests._seaweedfs
 
 from tests._seaweedfs import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, weed_binary  # noqa: E402
+from trainio.loaders import parse_size  # noqa: E402
 from trainio.storage import LocalStore, S3Options, S3Store, digest  # noqa: E402
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 _BUCKET = "bench"
 _BLOCK = 64 << 20
 NOTES = [
@@ -66,14 +66,6 @@ NOTES = [
     "s3 put reads from memory, put_file and upload_file from a page-cache-warm file; download_file writes a "
     "file without fsync, get_file fsyncs it; the ranged-GET row is a reference without a target.",
 ]
-
-
-def parse_size(text: str) -> int:
-    """``"1GB"`` -> 10**9, ``"16MiB"`` -> 16 * 2**20."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1GB, 512MiB or 1000000")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
 @dataclass(frozen=True)

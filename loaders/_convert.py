@@ -96,7 +96,8 @@ def column_to_arrow(field: pa.Field, values: Any, first_row: int) -> pa.Array:
 
 def _cast_arrow(field: pa.Field, values: pa.Array | pa.ChunkedArray, first_row: int) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
+        # combine_chunks() copies even a lone chunk, and every column written as a table comes here.
+        values = values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
     if values.type == field.type:
         return values
     try:

@@ -33,7 +33,7 @@ class ShardSetWriter:
     dropped, every other row is kept, and the writer stays usable. A bad
     :meth:`write_batch` or :meth:`write_table` writes none of its rows.
     Small writes are gathered into record batches of ``batch_rows`` rows (or
-    16 MiB, when rows are large).
+    16 MiB, when rows are large); :meth:`end_batch` closes one early.
 
     Args:
         store: Where the dataset's shards go.
@@ -128,6 +128,17 @@ class ShardSetWriter:
         self._check_names(table.column_names, self._accepted)
         columns = [column_to_arrow(field, table.column(field.name), self._accepted) for field in self._schema]
         self._emit(pa.Table.from_arrays(columns, schema=self._schema))
+
+    def end_batch(self) -> None:
+        """Write the rows gathered so far as one record batch now, even if it holds fewer than ``batch_rows``.
+
+        Call it where one input ends and another begins: the next input's batches
+        then start a batch of their own instead of each straddling two (a copy).
+        """
+        self._check_open()
+        self._flush_rows()
+        if self._pending_rows:
+            self._write_pending()
 
     @property
     def compression(self) -> Compression:

@@ -189,6 +189,7 @@ def _convert(files: Sequence[InputFile], store: Store, schema: pa.Schema, option
                     rows = len(next(iter(data.values()), ())) if isinstance(data, dict) else data.num_rows
                     progress(consumed - reported, rows)
                 reported = consumed
+            writer.end_batch()  # the next input's batches start aligned: no straddling batch to copy
             if progress is not None and source.size > reported:
                 progress(source.size - reported, 0)
         return writer.finish()
