@@ -65,6 +65,7 @@ def test_ranks_together_read_each_sample_once_in_the_same_global_order(local: Pa
         [len(r) for r in per_rank]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 def test_dataloader_workers_keep_the_order(local: Path) -> None:
     reference = ids(StreamingDataset(local, batch_size=16, seed=2))
     for workers in (2, 3):
