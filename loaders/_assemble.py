@@ -151,3 +151,13 @@ def _padded(name: str, parts: list[tuple[Columns, int, int, int]], lengths: np.n
             padded[begin + k, :cut] = piece[:cut]
     np.minimum(lengths, width, out=lengths)
     return {name: padded, f"{name}_lengths": lengths}
+
+
+def sample_of(columns: Columns, row: int) -> dict[str, Any]:
+    """Row ``row`` as a dict: numbers as numpy scalars, lists and tensors as array views, others as Python values."""
+    sample: dict[str, Any] = {name: array[row] for name, array in columns.fixed.items()}
+    for name, (values, offsets) in columns.lists.items():
+        sample[name] = values[offsets[row]:offsets[row + 1]]
+    for name, array in columns.other.items():
+        sample[name] = array[row].as_py()
+    return sample

@@ -96,7 +96,7 @@ class Dataset:
         number = self._index.shards[shard].batch_of(local)
         batch = self.read_batch(shard, number)
         offset = local - self._index.shards[shard].batches[number].first_row
-        return {name: value_at(batch.column(i), offset) for i, name in enumerate(batch.schema.names)}
+        return {name: _value_at(batch.column(i), offset) for i, name in enumerate(batch.schema.names)}
 
     def take(self, rows: Sequence[int]) -> dict[str, Any]:
         """The given rows, in the given order, as a dict of field name to column (see the class docstring)."""
@@ -224,7 +224,7 @@ def map_file(path: str | os.PathLike[str]) -> pa.Buffer:
         return pa.py_buffer(b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
 
-def value_at(column: pa.Array, i: int) -> Any:
+def _value_at(column: pa.Array, i: int) -> Any:
     """Row ``i`` of ``column`` as the numpy or Python value the class docstring describes."""
     kind = column.type
     if isinstance(kind, pa.FixedShapeTensorType):

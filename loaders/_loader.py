@@ -14,7 +14,7 @@ import numpy as np
 
 from trainio.storage import TrainioError
 
-from ._assemble import Columns, Lists, Staging, assemble, runs
+from ._assemble import Columns, Lists, Staging, assemble, runs, sample_of
 from ._streaming import StreamingDataset
 
 _DECODED = 4096
@@ -207,7 +207,7 @@ class _Run:
         parts = [(self._columns(shard_list[key], batch_list[key]), begin, end, row)
                  for begin, end, row, key in runs(shards, batches, rows)]
         if loader._collate is not None:
-            samples = [_sample(columns, row + k) for columns, begin, end, row in parts for k in range(end - begin)]
+            samples = [sample_of(columns, row + k) for columns, begin, end, row in parts for k in range(end - begin)]
             return self._put((loader._collate(samples), rows.size, 0, None))
         index = self._take_slot()
         arrays = assemble(parts, rows.size, self.slots[index], lists=loader._lists, pad_to=loader._pad_to,
@@ -281,15 +281,6 @@ def _free_when_collected(arrays: list[np.ndarray], free: queue.Queue[int], index
         free.put(index)
     for array in arrays:
         weakref.finalize(array, released)
-
-
-def _sample(columns: Columns, row: int) -> dict[str, Any]:
-    sample: dict[str, Any] = {name: array[row] for name, array in columns.fixed.items()}
-    for name, (values, offsets) in columns.lists.items():
-        sample[name] = values[offsets[row]:offsets[row + 1]]
-    for name, array in columns.other.items():
-        sample[name] = array[row].as_py()
-    return sample
 
 
 def _is_cuda(loader: Loader) -> bool:

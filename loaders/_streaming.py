@@ -13,7 +13,7 @@ from trainio.storage import FurthestInFuture, LocalStore, ShardCache, StoreError
 
 from ._dataset import Dataset
 from ._order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
-from ._samples import Accessor, row_accessors
+from ._assemble import Columns, sample_of
 from ._shard_reader import ShardReader, shard_bytes_needed
 from ._units import parse_size
 
@@ -144,17 +144,17 @@ class StreamingDataset(_Base):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers, worker = _worker_info()
         reader = self._reader()
-        decoded: OrderedDict[tuple[int, int], list[tuple[str, Accessor]]] = OrderedDict()
+        decoded: OrderedDict[tuple[int, int], Columns] = OrderedDict()
         try:
             for shards, batches, rows in self.located(self.layout(workers, worker), reader):
                 for shard, number, row in zip(shards.tolist(), batches.tolist(), rows.tolist()):
-                    accessors = decoded.get((shard, number))
-                    if accessors is None:
-                        accessors = row_accessors(reader.batch(shard, number))
-                        decoded[(shard, number)] = accessors
+                    columns = decoded.get((shard, number))
+                    if columns is None:
+                        columns = Columns.of(reader.batch(shard, number))
+                        decoded[(shard, number)] = columns
                         if len(decoded) > _DECODED_BATCHES:
                             decoded.popitem(last=False)
-                    sample = {name: get(row) for name, get in accessors}
+                    sample = sample_of(columns, row)
                     self._yielded += 1
                     yield sample
         finally:
