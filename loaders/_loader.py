@@ -164,20 +164,20 @@ class _Run:
     def _produce(self) -> None:
         dataset = self.loader._dataset
         size = self.loader._batch_size
-        held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        count = 0
+        empty = np.zeros(0, dtype=np.int64)
+        left: tuple[np.ndarray, ...] = (empty, empty, empty)
         try:
             for chunk in dataset.located(dataset.layout(), self.reader):
-                held.append(chunk)
-                count += chunk[0].size
-                while count >= size:
-                    shards, batches, rows = (np.concatenate(parts) for parts in zip(*held))
-                    if not self._emit(shards[:size], batches[:size], rows[:size]):
+                shards, batches, rows = (np.concatenate(pair) for pair in zip(left, chunk))
+                start = 0
+                while rows.size - start >= size:
+                    end = start + size
+                    if not self._emit(shards[start:end], batches[start:end], rows[start:end]):
                         return
-                    held = [(shards[size:], batches[size:], rows[size:])]
-                    count -= size
-            if count and not self.loader._drop_last:
-                self._emit(*(np.concatenate(parts) for parts in zip(*held)))
+                    start = end
+                left = (shards[start:], batches[start:], rows[start:])
+            if left[2].size and not self.loader._drop_last:
+                self._emit(*left)
         except BaseException as exc:  # handed to the consumer
             self.failure = exc
         finally:
