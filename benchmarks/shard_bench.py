@@ -51,6 +51,7 @@ import pyarrow.ipc as ipc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from _report import markdown_table  # type: ignore[import-not-found]  # beside this script
 from trainio.loaders import parse_size, verify_dataset
 from trainio.tools._inputs import InputFormat
 from trainio.tools._sharding import ShardOptions, shard
@@ -344,12 +345,7 @@ def render(report: dict[str, Any]) -> str:
                           f"{r['cpu_s']:.1f}", f"{r['out_gb']:.2f}", ratio, r["note"]])
         else:
             table.append([r["input"], r["contender"], "-", "-", "-", "-", "-", r["note"]])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for n, row in enumerate(table):
-        cells = [cell.ljust(w) if i in (0, 1, 7) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("| " + " | ".join(cells) + " |")
-        if n == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += markdown_table(table, left=(0, 1, 7))
     return "\n".join(lines + [""] + [f"- {note}" for note in report["notes"]])
 
 

@@ -51,6 +51,7 @@ from boto3.s3.transfer import TransferConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests._seaweedfs
 
 from tests._seaweedfs import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, weed_binary  # noqa: E402
+from _report import markdown_table  # type: ignore[import-not-found]  # noqa: E402  # beside this script
 from trainio.loaders import parse_size  # noqa: E402
 from trainio.storage import LocalStore, S3Options, S3Store, digest  # noqa: E402
 
@@ -338,12 +339,7 @@ def render(report: dict[str, Any]) -> str:
         f"{r['ratio']:.3f}", "-" if r["target"] is None else f">= {r['target']:.2f}",
         "-" if r["met"] is None else ("yes" if r["met"] else "NO"),
     ) for r in report["rows"]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for n, row in enumerate(table):
-        cells = (c.ljust(w) if i in (0, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        lines.append("| " + " | ".join(cells) + " |")
-        if n == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += markdown_table(table, left=(0, 2))
     return "\n".join(lines + [""] + [f"- {note}" for note in report["notes"]])
 
 
