@@ -9,7 +9,7 @@ from typing import Any
 from ._format import human_bytes, parse_size, print_json
 from ._inputs import FORMATS, find_inputs
 from ._progress import byte_bar
-from ._sharding import ShardOptions, shard
+from ._sharding import ShardOptions, shard_files
 
 EXAMPLES = """\
 examples:
@@ -50,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
         shard_bytes=args.shard_size, batch_rows=args.batch_rows,
         compression=None if args.compression == "none" else args.compression,
         workers=args.workers, map=args.map, overwrite=args.overwrite)
-    total = sum(f.size for f in find_inputs(args.inputs, args.format))
+    files = find_inputs(args.inputs, args.format)
+    total = sum(f.size for f in files)
     started = time.perf_counter()
     with byte_bar("shard", total, quiet=args.json) as advance:
-        index = shard(args.inputs, args.out, format=args.format, options=options, progress=advance)
+        index = shard_files(files, args.out, options=options, progress=advance)
     seconds = time.perf_counter() - started
     size = sum(s.bytes for s in index.shards)
     summary = {"url": args.out, "rows": index.rows, "shards": len(index.shards), "bytes": size,

@@ -80,7 +80,17 @@ def shard(
         SchemaMismatch: a mapped batch does not fit the schema of the first one.
         AlreadyExists: a dataset is at ``out`` and ``options.overwrite`` is False.
     """
-    files = find_inputs(inputs, format)
+    return shard_files(find_inputs(inputs, format), out, options=options, progress=progress)
+
+
+def shard_files(
+    files: Sequence[InputFile],
+    out: str | os.PathLike[str] | Store,
+    *,
+    options: ShardOptions = ShardOptions(),
+    progress: Progress | None = None,
+) -> DatasetIndex:
+    """:func:`shard` for inputs already found with :func:`find_inputs` (so they are listed once)."""
     store = out if isinstance(out, Store) else open_store(out)
     mapper = load_map(options.map)
     schema = _first_schema(files, options.batch_rows, mapper)
