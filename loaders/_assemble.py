@@ -1,163 +1,234 @@
-"""Batch assembly: many rows of many record batches copied, once, into one set of staging arrays."""
+"""Batch assembly: a group of batches gathered, once, out of the mapped shards into one staging slot."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
+
+from ._gather import copy_ranges, gather_rows
+from ._rows import FieldRows, ShardRows
 
 Lists = Literal["pad", "pack"]
-
-
-@dataclass(frozen=True, slots=True)
-class Columns:
-    """Zero-copy numpy views of one record batch, per field.
-
-    ``fixed[name]`` has rows on its first axis (scalars: 1-D; tensors:
-    N-D); ``lists[name]`` is ``(values, offsets)``; ``other[name]`` is the
-    Arrow array itself (strings, binary, nested types, columns with nulls).
-    """
-
-    fixed: dict[str, np.ndarray]
-    lists: dict[str, tuple[np.ndarray, np.ndarray]]
-    other: dict[str, pa.Array]
-
-    @classmethod
-    def of(cls, batch: pa.RecordBatch) -> Columns:
-        """The views of ``batch``."""
-        fixed, lists, other = {}, {}, {}
-        for name, column in zip(batch.schema.names, batch.columns):
-            kind = column.type
-            if column.null_count:
-                other[name] = column
-            elif isinstance(kind, pa.FixedShapeTensorType):
-                fixed[name] = column.to_numpy_ndarray()
-            elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _is_numeric(kind.value_type):
-                lists[name] = (column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy())
-            elif _is_numeric(kind):
-                fixed[name] = column.to_numpy(zero_copy_only=False)
-            else:
-                other[name] = column
-        return cls(fixed, lists, other)
-
-
-def _is_numeric(kind: pa.DataType) -> bool:
-    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind))
+_ALIGN = 64
+_BIG_ROW = 4096
 
 
 class Staging:
-    """One slot of the staging ring: reusable arrays a batch is assembled into (grown when a batch needs more).
+    """One slot of the staging ring: a reusable buffer the arrays of a group of batches are carved from.
 
-    ``allocate(nbytes)`` makes the raw buffers: plain numpy memory, or pinned
-    host memory when batches go to a CUDA device.
+    ``allocate(nbytes)`` makes the raw buffer: plain numpy memory, or pinned
+    host memory when batches go to a CUDA device. A group that needs more
+    than the buffer holds gets a new one, sized for the whole group, so the
+    next group fits in one buffer again.
     """
 
-    def __init__(self, allocate: Any) -> None:
+    def __init__(self, allocate: Callable[[int], np.ndarray]) -> None:
         self._allocate = allocate
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffer = np.zeros(0, dtype=np.uint8)
+        self._used = 0
+        self._requested = 0
 
-    def array(self, key: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-        """A C-contiguous array of ``shape`` and ``dtype`` over this slot's buffer for ``key``."""
+    def reset(self) -> None:
+        """Start a new group: every array carved before is the consumer's no longer."""
+        if self._requested > self._buffer.nbytes:
+            self._buffer = self._allocate(self._requested + self._requested // 4)
+        self._used = self._requested = 0
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        """A C-contiguous array of ``shape`` and ``dtype``, 64-byte aligned, from this slot's buffer."""
         need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.nbytes < need:
-            buffer = self._allocate(max(need, 1 if buffer is None else 2 * buffer.nbytes))
-            self._buffers[key] = buffer
-        return buffer[:need].view(dtype).reshape(shape)
+        self._requested += need + _ALIGN
+        start = -(-self._used // _ALIGN) * _ALIGN
+        if start + need > self._buffer.nbytes:
+            self._buffer = self._allocate(max(need, self._requested))
+            start = 0
+        self._used = start + need
+        return self._buffer[start:start + need].view(dtype).reshape(shape)
 
 
-def runs(shards: np.ndarray, batches: np.ndarray, rows: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Maximal runs of consecutive rows of one record batch: (start in the batch being built, end, first row, shard batch index).
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Consecutive batches of one consumer: the shard and row of each sample, and the batch sizes."""
 
-    Returned as (begin, end, row, key) where samples ``[begin, end)`` of the
-    batch being built are rows ``row .. row + end - begin`` of the record
-    batch at position ``key`` of the given arrays (its first sample).
-    """
-    n = rows.size
-    if n == 0:
-        return []
-    breaks = np.flatnonzero((shards[1:] != shards[:-1]) | (batches[1:] != batches[:-1]) | (rows[1:] != rows[:-1] + 1))
-    starts = np.concatenate(([0], breaks + 1))
-    ends = np.concatenate((breaks + 1, [n]))
-    return list(zip(starts.tolist(), ends.tolist(), rows[starts].tolist(), starts.tolist()))
+    shards: np.ndarray
+    rows: np.ndarray
+    sizes: tuple[int, ...]
+    tables: Mapping[int, ShardRows]
 
 
-def assemble(parts: list[tuple[Columns, int, int, int]], n: int, slot: Staging, *, lists: Lists,
-             pad_to: int | None, pad_value: int) -> dict[str, Any]:
-    """Copy ``n`` samples into ``slot``; the batch as a dict of arrays.
+def assemble_group(group: Group, slot: Staging, *, lists: Lists, pad_to: int | None,
+                   pad_value: int) -> list[dict[str, Any]]:
+    """Copy the group's samples into ``slot``; one dict of arrays per batch.
 
-    ``parts`` are runs ``(columns, begin, end, row)``: samples ``[begin, end)``
-    of the batch are rows ``row .. row + end - begin`` of ``columns``, so a
-    run is one copy per field. Fixed-width fields become arrays of
-    ``(n, ...)``. Lists of numbers are padded (``lists="pad"``: an
-    ``(n, width)`` array, width ``pad_to`` or the longest row, longer rows
+    Fixed-width fields become arrays of ``(batch, ...)``. Lists of numbers
+    (and binary, as lists of uint8) are padded (``lists="pad"``: a ``(batch,
+    width)`` array, width ``pad_to`` or the batch's longest row, longer rows
     cut, plus ``<name>_lengths``) or packed (``lists="pack"``: the values end
-    to end plus ``<name>_offsets``, n + 1 of them). Other fields (strings,
-    binary) come as Python lists.
+    to end plus ``<name>_offsets``, batch + 1 of them). Other fields
+    (strings, nested types, fields with nulls) come as Python lists.
     """
-    first = parts[0][0]
-    out: dict[str, Any] = {}
-    for name, array in first.fixed.items():
-        target = slot.array(name, (n, *array.shape[1:]), array.dtype)
-        for columns, begin, end, row in parts:
-            target[begin:end] = columns.fixed[name][row:row + end - begin]
-        out[name] = target
-    for name, (values, _) in first.lists.items():
-        lengths = slot.array(f"{name}_lengths", (n,), np.dtype(np.int64))
-        for columns, begin, end, row in parts:
-            offsets = columns.lists[name][1]
-            np.subtract(offsets[row + 1:row + 1 + end - begin], offsets[row:row + end - begin], out=lengths[begin:end])
-        if lists == "pack":
-            out.update(_packed(name, parts, lengths, slot, values.dtype))
+    slot.reset()
+    picks = _Picks(group)
+    bounds = np.concatenate(([0], np.cumsum(group.sizes))).tolist()
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    batches: list[dict[str, Any]] = [{} for _ in spans]
+    fields = picks.common_fields()
+    for name, field in fields.items():
+        if field.lengths is None:
+            out = slot.array((picks.n, *field.shape), field.dtype)
+            picks.gather(name, out.view(np.uint8).reshape(picks.n, field.row_bytes), field.row_bytes)
+            for batch, (begin, end) in zip(batches, spans):
+                batch[name] = out[begin:end]
         else:
-            out.update(_padded(name, parts, lengths, slot, values.dtype, pad_to, pad_value))
-    for name in first.other:
-        out[name] = [columns.other[name][row + k].as_py() for columns, begin, end, row in parts
-                     for k in range(end - begin)]
-    return out
+            lengths = picks.lengths(name)
+            if lists == "pack":
+                _pack(name, field, picks, lengths, slot, batches, spans)
+            else:
+                _pad(name, field, picks, lengths, slot, batches, spans, pad_to, pad_value)
+    for name in picks.names:
+        if name not in fields:
+            values = picks.values(name)
+            for batch, (begin, end) in zip(batches, spans):
+                batch[name] = values[begin:end]
+    return batches
 
 
-def _packed(name: str, parts: list[tuple[Columns, int, int, int]], lengths: np.ndarray, slot: Staging,
-            dtype: np.dtype[Any]) -> dict[str, np.ndarray]:
-    n = lengths.size
-    offsets = slot.array(f"{name}_offsets", (n + 1,), np.dtype(np.int64))
-    offsets[0] = 0
-    np.cumsum(lengths, out=offsets[1:])
-    flat = slot.array(name, (int(offsets[-1]),), dtype)
-    for columns, begin, end, row in parts:
-        values, source = columns.lists[name]
-        flat[offsets[begin]:offsets[end]] = values[source[row]:source[row + end - begin]]
-    return {name: flat, f"{name}_offsets": offsets}
+class _Picks:
+    """The samples of a group, split by shard, with the per-field address lookups batch assembly needs."""
+
+    def __init__(self, group: Group) -> None:
+        self.n = int(group.rows.size)
+        self._parts: list[tuple[ShardRows, np.ndarray, np.ndarray]] = []
+        unique = np.unique(group.shards)
+        for shard in unique.tolist():
+            where = np.arange(self.n) if unique.size == 1 else np.flatnonzero(group.shards == shard)
+            self._parts.append((group.tables[shard], where, group.rows[where]))
+        first = self._parts[0][0]
+        self.names: list[str] = [*first.fields, *first.other]
+
+    def common_fields(self) -> dict[str, FieldRows]:
+        """The numeric fields laid out alike (kind, dtype, row shape) in every shard of the group."""
+        first = self._parts[0][0].fields
+        common = {}
+        for name, field in first.items():
+            others = [table.fields.get(name) for table, _, _ in self._parts]
+            if all(o is not None and o.dtype == field.dtype and o.shape == field.shape
+                   and (o.lengths is None) == (field.lengths is None) for o in others):
+                common[name] = field
+        return common
+
+    def _collect(self, pick: Callable[[ShardRows], np.ndarray]) -> np.ndarray:
+        if len(self._parts) == 1:
+            table, _, rows = self._parts[0]
+            picked: np.ndarray = pick(table)[rows]
+            return picked
+        out = np.empty(self.n, dtype=np.int64)
+        for table, where, rows in self._parts:
+            out[where] = pick(table)[rows]
+        return out
+
+    def addresses(self, name: str) -> np.ndarray:
+        """Where each sample's ``name`` starts in memory."""
+        return self._collect(lambda table: table.fields[name].addresses)
+
+    def lengths(self, name: str) -> np.ndarray:
+        """Elements of each sample's list field ``name``."""
+        return self._collect(lambda table: _lengths(table.fields[name]))
+
+    def bounds(self, name: str) -> tuple[int, int]:
+        """The memory every sample's ``name`` lies in."""
+        fields = [table.fields[name] for table, _, _ in self._parts]
+        return min(f.low for f in fields), max(f.high for f in fields)
+
+    def gather(self, name: str, out: np.ndarray, row_bytes: int, rows: slice = slice(None)) -> None:
+        """Copy the first ``row_bytes`` of each sample's ``name`` (samples ``rows`` of the group) into ``out``."""
+        low, high = self.bounds(name)
+        gather_rows(out, self.addresses(name)[rows], low, high)
+
+    def values(self, name: str) -> list[Any]:
+        """Each sample's ``name`` as a Python value, in group order."""
+        out: list[Any] = [None] * self.n
+        for table, where, rows in self._parts:
+            for i, row in zip(where.tolist(), rows.tolist()):
+                out[i] = table.value(name, row)
+        return out
+
+    def samples(self, begin: int, end: int) -> list[dict[str, Any]]:
+        """Samples ``begin .. end`` of the group as sample dicts."""
+        owner = np.empty(self.n, dtype=np.int64)
+        local = np.empty(self.n, dtype=np.int64)
+        for part, (_, where, rows) in enumerate(self._parts):
+            owner[where], local[where] = part, rows
+        return [self._parts[p][0].sample(r) for p, r in zip(owner[begin:end].tolist(), local[begin:end].tolist())]
 
 
-def _padded(name: str, parts: list[tuple[Columns, int, int, int]], lengths: np.ndarray, slot: Staging,
-            dtype: np.dtype[Any], pad_to: int | None, pad_value: int) -> dict[str, np.ndarray]:
-    n = lengths.size
-    width = pad_to if pad_to is not None else int(lengths.max(initial=0))
-    padded = slot.array(name, (n, width), dtype)
-    uniform = bool(n) and bool((lengths == width).all())
-    if not uniform:
+def _lengths(field: FieldRows) -> np.ndarray:
+    assert field.lengths is not None
+    return field.lengths
+
+
+def _uniform(lengths: np.ndarray) -> int | None:
+    """The length every row has, or None."""
+    if lengths.size and int(lengths.min()) == int(lengths.max()):
+        return int(lengths[0])
+    return None
+
+
+def _pack(name: str, field: FieldRows, picks: _Picks, lengths: np.ndarray, slot: Staging,
+          batches: list[dict[str, Any]], spans: list[tuple[int, int]]) -> None:
+    size = field.dtype.itemsize
+    width = _uniform(lengths)
+    addresses = picks.addresses(name)
+    for batch, (begin, end) in zip(batches, spans):
+        offsets = slot.array((end - begin + 1,), np.dtype(np.int64))
+        offsets[0] = 0
+        np.cumsum(lengths[begin:end], out=offsets[1:])
+        flat = slot.array((int(offsets[-1]),), field.dtype)
+        raw = flat.view(np.uint8)
+        if width is not None and width > 0:
+            picks.gather(name, raw.reshape(end - begin, width * size), width * size, slice(begin, end))
+        else:
+            copy_ranges(raw, offsets[:-1] * size, addresses[begin:end], lengths[begin:end] * size)
+        batch[name], batch[f"{name}_offsets"] = flat, offsets
+
+
+def _pad(name: str, field: FieldRows, picks: _Picks, lengths: np.ndarray, slot: Staging,
+         batches: list[dict[str, Any]], spans: list[tuple[int, int]], pad_to: int | None, pad_value: int) -> None:
+    size = field.dtype.itemsize
+    uniform = _uniform(lengths)
+    if uniform is not None and pad_to in (None, uniform):
+        padded = slot.array((picks.n, uniform), field.dtype)
+        picks.gather(name, padded.view(np.uint8).reshape(picks.n, uniform * size), uniform * size)
+        kept = slot.array((picks.n,), np.dtype(np.int64))
+        kept.fill(uniform)
+        for batch, (begin, end) in zip(batches, spans):
+            batch[name], batch[f"{name}_lengths"] = padded[begin:end], kept[begin:end]
+        return
+    addresses = picks.addresses(name)
+    for batch, (begin, end) in zip(batches, spans):
+        count = end - begin
+        mine = lengths[begin:end]
+        width = pad_to if pad_to is not None else int(mine.max(initial=0))
+        padded = slot.array((count, width), field.dtype)
+        kept = slot.array((count,), np.dtype(np.int64))
+        np.minimum(mine, width, out=kept)
+        _fill_tails(padded, kept, pad_value)
+        starts = np.arange(count, dtype=np.int64) * (width * size)
+        copy_ranges(padded.view(np.uint8).reshape(-1), starts, addresses[begin:end], kept * size)
+        batch[name], batch[f"{name}_lengths"] = padded, kept
+
+
+def _fill_tails(padded: np.ndarray, kept: np.ndarray, pad_value: int) -> None:
+    """Set every element past a row's length to ``pad_value``."""
+    width = padded.shape[1]
+    short = np.flatnonzero(kept < width)
+    if short.size == 0:
+        return
+    if padded.itemsize * width < _BIG_ROW:
         padded.fill(pad_value)
-    for columns, begin, end, row in parts:
-        values, source = columns.lists[name]
-        if uniform:
-            padded[begin:end] = values[source[row]:source[row + end - begin]].reshape(end - begin, width)
-            continue
-        for k in range(end - begin):
-            piece = values[source[row + k]:source[row + k + 1]]
-            cut = min(piece.size, width)
-            padded[begin + k, :cut] = piece[:cut]
-    np.minimum(lengths, width, out=lengths)
-    return {name: padded, f"{name}_lengths": lengths}
-
-
-def sample_of(columns: Columns, row: int) -> dict[str, Any]:
-    """Row ``row`` as a dict: numbers as numpy scalars, lists and tensors as array views, others as Python values."""
-    sample: dict[str, Any] = {name: array[row] for name, array in columns.fixed.items()}
-    for name, (values, offsets) in columns.lists.items():
-        sample[name] = values[offsets[row]:offsets[row + 1]]
-    for name, array in columns.other.items():
-        sample[name] = array[row].as_py()
-    return sample
+        return
+    for row, length in zip(short.tolist(), kept[short].tolist()):
+        padded[row, length:] = pad_value

@@ -6,47 +6,58 @@ import queue
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from trainio.storage import TrainioError
 
-from ._assemble import Columns, Lists, Staging, assemble, runs, sample_of
+from ._assemble import Group, Lists, Staging, _Picks, assemble_group
+from ._rows import ShardRows
 from ._streaming import StreamingDataset
 
-_DECODED = 4096
+_GROUP_BYTES = 8 << 20
+_MAX_GROUP_BATCHES = 64
 _DONE = object()
 
 
 class LoaderError(TrainioError, RuntimeError):
-    """The loader's background thread failed; the original error is the ``__cause__``."""
+    """The loader's background work failed; the original error is the ``__cause__``."""
 
 
 class Loader:
-    """Batches of a :class:`StreamingDataset`, assembled by a background thread of this process.
+    """Batches of a :class:`StreamingDataset`, assembled by background threads of this process.
 
-    A producer thread copies each sample's bytes once, out of the
-    memory-mapped shards into one of ``prefetch`` preallocated staging slots
-    (pinned host memory when the device is CUDA); numpy and pyarrow release
-    the GIL for those copies. On a CUDA device each batch is then copied to
-    the device with non-blocking copies on a dedicated stream, and the
-    consumer's stream waits on that copy's event; a slot is reused only once
-    its copy has finished. On the CPU the batch's tensors are views of the
-    slot, and the slot is reused only once every tensor of that batch has
-    been released (garbage collected): keep a batch as long as you like, at
-    the cost of the loader allocating another slot.
+    The epoch's order is cut into groups of consecutive batches (about 8 MB
+    each). ``threads`` threads assemble groups side by side, each copying
+    every sample's bytes once, out of the memory-mapped shards into a
+    preallocated staging slot (pinned host memory when the device is CUDA),
+    with one C-level gather per field that runs without the GIL; batches
+    still arrive in order. At least ``prefetch`` batches are prepared ahead.
+    On a CUDA device each group is then copied to the device with
+    non-blocking copies on a dedicated stream, the consumer's stream waits on
+    that copy's event, and a slot is reused only once its copy has finished.
+    On the CPU the batch's tensors are views of the slot, which is reused
+    only once every tensor of its batches has been released (garbage
+    collected): keep batches as long as you like, at the cost of the loader
+    allocating another slot.
 
-    Batches are dicts of tensors (numpy arrays when torch is absent); see
-    :func:`~trainio.loaders._assemble.assemble` for list fields (``lists=
-    "pad"`` or ``"pack"``, ``pad_to``, ``pad_value``). ``collate`` replaces
-    assembly: it receives the list of sample dicts. Errors of the
-    background thread are raised in the consumer as :class:`LoaderError`
-    with the original as cause; leaving the loop early stops the thread and
-    releases every shard. :meth:`metrics` gives samples/s, bytes/s, the time
-    the consumer waited and cache hits and misses.
+    Batches are dicts of tensors (numpy arrays when torch is absent).
+    Fixed-width fields (numbers, tensors) become ``(batch, ...)`` arrays.
+    Lists of numbers, and binary fields as lists of uint8, are padded
+    (``lists="pad"``: a ``(batch, width)`` array, ``width`` being ``pad_to``
+    or the batch's longest row, longer rows cut, filled with ``pad_value``,
+    plus ``<name>_lengths``) or packed (``lists="pack"``: the values end to
+    end plus ``<name>_offsets``, batch + 1 of them). Strings, nested types
+    and fields with nulls come as Python lists. ``collate`` replaces
+    assembly: it receives each batch's list of sample dicts.
+
+    Errors of the background work are raised in the consumer as
+    :class:`LoaderError` with the original as cause; leaving the loop early
+    stops every thread and releases every shard. :meth:`metrics` gives
+    samples/s, bytes/s, the time the consumer waited and cache hits and misses.
     """
 
     def __init__(
@@ -56,24 +67,31 @@ class Loader:
         *,
         device: Any = "cpu",
         prefetch: int = 4,
+        threads: int = 2,
         lists: Lists = "pad",
         pad_to: int | None = None,
         pad_value: int = 0,
         drop_last: bool = False,
         collate: Callable[[list[dict[str, Any]]], Any] | None = None,
     ) -> None:
-        if batch_size < 1 or prefetch < 1:
-            raise ValueError(f"batch_size={batch_size}, prefetch={prefetch}: both must be >= 1")
+        if batch_size < 1 or prefetch < 1 or threads < 1:
+            raise ValueError(f"batch_size={batch_size}, prefetch={prefetch}, threads={threads}: all must be >= 1")
         if lists not in ("pad", "pack"):
             raise ValueError(f"lists={lists!r}: must be 'pad' or 'pack'")
+        if pad_to is not None and pad_to < 0:
+            raise ValueError(f"pad_to={pad_to}: must be >= 0")
         self._dataset = dataset
         self._batch_size = batch_size
         self._prefetch = prefetch
+        self._threads = threads
         self._lists: Lists = lists
         self._pad_to, self._pad_value = pad_to, pad_value
         self._drop_last = drop_last
         self._collate = collate
         self._torch, self._device = _resolve_device(device)
+        shards = dataset.dataset.shards
+        row_bytes = max(1, sum(s.bytes for s in shards) // max(1, sum(s.rows for s in shards)))
+        self._group_batches = max(1, min(_MAX_GROUP_BATCHES, _GROUP_BYTES // (row_bytes * batch_size)))
         self._metrics = {"samples": 0, "batches": 0, "bytes": 0, "wait_s": 0.0, "seconds": 0.0,
                          "cache_hits": 0, "cache_misses": 0}
 
@@ -90,50 +108,59 @@ class Loader:
         m["bytes_per_s"] = m["bytes"] / seconds
         return m
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Any]:
         run = _Run(self)
         started = time.perf_counter()
         self._metrics.update(samples=0, batches=0, bytes=0, wait_s=0.0, seconds=0.0)
+        metrics = self._metrics
         try:
             while True:
                 waited = time.perf_counter()
                 item = run.ready.get()
-                self._metrics["wait_s"] += time.perf_counter() - waited
                 if item is _DONE:
+                    metrics["wait_s"] += time.perf_counter() - waited
                     run.raise_failure()
                     return
-                batch, count, size, event = item
-                if event is not None:
-                    _wait_on_device(self._torch, self._device, batch, event)
-                self._metrics["samples"] += count
-                self._metrics["batches"] += 1
-                self._metrics["bytes"] += size
-                self._metrics["seconds"] = time.perf_counter() - started
-                self._dataset.count_consumed(count)
-                yield batch
+                try:
+                    batches = item.result()
+                except BaseException as exc:
+                    raise LoaderError(f"the loader's background work failed: {exc}") from exc
+                metrics["wait_s"] += time.perf_counter() - waited
+                for batch, count, size, event in batches:
+                    if event is not None:
+                        _wait_on_device(self._torch, self._device, batch, event)
+                    metrics["samples"] += count
+                    metrics["batches"] += 1
+                    metrics["bytes"] += size
+                    metrics["seconds"] = time.perf_counter() - started
+                    self._dataset.count_consumed(count)
+                    yield batch
+                del batches
         finally:
             run.stop()
-            self._metrics["seconds"] = time.perf_counter() - started
-            self._metrics["cache_hits"], self._metrics["cache_misses"] = run.cache_counts()
+            metrics["seconds"] = time.perf_counter() - started
+            metrics["cache_hits"], metrics["cache_misses"] = run.cache_counts()
 
 
 class _Run:
-    """One epoch's producer thread, its staging slots and its hand-off queue."""
+    """One epoch: the feeder thread cutting the order into groups, the assembling threads, and the staging slots."""
 
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
-        self.ready: queue.Queue[Any] = queue.Queue(maxsize=loader._prefetch)
+        ahead = max(loader._threads, -(-loader._prefetch // loader._group_batches))
+        self.ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
         self.free: queue.Queue[int] = queue.Queue()
-        self.slots = [Staging(self._allocator()) for _ in range(loader._prefetch + 1)]
+        self.slots = [Staging(self._allocator()) for _ in range(ahead + 2)]
         for index in range(len(self.slots)):
             self.free.put(index)
         self.inflight: list[tuple[Any, int]] = []
-        self.decoded: OrderedDict[tuple[int, int], Columns] = OrderedDict()
+        self.inflight_lock = threading.Lock()
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
         self.reader = loader._dataset.reader()
         self.stream = loader._torch.cuda.Stream(device=loader._device) if _is_cuda(loader) else None
-        self.thread = threading.Thread(target=self._produce, name="trainio-loader", daemon=True)
+        self.pool = ThreadPoolExecutor(loader._threads, thread_name_prefix="trainio-loader")
+        self.thread = threading.Thread(target=self._feed, name="trainio-loader-feed", daemon=True)
         self.thread.start()
 
     def _allocator(self) -> Callable[[int], np.ndarray]:
@@ -148,7 +175,7 @@ class _Run:
 
     def raise_failure(self) -> None:
         if self.failure is not None:
-            raise LoaderError(f"the loader's background thread failed: {self.failure}") from self.failure
+            raise LoaderError(f"the loader's background work failed: {self.failure}") from self.failure
 
     def stop(self) -> None:
         self.stopping.set()
@@ -157,40 +184,50 @@ class _Run:
                 self.ready.get(timeout=0.05)
             except queue.Empty:
                 pass
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
 
-    # -- the producer thread ---------------------------------------------------------------
+    # -- the feeder thread ------------------------------------------------------------------
 
-    def _produce(self) -> None:
-        dataset = self.loader._dataset
-        size = self.loader._batch_size
+    def _feed(self) -> None:
+        loader = self.loader
+        dataset = loader._dataset
+        group_rows = loader._group_batches * loader._batch_size
+        tables: dict[int, ShardRows] = {}
         empty = np.zeros(0, dtype=np.int64)
-        left: tuple[np.ndarray, ...] = (empty, empty, empty)
+        shards, rows = empty, empty
         try:
-            for chunk in dataset.located(dataset.layout(), self.reader):
-                shards, batches, rows = (np.concatenate(pair) for pair in zip(left, chunk))
+            for chunk_shards, chunk_rows in dataset.shard_rows(dataset.layout(), self.reader):
+                shards, rows = np.concatenate((shards, chunk_shards)), np.concatenate((rows, chunk_rows))
+                tables = {s: tables.get(s) or self._table(s) for s in np.unique(shards).tolist()}
                 start = 0
-                while rows.size - start >= size:
-                    end = start + size
-                    if not self._emit(shards[start:end], batches[start:end], rows[start:end]):
+                while shards.size - start >= group_rows:
+                    if not self._submit(shards[start:start + group_rows], rows[start:start + group_rows], tables):
                         return
-                    start = end
-                left = (shards[start:], batches[start:], rows[start:])
-            if left[2].size and not self.loader._drop_last:
-                self._emit(*left)
+                    start += group_rows
+                shards, rows = shards[start:], rows[start:]
+            if loader._drop_last:
+                keep = shards.size - shards.size % loader._batch_size
+                shards, rows = shards[:keep], rows[:keep]
+            if shards.size:
+                self._submit(shards, rows, tables)
         except BaseException as exc:  # handed to the consumer
             self.failure = exc
         finally:
             self._put(_DONE)
 
-    def _columns(self, shard: int, number: int) -> Columns:
-        columns = self.decoded.get((shard, number))
-        if columns is None:
-            columns = Columns.of(self.reader.batch(shard, number))
-            self.decoded[(shard, number)] = columns
-            if len(self.decoded) > _DECODED:
-                self.decoded.popitem(last=False)
-        return columns
+    def _table(self, shard: int) -> ShardRows:
+        dataset = self.loader._dataset.dataset
+        info = dataset.shards[shard]
+        batches = [self.reader.batch(shard, number) for number in range(len(info.batches))]
+        return ShardRows(batches, source=(dataset.url, info.path))
+
+    def _submit(self, shards: np.ndarray, rows: np.ndarray, tables: dict[int, ShardRows]) -> bool:
+        size = self.loader._batch_size
+        sizes = (size,) * (rows.size // size) + ((rows.size % size,) if rows.size % size else ())
+        group = Group(shards, rows, sizes, {s: tables[s] for s in np.unique(shards).tolist()})
+        index = None if self.loader._collate is not None else self._take_slot()
+        return self._put(self.pool.submit(self._assemble, group, index))
 
     def _put(self, item: Any) -> bool:
         while not self.stopping.is_set():
@@ -199,25 +236,12 @@ class _Run:
                 return True
             except queue.Full:
                 continue
+        if isinstance(item, Future):
+            item.cancel()
         return False
 
-    def _emit(self, shards: np.ndarray, batches: np.ndarray, rows: np.ndarray) -> bool:
-        loader = self.loader
-        shard_list, batch_list = shards.tolist(), batches.tolist()
-        parts = [(self._columns(shard_list[key], batch_list[key]), begin, end, row)
-                 for begin, end, row, key in runs(shards, batches, rows)]
-        if loader._collate is not None:
-            samples = [sample_of(columns, row + k) for columns, begin, end, row in parts for k in range(end - begin)]
-            return self._put((loader._collate(samples), rows.size, 0, None))
-        index = self._take_slot()
-        arrays = assemble(parts, rows.size, self.slots[index], lists=loader._lists, pad_to=loader._pad_to,
-                          pad_value=loader._pad_value)
-        size = sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
-        batch, event = self._hand_over(arrays, index)
-        return self._put((batch, rows.size, size, event))
-
     def _take_slot(self) -> int:
-        """A free staging slot; a new one when the consumer still holds every existing slot's batch.
+        """A free staging slot; a new one when the consumer still holds every existing slot's batches.
 
         Holding batches therefore costs memory, never a deadlock; a slow
         consumer is held back by the bounded ``ready`` queue instead.
@@ -231,31 +255,48 @@ class _Run:
 
     def _reap_copies(self) -> None:
         """Free the slots whose host-to-device copies have finished."""
-        still = []
-        for event, index in self.inflight:
-            if event.query():
-                self.free.put(index)
-            else:
-                still.append((event, index))
-        self.inflight = still
+        with self.inflight_lock:
+            still = []
+            for event, index in self.inflight:
+                if event.query():
+                    self.free.put(index)
+                else:
+                    still.append((event, index))
+            self.inflight = still
 
-    def _hand_over(self, arrays: dict[str, Any], index: int) -> tuple[dict[str, Any], Any]:
-        """The batch as the consumer gets it, and the copy's event (None on the CPU); frees slot ``index`` when safe."""
+    # -- the assembling threads -------------------------------------------------------------
+
+    def _assemble(self, group: Group, index: int | None) -> list[tuple[Any, int, int, Any]]:
+        loader = self.loader
+        if index is None:
+            assert loader._collate is not None
+            bounds = np.concatenate(([0], np.cumsum(group.sizes))).tolist()
+            picks = _Picks(group)
+            return [(loader._collate(picks.samples(begin, end)), end - begin, 0, None)
+                    for begin, end in zip(bounds[:-1], bounds[1:])]
+        batches = assemble_group(group, self.slots[index], lists=loader._lists, pad_to=loader._pad_to,
+                                 pad_value=loader._pad_value)
+        return self._hand_over(batches, group.sizes, index)
+
+    def _hand_over(self, batches: list[dict[str, Any]], sizes: tuple[int, ...],
+                   index: int) -> list[tuple[Any, int, int, Any]]:
+        """The batches as the consumer gets them, with their sample and byte counts and copy events; frees slot ``index`` when safe."""
         torch = self.loader._torch
-        keep = [v[...] if isinstance(v, np.ndarray) else v for v in arrays.values()]
-        views = dict(zip(arrays, keep))
+        nbytes = [sum(v.nbytes for v in b.values() if isinstance(v, np.ndarray)) for b in batches]
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
-                batch = {k: torch.from_numpy(v).to(self.loader._device, non_blocking=True)
-                         if isinstance(v, np.ndarray) else v for k, v in views.items()}
+                moved = [{k: torch.from_numpy(v).to(self.loader._device, non_blocking=True)
+                          if isinstance(v, np.ndarray) else v for k, v in b.items()} for b in batches]
                 event = torch.cuda.Event()
                 event.record(self.stream)
-            self.inflight.append((event, index))
-            return batch, event
-        _free_when_collected([v for v in keep if isinstance(v, np.ndarray)], self.free, index)
-        if torch is None:
-            return views, None
-        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in views.items()}, None
+            with self.inflight_lock:
+                self.inflight.append((event, index))
+            return [(b, n, size, event) for b, n, size in zip(moved, sizes, nbytes)]
+        views = [{k: v[...] if isinstance(v, np.ndarray) else v for k, v in b.items()} for b in batches]
+        _free_when_collected([v for b in views for v in b.values() if isinstance(v, np.ndarray)], self.free, index)
+        if torch is not None:
+            views = [{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in b.items()} for b in views]
+        return [(b, n, size, None) for b, n, size in zip(views, sizes, nbytes)]
 
 
 def _wait_on_device(torch: Any, device: Any, batch: dict[str, Any], event: Any) -> None:

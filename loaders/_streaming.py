@@ -13,7 +13,7 @@ from trainio.storage import FurthestInFuture, LocalStore, ShardCache, StoreError
 
 from ._dataset import Dataset
 from ._order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
-from ._assemble import Columns, sample_of
+from ._columns import Columns, sample_of
 from ._shard_reader import ShardReader, shard_bytes_needed
 from ._units import parse_size
 
@@ -150,7 +150,7 @@ class StreamingDataset(_Base):
                 for shard, number, row in zip(shards.tolist(), batches.tolist(), rows.tolist()):
                     columns = decoded.get((shard, number))
                     if columns is None:
-                        columns = Columns.of(reader.batch(shard, number))
+                        columns = Columns.of(reader.batch(shard, number), source=self._source(shard))
                         decoded[(shard, number)] = columns
                         if len(decoded) > _DECODED_BATCHES:
                             decoded.popitem(last=False)
@@ -160,11 +160,11 @@ class StreamingDataset(_Base):
         finally:
             reader.close()
 
-    def located(self, layout: Layout, reader: ShardReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """This consumer's samples of the epoch, in chunks of (shard, record batch, row in batch) arrays.
+    def shard_rows(self, layout: Layout, reader: ShardReader) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This consumer's samples of the epoch, in chunks of (shard, row within shard) arrays.
 
         Plans ``reader`` ahead of each chunk (what to keep mapped, prefetch
-        and evict). Used by iteration and by :class:`Loader`.
+        and evict). Used by :meth:`located` and by :class:`Loader`.
         """
         order = self.order()
         positions = layout.positions(order.size, self._start, self._uneven)
@@ -174,7 +174,11 @@ class StreamingDataset(_Base):
         chunk = max(1, min(_CHUNK, self._window // consumers)) if self._shuffle else _CHUNK
         for begin in range(0, positions.size, chunk):
             reader.plan(order.samples(positions[begin:begin + 2 * chunk])[0].tolist())
-            shards, rows = order.samples(positions[begin:begin + chunk])
+            yield order.samples(positions[begin:begin + chunk])
+
+    def located(self, layout: Layout, reader: ShardReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Like :meth:`shard_rows`, with each row as (record batch, row within that batch)."""
+        for shards, rows in self.shard_rows(layout, reader):
             batches = np.empty_like(rows)
             firsts = np.empty_like(rows)
             for shard in np.unique(shards):
@@ -183,6 +187,9 @@ class StreamingDataset(_Base):
                 batches[mask] = found
                 firsts[mask] = self._first_rows[shard][found]
             yield shards, batches, rows - firsts
+
+    def _source(self, shard: int) -> tuple[str, str]:
+        return self._dataset.url, self._dataset.shards[shard].path
 
     def count_consumed(self, samples: int) -> None:
         """Record that ``samples`` more samples were handed to the trainer by this process (for :meth:`state_dict`)."""

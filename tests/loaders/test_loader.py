@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -99,7 +100,7 @@ def test_background_errors_surface_with_their_cause(ragged: Path) -> None:
     def broken(samples: list[dict[str, object]]) -> None:
         raise KeyError("no such field")
 
-    with pytest.raises(LoaderError, match="background thread failed") as info:
+    with pytest.raises(LoaderError, match="background work failed") as info:
         list(Loader(StreamingDataset(ragged), 4, collate=broken))
     assert isinstance(info.value.__cause__, KeyError)
 
@@ -108,7 +109,7 @@ def test_leaving_early_stops_the_thread(ragged: Path) -> None:
     for i, _ in enumerate(Loader(StreamingDataset(ragged), 4, prefetch=2)):
         if i == 3:
             break
-    assert not [t for t in threading.enumerate() if t.name == "trainio-loader"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("trainio-loader")]
 
 
 def test_resume_state_counts_what_the_loader_handed_out(uniform: Path) -> None:
@@ -140,3 +141,55 @@ def test_cuda_device_without_cuda_is_refused(uniform: Path) -> None:
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match="CUDA is not available"):
         Loader(StreamingDataset(uniform), 4, device="cuda")
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    blobs = [rng.integers(0, 256, size=int(rng.integers(3000, 6000)), dtype=np.uint8).tobytes() for _ in range(300)]
+    table = pa.table({"id": np.arange(300), "image": pa.array(blobs, pa.binary())})
+    with DatasetWriter(tmp_path / "img", shard_bytes=200_000, batch_rows=40) as writer:
+        writer.write_table(table)
+    return tmp_path / "img"
+
+
+@pytest.mark.parametrize("lists", ["pad", "pack"])
+def test_binary_fields_come_as_uint8_rows(images: Path, lists: str) -> None:
+    rng = np.random.default_rng(0)
+    blobs = [rng.integers(0, 256, size=int(rng.integers(3000, 6000)), dtype=np.uint8).tobytes() for _ in range(300)]
+    seen = 0
+    for batch in Loader(StreamingDataset(images, seed=2, batch_size=16), 16, lists=lists):  # type: ignore[arg-type]
+        assert batch["image"].dtype == torch.uint8
+        for j, i in enumerate(batch["id"].tolist()):
+            if lists == "pack":
+                offsets = batch["image_offsets"]
+                row = batch["image"][int(offsets[j]):int(offsets[j + 1])]
+            else:
+                row = batch["image"][j, :int(batch["image_lengths"][j])]
+                assert not batch["image"][j, int(batch["image_lengths"][j]):].any(), "padding is pad_value"
+            assert row.numpy().tobytes() == blobs[i]
+            seen += 1
+    assert seen == 300
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_number_of_threads_gives_the_same_batches(ragged: Path, threads: int) -> None:
+    def ids(loader: Loader) -> list[list[int]]:
+        return [b["id"].tolist() for b in loader]
+
+    reference = ids(Loader(StreamingDataset(ragged, seed=4, batch_size=7), 7))
+    assert ids(Loader(StreamingDataset(ragged, seed=4, batch_size=7), 7, threads=threads, prefetch=1)) == reference
+    assert sum(len(b) for b in reference) == ROWS
+
+
+def test_numpy_batches_without_torch(uniform: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainio.loaders._gather as gather
+    import trainio.loaders._loader as loader_module
+
+    monkeypatch.setattr(gather, "torch", None)
+    monkeypatch.setattr(loader_module, "_resolve_device", lambda device: (None, "cpu"))
+    expected = np.arange(ROWS * 16, dtype=np.int32).reshape(ROWS, 16)
+    batches = list(Loader(StreamingDataset(uniform, seed=1, batch_size=50), 50))
+    assert all(isinstance(b["tokens"], np.ndarray) for b in batches)
+    for batch in batches:
+        assert np.array_equal(batch["tokens"], expected[batch["id"]])

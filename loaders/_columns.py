@@ -1,0 +1,92 @@
+"""Zero-copy numpy views of a record batch's columns, and one row of them as a sample dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from trainio.storage import FormatError
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """Zero-copy numpy views of one record batch, per field.
+
+    ``fixed[name]`` has rows on its first axis (scalars: 1-D; tensors and
+    fixed-size binary: N-D); ``lists[name]`` is ``(values, offsets)`` for
+    lists of numbers (and, with ``binary_as_lists``, binary as uint8);
+    ``other[name]`` is the Arrow array itself (strings, binary, nested
+    types, columns with nulls).
+    """
+
+    fixed: dict[str, np.ndarray]
+    lists: dict[str, tuple[np.ndarray, np.ndarray]]
+    other: dict[str, pa.Array]
+
+    @classmethod
+    def of(cls, batch: pa.RecordBatch, *, binary_as_lists: bool = False, source: tuple[str, str] = ("", "")) -> Columns:
+        """The views of ``batch``, read from shard ``source`` (url, key), which error messages name.
+
+        Raises:
+            FormatError: a list or binary column's offsets point outside its values.
+        """
+        fixed, lists, other = {}, {}, {}
+        for name, column in zip(batch.schema.names, batch.columns):
+            kind = column.type
+            if column.null_count:
+                other[name] = column
+            elif isinstance(kind, pa.FixedShapeTensorType):
+                fixed[name] = column.to_numpy_ndarray()
+            elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _is_numeric(kind.value_type):
+                lists[name] = _checked(source, name, column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy())
+            elif _is_numeric(kind):
+                fixed[name] = column.to_numpy(zero_copy_only=False)
+            elif binary_as_lists and pa.types.is_fixed_size_binary(kind):
+                fixed[name] = _fixed_binary(column)
+            elif binary_as_lists and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+                lists[name] = _binary(source, name, column)
+            else:
+                other[name] = column
+        return cls(fixed, lists, other)
+
+
+def _is_numeric(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind))
+
+
+def _checked(source: tuple[str, str], name: str, values: np.ndarray,
+             offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, offsets)`` once every row is known to lie inside ``values``."""
+    if offsets.size and (offsets[0] < 0 or offsets[-1] > values.size or bool((np.diff(offsets) < 0).any())):
+        raise FormatError(*source, f"field {name!r}: list offsets point outside the column's values",
+                          "the shard is corrupt: run trainio verify")
+    return values, offsets
+
+
+def _fixed_binary(column: pa.Array) -> np.ndarray:
+    width = column.type.byte_width
+    data = column.buffers()[1]
+    flat = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return flat[column.offset * width:(column.offset + len(column)) * width].reshape(len(column), width)
+
+
+def _binary(source: tuple[str, str], name: str, column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    _, offsets, data = column.buffers()
+    assert offsets is not None
+    offsets_view = np.frombuffer(offsets, dtype=offset_type)[column.offset:column.offset + len(column) + 1]
+    values = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return _checked(source, name, values, offsets_view)
+
+
+def sample_of(columns: Columns, row: int) -> dict[str, Any]:
+    """Row ``row`` as a dict: numbers as numpy scalars, lists and tensors as array views, others as Python values."""
+    sample: dict[str, Any] = {name: array[row] for name, array in columns.fixed.items()}
+    for name, (values, offsets) in columns.lists.items():
+        sample[name] = values[offsets[row]:offsets[row + 1]]
+    for name, array in columns.other.items():
+        sample[name] = array[row].as_py()
+    return sample

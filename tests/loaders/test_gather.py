@@ -1,0 +1,53 @@
+"""Row gathers and range copies: exact bytes, and refusal of anything outside the memory they were given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import trainio.loaders._gather as gather
+from trainio.loaders._columns import Columns
+from trainio.storage import FormatError
+
+
+@pytest.mark.parametrize("with_torch", [True, False])
+def test_rows_are_gathered_from_anywhere_in_the_span(with_torch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not with_torch:
+        monkeypatch.setattr(gather, "torch", None)
+    source = np.random.default_rng(0).integers(0, 256, size=10_000, dtype=np.uint8)
+    base = source.ctypes.data
+    starts = np.array([0, 9_990, 17, 5_000, 17], dtype=np.int64)
+    out = np.empty((5, 10), dtype=np.uint8)
+    gather.gather_rows(out, base + starts, base, base + source.size)
+    for row, start in zip(out, starts.tolist()):
+        assert np.array_equal(row, source[start:start + 10])
+
+
+def test_a_row_past_the_span_is_refused() -> None:
+    source = np.zeros(100, dtype=np.uint8)
+    base = source.ctypes.data
+    with pytest.raises(ValueError, match="outside"):
+        gather.gather_rows(np.empty((1, 10), np.uint8), np.array([base + 95]), base, base + 100)
+
+
+def test_ranges_are_copied_and_adjacent_ones_merged() -> None:
+    source = np.arange(50, dtype=np.uint8)
+    base = source.ctypes.data
+    out = np.zeros(20, dtype=np.uint8)
+    addresses = base + np.array([10, 13, 40], dtype=np.int64)
+    gather.copy_ranges(out, np.array([0, 3, 10]), addresses, np.array([3, 4, 5]))
+    assert out[:7].tolist() == list(range(10, 17)) and out[10:15].tolist() == list(range(40, 45))
+    assert not out[7:10].any() and not out[15:].any()
+    with pytest.raises(ValueError, match="outside the destination"):
+        gather.copy_ranges(out, np.array([18]), addresses[:1], np.array([5]))
+
+
+def test_list_offsets_outside_their_values_are_a_format_error() -> None:
+    values = pa.array(np.arange(4, dtype=np.int32))
+    offsets = pa.array(np.array([0, 3, 1, 4], dtype=np.int32))  # row 1 would be -2 long: only full validation sees it
+    broken = pa.ListArray.from_buffers(pa.list_(pa.int32()), 3, [None, offsets.buffers()[1]], children=[values])
+    batch = pa.record_batch([broken], names=["tokens"])
+    with pytest.raises(FormatError, match="'tokens'.*outside") as info:
+        Columns.of(batch, source=("file:///ds", "shards/shard-00000.arrow"))
+    assert "shard-00000.arrow" in str(info.value)
