@@ -89,7 +89,7 @@ class Loader:
         self._drop_last = drop_last
         self._collate = collate
         self._torch, self._device = _resolve_device(device)
-        shards = dataset.dataset.shards
+        shards = [info for d in dataset.datasets for info in d.shards]
         row_bytes = max(1, sum(s.bytes for s in shards) // max(1, sum(s.rows for s in shards)))
         self._group_batches = max(1, min(_MAX_GROUP_BATCHES, _GROUP_BYTES // (row_bytes * batch_size)))
         self._metrics = {"samples": 0, "batches": 0, "bytes": 0, "wait_s": 0.0, "seconds": 0.0,
@@ -217,8 +217,7 @@ class _Run:
             self._put(_DONE)
 
     def _table(self, shard: int) -> ShardRows:
-        dataset = self.loader._dataset.dataset
-        info = dataset.shards[shard]
+        dataset, info = self.loader._dataset.shard(shard)
         batches = [self.reader.batch(shard, number) for number in range(len(info.batches))]
         return ShardRows(batches, source=(dataset.url, info.path))
 

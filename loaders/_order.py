@@ -52,7 +52,7 @@ class EpochOrder:
         count = len(self.shard_rows)
         if not self.shuffle:
             return np.arange(count)
-        return _generator(self.seed, self.epoch).permutation(count)
+        return generator(self.seed, self.epoch).permutation(count)
 
     def samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, row within shard) of each global position (0 <= position < size)."""
@@ -73,7 +73,7 @@ class EpochOrder:
             mask = runs == run
             first = int(run) * self.window
             length = min(self.window, self.size - first)
-            permutation = _generator(self.seed, self.epoch, int(run)).permutation(length)
+            permutation = generator(self.seed, self.epoch, int(run)).permutation(length)
             result[mask] = first + permutation[positions[mask] - first]
         return result
 
@@ -134,5 +134,6 @@ class Layout:
         return total
 
 
-def _generator(*key: int) -> np.random.Generator:
+def generator(*key: int) -> np.random.Generator:
+    """A random generator determined by ``key`` alone (keys of different lengths never collide)."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([abs(k) for k in key] + [len(key)])))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,6 +12,8 @@ import numpy as np
 from trainio.storage import FurthestInFuture, LocalStore, ShardCache, StoreError, TrainioError
 
 from ._dataset import Dataset
+from ._index import ShardInfo
+from ._mixture import MixedOrder, MixedReader, apportion
 from ._order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
 from ._columns import Columns, sample_of
 from ._shard_reader import ShardReader, shard_bytes_needed
@@ -29,6 +31,9 @@ else:
         from torch.utils.data import IterableDataset as _Base
     except ImportError:  # torch is optional: then a plain iterable
         _Base = object
+
+
+Source = str | os.PathLike[str]
 
 
 class ResumeMismatch(TrainioError, ValueError):
@@ -57,6 +62,16 @@ class StreamingDataset(_Base):
     batch), ``"drop"`` (skipped this epoch) or ``"pad"`` (filled from the start
     of the epoch, every rank the same count).
 
+    Mixing: pass several datasets, as URLs or ``(URL, weight)`` pairs. Each
+    epoch then holds ``epoch_size`` samples (default: as many as the
+    datasets hold together), dataset ``d`` contributing exactly its weight's
+    share (without weights, its own size: plain concatenation). A dataset
+    whose share is below its size shows a different part of itself each
+    epoch, one whose share is above is repeated, each pass shuffled anew;
+    the datasets are interleaved evenly through the epoch (at random within
+    blocks of 65536 samples when shuffling). See ``trainio.loaders._mixture.MixedOrder``. A
+    single dataset with ``epoch_size`` is up- or down-sampled the same way.
+
     Rank and world size come from torch.distributed when it is initialized,
     else from ``RANK``/``WORLD_SIZE``, else 0 and 1 (or pass them).
     Resumption: :meth:`state_dict` / :meth:`load_state_dict`.
@@ -67,8 +82,9 @@ class StreamingDataset(_Base):
 
     def __init__(
         self,
-        url: str | os.PathLike[str],
+        url: Source | Sequence[Source | tuple[Source, float]],
         *,
+        epoch_size: int | None = None,
         batch_size: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
@@ -86,8 +102,23 @@ class StreamingDataset(_Base):
             raise ValueError(f"uneven={uneven!r}: must be 'exact', 'drop' or 'pad'")
         if prefetch_shards < 0:
             raise ValueError(f"prefetch_shards={prefetch_shards}: must be >= 0")
-        self._url = os.fspath(url)
-        self._dataset = Dataset(self._url)
+        specs = _sources(url)
+        self._datasets = tuple(Dataset(source) for source, _ in specs)
+        for dataset in self._datasets[1:]:
+            if not dataset.schema.remove_metadata().equals(self._datasets[0].schema.remove_metadata()):
+                raise ValueError(f"{dataset.url}: its schema ({dataset.schema}) differs from {self._datasets[0].url}'s "
+                                 f"({self._datasets[0].schema}); a mixture's datasets must share one schema")
+        sizes = [len(d) for d in self._datasets]
+        given = [w for _, w in specs]
+        if any(w is None for w in given) and not all(w is None for w in given):
+            raise ValueError("give a mixing weight for every dataset or for none")
+        self._weights = tuple(float(w) for w in given) if given[0] is not None else tuple(map(float, sizes))
+        if epoch_size is not None and epoch_size < 0:
+            raise ValueError(f"epoch_size={epoch_size}: must be >= 0")
+        self._counts = apportion(self._weights, sum(sizes) if epoch_size is None else epoch_size)
+        self._epoch_size = epoch_size
+        self._shard_offsets = np.concatenate(([0], np.cumsum([len(d.shards) for d in self._datasets])))
+        self._shards = [(d, info) for d in self._datasets for info in d.shards]
         self._batch = batch_size or 1
         self._shuffle = shuffle
         self._seed = seed
@@ -100,18 +131,27 @@ class StreamingDataset(_Base):
         self._yielded = 0
         self._cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self._cache_limit = parse_size(cache_limit)
-        if not isinstance(self._dataset.store, LocalStore):
-            if self._cache_dir is None:
-                raise StoreError(self._dataset.url, "", "a remote dataset needs a cache_dir on local disk")
-            self._check_cache_size()
-        self._first_rows = [np.asarray([b.first_row for b in s.batches], dtype=np.int64) for s in self._dataset.shards]
+        for dataset in self._datasets:
+            if not isinstance(dataset.store, LocalStore) and self._cache_dir is None:
+                raise StoreError(dataset.url, "", "a remote dataset needs a cache_dir on local disk")
+        self._check_cache_size()
+        self._first_rows = [np.asarray([b.first_row for b in info.batches], dtype=np.int64) for _, info in self._shards]
 
     # -- what is iterated ------------------------------------------------------------
 
     @property
     def dataset(self) -> Dataset:
-        """The dataset the samples come from."""
-        return self._dataset
+        """The dataset the samples come from (the first one of a mixture)."""
+        return self._datasets[0]
+
+    @property
+    def datasets(self) -> tuple[Dataset, ...]:
+        """Every dataset of the mixture, in the order given."""
+        return self._datasets
+
+    def shard(self, shard: int) -> tuple[Dataset, ShardInfo]:
+        """The dataset and index entry of shard number ``shard`` (numbered across the mixture)."""
+        return self._shards[shard]
 
     @property
     def epoch(self) -> int:
@@ -130,20 +170,22 @@ class StreamingDataset(_Base):
         rank, world = _rank_and_world(self._rank, self._world)
         return Layout(ranks=world, rank=rank, workers=workers, worker=worker, batch=self._batch)
 
-    def order(self) -> EpochOrder:
+    def order(self) -> EpochOrder | MixedOrder:
         """The global order of the current epoch."""
-        return EpochOrder(tuple(s.rows for s in self._dataset.shards), self._seed, self._epoch, self._shuffle,
-                          self._window)
+        rows = tuple(tuple(s.rows for s in d.shards) for d in self._datasets)
+        if len(rows) == 1 and self._counts[0] == len(self._datasets[0]):
+            return EpochOrder(rows[0], self._seed, self._epoch, self._shuffle, self._window)
+        return MixedOrder(rows, self._counts, self._seed, self._epoch, self._shuffle, self._window)
 
     def __len__(self) -> int:
         """Samples this rank reads in the rest of the current epoch (all its workers together)."""
-        return self.layout(_worker_count()).count(len(self._dataset), self._start, self._uneven)
+        return self.layout(_worker_count()).count(sum(self._counts), self._start, self._uneven)
 
     # -- iteration ----------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers, worker = _worker_info()
-        reader = self._reader()
+        reader = self.reader()
         decoded: OrderedDict[tuple[int, int], Columns] = OrderedDict()
         try:
             for shards, batches, rows in self.located(self.layout(workers, worker), reader):
@@ -160,7 +202,7 @@ class StreamingDataset(_Base):
         finally:
             reader.close()
 
-    def shard_rows(self, layout: Layout, reader: ShardReader) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def shard_rows(self, layout: Layout, reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """This consumer's samples of the epoch, in chunks of (shard, row within shard) arrays.
 
         Plans ``reader`` ahead of each chunk (what to keep mapped, prefetch
@@ -176,7 +218,7 @@ class StreamingDataset(_Base):
             reader.plan(order.samples(positions[begin:begin + 2 * chunk])[0].tolist())
             yield order.samples(positions[begin:begin + chunk])
 
-    def located(self, layout: Layout, reader: ShardReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def located(self, layout: Layout, reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Like :meth:`shard_rows`, with each row as (record batch, row within that batch)."""
         for shards, rows in self.shard_rows(layout, reader):
             batches = np.empty_like(rows)
@@ -189,34 +231,42 @@ class StreamingDataset(_Base):
             yield shards, batches, rows - firsts
 
     def _source(self, shard: int) -> tuple[str, str]:
-        return self._dataset.url, self._dataset.shards[shard].path
+        dataset, info = self._shards[shard]
+        return dataset.url, info.path
 
     def count_consumed(self, samples: int) -> None:
         """Record that ``samples`` more samples were handed to the trainer by this process (for :meth:`state_dict`)."""
         self._yielded += samples
 
-    def reader(self) -> ShardReader:
-        """A new reader of this dataset's shards (close it when done)."""
-        return self._reader()
+    def reader(self) -> ShardReader | MixedReader:
+        """A new reader of this dataset's shards, numbered as :meth:`shard` numbers them (close it when done)."""
+        readers = [self._reader(d) for d in self._datasets]
+        return readers[0] if len(readers) == 1 else MixedReader(readers, self._shard_offsets)
 
-    def _reader(self) -> ShardReader:
-        if isinstance(self._dataset.store, LocalStore):
-            return ShardReader(self._dataset, None, None, prefetch_shards=0)
+    def _reader(self, dataset: Dataset) -> ShardReader:
+        if isinstance(dataset.store, LocalStore):
+            return ShardReader(dataset, None, None, prefetch_shards=0)
         policy = FurthestInFuture()
         assert self._cache_dir is not None
-        cache = ShardCache(self._dataset.store, self._cache_dir, self._cache_limit, policy=policy)
-        return ShardReader(self._dataset, cache, policy, prefetch_shards=self._prefetch)
+        cache = ShardCache(dataset.store, self._cache_dir, self._cache_limit, policy=policy)
+        return ShardReader(dataset, cache, policy, prefetch_shards=self._prefetch)
 
     def _check_cache_size(self) -> None:
-        shards = self._dataset.shards
-        need = shard_bytes_needed([s.rows for s in shards], [s.bytes for s in shards],
-                                  self.order().shard_sequence().tolist(), self._window, self._shuffle,
-                                  self._prefetch)
+        """Fail now if the remote datasets' shards that two shuffle windows touch, plus the prefetch, exceed the cache."""
+        order = self.order()
+        need = 0
+        for d, dataset in enumerate(self._datasets):
+            if isinstance(dataset.store, LocalStore):
+                continue
+            shards = dataset.shards
+            sequence = order.shard_sequence() if isinstance(order, EpochOrder) else order.stream(d, 0).shard_sequence()
+            need += shard_bytes_needed([s.rows for s in shards], [s.bytes for s in shards], sequence.tolist(),
+                                       self._window, self._shuffle, self._prefetch)
         if self._cache_limit < need:
-            raise StoreError(self._dataset.url, "", f"cache_limit={self._cache_limit} bytes is below the "
-                             f"{need} bytes this order needs (two shuffle windows of shards plus "
-                             f"{self._prefetch} prefetched)", f"raise cache_limit to at least {need}, or shrink "
-                             "shuffle_window or prefetch_shards")
+            urls = ", ".join(d.url for d in self._datasets if not isinstance(d.store, LocalStore))
+            raise StoreError(urls, "", f"cache_limit={self._cache_limit} bytes is below the {need} bytes this order "
+                             f"needs (two shuffle windows of shards plus {self._prefetch} prefetched)",
+                             f"raise cache_limit to at least {need}, or shrink shuffle_window or prefetch_shards")
 
     # -- resumption -------------------------------------------------------------------
 
@@ -235,7 +285,8 @@ class StreamingDataset(_Base):
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": self._epoch, "consumed": int(consumed),
             "seed": self._seed, "shuffle": self._shuffle, "shuffle_window": self._window,
-            "datasets": [{"url": self._url, "index_xxh3": self._dataset.index_xxh3, "weight": 1.0}],
+            "epoch_size": self._epoch_size,
+            "datasets": [{"url": d.url, "index_xxh3": d.index_xxh3, "weight": w} for d, w in zip(self._datasets, self._weights)],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -250,7 +301,7 @@ class StreamingDataset(_Base):
                                  f"{state.get('format')!r} v{state.get('version')!r}")
         mine = self.state_dict(consumed=0)
         differences = [f"{key}: saved {state.get(key)!r}, now {mine[key]!r}"
-                       for key in ("seed", "shuffle", "shuffle_window") if state.get(key) != mine[key]]
+                       for key in ("seed", "shuffle", "shuffle_window", "epoch_size") if state.get(key) != mine[key]]
         saved = state.get("datasets", [])
         if len(saved) != len(mine["datasets"]):
             differences.append(f"datasets: saved {len(saved)}, now {len(mine['datasets'])}")
@@ -293,3 +344,20 @@ def _worker_info() -> tuple[int, int]:
 
 def _worker_count() -> int:
     return _worker_info()[0]
+
+
+def _sources(url: object) -> list[tuple[str, float | None]]:
+    """``(url, weight or None)`` of each dataset named by a StreamingDataset's first argument."""
+    if isinstance(url, (str, os.PathLike)):
+        return [(os.fspath(url), None)]
+    if not isinstance(url, Sequence) or not url:
+        raise ValueError(f"{url!r}: give a dataset URL, or a non-empty list of URLs or (URL, weight) pairs")
+    specs: list[tuple[str, float | None]] = []
+    for item in url:
+        if isinstance(item, (str, os.PathLike)):
+            specs.append((os.fspath(item), None))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, os.PathLike)):
+            specs.append((os.fspath(item[0]), float(item[1])))
+        else:
+            raise ValueError(f"{item!r}: each dataset is a URL or a (URL, weight) pair")
+    return specs

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from trainio.loaders import DatasetWriter, ResumeMismatch, StreamingDataset
+from trainio.loaders import DatasetWriter, Loader, ResumeMismatch, StreamingDataset
 from trainio.storage import IntegrityError, S3Store, ShardCache, StoreError
 
 ROWS = 2003  # not a multiple of any batch or layout
@@ -147,6 +147,23 @@ def test_remote_dataset_through_a_cache_smaller_than_the_dataset(
     dataset = StreamingDataset(s3_url, cache_dir=tmp_path / "cache", cache_limit=limit, shuffle_window=128,
                                prefetch_shards=1, seed=3)
     assert sorted(ids(dataset)) == list(range(ROWS))
+    cached = sum(f.stat().st_size for f in (tmp_path / "cache" / "objects").rglob("*") if f.is_file())
+    assert cached <= limit
+
+
+def test_the_loader_reads_a_remote_dataset_through_a_small_cache_mixed_with_a_local_one(
+    s3_store: S3Store, s3_url: str, local: Path, tmp_path: Path
+) -> None:
+    write_dataset(s3_store, shard_bytes=8_000)
+    sizes = [s3_store.size(k) for k in s3_store.list("shards")]
+    limit = sum(sizes) * 6 // 10
+    sources = [(local, 1.0), (s3_url, 1.0)]
+    dataset = StreamingDataset(sources, cache_dir=tmp_path / "cache", cache_limit=limit, shuffle_window=128,
+                               prefetch_shards=1, seed=3, batch_size=32)
+    loader = Loader(dataset, 32)
+    got = [i for batch in loader for i in batch["id"].tolist()]
+    assert sorted(got) == sorted(list(range(ROWS)) * 2)
+    assert loader.metrics()["cache_misses"] > 0
     cached = sum(f.stat().st_size for f in (tmp_path / "cache" / "objects").rglob("*") if f.is_file())
     assert cached <= limit
 
