@@ -62,7 +62,8 @@ class MixedOrder:
     def _taken(self, blocks: np.ndarray) -> np.ndarray:
         """Samples of each dataset in the first ``blocks`` blocks: shape (len(blocks), datasets)."""
         counts = np.asarray(self.counts, dtype=np.int64)
-        return (counts[None, :] * blocks[:, None]) // self._blocks
+        taken: np.ndarray = (counts[None, :] * blocks[:, None]) // self._blocks
+        return taken
 
     def shard_offsets(self) -> np.ndarray:
         """The first global shard number of each dataset."""

@@ -109,10 +109,10 @@ class StreamingDataset(_Base):
                 raise ValueError(f"{dataset.url}: its schema ({dataset.schema}) differs from {self._datasets[0].url}'s "
                                  f"({self._datasets[0].schema}); a mixture's datasets must share one schema")
         sizes = [len(d) for d in self._datasets]
-        given = [w for _, w in specs]
-        if any(w is None for w in given) and not all(w is None for w in given):
+        given = [w for _, w in specs if w is not None]
+        if given and len(given) != len(specs):
             raise ValueError("give a mixing weight for every dataset or for none")
-        self._weights = tuple(float(w) for w in given) if given[0] is not None else tuple(map(float, sizes))
+        self._weights = tuple(given) if given else tuple(map(float, sizes))
         if epoch_size is not None and epoch_size < 0:
             raise ValueError(f"epoch_size={epoch_size}: must be >= 0")
         self._counts = apportion(self._weights, sum(sizes) if epoch_size is None else epoch_size)
@@ -129,6 +129,7 @@ class StreamingDataset(_Base):
         self._epoch = 0
         self._start = 0
         self._yielded = 0
+        self._skip = 0
         self._cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self._cache_limit = parse_size(cache_limit)
         for dataset in self._datasets:
@@ -164,6 +165,7 @@ class StreamingDataset(_Base):
             self._epoch = epoch
             self._start = 0
             self._yielded = 0
+            self._skip = 0
 
     def layout(self, workers: int = 1, worker: int = 0) -> Layout:
         """This process's place in the job (rank, world size) for a given worker."""
@@ -209,7 +211,7 @@ class StreamingDataset(_Base):
         and evict). Used by :meth:`located` and by :class:`Loader`.
         """
         order = self.order()
-        positions = layout.positions(order.size, self._start, self._uneven)
+        positions = layout.positions(order.size, self._start, self._uneven)[self._skip:]
         # A chunk never spans more than one shuffle window, so the shards it and the next
         # chunk touch (those kept mapped) fit the cache that _check_cache_size asked for.
         consumers = layout.ranks * layout.workers
@@ -273,21 +275,38 @@ class StreamingDataset(_Base):
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """Where the epoch stands, as JSON-able data naming what it belongs to.
 
-        Args:
-            consumed: Samples of the epoch's global sequence consumed so far,
-                across all ranks (``steps * global batch``). Leave it None when
-                this process iterates the dataset itself (no DataLoader
-                workers): it is then counted, in whole global batches.
+        Three ways to take it:
+
+        - ``state_dict(consumed=steps * global_batch)`` anywhere: the samples
+          of the epoch's global sequence consumed so far, across all ranks.
+          Resumable under any layout.
+        - ``state_dict()`` in the process that iterates the dataset itself
+          (no DataLoader workers, or through :class:`Loader`): counted here,
+          in whole global batches. Resumable under any layout.
+        - ``state_dict()`` inside a DataLoader worker, as torchdata's
+          ``StatefulDataLoader`` calls it: this worker's own position, which
+          only the same worker of a DataLoader with as many workers can
+          resume (torchdata's convention).
         """
+        worker = None
         if consumed is None:
-            layout = self.layout()
-            consumed = self._start + (self._yielded // layout.batch) * layout.batch * layout.ranks
-        return {
+            workers, worker_id = _worker_info()
+            if _in_worker():
+                consumed = self._start
+                worker = {"id": worker_id, "workers": workers, "yielded": self._skip + self._yielded}
+            else:
+                layout = self.layout()
+                consumed = self._start + (self._yielded // layout.batch) * layout.batch * layout.ranks
+        state = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": self._epoch, "consumed": int(consumed),
             "seed": self._seed, "shuffle": self._shuffle, "shuffle_window": self._window,
             "epoch_size": self._epoch_size,
-            "datasets": [{"url": d.url, "index_xxh3": d.index_xxh3, "weight": w} for d, w in zip(self._datasets, self._weights)],
+            "datasets": [{"url": d.url, "index_xxh3": d.index_xxh3, "weight": w}
+                         for d, w in zip(self._datasets, self._weights)],
         }
+        if worker is not None:
+            state["worker"] = worker
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where ``state`` was taken, under this (possibly different) layout.
@@ -317,6 +336,19 @@ class StreamingDataset(_Base):
         self._epoch = int(state["epoch"])
         self._start = int(state["consumed"])
         self._yielded = 0
+        self._skip = self._worker_skip(state.get("worker"))
+
+    def _worker_skip(self, saved: dict[str, int] | None) -> int:
+        """How many of this worker's samples a per-worker state says were consumed (0 for a global state)."""
+        if saved is None:
+            return 0
+        workers, worker = _worker_info()
+        if (saved.get("workers"), saved.get("id")) != (workers, worker):
+            raise ResumeMismatch(f"this state is DataLoader worker {saved.get('id')} of {saved.get('workers')}'s "
+                                 f"own position; it cannot resume worker {worker} of {workers}: resume it with as "
+                                 "many workers, or save a global position with state_dict(consumed=steps * "
+                                 "global_batch)")
+        return int(saved["yielded"])
 
 
 def _rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -340,6 +372,14 @@ def _worker_info() -> tuple[int, int]:
         return 1, 0
     info = get_worker_info()
     return (1, 0) if info is None else (info.num_workers, info.id)
+
+
+def _in_worker() -> bool:
+    try:
+        from torch.utils.data import get_worker_info
+    except ImportError:
+        return False
+    return get_worker_info() is not None
 
 
 def _worker_count() -> int:

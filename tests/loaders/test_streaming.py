@@ -216,3 +216,39 @@ def test_gloo_ranks_with_dataloader_workers_read_each_sample_once(local: Path, t
     steps = [per_rank[r][t * 8:(t + 1) * 8] for t in range(len(per_rank[0]) // 8 + 1) for r in range(2)]
     assert [i for s in steps for i in s] == reference
     assert torch.distributed.is_available()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torchdata_stateful_dataloader_resumes_exactly(local: Path, workers: int) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader(dataset: StreamingDataset) -> StatefulDataLoader:
+        return StatefulDataLoader(dataset, batch_size=16, num_workers=workers)
+
+    full = [int(i) for batch in loader(StreamingDataset(local, seed=6, batch_size=16)) for i in batch["id"]]
+    first_job = loader(StreamingDataset(local, seed=6, batch_size=16))
+    seen = []
+    for step, batch in enumerate(first_job):
+        seen.extend(int(i) for i in batch["id"])
+        if step == 20:
+            break
+    state = first_job.state_dict()
+    del first_job
+    second_job = loader(StreamingDataset(local, seed=6, batch_size=16))
+    second_job.load_state_dict(state)
+    rest = [int(i) for batch in second_job for i in batch["id"]]
+    assert seen + rest == full
+
+
+def test_a_worker_state_cannot_resume_another_worker_count(local: Path) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    job = StatefulDataLoader(StreamingDataset(local, seed=6, batch_size=16), batch_size=16, num_workers=2)
+    for step, _ in enumerate(job):
+        if step == 3:
+            break
+    state = job.state_dict()
+    worker_state = next(iter(state["_snapshot"]["_worker_snapshots"].values()))["dataset_state"]
+    assert worker_state["worker"]["workers"] == 2
+    with pytest.raises(ResumeMismatch, match="cannot resume worker 0 of 1"):
+        StreamingDataset(local, seed=6, batch_size=16).load_state_dict(worker_state)
