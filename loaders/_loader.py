@@ -14,7 +14,7 @@ import numpy as np
 
 from trainio.storage import TrainioError
 
-from ._assemble import Group, Lists, Staging, _Picks, assemble_group
+from ._assemble import Group, Lease, Lists, Staging, _Picks, assemble_group
 from ._rows import ShardRows
 from ._streaming import StreamingDataset
 
@@ -288,14 +288,15 @@ class _Run:
                           if isinstance(v, np.ndarray) else v for k, v in b.items()} for b in batches]
                 event = torch.cuda.Event()
                 event.record(self.stream)
+            self.slots[index].leases()  # the copy's event, not the host arrays, says when the slot is free
             with self.inflight_lock:
                 self.inflight.append((event, index))
             return [(b, n, size, event) for b, n, size in zip(moved, sizes, nbytes)]
-        views = [{k: v[...] if isinstance(v, np.ndarray) else v for k, v in b.items()} for b in batches]
-        _free_when_collected([v for b in views for v in b.values() if isinstance(v, np.ndarray)], self.free, index)
+        _free_when_released(self.slots[index].leases(), self.free, index)
         if torch is not None:
-            views = [{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in b.items()} for b in views]
-        return [(b, n, size, None) for b, n, size in zip(views, sizes, nbytes)]
+            batches = [{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in b.items()}
+                       for b in batches]
+        return [(b, n, size, None) for b, n, size in zip(batches, sizes, nbytes)]
 
 
 def _wait_on_device(torch: Any, device: Any, batch: dict[str, Any], event: Any) -> None:
@@ -307,8 +308,9 @@ def _wait_on_device(torch: Any, device: Any, batch: dict[str, Any], event: Any) 
             value.record_stream(stream)
 
 
-def _free_when_collected(arrays: list[np.ndarray], free: queue.Queue[int], index: int) -> None:
-    remaining = [len(arrays)]
+def _free_when_released(leases: list[Lease], free: queue.Queue[int], index: int) -> None:
+    """Put slot ``index`` back in ``free`` once every one of ``leases`` has died."""
+    remaining = [len(leases)]
     lock = threading.Lock()
 
     def released() -> None:
@@ -317,10 +319,10 @@ def _free_when_collected(arrays: list[np.ndarray], free: queue.Queue[int], index
             if remaining[0] == 0:
                 free.put(index)
 
-    if not arrays:
+    if not leases:
         free.put(index)
-    for array in arrays:
-        weakref.finalize(array, released)
+    for lease in leases:
+        weakref.finalize(lease, released)
 
 
 def _is_cuda(loader: Loader) -> bool:
