@@ -52,9 +52,20 @@ class Dataset:
                            "a dataset exists only once its writer has closed; re-run the writer") from exc
         self._index = DatasetIndex.from_json(raw, url=self._store.url)
         self._index_xxh3 = digest(raw)
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
         self._lock = threading.Lock()
         self._batches: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
         self._maps: OrderedDict[int, pa.Buffer] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The index travels as it was read, so a copy in another process never sees a newer dataset.
+        return {"_store": self._store, "_index": self._index, "_index_xxh3": self._index_xxh3}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
 
     @property
     def store(self) -> Store:

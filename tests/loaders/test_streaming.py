@@ -252,3 +252,13 @@ def test_a_worker_state_cannot_resume_another_worker_count(local: Path) -> None:
     assert worker_state["worker"]["workers"] == 2
     with pytest.raises(ResumeMismatch, match="cannot resume worker 0 of 1"):
         StreamingDataset(local, seed=6, batch_size=16).load_state_dict(worker_state)
+
+
+def test_a_spawned_dataloader_gets_the_dataset_as_it_was_opened(local: Path) -> None:
+    import pickle
+
+    dataset = StreamingDataset(local, seed=2, batch_size=16)
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert ids(copy) == ids(dataset)
+    loader = DataLoader(dataset, batch_size=16, num_workers=2, multiprocessing_context="spawn")
+    assert sorted(int(i) for batch in loader for i in batch["id"]) == list(range(ROWS))
