@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._gather import copy_ranges, gather_rows
+from ._gather import copy_ranges, fill_ranges, gather_rows
 from ._rows import FieldRows, ShardRows
 
 Lists = Literal["pad", "pack"]
@@ -125,15 +125,23 @@ def assemble_group(group: Group, slot: Staging, *, lists: Lists, pad_to: int | N
     return batches
 
 
+def shards_in(shards: np.ndarray) -> list[int]:
+    """The distinct shard numbers in ``shards``, ascending."""
+    if shards.size == 0:
+        return []
+    low = int(shards.min())
+    return (np.flatnonzero(np.bincount(shards - low)) + low).tolist()
+
+
 class _Picks:
     """The samples of a group, split by shard, with the per-field address lookups batch assembly needs."""
 
     def __init__(self, group: Group) -> None:
         self.n = int(group.rows.size)
         self._parts: list[tuple[ShardRows, np.ndarray, np.ndarray]] = []
-        unique = np.unique(group.shards)
-        for shard in unique.tolist():
-            where = np.arange(self.n) if unique.size == 1 else np.flatnonzero(group.shards == shard)
+        unique = shards_in(group.shards)
+        for shard in unique:
+            where = np.arange(self.n) if len(unique) == 1 else np.flatnonzero(group.shards == shard)
             self._parts.append((group.tables[shard], where, group.rows[where]))
         first = self._parts[0][0]
         self.names: list[str] = [*first.fields, *first.other]
@@ -252,12 +260,14 @@ def _pad(name: str, field: FieldRows, picks: _Picks, lengths: np.ndarray, slot: 
 
 def _fill_tails(padded: np.ndarray, kept: np.ndarray, pad_value: int) -> None:
     """Set every element past a row's length to ``pad_value``."""
-    width = padded.shape[1]
+    count, width = padded.shape
     short = np.flatnonzero(kept < width)
     if short.size == 0:
         return
-    if padded.itemsize * width < _BIG_ROW:
+    size = padded.itemsize
+    if size * width < _BIG_ROW or (pad_value != 0 and size != 1):
         padded.fill(pad_value)
         return
-    for row, length in zip(short.tolist(), kept[short].tolist()):
-        padded[row, length:] = pad_value
+    row_bytes = width * size
+    fill_ranges(padded.view(np.uint8).reshape(-1), short * row_bytes + kept[short] * size,
+                (width - kept[short]) * size, int(np.array([pad_value], dtype=padded.dtype).view(np.uint8)[0]))

@@ -63,6 +63,7 @@ def gather_rows(out: np.ndarray, addresses: np.ndarray, low: int, high: int) -> 
 
 
 _memmove: Any = ctypes.memmove
+_memset: Any = ctypes.memset
 
 
 def copy_ranges(destination: np.ndarray, starts: np.ndarray, addresses: np.ndarray, lengths: np.ndarray) -> None:
@@ -83,3 +84,15 @@ def copy_ranges(destination: np.ndarray, starts: np.ndarray, addresses: np.ndarr
     for target, source, size in zip((starts[first] + base).tolist(), addresses[first].tolist(), totals.tolist()):
         if size:
             _memmove(target, source, size)
+
+
+def fill_ranges(destination: np.ndarray, starts: np.ndarray, lengths: np.ndarray, byte: int) -> None:
+    """Set ``lengths[i]`` bytes from byte ``starts[i]`` of ``destination`` (uint8, contiguous) to ``byte``."""
+    if lengths.size == 0:
+        return
+    if int(starts.min()) < 0 or int((starts + lengths).max()) > destination.nbytes:
+        raise ValueError("fill_ranges: a range lies outside the destination")
+    base = destination.ctypes.data
+    for target, size in zip((starts + base).tolist(), lengths.tolist()):
+        if size:
+            _memset(target, byte, size)

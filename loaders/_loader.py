@@ -14,7 +14,7 @@ import numpy as np
 
 from trainio.storage import TrainioError
 
-from ._assemble import Group, Lease, Lists, Staging, _Picks, assemble_group
+from ._assemble import Group, Lease, Lists, Staging, _Picks, assemble_group, shards_in
 from ._rows import ShardRows
 from ._streaming import StreamingDataset
 
@@ -147,7 +147,7 @@ class _Run:
 
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
-        ahead = max(loader._threads, -(-loader._prefetch // loader._group_batches))
+        ahead = loader._threads + max(1, -(-loader._prefetch // loader._group_batches))
         self.ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
         self.free: queue.Queue[int] = queue.Queue()
         self.slots = [Staging(self._allocator()) for _ in range(ahead + 2)]
@@ -199,7 +199,7 @@ class _Run:
         try:
             for chunk_shards, chunk_rows in dataset.shard_rows(dataset.layout(), self.reader):
                 shards, rows = np.concatenate((shards, chunk_shards)), np.concatenate((rows, chunk_rows))
-                tables = {s: tables.get(s) or self._table(s) for s in np.unique(shards).tolist()}
+                tables = {s: tables.get(s) or self._table(s) for s in shards_in(shards)}
                 start = 0
                 while shards.size - start >= group_rows:
                     if not self._submit(shards[start:start + group_rows], rows[start:start + group_rows], tables):
@@ -224,7 +224,7 @@ class _Run:
     def _submit(self, shards: np.ndarray, rows: np.ndarray, tables: dict[int, ShardRows]) -> bool:
         size = self.loader._batch_size
         sizes = (size,) * (rows.size // size) + ((rows.size % size,) if rows.size % size else ())
-        group = Group(shards, rows, sizes, {s: tables[s] for s in np.unique(shards).tolist()})
+        group = Group(shards, rows, sizes, {s: tables[s] for s in shards_in(shards)})
         index = None if self.loader._collate is not None else self._take_slot()
         return self._put(self.pool.submit(self._assemble, group, index))
 

@@ -6,6 +6,7 @@ property (exactly once, the same order under any layout) is testable alone.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,7 +74,7 @@ class EpochOrder:
             mask = runs == run
             first = int(run) * self.window
             length = min(self.window, self.size - first)
-            permutation = generator(self.seed, self.epoch, int(run)).permutation(length)
+            permutation = _window_permutation(self.seed, self.epoch, int(run), length)
             result[mask] = first + permutation[positions[mask] - first]
         return result
 
@@ -132,6 +133,14 @@ class Layout:
             layout = Layout(self.ranks, self.rank, self.workers, worker, self.batch)
             total += layout.positions(size, start, uneven).size
         return total
+
+
+@functools.lru_cache(maxsize=4)
+def _window_permutation(seed: int, epoch: int, run: int, length: int) -> np.ndarray:
+    """The order of one shuffle window (kept for the next few calls: consumers read a window in many chunks)."""
+    permutation = generator(seed, epoch, run).permutation(length)
+    permutation.flags.writeable = False
+    return permutation
 
 
 def generator(*key: int) -> np.random.Generator:

@@ -193,3 +193,12 @@ def test_numpy_batches_without_torch(uniform: Path, monkeypatch: pytest.MonkeyPa
     assert all(isinstance(b["tokens"], np.ndarray) for b in batches)
     for batch in batches:
         assert np.array_equal(batch["tokens"], expected[batch["id"]])
+
+
+@pytest.mark.parametrize("pad_value", [7, 255])
+def test_long_rows_are_padded_with_the_pad_value(images: Path, pad_value: int) -> None:
+    batch = next(iter(Loader(StreamingDataset(images, shuffle=False), 10, pad_value=pad_value)))
+    lengths = batch["image_lengths"].tolist()
+    assert max(lengths) > min(lengths)
+    for row, length in zip(batch["image"], lengths):
+        assert (row[length:] == pad_value).all()
