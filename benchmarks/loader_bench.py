@@ -51,15 +51,12 @@ Quick:  python benchmarks/loader_bench.py --size 256MB --image-size 256MB --repe
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib
 import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
-import re
 import shutil
 import statistics
 import sys
@@ -80,7 +77,7 @@ import pyarrow.ipc as ipc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from _report import markdown_table  # type: ignore[import-not-found]  # beside this script
+from _report import machine as report_machine, machine_lines, markdown_table  # type: ignore[import-not-found]  # beside this script
 from trainio.loaders import DatasetWriter, Loader, StreamingDataset, parse_size
 
 TOKENS, VOCAB = 2048, 50257
@@ -530,13 +527,23 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
                                                              batch_size=None), shutdown_loader)
         ours = Holder(lambda shuffle=shuffle: data_loader(StreamingDataset(path, shuffle=shuffle, seed=seed,
                                                                             batch_size=BATCH)), shutdown_loader)
+        collated = Holder(lambda shuffle=shuffle: collating_loader(path, shuffle, seed), shutdown_loader)
         found += [
             Contender(work.name, order, "DataLoader ceiling: raw Arrow batches", "DataLoader",
                       lambda _, h=ceiling: per_batch(h.value, ceiling_count), path, ceiling.setup, ceiling.teardown),
             Contender(work.name, order, "trainio StreamingDataset in DataLoader", "DataLoader",
                       lambda _, h=ours: per_batch(h.value, lambda b: count(b[key])), path, ours.setup, ours.teardown),
+            Contender(work.name, order, "trainio StreamingDataset in DataLoader, collate_fn=ds.collate()",
+                      "DataLoader", lambda _, h=collated: per_batch(h.value, lambda b: loader_count(b, key)), path,
+                      collated.setup, collated.teardown),
         ]
     return found
+
+
+def collating_loader(path: Path, shuffle: bool, seed: int) -> DataLoader[Any]:
+    """A stock DataLoader over our StreamingDataset whose batches are built by the dataset's own collate."""
+    dataset = StreamingDataset(path, shuffle=shuffle, seed=seed, batch_size=BATCH)
+    return data_loader(dataset, collate_fn=dataset.collate())
 
 
 def limit_contenders(work: Workload, path: Path, seed: int) -> list[Contender]:
@@ -696,18 +703,7 @@ def measure(c: Contender, work: Workload, repeat: int) -> None:
 
 
 def machine(root: Path) -> dict[str, Any]:
-    meminfo = Path("/proc/meminfo").read_text().split()
-    model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    installed = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()}
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": f"{os.cpu_count()} x {model.group(1) if model else platform.processor()}",
-        "memory_gb": round(int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024 / 1e9, 1),
-        "os": f"{platform.system()} {platform.release()}",
-        "python": f"{platform.python_version()} ({sys.prefix})",
-        "versions": {name: installed.get(name, "not installed") for name in VERSIONS},
-        "dir": str(root),
-    }
+    return {**report_machine(VERSIONS), "dir": str(root)}
 
 
 def run_workload(work: Workload, root: Path, args: argparse.Namespace, notes: list[str]) -> list[Contender]:
@@ -780,7 +776,7 @@ def target_of(c: Contender) -> tuple[str, str]:
         return "gbps", "10" if (c.workload, c.order) == ("tokens", IN_ORDER) else "8"
     if c.name.startswith("trainio StreamingDataset, per sample") and c.workload == "tokens":
         return "sps", "500000" if c.order == IN_ORDER else "400000"
-    if c.name == "trainio StreamingDataset in DataLoader":
+    if c.name.startswith("trainio StreamingDataset in DataLoader"):
         return "ceiling", "0.9"
     return "", ""
 
@@ -844,9 +840,7 @@ def summarize(found: list[Contender], works: dict[str, Workload]) -> list[dict[s
 
 def render(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
-    lines = [f"machine: {m['cpu']}, {m['memory_gb']} GB, {m['os']}, python {m['python']}",
-             "versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-             f"date: {m['date']}; data in {m['dir']}",
+    lines = [*machine_lines(m, m['dir']),
              "workloads: " + "; ".join(f"{w['name']}: {w['samples']} samples, {w['payload'] / 1e9:.3f} GB payload"
                                        for w in s["workloads"])
              + f"; batch {s['batch']}, {s['workers']} DataLoader workers; median of {s['repeat']} epochs "

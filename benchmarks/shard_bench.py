@@ -23,15 +23,12 @@ Run:  python benchmarks/shard_bench.py [--size 1GB] [--files 8] [--repeat 3] [--
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib
 import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
-import re
 import resource
 import shutil
 import statistics
@@ -51,7 +48,7 @@ import pyarrow.ipc as ipc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from _report import markdown_table  # type: ignore[import-not-found]  # beside this script
+from _report import machine as report_machine, machine_lines, markdown_table  # type: ignore[import-not-found]  # beside this script
 from trainio.loaders import parse_size, verify_dataset
 from trainio.tools._inputs import InputFormat
 from trainio.tools._sharding import ShardOptions, shard
@@ -303,19 +300,7 @@ def measure(found: list[Contender], work: Workload, out: Path, repeat: int) -> N
 
 
 def machine(root: Path) -> dict[str, Any]:
-    meminfo = Path("/proc/meminfo").read_text().split()
-    model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    installed = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()}
-    versions = {name: installed.get(name, "not installed") for name in VERSIONS}
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": f"{os.cpu_count()} x {model.group(1) if model else platform.processor()}",
-        "memory_gb": round(int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024 / 1e9, 1),
-        "os": f"{platform.system()} {platform.release()}",
-        "python": f"{platform.python_version()} ({sys.prefix})",
-        "versions": versions,
-        "local_dir": str(root),
-    }
+    return {**report_machine(VERSIONS), "local_dir": str(root)}
 
 
 def summarize(c: Contender, work: Workload, baseline: dict[str, float]) -> dict[str, Any]:
@@ -330,9 +315,7 @@ def summarize(c: Contender, work: Workload, baseline: dict[str, float]) -> dict[
 
 def render(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
-    lines = [f"machine: {m['cpu']}, {m['memory_gb']} GB, {m['os']}, python {m['python']}",
-             "versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-             f"date: {m['date']}; data in {m['local_dir']}",
+    lines = [*machine_lines(m, m['local_dir']),
              f"workload: {s['rows']} rows in {s['files']} files per format; "
              + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in s["input_bytes"].items())
              + f"; shards of {s['shard_bytes']} bytes; median of {s['repeat']}", ""]

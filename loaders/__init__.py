@@ -8,6 +8,7 @@ one, hashing every shard as it is written and committing the index last;
 
 from __future__ import annotations
 
+from ._collate import Collate
 from ._convert import infer_columns_schema, infer_schema
 from ._dataset import Dataset
 from ._index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
@@ -36,6 +37,7 @@ __all__ = [
     "Loader",
     "LoaderError",
     "BatchInfo",
+    "Collate",
     "Compression",
     "Dataset",
     "DatasetIndex",

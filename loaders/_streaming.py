@@ -8,9 +8,11 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from trainio.storage import FurthestInFuture, LocalStore, ShardCache, StoreError, TrainioError
 
+from ._collate import Collate
 from ._dataset import Dataset
 from ._index import ShardInfo
 from ._mixture import MixedOrder, MixedReader, apportion
@@ -25,6 +27,7 @@ _CHUNK = 8192
 _DECODED_BATCHES = 4096
 
 if TYPE_CHECKING:
+    from ._assemble import Lists
     _Base = object
 else:
     try:
@@ -171,6 +174,13 @@ class StreamingDataset(_Base):
         """This process's place in the job (rank, world size) for a given worker."""
         rank, world = _rank_and_world(self._rank, self._world)
         return Layout(ranks=world, rank=rank, workers=workers, worker=worker, batch=self._batch)
+
+    def collate(self, *, lists: Lists = "pad", pad_to: int | None = None, pad_value: int = 0) -> Collate:
+        """A DataLoader ``collate_fn`` that builds from this dataset's samples the batches :class:`Loader` builds."""
+        schema = self._datasets[0].schema
+        list_fields = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+                       or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+        return Collate(lists=lists, pad_to=pad_to, pad_value=pad_value, list_fields=list_fields)
 
     def order(self) -> EpochOrder | MixedOrder:
         """The global order of the current epoch."""

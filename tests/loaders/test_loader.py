@@ -202,3 +202,37 @@ def test_long_rows_are_padded_with_the_pad_value(images: Path, pad_value: int) -
     assert max(lengths) > min(lengths)
     for row, length in zip(batch["image"], lengths):
         assert (row[length:] == pad_value).all()
+
+
+@pytest.mark.parametrize("lists", ["pad", "pack"])
+def test_collate_in_a_dataloader_builds_the_loaders_batches(ragged: Path, lists: str) -> None:
+    from torch.utils.data import DataLoader
+
+    def batches(source: object) -> list[dict[str, object]]:
+        return [b for b in source]  # type: ignore[attr-defined]
+
+    ours = batches(Loader(StreamingDataset(ragged, seed=1, batch_size=8), 8, lists=lists))  # type: ignore[arg-type]
+    dataset = StreamingDataset(ragged, seed=1, batch_size=8)
+    theirs = batches(DataLoader(dataset, batch_size=8, collate_fn=dataset.collate(lists=lists)))  # type: ignore[arg-type]
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key  # type: ignore[arg-type]
+            else:
+                assert a[key] == b[key], key
+
+
+def test_collate_turns_bytes_into_uint8_rows(images: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from trainio.loaders import Collate
+
+    loader = DataLoader(StreamingDataset(images, shuffle=False, batch_size=16), batch_size=16, num_workers=2,
+                        collate_fn=Collate(lists="pack"))
+    first = next(iter(loader))
+    dataset = StreamingDataset(images, shuffle=False)
+    offsets = first["image_offsets"].tolist()
+    for j, sample in zip(range(16), dataset):
+        assert first["image"][offsets[j]:offsets[j + 1]].numpy().tobytes() == sample["image"]
