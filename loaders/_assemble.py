@@ -8,12 +8,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._gather import copy_ranges, fill_ranges, gather_rows
+from ._gather import copy_ranges, gather_rows
 from ._rows import FieldRows, ShardRows
 
 Lists = Literal["pad", "pack"]
 _ALIGN = 64
-_BIG_ROW = 4096
 
 
 class Lease:
@@ -252,22 +251,23 @@ def _pad(name: str, field: FieldRows, picks: _Picks, lengths: np.ndarray, slot: 
         padded = slot.array((count, width), field.dtype)
         kept = slot.array((count,), np.dtype(np.int64))
         np.minimum(mine, width, out=kept)
-        _fill_tails(padded, kept, pad_value)
-        starts = np.arange(count, dtype=np.int64) * (width * size)
-        copy_ranges(padded.view(np.uint8).reshape(-1), starts, addresses[begin:end], kept * size)
+        _copy_padded(padded, addresses[begin:end], kept, pad_value)
         batch[name], batch[f"{name}_lengths"] = padded, kept
 
 
-def _fill_tails(padded: np.ndarray, kept: np.ndarray, pad_value: int) -> None:
-    """Set every element past a row's length to ``pad_value``."""
+def _copy_padded(padded: np.ndarray, addresses: np.ndarray, kept: np.ndarray, pad_value: int) -> None:
+    """Row ``i`` of ``padded``: ``kept[i]`` elements from ``addresses[i]``, then ``pad_value`` to the end.
+
+    The padding is copied from a row of ``pad_value``, so rows and padding go
+    in one list of ranges (one system call, not a call per row).
+    """
     count, width = padded.shape
-    short = np.flatnonzero(kept < width)
-    if short.size == 0:
-        return
     size = padded.itemsize
-    if size * width < _BIG_ROW or (pad_value != 0 and size != 1):
-        padded.fill(pad_value)
-        return
-    row_bytes = width * size
-    fill_ranges(padded.view(np.uint8).reshape(-1), short * row_bytes + kept[short] * size,
-                (width - kept[short]) * size, int(np.array([pad_value], dtype=padded.dtype).view(np.uint8)[0]))
+    pad = np.full(width, pad_value, dtype=padded.dtype)
+    row_starts = np.arange(count, dtype=np.int64) * (width * size)
+    starts = np.empty(2 * count, dtype=np.int64)
+    sources = np.empty(2 * count, dtype=np.int64)
+    lengths = np.empty(2 * count, dtype=np.int64)
+    starts[0::2], sources[0::2], lengths[0::2] = row_starts, addresses, kept * size
+    starts[1::2], sources[1::2], lengths[1::2] = row_starts + kept * size, pad.ctypes.data, (width - kept) * size
+    copy_ranges(padded.view(np.uint8).reshape(-1), starts, sources, lengths)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -31,7 +34,16 @@ def test_a_row_past_the_span_is_refused() -> None:
         gather.gather_rows(np.empty((1, 10), np.uint8), np.array([base + 95]), base, base + 100)
 
 
-def test_ranges_are_copied_and_adjacent_ones_merged() -> None:
+@pytest.mark.parametrize("path", ["system call", "memmove", "system call refused"])
+def test_ranges_are_copied_and_adjacent_ones_merged(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "memmove":
+        monkeypatch.setattr(gather, "_vector", None)
+    elif path == "system call refused":
+        def refused(*args: object) -> int:
+            ctypes.set_errno(errno.EPERM)
+            return -1
+
+        monkeypatch.setattr(gather, "_vector", refused)
     source = np.arange(50, dtype=np.uint8)
     base = source.ctypes.data
     out = np.zeros(20, dtype=np.uint8)
@@ -41,6 +53,8 @@ def test_ranges_are_copied_and_adjacent_ones_merged() -> None:
     assert not out[7:10].any() and not out[15:].any()
     with pytest.raises(ValueError, match="outside the destination"):
         gather.copy_ranges(out, np.array([18]), addresses[:1], np.array([5]))
+    if path == "system call refused":
+        assert gather._vector is None, "a refused system call is not tried again"
 
 
 def test_list_offsets_outside_their_values_are_a_format_error() -> None:
