@@ -48,6 +48,7 @@ import pyarrow.ipc as ipc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from _files import fsync_path  # type: ignore[import-not-found]  # beside this script
 from _report import machine as report_machine, machine_lines, markdown_table  # type: ignore[import-not-found]  # beside this script
 from trainio.loaders import parse_size, verify_dataset
 from trainio.tools._inputs import InputFormat
@@ -131,14 +132,6 @@ def row_dicts(batch: pa.RecordBatch) -> Iterator[dict[str, Any]]:
     offsets, values = batch.column(2).offsets.to_numpy(), batch.column(2).values.to_numpy()
     for i in range(batch.num_rows):
         yield {"id": ids[i], "text": texts[i], "tokens": values[offsets[i]:offsets[i + 1]]}
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def pyarrow_convert(files: list[Path], fmt: str, out: Path) -> None:

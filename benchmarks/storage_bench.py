@@ -51,6 +51,7 @@ from boto3.s3.transfer import TransferConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests._seaweedfs
 
 from tests._seaweedfs import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, weed_binary  # noqa: E402
+from _files import fsync_path  # type: ignore[import-not-found]  # beside this script
 from _report import markdown_table  # type: ignore[import-not-found]  # noqa: E402  # beside this script
 from trainio.loaders import parse_size  # noqa: E402
 from trainio.storage import LocalStore, S3Options, S3Store, digest  # noqa: E402
@@ -107,14 +108,6 @@ def measure(row: Row, ours: Contender, theirs: Contender, repeat: int, *, warm: 
             del result
     print(f"  measured {row.operation} vs {row.baseline}", file=sys.stderr)
     return row
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def raw_put(path: Path, data: bytes) -> None:
