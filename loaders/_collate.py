@@ -43,19 +43,56 @@ class Collate:
         """One batch of ``samples`` (dicts with the same keys)."""
         if not samples:
             raise ValueError("Collate got an empty batch")
-        out: dict[str, Any] = {}
+        out = _Output()
         for name in samples[0]:
             values = [sample[name] for sample in samples]
             rows = _as_rows(values)
             if rows is None:
-                out[name] = values
+                out.batch[name] = values
             elif (name not in self.list_fields) if self.list_fields is not None else _same_shape(rows):
-                out[name] = np.stack(rows)
+                np.stack(rows, out=out.array(name, (len(rows), *rows[0].shape), rows[0].dtype))
             elif self.lists == "pack":
-                out[name], out[f"{name}_offsets"] = _pack(rows)
+                _pack(name, rows, out)
             else:
-                out[name], out[f"{name}_lengths"] = _pad(rows, self.pad_to, self.pad_value)
-        return _tensors(out)
+                _pad(name, rows, out, self.pad_to, self.pad_value)
+        return out.batch
+
+
+class _Output:
+    """A batch being built: arrays in shared memory inside a DataLoader worker (so handing the batch to the
+    trainer copies nothing, as with torch's default collate), plain memory elsewhere; tensors when torch is
+    installed."""
+
+    def __init__(self) -> None:
+        self.batch: dict[str, Any] = {}
+        try:
+            import torch
+            from torch.utils.data import get_worker_info
+        except ImportError:
+            self._torch = None
+            self._shared = False
+        else:
+            self._torch = torch
+            self._shared = get_worker_info() is not None
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        """A new array of ``shape`` and ``dtype`` that becomes ``batch[name]``."""
+        torch = self._torch
+        if torch is None:
+            array = np.empty(shape, dtype=dtype)
+            self.batch[name] = array
+            return array
+        kind = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        count = int(np.prod(shape, dtype=np.int64))
+        if self._shared:
+            # How torch's default collate allocates in a worker: straight into shared memory.
+            empty = torch.empty(0, dtype=kind)
+            tensor = empty.new(empty._typed_storage()._new_shared(count, device=empty.device)).resize_(shape)
+        else:
+            tensor = torch.empty(shape, dtype=kind)
+        self.batch[name] = tensor
+        view: np.ndarray = tensor.numpy()
+        return view
 
 
 def _as_rows(values: list[Any]) -> list[np.ndarray] | None:
@@ -78,27 +115,22 @@ def _same_shape(rows: list[np.ndarray]) -> bool:
     return all(r.shape == rows[0].shape for r in rows)
 
 
-def _pack(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.asarray([r.size for r in rows], dtype=np.int64)
-    offsets = np.concatenate(([0], np.cumsum(lengths)))
-    return np.concatenate([r.reshape(-1) for r in rows]), offsets
+def _pack(name: str, rows: list[np.ndarray], out: _Output) -> None:
+    offsets = out.array(f"{name}_offsets", (len(rows) + 1,), np.dtype(np.int64))
+    offsets[0] = 0
+    np.cumsum([r.size for r in rows], out=offsets[1:])
+    np.concatenate([r.reshape(-1) for r in rows], out=out.array(name, (int(offsets[-1]),), rows[0].dtype))
 
 
-def _pad(rows: list[np.ndarray], pad_to: int | None, pad_value: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(name: str, rows: list[np.ndarray], out: _Output, pad_to: int | None, pad_value: int) -> None:
     lengths = np.asarray([r.size for r in rows], dtype=np.int64)
     width = pad_to if pad_to is not None else int(lengths.max())
+    padded = out.array(name, (len(rows), width), rows[0].dtype)
+    kept = out.array(f"{name}_lengths", (len(rows),), np.dtype(np.int64))
+    np.minimum(lengths, width, out=kept)
     if bool((lengths == width).all()):
-        return np.stack([r.reshape(-1) for r in rows]), lengths
-    padded = np.full((len(rows), width), pad_value, dtype=rows[0].dtype)
-    for target, row in zip(padded, rows):
-        cut = min(row.size, width)
+        np.stack([r.reshape(-1) for r in rows], out=padded)
+        return
+    for target, row, cut in zip(padded, rows, kept.tolist()):
         target[:cut] = row.reshape(-1)[:cut]
-    return padded, np.minimum(lengths, width)
-
-
-def _tensors(batch: dict[str, Any]) -> dict[str, Any]:
-    try:
-        import torch
-    except ImportError:
-        return batch
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        target[cut:] = pad_value

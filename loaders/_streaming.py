@@ -176,7 +176,13 @@ class StreamingDataset(_Base):
         return Layout(ranks=world, rank=rank, workers=workers, worker=worker, batch=self._batch)
 
     def collate(self, *, lists: Lists = "pad", pad_to: int | None = None, pad_value: int = 0) -> Collate:
-        """A DataLoader ``collate_fn`` that builds from this dataset's samples the batches :class:`Loader` builds."""
+        """A DataLoader ``collate_fn`` that builds from this dataset's samples the batches :class:`Loader` builds.
+
+        Worth it where rows vary in length (binary, ragged lists): each batch
+        then crosses from a worker in a few shared-memory tensors instead of
+        one pickled object per sample. For fixed-length fields torch's
+        default collate is as good, and it sends one tensor less per list.
+        """
         schema = self._datasets[0].schema
         list_fields = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
                        or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
