@@ -233,10 +233,13 @@ class StreamingDataset(_Base):
         consumers = layout.ranks * layout.workers
         chunk = max(1, min(_CHUNK, self._window // consumers)) if self._shuffle else _CHUNK
         for begin in range(0, positions.size, chunk):
-            reader.plan(order.samples(positions[begin:begin + 2 * chunk])[0].tolist())
-            yield order.samples(positions[begin:begin + chunk])
+            shards, rows = order.samples(positions[begin:begin + 2 * chunk])
+            _, first_use = np.unique(shards, return_index=True)
+            reader.plan(shards[np.sort(first_use)].tolist())
+            yield shards[:chunk], rows[:chunk]
 
-    def located(self, layout: Layout, reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def located(self, layout: Layout,
+                reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Like :meth:`shard_rows`, with each row as (record batch, row within that batch)."""
         for shards, rows in self.shard_rows(layout, reader):
             batches = np.empty_like(rows)
