@@ -1,10 +1,18 @@
 """trainio.checkpoint: the tiered, asynchronous, verified checkpoint store.
 
-Nothing is public here yet: the checkpoint store arrives with a later
-milestone (see the project's issues). The package exists so the layout and
-the import direction ``tools -> checkpoint -> storage`` are fixed from the start.
+A :class:`CheckpointManager` saves training state (nested dicts of tensors,
+arrays, JSON values and objects with ``state_dict()``) to a list of
+:class:`Tier` s, fastest first: the save returns once the state is in host
+memory, a background thread writes it as a zarr v3 group plus a manifest
+(the commit point), and later tiers receive copies by promotion. Restores
+check every file's xxh3-128 and fall back to slower tiers.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._handle import SaveHandle, TierResult
+from ._manager import CheckpointManager
+from ._read import ReadReport
+from ._tier import Tier
+
+__all__ = ["CheckpointManager", "ReadReport", "SaveHandle", "Tier", "TierResult"]

@@ -204,6 +204,15 @@ class LocalStore(Store):
                     keys.append(name)
         return keys
 
+    def _list_dirs(self, prefix: str) -> list[str]:
+        top = self._path(prefix) if prefix else self._root
+        try:
+            with os.scandir(top) as entries:
+                return [e.name for e in entries
+                        if not e.name.startswith(TEMP_MARKER) and e.is_dir(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def _delete(self, key: str) -> None:
         path = self._path(key)
         with self._errors(key, "delete"):

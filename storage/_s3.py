@@ -19,7 +19,7 @@ import botocore.config
 import botocore.exceptions as bexc
 
 from ._buffers import new_bytes
-from ._keys import check_bounds, check_key, check_prefix
+from ._keys import TEMP_MARKER, check_bounds, check_key, check_prefix
 from ._parallel import run_all
 from ._s3_errors import ShortBody, describe, error_code, http_status, is_retryable, translate
 from ._s3_options import S3Options
@@ -410,6 +410,22 @@ class S3Store(Store):
                     except InvalidKey:
                         log.warning("[key=%s] skipping an object whose name is not a valid key", obj["Key"])
             return keys
+
+        return self._call("list", prefix, attempt)
+
+    def _list_dirs(self, prefix: str) -> list[str]:
+        base = f"{self._prefix}/" if self._prefix else ""
+        search = f"{base}{prefix}/" if prefix else base
+
+        def attempt() -> list[str]:
+            names: list[str] = []
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=search, Delimiter="/"):
+                for common in page.get("CommonPrefixes", ()):
+                    name = common["Prefix"][len(search):].rstrip("/")
+                    if name and not name.startswith(TEMP_MARKER):
+                        names.append(name)
+            return names
 
         return self._call("list", prefix, attempt)
 

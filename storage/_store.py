@@ -305,6 +305,18 @@ class Store(ABC):
         """
         return sorted(self._list(check_prefix(self.url, prefix)))
 
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """The names of the directory-like children of ``prefix`` ("" for the top), sorted.
+
+        ``list_dirs("a")`` returns ``b`` when ``a/b/c`` exists, without listing
+        what lies below: one round trip on object stores, however many keys.
+        """
+        return sorted(self._list_dirs(check_prefix(self.url, prefix)))
+
+    def _list_dirs(self, prefix: str) -> list[str]:
+        cut = len(prefix) + 1 if prefix else 0
+        return list({key[cut:].split("/", 1)[0] for key in self._list(prefix) if "/" in key[cut:]})
+
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
         self._delete(check_key(self.url, key))
@@ -380,6 +392,10 @@ class Store(ABC):
     async def list_async(self, prefix: str = "") -> builtins.list[str]:
         """Async twin of :meth:`list`."""
         return await self._offload(self.list, prefix)
+
+    async def list_dirs_async(self, prefix: str = "") -> builtins.list[str]:
+        """Async twin of :meth:`list_dirs`."""
+        return await self._offload(self.list_dirs, prefix)
 
     async def delete_async(self, key: str) -> None:
         """Async twin of :meth:`delete`."""

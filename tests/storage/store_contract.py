@@ -268,6 +268,15 @@ class StoreContract(ABC):
         assert store.list("b") == []
         assert store.list("missing") == []
 
+    def test_list_dirs_names_only_direct_children(self, store: Store) -> None:
+        for key in ("b", "a/2", "a/sub/3", "a/sub/deeper/4", "ab", "abc/4"):
+            store.put(key, b"x")
+        assert store.list_dirs() == ["a", "abc"]
+        assert store.list_dirs("a") == ["sub"]
+        assert store.list_dirs("a/sub/") == ["deeper"]
+        assert store.list_dirs("b") == []
+        assert store.list_dirs("missing") == []
+
     def test_list_many(self, store: Store) -> None:
         keys = [f"many/{i:04d}" for i in range(1100)]
         for key in keys:

@@ -1,0 +1,104 @@
+"""What a save returns: a handle on the step's progress through the tiers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from trainio.storage import CheckpointError
+
+Status = Literal["pending", "committed", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class TierResult:
+    """The fate of one step on one tier.
+
+    Attributes:
+        status: ``pending``; ``committed``; ``skipped`` (the tier's retention
+            does not keep this step, so it is not copied there); or ``failed``.
+        error: Why it failed ("" otherwise).
+        seconds: Time from the save call to the commit on this tier.
+        nbytes: Bytes of the step's files.
+    """
+
+    status: Status
+    error: str = ""
+    seconds: float = 0.0
+    nbytes: int = 0
+
+
+class SaveHandle:
+    """A step being saved: wait for it, poll it, read how each tier fared.
+
+    ``wait``/``done`` concern the first tier, where the step becomes
+    restorable; ``result`` waits for every tier, promotions included.
+    """
+
+    def __init__(self, step: int, tiers: list[str]) -> None:
+        self.step = step
+        self._start = time.perf_counter()
+        self._results: dict[str, TierResult] = {label: TierResult("pending") for label in tiers}
+        self._first = tiers[0]
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self.reported = False
+        self.blocked_s = 0.0
+        """Seconds ``save`` held the caller (snapshot, and waiting for a free staging slot)."""
+
+    def _set(self, tier: str, result: TierResult, error: BaseException | None = None) -> None:
+        with self._cond:
+            if result.status == "committed":
+                result = TierResult("committed", seconds=time.perf_counter() - self._start, nbytes=result.nbytes)
+            self._results[tier] = result
+            if tier == self._first and error is not None:
+                self._error = error
+            self._cond.notify_all()
+
+    def _settle_rest(self, status: Status, error: str = "") -> None:
+        """Give every still-pending tier the final ``status``."""
+        with self._cond:
+            for label, result in self._results.items():
+                if result.status == "pending":
+                    self._results[label] = TierResult(status, error)
+            self._cond.notify_all()
+
+    def done(self) -> bool:
+        """Whether the first tier has committed the step or failed to."""
+        with self._cond:
+            return self._results[self._first].status != "pending"
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the step is committed on the first tier.
+
+        Raises:
+            CheckpointError: the save failed (the message says why and where),
+                or ``timeout`` seconds passed first.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._results[self._first].status != "pending", timeout):
+                raise CheckpointError(f"step {self.step}: not committed after {timeout} s")
+            if self._error is not None:
+                self.reported = True
+                raise CheckpointError(f"step {self.step} was not saved: "
+                                      f"{self._results[self._first].error}") from self._error
+
+    def result(self, timeout: float | None = None) -> dict[str, TierResult]:
+        """Every tier's result, once none is pending (promotions included).
+
+        Raises:
+            CheckpointError: the first tier failed, or ``timeout`` passed.
+        """
+        self.wait(timeout)
+        with self._cond:
+            if not self._cond.wait_for(
+                    lambda: all(r.status != "pending" for r in self._results.values()), timeout):
+                raise CheckpointError(f"step {self.step}: promotion still running after {timeout} s")
+            return dict(self._results)
+
+    def __repr__(self) -> str:
+        with self._cond:
+            states = ", ".join(f"{k}={v.status}" for k, v in self._results.items())
+        return f"SaveHandle(step={self.step}, {states})"

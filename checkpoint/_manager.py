@@ -1,0 +1,431 @@
+"""CheckpointManager: save in the background, promote through the tiers, restore verified."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Self
+
+from trainio.storage import CheckpointError, Store, open_store
+
+from ._handle import SaveHandle, TierResult
+from ._manifest import Manifest
+from ._read import ReadReport, StepReader
+from ._snapshot import take_snapshot
+from ._staging import StagingPool
+from ._tier import Tier
+from ._tier_io import TierIO, describe, open_tier_io
+from ._tree import flatten
+from ._write import copy_step, write_snapshot
+
+log = logging.getLogger(__name__)
+
+_KEEP_HANDLES = 256
+
+
+class CheckpointManager:
+    """Saves training state to a list of tiers, fastest first, and restores it.
+
+    ``save`` returns once the state's tensors are copied to host memory; a
+    background thread writes them to the first tier, after which the step is
+    copied to each further tier that keeps it, and every tier applies its
+    retention. ``restore`` reads the newest committed step from the fastest
+    tier that has it, checking every file and falling back to slower tiers.
+
+    Args:
+        tiers: :class:`Tier` objects, URLs or mappings of Tier fields, fastest first.
+        async_save: Write in the background (default). With False, ``save``
+            returns once the first tier has committed (promotion still runs behind).
+        max_pending: Saves that may be in flight at once; the next ``save``
+            waits for one to finish. Host staging memory is this many copies of the state.
+        threads: Parallel file writers and readers.
+        promote_attempts: Tries per promotion of a step before it is reported as failed.
+        retry_backoff_s: Pause before the second try, doubling after each.
+    """
+
+    def __init__(self, tiers: Sequence[Tier | str | Mapping[str, Any]], *, async_save: bool = True,
+                 max_pending: int = 1, threads: int = 4, promote_attempts: int = 3,
+                 retry_backoff_s: float = 1.0) -> None:
+        if not tiers:
+            raise ValueError("a CheckpointManager needs at least one tier")
+        if max_pending < 1 or threads < 1 or promote_attempts < 1:
+            raise ValueError("max_pending, threads and promote_attempts must be >= 1")
+        self.tiers = [t if isinstance(t, Tier) else Tier.from_config(t) for t in tiers]
+        labels = [t.label for t in self.tiers]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"tier names must differ: {labels}")
+        self._io: list[TierIO] = [open_tier_io(self._store(t), t.label) for t in self.tiers]
+        self._async = async_save
+        self._threads = threads
+        self._attempts = promote_attempts
+        self._backoff = retry_backoff_s
+        self._staging = StagingPool(max_pending)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="trainio-ckpt-io")
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-save")
+        self._promoter = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-promote")
+        self._lock = threading.Lock()
+        self._in_use: Counter[tuple[int, int]] = Counter()
+        self._handles: dict[int, SaveHandle] = {}
+        self._failures: list[tuple[SaveHandle | None, CheckpointError]] = []
+        self._manifests: dict[tuple[int, int], Manifest] = {}
+        self._promotion_queued = False
+        self._closed = False
+        for io in self._io:
+            self._remove_debris(io)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> CheckpointManager:
+        """A manager from a mapping such as a parsed YAML section::
+
+            {"tiers": [{"url": "/nvme/ckpt", "keep_last": 2}, "s3://bucket/run"], "max_pending": 1}
+        """
+        options = dict(config)
+        tiers = options.pop("tiers", None)
+        if not isinstance(tiers, Sequence) or isinstance(tiers, str):
+            raise ValueError("the checkpoint config needs a 'tiers' list")
+        return cls(tiers, **options)
+
+    @staticmethod
+    def _store(tier: Tier) -> Store:
+        return tier.url if isinstance(tier.url, Store) else open_store(tier.url, options=tier.options)
+
+    # -- saving ---------------------------------------------------------------------
+
+    def save(self, step: int, state: Any) -> SaveHandle:
+        """Snapshot ``state`` as ``step`` and write it in the background.
+
+        Returns once every array is copied to host memory (waiting first if
+        ``max_pending`` saves are in flight); the caller may then change its
+        tensors. A value that cannot be checkpointed is refused here, naming
+        its place in the state.
+
+        Raises:
+            CheckpointError: an earlier save failed and was not yet reported,
+                or ``state`` holds something that cannot be saved.
+        """
+        self._check_open()
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step must be a non-negative int, not {step!r}")
+        self._raise_failures()
+        skeleton, leaves = flatten(state)
+        started = time.perf_counter()
+        slot = self._staging.acquire()
+        try:
+            snapshot = take_snapshot(skeleton, leaves, slot)
+        except BaseException:
+            slot.release()
+            raise
+        handle = SaveHandle(step, [t.label for t in self.tiers])
+        handle.blocked_s = time.perf_counter() - started
+        with self._lock:
+            self._handles[step] = handle
+            while len(self._handles) > _KEEP_HANDLES:
+                self._handles.pop(next(iter(self._handles)))
+        if self._async:
+            self._saver.submit(self._write_first, step, snapshot, handle)
+        else:
+            self._saver.submit(self._write_first, step, snapshot, handle).result()
+            handle.wait()
+        return handle
+
+    def _write_first(self, step: int, snapshot: Any, handle: SaveHandle) -> None:
+        io = self._io[0]
+        try:
+            manifest = write_snapshot(io, step, snapshot, self._previous(0, step), self._pool, self._threads)
+        except BaseException as exc:  # noqa: BLE001 - every failure is reported through the handle
+            error = CheckpointError(f"{io.label}: saving step {step} failed: {describe(exc)}")
+            error.__cause__ = exc
+            log.error("%s", error)
+            handle._set(io.label, TierResult("failed", describe(exc)), exc)
+            handle._settle_rest("skipped", "the first tier failed")
+            with self._lock:
+                self._failures.append((handle, error))
+            return
+        finally:
+            snapshot.release()
+        self._manifests[(0, step)] = manifest
+        handle._set(io.label, TierResult("committed", nbytes=manifest.nbytes))
+        self._retain(0)
+        if len(self._io) > 1:
+            self._schedule_promotion()
+        else:
+            handle._settle_rest("skipped")
+
+    def _previous(self, tier: int, step: int) -> Manifest | None:
+        """The manifest of the newest committed step before ``step`` on a tier (incremental saves)."""
+        earlier = [s for s in self._io[tier].steps() if s < step]
+        if not earlier:
+            return None
+        key = (tier, earlier[-1])
+        if key not in self._manifests:
+            try:
+                self._manifests[key] = self._io[tier].manifest(earlier[-1])
+            except Exception as exc:  # noqa: BLE001 - a bad previous step only costs the incremental saving
+                log.warning("%s: step %d unreadable, writing step %d in full: %s",
+                            self._io[tier].label, earlier[-1], step, describe(exc))
+                return None
+        return self._manifests[key]
+
+    # -- promotion and retention ------------------------------------------------------
+
+    def _schedule_promotion(self) -> None:
+        with self._lock:
+            if self._promotion_queued or self._closed:
+                return
+            self._promotion_queued = True
+        self._promoter.submit(self._promote_all)
+
+    def _promote_all(self) -> None:
+        with self._lock:
+            self._promotion_queued = False
+        for target in range(1, len(self._io)):
+            self._promote_into(target)
+        for tier in range(len(self._io)):
+            self._retain(tier)
+
+    def _wanted(self, target: int) -> list[int]:
+        """Steps on faster tiers that tier ``target`` keeps but lacks, oldest first."""
+        have = set(self._io[target].steps())
+        offered: set[int] = set()
+        for io in self._io[:target]:
+            offered.update(io.steps())
+        candidates = sorted(offered - have)
+        ranked = sorted(have | set(candidates), reverse=True)
+        newer = {s: i for i, s in enumerate(ranked)}
+        return [s for s in candidates if self.tiers[target].wants(s, newer[s])]
+
+    def _promote_into(self, target: int) -> None:
+        io = self._io[target]
+        try:
+            wanted = self._wanted(target)
+        except Exception as exc:  # noqa: BLE001 - an unreachable tier is reported, not raised in a thread
+            self._promotion_failed(target, None, exc)
+            return
+        for step in wanted:
+            source = next(i for i in range(target) if self._io[i].is_committed(step))
+            error: BaseException | None = None
+            for attempt in range(self._attempts):
+                if attempt:
+                    time.sleep(self._backoff * 2 ** (attempt - 1))
+                try:
+                    with self._using(source, step):
+                        manifest = copy_step(self._io[source], io, step, self._previous(target, step),
+                                             self._pool, self._threads)
+                    self._io[source].mark_known_good(step)
+                except CheckpointError as exc:
+                    if io.is_committed(step):  # another writer committed it: nothing left to do
+                        error = None
+                        manifest = io.manifest(step)
+                        break
+                    error = exc
+                except Exception as exc:  # noqa: BLE001 - retried, then reported
+                    error = exc
+                else:
+                    error = None
+                    break
+                log.warning("promoting step %d to %s, try %d of %d: %s", step, io.label, attempt + 1,
+                            self._attempts, describe(error))
+            if error is not None:
+                self._promotion_failed(target, step, error)
+                return
+            self._manifests[(target, step)] = manifest
+            handle = self._handles.get(step)
+            if handle is not None:
+                handle._set(io.label, TierResult("committed", nbytes=manifest.nbytes))
+            self._retain(target)
+        with self._lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            if handle._results[io.label].status == "pending" and handle.done():
+                handle._set(io.label, TierResult("skipped"))
+
+    def _promotion_failed(self, target: int, step: int | None, exc: BaseException) -> None:
+        io = self._io[target]
+        what = f"step {step}" if step is not None else "steps"
+        error = CheckpointError(f"{io.label}: promoting {what} failed after {self._attempts} tries: "
+                                f"{describe(exc)} (it is retried at the next save or promote())")
+        error.__cause__ = exc
+        log.error("%s", error)
+        with self._lock:
+            self._failures.append((None, error))
+            handles = list(self._handles.values())
+        for handle in handles:
+            if handle._results[io.label].status == "pending" and handle.done():
+                handle._set(io.label, TierResult("failed", describe(exc)))
+
+    def _retain(self, tier: int) -> None:
+        io = self._io[tier]
+        try:
+            steps = io.steps()
+            protected = {s for (t, s), n in self._in_use.items() if t == tier and n > 0}
+            known_good = io.last_known_good()
+            if known_good is not None:
+                protected.add(known_good)
+            for slower in range(tier + 1, len(self._io)):
+                protected.update(self._wanted(slower))
+            for step in self.tiers[tier].doomed(steps, protected):
+                io.delete(step)
+                self._manifests.pop((tier, step), None)
+                log.info("%s: retention deleted step %d", io.label, step)
+        except Exception as exc:  # noqa: BLE001 - retention is retried after the next commit
+            log.warning("%s: retention failed: %s", io.label, describe(exc))
+
+    @contextmanager
+    def _using(self, tier: int, step: int) -> Iterator[None]:
+        with self._lock:
+            self._in_use[(tier, step)] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_use[(tier, step)] -= 1
+                if not self._in_use[(tier, step)]:
+                    del self._in_use[(tier, step)]
+
+    def _remove_debris(self, io: TierIO) -> None:
+        try:
+            for name in io.debris():
+                io.remove_debris(name)
+                log.info("%s: removed %s, left by a writer that died", io.label, name)
+        except Exception as exc:  # noqa: BLE001 - leftovers are harmless: never listed as steps
+            log.warning("%s: could not remove leftovers: %s", io.label, describe(exc))
+
+    def promote(self) -> None:
+        """Copy now every step that a slower tier keeps but lacks; raise what failed.
+
+        Raises:
+            CheckpointError: a promotion failed after every retry.
+        """
+        self._check_open()
+        self._saver.submit(lambda: None).result()
+        self._promoter.submit(self._promote_all).result()
+        self._raise_failures()
+
+    # -- restoring ------------------------------------------------------------------
+
+    def _select(self, tiers: Sequence[str | int] | None) -> list[int]:
+        if tiers is None:
+            return list(range(len(self._io)))
+        chosen = []
+        for tier in tiers:
+            if isinstance(tier, int) and 0 <= tier < len(self._io):
+                chosen.append(tier)
+                continue
+            matches = [i for i, t in enumerate(self.tiers) if t.label == tier]
+            if not matches:
+                raise ValueError(f"no tier {tier!r}; tiers are {[t.label for t in self.tiers]}")
+            chosen.append(matches[0])
+        return sorted(set(chosen))
+
+    def steps(self) -> dict[str, list[int]]:
+        """The committed steps of each tier, oldest first."""
+        return {io.label: io.steps() for io in self._io}
+
+    def latest(self, tiers: Sequence[str | int] | None = None) -> int | None:
+        """The newest step committed on any (of the given) tiers, or None."""
+        found = [max(s) for s in (self._io[i].steps() for i in self._select(tiers)) if s]
+        return max(found) if found else None
+
+    def restore(self, step: int | None = None, *, into: Any = None, keys: Sequence[str] | None = None,
+                tiers: Sequence[str | int] | None = None, repair: bool = False) -> Any:
+        """The saved state of ``step`` (default: the newest committed on any tier).
+
+        Reads each file from the fastest tier holding the step and checks its
+        size and xxh3-128; a missing or damaged file is read from the next
+        tier instead (and rewritten on the faster one with ``repair=True``).
+        Returns the state type for type. With ``into``, tensors and arrays
+        at the same places are filled in place and objects get
+        ``load_state_dict``. ``keys`` restores only those sub-trees
+        ("model", "optimizer/state").
+
+        Raises:
+            CheckpointError: no such step, or a file is damaged on every tier.
+        """
+        state, _ = self.restore_with_report(step, into=into, keys=keys, tiers=tiers, repair=repair)
+        return state
+
+    def restore_with_report(self, step: int | None = None, *, into: Any = None, keys: Sequence[str] | None = None,
+                            tiers: Sequence[str | int] | None = None,
+                            repair: bool = False) -> tuple[Any, ReadReport]:
+        """:meth:`restore`, and what it read, fell back on and repaired."""
+        self._check_open()
+        chosen = self._select(tiers)
+        if step is None:
+            step = self.latest(chosen)
+            if step is None:
+                raise CheckpointError(f"no committed step on {[self.tiers[i].label for i in chosen]}")
+        holders = [i for i in chosen if self._io[i].is_committed(step)]
+        if not holders:
+            raise CheckpointError(f"step {step} is committed on none of {[self.tiers[i].label for i in chosen]}; "
+                                  f"committed steps: {self.steps()}")
+        with _all(self._using(i, step) for i in holders):
+            reader = StepReader([self._io[i] for i in holders], step, self._pool, self._threads, repair=repair)
+            state = reader.load(list(keys) if keys else None, into)
+        if not keys and not any(k.startswith(f"{reader.source.label}:") for k in reader.report.fell_back):
+            try:
+                reader.source.mark_known_good(step)
+            except Exception as exc:  # noqa: BLE001 - a read-only tier still restores
+                log.warning("%s: could not record step %d as verified: %s", reader.source.label, step,
+                            describe(exc))
+        return state, reader.report
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def _raise_failures(self) -> None:
+        with self._lock:
+            failures = [e for h, e in self._failures if h is None or not h.reported]
+            self._failures.clear()
+        if failures:
+            if len(failures) > 1:
+                raise CheckpointError(f"{failures[0]} (and {len(failures) - 1} more failure(s): "
+                                      + "; ".join(str(e) for e in failures[1:]) + ")") from failures[0].__cause__
+            raise failures[0]
+
+    def wait(self) -> None:
+        """Wait for every save and promotion in flight; raise what failed and was not yet reported."""
+        self._saver.submit(lambda: None).result()
+        self._promoter.submit(lambda: None).result()
+        self._raise_failures()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this CheckpointManager is closed")
+
+    def close(self) -> None:
+        """Finish everything in flight and release the threads; raise what failed."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._saver.shutdown(wait=True)
+            self._promoter.shutdown(wait=True)
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as exc:
+            log.error("while closing the checkpoint manager: %s", exc)
+
+
+@contextmanager
+def _all(managers: Iterator[Any]) -> Iterator[None]:
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield

@@ -1,0 +1,190 @@
+"""Reading a committed step back: every file checked, each from the fastest tier that has it whole."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trainio.storage import CheckpointError, FormatError, StoreError
+from trainio.storage._parallel import run_all
+
+from ._dtypes import storage_numpy_dtype, torch_dtype
+from ._layout import ArraySpec, group_metadata_key, group_paths
+from ._manifest import FileEntry, Manifest
+from ._tier_io import TierIO, describe
+from ._tree import Node, array_paths, build, select
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadReport:
+    """What a restore read: from which tiers, what it had to fall back on, what it repaired."""
+
+    step: int
+    files: int = 0
+    bytes: int = 0
+    fell_back: dict[str, str] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)
+
+
+def first_manifest(tiers: list[TierIO], step: int) -> tuple[TierIO, Manifest]:
+    """The manifest of ``step`` from the first tier whose copy is valid."""
+    problems = []
+    for tier in tiers:
+        try:
+            return tier, tier.manifest(step)
+        except (StoreError, FormatError, CheckpointError) as exc:
+            problems.append(f"{tier.label}: {describe(exc)}")
+    raise CheckpointError(f"step {step}: no tier has a readable manifest: " + "; ".join(problems))
+
+
+def _host_array(spec: ArraySpec, target: Any) -> tuple[Any, np.ndarray[Any, Any]]:
+    """A host array to read ``spec`` into (``target`` itself when it fits) and its bytes."""
+    if spec.kind == "torch":
+        import torch
+
+        dtype = torch_dtype(spec.dtype)
+        if (isinstance(target, torch.Tensor) and target.device.type == "cpu" and target.dtype == dtype
+                and tuple(target.shape) == spec.shape and target.is_contiguous()):
+            array = target
+        else:
+            array = torch.empty(spec.shape, dtype=dtype)
+        flat = array.detach().reshape(-1)
+        raw = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
+        return array, raw
+    dtype = storage_numpy_dtype(spec.dtype)
+    if (isinstance(target, np.ndarray) and target.dtype == dtype and target.shape == spec.shape
+            and target.flags.c_contiguous and target.flags.writeable):
+        array = target
+    else:
+        array = np.empty(spec.shape, dtype)
+    return array, array.reshape(-1).view(np.uint8)
+
+
+def _finish(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
+    """The value restore returns for an array: ``target`` filled in place when one was given."""
+    if spec.kind == "numpy_scalar":
+        return array[()]
+    if target is None or target is array:
+        return array
+    shape = tuple(target.shape) if hasattr(target, "shape") else None
+    if shape != spec.shape:
+        raise CheckpointError(f"{where}: the checkpoint holds shape {list(spec.shape)}, the target has "
+                              f"{list(shape) if shape is not None else type(target).__name__}")
+    if spec.kind == "torch" and not isinstance(target, np.ndarray):
+        import torch
+
+        with torch.no_grad():
+            target.copy_(array, non_blocking=False)
+        return target
+    np.copyto(target, array, casting="same_kind")
+    return target
+
+
+class StepReader:
+    """Reads one step from the tiers that hold it, fastest first."""
+
+    def __init__(self, tiers: list[TierIO], step: int, pool: ThreadPoolExecutor, threads: int,
+                 *, repair: bool = False) -> None:
+        self.tiers = tiers
+        self.step = step
+        self.pool = pool
+        self.threads = threads
+        self.repair = repair
+        self.source, self.manifest = first_manifest(tiers, step)
+        self.report = ReadReport(step)
+
+    def read_file(self, key: str, entry: FileEntry, target: memoryview | None) -> None:
+        """Fill ``target`` (or just check, when None) from the first tier whose copy of ``key`` is whole."""
+        failed: list[tuple[TierIO, BaseException]] = []
+        for tier in self.tiers:
+            try:
+                if target is None:
+                    data = tier.read(self.step, key, entry)
+                else:
+                    tier.read_into(self.step, key, entry, target)
+                    data = None
+            except (StoreError, OSError) as exc:
+                failed.append((tier, exc))
+                continue
+            if failed:
+                self._recover(key, entry, failed, tier, data, target)
+            return
+        raise CheckpointError(f"step {self.step}: file {key!r} is damaged or missing on every tier: "
+                              + "; ".join(f"{t.label}: {describe(e)}" for t, e in failed))
+
+    def _recover(self, key: str, entry: FileEntry, failed: list[tuple[TierIO, BaseException]],
+                 good: TierIO, data: bytes | None, target: memoryview | None) -> None:
+        for tier, exc in failed:
+            log.warning("checkpoint step %d: %s on %s: %s; read it from %s", self.step, key, tier.label,
+                        describe(exc), good.label)
+            self.report.fell_back[f"{tier.label}:{key}"] = describe(exc)
+        if not self.repair:
+            return
+        if data is None:
+            assert target is not None
+            data = bytes(target) + bytes(entry.size - target.nbytes)
+        for tier, _ in failed:
+            try:
+                tier.repair_file(self.step, key, data)
+            except (StoreError, OSError) as exc:
+                log.warning("checkpoint step %d: could not repair %s on %s: %s", self.step, key, tier.label,
+                            describe(exc))
+                continue
+            self.report.repaired.append(f"{tier.label}:{key}")
+
+    def load(self, keys: list[str] | None, into: Any) -> Any:
+        """The state (or the ``keys`` sub-trees of it), ``into`` filled in place."""
+        node: Node = self.manifest.tree if not keys else select(self.manifest.tree, keys)
+        paths = list(array_paths(node))
+        arrays: dict[str, tuple[Any, np.ndarray[Any, Any]]] = {}
+        targets: dict[str, Any] = {}
+        _collect_targets(node, into, targets)
+        for path in paths:
+            arrays[path] = _host_array(self.manifest.arrays[path], targets.get(path))
+        jobs: list[Callable[[], None]] = []
+        checked = [group_metadata_key(g) for g in group_paths(paths)]
+        for path in paths:
+            spec = self.manifest.arrays[path]
+            checked.append(spec.metadata_key)
+            raw = memoryview(arrays[path][1])
+            for chunk in spec.chunk_files():
+                jobs.append(self._job(chunk.key, raw[chunk.start:chunk.start + chunk.length]))
+        jobs.extend(self._job(key, None) for key in checked)
+        run_all(self.pool, iter(jobs), self.threads)
+        self.report.files = len(jobs)
+        self.report.bytes = sum(self.manifest.files[k].size for k in checked) + sum(
+            self.manifest.arrays[p].nbytes for p in paths)
+
+        def load_array(path: str, target: Any) -> Any:
+            return _finish(self.manifest.arrays[path], arrays[path][0], target, f"step {self.step}: {path}")
+
+        return build(node, load_array, into)
+
+    def _job(self, key: str, target: memoryview | None) -> Callable[[], None]:
+        entry = self.manifest.files[key]
+        return lambda: self.read_file(key, entry, target)
+
+
+def _collect_targets(node: Node, into: Any, found: dict[str, Any]) -> None:
+    """Map each array path of ``node`` to the object at the same place in ``into``."""
+    if into is None:
+        return
+    kind = node["t"]
+    if kind == "array":
+        found[node["path"]] = into
+    elif kind == "object":
+        if callable(getattr(into, "state_dict", None)):
+            _collect_targets(node["state"], into.state_dict(), found)
+    elif kind == "dict" and hasattr(into, "get"):
+        for key, child in node["items"]:
+            _collect_targets(child, into.get(key), found)
+    elif kind in ("list", "tuple") and isinstance(into, (list, tuple)):
+        for child, value in zip(node["items"], into, strict=False):
+            _collect_targets(child, value, found)

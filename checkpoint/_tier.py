@@ -1,0 +1,70 @@
+"""Tiers as a user names them, and the retention rule each applies."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from trainio.storage import LocalOptions, S3Options, Store
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One place checkpoints are kept, fastest first in a manager's list.
+
+    Attributes:
+        url: A local path, ``file://`` URL or ``s3://bucket/prefix``, or an open :class:`Store`.
+        keep_last: Keep the newest this many steps (None: no limit from this rule).
+        keep_every: Keep every step that is a multiple of this (None: no such rule).
+            With neither rule set, a tier keeps every step. With only
+            ``keep_every``, the tier receives only those steps by promotion.
+        name: How messages and results name the tier (default: its URL).
+        options: Store options for the URL (e.g. :class:`~trainio.storage.S3Options`).
+    """
+
+    url: str | os.PathLike[str] | Store
+    keep_last: int | None = None
+    keep_every: int | None = None
+    name: str | None = None
+    options: LocalOptions | S3Options | None = None
+
+    def __post_init__(self) -> None:
+        for rule in ("keep_last", "keep_every"):
+            value = getattr(self, rule)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"Tier {self.label}: {rule} must be a positive int or None, not {value!r}")
+
+    @property
+    def label(self) -> str:
+        """The tier's name, or its URL."""
+        if self.name:
+            return self.name
+        return self.url.url if isinstance(self.url, Store) else os.fspath(self.url)
+
+    @classmethod
+    def from_config(cls, config: str | Mapping[str, Any]) -> Tier:
+        """A tier from a URL or a mapping of this class's fields."""
+        if isinstance(config, str):
+            return cls(config)
+        unknown = set(config) - {"url", "keep_last", "keep_every", "name"}
+        if unknown:
+            raise ValueError(f"unknown tier setting(s) {sorted(unknown)}; known: url, keep_last, keep_every, name")
+        if "url" not in config:
+            raise ValueError(f"a tier needs a url: {dict(config)!r}")
+        return cls(**config)
+
+    def wants(self, step: int, newer_steps: int) -> bool:
+        """Whether retention keeps ``step`` when ``newer_steps`` committed steps are newer than it."""
+        if self.keep_last is None and self.keep_every is None:
+            return True
+        if self.keep_every is not None and step % self.keep_every == 0:
+            return True
+        return self.keep_last is not None and newer_steps < self.keep_last
+
+    def doomed(self, steps: Iterable[int], protected: Iterable[int] = ()) -> list[int]:
+        """The steps retention deletes from ``steps``: never the newest, never a protected one."""
+        ordered = sorted(set(steps), reverse=True)
+        keep = set(protected) | set(ordered[:1])
+        return sorted(s for i, s in enumerate(ordered) if s not in keep and not self.wants(s, i))

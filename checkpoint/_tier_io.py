@@ -1,0 +1,207 @@
+"""How a checkpoint step is written to, read from and removed from one tier.
+
+Two kinds: local directories (a node's NVMe, a mounted parallel file system),
+where a step is written into a temp directory and renamed on commit, and
+object stores, where data goes up first and the manifest last, create-only.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from trainio.storage import AlreadyExists, CheckpointError, Hasher, IntegrityError, LocalStore, NotFound, Store
+
+from ._manifest import MANIFEST, FileEntry, Manifest
+
+_STEP_NAME = re.compile(r"\d{12}")
+LAST_KNOWN_GOOD = "last_known_good.json"
+"""Key, at the top of a tier, of the newest step that passed a full verification."""
+
+
+def step_name(step: int) -> str:
+    """The directory name of ``step``."""
+    return f"{step:012d}"
+
+
+def digest_with_padding(data: memoryview, size: int) -> str:
+    """The xxh3-128 of ``data`` followed by zeros up to ``size`` bytes."""
+    hasher = Hasher()
+    hasher.update(data)
+    if size > data.nbytes:
+        hasher.update(np.zeros(size - data.nbytes, np.uint8))
+    return hasher.hexdigest()
+
+
+def size_error(url: str, key: str, entry: FileEntry, actual: int) -> IntegrityError:
+    """The error for a file whose size is not the manifest's."""
+    return IntegrityError(url, key, entry.xxh3, f"(a file of {actual} bytes)",
+                          f"the manifest says {entry.size} bytes; the file was truncated or replaced")
+
+
+class StepWriter(ABC):
+    """Writes one step's files; nothing is visible to readers until :meth:`commit`."""
+
+    @abstractmethod
+    def write(self, key: str, data: memoryview, size: int) -> None:
+        """Write the file ``key``: ``data`` then zeros up to ``size`` bytes."""
+
+    @abstractmethod
+    def link(self, step: int, key: str) -> None:
+        """Make ``key`` share the bytes of the same key in committed ``step`` of this tier."""
+
+    @abstractmethod
+    def commit(self, manifest: bytes) -> None:
+        """Make the step durable and visible, manifest last.
+
+        Raises:
+            CheckpointError: the step is already committed on this tier.
+        """
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove what was written; a committed step is never touched."""
+
+    def prepare(self, keys: list[str]) -> None:  # noqa: B027 - only directory tiers need it
+        """Get ready to write ``keys`` (e.g. make their directories)."""
+
+
+class TierIO(ABC):
+    """The steps of one tier: list, read, write, delete."""
+
+    def __init__(self, store: Store, label: str) -> None:
+        self.store = store
+        self.label = label
+
+    @property
+    def url(self) -> str:
+        """The tier's URL."""
+        return self.store.url
+
+    def steps(self) -> list[int]:
+        """The committed steps, oldest first."""
+        return sorted(int(name) for name in self._step_dirs() if self.is_committed(int(name)))
+
+    def _step_dirs(self) -> list[str]:
+        return [name for name in self.store.list_dirs() if _STEP_NAME.fullmatch(name)]
+
+    def is_committed(self, step: int) -> bool:
+        """Whether ``step`` has a manifest on this tier."""
+        return self.store.exists(f"{step_name(step)}/{MANIFEST}")
+
+    def manifest(self, step: int) -> Manifest:
+        """The validated manifest of ``step``.
+
+        Raises:
+            NotFound: the step is not committed here.
+            FormatError: the manifest is malformed.
+        """
+        key = f"{step_name(step)}/{MANIFEST}"
+        manifest = Manifest.from_bytes(self.store.get(key), self.url, key)
+        if manifest.step != step:
+            raise CheckpointError(f"{self.url}: {key!r} is the manifest of step {manifest.step}, "
+                                  f"not {step}; the directory was renamed by hand")
+        return manifest
+
+    def read_into(self, step: int, key: str, entry: FileEntry, target: memoryview) -> None:
+        """Fill ``target`` with the first bytes of the file ``key``, checking the whole file.
+
+        Raises:
+            NotFound: the file is missing.
+            IntegrityError: its size or digest differs from ``entry``.
+        """
+        data = self.read(step, key, entry)
+        target[:] = memoryview(data)[:target.nbytes]
+
+    def read(self, step: int, key: str, entry: FileEntry) -> bytes:
+        """The whole file ``key`` of ``step``, checked against ``entry``."""
+        full = f"{step_name(step)}/{key}"
+        data = self.store.get(full)
+        if len(data) != entry.size:
+            raise size_error(self.url, full, entry, len(data))
+        actual = digest_with_padding(memoryview(data), entry.size)
+        if actual != entry.xxh3:
+            raise IntegrityError(self.url, full, entry.xxh3, actual)
+        return data
+
+    def verify(self, step: int, key: str, entry: FileEntry) -> None:
+        """Re-read the file ``key`` of ``step`` and check its size and digest."""
+        full = f"{step_name(step)}/{key}"
+        size = self.store.size(full)
+        if size != entry.size:
+            raise size_error(self.url, full, entry, size)
+        self.store.verify(full, entry.xxh3)
+
+    def repair_file(self, step: int, key: str, data: bytes) -> None:
+        """Replace the file ``key`` of committed ``step`` with good bytes, atomically."""
+        self.store.put(f"{step_name(step)}/{key}", data)
+
+    def last_known_good(self) -> int | None:
+        """The newest step that passed a full verification here, if recorded."""
+        try:
+            value = json.loads(self.store.get(LAST_KNOWN_GOOD)).get("step")
+        except (NotFound, ValueError, AttributeError):
+            return None
+        return value if type(value) is int else None
+
+    def mark_known_good(self, step: int) -> None:
+        """Record ``step`` as verified, unless a newer step already is."""
+        current = self.last_known_good()
+        if current is None or step >= current or current not in self.steps():
+            self.store.put(LAST_KNOWN_GOOD, json.dumps({"step": step}).encode())
+
+    @abstractmethod
+    def writer(self, step: int) -> StepWriter:
+        """A writer for a new ``step``.
+
+        Raises:
+            CheckpointError: the step is already committed here.
+        """
+
+    @abstractmethod
+    def delete(self, step: int) -> None:
+        """Remove ``step``: first from readers' view, then its bytes."""
+
+    @abstractmethod
+    def debris(self) -> list[str]:
+        """Leftovers of writers that died (names under the tier), safe to remove."""
+
+    @abstractmethod
+    def remove_debris(self, name: str) -> None:
+        """Remove one name :meth:`debris` returned."""
+
+    def _refuse_committed(self, step: int) -> None:
+        if self.is_committed(step):
+            raise CheckpointError(f"{self.label}: step {step} is already committed; "
+                                  "checkpoint steps are never overwritten (delete it first, or save another step)")
+
+
+def open_tier_io(store: Store, label: str) -> TierIO:
+    """The tier I/O that fits ``store``."""
+    from ._tier_local import LocalTierIO
+    from ._tier_object import ObjectTierIO
+
+    if isinstance(store, LocalStore):
+        return LocalTierIO(store, label)
+    return ObjectTierIO(store, label)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk or quota is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line account of ``exc``."""
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, (CheckpointError, AlreadyExists)) else f"{type(exc).__name__}: {text}"
+
+
+def noop(*_: Any) -> None:
+    """Do nothing."""

@@ -1,0 +1,207 @@
+"""Checkpoint steps in a local directory: temp directory, fsync, rename."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+import socket
+
+import numpy as np
+
+from trainio.storage import CheckpointError, Hasher, IntegrityError, LocalStore, NotFound, StoreError
+from trainio.storage._atomic import fsync_dir
+from trainio.storage._keys import TEMP_MARKER
+
+from ._fsync import sync_files
+from ._manifest import MANIFEST, FileEntry
+from ._tier_io import StepWriter, TierIO, size_error, step_name
+
+FSYNC_EACH_BYTES = 1 << 20
+"""Files at least this big are fsync'd by their writer, overlapping write-back with other writes."""
+
+_READ_BLOCK = 8 << 20
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
+
+
+def _temp_dir_name(kind: str, step: int) -> str:
+    return f"{TEMP_MARKER}{kind}-{step_name(step)}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _owner_is_dead(name: str) -> bool:
+    parts = name[len(TEMP_MARKER):].split("-")
+    if len(parts) < 5 or parts[0] not in ("save", "delete"):
+        return False
+    host, pid = "-".join(parts[2:-2]), parts[-2]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class LocalStepWriter(StepWriter):
+    """Writes a step into ``.trainio-tmp.save-<step>-<host>-<pid>-<rand>/`` and renames it on commit."""
+
+    def __init__(self, tier: LocalTierIO, step: int) -> None:
+        self._tier = tier
+        self._step = step
+        os.makedirs(tier.root, exist_ok=True)
+        self._dir = os.path.join(tier.root, _temp_dir_name("save", step))
+        os.mkdir(self._dir)
+        self._small: list[str] = []
+
+    def prepare(self, keys: list[str]) -> None:
+        for directory in sorted({os.path.dirname(k) for k in keys} - {""}):
+            os.makedirs(os.path.join(self._dir, directory), exist_ok=True)
+
+    def write(self, key: str, data: memoryview, size: int) -> None:
+        path = os.path.join(self._dir, key)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            written = 0
+            while written < data.nbytes:
+                written += os.write(fd, data[written:])
+            if size > data.nbytes:
+                os.ftruncate(fd, size)
+            if self._tier.durable and size >= FSYNC_EACH_BYTES:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if size < FSYNC_EACH_BYTES:
+            self._small.append(path)
+
+    def link(self, step: int, key: str) -> None:
+        source = os.path.join(self._tier.root, step_name(step), key)
+        target = os.path.join(self._dir, key)
+        try:
+            os.link(source, target)
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            shutil.copyfile(source, target)
+            self._small.append(target)
+
+    def commit(self, manifest: bytes) -> None:
+        if self._tier.durable:
+            sync_files(self._dir, self._small)
+        path = os.path.join(self._dir, MANIFEST)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, manifest)
+            if self._tier.durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self._tier.durable:
+            fsync_dir(self._dir)
+        final = os.path.join(self._tier.root, step_name(self._step))
+        if os.path.lexists(final) and os.path.exists(os.path.join(final, MANIFEST)):
+            self._tier._refuse_committed(self._step)
+        try:
+            os.rename(self._dir, final)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise CheckpointError(f"{self._tier.label}: {final} already exists and is not a committed step; "
+                                      "remove it by hand") from None
+            raise
+        if self._tier.durable:
+            fsync_dir(self._tier.root)
+
+    def abort(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class LocalTierIO(TierIO):
+    """Steps as directories under a :class:`LocalStore`'s root."""
+
+    store: LocalStore
+
+    def __init__(self, store: LocalStore, label: str) -> None:
+        super().__init__(store, label)
+        self.root = os.fspath(store.root)
+        self.durable = store.options.durable
+
+    def _step_dirs(self) -> list[str]:
+        try:
+            with os.scandir(self.root) as entries:
+                return [e.name for e in entries if len(e.name) == 12 and e.name.isdigit()
+                        and e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+
+    def is_committed(self, step: int) -> bool:
+        return os.path.isfile(os.path.join(self.root, step_name(step), MANIFEST))
+
+    def writer(self, step: int) -> LocalStepWriter:
+        self._refuse_committed(step)
+        return LocalStepWriter(self, step)
+
+    def read_into(self, step: int, key: str, entry: FileEntry, target: memoryview) -> None:
+        full = f"{step_name(step)}/{key}"
+        try:
+            fd = os.open(os.path.join(self.root, full), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(self.url, full, "the file is missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != entry.size:
+                raise size_error(self.url, full, entry, size)
+            hasher = Hasher()
+            done = 0
+            while done < target.nbytes:
+                n = os.preadv(fd, [target[done:]], done)
+                if n == 0:
+                    raise size_error(self.url, full, entry, done)
+                done += n
+            hasher.update(target)
+            if size > done:
+                block = np.empty(min(size - done, _READ_BLOCK), np.uint8)
+                while done < size:
+                    n = os.preadv(fd, [memoryview(block)[:size - done]], done)
+                    if n == 0:
+                        raise size_error(self.url, full, entry, done)
+                    hasher.update(memoryview(block)[:n])
+                    done += n
+        finally:
+            os.close(fd)
+        actual = hasher.hexdigest()
+        if actual != entry.xxh3:
+            raise IntegrityError(self.url, full, entry.xxh3, actual)
+
+    def read(self, step: int, key: str, entry: FileEntry) -> bytes:
+        data = bytearray(entry.size)
+        self.read_into(step, key, entry, memoryview(data))
+        return bytes(data)
+
+    def delete(self, step: int) -> None:
+        source = os.path.join(self.root, step_name(step))
+        doomed = os.path.join(self.root, _temp_dir_name("delete", step))
+        try:
+            os.rename(source, doomed)
+        except FileNotFoundError:
+            return
+        if self.durable:
+            fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def debris(self) -> list[str]:
+        try:
+            with os.scandir(self.root) as entries:
+                return sorted(e.name for e in entries if e.name.startswith(TEMP_MARKER) and _owner_is_dead(e.name))
+        except FileNotFoundError:
+            return []
+
+    def remove_debris(self, name: str) -> None:
+        if not name.startswith(TEMP_MARKER) or "/" in name:
+            raise StoreError(self.url, name, "not a temp name")
+        path = os.path.join(self.root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)

@@ -1,0 +1,58 @@
+"""Checkpoint steps in an object store: data first, then the manifest, create-only."""
+
+from __future__ import annotations
+
+from trainio.storage import AlreadyExists, CheckpointError
+
+from ._manifest import MANIFEST
+from ._tier_io import StepWriter, TierIO, step_name
+
+
+class ObjectStepWriter(StepWriter):
+    """Uploads a step's files under ``<step>/``, then its manifest with ``If-None-Match: *``."""
+
+    def __init__(self, tier: ObjectTierIO, step: int) -> None:
+        self._tier = tier
+        self._prefix = step_name(step)
+        self._step = step
+
+    def write(self, key: str, data: memoryview, size: int) -> None:
+        body: memoryview | bytes = data
+        if size > data.nbytes:
+            body = bytes(data) + bytes(size - data.nbytes)
+        self._tier.store.put(f"{self._prefix}/{key}", body)
+
+    def link(self, step: int, key: str) -> None:
+        self._tier.store.copy(f"{step_name(step)}/{key}", f"{self._prefix}/{key}")
+
+    def commit(self, manifest: bytes) -> None:
+        try:
+            self._tier.store.put(f"{self._prefix}/{MANIFEST}", manifest, overwrite=False)
+        except AlreadyExists:
+            raise CheckpointError(f"{self._tier.label}: step {self._step} was committed by another writer "
+                                  "while this one uploaded it; its manifest stands") from None
+
+    def abort(self) -> None:
+        if not self._tier.is_committed(self._step):
+            self._tier.store.delete_prefix(self._prefix)
+
+class ObjectTierIO(TierIO):
+    """Steps as ``<step>/`` prefixes of an object store (or any :class:`Store`)."""
+
+    def writer(self, step: int) -> ObjectStepWriter:
+        self._refuse_committed(step)
+        return ObjectStepWriter(self, step)
+
+    def delete(self, step: int) -> None:
+        self.store.delete(f"{step_name(step)}/{MANIFEST}")
+        self.store.delete_prefix(step_name(step))
+
+    def debris(self) -> list[str]:
+        committed = set(self.steps())
+        return sorted(name for name in self._step_dirs() if int(name) not in committed)
+
+    def remove_debris(self, name: str) -> None:
+        if int(name) in self.steps():
+            raise CheckpointError(f"{self.label}: step {name} is committed, not debris")
+        self.store.delete_prefix(name)
+

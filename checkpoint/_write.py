@@ -1,0 +1,124 @@
+"""Writing a step to a tier: from a snapshot (tier 0) or from another tier (promotion)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from trainio.storage._parallel import run_all
+
+from ._layout import CHUNK_BYTES, ArraySpec, chunk_shape, group_metadata, group_metadata_key, group_paths
+from ._manifest import FileEntry, Manifest
+from ._snapshot import Snapshot
+from ._tier_io import TierIO, digest_with_padding
+
+_BATCH_BYTES = 4 << 20
+_BATCH_FILES = 64
+
+
+@dataclass(frozen=True)
+class _File:
+    key: str
+    size: int
+    data: Callable[[], memoryview]
+
+
+def array_specs(snapshot: Snapshot, chunk_bytes: int = CHUNK_BYTES) -> dict[str, ArraySpec]:
+    """The layout of every array of a snapshot."""
+    return {leaf.path: ArraySpec(leaf.path, leaf.kind, leaf.dtype, leaf.stored, leaf.shape,
+                                 chunk_shape(leaf.shape, leaf.itemsize, chunk_bytes))
+            for leaf in snapshot.leaves}
+
+
+def _snapshot_files(snapshot: Snapshot, arrays: dict[str, ArraySpec]) -> list[_File]:
+    files = [_File(group_metadata_key(g), len(group_metadata()), lambda: memoryview(group_metadata()))
+             for g in group_paths(list(arrays))]
+    for leaf, view in zip(snapshot.leaves, snapshot.views, strict=True):
+        spec = arrays[leaf.path]
+        document = spec.metadata()
+        files.append(_File(spec.metadata_key, len(document), lambda d=document: memoryview(d)))  # type: ignore[misc]
+        for chunk in spec.chunk_files():
+            part = view[chunk.start:chunk.start + chunk.length]
+            files.append(_File(chunk.key, chunk.size, lambda p=part: p))  # type: ignore[misc]
+    return files
+
+
+def _batches(files: list[_File]) -> Iterator[list[_File]]:
+    """Big files one by one, biggest first; small ones in batches, so thread hand-offs stay cheap."""
+    ordered = sorted(files, key=lambda f: -f.size)
+    batch: list[_File] = []
+    batch_bytes = 0
+    for file in ordered:
+        if file.size >= _BATCH_BYTES:
+            yield [file]
+            continue
+        batch.append(file)
+        batch_bytes += file.size
+        if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_FILES:
+            yield batch
+            batch, batch_bytes = [], 0
+    if batch:
+        yield batch
+
+
+def _write_files(tier: TierIO, step: int, manifest: Manifest, files: list[_File],
+                 previous: Manifest | None, pool: ThreadPoolExecutor, threads: int,
+                 digests: dict[str, str] | None = None) -> None:
+    writer = tier.writer(step)
+    try:
+        writer.prepare([f.key for f in files])
+
+        def write_batch(batch: list[_File]) -> list[tuple[str, FileEntry]]:
+            done = []
+            for file in batch:
+                data = None if digests else file.data()
+                digest = digests[file.key] if digests else digest_with_padding(data, file.size)  # type: ignore[arg-type]
+                entry = FileEntry(file.size, digest)
+                if previous is not None and previous.files.get(file.key) == entry:
+                    writer.link(previous.step, file.key)
+                else:
+                    writer.write(file.key, data if data is not None else file.data(), file.size)
+                done.append((file.key, entry))
+            return done
+
+        jobs = ((lambda b=batch: write_batch(b)) for batch in _batches(files))
+        for entries in run_all(pool, jobs, threads):
+            manifest.files.update(entries)
+        writer.commit(manifest.to_bytes())
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_snapshot(tier: TierIO, step: int, snapshot: Snapshot, previous: Manifest | None,
+                   pool: ThreadPoolExecutor, threads: int, *, world_size: int = 1) -> Manifest:
+    """Write ``snapshot`` as ``step`` on ``tier`` and commit it; return its manifest.
+
+    Files equal to those of ``previous`` (the tier's newest committed step) are
+    linked or server-side copied instead of written. On any error, nothing
+    of the step remains visible.
+    """
+    arrays = array_specs(snapshot)
+    manifest = Manifest(step, snapshot.skeleton, arrays, world_size=world_size)
+    _write_files(tier, step, manifest, _snapshot_files(snapshot, arrays), previous, pool, threads)
+    return manifest
+
+
+def copy_step(source: TierIO, target: TierIO, step: int, previous: Manifest | None,
+              pool: ThreadPoolExecutor, threads: int) -> Manifest:
+    """Copy committed ``step`` from ``source`` to ``target``, checking every file, manifest last.
+
+    Raises:
+        IntegrityError, NotFound: a source file is damaged or missing; nothing is committed.
+    """
+    manifest = source.manifest(step)
+    copied = Manifest(step, manifest.tree, manifest.arrays, {}, manifest.time, manifest.world_size)
+
+    def reader(key: str, entry: FileEntry) -> Callable[[], memoryview]:
+        return lambda: memoryview(source.read(step, key, entry))
+
+    files = [_File(key, entry.size, reader(key, entry)) for key, entry in manifest.files.items()]
+    digests = {key: entry.xxh3 for key, entry in manifest.files.items()}
+    _write_files(target, step, copied, files, previous, pool, threads, digests)
+    return copied
