@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ from typing import Any, Self
 from trainio.storage import CheckpointError, Store, open_store
 
 from ._handle import SaveHandle, TierResult
+from ._layout import CHUNK_BYTES
 from ._manifest import Manifest
 from ._read import ReadReport, StepReader
 from ._snapshot import take_snapshot
@@ -46,15 +48,17 @@ class CheckpointManager:
         threads: Parallel file writers and readers.
         promote_attempts: Tries per promotion of a step before it is reported as failed.
         retry_backoff_s: Pause before the second try, doubling after each.
+        chunk_bytes: Largest chunk file of an array; bigger arrays are split
+            into chunks written and read in parallel.
     """
 
-    def __init__(self, tiers: Sequence[Tier | str | Mapping[str, Any]], *, async_save: bool = True,
+    def __init__(self, tiers: Sequence[Tier | str | os.PathLike[str] | Store | Mapping[str, Any]], *, async_save: bool = True,
                  max_pending: int = 1, threads: int = 4, promote_attempts: int = 3,
-                 retry_backoff_s: float = 1.0) -> None:
+                 retry_backoff_s: float = 1.0, chunk_bytes: int = CHUNK_BYTES) -> None:
         if not tiers:
             raise ValueError("a CheckpointManager needs at least one tier")
-        if max_pending < 1 or threads < 1 or promote_attempts < 1:
-            raise ValueError("max_pending, threads and promote_attempts must be >= 1")
+        if min(max_pending, threads, promote_attempts, chunk_bytes) < 1:
+            raise ValueError("max_pending, threads, promote_attempts and chunk_bytes must be >= 1")
         self.tiers = [t if isinstance(t, Tier) else Tier.from_config(t) for t in tiers]
         labels = [t.label for t in self.tiers]
         if len(set(labels)) != len(labels):
@@ -64,6 +68,7 @@ class CheckpointManager:
         self._threads = threads
         self._attempts = promote_attempts
         self._backoff = retry_backoff_s
+        self._chunk_bytes = chunk_bytes
         self._staging = StagingPool(max_pending)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="trainio-ckpt-io")
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-save")
@@ -136,7 +141,8 @@ class CheckpointManager:
     def _write_first(self, step: int, snapshot: Any, handle: SaveHandle) -> None:
         io = self._io[0]
         try:
-            manifest = write_snapshot(io, step, snapshot, self._previous(0, step), self._pool, self._threads)
+            manifest = write_snapshot(io, step, snapshot, self._previous(0, step), self._pool, self._threads,
+                                      chunk_bytes=self._chunk_bytes)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported through the handle
             error = CheckpointError(f"{io.label}: saving step {step} failed: {describe(exc)}")
             error.__cause__ = exc

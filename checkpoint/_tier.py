@@ -44,9 +44,9 @@ class Tier:
         return self.url.url if isinstance(self.url, Store) else os.fspath(self.url)
 
     @classmethod
-    def from_config(cls, config: str | Mapping[str, Any]) -> Tier:
-        """A tier from a URL or a mapping of this class's fields."""
-        if isinstance(config, str):
+    def from_config(cls, config: str | os.PathLike[str] | Store | Mapping[str, Any]) -> Tier:
+        """A tier from a URL, path, store or a mapping of this class's fields."""
+        if not isinstance(config, Mapping):
             return cls(config)
         unknown = set(config) - {"url", "keep_last", "keep_every", "name"}
         if unknown:

@@ -92,14 +92,15 @@ def _write_files(tier: TierIO, step: int, manifest: Manifest, files: list[_File]
 
 
 def write_snapshot(tier: TierIO, step: int, snapshot: Snapshot, previous: Manifest | None,
-                   pool: ThreadPoolExecutor, threads: int, *, world_size: int = 1) -> Manifest:
+                   pool: ThreadPoolExecutor, threads: int, *, chunk_bytes: int = CHUNK_BYTES,
+                   world_size: int = 1) -> Manifest:
     """Write ``snapshot`` as ``step`` on ``tier`` and commit it; return its manifest.
 
     Files equal to those of ``previous`` (the tier's newest committed step) are
     linked or server-side copied instead of written. On any error, nothing
     of the step remains visible.
     """
-    arrays = array_specs(snapshot)
+    arrays = array_specs(snapshot, chunk_bytes)
     manifest = Manifest(step, snapshot.skeleton, arrays, world_size=world_size)
     _write_files(tier, step, manifest, _snapshot_files(snapshot, arrays), previous, pool, threads)
     return manifest
