@@ -78,6 +78,7 @@ class CheckpointManager:
         self._handles: dict[int, SaveHandle] = {}
         self._failures: list[tuple[SaveHandle | None, CheckpointError]] = []
         self._manifests: dict[tuple[int, int], Manifest] = {}
+        self._known: list[set[int]] = [set() for _ in self._io]
         self._promotion_queued = False
         self._closed = False
         for io in self._io:
@@ -194,12 +195,22 @@ class CheckpointManager:
         for tier in range(len(self._io)):
             self._retain(tier)
 
+    def _listed(self, tier: int) -> set[int]:
+        """The committed steps of a tier; while it cannot be listed, the last listing plus what we committed."""
+        try:
+            steps = set(self._io[tier].steps())
+        except Exception as exc:  # noqa: BLE001 - an unreachable tier must not stop the others' work
+            log.warning("%s: cannot list steps, using the last known list: %s", self._io[tier].label, describe(exc))
+            return set(self._known[tier])
+        self._known[tier] = steps
+        return steps
+
     def _wanted(self, target: int) -> list[int]:
         """Steps on faster tiers that tier ``target`` keeps but lacks, oldest first."""
-        have = set(self._io[target].steps())
+        have = self._listed(target)
         offered: set[int] = set()
-        for io in self._io[:target]:
-            offered.update(io.steps())
+        for tier in range(target):
+            offered.update(self._listed(tier))
         candidates = sorted(offered - have)
         ranked = sorted(have | set(candidates), reverse=True)
         newer = {s: i for i, s in enumerate(ranked)}
@@ -207,12 +218,7 @@ class CheckpointManager:
 
     def _promote_into(self, target: int) -> None:
         io = self._io[target]
-        try:
-            wanted = self._wanted(target)
-        except Exception as exc:  # noqa: BLE001 - an unreachable tier is reported, not raised in a thread
-            self._promotion_failed(target, None, exc)
-            return
-        for step in wanted:
+        for step in self._wanted(target):
             source = next(i for i in range(target) if self._io[i].is_committed(step))
             error: BaseException | None = None
             for attempt in range(self._attempts):
@@ -240,6 +246,7 @@ class CheckpointManager:
                 self._promotion_failed(target, step, error)
                 return
             self._manifests[(target, step)] = manifest
+            self._known[target].add(step)
             handle = self._handles.get(step)
             if handle is not None:
                 handle._set(io.label, TierResult("committed", nbytes=manifest.nbytes))
@@ -250,10 +257,9 @@ class CheckpointManager:
             if handle._results[io.label].status == "pending" and handle.done():
                 handle._set(io.label, TierResult("skipped"))
 
-    def _promotion_failed(self, target: int, step: int | None, exc: BaseException) -> None:
+    def _promotion_failed(self, target: int, step: int, exc: BaseException) -> None:
         io = self._io[target]
-        what = f"step {step}" if step is not None else "steps"
-        error = CheckpointError(f"{io.label}: promoting {what} failed after {self._attempts} tries: "
+        error = CheckpointError(f"{io.label}: promoting step {step} failed after {self._attempts} tries: "
                                 f"{describe(exc)} (it is retried at the next save or promote())")
         error.__cause__ = exc
         log.error("%s", error)
@@ -268,7 +274,8 @@ class CheckpointManager:
         io = self._io[tier]
         try:
             steps = io.steps()
-            protected = {s for (t, s), n in self._in_use.items() if t == tier and n > 0}
+            with self._lock:
+                protected = {s for (t, s), n in self._in_use.items() if t == tier and n > 0}
             known_good = io.last_known_good()
             if known_good is not None:
                 protected.add(known_good)

@@ -141,10 +141,12 @@ def test_retention_never_deletes_the_last_known_good_step(tmp_path: Path) -> Non
         manager.save(1, _state(1)).wait()
         manager.restore(1)  # a full, verified restore marks step 1 known good
         for step in (2, 3, 4):
-            manager.save(step, _state(step)).wait()
+            manager.save(step, _state(step))
+        manager.wait()
         assert manager.steps()[str(tmp_path)] == [1, 4]
         manager.restore(4)
-        manager.save(5, _state(5)).wait()
+        manager.save(5, _state(5))
+        manager.wait()
         assert manager.steps()[str(tmp_path)] == [4, 5]
 
 
@@ -167,7 +169,8 @@ def test_retention_spares_a_step_being_restored(tmp_path: Path, monkeypatch: pyt
         thread.start()
         assert in_restore.wait(10)
         monkeypatch.setattr(_read.StepReader, "read_file", real)
-        manager.save(2, _state(2)).wait()
+        manager.save(2, _state(2))
+        manager.wait()
         assert manager.steps()[str(tmp_path)] == [1, 2]  # step 1 is being read: kept
         go_on.set()
         thread.join(10)
