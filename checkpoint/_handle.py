@@ -82,7 +82,7 @@ class SaveHandle:
                 raise CheckpointError(f"step {self.step}: not committed after {timeout} s")
             if self._error is not None:
                 self.reported = True
-                raise CheckpointError(f"step {self.step} was not saved: "
+                raise CheckpointError(f"step {self.step} was not saved to {self._first}: "
                                       f"{self._results[self._first].error}") from self._error
 
     def result(self, timeout: float | None = None) -> dict[str, TierResult]:

@@ -67,7 +67,7 @@ def _copy_with_torch(leaves: list[ArrayLeaf], offsets: list[int], slot: Slot) ->
 
     from ._dtypes import torch_dtype
 
-    buffer = slot.buffer
+    buffer = slot.buffer if isinstance(slot.buffer, torch.Tensor) else torch.from_numpy(slot.array)
     devices: set[Any] = set()
     with torch.no_grad():
         for leaf, offset in zip(leaves, offsets, strict=True):

@@ -9,6 +9,7 @@ allocates once.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any
 
@@ -55,9 +56,8 @@ class Slot:
 
 
 def _allocate(size: int, *, pinned: bool) -> tuple[Any, np.ndarray[Any, np.dtype[np.uint8]]]:
-    try:
-        import torch
-    except ImportError:
+    torch = sys.modules.get("torch")  # a state of numpy arrays never pays for importing torch
+    if torch is None:
         array = np.zeros(size, np.uint8)
         array.fill(0)  # np.zeros maps lazily: touch every page now, not during a snapshot
         return array, array

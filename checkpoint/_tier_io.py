@@ -153,8 +153,9 @@ class TierIO(ABC):
     def mark_known_good(self, step: int) -> None:
         """Record ``step`` as verified, unless a newer step already is."""
         current = self.last_known_good()
-        if current is None or step >= current or current not in self.steps():
-            self.store.put(LAST_KNOWN_GOOD, json.dumps({"step": step}).encode())
+        if current is not None and step < current and current in self.steps():
+            return
+        self.store.put(LAST_KNOWN_GOOD, json.dumps({"step": step}).encode())
 
     @abstractmethod
     def writer(self, step: int) -> StepWriter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -16,12 +17,13 @@ from trainio.storage._keys import TEMP_MARKER
 
 from ._fsync import sync_files
 from ._manifest import MANIFEST, FileEntry
-from ._tier_io import StepWriter, TierIO, size_error, step_name
+from ._tier_io import LAST_KNOWN_GOOD, StepWriter, TierIO, size_error, step_name
 
 FSYNC_EACH_BYTES = 1 << 20
 """Files at least this big are fsync'd by their writer, overlapping write-back with other writes."""
 
 _READ_BLOCK = 8 << 20
+_write = os.write  # one name for every data write, so tests can make the disk run full
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
 
 
@@ -31,7 +33,7 @@ def _temp_dir_name(kind: str, step: int) -> str:
 
 def _owner_is_dead(name: str) -> bool:
     parts = name[len(TEMP_MARKER):].split("-")
-    if len(parts) < 5 or parts[0] not in ("save", "delete"):
+    if len(parts) < 5 or parts[0] not in ("save", "delete", "file"):
         return False
     host, pid = "-".join(parts[2:-2]), parts[-2]
     if host != socket.gethostname() or not pid.isdigit():
@@ -61,12 +63,20 @@ class LocalStepWriter(StepWriter):
             os.makedirs(os.path.join(self._dir, directory), exist_ok=True)
 
     def write(self, key: str, data: memoryview, size: int) -> None:
+        try:
+            self._write(key, data, size)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StoreError(self._tier.url, f"{step_name(self._step)}/{key}", f"cannot write: {exc.strerror or exc}",
+                             "the tier is full: free space, or keep fewer steps" if full else "") from exc
+
+    def _write(self, key: str, data: memoryview, size: int) -> None:
         path = os.path.join(self._dir, key)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             written = 0
             while written < data.nbytes:
-                written += os.write(fd, data[written:])
+                written += _write(fd, data[written:])
             if size > data.nbytes:
                 os.ftruncate(fd, size)
             if self._tier.durable and size >= FSYNC_EACH_BYTES:
@@ -178,6 +188,21 @@ class LocalTierIO(TierIO):
         data = bytearray(entry.size)
         self.read_into(step, key, entry, memoryview(data))
         return bytes(data)
+
+    def mark_known_good(self, step: int) -> None:
+        current = self.last_known_good()
+        if current is not None and step < current and current in self.steps():
+            return
+        # Not Store.put: its temp file names no owner, so a crash would leave debris nobody may remove.
+        os.makedirs(self.root, exist_ok=True)
+        temp = os.path.join(self.root, _temp_dir_name("file", step))
+        with open(temp, "wb") as f:
+            f.write(json.dumps({"step": step}).encode())
+            if self.durable:
+                os.fsync(f.fileno())
+        os.replace(temp, os.path.join(self.root, LAST_KNOWN_GOOD))
+        if self.durable:
+            fsync_dir(self.root)
 
     def delete(self, step: int) -> None:
         source = os.path.join(self.root, step_name(step))
