@@ -10,9 +10,40 @@ check every file's xxh3-128 and fall back to slower tiers.
 
 from __future__ import annotations
 
+from ._admin import (
+    GcReport,
+    StepInfo,
+    VerifyReport,
+    collect_garbage,
+    list_steps,
+    promote_step,
+    read_manifest,
+    verify_checkpoint,
+    walk_tree,
+)
 from ._handle import SaveHandle, TierResult
+from ._layout import ArraySpec
 from ._manager import CheckpointManager
+from ._manifest import FileEntry, Manifest
 from ._read import ReadReport
 from ._tier import Tier
 
-__all__ = ["CheckpointManager", "ReadReport", "SaveHandle", "Tier", "TierResult"]
+__all__ = [
+    "ArraySpec",
+    "CheckpointManager",
+    "FileEntry",
+    "GcReport",
+    "Manifest",
+    "ReadReport",
+    "SaveHandle",
+    "StepInfo",
+    "Tier",
+    "TierResult",
+    "VerifyReport",
+    "collect_garbage",
+    "list_steps",
+    "promote_step",
+    "read_manifest",
+    "verify_checkpoint",
+    "walk_tree",
+]
