@@ -22,7 +22,7 @@ from ._admin import (
     walk_tree,
 )
 from ._handle import SaveHandle, TierResult
-from ._layout import ArraySpec
+from ._layout import PACK_PATH, ArraySpec
 from ._manager import CheckpointManager
 from ._manifest import FileEntry, Manifest
 from ._read import ReadReport
@@ -34,6 +34,7 @@ __all__ = [
     "FileEntry",
     "GcReport",
     "Manifest",
+    "PACK_PATH",
     "ReadReport",
     "SaveHandle",
     "StepInfo",

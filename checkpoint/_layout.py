@@ -24,6 +24,19 @@ ROOT = "state.zarr"
 CHUNK_BYTES = 32 << 20
 """Default largest chunk: big enough that per-file costs vanish, small enough to spread over writers."""
 
+PACK_BYTES = 256 << 10
+"""Default size up to which an array is stored in the step's pack rather than as its own zarr array."""
+
+PACK_PATH = ".packed"
+"""The pack: a 1-D uint8 zarr array holding the small arrays of a step back to back.
+
+Creating thousands of tiny files every step is slow (and on ext4 much slower
+right after retention deleted thousands), so arrays of at most ``pack_bytes``
+live in one array. A plain zarr reader sees it as ``.packed``; its
+attribute ``trainio.packed`` maps each member's path to its byte ``offset``,
+``dtype`` (the true type), ``stored`` (its zarr data type) and ``shape``.
+"""
+
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int, target_bytes: int) -> tuple[int, ...]:
     """The chunk shape of an array: at most ``target_bytes`` (or one element), each chunk contiguous."""
@@ -68,6 +81,7 @@ class ArraySpec:
         stored: The zarr data type of the stored array ("uint16").
         shape: The array's shape.
         chunks: Its chunk shape.
+        packed: Its byte offset in the step's pack, or None when it is an array of its own.
     """
 
     path: str
@@ -76,6 +90,7 @@ class ArraySpec:
     stored: str
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
+    packed: int | None = None
 
     @property
     def itemsize(self) -> int:
@@ -93,7 +108,9 @@ class ArraySpec:
         return f"{ROOT}/{self.path}/zarr.json"
 
     def chunk_files(self) -> list[ChunkFile]:
-        """Every chunk file of the array, in C order of the chunk grid."""
+        """Every chunk file of the array, in C order of the chunk grid (none for a packed array)."""
+        if self.packed is not None:
+            return []
         return _chunk_files(self.path, self.shape, self.chunks, self.itemsize)
 
     def metadata(self) -> bytes:
@@ -102,8 +119,11 @@ class ArraySpec:
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's record of the array."""
-        return {"kind": self.kind, "dtype": self.dtype, "stored": self.stored,
-                "shape": list(self.shape), "chunks": list(self.chunks)}
+        record: dict[str, Any] = {"kind": self.kind, "dtype": self.dtype, "stored": self.stored,
+                                  "shape": list(self.shape), "chunks": list(self.chunks)}
+        if self.packed is not None:
+            record["packed"] = self.packed
+        return record
 
 
 @functools.lru_cache(maxsize=4096)
@@ -135,6 +155,19 @@ def _grid_indices(grid: list[int]) -> list[tuple[int, ...]]:
     for n in grid:
         indices = [(*prefix, i) for prefix in indices for i in range(n)]
     return indices
+
+
+def pack_spec(nbytes: int, chunk_bytes: int) -> ArraySpec:
+    """The pack of a step holding ``nbytes``."""
+    return ArraySpec(PACK_PATH, "pack", "uint8", "uint8", (nbytes,), (max(1, min(nbytes, chunk_bytes)),))
+
+
+def pack_metadata(pack: ArraySpec, members: list[ArraySpec]) -> bytes:
+    """The pack's ``zarr.json``, its attributes saying where each member lies."""
+    document = json.loads(_array_metadata(pack.shape, pack.chunks, "uint8", "uint8"))
+    document["attributes"]["trainio"]["packed"] = {
+        m.path: {"offset": m.packed, "dtype": m.dtype, "stored": m.stored, "shape": list(m.shape)} for m in members}
+    return json.dumps(document, indent=2).encode()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -181,9 +214,3 @@ def group_paths(array_paths: list[str]) -> list[str]:
 def group_metadata_key(group: str) -> str:
     """The key of a group's ``zarr.json`` relative to the step."""
     return f"{ROOT}/{group}/zarr.json" if group else f"{ROOT}/zarr.json"
-
-
-def is_plain_metadata(document: bytes) -> bool:
-    """Whether an array's ``zarr.json`` uses only the uncompressed ``bytes`` codec (read without zarr)."""
-    codecs = json.loads(document).get("codecs", [])
-    return len(codecs) == 1 and codecs[0].get("name") == "bytes"

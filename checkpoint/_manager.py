@@ -15,7 +15,7 @@ from typing import Any, Self
 from trainio.storage import CheckpointError, Store, open_store
 
 from ._handle import SaveHandle, TierResult
-from ._layout import CHUNK_BYTES
+from ._layout import CHUNK_BYTES, PACK_BYTES
 from ._manifest import Manifest
 from ._read import ReadReport, StepReader
 from ._snapshot import take_snapshot
@@ -50,15 +50,20 @@ class CheckpointManager:
         retry_backoff_s: Pause before the second try, doubling after each.
         chunk_bytes: Largest chunk file of an array; bigger arrays are split
             into chunks written and read in parallel.
+        pack_bytes: Arrays up to this size are stored together in the step's
+            pack (see :data:`~trainio.checkpoint.PACK_PATH`), not one zarr array
+            each: thousands of tiny files per step are slow to create and delete.
     """
 
     def __init__(self, tiers: Sequence[Tier | str | os.PathLike[str] | Store | Mapping[str, Any]], *, async_save: bool = True,
                  max_pending: int = 1, threads: int = 4, promote_attempts: int = 3,
-                 retry_backoff_s: float = 1.0, chunk_bytes: int = CHUNK_BYTES) -> None:
+                 retry_backoff_s: float = 1.0, chunk_bytes: int = CHUNK_BYTES,
+                 pack_bytes: int = PACK_BYTES) -> None:
         if not tiers:
             raise ValueError("a CheckpointManager needs at least one tier")
-        if min(max_pending, threads, promote_attempts, chunk_bytes) < 1:
-            raise ValueError("max_pending, threads, promote_attempts and chunk_bytes must be >= 1")
+        if min(max_pending, threads, promote_attempts, chunk_bytes) < 1 or pack_bytes < 0:
+            raise ValueError("max_pending, threads, promote_attempts and chunk_bytes must be >= 1, "
+                             "pack_bytes >= 0")
         self.tiers = [t if isinstance(t, Tier) else Tier.from_config(t) for t in tiers]
         labels = [t.label for t in self.tiers]
         if len(set(labels)) != len(labels):
@@ -69,6 +74,7 @@ class CheckpointManager:
         self._attempts = promote_attempts
         self._backoff = retry_backoff_s
         self._chunk_bytes = chunk_bytes
+        self._pack_bytes = pack_bytes
         self._staging = StagingPool(max_pending)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="trainio-ckpt-io")
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-save")
@@ -79,6 +85,7 @@ class CheckpointManager:
         self._failures: list[tuple[SaveHandle | None, CheckpointError]] = []
         self._manifests: dict[tuple[int, int], Manifest] = {}
         self._known: list[set[int]] = [set() for _ in self._io]
+        self._tier_locks = [threading.RLock() for _ in self._io]
         self._promotion_queued = False
         self._closed = False
         for io in self._io:
@@ -122,7 +129,7 @@ class CheckpointManager:
         started = time.perf_counter()
         slot = self._staging.acquire()
         try:
-            snapshot = take_snapshot(skeleton, leaves, slot)
+            snapshot = take_snapshot(skeleton, leaves, slot, self._pack_bytes)
         except BaseException:
             slot.release()
             raise
@@ -219,32 +226,25 @@ class CheckpointManager:
     def _promote_into(self, target: int) -> None:
         io = self._io[target]
         for step in self._wanted(target):
-            source = next(i for i in range(target) if self._io[i].is_committed(step))
             error: BaseException | None = None
+            manifest: Manifest | None = None
             for attempt in range(self._attempts):
                 if attempt:
                     time.sleep(self._backoff * 2 ** (attempt - 1))
                 try:
-                    with self._using(source, step):
-                        manifest = copy_step(self._io[source], io, step, self._previous(target, step),
-                                             self._pool, self._threads)
-                    self._io[source].mark_known_good(step)
-                except CheckpointError as exc:
-                    if io.is_committed(step):  # another writer committed it: nothing left to do
-                        error = None
-                        manifest = io.manifest(step)
-                        break
-                    error = exc
+                    manifest = self._copy_to(target, step)
                 except Exception as exc:  # noqa: BLE001 - retried, then reported
                     error = exc
-                else:
-                    error = None
-                    break
-                log.warning("promoting step %d to %s, try %d of %d: %s", step, io.label, attempt + 1,
-                            self._attempts, describe(error))
+                    log.warning("promoting step %d to %s, try %d of %d: %s", step, io.label, attempt + 1,
+                                self._attempts, describe(exc))
+                    continue
+                error = None
+                break
             if error is not None:
                 self._promotion_failed(target, step, error)
                 return
+            if manifest is None:  # retention removed it from the faster tiers meanwhile: no longer wanted
+                continue
             self._manifests[(target, step)] = manifest
             self._known[target].add(step)
             handle = self._handles.get(step)
@@ -256,6 +256,24 @@ class CheckpointManager:
         for handle in handles:
             if handle._results[io.label].status == "pending" and handle.done():
                 handle._set(io.label, TierResult("skipped"))
+
+    def _copy_to(self, target: int, step: int) -> Manifest | None:
+        """Copy ``step`` to tier ``target`` from the fastest tier that has it; None if none has it any more."""
+        io = self._io[target]
+        for source in range(target):
+            with self._using(source, step):
+                if not self._io[source].is_committed(step):
+                    continue
+                try:
+                    manifest = copy_step(self._io[source], io, step, self._previous(target, step),
+                                         self._pool, self._threads)
+                except CheckpointError:
+                    if io.is_committed(step):  # another writer committed it first: it stands
+                        return io.manifest(step)
+                    raise
+                self._io[source].mark_known_good(step)
+                return manifest
+        return None
 
     def _promotion_failed(self, target: int, step: int, exc: BaseException) -> None:
         io = self._io[target]
@@ -273,24 +291,26 @@ class CheckpointManager:
     def _retain(self, tier: int) -> None:
         io = self._io[tier]
         try:
-            steps = io.steps()
-            with self._lock:
-                protected = {s for (t, s), n in self._in_use.items() if t == tier and n > 0}
-            known_good = io.last_known_good()
-            if known_good is not None:
-                protected.add(known_good)
-            for slower in range(tier + 1, len(self._io)):
-                protected.update(self._wanted(slower))
-            for step in self.tiers[tier].doomed(steps, protected):
-                io.delete(step)
-                self._manifests.pop((tier, step), None)
-                log.info("%s: retention deleted step %d", io.label, step)
+            with self._tier_locks[tier]:  # nobody starts reading a step of this tier meanwhile
+                steps = io.steps()
+                with self._lock:
+                    protected = {s for (t, s), n in self._in_use.items() if t == tier and n > 0}
+                known_good = io.last_known_good()
+                if known_good is not None:
+                    protected.add(known_good)
+                for slower in range(tier + 1, len(self._io)):
+                    protected.update(self._wanted(slower))
+                for step in self.tiers[tier].doomed(steps, protected):
+                    io.delete(step)
+                    self._manifests.pop((tier, step), None)
+                    log.info("%s: retention deleted step %d", io.label, step)
         except Exception as exc:  # noqa: BLE001 - retention is retried after the next commit
             log.warning("%s: retention failed: %s", io.label, describe(exc))
 
     @contextmanager
     def _using(self, tier: int, step: int) -> Iterator[None]:
-        with self._lock:
+        """Keep retention off ``step`` of ``tier`` while in the block (check it still exists inside)."""
+        with self._tier_locks[tier], self._lock:
             self._in_use[(tier, step)] += 1
         try:
             yield
@@ -377,6 +397,9 @@ class CheckpointManager:
             raise CheckpointError(f"step {step} is committed on none of {[self.tiers[i].label for i in chosen]}; "
                                   f"committed steps: {self.steps()}")
         with _all(self._using(i, step) for i in holders):
+            holders = [i for i in holders if self._io[i].is_committed(step)]
+            if not holders:
+                raise CheckpointError(f"step {step} was deleted by retention while the restore began")
             reader = StepReader([self._io[i] for i in holders], step, self._pool, self._threads, repair=repair)
             state = reader.load(list(keys) if keys else None, into)
         if not keys and not any(k.startswith(f"{reader.source.label}:") for k in reader.report.fell_back):

@@ -20,7 +20,7 @@ from trainio.storage import DIGEST_NAME, FormatError
 from trainio.storage.errors import InvalidKey
 
 from ._dtypes import ZARR_NATIVE, stored_dtype
-from ._layout import ROOT, ArraySpec, group_metadata_key, group_paths
+from ._layout import ROOT, ArraySpec, group_metadata_key, group_paths, pack_spec
 from ._names import is_node_name
 from ._tree import Node, array_paths
 
@@ -53,6 +53,7 @@ class Manifest:
         files: Every file of the step except the manifest, by key relative to the step.
         time: When the step was saved (seconds since the epoch).
         world_size: How many ranks saved it.
+        pack: The array holding the small arrays (those with ``packed`` set), or None.
     """
 
     step: int
@@ -61,6 +62,7 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
     world_size: int = 1
+    pack: ArraySpec | None = None
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +80,7 @@ class Manifest:
             "digest": DIGEST_NAME,
             "tree": self.tree,
             "arrays": {path: spec.to_json() for path, spec in self.arrays.items()},
+            "pack": None if self.pack is None else {"size": self.pack.shape[0], "chunk": self.pack.chunks[0]},
             "files": {key: {"size": e.size, "xxh3": e.xxh3} for key, e in sorted(self.files.items())},
         }
         return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
@@ -135,8 +138,23 @@ class _Validator:
         used = list(array_paths(tree))
         self.check(len(used) == len(set(used)), "tree names an array twice")
         self.check(set(used) == set(arrays), "tree and arrays name different arrays")
-        self.layout(arrays, files)
-        return Manifest(step, tree, arrays, files, float(wall), world_size)
+        pack = self.pack(doc.get("pack"), arrays)
+        self.layout(arrays, files, pack)
+        return Manifest(step, tree, arrays, files, float(wall), world_size, pack)
+
+    def pack(self, doc: Any, arrays: dict[str, ArraySpec]) -> ArraySpec | None:
+        members = [spec for spec in arrays.values() if spec.packed is not None]
+        if doc is None:
+            self.check(not members, "arrays are packed but there is no pack")
+            return None
+        self.check(isinstance(doc, dict), "pack must be an object or null")
+        size = self.integer(doc.get("size"), "pack.size")
+        chunk = self.integer(doc.get("chunk"), "pack.chunk", 1)
+        for spec in members:
+            assert spec.packed is not None
+            self.check(spec.packed + spec.nbytes <= size,
+                       f"arrays[{spec.path!r}] lies beyond the end of the pack ({size} bytes)")
+        return pack_spec(size, chunk)
 
     def file_key(self, key: Any) -> str:
         from trainio.storage._keys import check_key
@@ -171,7 +189,10 @@ class _Validator:
                    f"arrays[{path!r}]: shape and chunks must be lists of one length")
         shape_t = tuple(self.integer(n, f"arrays[{path!r}].shape") for n in shape)
         chunks_t = tuple(self.integer(n, f"arrays[{path!r}].chunks", 1) for n in chunks)
-        result = ArraySpec(path, kind, dtype, stored, shape_t, chunks_t)
+        packed = spec.get("packed")
+        if packed is not None:
+            self.integer(packed, f"arrays[{path!r}].packed")
+        result = ArraySpec(path, kind, dtype, stored, shape_t, chunks_t, packed)
         self.check(dtype in ZARR_NATIVE and stored == dtype or dtype not in ZARR_NATIVE
                    and stored == stored_dtype(dtype, result.itemsize), f"arrays[{path!r}]: {dtype} is not stored as {stored}")
         self.check(math.prod(chunks_t) * result.itemsize <= 1 << 40, f"arrays[{path!r}]: chunks are too large")
@@ -203,12 +224,14 @@ class _Validator:
         else:
             self.check("value" in node, "a json node needs a value")
 
-    def layout(self, arrays: dict[str, ArraySpec], files: dict[str, FileEntry]) -> None:
+    def layout(self, arrays: dict[str, ArraySpec], files: dict[str, FileEntry], pack: ArraySpec | None) -> None:
+        own = [s for s in arrays.values() if s.packed is None] + ([pack] if pack is not None else [])
         chunk_count = sum(math.prod(-(-n // c) for n, c in zip(s.shape, s.chunks, strict=True))
-                          if all(s.shape) else 0 for s in arrays.values())
+                          if all(s.shape) else 0 for s in own)
         self.check(chunk_count <= len(files), f"the arrays have {chunk_count} chunks but files lists {len(files)}")
-        expected: dict[str, int | None] = {group_metadata_key(g): None for g in group_paths(list(arrays))}
-        for spec in arrays.values():
+        groups = group_paths([s.path for s in own if s is not pack])
+        expected: dict[str, int | None] = {group_metadata_key(g): None for g in groups}
+        for spec in own:
             expected[spec.metadata_key] = None
             for chunk in spec.chunk_files():
                 expected[chunk.key] = chunk.size

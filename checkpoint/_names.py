@@ -2,8 +2,9 @@
 
 Every name is a valid zarr v3 node name and a valid store key part, and
 distinct keys give distinct names: characters outside ``[A-Za-z0-9._-]`` are
-percent-encoded, as are the leading character of ``.``, ``..`` and names
-starting with ``__`` (reserved by zarr). Readable keys stay as they are.
+percent-encoded, as is the leading character of names starting with ``.``
+(reserved for trainio's own nodes, such as the pack of small arrays) or
+``__`` (reserved by zarr). Readable keys stay as they are.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ def node_name(key: str | int) -> str:
     if text == "":
         return "%"
     name = _encode(text)
-    if text in (".", "..") or text.startswith("__"):
+    if text.startswith((".", "__")):
         name = f"%{ord(text[0]):02X}{name[1:]}"
     return name
 
 
 def is_node_name(name: str) -> bool:
     """Whether ``name`` could have come from :func:`node_name`."""
-    return bool(_NAME.fullmatch(name)) and name not in (".", "..") and not name.startswith("__")
+    return bool(_NAME.fullmatch(name)) and not name.startswith((".", "__"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -148,19 +149,25 @@ class StepReader:
         _collect_targets(node, into, targets)
         for path in paths:
             arrays[path] = _host_array(self.manifest.arrays[path], targets.get(path))
+        specs = [self.manifest.arrays[path] for path in paths]
+        own = [spec for spec in specs if spec.packed is None]
+        packed = [spec for spec in specs if spec.packed is not None]
+        pack = self.manifest.pack
+        pack_bytes = np.empty(pack.nbytes if pack is not None and packed else 0, np.uint8)
         jobs: list[Callable[[], None]] = []
-        checked = [group_metadata_key(g) for g in group_paths(paths)]
-        for path in paths:
-            spec = self.manifest.arrays[path]
+        checked = [group_metadata_key(g) for g in group_paths([s.path for s in own])]
+        for spec, raw in [(s, memoryview(arrays[s.path][1])) for s in own] + (
+                [(pack, memoryview(pack_bytes))] if pack is not None and packed else []):
             checked.append(spec.metadata_key)
-            raw = memoryview(arrays[path][1])
             for chunk in spec.chunk_files():
                 jobs.append(self._job(chunk.key, raw[chunk.start:chunk.start + chunk.length]))
         jobs.extend(self._job(key, None) for key in checked)
         run_all(self.pool, iter(jobs), self.threads)
+        for spec in packed:
+            assert spec.packed is not None
+            arrays[spec.path][1][:] = pack_bytes[spec.packed:spec.packed + spec.nbytes]
         self.report.files = len(jobs)
-        self.report.bytes = sum(self.manifest.files[k].size for k in checked) + sum(
-            self.manifest.arrays[p].nbytes for p in paths)
+        self.report.bytes = sum(self.manifest.files[job_key].size for job_key in self._keys(jobs))
 
         def load_array(path: str, target: Any) -> Any:
             return _finish(self.manifest.arrays[path], arrays[path][0], target, f"step {self.step}: {path}")
@@ -169,7 +176,12 @@ class StepReader:
 
     def _job(self, key: str, target: memoryview | None) -> Callable[[], None]:
         entry = self.manifest.files[key]
-        return lambda: self.read_file(key, entry, target)
+        job = functools.partial(self.read_file, key, entry, target)
+        return job
+
+    @staticmethod
+    def _keys(jobs: list[Callable[[], None]]) -> list[str]:
+        return [job.args[0] for job in jobs]  # type: ignore[attr-defined]
 
 
 def _collect_targets(node: Node, into: Any, found: dict[str, Any]) -> None:

@@ -15,39 +15,60 @@ from ._tree import ArrayLeaf, Node
 class Snapshot:
     """A state frozen in host memory: its skeleton and each array's bytes.
 
+    Arrays of at most ``pack_bytes`` come first in the slot, back to back, so
+    the step's pack is one range of it.
+
     Attributes:
         skeleton: The state's skeleton.
         leaves: The arrays, in the state's order.
         views: Each array's bytes (C order, little-endian) in the slot.
+        offsets: Each array's offset in the slot.
+        pack_bytes: Arrays up to this size are packed; the pack is ``pack`` (the slot's first bytes).
+        pack: The packed arrays' bytes.
         slot: The staging slot holding them; released once the snapshot is written.
     """
 
     skeleton: Node
     leaves: list[ArrayLeaf]
     views: list[memoryview]
+    offsets: list[int]
+    pack_bytes: int
+    pack: memoryview
     slot: Slot | None
+
+    def is_packed(self, leaf: ArrayLeaf) -> bool:
+        """Whether ``leaf`` lives in the pack."""
+        return leaf.nbytes <= self.pack_bytes
 
     def release(self) -> None:
         """Hand the staging memory back; the views must not be used afterwards."""
         slot, self.slot = self.slot, None
         self.views = []
+        self.pack = memoryview(b"")
         if slot is not None:
             slot.release()
 
 
-def take_snapshot(skeleton: Node, leaves: list[ArrayLeaf], slot: Slot) -> Snapshot:
+def take_snapshot(skeleton: Node, leaves: list[ArrayLeaf], slot: Slot, pack_bytes: int = 0) -> Snapshot:
     """Copy every array of ``leaves`` into ``slot`` and return the snapshot.
 
     GPU tensors are copied asynchronously into the (then pinned) slot and
     waited for once at the end. The caller may change its arrays as soon as
     this returns.
     """
-    offsets: list[int] = []
+    offsets: list[int] = [0] * len(leaves)
     end = 0
-    for leaf in leaves:
+    small = [i for i, leaf in enumerate(leaves) if leaf.nbytes <= pack_bytes]
+    for i in small:
         end = aligned(end)
-        offsets.append(end)
-        end += leaf.nbytes
+        offsets[i] = end
+        end += leaves[i].nbytes
+    pack_end = end
+    for i, leaf in enumerate(leaves):
+        if leaf.nbytes > pack_bytes:
+            end = aligned(end)
+            offsets[i] = end
+            end += leaf.nbytes
     on_gpu = any(leaf.kind == "torch" and leaf.value.device.type == "cuda" for leaf in leaves)
     slot.reserve(max(end, 1), pinned=on_gpu)
     views: list[memoryview] = []
@@ -59,7 +80,7 @@ def take_snapshot(skeleton: Node, leaves: list[ArrayLeaf], slot: Slot) -> Snapsh
     else:
         for leaf, offset in zip(leaves, offsets, strict=True):
             _copy_numpy(leaf, slot.array[offset:offset + leaf.nbytes])
-    return Snapshot(skeleton, leaves, views, slot)
+    return Snapshot(skeleton, leaves, views, offsets, pack_bytes, memory[:pack_end], slot)
 
 
 def _copy_with_torch(leaves: list[ArrayLeaf], offsets: list[int], slot: Slot) -> None:

@@ -8,7 +8,16 @@ from dataclasses import dataclass
 
 from trainio.storage._parallel import run_all
 
-from ._layout import CHUNK_BYTES, ArraySpec, chunk_shape, group_metadata, group_metadata_key, group_paths
+from ._layout import (
+    CHUNK_BYTES,
+    ArraySpec,
+    chunk_shape,
+    group_metadata,
+    group_metadata_key,
+    group_paths,
+    pack_metadata,
+    pack_spec,
+)
 from ._manifest import FileEntry, Manifest
 from ._snapshot import Snapshot
 from ._tier_io import TierIO, digest_with_padding
@@ -24,23 +33,41 @@ class _File:
     data: Callable[[], memoryview]
 
 
-def array_specs(snapshot: Snapshot, chunk_bytes: int = CHUNK_BYTES) -> dict[str, ArraySpec]:
-    """The layout of every array of a snapshot."""
-    return {leaf.path: ArraySpec(leaf.path, leaf.kind, leaf.dtype, leaf.stored, leaf.shape,
-                                 chunk_shape(leaf.shape, leaf.itemsize, chunk_bytes))
-            for leaf in snapshot.leaves}
+def array_specs(snapshot: Snapshot, chunk_bytes: int = CHUNK_BYTES) -> tuple[dict[str, ArraySpec], ArraySpec | None]:
+    """The layout of every array of a snapshot, and of its pack (None when nothing is packed)."""
+    arrays: dict[str, ArraySpec] = {}
+    for leaf, offset in zip(snapshot.leaves, snapshot.offsets, strict=True):
+        packed = offset if snapshot.is_packed(leaf) else None
+        arrays[leaf.path] = ArraySpec(leaf.path, leaf.kind, leaf.dtype, leaf.stored, leaf.shape,
+                                      chunk_shape(leaf.shape, leaf.itemsize, chunk_bytes), packed)
+    packed_any = any(spec.packed is not None for spec in arrays.values())
+    return arrays, pack_spec(snapshot.pack.nbytes, chunk_bytes) if packed_any else None
 
 
-def _snapshot_files(snapshot: Snapshot, arrays: dict[str, ArraySpec]) -> list[_File]:
-    files = [_File(group_metadata_key(g), len(group_metadata()), lambda: memoryview(group_metadata()))
-             for g in group_paths(list(arrays))]
+def _bytes_file(key: str, document: bytes) -> _File:
+    return _File(key, len(document), lambda: memoryview(document))
+
+
+def _range_files(spec: ArraySpec, view: memoryview) -> list[_File]:
+    files = []
+    for chunk in spec.chunk_files():
+        part = view[chunk.start:chunk.start + chunk.length]
+        files.append(_File(chunk.key, chunk.size, lambda p=part: p))  # type: ignore[misc]
+    return files
+
+
+def _snapshot_files(snapshot: Snapshot, arrays: dict[str, ArraySpec], pack: ArraySpec | None) -> list[_File]:
+    own = [spec for spec in arrays.values() if spec.packed is None]
+    files = [_bytes_file(group_metadata_key(g), group_metadata()) for g in group_paths([s.path for s in own])]
     for leaf, view in zip(snapshot.leaves, snapshot.views, strict=True):
         spec = arrays[leaf.path]
-        document = spec.metadata()
-        files.append(_File(spec.metadata_key, len(document), lambda d=document: memoryview(d)))  # type: ignore[misc]
-        for chunk in spec.chunk_files():
-            part = view[chunk.start:chunk.start + chunk.length]
-            files.append(_File(chunk.key, chunk.size, lambda p=part: p))  # type: ignore[misc]
+        if spec.packed is None:
+            files.append(_bytes_file(spec.metadata_key, spec.metadata()))
+            files.extend(_range_files(spec, view))
+    if pack is not None:
+        members = [spec for spec in arrays.values() if spec.packed is not None]
+        files.append(_bytes_file(pack.metadata_key, pack_metadata(pack, members)))
+        files.extend(_range_files(pack, snapshot.pack))
     return files
 
 
@@ -100,9 +127,9 @@ def write_snapshot(tier: TierIO, step: int, snapshot: Snapshot, previous: Manife
     linked or server-side copied instead of written. On any error, nothing
     of the step remains visible.
     """
-    arrays = array_specs(snapshot, chunk_bytes)
-    manifest = Manifest(step, snapshot.skeleton, arrays, world_size=world_size)
-    _write_files(tier, step, manifest, _snapshot_files(snapshot, arrays), previous, pool, threads)
+    arrays, pack = array_specs(snapshot, chunk_bytes)
+    manifest = Manifest(step, snapshot.skeleton, arrays, world_size=world_size, pack=pack)
+    _write_files(tier, step, manifest, _snapshot_files(snapshot, arrays, pack), previous, pool, threads)
     return manifest
 
 
@@ -114,7 +141,7 @@ def copy_step(source: TierIO, target: TierIO, step: int, previous: Manifest | No
         IntegrityError, NotFound: a source file is damaged or missing; nothing is committed.
     """
     manifest = source.manifest(step)
-    copied = Manifest(step, manifest.tree, manifest.arrays, {}, manifest.time, manifest.world_size)
+    copied = Manifest(step, manifest.tree, manifest.arrays, {}, manifest.time, manifest.world_size, manifest.pack)
 
     def reader(key: str, entry: FileEntry) -> Callable[[], memoryview]:
         return lambda: memoryview(source.read(step, key, entry))

@@ -108,33 +108,60 @@ def test_restore_returns_what_was_saved_type_for_type(tmp_path: Path) -> None:
     assert isinstance(restored["tuple"], tuple) and isinstance(restored["tuple"][1], list)
 
 
+def zarr_read(group: Any, path: str) -> np.ndarray[Any, Any]:
+    """An array of a step as any zarr v3 reader gets it: its own array, or its bytes in ``.packed``."""
+    if path in group:
+        return np.asarray(group[path][...])
+    member = group[".packed"].attrs["trainio"]["packed"][path]
+    stored = np.dtype(member["stored"]).newbyteorder("<")
+    start = member["offset"]
+    raw = group[".packed"][start:start + stored.itemsize * math.prod(member["shape"])]
+    return raw.view(stored).reshape(member["shape"])
+
+
 def test_plain_zarr_reads_every_array(tmp_path: Path) -> None:
     zarr = pytest.importorskip("zarr")
     state = _state()
-    state["big"] = torch.randn(300, 1000)  # several chunks at a small chunk size
+    state["big"] = torch.randn(300, 1000)  # an array of its own at the default pack size
     with CheckpointManager([tmp_path / "t0"]) as manager:
         manager.save(1, state).wait()
         manifest = manager._io[0].manifest(1)
     group = zarr.open_group(tmp_path / "t0" / "000000000001" / "state.zarr", mode="r")
+    assert "big" in group and "model" not in group  # small arrays live in the pack
     for path, spec in manifest.arrays.items():
-        array = group[path]
+        array = zarr_read(group, path)
         assert array.shape == spec.shape
         assert str(array.dtype) == spec.stored
-        assert array.attrs["trainio"]["dtype"] == spec.dtype
+    assert group["big"].attrs["trainio"]["dtype"] == "float32"
+    assert np.array_equal(zarr_read(group, "big"), state["big"].numpy())
+    assert np.array_equal(zarr_read(group, "model/w"), state["model"]["w"].numpy())
+    assert np.array_equal(zarr_read(group, "model/b"), state["model"]["b"].view(torch.uint16).numpy())
+    assert np.array_equal(zarr_read(group, "dtypes/f8"), state["dtypes"]["f8"].view(torch.uint8).numpy())
+    assert np.array_equal(zarr_read(group, "dtypes/strided"), state["dtypes"]["strided"].numpy())
+    assert np.array_equal(zarr_read(group, "numpy/be"), state["numpy"]["be"])
+    assert zarr_read(group, "dtypes/scalar") == 3.5
+    assert zarr_read(group, "dtypes/empty").shape == (0, 4)
+
+
+def test_unpacked_arrays_are_each_a_zarr_array(tmp_path: Path) -> None:
+    zarr = pytest.importorskip("zarr")
+    state = _state()
+    with CheckpointManager([tmp_path], pack_bytes=0) as manager:
+        manager.save(1, state).wait()
+        manifest = manager._io[0].manifest(1)
+    assert manifest.pack is None or manifest.pack.nbytes == 0
+    group = zarr.open_group(tmp_path / "000000000001" / "state.zarr", mode="r")
+    for path, spec in manifest.arrays.items():
+        if spec.nbytes:
+            assert group[path].shape == spec.shape and group[path].attrs["trainio"]["dtype"] == spec.dtype
     assert np.array_equal(group["model/w"][...], state["model"]["w"].numpy())
     assert np.array_equal(group["model/b"][...], state["model"]["b"].view(torch.uint16).numpy())
-    assert np.array_equal(group["dtypes/f8"][...], state["dtypes"]["f8"].view(torch.uint8).numpy())
-    assert np.array_equal(group["dtypes/strided"][...], state["dtypes"]["strided"].numpy())
-    assert np.array_equal(group["numpy/be"][...], state["numpy"]["be"])
-    assert group["dtypes/scalar"][...] == 3.5
-    assert group["dtypes/empty"].shape == (0, 4)
-    assert np.array_equal(group["big"][...], state["big"].numpy())
 
 
 def test_chunked_arrays_round_trip_through_zarr(tmp_path: Path) -> None:
     zarr = pytest.importorskip("zarr")
     state = {"a": torch.randn(37, 11), "b": torch.arange(1001, dtype=torch.int16), "c": torch.randn(3, 4, 300)}
-    with CheckpointManager([tmp_path], chunk_bytes=1000) as manager:
+    with CheckpointManager([tmp_path], chunk_bytes=1000, pack_bytes=100) as manager:
         manager.save(0, state).wait()
         restored = manager.restore()
         chunks = manager._io[0].manifest(0).arrays["c"].chunks
@@ -142,7 +169,7 @@ def test_chunked_arrays_round_trip_through_zarr(tmp_path: Path) -> None:
     group = zarr.open_group(tmp_path / "000000000000" / "state.zarr", mode="r")
     for key, tensor in state.items():
         assert torch.equal(restored[key], tensor)
-        assert np.array_equal(group[key][...], tensor.numpy())
+        assert np.array_equal(zarr_read(group, key), tensor.numpy())
 
 
 class _NotState:
@@ -173,7 +200,7 @@ def test_colliding_names_are_refused(tmp_path: Path) -> None:
 
 def _manifest_doc(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     with CheckpointManager([tmp_path]) as manager:
-        manager.save(7, {"w": torch.randn(10, 10), "n": 3}).wait()
+        manager.save(7, {"w": torch.randn(300, 300), "small": torch.ones(10), "n": 3}).wait()
     path = tmp_path / "000000000007" / "manifest.json"
     return json.loads(path.read_bytes()), path
 
@@ -189,10 +216,12 @@ def _edit_files(doc: dict[str, Any]) -> None:
     (lambda d: d["files"].update({"other/x": {"size": 1, "xxh3": "0" * 32}}), "outside state.zarr"),
     (lambda d: [v.update(size=v["size"] + 1) for k, v in d["files"].items() if k.endswith("c.0.0")], "size is"),
     (lambda d: [v.update(size=-1) for v in d["files"].values()], "size must be an integer"),
-    (lambda d: d["arrays"]["w"].update(shape=[10, 11]), "lacks|size is"),
+    (lambda d: d["arrays"]["w"].update(shape=[300, 301]), "lacks|size is"),
+    (lambda d: d["arrays"]["small"].update(packed=10**9), "beyond the end of the pack"),
+    (lambda d: d.update(pack=None), "no pack"),
     (lambda d: d["arrays"]["w"].update(stored="float128"), "not a zarr data type"),
     (lambda d: d["arrays"]["w"].update(kind="pickle"), "kind"),
-    (lambda d: d["arrays"]["w"].update(shape=[10**12, 10], chunks=[1, 10]), "chunks but files lists"),
+    (lambda d: d["arrays"]["w"].update(shape=[10**12, 300], chunks=[1, 300]), "chunks but files lists"),
     (lambda d: d.update(version=99), "version 99"),
     (lambda d: d.update(format="other"), "format"),
     (lambda d: d["tree"]["items"].append(["x", {"t": "array", "path": "nope"}]), "different arrays"),

@@ -40,13 +40,13 @@ def test_ls_lists_steps_of_each_tier(tier: Path, capsys: pytest.CaptureFixture[s
 def test_verify_passes_then_names_a_damaged_file(tier: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = _json(capsys, "ckpt", "verify", str(tier))
     assert doc["ok"] and doc["steps"] == [10, 20, 30]
-    chunk = tier / "000000000020" / "state.zarr" / "w" / "c.0.0"
+    chunk = tier / "000000000020" / "state.zarr" / ".packed" / "c.0"
     data = bytearray(chunk.read_bytes())
     data[5] ^= 0x10
     chunk.write_bytes(bytes(data))
     assert main(["ckpt", "verify", str(tier), "--step", "20"]) == 1
     err = capsys.readouterr().err
-    assert "step 20: state.zarr/w/c.0.0" in err and "xxh3-128" in err
+    assert "step 20: state.zarr/.packed/c.0" in err and "xxh3-128" in err
     assert _json(capsys, "ckpt", "ls", str(tier))[1]["verified"] is False
 
 

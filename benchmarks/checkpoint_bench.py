@@ -1,0 +1,402 @@
+"""Checkpoint save and restore: trainio against torch.save, torch.distributed.checkpoint and the raw limits.
+
+The state is shaped like a transformer's training state: bf16 weight
+matrices, several hundred small biases and norms, and an Adam-like optimizer
+(fp32 master copy and two moments per parameter), about ``--gb`` GB in all.
+
+Rows, all measured in this run on the same state and directory:
+- memcpy: copy of the state into preallocated, touched tensors (the floor for
+  the time a save may block the caller);
+- raw write+fsync / raw read: one file of the state's bytes (read warm from
+  the page cache and cold after dropping it);
+- trainio: ``save`` blocking time, time to committed on tier 0 (durable), and
+  ``restore(into=...)`` warm and cold, every file's hash checked;
+- torch.save + fsync / torch.load; dcp.save / dcp.load; dcp.async_save
+  (blocking, and total to done).
+Then a many-small-tensors table: per-tensor cost of writing and reading
+thousands of small tensors with trainio, as raw files, and with zarr-python.
+Finally the training-loop slowdown while a save is flushed in the background.
+
+Cold reads use posix_fadvise(DONTNEED) on every file, after an fsync.
+
+Run:  python benchmarks/checkpoint_bench.py [--gb 2] [--dir /tmp/ckpt-bench] [--small 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _files import fsync_path  # noqa: E402
+from _report import machine, machine_lines, markdown_table  # noqa: E402
+
+from trainio.checkpoint import CheckpointManager, Tier  # noqa: E402
+
+
+def transformer_state(gb: float) -> dict[str, Any]:
+    """A model (bf16) and an AdamW-like optimizer (fp32 master, exp_avg, exp_avg_sq) of about ``gb`` GB."""
+    d = 1024
+    per_param_bytes = 2 + 3 * 4
+    layers = max(1, round(gb * 1e9 / per_param_bytes / (12 * d * d + 13 * d)))
+    params: dict[str, tuple[int, ...]] = {"embed.weight": (8192, d)}
+    for i in range(layers):
+        p = f"layers.{i}."
+        params.update({p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
+                       p + "attn.out.weight": (d, d), p + "attn.out.bias": (d,),
+                       p + "mlp.up.weight": (4 * d, d), p + "mlp.up.bias": (4 * d,),
+                       p + "mlp.down.weight": (d, 4 * d), p + "mlp.down.bias": (d,)})
+        for norm in ("norm1", "norm2", "attn.q_norm", "attn.k_norm"):
+            params[p + norm + ".weight"] = (d,)
+            params[p + norm + ".bias"] = (d,)
+    params["final_norm.weight"] = (d,)
+    g = torch.Generator().manual_seed(0)
+    model = {k: torch.randn(s, generator=g).bfloat16() for k, s in params.items()}
+    optim = {"state": {i: {"step": torch.tensor(100.0), "master": model[k].float(),
+                           "exp_avg": torch.randn(s, generator=g) * 1e-3,
+                           "exp_avg_sq": torch.rand(s, generator=g) * 1e-6}
+                       for i, (k, s) in enumerate(params.items())},
+             "param_groups": [{"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                               "params": list(range(len(params)))}]}
+    return {"model": model, "optim": optim, "step": 100, "rng": torch.get_rng_state()}
+
+
+def tensors_of(state: Any) -> list[torch.Tensor]:
+    """Every tensor of a nested state."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in tensors_of(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in tensors_of(v)]
+    return []
+
+
+def like(state: Any) -> Any:
+    """A state of the same shape with fresh, touched tensors (a restore target)."""
+    if isinstance(state, torch.Tensor):
+        return torch.zeros_like(state)
+    if isinstance(state, dict):
+        return {k: like(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [like(v) for v in state]
+    return state
+
+
+def drop_cache(path: Path) -> None:
+    """Evict ``path``'s files from the page cache (after making them durable)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] = lambda: None) -> float:
+    times = []
+    for _ in range(repeat):
+        before()
+        times.append(timed(fn))
+    return min(times)
+
+
+def fresh(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Bench:
+    """The big-state table."""
+
+    def __init__(self, root: Path, state: dict[str, Any], repeat: int) -> None:
+        self.root = root
+        self.state = state
+        self.repeat = repeat
+        self.tensors = tensors_of(state)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+        self.rows: list[tuple[str, str, float]] = []
+
+    def add(self, what: str, who: str, seconds: float) -> None:
+        self.rows.append((what, who, seconds))
+        print(f"  {what:34} {who:30} {seconds:8.3f} s  {self.nbytes / seconds / 1e9:6.2f} GB/s", flush=True)
+
+    def memcpy(self) -> None:
+        targets = [torch.empty_like(t) for t in self.tensors]
+        for t in targets:
+            t.zero_()
+
+        def copy() -> None:
+            for dst, src in zip(targets, self.tensors, strict=True):
+                dst.copy_(src)
+
+        self.add("blocking (memcpy floor)", "memcpy into preallocated", best(copy, self.repeat + 1))
+
+    def raw(self) -> None:
+        flat = np.empty(self.nbytes, np.uint8)
+        flat.fill(1)
+        path = self.root / "raw.bin"
+
+        def write() -> None:
+            with open(path, "wb", buffering=0) as f:
+                view = memoryview(flat)
+                done = 0
+                while done < len(view):
+                    done += f.write(view[done:done + (64 << 20)])
+                os.fsync(f.fileno())
+
+        self.add("durable save", "raw write+fsync, one file", best(write, self.repeat, lambda: path.unlink(True)))
+
+        def read() -> None:
+            with open(path, "rb", buffering=0) as f:
+                view = memoryview(flat)
+                done = 0
+                while done < len(view):
+                    done += f.readinto(view[done:done + (64 << 20)])
+
+        self.add("restore warm", "raw readinto", best(read, self.repeat))
+        self.add("restore cold", "raw readinto", best(read, self.repeat, lambda: drop_cache(path)))
+        path.unlink()
+
+    def trainio(self) -> None:
+        tier = self.root / "trainio"
+        fresh(tier)
+        with CheckpointManager([Tier(tier, keep_last=1)]) as manager:
+            manager.save(0, self.state).wait()  # allocates and faults in the staging slot once
+            blocked, total = [], []
+            for step in range(1, self.repeat + 2):
+                gc.collect()
+                start = time.perf_counter()
+                handle = manager.save(step, self.state)
+                blocked.append(time.perf_counter() - start)
+                handle.wait()
+                total.append(time.perf_counter() - start)
+                manager.wait()
+                # a fresh write every time: change every tensor so nothing is hard-linked
+                for t in self.tensors[:1]:
+                    t.view(-1)[0] += 1
+                self._invalidate(tier)
+            self.add("blocking", "trainio save()", min(blocked))
+            self.add("durable save", "trainio save() to committed", min(total))
+            target = like(self.state)
+            self.add("restore warm", "trainio restore(into=)", best(
+                lambda: manager.restore(into=target), self.repeat))
+            self.add("restore cold", "trainio restore(into=)", best(
+                lambda: manager.restore(into=target), self.repeat, lambda: drop_cache(tier)))
+            assert all(torch.equal(a, b) for a, b in zip(tensors_of(target), self.tensors, strict=True))
+        fresh(tier)
+
+    def _invalidate(self, tier: Path) -> None:
+        """Drop older steps so the next save cannot link their files (measure full writes)."""
+        for p in tier.iterdir():
+            if p.name.isdigit():
+                shutil.rmtree(p)
+
+    def torch_save(self) -> None:
+        path = self.root / "torch.pt"
+
+        def save() -> None:
+            torch.save(self.state, path)
+            fsync_path(path)
+
+        self.add("durable save", "torch.save + fsync", best(save, self.repeat, lambda: path.unlink(True)))
+        self.add("restore warm", "torch.load", best(lambda: torch.load(path, weights_only=True), self.repeat))
+        self.add("restore cold", "torch.load", best(lambda: torch.load(path, weights_only=True), self.repeat,
+                                                    lambda: drop_cache(path)))
+        path.unlink()
+
+    def dcp(self) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        if not dist.is_initialized():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        path = self.root / "dcp"
+
+        def save() -> None:
+            dcp.save(self.state, checkpoint_id=str(path))
+
+        self.add("durable save", "dcp.save", best(save, self.repeat, lambda: fresh(path)))
+        blocked, total = [], []
+        for _ in range(self.repeat):
+            fresh(path)
+            gc.collect()
+            start = time.perf_counter()
+            future = dcp.async_save(self.state, checkpoint_id=str(path))
+            blocked.append(time.perf_counter() - start)
+            future.result()
+            total.append(time.perf_counter() - start)
+        self.add("blocking", "dcp.async_save", min(blocked))
+        self.add("durable save", "dcp.async_save to done", min(total))
+        target = like(self.state)
+        self.add("restore warm", "dcp.load (into)", best(lambda: dcp.load(target, checkpoint_id=str(path)),
+                                                          self.repeat))
+        self.add("restore cold", "dcp.load (into)", best(lambda: dcp.load(target, checkpoint_id=str(path)),
+                                                          self.repeat, lambda: drop_cache(path)))
+        fresh(path)
+
+    def table(self) -> list[str]:
+        floor = {what: min(s for w, _, s in self.rows if w == what) for what, _, _ in self.rows}
+        raw = {w: s for w, who, s in self.rows if who.startswith(("raw", "memcpy"))}
+        rows = [["measure", "who", "seconds", "GB/s", "vs raw limit"]]
+        for what, who, seconds in self.rows:
+            limit = raw.get(what, raw.get(what.replace("blocking", "blocking (memcpy floor)"), floor[what]))
+            rows.append([what, who, f"{seconds:.3f}", f"{self.nbytes / seconds / 1e9:.2f}",
+                         f"{limit / seconds:.2f}x"])
+        return markdown_table(rows, left=[0, 1])
+
+
+def small_tensors(root: Path, count: int) -> list[str]:
+    """Per-tensor cost of many small tensors: trainio, raw files, zarr-python."""
+    rng = np.random.default_rng(0)
+    state = {f"t{i}": torch.from_numpy(rng.standard_normal(int(rng.integers(64, 4096)), dtype=np.float32))
+             for i in range(count)}
+    results: list[list[str]] = [["small tensors", "write µs/tensor", "read µs/tensor"]]
+
+    tier = root / "small-trainio"
+    fresh(tier)
+    with CheckpointManager([Tier(tier, keep_last=1)]) as manager:
+        manager.save(0, state).wait()
+        fresh(tier / f"{0:012d}")
+        start = time.perf_counter()
+        manager.save(1, state).wait()
+        write = time.perf_counter() - start
+        target = like(state)
+        read = timed(lambda: manager.restore(into=target))
+    results.append(["trainio (durable, hashed)", f"{write / count * 1e6:.0f}", f"{read / count * 1e6:.0f}"])
+    fresh(tier)
+
+    raw = root / "small-raw"
+    fresh(raw)
+    raw.mkdir(parents=True)
+    arrays = [t.numpy() for t in state.values()]
+
+    def raw_write() -> None:
+        for i, a in enumerate(arrays):
+            with open(raw / f"t{i}", "wb", buffering=0) as f:
+                f.write(memoryview(a).cast("B"))
+        os.sync()
+
+    def raw_read() -> None:
+        for i, a in enumerate(arrays):
+            with open(raw / f"t{i}", "rb", buffering=0) as f:
+                f.readinto(memoryview(a).cast("B"))
+
+    w, r = timed(raw_write), timed(raw_read)
+    results.append(["raw file per tensor (+1 sync)", f"{w / count * 1e6:.0f}", f"{r / count * 1e6:.0f}"])
+    fresh(raw)
+
+    import zarr
+
+    sample = min(count, 300)
+    path = root / "small-zarr"
+    fresh(path)
+
+    def zarr_write() -> None:
+        group = zarr.open_group(path, mode="w")
+        for i, a in enumerate(arrays[:sample]):
+            group.create_array(f"t{i}", data=a, compressors=None)
+
+    def zarr_read() -> None:
+        group = zarr.open_group(path, mode="r")
+        for i in range(sample):
+            group[f"t{i}"][...]
+
+    w, r = timed(zarr_write), timed(zarr_read)
+    results.append([f"zarr-python ({sample} arrays)", f"{w / sample * 1e6:.0f}", f"{r / sample * 1e6:.0f}"])
+    fresh(path)
+    return markdown_table(results, left=[0])
+
+
+def loop_slowdown(root: Path, state: dict[str, Any]) -> list[str]:
+    """Step time of a training-like loop, idle and while a save flushes in the background."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+    data = torch.randn(64, 512)
+
+    def torch_step() -> None:
+        model(data).sum().backward()
+
+    def python_step() -> None:
+        total = 0
+        for i in range(20000):
+            total += i * i
+
+    rows = [["loop step", "idle ms", "during flush ms", "slowdown"]]
+    tier = root / "slowdown"
+    fresh(tier)
+    with CheckpointManager([Tier(tier, keep_last=1)]) as manager:
+        manager.save(0, state).wait()
+        for name, step in (("torch fwd+bwd (2 threads)", torch_step), ("pure Python", python_step)):
+            for _ in range(5):
+                step()
+            idle = []
+            for _ in range(30):
+                idle.append(timed(step))
+            busy = []
+            for n in range(1, 3):
+                handle = manager.save(100 * n + len(rows), state)
+                while not handle.done():
+                    busy.append(timed(step))
+                handle.wait()
+            i, b = float(np.median(idle)), float(np.median(busy))
+            rows.append([name, f"{i * 1e3:.2f}", f"{b * 1e3:.2f}", f"{(b / i - 1) * 100:+.0f}%"])
+    fresh(tier)
+    return markdown_table(rows, left=[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gb", type=float, default=2.0)
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--small", type=int, default=2000)
+    parser.add_argument("--only", choices=["big", "small", "loop"], action="append")
+    args = parser.parse_args()
+    root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir="/tmp"))
+    root.mkdir(parents=True, exist_ok=True)
+    only = set(args.only or ["big", "small", "loop"])
+    print("\n".join(machine_lines(machine(["trainio", "torch", "zarr", "numpy"]), str(root))), flush=True)
+    state = transformer_state(args.gb)
+    out: list[str] = []
+    try:
+        if "big" in only:
+            bench = Bench(root, state, args.repeat)
+            print(f"state: {len(bench.tensors)} tensors, {bench.nbytes / 1e9:.2f} GB", flush=True)
+            for part in (bench.memcpy, bench.raw, bench.trainio, bench.torch_save, bench.dcp):
+                part()
+            out += ["", f"state: {len(bench.tensors)} tensors, {bench.nbytes / 1e9:.2f} GB", *bench.table()]
+        if "small" in only:
+            out += ["", *small_tensors(root, args.small)]
+        if "loop" in only:
+            out += ["", *loop_slowdown(root, state)]
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
