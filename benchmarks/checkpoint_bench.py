@@ -185,6 +185,7 @@ class Bench:
             manager.save(0, self.state).wait()  # allocates and faults in the staging slot once
             blocked, total = [], []
             for step in range(1, self.repeat + 2):
+                self._invalidate(tier)  # no earlier step to link unchanged files from: a full write
                 gc.collect()
                 start = time.perf_counter()
                 handle = manager.save(step, self.state)
@@ -192,10 +193,6 @@ class Bench:
                 handle.wait()
                 total.append(time.perf_counter() - start)
                 manager.wait()
-                # a fresh write every time: change every tensor so nothing is hard-linked
-                for t in self.tensors[:1]:
-                    t.view(-1)[0] += 1
-                self._invalidate(tier)
             self.add("blocking", "trainio save()", min(blocked))
             self.add("durable save", "trainio save() to committed", min(total))
             target = like(self.state)
@@ -207,10 +204,11 @@ class Bench:
         fresh(tier)
 
     def _invalidate(self, tier: Path) -> None:
-        """Drop older steps so the next save cannot link their files (measure full writes)."""
+        """Drop every step so the next save cannot link their files (measure full writes)."""
         for p in tier.iterdir():
             if p.name.isdigit():
                 shutil.rmtree(p)
+        os.sync()
 
     def torch_save(self) -> None:
         path = self.root / "torch.pt"
@@ -344,12 +342,22 @@ def loop_slowdown(root: Path, state: dict[str, Any]) -> list[str]:
         for i in range(20000):
             total += i * i
 
+    def one_thread_step() -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            torch_step()
+        finally:
+            torch.set_num_threads(threads)
+
     rows = [["loop step", "idle ms", "during flush ms", "slowdown"]]
     tier = root / "slowdown"
     fresh(tier)
+    steps = (("torch fwd+bwd, all cores", torch_step), ("torch fwd+bwd, 1 thread", one_thread_step),
+             ("pure Python (GIL only)", python_step))
     with CheckpointManager([Tier(tier, keep_last=1)]) as manager:
         manager.save(0, state).wait()
-        for name, step in (("torch fwd+bwd (2 threads)", torch_step), ("pure Python", python_step)):
+        for name, step in steps:
             for _ in range(5):
                 step()
             idle = []

@@ -76,9 +76,10 @@ class CheckpointManager:
         self._chunk_bytes = chunk_bytes
         self._pack_bytes = pack_bytes
         self._staging = StagingPool(max_pending)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="trainio-ckpt-io")
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-save")
-        self._promoter = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-promote")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="trainio-ckpt-io", initializer=_lower_priority)
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-save", initializer=_lower_priority)
+        self._promoter = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-promote",
+                                            initializer=_lower_priority)
         self._lock = threading.Lock()
         self._in_use: Counter[tuple[int, int]] = Counter()
         self._handles: dict[int, SaveHandle] = {}
@@ -455,6 +456,20 @@ class CheckpointManager:
             self.close()
         except CheckpointError as exc:
             log.error("while closing the checkpoint manager: %s", exc)
+
+
+BACKGROUND_NICE = 10
+"""How much lower than the training loop's the background threads' CPU priority is (Linux)."""
+
+
+def _lower_priority() -> None:
+    """Let the training loop's threads win the CPU from this background thread (Linux: per-thread nice)."""
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + BACKGROUND_NICE))
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the normal priority
+        pass
 
 
 @contextmanager

@@ -345,3 +345,18 @@ def test_restore_without_any_step_says_so(tmp_path: Path) -> None:
         manager.save(1, _state()).wait()
         with pytest.raises(CheckpointError, match="step 2 is committed on none"):
             manager.restore(2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: GPU tensors are staged in pinned memory")
+def test_gpu_tensors_go_through_pinned_staging(tmp_path: Path) -> None:
+    state = {"w": torch.randn(1024, 1024, device="cuda"), "b": torch.randn(7, device="cuda").bfloat16()}
+    expected = {k: v.cpu() for k, v in state.items()}
+    with CheckpointManager([tmp_path]) as manager:
+        handle = manager.save(1, state)
+        state["w"].add_(1)  # after save returns, the GPU tensors are the caller's again
+        handle.wait()
+        assert all(slot.pinned for slot in manager._staging._free)
+        target = {"w": torch.zeros(1024, 1024, device="cuda"), "b": torch.zeros(7, device="cuda").bfloat16()}
+        manager.restore(into=target)
+    assert target["w"].device.type == "cuda"
+    assert torch.equal(target["w"].cpu(), expected["w"]) and torch.equal(target["b"].cpu(), expected["b"])
