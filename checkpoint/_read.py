@@ -50,15 +50,15 @@ def _host_array(spec: ArraySpec, target: Any) -> tuple[Any, np.ndarray[Any, Any]
     if spec.kind == "torch":
         import torch
 
-        dtype = torch_dtype(spec.dtype)
-        if (isinstance(target, torch.Tensor) and target.device.type == "cpu" and target.dtype == dtype
+        torch_type = torch_dtype(spec.dtype)
+        if (isinstance(target, torch.Tensor) and target.device.type == "cpu" and target.dtype == torch_type
                 and tuple(target.shape) == spec.shape and target.is_contiguous()):
-            array = target
+            tensor = target
         else:
-            array = torch.empty(spec.shape, dtype=dtype)
-        flat = array.detach().reshape(-1)
+            tensor = torch.empty(spec.shape, dtype=torch_type)
+        flat = tensor.detach().reshape(-1)
         raw = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
-        return array, raw
+        return tensor, raw
     dtype = storage_numpy_dtype(spec.dtype)
     if (isinstance(target, np.ndarray) and target.dtype == dtype and target.shape == spec.shape
             and target.flags.c_contiguous and target.flags.writeable):
@@ -156,8 +156,8 @@ class StepReader:
         pack_bytes = np.empty(pack.nbytes if pack is not None and packed else 0, np.uint8)
         jobs: list[Callable[[], None]] = []
         checked = [group_metadata_key(g) for g in group_paths([s.path for s in own])]
-        for spec, raw in [(s, memoryview(arrays[s.path][1])) for s in own] + (
-                [(pack, memoryview(pack_bytes))] if pack is not None and packed else []):
+        for spec, raw in [(s, arrays[s.path][1].data) for s in own] + (
+                [(pack, pack_bytes.data)] if pack is not None and packed else []):
             checked.append(spec.metadata_key)
             for chunk in spec.chunk_files():
                 jobs.append(self._job(chunk.key, raw[chunk.start:chunk.start + chunk.length]))

@@ -72,7 +72,7 @@ def take_snapshot(skeleton: Node, leaves: list[ArrayLeaf], slot: Slot, pack_byte
     on_gpu = any(leaf.kind == "torch" and leaf.value.device.type == "cuda" for leaf in leaves)
     slot.reserve(max(end, 1), pinned=on_gpu)
     views: list[memoryview] = []
-    memory = memoryview(slot.array)
+    memory = slot.array.data
     for leaf, offset in zip(leaves, offsets, strict=True):
         views.append(memory[offset:offset + leaf.nbytes])
     if any(leaf.kind == "torch" for leaf in leaves):

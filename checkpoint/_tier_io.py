@@ -35,7 +35,7 @@ def digest_with_padding(data: memoryview, size: int) -> str:
     hasher = Hasher()
     hasher.update(data)
     if size > data.nbytes:
-        hasher.update(np.zeros(size - data.nbytes, np.uint8))
+        hasher.update(np.zeros(size - data.nbytes, np.uint8).data)
     return hasher.hexdigest()
 
 
@@ -86,7 +86,8 @@ class TierIO(ABC):
 
     def steps(self) -> list[int]:
         """The committed steps, oldest first."""
-        return sorted(int(name) for name in self._step_dirs() if self.is_committed(int(name)))
+        names: list[str] = self._step_dirs()
+        return sorted(int(name) for name in names if self.is_committed(int(name)))
 
     def _step_dirs(self) -> list[str]:
         return [name for name in self.store.list_dirs() if _STEP_NAME.fullmatch(name)]

@@ -173,10 +173,10 @@ class LocalTierIO(TierIO):
             if size > done:
                 block = np.empty(min(size - done, _READ_BLOCK), np.uint8)
                 while done < size:
-                    n = os.preadv(fd, [memoryview(block)[:size - done]], done)
+                    n = os.preadv(fd, [block.data[:size - done]], done)
                     if n == 0:
                         raise size_error(self.url, full, entry, done)
-                    hasher.update(memoryview(block)[:n])
+                    hasher.update(block.data[:n])
                     done += n
         finally:
             os.close(fd)

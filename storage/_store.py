@@ -305,7 +305,7 @@ class Store(ABC):
         """
         return sorted(self._list(check_prefix(self.url, prefix)))
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """The names of the directory-like children of ``prefix`` ("" for the top), sorted.
 
         ``list_dirs("a")`` returns ``b`` when ``a/b/c`` exists, without listing
@@ -313,7 +313,7 @@ class Store(ABC):
         """
         return sorted(self._list_dirs(check_prefix(self.url, prefix)))
 
-    def _list_dirs(self, prefix: str) -> list[str]:
+    def _list_dirs(self, prefix: str) -> builtins.list[str]:
         cut = len(prefix) + 1 if prefix else 0
         return list({key[cut:].split("/", 1)[0] for key in self._list(prefix) if "/" in key[cut:]})
 
