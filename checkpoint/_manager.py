@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Self
 
 from trainio.storage import CheckpointError, Store, open_store
@@ -150,8 +150,11 @@ class CheckpointManager:
     def _write_first(self, step: int, snapshot: Any, handle: SaveHandle) -> None:
         io = self._io[0]
         try:
-            manifest = write_snapshot(io, step, snapshot, self._previous(0, step), self._pool, self._threads,
-                                      chunk_bytes=self._chunk_bytes)
+            previous = self._previous(0, step)
+            # Retention must leave the step we link unchanged files from alone until this one is committed.
+            with self._using(0, previous.step) if previous is not None else nullcontext():
+                manifest = write_snapshot(io, step, snapshot, previous, self._pool, self._threads,
+                                          chunk_bytes=self._chunk_bytes)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported through the handle
             error = CheckpointError(f"{io.label}: saving step {step} failed: {describe(exc)}")
             error.__cause__ = exc
@@ -265,9 +268,10 @@ class CheckpointManager:
             with self._using(source, step):
                 if not self._io[source].is_committed(step):
                     continue
+                previous = self._previous(target, step)
                 try:
-                    manifest = copy_step(self._io[source], io, step, self._previous(target, step),
-                                         self._pool, self._threads)
+                    with self._using(target, previous.step) if previous is not None else nullcontext():
+                        manifest = copy_step(self._io[source], io, step, previous, self._pool, self._threads)
                 except CheckpointError:
                     if io.is_committed(step):  # another writer committed it first: it stands
                         return io.manifest(step)
