@@ -157,22 +157,22 @@ class Bench:
         flat.fill(1)
         path = self.root / "raw.bin"
 
+        def blocks(op: Callable[[memoryview], int]) -> None:
+            view = memoryview(flat)
+            done = 0
+            while done < len(view):
+                done += op(view[done:done + (64 << 20)])
+
         def write() -> None:
             with open(path, "wb", buffering=0) as f:
-                view = memoryview(flat)
-                done = 0
-                while done < len(view):
-                    done += f.write(view[done:done + (64 << 20)])
+                blocks(f.write)
                 os.fsync(f.fileno())
 
         self.add("durable save", "raw write+fsync, one file", best(write, self.repeat, lambda: path.unlink(True)))
 
         def read() -> None:
             with open(path, "rb", buffering=0) as f:
-                view = memoryview(flat)
-                done = 0
-                while done < len(view):
-                    done += f.readinto(view[done:done + (64 << 20)])
+                blocks(f.readinto)  # type: ignore[arg-type]
 
         self.add("restore warm", "raw readinto", best(read, self.repeat))
         self.add("restore cold", "raw readinto", best(read, self.repeat, lambda: drop_cache(path)))

@@ -10,7 +10,6 @@ from typing import Any
 
 from trainio.storage import CheckpointError, FormatError, Store, StoreError, open_store
 
-from ._layout import ArraySpec
 from ._manifest import Manifest
 from ._tier import Tier
 from ._tier_io import TierIO, describe, open_tier_io

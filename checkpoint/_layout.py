@@ -167,7 +167,7 @@ def pack_metadata(pack: ArraySpec, members: list[ArraySpec]) -> bytes:
     document = json.loads(_array_metadata(pack.shape, pack.chunks, "uint8", "uint8"))
     document["attributes"]["trainio"]["packed"] = {
         m.path: {"offset": m.packed, "dtype": m.dtype, "stored": m.stored, "shape": list(m.shape)} for m in members}
-    return json.dumps(document, indent=2).encode()
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -7,16 +7,13 @@ object stores, where data goes up first and the manifest last, create-only.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 from abc import ABC, abstractmethod
-from typing import Any
 
 import numpy as np
 
-from trainio.storage import AlreadyExists, CheckpointError, Hasher, IntegrityError, LocalStore, NotFound, Store
+from trainio.storage import CheckpointError, Hasher, IntegrityError, LocalStore, NotFound, Store
 
 from ._manifest import MANIFEST, FileEntry, Manifest
 
@@ -194,16 +191,7 @@ def open_tier_io(store: Store, label: str) -> TierIO:
     return ObjectTierIO(store, label)
 
 
-def is_no_space(exc: BaseException) -> bool:
-    """Whether ``exc`` says a disk or quota is full."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 def describe(exc: BaseException) -> str:
-    """A one-line account of ``exc``."""
+    """A one-line account of ``exc``: its message, prefixed by its type unless it is one of ours."""
     text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, (CheckpointError, AlreadyExists)) else f"{type(exc).__name__}: {text}"
-
-
-def noop(*_: Any) -> None:
-    """Do nothing."""
+    return text if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {text}"
