@@ -84,7 +84,7 @@ class CheckpointManager:
         self._in_use: Counter[tuple[int, int]] = Counter()
         self._handles: dict[int, SaveHandle] = {}
         self._failures: list[tuple[SaveHandle | None, CheckpointError]] = []
-        self._manifests: dict[tuple[int, int], Manifest] = {}
+        self._newest: list[Manifest | None] = [None] * len(self._io)  # the last manifest each tier committed
         self._known: list[set[int]] = [set() for _ in self._io]
         self._tier_locks = [threading.RLock() for _ in self._io]
         self._promotion_queued = False
@@ -166,7 +166,7 @@ class CheckpointManager:
             return
         finally:
             snapshot.release()
-        self._manifests[(0, step)] = manifest
+        self._remember(0, manifest)
         handle._set(io.label, TierResult("committed", nbytes=manifest.nbytes))
         self._retain(0)
         if len(self._io) > 1:
@@ -179,15 +179,20 @@ class CheckpointManager:
         earlier = [s for s in self._io[tier].steps() if s < step]
         if not earlier:
             return None
-        key = (tier, earlier[-1])
-        if key not in self._manifests:
-            try:
-                self._manifests[key] = self._io[tier].manifest(earlier[-1])
-            except Exception as exc:  # noqa: BLE001 - a bad previous step only costs the incremental saving
-                log.warning("%s: step %d unreadable, writing step %d in full: %s",
-                            self._io[tier].label, earlier[-1], step, describe(exc))
-                return None
-        return self._manifests[key]
+        cached = self._newest[tier]
+        if cached is not None and cached.step == earlier[-1]:
+            return cached
+        try:
+            return self._io[tier].manifest(earlier[-1])
+        except Exception as exc:  # noqa: BLE001 - a bad previous step only costs the incremental saving
+            log.warning("%s: step %d unreadable, writing step %d in full: %s",
+                        self._io[tier].label, earlier[-1], step, describe(exc))
+            return None
+
+    def _remember(self, tier: int, manifest: Manifest) -> None:
+        newest = self._newest[tier]
+        if newest is None or manifest.step > newest.step:
+            self._newest[tier] = manifest
 
     # -- promotion and retention ------------------------------------------------------
 
@@ -249,7 +254,7 @@ class CheckpointManager:
                 return
             if manifest is None:  # retention removed it from the faster tiers meanwhile: no longer wanted
                 continue
-            self._manifests[(target, step)] = manifest
+            self._remember(target, manifest)
             self._known[target].add(step)
             handle = self._handles.get(step)
             if handle is not None:
@@ -307,7 +312,6 @@ class CheckpointManager:
                     protected.update(self._wanted(slower))
                 for step in self.tiers[tier].doomed(steps, protected):
                     io.delete(step)
-                    self._manifests.pop((tier, step), None)
                     log.info("%s: retention deleted step %d", io.label, step)
         except Exception as exc:  # noqa: BLE001 - retention is retried after the next commit
             log.warning("%s: retention failed: %s", io.label, describe(exc))
