@@ -96,6 +96,8 @@ def _ls(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     with byte_bar("verify", None, quiet=args.json) as advance:
         report = verify_checkpoint(args.url, args.step, threads=args.threads, progress=advance)
+    if not report.steps:
+        raise ValueError(f"{report.url}: no committed step to verify")
     if args.json:
         print_json({"url": report.url, "ok": report.ok, "steps": report.steps, "files": report.files,
                     "bytes": report.nbytes,
@@ -106,9 +108,6 @@ def _verify(args: argparse.Namespace) -> int:
         if report.ok:
             print(f"ok: {report.url}: {len(report.steps)} step(s), {report.files} files "
                   f"({human_bytes(report.nbytes)}) verified")
-    if not report.steps:
-        print(f"trainio: error: {report.url}: no committed step to verify", file=sys.stderr)
-        return 1
     return 0 if report.ok else 1
 
 

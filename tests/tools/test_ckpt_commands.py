@@ -76,6 +76,11 @@ def test_show_describes_the_tree(tier: Path, capsys: pytest.CaptureFixture[str])
     assert out.startswith("step 30") and "float32[64, 64]" in out and "names: list of 2" in out
 
 
+def test_verifying_an_empty_tier_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ckpt", "verify", str(tmp_path)]) == 1
+    assert "no committed step to verify" in capsys.readouterr().err
+
+
 def test_missing_step_is_a_one_line_error(tier: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ckpt", "show", str(tier), "--step", "99"]) == 1
     err = capsys.readouterr().err
