@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Self
 
 from trainio.storage import CheckpointError, Store, open_store
@@ -405,7 +405,9 @@ class CheckpointManager:
         if not holders:
             raise CheckpointError(f"step {step} is committed on none of {[self.tiers[i].label for i in chosen]}; "
                                   f"committed steps: {self.steps()}")
-        with _all(self._using(i, step) for i in holders):
+        with ExitStack() as using:
+            for i in holders:
+                using.enter_context(self._using(i, step))
             holders = [i for i in holders if self._io[i].is_committed(step)]
             if not holders:
                 raise CheckpointError(f"step {step} was deleted by retention while the restore began")
@@ -478,13 +480,3 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, current + BACKGROUND_NICE))
     except (AttributeError, OSError):  # not Linux, or not allowed: run at the normal priority
         pass
-
-
-@contextmanager
-def _all(managers: Iterator[Any]) -> Iterator[None]:
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        for manager in managers:
-            stack.enter_context(manager)
-        yield

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,34 +153,26 @@ class StepReader:
         packed = [spec for spec in specs if spec.packed is not None]
         pack = self.manifest.pack
         pack_bytes = np.empty(pack.nbytes if pack is not None and packed else 0, np.uint8)
-        jobs: list[Callable[[], None]] = []
-        checked = [group_metadata_key(g) for g in group_paths([s.path for s in own])]
-        for spec, raw in [(s, arrays[s.path][1].data) for s in own] + (
-                [(pack, pack_bytes.data)] if pack is not None and packed else []):
-            checked.append(spec.metadata_key)
-            for chunk in spec.chunk_files():
-                jobs.append(self._job(chunk.key, raw[chunk.start:chunk.start + chunk.length]))
-        jobs.extend(self._job(key, None) for key in checked)
-        run_all(self.pool, iter(jobs), self.threads)
+        sources = [(s, arrays[s.path][1].data) for s in own]
+        if pack is not None and packed:
+            sources.append((pack, pack_bytes.data))
+        reads: list[tuple[str, memoryview | None]] = [(group_metadata_key(g), None)
+                                                      for g in group_paths([s.path for s in own])]
+        for spec, raw in sources:
+            reads.append((spec.metadata_key, None))
+            reads.extend((c.key, raw[c.start:c.start + c.length]) for c in spec.chunk_files())
+        jobs = (functools.partial(self.read_file, key, self.manifest.files[key], target) for key, target in reads)
+        run_all(self.pool, jobs, self.threads)
         for spec in packed:
             assert spec.packed is not None
             arrays[spec.path][1][:] = pack_bytes[spec.packed:spec.packed + spec.nbytes]
-        self.report.files = len(jobs)
-        self.report.bytes = sum(self.manifest.files[job_key].size for job_key in self._keys(jobs))
+        self.report.files = len(reads)
+        self.report.bytes = sum(self.manifest.files[key].size for key, _ in reads)
 
         def load_array(path: str, target: Any) -> Any:
             return _finish(self.manifest.arrays[path], arrays[path][0], target, f"step {self.step}: {path}")
 
         return build(node, load_array, into)
-
-    def _job(self, key: str, target: memoryview | None) -> Callable[[], None]:
-        entry = self.manifest.files[key]
-        job = functools.partial(self.read_file, key, entry, target)
-        return job
-
-    @staticmethod
-    def _keys(jobs: list[Callable[[], None]]) -> list[str]:
-        return [job.args[0] for job in jobs]  # type: ignore[attr-defined]
 
 
 def _collect_targets(node: Node, into: Any, found: dict[str, Any]) -> None:
