@@ -136,6 +136,7 @@ class Bench:
         self.tensors = tensors_of(state)
         self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
         self.rows: list[tuple[str, str, float]] = []
+        self.notes: list[str] = []
 
     def add(self, what: str, who: str, seconds: float) -> None:
         self.rows.append((what, who, seconds))
@@ -178,10 +179,11 @@ class Bench:
         self.add("restore cold", "raw readinto", best(read, self.repeat, lambda: drop_cache(path)))
         path.unlink()
 
-    def trainio(self) -> None:
+    def trainio(self, compression: str | None = None) -> None:
         tier = self.root / "trainio"
+        who = "trainio" if compression is None else f"trainio {compression}"
         fresh(tier)
-        with CheckpointManager([Tier(tier, keep_last=1)]) as manager:
+        with CheckpointManager([Tier(tier, keep_last=1)], compression=compression) as manager:
             manager.save(0, self.state).wait()  # allocates and faults in the staging slot once
             blocked, total = [], []
             for step in range(1, self.repeat + 2):
@@ -193,12 +195,16 @@ class Bench:
                 handle.wait()
                 total.append(time.perf_counter() - start)
                 manager.wait()
-            self.add("blocking", "trainio save()", min(blocked))
-            self.add("durable save", "trainio save() to committed", min(total))
+            if compression is None:
+                self.add("blocking", f"{who} save()", min(blocked))
+            else:
+                self.notes.append(f"{who}: a step takes {manager._io[0].manifest(step).nbytes / self.nbytes:.1%} "
+                                  "of the state's bytes")
+            self.add("durable save", f"{who} save() to committed", min(total))
             target = like(self.state)
-            self.add("restore warm", "trainio restore(into=)", best(
+            self.add("restore warm", f"{who} restore(into=)", best(
                 lambda: manager.restore(into=target), self.repeat))
-            self.add("restore cold", "trainio restore(into=)", best(
+            self.add("restore cold", f"{who} restore(into=)", best(
                 lambda: manager.restore(into=target), self.repeat, lambda: drop_cache(tier)))
             assert all(torch.equal(a, b) for a, b in zip(tensors_of(target), self.tensors, strict=True))
         fresh(tier)
@@ -393,9 +399,11 @@ def main() -> None:
         if "big" in only:
             bench = Bench(root, state, args.repeat)
             print(f"state: {len(bench.tensors)} tensors, {bench.nbytes / 1e9:.2f} GB", flush=True)
-            for part in (bench.memcpy, bench.raw, bench.trainio, bench.torch_save, bench.dcp):
+            for part in (bench.memcpy, bench.raw, bench.trainio, lambda: bench.trainio("zstd:1"), bench.torch_save,
+                         bench.dcp):
                 part()
-            out += ["", f"state: {len(bench.tensors)} tensors, {bench.nbytes / 1e9:.2f} GB", *bench.table()]
+            out += ["", f"state: {len(bench.tensors)} tensors, {bench.nbytes / 1e9:.2f} GB", *bench.table(),
+                    *bench.notes]
         if "small" in only:
             out += ["", *small_tensors(root, args.small)]
         if "loop" in only:

@@ -6,6 +6,10 @@ it are whole), which lets chunk files be written straight from, and read
 straight into, the array's memory. Chunk keys use zarr's default encoding with
 the "." separator (``c.0.0``), so a chunk is a file beside its ``zarr.json``.
 Metadata documents are made by zarr's own metadata classes.
+
+Arrays are uncompressed unless the manager is given a ``compression``
+("zstd" or "zstd:<level>"); compressed chunks are zstd frames of the padded
+chunk, as zarr's ``zstd`` codec writes them, so any zarr v3 reader decodes them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +43,41 @@ attribute ``trainio.packed`` maps each member's path to its byte ``offset``,
 """
 
 
+_ZSTD = re.compile(r"zstd(?::(-?\d+))?")
+_DEFAULT_ZSTD_LEVEL = 3
+
+
+def parse_compression(text: str | None) -> str | None:
+    """The canonical form of a compression setting ("zstd:3"), or None for uncompressed.
+
+    Raises:
+        ValueError: it is not "zstd" or "zstd:<level>" with a level from -7 to 22.
+    """
+    if text is None or text == "none":
+        return None
+    match = _ZSTD.fullmatch(text) if isinstance(text, str) else None
+    level = int(match.group(1)) if match and match.group(1) is not None else _DEFAULT_ZSTD_LEVEL
+    if match is None or not -7 <= level <= 22:
+        raise ValueError(f"compression {text!r} is not supported: use None, 'zstd' or 'zstd:<level>' "
+                         "with a level from -7 to 22")
+    return f"zstd:{level}"
+
+
+def _codec_level(codec: str) -> int:
+    return int(codec.split(":")[1])
+
+
+def encode_chunk(codec: str, data: memoryview, size: int) -> bytes:
+    """The file of one chunk compressed with ``codec``: ``data`` padded with zeros to ``size`` bytes."""
+    from numcodecs.zstd import Zstd  # type: ignore[import-untyped]
+
+    if data.nbytes < size:
+        padded = bytearray(size)
+        padded[:data.nbytes] = data
+        data = memoryview(padded)
+    return bytes(Zstd(level=_codec_level(codec)).encode(data))
+
+
 def chunk_shape(shape: tuple[int, ...], itemsize: int, target_bytes: int) -> tuple[int, ...]:
     """The chunk shape of an array: at most ``target_bytes`` (or one element), each chunk contiguous."""
     chunks = [1] * len(shape)
@@ -61,7 +101,8 @@ class ChunkFile:
         key: The file's key relative to the step ("state.zarr/model/w/c.0.0").
         start: Offset of the chunk's first byte in the C-ordered array.
         length: Bytes of the array in the chunk.
-        size: Bytes of the file (more than ``length`` for an edge chunk, padded with zeros).
+        size: Bytes of the chunk (more than ``length`` for an edge chunk, padded with
+            zeros); a compressed chunk's file is smaller.
     """
 
     key: str
@@ -82,6 +123,7 @@ class ArraySpec:
         shape: The array's shape.
         chunks: Its chunk shape.
         packed: Its byte offset in the step's pack, or None when it is an array of its own.
+        codec: Its compression ("zstd:3"), or None when its chunks are stored raw.
     """
 
     path: str
@@ -91,6 +133,7 @@ class ArraySpec:
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     packed: int | None = None
+    codec: str | None = None
 
     @property
     def itemsize(self) -> int:
@@ -115,7 +158,7 @@ class ArraySpec:
 
     def metadata(self) -> bytes:
         """The array's ``zarr.json`` document."""
-        return _array_metadata(self.shape, self.chunks, self.stored, self.dtype)
+        return _array_metadata(self.shape, self.chunks, self.stored, self.dtype, self.codec)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's record of the array."""
@@ -123,6 +166,8 @@ class ArraySpec:
                                   "shape": list(self.shape), "chunks": list(self.chunks)}
         if self.packed is not None:
             record["packed"] = self.packed
+        if self.codec is not None:
+            record["codec"] = self.codec
         return record
 
 
@@ -157,26 +202,32 @@ def _grid_indices(grid: list[int]) -> list[tuple[int, ...]]:
     return indices
 
 
-def pack_spec(nbytes: int, chunk_bytes: int) -> ArraySpec:
+def pack_spec(nbytes: int, chunk_bytes: int, codec: str | None = None) -> ArraySpec:
     """The pack of a step holding ``nbytes``."""
-    return ArraySpec(PACK_PATH, "pack", "uint8", "uint8", (nbytes,), (max(1, min(nbytes, chunk_bytes)),))
+    return ArraySpec(PACK_PATH, "pack", "uint8", "uint8", (nbytes,), (max(1, min(nbytes, chunk_bytes)),),
+                     codec=codec)
 
 
 def pack_metadata(pack: ArraySpec, members: list[ArraySpec]) -> bytes:
     """The pack's ``zarr.json``, its attributes saying where each member lies."""
-    document = json.loads(_array_metadata(pack.shape, pack.chunks, "uint8", "uint8"))
+    document = json.loads(pack.metadata())
     document["attributes"]["trainio"]["packed"] = {
         m.path: {"offset": m.packed, "dtype": m.dtype, "stored": m.stored, "shape": list(m.shape)} for m in members}
     return json.dumps(document, separators=(",", ":")).encode()
 
 
 @functools.lru_cache(maxsize=4096)
-def _array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], stored: str, dtype: str) -> bytes:
+def _array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], stored: str, dtype: str,
+                    codec: str | None) -> bytes:
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.dtype import get_data_type_from_native_dtype
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
     data_type = get_data_type_from_native_dtype(storage_numpy_dtype(stored))
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}
+                                    if data_type.to_native_dtype().itemsize > 1 else {"name": "bytes"}]
+    if codec is not None:
+        codecs.append({"name": "zstd", "configuration": {"level": _codec_level(codec), "checksum": False}})
     attributes: dict[str, Any] = {"trainio": {"dtype": dtype}}
     metadata = ArrayV3Metadata(
         shape=shape,
@@ -184,8 +235,7 @@ def _array_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], stored: str
         chunk_grid={"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
         chunk_key_encoding={"name": "default", "configuration": {"separator": "."}},
         fill_value=data_type.default_scalar(),
-        codecs=[{"name": "bytes", "configuration": {"endian": "little"}}] if data_type.to_native_dtype().itemsize > 1
-        else [{"name": "bytes"}],
+        codecs=codecs,
         attributes=attributes,
         dimension_names=None,
     )

@@ -15,7 +15,7 @@ from typing import Any, Self
 from trainio.storage import CheckpointError, Store, open_store
 
 from ._handle import SaveHandle, TierResult
-from ._layout import CHUNK_BYTES, PACK_BYTES
+from ._layout import CHUNK_BYTES, PACK_BYTES, parse_compression
 from ._manifest import Manifest
 from ._read import ReadReport, StepReader
 from ._snapshot import take_snapshot
@@ -53,12 +53,15 @@ class CheckpointManager:
         pack_bytes: Arrays up to this size are stored together in the step's
             pack (see :data:`~trainio.checkpoint.PACK_PATH`), not one zarr array
             each: thousands of tiny files per step are slow to create and delete.
+        compression: None (default: chunks stored raw, read straight into the
+            tensors), ``"zstd"`` or ``"zstd:<level>"``: smaller steps for
+            compressible state, at the cost of CPU time on save and restore.
     """
 
     def __init__(self, tiers: Sequence[Tier | str | os.PathLike[str] | Store | Mapping[str, Any]], *, async_save: bool = True,
                  max_pending: int = 1, threads: int = 4, promote_attempts: int = 3,
                  retry_backoff_s: float = 1.0, chunk_bytes: int = CHUNK_BYTES,
-                 pack_bytes: int = PACK_BYTES) -> None:
+                 pack_bytes: int = PACK_BYTES, compression: str | None = None) -> None:
         if not tiers:
             raise ValueError("a CheckpointManager needs at least one tier")
         if min(max_pending, threads, promote_attempts, chunk_bytes) < 1 or pack_bytes < 0:
@@ -75,6 +78,7 @@ class CheckpointManager:
         self._backoff = retry_backoff_s
         self._chunk_bytes = chunk_bytes
         self._pack_bytes = pack_bytes
+        self._codec = parse_compression(compression)
         self._staging = StagingPool(max_pending)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="trainio-ckpt-io", initializer=_lower_priority)
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-save", initializer=_lower_priority)
@@ -154,7 +158,7 @@ class CheckpointManager:
             # Retention must leave the step we link unchanged files from alone until this one is committed.
             with self._using(0, previous.step) if previous is not None else nullcontext():
                 manifest = write_snapshot(io, step, snapshot, previous, self._pool, self._threads,
-                                          chunk_bytes=self._chunk_bytes)
+                                          chunk_bytes=self._chunk_bytes, codec=self._codec)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported through the handle
             error = CheckpointError(f"{io.label}: saving step {step} failed: {describe(exc)}")
             error.__cause__ = exc

@@ -20,7 +20,7 @@ from trainio.storage import DIGEST_NAME, FormatError
 from trainio.storage.errors import InvalidKey
 
 from ._dtypes import ZARR_NATIVE, stored_dtype
-from ._layout import ROOT, ArraySpec, group_metadata_key, group_paths, pack_spec
+from ._layout import ROOT, ArraySpec, group_metadata_key, group_paths, pack_spec, parse_compression
 from ._names import is_node_name
 from ._tree import Node, array_paths
 
@@ -80,7 +80,8 @@ class Manifest:
             "digest": DIGEST_NAME,
             "tree": self.tree,
             "arrays": {path: spec.to_json() for path, spec in self.arrays.items()},
-            "pack": None if self.pack is None else {"size": self.pack.shape[0], "chunk": self.pack.chunks[0]},
+            "pack": None if self.pack is None else {"size": self.pack.shape[0], "chunk": self.pack.chunks[0],
+                                                    **({"codec": self.pack.codec} if self.pack.codec else {})},
             "files": {key: {"size": e.size, "xxh3": e.xxh3} for key, e in sorted(self.files.items())},
         }
         return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
@@ -154,7 +155,7 @@ class _Validator:
             assert spec.packed is not None
             self.check(spec.packed + spec.nbytes <= size,
                        f"arrays[{spec.path!r}] lies beyond the end of the pack ({size} bytes)")
-        return pack_spec(size, chunk)
+        return pack_spec(size, chunk, self.codec(doc.get("codec"), "pack.codec"))
 
     def file_key(self, key: Any) -> str:
         from trainio.storage._keys import check_key
@@ -192,11 +193,22 @@ class _Validator:
         packed = spec.get("packed")
         if packed is not None:
             self.integer(packed, f"arrays[{path!r}].packed")
-        result = ArraySpec(path, kind, dtype, stored, shape_t, chunks_t, packed)
+        codec = self.codec(spec.get("codec"), f"arrays[{path!r}].codec")
+        result = ArraySpec(path, kind, dtype, stored, shape_t, chunks_t, packed, codec)
         self.check(dtype in ZARR_NATIVE and stored == dtype or dtype not in ZARR_NATIVE
                    and stored == stored_dtype(dtype, result.itemsize), f"arrays[{path!r}]: {dtype} is not stored as {stored}")
         self.check(math.prod(chunks_t) * result.itemsize <= 1 << 40, f"arrays[{path!r}]: chunks are too large")
         return result
+
+    def codec(self, codec: Any, name: str) -> str | None:
+        if codec is None:
+            return None
+        try:
+            known = isinstance(codec, str) and parse_compression(codec) == codec
+        except ValueError:
+            known = False
+        self.check(known, f"{name} {codec!r} is not a known compression")
+        return str(codec)
 
     def node(self, node: Any, depth: int) -> None:
         self.check(depth < 1000, "tree is nested too deeply")
@@ -234,7 +246,7 @@ class _Validator:
         for spec in own:
             expected[spec.metadata_key] = None
             for chunk in spec.chunk_files():
-                expected[chunk.key] = chunk.size
+                expected[chunk.key] = chunk.size if spec.codec is None else None
         missing = sorted(set(expected) - set(files))
         self.check(not missing, f"files lacks {len(missing)} file(s) of the arrays, e.g. {missing[:1]}")
         extra = sorted(set(files) - set(expected))

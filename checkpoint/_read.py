@@ -100,8 +100,8 @@ class StepReader:
         self.source, self.manifest = first_manifest(tiers, step)
         self.report = ReadReport(step)
 
-    def read_file(self, key: str, entry: FileEntry, target: memoryview | None) -> None:
-        """Fill ``target`` (or just check, when None) from the first tier whose copy of ``key`` is whole."""
+    def read_file(self, key: str, entry: FileEntry, target: memoryview | None) -> bytes | None:
+        """Fill ``target`` from the first tier whose copy of ``key`` is whole; with no target, return the bytes."""
         failed: list[tuple[TierIO, BaseException]] = []
         for tier in self.tiers:
             try:
@@ -115,7 +115,7 @@ class StepReader:
                 continue
             if failed:
                 self._recover(key, entry, failed, tier, data, target)
-            return
+            return data
         raise CheckpointError(f"step {self.step}: file {key!r} is damaged or missing on every tier: "
                               + "; ".join(f"{t.label}: {describe(e)}" for t, e in failed))
 
@@ -153,16 +153,23 @@ class StepReader:
         packed = [spec for spec in specs if spec.packed is not None]
         pack = self.manifest.pack
         pack_bytes = np.empty(pack.nbytes if pack is not None and packed else 0, np.uint8)
-        sources = [(s, arrays[s.path][1].data) for s in own]
+        sources = [(s, arrays[s.path][1]) for s in own]
         if pack is not None and packed:
-            sources.append((pack, pack_bytes.data))
+            sources.append((pack, pack_bytes))
         reads: list[tuple[str, memoryview | None]] = [(group_metadata_key(g), None)
                                                       for g in group_paths([s.path for s in own])]
         for spec, raw in sources:
             reads.append((spec.metadata_key, None))
-            reads.extend((c.key, raw[c.start:c.start + c.length]) for c in spec.chunk_files())
+            if spec.codec is None:
+                reads.extend((c.key, raw.data[c.start:c.start + c.length]) for c in spec.chunk_files())
+            else:
+                reads.extend((c.key, None) for c in spec.chunk_files())
         jobs = (functools.partial(self.read_file, key, self.manifest.files[key], target) for key, target in reads)
-        run_all(self.pool, jobs, self.threads)
+        contents = dict(zip((key for key, _ in reads), run_all(self.pool, jobs, self.threads), strict=True))
+        for spec, raw in sources:
+            if spec.codec is not None:
+                keys = [spec.metadata_key, *(c.key for c in spec.chunk_files())]
+                _decode(spec, {key: contents.pop(key) for key in keys}, raw)
         for spec in packed:
             assert spec.packed is not None
             arrays[spec.path][1][:] = pack_bytes[spec.packed:spec.packed + spec.nbytes]
@@ -173,6 +180,22 @@ class StepReader:
             return _finish(self.manifest.arrays[path], arrays[path][0], target, f"step {self.step}: {path}")
 
         return build(node, load_array, into)
+
+
+def _decode(spec: ArraySpec, contents: dict[str, bytes | None], raw: np.ndarray[Any, Any]) -> None:
+    """Decode a compressed array with zarr-python from its checked files (keys relative to the step) into ``raw``."""
+    import zarr
+    from zarr.core.buffer import Buffer
+    from zarr.core.buffer.cpu import Buffer as HostBuffer
+    from zarr.storage import MemoryStore
+
+    prefix = spec.metadata_key[:-len("zarr.json")]
+    files: dict[str, Buffer] = {key[len(prefix):]: HostBuffer.from_bytes(data or b"") for key, data in contents.items()}
+    array = zarr.open_array(store=MemoryStore(files, read_only=True), mode="r")
+    if tuple(array.shape) != spec.shape or array.dtype != storage_numpy_dtype(spec.stored):
+        raise FormatError(prefix, "zarr.json", f"holds {array.dtype}{list(array.shape)}, the manifest "
+                          f"says {spec.stored}{list(spec.shape)}")
+    raw[:] = np.ascontiguousarray(array[...]).reshape(-1).view(np.uint8)
 
 
 def _collect_targets(node: Node, into: Any, found: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from ._layout import (
     CHUNK_BYTES,
     ArraySpec,
     chunk_shape,
+    encode_chunk,
     group_metadata,
     group_metadata_key,
     group_paths,
@@ -30,18 +31,22 @@ _BATCH_FILES = 64
 class _File:
     key: str
     size: int
+    """The file's size, or for a chunk still to be compressed, the bound used to schedule it."""
     data: Callable[[], memoryview]
+    compressed: bool = False
 
 
-def array_specs(snapshot: Snapshot, chunk_bytes: int = CHUNK_BYTES) -> tuple[dict[str, ArraySpec], ArraySpec | None]:
+def array_specs(snapshot: Snapshot, chunk_bytes: int = CHUNK_BYTES,
+                codec: str | None = None) -> tuple[dict[str, ArraySpec], ArraySpec | None]:
     """The layout of every array of a snapshot, and of its pack (None when nothing is packed)."""
     arrays: dict[str, ArraySpec] = {}
     for leaf, offset in zip(snapshot.leaves, snapshot.offsets, strict=True):
         packed = offset if snapshot.is_packed(leaf) else None
         arrays[leaf.path] = ArraySpec(leaf.path, leaf.kind, leaf.dtype, leaf.stored, leaf.shape,
-                                      chunk_shape(leaf.shape, leaf.itemsize, chunk_bytes), packed)
+                                      chunk_shape(leaf.shape, leaf.itemsize, chunk_bytes), packed,
+                                      codec if packed is None else None)
     packed_any = any(spec.packed is not None for spec in arrays.values())
-    return arrays, pack_spec(snapshot.pack.nbytes, chunk_bytes) if packed_any else None
+    return arrays, pack_spec(snapshot.pack.nbytes, chunk_bytes, codec) if packed_any else None
 
 
 def _bytes_file(key: str, document: bytes) -> _File:
@@ -50,9 +55,14 @@ def _bytes_file(key: str, document: bytes) -> _File:
 
 def _range_files(spec: ArraySpec, view: memoryview) -> list[_File]:
     files = []
+    codec = spec.codec
     for chunk in spec.chunk_files():
         part = view[chunk.start:chunk.start + chunk.length]
-        files.append(_File(chunk.key, chunk.size, lambda p=part: p))  # type: ignore[misc]
+        if codec is None:
+            files.append(_File(chunk.key, chunk.size, lambda p=part: p))  # type: ignore[misc]
+        else:
+            files.append(_File(chunk.key, chunk.size, lambda p=part, n=chunk.size: memoryview(  # type: ignore[misc]
+                encode_chunk(codec, p, n)), compressed=True))
     return files
 
 
@@ -100,12 +110,13 @@ def _write_files(tier: TierIO, step: int, manifest: Manifest, files: list[_File]
             done = []
             for file in batch:
                 data = None if digests else file.data()
-                digest = digests[file.key] if digests else digest_with_padding(data, file.size)  # type: ignore[arg-type]
-                entry = FileEntry(file.size, digest)
+                size = data.nbytes if file.compressed and data is not None else file.size
+                digest = digests[file.key] if digests else digest_with_padding(data, size)  # type: ignore[arg-type]
+                entry = FileEntry(size, digest)
                 if previous is not None and previous.files.get(file.key) == entry:
                     writer.link(previous.step, file.key)
                 else:
-                    writer.write(file.key, data if data is not None else file.data(), file.size)
+                    writer.write(file.key, data if data is not None else file.data(), size)
                 done.append((file.key, entry))
             return done
 
@@ -120,14 +131,15 @@ def _write_files(tier: TierIO, step: int, manifest: Manifest, files: list[_File]
 
 def write_snapshot(tier: TierIO, step: int, snapshot: Snapshot, previous: Manifest | None,
                    pool: ThreadPoolExecutor, threads: int, *, chunk_bytes: int = CHUNK_BYTES,
-                   world_size: int = 1) -> Manifest:
+                   codec: str | None = None, world_size: int = 1) -> Manifest:
     """Write ``snapshot`` as ``step`` on ``tier`` and commit it; return its manifest.
 
     Files equal to those of ``previous`` (the tier's newest committed step) are
-    linked or server-side copied instead of written. On any error, nothing
-    of the step remains visible.
+    linked or server-side copied instead of written. Chunks are compressed
+    with ``codec`` when one is given. On any error, nothing of the step
+    remains visible.
     """
-    arrays, pack = array_specs(snapshot, chunk_bytes)
+    arrays, pack = array_specs(snapshot, chunk_bytes, codec)
     manifest = Manifest(step, snapshot.skeleton, arrays, world_size=world_size, pack=pack)
     _write_files(tier, step, manifest, _snapshot_files(snapshot, arrays, pack), previous, pool, threads)
     return manifest

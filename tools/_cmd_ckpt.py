@@ -141,7 +141,8 @@ def _show(args: argparse.Namespace) -> int:
             doc: dict[str, Any] = {"keys": list(keys), "kind": kind}
             if isinstance(detail, ArraySpec):
                 doc.update(path=detail.path, dtype=detail.dtype, stored=detail.stored, shape=list(detail.shape),
-                           chunks=list(detail.chunks), type=detail.kind, bytes=detail.nbytes)
+                           chunks=list(detail.chunks), type=detail.kind, bytes=detail.nbytes,
+                           codec=detail.codec)
             elif kind == "value":
                 doc["value"] = detail
             elif kind == "object":
@@ -159,7 +160,8 @@ def _show(args: argparse.Namespace) -> int:
         indent = "  " * (len(keys) - 1)
         name = repr(keys[-1]) if not isinstance(keys[-1], str) else keys[-1]
         if isinstance(detail, ArraySpec):
-            text = f"{detail.dtype}{list(detail.shape)}  {human_bytes(detail.nbytes)}  ({detail.kind})"
+            codec = f", {detail.codec}" if detail.codec else ""
+            text = f"{detail.dtype}{list(detail.shape)}  {human_bytes(detail.nbytes)}  ({detail.kind}{codec})"
         elif kind == "value":
             text = repr(detail)
         elif kind == "object":
