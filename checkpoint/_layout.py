@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ._boxes import grid_chunks
 from ._dtypes import storage_numpy_dtype
 
 ROOT = "state.zarr"
@@ -80,17 +81,7 @@ def encode_chunk(codec: str, data: memoryview, size: int) -> bytes:
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int, target_bytes: int) -> tuple[int, ...]:
     """The chunk shape of an array: at most ``target_bytes`` (or one element), each chunk contiguous."""
-    chunks = [1] * len(shape)
-    trailing = itemsize
-    for dim in range(len(shape) - 1, -1, -1):
-        length = max(shape[dim], 1)
-        if trailing * length <= target_bytes:
-            chunks[dim] = length
-            trailing *= length
-            continue
-        chunks[dim] = max(1, target_bytes // trailing)
-        break
-    return tuple(chunks)
+    return grid_chunks(shape, itemsize, target_bytes, [])
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,14 @@ from ._handle import SaveHandle, TierResult
 from ._layout import CHUNK_BYTES, PACK_BYTES, parse_compression
 from ._manifest import Manifest
 from ._read import ReadReport, StepReader
-from ._snapshot import take_snapshot
+from ._plan import Plan
+from ._sharded import ShardedSaves
+from ._snapshot import Snapshot, take_snapshot
 from ._staging import StagingPool
 from ._tier import Tier
 from ._tier_io import TierIO, describe, open_tier_io
-from ._tree import flatten
+from ._collective import distributed_world
+from ._tree import ArrayLeaf, Node, flatten
 from ._write import copy_step, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -56,12 +59,21 @@ class CheckpointManager:
         compression: None (default: chunks stored raw, read straight into the
             tensors), ``"zstd"`` or ``"zstd:<level>"``: smaller steps for
             compressible state, at the cost of CPU time on save and restore.
+        distributed: Whether saves are collective over the ranks of the
+            initialized ``torch.distributed`` job (default: when one with more
+            than one rank is). Then every rank must create the manager and
+            call ``save``/``restore`` alike; each writes only what it owns, and
+            rank 0 commits, promotes and applies retention. The first tier
+            must be storage every rank sees (a shared file system, S3).
+        timeout_s: How long a rank waits for the others at each exchange of a
+            multi-rank save or restore before failing, naming the ranks missing.
     """
 
     def __init__(self, tiers: Sequence[Tier | str | os.PathLike[str] | Store | Mapping[str, Any]], *, async_save: bool = True,
                  max_pending: int = 1, threads: int = 4, promote_attempts: int = 3,
                  retry_backoff_s: float = 1.0, chunk_bytes: int = CHUNK_BYTES,
-                 pack_bytes: int = PACK_BYTES, compression: str | None = None) -> None:
+                 pack_bytes: int = PACK_BYTES, compression: str | None = None,
+                 distributed: bool | None = None, timeout_s: float = 600.0) -> None:
         if not tiers:
             raise ValueError("a CheckpointManager needs at least one tier")
         if min(max_pending, threads, promote_attempts, chunk_bytes) < 1 or pack_bytes < 0:
@@ -93,8 +105,13 @@ class CheckpointManager:
         self._tier_locks = [threading.RLock() for _ in self._io]
         self._promotion_queued = False
         self._closed = False
-        for io in self._io:
-            self._remove_debris(io)
+        if distributed is None:
+            distributed = distributed_world() > 1
+        self._sharded = ShardedSaves(timeout_s, chunk_bytes, pack_bytes, self._codec) if distributed else None
+        self._rank = self._sharded.rank if self._sharded is not None else 0
+        if self._rank == 0:
+            for io in self._io:
+                self._remove_debris(io)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CheckpointManager:
@@ -129,36 +146,65 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
+        if self._sharded is not None:
+            return self._save_sharded(step, state)
         self._raise_failures()
         skeleton, leaves = flatten(state)
         started = time.perf_counter()
+        snapshot = self._snapshot(skeleton, leaves)
+        return self._submit(step, started, snapshot, None)
+
+    def _snapshot(self, skeleton: Node, leaves: list[ArrayLeaf], packed: frozenset[str] | None = None) -> Snapshot:
         slot = self._staging.acquire()
         try:
-            snapshot = take_snapshot(skeleton, leaves, slot, self._pack_bytes)
+            return take_snapshot(skeleton, leaves, slot, self._pack_bytes, packed)
         except BaseException:
             slot.release()
             raise
+
+    def _submit(self, step: int, started: float, snapshot: Snapshot,
+                sharded: tuple[Plan, str | None] | None) -> SaveHandle:
         handle = SaveHandle(step, [t.label for t in self.tiers])
         handle.blocked_s = time.perf_counter() - started
         with self._lock:
             self._handles[step] = handle
             while len(self._handles) > _KEEP_HANDLES:
                 self._handles.pop(next(iter(self._handles)))
-        if self._async:
-            self._saver.submit(self._write_first, step, snapshot, handle)
-        else:
-            self._saver.submit(self._write_first, step, snapshot, handle).result()
+        future = self._saver.submit(self._write_first, step, snapshot, sharded, handle)
+        if not self._async:
+            future.result()
             handle.wait()
         return handle
 
-    def _write_first(self, step: int, snapshot: Any, handle: SaveHandle) -> None:
+    def _save_sharded(self, step: int, state: Any) -> SaveHandle:
+        assert self._sharded is not None
+        started = time.perf_counter()
+        skeleton: Node = {}
+        leaves: list[ArrayLeaf] = []
+        problem: BaseException | None = None
+        try:
+            self._raise_failures()
+            skeleton, leaves = flatten(state)
+        except CheckpointError as exc:
+            problem = exc
+        plan, name = self._sharded.plan(step, leaves, problem, self._io[0])
+        mine, packed = self._sharded.share(plan, leaves)
+        snapshot = self._snapshot(skeleton, mine, packed)
+        return self._submit(step, started, snapshot, (plan, name))
+
+    def _write_first(self, step: int, snapshot: Snapshot, sharded: tuple[Plan, str | None] | None,
+                     handle: SaveHandle) -> None:
         io = self._io[0]
         try:
             previous = self._previous(0, step)
             # Retention must leave the step we link unchanged files from alone until this one is committed.
             with self._using(0, previous.step) if previous is not None else nullcontext():
-                manifest = write_snapshot(io, step, snapshot, previous, self._pool, self._threads,
-                                          chunk_bytes=self._chunk_bytes, codec=self._codec)
+                if sharded is None:
+                    manifest = write_snapshot(io, step, snapshot, previous, self._pool, self._threads,
+                                              chunk_bytes=self._chunk_bytes, codec=self._codec)
+                else:
+                    assert self._sharded is not None
+                    manifest = self._sharded.write(io, step, snapshot, *sharded, previous, self._pool, self._threads)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported through the handle
             error = CheckpointError(f"{io.label}: saving step {step} failed: {describe(exc)}")
             error.__cause__ = exc
@@ -172,6 +218,9 @@ class CheckpointManager:
             snapshot.release()
         self._remember(0, manifest)
         handle._set(io.label, TierResult("committed", nbytes=manifest.nbytes))
+        if self._rank != 0:
+            handle._settle_rest("skipped", "rank 0 promotes")
+            return
         self._retain(0)
         if len(self._io) > 1:
             self._schedule_promotion()
@@ -349,7 +398,8 @@ class CheckpointManager:
         """
         self._check_open()
         self._saver.submit(lambda: None).result()
-        self._promoter.submit(self._promote_all).result()
+        if self._rank == 0:
+            self._promoter.submit(self._promote_all).result()
         self._raise_failures()
 
     # -- restoring ------------------------------------------------------------------
@@ -402,7 +452,9 @@ class CheckpointManager:
         self._check_open()
         chosen = self._select(tiers)
         if step is None:
-            step = self.latest(chosen)
+            step = self.latest(chosen) if self._rank == 0 else None
+            if self._sharded is not None:
+                step = self._sharded.agree("restore: agreeing on the newest step", step)
             if step is None:
                 raise CheckpointError(f"no committed step on {[self.tiers[i].label for i in chosen]}")
         holders = [i for i in chosen if self._io[i].is_committed(step)]
@@ -417,7 +469,8 @@ class CheckpointManager:
                 raise CheckpointError(f"step {step} was deleted by retention while the restore began")
             reader = StepReader([self._io[i] for i in holders], step, self._pool, self._threads, repair=repair)
             state = reader.load(list(keys) if keys else None, into)
-        if not keys and not any(k.startswith(f"{reader.source.label}:") for k in reader.report.fell_back):
+        whole = not keys and self._sharded is None  # a rank of a multi-rank job may read only its shards
+        if whole and not any(k.startswith(f"{reader.source.label}:") for k in reader.report.fell_back):
             try:
                 reader.source.mark_known_good(step)
             except Exception as exc:  # noqa: BLE001 - a read-only tier still restores

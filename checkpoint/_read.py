@@ -13,9 +13,12 @@ import numpy as np
 from trainio.storage import CheckpointError, FormatError, StoreError
 from trainio.storage._parallel import run_all
 
+from ._boxes import Box
+from ._dtensor import dtensor_box, is_dtensor
 from ._dtypes import storage_numpy_dtype, torch_dtype
-from ._layout import ArraySpec, group_metadata_key, group_paths
+from ._layout import PACK_PATH, ArraySpec, group_metadata_key, group_paths
 from ._manifest import FileEntry, Manifest
+from ._regions import Region, region_fill, region_finish, region_reads, shard_region, whole_region
 from ._tier_io import TierIO, describe
 from ._tree import Node, array_paths, build, select
 
@@ -73,6 +76,8 @@ def _finish(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
         return array[()]
     if target is None or target is array:
         return array
+    if is_dtensor(target):
+        return _fill_shard(spec, array, target, where)
     shape = tuple(target.shape) if hasattr(target, "shape") else None
     if shape != spec.shape:
         raise CheckpointError(f"{where}: the checkpoint holds shape {list(spec.shape)}, the target has "
@@ -84,6 +89,19 @@ def _finish(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
             target.copy_(array, non_blocking=False)
         return target
     np.copyto(target, array, casting="same_kind")
+    return target
+
+
+def _fill_shard(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
+    """Copy this rank's shard of a whole restored ``array`` into the DTensor ``target``."""
+    import torch
+
+    if tuple(target.shape) != spec.shape:
+        raise CheckpointError(f"{where}: the checkpoint holds shape {list(spec.shape)}, the target DTensor has "
+                              f"{list(target.shape)}")
+    box = dtensor_box(target, where) or Box.whole(spec.shape)
+    with torch.no_grad():
+        target.to_local().copy_(array[box.relative_to(Box.whole(spec.shape))])
     return target
 
 
@@ -140,50 +158,67 @@ class StepReader:
             self.report.repaired.append(f"{tier.label}:{key}")
 
     def load(self, keys: list[str] | None, into: Any) -> Any:
-        """The state (or the ``keys`` sub-trees of it), ``into`` filled in place."""
+        """The state (or the ``keys`` sub-trees of it), ``into`` filled in place.
+
+        A DTensor in ``into`` gets only its own shard, read from the chunks
+        that overlap it.
+        """
         node: Node = self.manifest.tree if not keys else select(self.manifest.tree, keys)
-        paths = list(array_paths(node))
-        arrays: dict[str, tuple[Any, np.ndarray[Any, Any]]] = {}
+        specs = {path: self.manifest.arrays[path] for path in array_paths(node)}
         targets: dict[str, Any] = {}
         _collect_targets(node, into, targets)
-        for path in paths:
-            arrays[path] = _host_array(self.manifest.arrays[path], targets.get(path))
-        specs = [self.manifest.arrays[path] for path in paths]
-        own = [spec for spec in specs if spec.packed is None]
-        packed = [spec for spec in specs if spec.packed is not None]
-        pack = self.manifest.pack
-        pack_bytes = np.empty(pack.nbytes if pack is not None and packed else 0, np.uint8)
-        sources = [(s, arrays[s.path][1]) for s in own]
-        if pack is not None and packed:
-            sources.append((pack, pack_bytes))
-        reads: list[tuple[str, memoryview | None]] = [(group_metadata_key(g), None)
-                                                      for g in group_paths([s.path for s in own])]
-        for spec, raw in sources:
-            reads.append((spec.metadata_key, None))
-            if spec.codec is None:
-                reads.extend((c.key, raw.data[c.start:c.start + c.length]) for c in spec.chunk_files())
+        regions: dict[str, Region] = {}
+        members: dict[str, tuple[Any, np.ndarray[Any, Any]]] = {}  # packed arrays
+        for path, spec in specs.items():
+            target = targets.get(path)
+            if spec.packed is None and is_dtensor(target):
+                regions[path] = shard_region(spec, target, self._where(path))
+                continue
+            result, raw = _host_array(spec, None if is_dtensor(target) else target)
+            if spec.packed is None:
+                regions[path] = whole_region(spec, result, raw)
             else:
-                reads.extend((c.key, None) for c in spec.chunk_files())
+                members[path] = (result, raw)
+        pack = self.manifest.pack
+        if pack is not None and members:
+            regions[pack.path] = whole_region(pack, None, np.empty(pack.nbytes, np.uint8))
+        groups = group_paths([path for path in regions if path != PACK_PATH])
+        reads: list[tuple[str, memoryview | None]] = [(group_metadata_key(g), None) for g in groups]
+        wanted: dict[str, list[str]] = {}
+        for path, region in regions.items():
+            files = [(region.spec.metadata_key, None), *region_reads(region)]
+            wanted[path] = [key for key, _ in files]
+            reads.extend(files)
         jobs = (functools.partial(self.read_file, key, self.manifest.files[key], target) for key, target in reads)
         contents = dict(zip((key for key, _ in reads), run_all(self.pool, jobs, self.threads), strict=True))
-        for spec, raw in sources:
-            if spec.codec is not None:
-                keys = [spec.metadata_key, *(c.key for c in spec.chunk_files())]
-                _decode(spec, {key: contents.pop(key) for key in keys}, raw)
-        for spec in packed:
-            assert spec.packed is not None
-            arrays[spec.path][1][:] = pack_bytes[spec.packed:spec.packed + spec.nbytes]
+        for path, region in regions.items():
+            if region.spec.codec is None:
+                region_fill(region, contents)
+            else:
+                region.host[...] = _decode(region.spec, {k: contents[k] for k in wanted[path]}, region.box)
+        if pack is not None and members:
+            pack_bytes = regions[pack.path].host
+            for path, (_, raw) in members.items():
+                offset = specs[path].packed
+                assert offset is not None
+                raw[:] = pack_bytes[offset:offset + specs[path].nbytes]
         self.report.files = len(reads)
         self.report.bytes = sum(self.manifest.files[key].size for key, _ in reads)
 
         def load_array(path: str, target: Any) -> Any:
-            return _finish(self.manifest.arrays[path], arrays[path][0], target, f"step {self.step}: {path}")
+            if path in members:
+                return _finish(specs[path], members[path][0], target, self._where(path))
+            value = region_finish(regions[path])
+            return value if is_dtensor(value) else _finish(specs[path], value, target, self._where(path))
 
         return build(node, load_array, into)
 
+    def _where(self, path: str) -> str:
+        return f"step {self.step}: {path}"
 
-def _decode(spec: ArraySpec, contents: dict[str, bytes | None], raw: np.ndarray[Any, Any]) -> None:
-    """Decode a compressed array with zarr-python from its checked files (keys relative to the step) into ``raw``."""
+
+def _decode(spec: ArraySpec, contents: dict[str, bytes | None], box: Box | None = None) -> np.ndarray[Any, Any]:
+    """The elements of ``box`` (default: all) of a compressed array, decoded by zarr-python from its checked files."""
     import zarr
     from zarr.core.buffer import Buffer
     from zarr.core.buffer.cpu import Buffer as HostBuffer
@@ -195,7 +230,8 @@ def _decode(spec: ArraySpec, contents: dict[str, bytes | None], raw: np.ndarray[
     if tuple(array.shape) != spec.shape or array.dtype != storage_numpy_dtype(spec.stored):
         raise FormatError(prefix, "zarr.json", f"holds {array.dtype}{list(array.shape)}, the manifest "
                           f"says {spec.stored}{list(spec.shape)}")
-    raw[:] = np.ascontiguousarray(array[...]).reshape(-1).view(np.uint8)
+    selection = (box or Box.whole(spec.shape)).relative_to(Box.whole(spec.shape))
+    return np.ascontiguousarray(array[selection])
 
 
 def _collect_targets(node: Node, into: Any, found: dict[str, Any]) -> None:

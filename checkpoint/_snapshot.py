@@ -15,16 +15,16 @@ from ._tree import ArrayLeaf, Node
 class Snapshot:
     """A state frozen in host memory: its skeleton and each array's bytes.
 
-    Arrays of at most ``pack_bytes`` come first in the slot, back to back, so
-    the step's pack is one range of it.
+    The packed arrays come first in the slot, back to back, so the step's pack
+    is one range of it.
 
     Attributes:
         skeleton: The state's skeleton.
         leaves: The arrays, in the state's order.
         views: Each array's bytes (C order, little-endian) in the slot.
         offsets: Each array's offset in the slot.
-        pack_bytes: Arrays up to this size are packed; the pack is ``pack`` (the slot's first bytes).
-        pack: The packed arrays' bytes.
+        packed: The paths of the arrays in the pack.
+        pack: The packed arrays' bytes (the slot's first bytes).
         slot: The staging slot holding them; released once the snapshot is written.
     """
 
@@ -32,13 +32,13 @@ class Snapshot:
     leaves: list[ArrayLeaf]
     views: list[memoryview]
     offsets: list[int]
-    pack_bytes: int
+    packed: frozenset[str]
     pack: memoryview
     slot: Slot | None
 
     def is_packed(self, leaf: ArrayLeaf) -> bool:
         """Whether ``leaf`` lives in the pack."""
-        return leaf.nbytes <= self.pack_bytes
+        return leaf.path in self.packed
 
     def release(self) -> None:
         """Hand the staging memory back; the views must not be used afterwards."""
@@ -49,8 +49,17 @@ class Snapshot:
             slot.release()
 
 
-def take_snapshot(skeleton: Node, leaves: list[ArrayLeaf], slot: Slot, pack_bytes: int = 0) -> Snapshot:
+def is_packable(leaf: ArrayLeaf, pack_bytes: int) -> bool:
+    """Whether ``leaf`` belongs in a step's pack: small, and held whole."""
+    return leaf.box is None and leaf.nbytes <= pack_bytes
+
+
+def take_snapshot(skeleton: Node, leaves: list[ArrayLeaf], slot: Slot, pack_bytes: int = 0,
+                  packed: frozenset[str] | None = None) -> Snapshot:
     """Copy every array of ``leaves`` into ``slot`` and return the snapshot.
+
+    The pack holds the arrays named in ``packed``, by default those held whole
+    and of at most ``pack_bytes``.
 
     GPU tensors are copied asynchronously into the (then pinned) slot and
     waited for once at the end. The caller may change its arrays as soon as
@@ -58,14 +67,16 @@ def take_snapshot(skeleton: Node, leaves: list[ArrayLeaf], slot: Slot, pack_byte
     """
     offsets: list[int] = [0] * len(leaves)
     end = 0
-    small = [i for i, leaf in enumerate(leaves) if leaf.nbytes <= pack_bytes]
+    if packed is None:
+        packed = frozenset(leaf.path for leaf in leaves if is_packable(leaf, pack_bytes))
+    small = [i for i, leaf in enumerate(leaves) if leaf.path in packed]
     for i in small:
         end = aligned(end)
         offsets[i] = end
         end += leaves[i].nbytes
     pack_end = end
     for i, leaf in enumerate(leaves):
-        if leaf.nbytes > pack_bytes:
+        if leaf.path not in packed:
             end = aligned(end)
             offsets[i] = end
             end += leaf.nbytes
@@ -80,7 +91,7 @@ def take_snapshot(skeleton: Node, leaves: list[ArrayLeaf], slot: Slot, pack_byte
     else:
         for leaf, offset in zip(leaves, offsets, strict=True):
             _copy_numpy(leaf, slot.array[offset:offset + leaf.nbytes])
-    return Snapshot(skeleton, leaves, views, offsets, pack_bytes, memory[:pack_end], slot)
+    return Snapshot(skeleton, leaves, views, offsets, packed, memory[:pack_end], slot)
 
 
 def _copy_with_torch(leaves: list[ArrayLeaf], offsets: list[int], slot: Slot) -> None:
@@ -96,7 +107,7 @@ def _copy_with_torch(leaves: list[ArrayLeaf], offsets: list[int], slot: Slot) ->
                 _copy_numpy(leaf, slot.array[offset:offset + leaf.nbytes])
                 continue
             source = leaf.value
-            target = buffer[offset:offset + leaf.nbytes].view(torch_dtype(leaf.dtype)).view(leaf.shape)
+            target = buffer[offset:offset + leaf.nbytes].view(torch_dtype(leaf.dtype)).view(leaf.held_shape)
             if source.device.type == "cuda":
                 devices.add(source.device)
                 target.copy_(source.detach(), non_blocking=True)

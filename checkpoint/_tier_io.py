@@ -68,6 +68,9 @@ class StepWriter(ABC):
     def prepare(self, keys: list[str]) -> None:  # noqa: B027 - only directory tiers need it
         """Get ready to write ``keys`` (e.g. make their directories)."""
 
+    def flush(self) -> None:  # noqa: B027 - object stores hold what they acknowledged
+        """Make this writer's files durable (a rank's share of a multi-rank step, before rank 0 commits)."""
+
 
 class TierIO(ABC):
     """The steps of one tier: list, read, write, delete."""
@@ -156,12 +159,16 @@ class TierIO(ABC):
         self.store.put(LAST_KNOWN_GOOD, json.dumps({"step": step}).encode())
 
     @abstractmethod
-    def writer(self, step: int) -> StepWriter:
-        """A writer for a new ``step``.
+    def writer(self, step: int, shared: str | None = None) -> StepWriter:
+        """A writer for a new ``step``; ranks of one multi-rank save pass the same ``shared`` name.
 
         Raises:
             CheckpointError: the step is already committed here.
         """
+
+    def shared_name(self, step: int) -> str | None:
+        """The name every rank's writer of a multi-rank save of ``step`` is given (chosen by rank 0)."""
+        return None
 
     @abstractmethod
     def delete(self, step: int) -> None:

@@ -50,13 +50,24 @@ def _owner_is_dead(name: str) -> bool:
 class LocalStepWriter(StepWriter):
     """Writes a step into ``.trainio-tmp.save-<step>-<host>-<pid>-<rand>/`` and renames it on commit."""
 
-    def __init__(self, tier: LocalTierIO, step: int) -> None:
+    def __init__(self, tier: LocalTierIO, step: int, shared: str | None = None) -> None:
         self._tier = tier
         self._step = step
         os.makedirs(tier.root, exist_ok=True)
-        self._dir = os.path.join(tier.root, _temp_dir_name("save", step))
-        os.mkdir(self._dir)
+        if shared is None:
+            self._dir = os.path.join(tier.root, _temp_dir_name("save", step))
+            os.mkdir(self._dir)
+        else:
+            if not shared.startswith(f"{TEMP_MARKER}save-{step_name(step)}-") or "/" in shared:
+                raise CheckpointError(f"{tier.label}: {shared!r} is not a temp directory name of step {step}")
+            self._dir = os.path.join(tier.root, shared)
+            os.makedirs(self._dir, exist_ok=True)
         self._small: list[str] = []
+
+    def flush(self) -> None:
+        if self._tier.durable:
+            sync_files(self._dir, self._small)
+            self._small = []
 
     def prepare(self, keys: list[str]) -> None:
         for directory in sorted({os.path.dirname(k) for k in keys} - {""}):
@@ -98,8 +109,7 @@ class LocalStepWriter(StepWriter):
             self._small.append(target)
 
     def commit(self, manifest: bytes) -> None:
-        if self._tier.durable:
-            sync_files(self._dir, self._small)
+        self.flush()
         path = os.path.join(self._dir, MANIFEST)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
@@ -148,9 +158,12 @@ class LocalTierIO(TierIO):
     def is_committed(self, step: int) -> bool:
         return os.path.isfile(os.path.join(self.root, step_name(step), MANIFEST))
 
-    def writer(self, step: int) -> LocalStepWriter:
+    def writer(self, step: int, shared: str | None = None) -> LocalStepWriter:
         self._refuse_committed(step)
-        return LocalStepWriter(self, step)
+        return LocalStepWriter(self, step, shared)
+
+    def shared_name(self, step: int) -> str | None:
+        return _temp_dir_name("save", step)
 
     def read_into(self, step: int, key: str, entry: FileEntry, target: memoryview) -> None:
         full = f"{step_name(step)}/{key}"

@@ -39,7 +39,7 @@ class ObjectStepWriter(StepWriter):
 class ObjectTierIO(TierIO):
     """Steps as ``<step>/`` prefixes of an object store (or any :class:`Store`)."""
 
-    def writer(self, step: int) -> ObjectStepWriter:
+    def writer(self, step: int, shared: str | None = None) -> ObjectStepWriter:
         self._refuse_committed(step)
         return ObjectStepWriter(self, step)
 

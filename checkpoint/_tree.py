@@ -17,6 +17,8 @@ import numpy as np
 
 from trainio.storage import CheckpointError
 
+from ._boxes import Box
+from ._dtensor import is_dtensor, local_shard
 from ._dtypes import numpy_dtype_name, stored_dtype, torch_dtype_name
 from ._names import node_name
 
@@ -33,12 +35,13 @@ class ArrayLeaf:
     Attributes:
         path: Its path in the zarr group ("model/layers.0.weight").
         where: Its place in the state, for messages (``state['model'][0]``).
-        value: The torch tensor or numpy array itself.
+        value: The torch tensor or numpy array itself (a DTensor's local shard).
         kind: ``"torch"``, ``"numpy"`` or ``"numpy_scalar"``.
         dtype: The true element type's name ("bfloat16").
         stored: The zarr data type it is written as ("uint16").
-        shape: Its shape.
+        shape: Its (global) shape.
         itemsize: Bytes per element.
+        box: The part of the global array this process holds, or None for all of it.
     """
 
     path: str
@@ -49,11 +52,17 @@ class ArrayLeaf:
     stored: str
     shape: tuple[int, ...]
     itemsize: int
+    box: Box | None = None
+
+    @property
+    def held_shape(self) -> tuple[int, ...]:
+        """The shape of what this process holds: its box's, or the array's."""
+        return self.shape if self.box is None else self.box.shape
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the array's elements."""
-        return math.prod(self.shape) * self.itemsize
+        """Bytes of the elements this process holds."""
+        return math.prod(self.held_shape) * self.itemsize
 
 
 def _is_tensor(value: object) -> bool:
@@ -137,6 +146,7 @@ class _Flattener:
             kind, array = "numpy", value
         else:
             kind, array = "torch", value
+        box = None
         if kind == "torch":
             dtype = torch_dtype_name(value.dtype)
             itemsize = value.element_size()
@@ -144,13 +154,16 @@ class _Flattener:
             if value.layout is not _torch_strided():
                 raise CheckpointError(f"{where}: only strided (dense) tensors can be checkpointed, "
                                       f"not {value.layout}")
+            if is_dtensor(value):
+                array, box = local_shard(value, where)
         else:
             name = numpy_dtype_name(array.dtype)
             if name is None:
                 raise CheckpointError(f"{where}: numpy dtype {array.dtype} cannot be checkpointed; "
                                       "use a numeric or bool dtype")
             dtype, itemsize, shape = name, array.dtype.itemsize, tuple(array.shape)
-        self.arrays.append(ArrayLeaf(path, where, array, kind, dtype, stored_dtype(dtype, itemsize), shape, itemsize))
+        self.arrays.append(ArrayLeaf(path, where, array, kind, dtype, stored_dtype(dtype, itemsize), shape, itemsize,
+                                     box))
         return {"t": "array", "path": path}
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
+from trainio.storage import CheckpointError
 from trainio.storage._parallel import run_all
 
+from ._boxes import Box, chunk_box, chunk_bytes_of, chunk_key, contiguous_run
+from ._dtypes import storage_numpy_dtype
 from ._layout import (
     CHUNK_BYTES,
     ArraySpec,
@@ -20,8 +26,9 @@ from ._layout import (
     pack_spec,
 )
 from ._manifest import FileEntry, Manifest
+from ._plan import PACK_OWNER, Plan, Unit
 from ._snapshot import Snapshot
-from ._tier_io import TierIO, digest_with_padding
+from ._tier_io import StepWriter, TierIO, digest_with_padding
 
 _BATCH_BYTES = 4 << 20
 _BATCH_FILES = 64
@@ -54,16 +61,8 @@ def _bytes_file(key: str, document: bytes) -> _File:
 
 
 def _range_files(spec: ArraySpec, view: memoryview) -> list[_File]:
-    files = []
-    codec = spec.codec
-    for chunk in spec.chunk_files():
-        part = view[chunk.start:chunk.start + chunk.length]
-        if codec is None:
-            files.append(_File(chunk.key, chunk.size, lambda p=part: p))  # type: ignore[misc]
-        else:
-            files.append(_File(chunk.key, chunk.size, lambda p=part, n=chunk.size: memoryview(  # type: ignore[misc]
-                encode_chunk(codec, p, n)), compressed=True))
-    return files
+    return [_chunk_file(spec, chunk.key, chunk.size, lambda p=view[chunk.start:chunk.start + chunk.length]: p)  # type: ignore[misc]
+            for chunk in spec.chunk_files()]
 
 
 def _snapshot_files(snapshot: Snapshot, arrays: dict[str, ArraySpec], pack: ArraySpec | None) -> list[_File]:
@@ -78,6 +77,52 @@ def _snapshot_files(snapshot: Snapshot, arrays: dict[str, ArraySpec], pack: Arra
         members = [spec for spec in arrays.values() if spec.packed is not None]
         files.append(_bytes_file(pack.metadata_key, pack_metadata(pack, members)))
         files.extend(_range_files(pack, snapshot.pack))
+    return files
+
+
+def _chunk_file(spec: ArraySpec, key: str, size: int, data: Callable[[], memoryview]) -> _File:
+    codec = spec.codec
+    if codec is None:
+        return _File(key, size, data)
+    return _File(key, size, lambda: memoryview(encode_chunk(codec, data(), size)), compressed=True)
+
+
+def _unit_files(spec: ArraySpec, unit: Unit, held: memoryview) -> list[_File]:
+    """The chunk files of one box of a sharded array, from the box's bytes (C order)."""
+    block = np.frombuffer(held, storage_numpy_dtype(spec.stored)).reshape(unit.box.shape)
+    size = math.prod(spec.chunks) * spec.itemsize
+    files = []
+    for index in unit.chunks:
+        part = chunk_box(index, spec.chunks, spec.shape)
+        run = contiguous_run(part, unit.box)
+        origin = Box(tuple(i * c for i, c in zip(index, spec.chunks, strict=True)), spec.chunks)
+        in_chunk = contiguous_run(part, origin)
+        key = chunk_key(spec.path, index)
+        if run is not None and in_chunk is not None and in_chunk[0] == 0:
+            start, count = run[0] * spec.itemsize, run[1] * spec.itemsize
+            files.append(_chunk_file(spec, key, size, lambda v=held[start:start + count]: v))  # type: ignore[misc]
+        else:
+            files.append(_chunk_file(spec, key, size, lambda p=part, i=index: memoryview(  # type: ignore[misc]
+                chunk_bytes_of(block[p.relative_to(unit.box)], p, spec.chunks, i))))
+    return files
+
+
+def shard_files(plan: Plan, rank: int, snapshot: Snapshot) -> list[_File]:
+    """The files ``rank`` writes of a multi-rank step: its boxes' chunks; the pack and metadata on rank 0."""
+    views = {leaf.path: view for leaf, view in zip(snapshot.leaves, snapshot.views, strict=True)}
+    files = [file for unit in plan.owned(rank) for file in _unit_files(plan.arrays[unit.path], unit, views[unit.path])]
+    if rank == PACK_OWNER:
+        own = [spec for spec in plan.arrays.values() if spec.packed is None]
+        files += [_bytes_file(group_metadata_key(g), group_metadata()) for g in group_paths([s.path for s in own])]
+        files += [_bytes_file(spec.metadata_key, spec.metadata()) for spec in own]
+        if plan.pack is not None:
+            members = [spec for spec in plan.arrays.values() if spec.packed is not None]
+            staged = [(leaf.path, offset) for leaf, offset in zip(snapshot.leaves, snapshot.offsets, strict=True)
+                      if snapshot.is_packed(leaf)]
+            if staged != [(spec.path, spec.packed) for spec in members]:
+                raise CheckpointError(f"rank {rank}'s pack does not follow the plan")  # a bug, not bad input
+            files.append(_bytes_file(plan.pack.metadata_key, pack_metadata(plan.pack, members)))
+            files.extend(_range_files(plan.pack, snapshot.pack))
     return files
 
 
@@ -99,30 +144,38 @@ def _batches(files: list[_File]) -> Iterator[list[_File]]:
         yield batch
 
 
+def put_files(writer: StepWriter, files: list[_File], previous: Manifest | None, pool: ThreadPoolExecutor,
+              threads: int, digests: dict[str, str] | None = None) -> dict[str, FileEntry]:
+    """Write ``files`` (or link those equal to ``previous``'s) and return each one's entry."""
+    writer.prepare([f.key for f in files])
+
+    def write_batch(batch: list[_File]) -> list[tuple[str, FileEntry]]:
+        done = []
+        for file in batch:
+            data = None if digests else file.data()
+            size = data.nbytes if file.compressed and data is not None else file.size
+            digest = digests[file.key] if digests else digest_with_padding(data, size)  # type: ignore[arg-type]
+            entry = FileEntry(size, digest)
+            if previous is not None and previous.files.get(file.key) == entry:
+                writer.link(previous.step, file.key)
+            else:
+                writer.write(file.key, data if data is not None else file.data(), size)
+            done.append((file.key, entry))
+        return done
+
+    jobs = ((lambda b=batch: write_batch(b)) for batch in _batches(files))
+    entries: dict[str, FileEntry] = {}
+    for done in run_all(pool, jobs, threads):
+        entries.update(done)
+    return entries
+
+
 def _write_files(tier: TierIO, step: int, manifest: Manifest, files: list[_File],
                  previous: Manifest | None, pool: ThreadPoolExecutor, threads: int,
                  digests: dict[str, str] | None = None) -> None:
     writer = tier.writer(step)
     try:
-        writer.prepare([f.key for f in files])
-
-        def write_batch(batch: list[_File]) -> list[tuple[str, FileEntry]]:
-            done = []
-            for file in batch:
-                data = None if digests else file.data()
-                size = data.nbytes if file.compressed and data is not None else file.size
-                digest = digests[file.key] if digests else digest_with_padding(data, size)  # type: ignore[arg-type]
-                entry = FileEntry(size, digest)
-                if previous is not None and previous.files.get(file.key) == entry:
-                    writer.link(previous.step, file.key)
-                else:
-                    writer.write(file.key, data if data is not None else file.data(), size)
-                done.append((file.key, entry))
-            return done
-
-        jobs = ((lambda b=batch: write_batch(b)) for batch in _batches(files))
-        for entries in run_all(pool, jobs, threads):
-            manifest.files.update(entries)
+        manifest.files.update(put_files(writer, files, previous, pool, threads, digests))
         writer.commit(manifest.to_bytes())
     except BaseException:
         writer.abort()

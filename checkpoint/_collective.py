@@ -1,0 +1,93 @@
+"""The checkpoint's own gloo process groups, with timeouts that name the ranks that did not report.
+
+A trainer's own collectives must never interleave with ours (that deadlocks),
+and ``save()`` runs in the trainer's thread while commits run in a background
+thread, so there are two groups: one for each thread. Before every exchange a
+monitored barrier checks that every rank arrived, so a dead or stuck rank is
+named instead of leaving the others waiting forever.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+from trainio.storage import CheckpointError
+
+_FAILED_RANKS = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
+
+
+def distributed_world() -> int:
+    """The world size of the initialized default process group, or 1 when there is none."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 1
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return int(dist.get_world_size())
+
+
+class Collective:
+    """Exchanges between the ranks of a multi-rank checkpoint; create it on every rank, in the same order."""
+
+    def __init__(self, timeout_s: float) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = int(dist.get_rank())
+        self.world = int(dist.get_world_size())
+        self.timeout = timedelta(seconds=timeout_s)
+        self._front = dist.new_group(backend="gloo", timeout=self.timeout)
+        self._back = dist.new_group(backend="gloo", timeout=self.timeout)
+
+    def _group(self, background: bool) -> Any:
+        return self._back if background else self._front
+
+    def _arrive(self, what: str, group: Any) -> None:
+        try:
+            self._dist.monitored_barrier(group=group, timeout=self.timeout, wait_all_ranks=True)
+        except RuntimeError as exc:
+            raise self._timeout_error(what, exc) from exc
+
+    def _timeout_error(self, what: str, exc: BaseException) -> CheckpointError:
+        seconds = self.timeout.total_seconds()
+        found = _FAILED_RANKS.search(str(exc))
+        if found:
+            ranks = [int(r) for r in found.group(1).replace(",", " ").split()]
+            return CheckpointError(f"{what}: rank(s) {ranks} did not report within {seconds:g} s "
+                                   "(dead, stuck, or not calling the checkpoint manager)")
+        return CheckpointError(f"{what}: rank {self.rank} got no answer from rank 0 within {seconds:g} s "
+                               f"(rank 0 or another rank is dead or stuck): {str(exc).splitlines()[0]}")
+
+    def _run(self, what: str, background: bool, call: Any) -> Any:
+        group = self._group(background)
+        self._arrive(what, group)
+        try:
+            return call(group)
+        except RuntimeError as exc:
+            raise self._timeout_error(what, exc) from exc
+
+    def all_gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any]:
+        """Every rank's ``payload``, in rank order, on every rank."""
+        out: list[Any] = [None] * self.world
+        self._run(what, background, lambda g: self._dist.all_gather_object(out, payload, group=g))
+        return out
+
+    def gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any] | None:
+        """Every rank's ``payload`` in rank order on rank 0; None on the others."""
+        out: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        self._run(what, background, lambda g: self._dist.gather_object(payload, out, dst=self._global(0, g),
+                                                                        group=g))
+        return out
+
+    def broadcast(self, what: str, payload: Any, *, background: bool = False) -> Any:
+        """Rank 0's ``payload`` on every rank."""
+        box = [payload if self.rank == 0 else None]
+        self._run(what, background, lambda g: self._dist.broadcast_object_list(box, src=self._global(0, g),
+                                                                                group=g))
+        return box[0]
+
+    def _global(self, group_rank: int, group: Any) -> int:
+        return int(self._dist.get_global_rank(group, group_rank))

@@ -1,0 +1,124 @@
+"""Multi-rank saves: agree on a plan, each rank writes its share, rank 0 commits once all have reported."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from trainio.storage import CheckpointError
+
+from ._collective import Collective
+from ._manifest import MANIFEST, FileEntry, Manifest
+from ._plan import PACK_OWNER, Plan, describe_leaves, make_plan
+from ._snapshot import Snapshot
+from ._tier_io import StepWriter, TierIO, describe, step_name
+from ._tree import ArrayLeaf, Node
+from ._write import put_files, shard_files
+
+
+class ShardedSaves:
+    """The multi-rank protocol of one manager: planning in ``save()``, committing in the background."""
+
+    def __init__(self, timeout_s: float, chunk_bytes: int, pack_bytes: int, codec: str | None) -> None:
+        self.collective = Collective(timeout_s)
+        self.rank = self.collective.rank
+        self.world = self.collective.world
+        self._chunk_bytes = chunk_bytes
+        self._pack_bytes = pack_bytes
+        self._codec = codec
+
+    def plan(self, step: int, leaves: list[ArrayLeaf], problem: BaseException | None,
+             tier: TierIO) -> tuple[Plan, str | None]:
+        """The plan of ``step`` that every rank computes alike, and the name rank 0 chose for its writers.
+
+        ``problem`` is this rank's reason not to save (a state it cannot
+        flatten, an earlier failure): every rank then raises.
+
+        Raises:
+            CheckpointError: a rank has a problem, the ranks save different
+                steps or states, or a rank did not join within the timeout.
+        """
+        payload = {"step": step, "problem": None if problem is None else describe(problem),
+                   "rows": describe_leaves(leaves) if problem is None else [],
+                   "name": tier.shared_name(step) if self.rank == PACK_OWNER else None}
+        everyone = self.collective.all_gather(f"step {step}: agreeing on the save", payload)
+        if problem is not None:
+            raise problem
+        problems = [f"rank {r}: {p['problem']}" for r, p in enumerate(everyone) if p["problem"]]
+        if problems:
+            raise CheckpointError(f"step {step} was not saved on any rank: " + "; ".join(problems))
+        steps = [p["step"] for p in everyone]
+        if len(set(steps)) > 1:
+            raise CheckpointError(f"the ranks called save() with different steps {steps}; every rank must save "
+                                  "the same step")
+        plan = make_plan([p["rows"] for p in everyone], self._chunk_bytes, self._pack_bytes, self._codec)
+        return plan, everyone[PACK_OWNER]["name"]
+
+    def share(self, plan: Plan, leaves: list[ArrayLeaf]) -> tuple[list[ArrayLeaf], frozenset[str]]:
+        """The leaves this rank snapshots (those it writes), and which of them are packed."""
+        owned = {unit.path for unit in plan.owned(self.rank)}
+        packed = frozenset(plan.packed_paths()) if self.rank == PACK_OWNER else frozenset()
+        return [leaf for leaf in leaves if leaf.path in owned or leaf.path in packed], packed
+
+    def write(self, tier: TierIO, step: int, snapshot: Snapshot, plan: Plan, name: str | None,
+              previous: Manifest | None, pool: ThreadPoolExecutor, threads: int) -> Manifest:
+        """Write this rank's share of ``step``; rank 0 commits once every rank reported. Run on every rank.
+
+        Raises:
+            CheckpointError: any rank failed (on every rank), or a rank did not
+                report within the timeout (naming it).
+        """
+        skeleton = snapshot.skeleton
+        writer: StepWriter | None = None
+        report: dict[str, Any]
+        try:
+            writer = tier.writer(step, name)
+            entries = put_files(writer, shard_files(plan, self.rank, snapshot), previous, pool, threads)
+            writer.flush()
+            report = {"files": {key: [e.size, e.xxh3] for key, e in entries.items()}}
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which fails the step everywhere
+            report = {"error": describe(exc)}
+        finally:
+            snapshot.release()
+        try:
+            reports = self.collective.gather(f"step {step}: collecting every rank's files", report, background=True)
+        except CheckpointError:
+            if self.rank == PACK_OWNER and writer is not None:
+                writer.abort()
+            raise
+        verdict = None
+        if reports is not None:
+            verdict = self._commit(tier, step, skeleton, plan, writer, reports)
+        verdict = self.collective.broadcast(f"step {step}: waiting for rank 0's commit", verdict, background=True)
+        if "error" in verdict:
+            raise CheckpointError(verdict["error"])
+        return Manifest.from_bytes(verdict["manifest"], tier.url, f"{step_name(step)}/{MANIFEST}")
+
+    def _commit(self, tier: TierIO, step: int, skeleton: Node, plan: Plan, writer: StepWriter | None,
+                reports: list[dict[str, Any]]) -> dict[str, Any]:
+        errors = [f"rank {r}: {report['error']}" for r, report in enumerate(reports) if "error" in report]
+        if not errors and writer is not None:
+            files: dict[str, FileEntry] = {}
+            writers: dict[str, int] = {}
+            for rank, report in enumerate(reports):
+                for key, (size, digest) in report["files"].items():
+                    if key in writers:
+                        errors.append(f"{key} was written by ranks {writers[key]} and {rank}")
+                    writers[key] = rank
+                    files[key] = FileEntry(size, digest)
+            manifest = Manifest(step, skeleton, plan.arrays, files, world_size=self.world, pack=plan.pack)
+            document = manifest.to_bytes()
+            if not errors:
+                try:
+                    Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")  # nothing is missing
+                    writer.commit(document)
+                    return {"manifest": document}
+                except Exception as exc:  # noqa: BLE001 - becomes the step's failure on every rank
+                    errors.append(f"rank {self.rank}: {describe(exc)}")
+        if writer is not None:
+            writer.abort()
+        return {"error": f"{tier.label}: saving step {step} failed: " + "; ".join(errors)}
+
+    def agree(self, what: str, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (the step to restore, for one)."""
+        return self.collective.broadcast(what, value)

@@ -1,0 +1,191 @@
+"""Multi-rank checkpoints on real gloo jobs: sharded saves, restores under another world size and mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from trainio.checkpoint import CheckpointManager
+
+from ._ranks import run_ranks, values
+from .test_format import zarr_read
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch.distributed.tensor")
+
+CHUNK = 64 << 10
+HERE = "tests.checkpoint.test_distributed"
+
+
+def global_state(seed: int = 0) -> dict[str, Any]:
+    """The full tensors every test state is cut from; the same on every rank."""
+    g = torch.Generator().manual_seed(1234 + seed)
+    return {
+        "w": torch.randn(10, 6, generator=g),  # 10 rows over 4 ranks: 3, 3, 3, 1
+        "x": torch.randn(5, 9, generator=g).to(torch.bfloat16),
+        "y": torch.randn(6, 8, generator=g),
+        "rep": torch.randn(4, 4, generator=g),
+        "big_shard": torch.randn(2000, 300, generator=g),
+        "big": [torch.randn(300, 300, generator=g) for _ in range(3)],
+        "small": [torch.randn(5, generator=g) for _ in range(4)],
+        "np": np.arange(12, dtype=np.int32).reshape(3, 4),
+        "meta": {"lr": 0.1, "name": "run", "nan": float("nan")},
+    }
+
+
+def _save_placements(world: int) -> dict[str, Any]:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return {"w": ("1d", [Shard(0)]), "x": ("1d", [Shard(1)]), "y": ("2d", [Shard(0), Shard(1)]),
+            "rep": ("1d", [Replicate()]), "big_shard": ("1d", [Shard(0)])}
+
+
+def _restore_placements(world: int) -> dict[str, Any]:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return {"w": ("1d", [Shard(1)]), "x": ("1d", [Shard(0)]), "y": ("1d", [Shard(0)]),
+            "rep": ("1d", [Shard(0)]), "big_shard": ("2d", [Shard(1), Replicate()])}
+
+
+def shard(state: dict[str, Any], world: int, placements: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the named tensors made DTensors of ``placements`` (1-D mesh, or 2 x world/2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    meshes = {"1d": init_device_mesh("cpu", (world,)), "2d": init_device_mesh("cpu", (2, max(1, world // 2)))}
+    out = dict(state)
+    for name, (mesh, places) in placements.items():
+        out[name] = distribute_tensor(state[name], meshes[mesh], places)
+    return out
+
+
+def _zeros(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _check_shards(restored: dict[str, Any], expected: dict[str, Any], placements: dict[str, Any]) -> None:
+    from torch.distributed.tensor import DTensor
+
+    for name in placements:
+        value = restored[name]
+        assert isinstance(value, DTensor), name
+        assert torch.equal(value.full_tensor(), expected[name]), name
+
+
+def _log_writes(log_dir: str, rank: int) -> None:
+    """Record every file this rank writes or links, to check that each file has one writer."""
+    from trainio.checkpoint._tier_local import LocalStepWriter
+
+    path = Path(log_dir, f"writes-{rank}.txt")
+    write, link = LocalStepWriter.write, LocalStepWriter.link
+
+    def logged_write(self: Any, key: str, data: memoryview, size: int) -> None:
+        with path.open("a") as f:
+            f.write(key + "\n")
+        write(self, key, data, size)
+
+    def logged_link(self: Any, step: int, key: str) -> None:
+        with path.open("a") as f:
+            f.write(key + "\n")
+        link(self, step, key)
+
+    LocalStepWriter.write = logged_write  # type: ignore[method-assign]
+    LocalStepWriter.link = logged_link  # type: ignore[method-assign]
+
+
+def save_and_restore(rank: int, world: int, root: str, log_dir: str) -> dict[str, Any]:
+    """Save a sharded state as step 1, then restore it into fresh DTensors of the same placements."""
+    _log_writes(log_dir, rank)
+    expected = global_state()
+    with CheckpointManager([root], chunk_bytes=CHUNK, timeout_s=60) as manager:
+        handle = manager.save(1, shard(expected, world, _save_placements(world)))
+        handle.wait()
+        target = shard(_zeros(expected), world, _save_placements(world))
+        restored = manager.restore(into=target)
+    _check_shards(restored, expected, _save_placements(world))
+    for a, b in zip(restored["big"], expected["big"], strict=True):
+        assert torch.equal(a, b)
+    return {"result": {k: v.status for k, v in handle.result().items()}}
+
+
+def restore_resharded(rank: int, world: int, root: str) -> None:
+    """Restore step 1 into other placements on another world size; plain tensors come back whole."""
+    expected = global_state()
+    with CheckpointManager([root], chunk_bytes=CHUNK, timeout_s=60) as manager:
+        target = shard(_zeros(expected), world, _restore_placements(world))
+        del target["big"]
+        restored = manager.restore(into=target)
+    _check_shards(restored, expected, _restore_placements(world))
+    for a, b in zip(restored["big"], expected["big"], strict=True):
+        assert isinstance(a, torch.Tensor) and torch.equal(a, b)
+    assert restored["meta"]["name"] == "run" and np.array_equal(restored["np"], expected["np"])
+
+
+@pytest.fixture(scope="module")
+def four_way_step(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Any]]:
+    """A step saved by 4 ranks, and what each rank wrote."""
+    base = tmp_path_factory.mktemp("four-way")
+    root, logs = base / "ckpt", base / "logs"
+    logs.mkdir()
+    results = values(run_ranks(4, f"{HERE}.save_and_restore", base / "out", str(root), str(logs)))
+    return root, logs, results
+
+
+def test_a_four_way_save_restores_in_place_on_four_ranks(four_way_step: tuple[Path, Path, list[Any]]) -> None:
+    root, _, results = four_way_step
+    assert all(r["result"] == {str(root): "committed"} for r in results)
+    manifest = json.loads((root / "000000000001" / "manifest.json").read_text())
+    assert manifest["world_size"] == 4
+
+
+def test_each_file_has_exactly_one_writer(four_way_step: tuple[Path, Path, list[Any]]) -> None:
+    root, logs, _ = four_way_step
+    writers: dict[str, list[int]] = {}
+    for rank in range(4):
+        for key in (logs / f"writes-{rank}.txt").read_text().split():
+            writers.setdefault(key, []).append(rank)
+    manifest = json.loads((root / "000000000001" / "manifest.json").read_text())
+    assert set(writers) == set(manifest["files"])
+    assert {key: ranks for key, ranks in writers.items() if len(ranks) != 1} == {}
+    shard_writers = {writers[k][0] for k in writers if k.startswith("state.zarr/big_shard/c.")}
+    assert shard_writers == {0, 1, 2, 3}  # every rank wrote its own shard's chunks
+    big = Counter(writers[k][0] for k in writers if k.startswith("state.zarr/big/"))
+    assert len(big) >= 2, f"replicated tensors should be spread over the ranks, not all on one: {big}"
+
+
+def test_the_chunk_grid_follows_the_shards(four_way_step: tuple[Path, Path, list[Any]]) -> None:
+    root, _, _ = four_way_step
+    arrays = json.loads((root / "000000000001" / "manifest.json").read_text())["arrays"]
+    assert arrays["w"]["chunks"] == [3, 6]  # torch's uneven Shard(0): 3, 3, 3, 1 rows
+    assert arrays["x"]["chunks"] == [5, 3]  # Shard(1): 3, 3, 3, 0 columns
+    assert arrays["y"]["chunks"] == [3, 4]  # 2 x 2 mesh
+    assert arrays["big_shard"]["chunks"] == [50, 300]  # 500-row shards cut to <= 64 KiB, on shard boundaries
+
+
+def test_restore_on_two_ranks_with_other_placements(four_way_step: tuple[Path, Path, list[Any]],
+                                                    tmp_path: Path) -> None:
+    root, _, _ = four_way_step
+    values(run_ranks(2, f"{HERE}.restore_resharded", tmp_path, str(root)))
+
+
+def test_restore_in_one_process_and_with_plain_zarr(four_way_step: tuple[Path, Path, list[Any]]) -> None:
+    zarr = pytest.importorskip("zarr")
+    root, _, _ = four_way_step
+    expected = global_state()
+    with CheckpointManager([root]) as manager:
+        restored = manager.restore()
+    for name in ("w", "x", "y", "rep", "big_shard"):
+        assert type(restored[name]) is torch.Tensor and torch.equal(restored[name], expected[name]), name
+    assert all(torch.equal(a, b) for a, b in zip(restored["small"], expected["small"], strict=True))
+    group = zarr.open_group(root / "000000000001" / "state.zarr", mode="r")
+    assert np.array_equal(zarr_read(group, "big_shard"), expected["big_shard"].numpy())
+    assert np.array_equal(zarr_read(group, "w"), expected["w"].numpy())
+    assert np.array_equal(zarr_read(group, "x"), expected["x"].view(torch.uint16).numpy())
+    assert np.array_equal(zarr_read(group, "small/0"), expected["small"][0].numpy())
+    os.sync()
