@@ -58,8 +58,8 @@ class Collective:
             ranks = [int(r) for r in found.group(1).replace(",", " ").split()]
             return CheckpointError(f"{what}: rank(s) {ranks} did not report within {seconds:g} s "
                                    "(dead, stuck, or not calling the checkpoint manager)")
-        return CheckpointError(f"{what}: rank {self.rank} got no answer from rank 0 within {seconds:g} s "
-                               f"(rank 0 or another rank is dead or stuck): {str(exc).splitlines()[0]}")
+        return CheckpointError(f"{what}: rank {self.rank} got no go-ahead from rank 0 within {seconds:g} s: another "
+                               "rank did not report (rank 0's error names it), or rank 0 is dead or stuck")
 
     def _run(self, what: str, background: bool, call: Any) -> Any:
         group = self._group(background)

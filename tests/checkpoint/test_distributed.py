@@ -189,3 +189,72 @@ def test_restore_in_one_process_and_with_plain_zarr(four_way_step: tuple[Path, P
     assert np.array_equal(zarr_read(group, "x"), expected["x"].view(torch.uint16).numpy())
     assert np.array_equal(zarr_read(group, "small/0"), expected["small"][0].numpy())
     os.sync()
+
+
+def _fail_writes_of(step: int, how: str) -> None:
+    """Make this rank's writes of ``step`` die (SIGKILL) or fail (an OSError)."""
+    import signal
+
+    from trainio.checkpoint._tier_local import LocalStepWriter
+
+    write = LocalStepWriter.write
+
+    def failing(self: Any, key: str, data: memoryview, size: int) -> None:
+        if self._step == step:
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(5, "injected I/O error")
+        write(self, key, data, size)
+
+    LocalStepWriter.write = failing  # type: ignore[method-assign]
+
+
+def save_with_a_failing_rank(rank: int, world: int, root: str, how: str) -> dict[str, Any]:
+    """Step 1 commits; rank 1's writes of step 2 die or fail; report what each survivor saw."""
+    from trainio.storage import CheckpointError
+
+    state = shard(global_state(), world, _save_placements(world))
+    seen: dict[str, Any] = {}
+    with CheckpointManager([root], chunk_bytes=CHUNK, timeout_s=5) as manager:
+        manager.save(1, state).wait()
+        if rank == 1:
+            _fail_writes_of(2, how)
+        handle = manager.save(2, shard(global_state(2), world, _save_placements(world)))  # new bytes: no links
+        try:
+            handle.wait(timeout=120)
+            seen["step2"] = "committed"
+        except CheckpointError as exc:
+            seen["step2"] = str(exc)
+        if how == "error":  # the ranks are all alive: the job goes on
+            manager.save(3, state).wait()
+            odd = dict(state, extra=torch.ones(3)) if rank == 1 else state
+            try:
+                manager.save(4, odd)
+            except CheckpointError as exc:
+                seen["step4"] = str(exc)
+            seen["steps"] = manager.steps()[root]
+    return seen
+
+
+def test_a_rank_killed_mid_save_fails_the_step_on_the_survivors(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    results = run_ranks(3, f"{HERE}.save_with_a_failing_rank", tmp_path / "out", str(root), "kill")
+    assert results[1] == {"ok": False, "exitcode": -9}
+    survivors = values([results[0], results[2]])
+    assert all(s["step2"] != "committed" for s in survivors), survivors
+    assert "rank(s) [1] did not report" in survivors[0]["step2"]
+    assert "no go-ahead from rank 0" in survivors[1]["step2"]
+    with CheckpointManager([root]) as manager:
+        assert manager.steps() == {str(root): [1]}
+        assert torch.equal(manager.restore()["big_shard"], global_state()["big_shard"])
+    assert [p.name for p in root.iterdir() if p.is_dir()] == ["000000000001"]  # no leftovers of step 2
+
+
+def test_a_failing_rank_fails_the_step_on_every_rank_and_the_job_goes_on(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    seen = values(run_ranks(3, f"{HERE}.save_with_a_failing_rank", tmp_path / "out", str(root), "error"))
+    for rank, s in enumerate(seen):
+        assert "rank 1: " in s["step2"] and "injected I/O error" in s["step2"], (rank, s)
+        assert "rank 1's state has other arrays" in s["step4"], (rank, s)
+        assert s["steps"] == [1, 3]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["000000000001", "000000000003"]
