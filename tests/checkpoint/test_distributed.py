@@ -258,3 +258,86 @@ def test_a_failing_rank_fails_the_step_on_every_rank_and_the_job_goes_on(tmp_pat
         assert "rank 1's state has other arrays" in s["step4"], (rank, s)
         assert s["steps"] == [1, 3]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["000000000001", "000000000003"]
+
+
+def _model() -> Any:
+    torch.manual_seed(0)
+    layers = [torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True) for _ in range(2)]
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), *layers, torch.nn.Linear(32, 1))
+
+
+def train(rank: int, world: int, root: str, start: int, stop: int, save_at: int | None) -> list[float]:
+    """Train an FSDP2-sharded transformer from ``start`` to ``stop`` (restoring ``start`` first); the losses."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = _model()
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    losses = []
+    with CheckpointManager([root], chunk_bytes=CHUNK, timeout_s=60) as manager:
+        if start:
+            for p in model.parameters():  # give the optimizer its state tensors to restore into
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            state = manager.restore(into={"model": model, "optim": optimizer, "step": None})
+            assert state["step"] == start
+        for step in range(start, stop):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 5, 16, generator=g), torch.randn(8, 5, 1, generator=g)
+            rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+            loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            losses.append(float(total) / world)
+            if save_at == step + 1:
+                manager.save(step + 1, {"model": model, "optim": optimizer, "step": step + 1}).wait()
+    return losses
+
+
+def test_training_resumed_on_another_world_size_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    straight = values(run_ranks(2, f"{HERE}.train", tmp_path / "a", root, 0, 6, 3))[0]
+    resumed = values(run_ranks(4, f"{HERE}.train", tmp_path / "b", root, 3, 6, None))[0]
+    assert len(straight) == 6 and straight[0] > straight[-1]
+    assert resumed == pytest.approx(straight[3:], rel=1e-5, abs=1e-7)
+    manifest = json.loads((tmp_path / "ckpt" / "000000000003" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert any(path.startswith("optim/state/") and "exp_avg" in path for path in manifest["arrays"])
+
+
+def save_on_two_tiers(rank: int, world: int, fast: str, slow: str) -> dict[str, Any]:
+    """Three steps through a fast tier keeping one and a slow tier; count this rank's promotions."""
+    from trainio.checkpoint import Tier
+
+    copies = []
+    copy_to = CheckpointManager._copy_to
+
+    def counted(self: CheckpointManager, target: int, step: int) -> Any:
+        copies.append(step)
+        return copy_to(self, target, step)
+
+    CheckpointManager._copy_to = counted  # type: ignore[method-assign]
+    with CheckpointManager([Tier(fast, keep_last=1), Tier(slow)], chunk_bytes=CHUNK, timeout_s=60) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, shard(global_state(step), world, _save_placements(world)))
+        manager.wait()
+        manager.promote()
+        restored = manager.restore(2, tiers=[slow])
+    assert torch.equal(restored["w"], global_state(2)["w"])
+    return {"copies": copies}
+
+
+def test_promotion_and_retention_run_once_on_rank_zero(tmp_path: Path) -> None:
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    seen = values(run_ranks(2, f"{HERE}.save_on_two_tiers", tmp_path / "out", str(fast), str(slow)))
+    assert sorted(seen[0]["copies"]) == [1, 2, 3] and seen[1]["copies"] == []
+    with CheckpointManager([fast, slow]) as manager:
+        assert manager.steps() == {str(fast): [3], str(slow): [1, 2, 3]}
