@@ -19,7 +19,11 @@ Finally the training-loop slowdown while a save is flushed in the background.
 
 Cold reads use posix_fadvise(DONTNEED) on every file, after an fsync.
 
-Run:  python benchmarks/checkpoint_bench.py [--gb 2] [--dir /tmp/ckpt-bench] [--small 2000]
+With ``--ranks N`` it measures instead one state sharded over N local gloo
+ranks (DTensors, Shard(0)): trainio's collective save and restore against
+dcp.save / dcp.async_save / dcp.load and a raw file per rank (_ckpt_ranks.py).
+
+Run:  python benchmarks/checkpoint_bench.py [--gb 2] [--dir /tmp/ckpt-bench] [--small 2000] [--ranks 2]
 """
 
 from __future__ import annotations
@@ -234,9 +238,7 @@ class Bench:
         import torch.distributed.checkpoint as dcp
 
         if not dist.is_initialized():
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         path = self.root / "dcp"
 
@@ -263,14 +265,25 @@ class Bench:
         fresh(path)
 
     def table(self) -> list[str]:
-        floor = {what: min(s for w, _, s in self.rows if w == what) for what, _, _ in self.rows}
-        raw = {w: s for w, who, s in self.rows if who.startswith(("raw", "memcpy"))}
-        rows = [["measure", "who", "seconds", "GB/s", "vs raw limit"]]
-        for what, who, seconds in self.rows:
-            limit = raw.get(what, raw.get(what.replace("blocking", "blocking (memcpy floor)"), floor[what]))
-            rows.append([what, who, f"{seconds:.3f}", f"{self.nbytes / seconds / 1e9:.2f}",
-                         f"{limit / seconds:.2f}x"])
-        return markdown_table(rows, left=[0, 1])
+        return rows_table(self.rows, self.nbytes)
+
+
+def rows_table(measured: list[tuple[str, str, float]], nbytes: int) -> list[str]:
+    """The table of rows (measure, who, seconds), each against the raw limit of its measure."""
+    floor = {what: min(s for w, _, s in measured if w == what) for what, _, _ in measured}
+    raw = {w: s for w, who, s in measured if who.startswith(("raw", "memcpy"))}
+    rows = [["measure", "who", "seconds", "GB/s", "vs raw limit"]]
+    for what, who, seconds in measured:
+        limit = raw.get(what, raw.get(what.replace("blocking", "blocking (memcpy floor)"), floor[what]))
+        rows.append([what, who, f"{seconds:.3f}", f"{nbytes / seconds / 1e9:.2f}", f"{limit / seconds:.2f}x"])
+    return markdown_table(rows, left=[0, 1])
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def small_tensors(root: Path, count: int) -> list[str]:
@@ -388,13 +401,27 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--only", choices=["big", "small", "loop"], action="append")
+    parser.add_argument("--ranks", type=int, default=0,
+                        help="run only the multi-rank table, with this many local gloo ranks")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir="/tmp"))
     root.mkdir(parents=True, exist_ok=True)
     only = set(args.only or ["big", "small", "loop"])
     print("\n".join(machine_lines(machine(["trainio", "torch", "zarr", "numpy"]), str(root))), flush=True)
-    state = transformer_state(args.gb)
     out: list[str] = []
+    if args.ranks:
+        import _ckpt_ranks
+
+        try:
+            nbytes = sum(t.numel() * t.element_size() for t in tensors_of(transformer_state(args.gb)))
+            measured = _ckpt_ranks.run(root, args.gb, args.ranks, args.repeat)
+        finally:
+            if args.dir is None:
+                shutil.rmtree(root, ignore_errors=True)
+        print("\n".join(["", f"{args.ranks} ranks, Shard(0) over a 1-D mesh; state {nbytes / 1e9:.2f} GB",
+                         *rows_table(measured, nbytes)]))
+        return
+    state = transformer_state(args.gb)
     try:
         if "big" in only:
             bench = Bench(root, state, args.repeat)

@@ -341,3 +341,19 @@ def test_promotion_and_retention_run_once_on_rank_zero(tmp_path: Path) -> None:
     assert sorted(seen[0]["copies"]) == [1, 2, 3] and seen[1]["copies"] == []
     with CheckpointManager([fast, slow]) as manager:
         assert manager.steps() == {str(fast): [3], str(slow): [1, 2, 3]}
+
+
+def save_to(rank: int, world: int, url: str) -> None:
+    """Save the sharded state as step 5 to ``url``."""
+    with CheckpointManager([url], chunk_bytes=CHUNK, timeout_s=60) as manager:
+        manager.save(5, shard(global_state(), world, _save_placements(world))).wait()
+
+
+def test_ranks_save_one_step_to_s3(s3_url: str, tmp_path: Path) -> None:
+    values(run_ranks(2, f"{HERE}.save_to", tmp_path, s3_url))
+    expected = global_state()
+    with CheckpointManager([s3_url]) as manager:
+        assert manager.steps() == {s3_url: [5]}
+        restored = manager.restore()
+    for name in ("w", "x", "y", "big_shard"):
+        assert torch.equal(restored[name], expected[name]), name

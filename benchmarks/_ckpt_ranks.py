@@ -1,0 +1,194 @@
+"""The multi-rank part of checkpoint_bench: N local gloo ranks save and restore one sharded state.
+
+Every rank holds its Shard(0) slice of each parameter and optimizer tensor
+(DTensors on a 1-D mesh) and the scalars whole. Rows, timed from before a
+barrier to after one (so a row is the slowest rank's time):
+- memcpy: each rank copies its shards into preallocated tensors;
+- raw write+fsync / read: each rank writes one file of its shards' bytes, and reads it back;
+- trainio: ``save`` blocking (the slowest rank's), to committed on every
+  rank, ``restore(into=)`` warm and cold;
+- dcp.save, dcp.async_save (blocking, and to done), dcp.load warm and cold.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainio.checkpoint import CheckpointManager, Tier
+
+
+def _sharded(state: Any, mesh: Any) -> Any:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if isinstance(state, torch.Tensor):
+        if state.dim() and state.shape[0] >= mesh.size():
+            return distribute_tensor(state, mesh, [Shard(0)], src_data_rank=None)
+        return state
+    if isinstance(state, dict):
+        return {k: _sharded(v, mesh) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_sharded(v, mesh) for v in state]
+    return state
+
+
+def _locals(state: Any) -> list[torch.Tensor]:
+    from checkpoint_bench import tensors_of
+
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors_of(state)]
+
+
+def _like(state: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return DTensor.from_local(torch.zeros_like(state.to_local()), state.device_mesh, state.placements,
+                                  shape=state.shape, stride=state.stride())
+    if isinstance(state, torch.Tensor):
+        return torch.zeros_like(state)
+    if isinstance(state, dict):
+        return {k: _like(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_like(v) for v in state]
+    return state
+
+
+def _all(fn: Callable[[], Any]) -> float:
+    """Seconds from all ranks starting ``fn`` to all ranks having finished it."""
+    gc.collect()
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def _slowest(seconds: float) -> float:
+    value = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
+
+
+def _drop(path: Path) -> None:
+    from checkpoint_bench import drop_cache
+
+    if dist.get_rank() == 0:
+        drop_cache(path)
+    dist.barrier()
+
+
+def _best(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] = lambda: None) -> float:
+    times = []
+    for _ in range(repeat):
+        before()
+        times.append(_all(fn))
+    return min(times)
+
+
+def _fresh(path: Path) -> None:
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
+def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int, out: str) -> None:
+    from checkpoint_bench import transformer_state
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    state = _sharded(transformer_state(gb), mesh)
+    gc.collect()
+    rows: list[tuple[str, str, float]] = []
+    base = Path(root)
+    shards = _locals(state)
+    copies = [torch.empty_like(t) for t in shards]
+    for c in copies:
+        c.zero_()
+    rows.append(("blocking (memcpy floor)", "memcpy of each rank's shards", _best(
+        lambda: [c.copy_(t) for c, t in zip(copies, shards, strict=True)], repeat)))
+
+    raw = base / f"raw-{rank}.bin"
+    buffer = torch.cat([t.reshape(-1).view(torch.uint8) for t in shards])
+
+    def write() -> None:
+        with open(raw, "wb") as f:
+            f.write(buffer.numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read() -> None:
+        with open(raw, "rb") as f:
+            f.readinto(buffer.numpy().data)
+
+    base.mkdir(parents=True, exist_ok=True)
+    rows.append(("durable save", "raw write+fsync, a file per rank", _best(write, repeat)))
+    rows.append(("restore warm", "raw readinto, a file per rank", _best(read, repeat)))
+    rows.append(("restore cold", "raw readinto, a file per rank", _best(read, repeat, lambda: _drop(raw))))
+    raw.unlink()
+
+    tier = base / "trainio"
+    with CheckpointManager([Tier(tier, keep_last=1)], timeout_s=600) as manager:
+        manager.save(0, state).wait()
+        blocked, total = [], []
+        for step in range(1, repeat + 2):
+            _fresh(tier)  # no earlier step to link unchanged files from: a full write
+            dist.barrier()
+            start = time.perf_counter()
+            handle = manager.save(step, state)
+            blocked.append(_slowest(time.perf_counter() - start))
+            handle.wait()
+            dist.barrier()
+            total.append(time.perf_counter() - start)
+        rows.append(("blocking", "trainio save()", min(blocked)))
+        rows.append(("durable save", "trainio save() to committed", min(total)))
+        target = _like(state)
+        rows.append(("restore warm", "trainio restore(into=)", _best(lambda: manager.restore(into=target), repeat)))
+        rows.append(("restore cold", "trainio restore(into=)", _best(
+            lambda: manager.restore(into=target), repeat, lambda: _drop(tier))))
+        assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
+    _fresh(tier)
+
+    import torch.distributed.checkpoint as dcp
+
+    path = base / "dcp"
+    rows.append(("durable save", "dcp.save", _best(lambda: dcp.save(state, checkpoint_id=str(path)), repeat,
+                                                  lambda: _fresh(path))))
+    blocked, total = [], []
+    for _ in range(repeat):
+        _fresh(path)
+        start = time.perf_counter()
+        future = dcp.async_save(state, checkpoint_id=str(path))
+        blocked.append(_slowest(time.perf_counter() - start))
+        future.result()
+        dist.barrier()
+        total.append(time.perf_counter() - start)
+    rows.append(("blocking", "dcp.async_save", min(blocked)))
+    rows.append(("durable save", "dcp.async_save to done", min(total)))
+    target = _like(state)
+    rows.append(("restore warm", "dcp.load (into)", _best(lambda: dcp.load(target, checkpoint_id=str(path)), repeat)))
+    rows.append(("restore cold", "dcp.load (into)", _best(lambda: dcp.load(target, checkpoint_id=str(path)), repeat,
+                                                          lambda: _drop(path))))
+    _fresh(path)
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def run(root: Path, gb: float, ranks: int, repeat: int) -> list[tuple[str, str, float]]:
+    """Spawn ``ranks`` processes and return the rows rank 0 measured."""
+    from checkpoint_bench import free_port
+
+    out = root / "ranks.json"
+    mp.spawn(_worker, args=(ranks, free_port(), str(root), gb, repeat, str(out)), nprocs=ranks)
+    return [tuple(row) for row in json.loads(out.read_text())]  # type: ignore[misc]
