@@ -95,6 +95,28 @@ def _best(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] = lambda
     return min(times)
 
 
+def _async_rounds(start: Callable[[], Any], finish: Callable[[Any], Any], before: Callable[[], Any],
+                  repeat: int) -> tuple[float, float]:
+    """The best time the slowest rank was held by ``start``, and the best time to all ranks having finished."""
+    blocked, total = [], []
+    for _ in range(repeat):
+        before()
+        gc.collect()
+        dist.barrier()
+        began = time.perf_counter()
+        pending = start()
+        blocked.append(_slowest(time.perf_counter() - began))
+        finish(pending)
+        dist.barrier()
+        total.append(time.perf_counter() - began)
+    return min(blocked), min(total)
+
+
+def _restore_rows(who: str, restore: Callable[[], Any], path: Path, repeat: int) -> list[tuple[str, str, float]]:
+    return [("restore warm", who, _best(restore, repeat)),
+            ("restore cold", who, _best(restore, repeat, lambda: _drop(path)))]
+
+
 def _fresh(path: Path) -> None:
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
@@ -133,29 +155,19 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
 
     base.mkdir(parents=True, exist_ok=True)
     rows.append(("durable save", "raw write+fsync, a file per rank", _best(write, repeat)))
-    rows.append(("restore warm", "raw readinto, a file per rank", _best(read, repeat)))
-    rows.append(("restore cold", "raw readinto, a file per rank", _best(read, repeat, lambda: _drop(raw))))
+    rows += _restore_rows("raw readinto, a file per rank", read, raw, repeat)
     raw.unlink()
 
     tier = base / "trainio"
     with CheckpointManager([Tier(tier, keep_last=1)], timeout_s=600) as manager:
         manager.save(0, state).wait()
-        blocked, total = [], []
-        for step in range(1, repeat + 2):
-            _fresh(tier)  # no earlier step to link unchanged files from: a full write
-            dist.barrier()
-            start = time.perf_counter()
-            handle = manager.save(step, state)
-            blocked.append(_slowest(time.perf_counter() - start))
-            handle.wait()
-            dist.barrier()
-            total.append(time.perf_counter() - start)
-        rows.append(("blocking", "trainio save()", min(blocked)))
-        rows.append(("durable save", "trainio save() to committed", min(total)))
+        steps = iter(range(1, repeat + 1))
+        # Each round starts from an empty tier: no earlier step to link unchanged files from, a full write.
+        blocked, total = _async_rounds(lambda: manager.save(next(steps), state), lambda h: h.wait(),
+                                       lambda: _fresh(tier), repeat)
+        rows += [("blocking", "trainio save()", blocked), ("durable save", "trainio save() to committed", total)]
         target = _like(state)
-        rows.append(("restore warm", "trainio restore(into=)", _best(lambda: manager.restore(into=target), repeat)))
-        rows.append(("restore cold", "trainio restore(into=)", _best(
-            lambda: manager.restore(into=target), repeat, lambda: _drop(tier))))
+        rows += _restore_rows("trainio restore(into=)", lambda: manager.restore(into=target), tier, repeat)
         assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
     _fresh(tier)
 
@@ -164,21 +176,11 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
     path = base / "dcp"
     rows.append(("durable save", "dcp.save", _best(lambda: dcp.save(state, checkpoint_id=str(path)), repeat,
                                                   lambda: _fresh(path))))
-    blocked, total = [], []
-    for _ in range(repeat):
-        _fresh(path)
-        start = time.perf_counter()
-        future = dcp.async_save(state, checkpoint_id=str(path))
-        blocked.append(_slowest(time.perf_counter() - start))
-        future.result()
-        dist.barrier()
-        total.append(time.perf_counter() - start)
-    rows.append(("blocking", "dcp.async_save", min(blocked)))
-    rows.append(("durable save", "dcp.async_save to done", min(total)))
+    blocked, total = _async_rounds(lambda: dcp.async_save(state, checkpoint_id=str(path)), lambda f: f.result(),
+                                   lambda: _fresh(path), repeat)
+    rows += [("blocking", "dcp.async_save", blocked), ("durable save", "dcp.async_save to done", total)]
     target = _like(state)
-    rows.append(("restore warm", "dcp.load (into)", _best(lambda: dcp.load(target, checkpoint_id=str(path)), repeat)))
-    rows.append(("restore cold", "dcp.load (into)", _best(lambda: dcp.load(target, checkpoint_id=str(path)), repeat,
-                                                          lambda: _drop(path))))
+    rows += _restore_rows("dcp.load (into)", lambda: dcp.load(target, checkpoint_id=str(path)), path, repeat)
     _fresh(path)
     if rank == 0:
         Path(out).write_text(json.dumps(rows))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from trainio.storage import CheckpointError, FormatError, StoreError
-from trainio.storage._parallel import run_all
+from trainio.storage._parallel import batched, run_all
 
 from ._boxes import Box
 from ._dtensor import dtensor_box, is_dtensor
@@ -189,8 +189,11 @@ class StepReader:
             files = [(region.spec.metadata_key, None), *region_reads(region)]
             wanted[path] = [key for key, _ in files]
             reads.extend(files)
-        jobs = (functools.partial(self.read_file, key, self.manifest.files[key], target) for key, target in reads)
-        contents = dict(zip((key for key, _ in reads), run_all(self.pool, jobs, self.threads), strict=True))
+        contents: dict[str, bytes | None] = {}
+        files = self.manifest.files
+        jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: files[r[0]].size))
+        for done in run_all(self.pool, jobs, self.threads):
+            contents.update(done)
         for path, region in regions.items():
             if region.spec.codec is None:
                 region_fill(region, contents)
@@ -212,6 +215,9 @@ class StepReader:
             return value if is_dtensor(value) else _finish(specs[path], value, target, self._where(path))
 
         return build(node, load_array, into)
+
+    def _read_batch(self, batch: list[tuple[str, memoryview | None]]) -> list[tuple[str, bytes | None]]:
+        return [(key, self.read_file(key, self.manifest.files[key], target)) for key, target in batch]
 
     def _where(self, path: str) -> str:
         return f"step {self.step}: {path}"

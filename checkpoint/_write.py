@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainio.storage import CheckpointError
-from trainio.storage._parallel import run_all
+from trainio.storage._parallel import batched, run_all
 
 from ._boxes import Box, chunk_box, chunk_bytes_of, chunk_key, contiguous_run
 from ._dtypes import storage_numpy_dtype
@@ -29,10 +29,6 @@ from ._manifest import FileEntry, Manifest
 from ._plan import PACK_OWNER, Plan, Unit
 from ._snapshot import Snapshot
 from ._tier_io import StepWriter, TierIO, digest_with_padding
-
-_BATCH_BYTES = 4 << 20
-_BATCH_FILES = 64
-
 
 @dataclass(frozen=True)
 class _File:
@@ -126,24 +122,6 @@ def shard_files(plan: Plan, rank: int, snapshot: Snapshot) -> list[_File]:
     return files
 
 
-def _batches(files: list[_File]) -> Iterator[list[_File]]:
-    """Big files one by one, biggest first; small ones in batches, so thread hand-offs stay cheap."""
-    ordered = sorted(files, key=lambda f: -f.size)
-    batch: list[_File] = []
-    batch_bytes = 0
-    for file in ordered:
-        if file.size >= _BATCH_BYTES:
-            yield [file]
-            continue
-        batch.append(file)
-        batch_bytes += file.size
-        if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_FILES:
-            yield batch
-            batch, batch_bytes = [], 0
-    if batch:
-        yield batch
-
-
 def put_files(writer: StepWriter, files: list[_File], previous: Manifest | None, pool: ThreadPoolExecutor,
               threads: int, digests: dict[str, str] | None = None) -> dict[str, FileEntry]:
     """Write ``files`` (or link those equal to ``previous``'s) and return each one's entry."""
@@ -163,7 +141,7 @@ def put_files(writer: StepWriter, files: list[_File], previous: Manifest | None,
             done.append((file.key, entry))
         return done
 
-    jobs = ((lambda b=batch: write_batch(b)) for batch in _batches(files))
+    jobs = ((lambda b=batch: write_batch(b)) for batch in batched(files, lambda f: f.size))
     entries: dict[str, FileEntry] = {}
     for done in run_all(pool, jobs, threads):
         entries.update(done)

@@ -32,3 +32,25 @@ def run_all(pool: ThreadPoolExecutor, jobs: Iterator[Callable[[], T]], limit: in
         for future in futures:
             future.cancel()
         wait(futures)
+
+
+BATCH_BYTES = 4 << 20
+BATCH_ITEMS = 64
+
+
+def batched(items: list[T], size: Callable[[T], int], batch_bytes: int = BATCH_BYTES,
+            batch_items: int = BATCH_ITEMS) -> Iterator[list[T]]:
+    """Big items one by one, biggest first; small ones grouped, so handing jobs to threads stays cheap."""
+    batch: list[T] = []
+    total = 0
+    for item in sorted(items, key=lambda i: -size(i)):
+        if size(item) >= batch_bytes:
+            yield [item]
+            continue
+        batch.append(item)
+        total += size(item)
+        if total >= batch_bytes or len(batch) >= batch_items:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch

@@ -107,8 +107,10 @@ def save_and_restore(rank: int, world: int, root: str, log_dir: str) -> dict[str
         handle = manager.save(1, shard(expected, world, _save_placements(world)))
         handle.wait()
         target = shard(_zeros(expected), world, _save_placements(world))
-        restored = manager.restore(into=target)
+        restored, report = manager.restore_with_report(into=target)
+        total = manager._io[0].manifest(1).nbytes
     _check_shards(restored, expected, _save_placements(world))
+    assert report.bytes < total / 2, "each rank reads the chunks of its own shards, not the whole step"
     for a, b in zip(restored["big"], expected["big"], strict=True):
         assert torch.equal(a, b)
     return {"result": {k: v.status for k, v in handle.result().items()}}
