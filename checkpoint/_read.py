@@ -190,8 +190,8 @@ class StepReader:
             wanted[path] = [key for key, _ in files]
             reads.extend(files)
         contents: dict[str, bytes | None] = {}
-        files = self.manifest.files
-        jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: files[r[0]].size))
+        sizes = self.manifest.files
+        jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]].size))
         for done in run_all(self.pool, jobs, self.threads):
             contents.update(done)
         for path, region in regions.items():
