@@ -130,6 +130,14 @@ def fresh(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def fresh_steps(tier: Path) -> None:
+    """Drop every step of a tier so the next save cannot link their files (measure full writes)."""
+    for p in tier.iterdir():
+        if p.name.isdigit():
+            shutil.rmtree(p)
+    os.sync()
+
+
 class Bench:
     """The big-state table."""
 
@@ -191,7 +199,7 @@ class Bench:
             manager.save(0, self.state).wait()  # allocates and faults in the staging slot once
             blocked, total = [], []
             for step in range(1, self.repeat + 2):
-                self._invalidate(tier)  # no earlier step to link unchanged files from: a full write
+                fresh_steps(tier)  # no earlier step to link unchanged files from: a full write
                 gc.collect()
                 start = time.perf_counter()
                 handle = manager.save(step, self.state)
@@ -213,12 +221,6 @@ class Bench:
             assert all(torch.equal(a, b) for a, b in zip(tensors_of(target), self.tensors, strict=True))
         fresh(tier)
 
-    def _invalidate(self, tier: Path) -> None:
-        """Drop every step so the next save cannot link their files (measure full writes)."""
-        for p in tier.iterdir():
-            if p.name.isdigit():
-                shutil.rmtree(p)
-        os.sync()
 
     def torch_save(self) -> None:
         path = self.root / "torch.pt"
@@ -286,8 +288,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def small_tensors(root: Path, count: int) -> list[str]:
-    """Per-tensor cost of many small tensors: trainio, raw files, zarr-python."""
+def small_tensors(root: Path, count: int, repeat: int) -> list[str]:
+    """Per-tensor cost of many small tensors (best of ``repeat``): trainio, raw files, zarr-python."""
     rng = np.random.default_rng(0)
     state = {f"t{i}": torch.from_numpy(rng.standard_normal(int(rng.integers(64, 4096)), dtype=np.float32))
              for i in range(count)}
@@ -297,12 +299,11 @@ def small_tensors(root: Path, count: int) -> list[str]:
     fresh(tier)
     with CheckpointManager([Tier(tier, keep_last=1)]) as manager:
         manager.save(0, state).wait()
-        fresh(tier / f"{0:012d}")
-        start = time.perf_counter()
-        manager.save(1, state).wait()
-        write = time.perf_counter() - start
+        steps = iter(range(1, repeat + 1))
+        # Each save starts from an empty tier: nothing to link from, every byte written.
+        write = best(lambda: manager.save(next(steps), state).wait(), repeat, lambda: fresh_steps(tier))
         target = like(state)
-        read = timed(lambda: manager.restore(into=target))
+        read = best(lambda: manager.restore(into=target), repeat)
     results.append(["trainio (durable, hashed)", f"{write / count * 1e6:.0f}", f"{read / count * 1e6:.0f}"])
     fresh(tier)
 
@@ -322,7 +323,7 @@ def small_tensors(root: Path, count: int) -> list[str]:
             with open(raw / f"t{i}", "rb", buffering=0) as f:
                 f.readinto(memoryview(a).cast("B"))
 
-    w, r = timed(raw_write), timed(raw_read)
+    w, r = best(raw_write, repeat), best(raw_read, repeat)
     results.append(["raw file per tensor (+1 sync)", f"{w / count * 1e6:.0f}", f"{r / count * 1e6:.0f}"])
     fresh(raw)
 
@@ -432,7 +433,7 @@ def main() -> None:
             out += ["", f"state: {len(bench.tensors)} tensors, {bench.nbytes / 1e9:.2f} GB", *bench.table(),
                     *bench.notes]
         if "small" in only:
-            out += ["", *small_tensors(root, args.small)]
+            out += ["", *small_tensors(root, args.small, max(3, args.repeat))]
         if "loop" in only:
             out += ["", *loop_slowdown(root, state)]
     finally:
