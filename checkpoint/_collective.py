@@ -89,5 +89,13 @@ class Collective:
                                                                                 group=g))
         return box[0]
 
+    def close(self) -> None:
+        """Release the groups (local: gloo groups need no peer to be destroyed)."""
+        for group in (self._front, self._back):
+            try:
+                self._dist.destroy_process_group(group)
+            except (RuntimeError, ValueError):  # the default group is already gone: nothing left to release
+                pass
+
     def _global(self, group_rank: int, group: Any) -> int:
         return int(self._dist.get_global_rank(group, group_rank))

@@ -511,6 +511,8 @@ class CheckpointManager:
             self._saver.shutdown(wait=True)
             self._promoter.shutdown(wait=True)
             self._pool.shutdown(wait=True)
+            if self._sharded is not None:
+                self._sharded.close()
 
     def __enter__(self) -> Self:
         return self

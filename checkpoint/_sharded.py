@@ -119,6 +119,10 @@ class ShardedSaves:
             writer.abort()
         return {"error": f"{tier.label}: saving step {step} failed: " + "; ".join(errors)}
 
+    def close(self) -> None:
+        """Release the process groups."""
+        self.collective.close()
+
     def agree(self, what: str, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (the step to restore, for one)."""
         return self.collective.broadcast(what, value)

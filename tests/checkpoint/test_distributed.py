@@ -345,17 +345,19 @@ def test_promotion_and_retention_run_once_on_rank_zero(tmp_path: Path) -> None:
         assert manager.steps() == {str(fast): [3], str(slow): [1, 2, 3]}
 
 
-def save_to(rank: int, world: int, url: str) -> None:
-    """Save the sharded state as step 5 to ``url``."""
-    with CheckpointManager([url], chunk_bytes=CHUNK, timeout_s=60) as manager:
-        manager.save(5, shard(global_state(), world, _save_placements(world))).wait()
+def save_to(rank: int, world: int, url: str, compression: str | None) -> None:
+    """Save the sharded state as step 1 to ``url``."""
+    with CheckpointManager([url], chunk_bytes=CHUNK, timeout_s=60, compression=compression) as manager:
+        manager.save(1, shard(global_state(), world, _save_placements(world))).wait()
 
 
-def test_ranks_save_one_step_to_s3(s3_url: str, tmp_path: Path) -> None:
-    values(run_ranks(2, f"{HERE}.save_to", tmp_path, s3_url))
+def test_ranks_save_a_compressed_step_to_s3_and_restore_it_resharded(s3_url: str, tmp_path: Path) -> None:
+    values(run_ranks(4, f"{HERE}.save_to", tmp_path / "save", s3_url, "zstd"))
+    values(run_ranks(2, f"{HERE}.restore_resharded", tmp_path / "restore", s3_url))
     expected = global_state()
     with CheckpointManager([s3_url]) as manager:
-        assert manager.steps() == {s3_url: [5]}
+        assert manager.steps() == {s3_url: [1]}
         restored = manager.restore()
+        assert manager._io[0].manifest(1).arrays["big_shard"].codec == "zstd:3"
     for name in ("w", "x", "y", "big_shard"):
         assert torch.equal(restored[name], expected[name]), name
