@@ -14,6 +14,7 @@ from typing import Any, Self
 
 from trainio.storage import CheckpointError, Store, open_store
 
+from ._collective import distributed_world
 from ._handle import SaveHandle, TierResult
 from ._layout import CHUNK_BYTES, PACK_BYTES, parse_compression
 from ._manifest import Manifest
@@ -24,7 +25,6 @@ from ._snapshot import Snapshot, take_snapshot
 from ._staging import StagingPool
 from ._tier import Tier
 from ._tier_io import TierIO, describe, open_tier_io
-from ._collective import distributed_world
 from ._tree import ArrayLeaf, Node, flatten
 from ._write import copy_step, write_snapshot
 
@@ -228,18 +228,21 @@ class CheckpointManager:
             handle._settle_rest("skipped")
 
     def _previous(self, tier: int, step: int) -> Manifest | None:
-        """The manifest of the newest committed step before ``step`` on a tier (incremental saves)."""
-        earlier = [s for s in self._io[tier].steps() if s < step]
-        if not earlier:
-            return None
-        cached = self._newest[tier]
-        if cached is not None and cached.step == earlier[-1]:
-            return cached
+        """The manifest of the newest committed step before ``step`` on a tier (incremental saves).
+
+        None when there is none or it cannot be read: that only costs the incremental saving.
+        """
         try:
+            earlier = [s for s in self._io[tier].steps() if s < step]
+            if not earlier:
+                return None
+            cached = self._newest[tier]
+            if cached is not None and cached.step == earlier[-1]:
+                return cached
             return self._io[tier].manifest(earlier[-1])
-        except Exception as exc:  # noqa: BLE001 - a bad previous step only costs the incremental saving
-            log.warning("%s: step %d unreadable, writing step %d in full: %s",
-                        self._io[tier].label, earlier[-1], step, describe(exc))
+        except Exception as exc:  # noqa: BLE001 - the write that follows reports a tier that is really down
+            log.warning("%s: no previous step to link unchanged files from, writing step %d in full: %s",
+                        self._io[tier].label, step, describe(exc))
             return None
 
     def _remember(self, tier: int, manifest: Manifest) -> None:
