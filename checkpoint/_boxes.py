@@ -117,6 +117,11 @@ def _product(ranges: list[range]) -> Iterator[tuple[int, ...]]:
             yield (i, *rest)
 
 
+def chunk_origin(index: tuple[int, ...], chunks: tuple[int, ...]) -> Box:
+    """The full box of chunk ``index`` (it may reach past the array's edge)."""
+    return Box(tuple(i * c for i, c in zip(index, chunks, strict=True)), chunks)
+
+
 def chunk_box(index: tuple[int, ...], chunks: tuple[int, ...], shape: tuple[int, ...]) -> Box:
     """The part of the array that chunk ``index`` covers (cut at the array's edge)."""
     offset = tuple(i * c for i, c in zip(index, chunks, strict=True))
@@ -147,6 +152,5 @@ def contiguous_run(part: Box, outer: Box) -> tuple[int, int] | None:
 def chunk_bytes_of(block: np.ndarray, part: Box, chunks: tuple[int, ...], index: tuple[int, ...]) -> bytes:
     """The file of chunk ``index``: ``block`` (the elements of ``part``) placed in a zero-padded chunk."""
     padded = np.zeros(chunks, block.dtype)
-    origin = Box(tuple(i * c for i, c in zip(index, chunks, strict=True)), chunks)
-    padded[part.relative_to(origin)] = block
+    padded[part.relative_to(chunk_origin(index, chunks))] = block
     return padded.tobytes()

@@ -396,13 +396,18 @@ class CheckpointManager:
     def promote(self) -> None:
         """Copy now every step that a slower tier keeps but lacks; raise what failed.
 
+        In a multi-rank job every rank calls it; rank 0 copies, the others
+        return when it is done.
+
         Raises:
-            CheckpointError: a promotion failed after every retry.
+            CheckpointError: a promotion failed after every retry (on rank 0).
         """
         self._check_open()
         self._saver.submit(lambda: None).result()
         if self._rank == 0:
             self._promoter.submit(self._promote_all).result()
+        if self._sharded is not None:
+            self._sharded.agree("promote(): waiting for rank 0's promotions", None)
         self._raise_failures()
 
     # -- restoring ------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ._dtensor import dtensor_box, is_dtensor
 from ._dtypes import storage_numpy_dtype, torch_dtype
 from ._layout import PACK_PATH, ArraySpec, group_metadata_key, group_paths
 from ._manifest import FileEntry, Manifest
-from ._regions import Region, region_fill, region_finish, region_reads, shard_region, whole_region
+from ._regions import Read, Region, region_finish, region_reads, shard_region, whole_region
 from ._tier_io import TierIO, describe
 from ._tree import Node, array_paths, build, select
 
@@ -183,11 +183,11 @@ class StepReader:
         if pack is not None and members:
             regions[pack.path] = whole_region(pack, None, np.empty(pack.nbytes, np.uint8))
         groups = group_paths([path for path in regions if path != PACK_PATH])
-        reads: list[tuple[str, memoryview | None]] = [(group_metadata_key(g), None) for g in groups]
+        reads: list[Read] = [(group_metadata_key(g), None, None) for g in groups]
         wanted: dict[str, list[str]] = {}
         for path, region in regions.items():
-            files = [(region.spec.metadata_key, None), *region_reads(region)]
-            wanted[path] = [key for key, _ in files]
+            files: list[Read] = [(region.spec.metadata_key, None, None), *region_reads(region)]
+            wanted[path] = [key for key, _, _ in files]
             reads.extend(files)
         contents: dict[str, bytes | None] = {}
         sizes = self.manifest.files
@@ -195,9 +195,7 @@ class StepReader:
         for done in run_all(self.pool, jobs, self.threads):
             contents.update(done)
         for path, region in regions.items():
-            if region.spec.codec is None:
-                region_fill(region, contents)
-            else:
+            if region.spec.codec is not None:
                 region.host[...] = _decode(region.spec, {k: contents[k] for k in wanted[path]}, region.box)
         if pack is not None and members:
             pack_bytes = regions[pack.path].host
@@ -206,7 +204,7 @@ class StepReader:
                 assert offset is not None
                 raw[:] = pack_bytes[offset:offset + specs[path].nbytes]
         self.report.files = len(reads)
-        self.report.bytes = sum(self.manifest.files[key].size for key, _ in reads)
+        self.report.bytes = sum(self.manifest.files[key].size for key, _, _ in reads)
 
         def load_array(path: str, target: Any) -> Any:
             if path in members:
@@ -216,8 +214,15 @@ class StepReader:
 
         return build(node, load_array, into)
 
-    def _read_batch(self, batch: list[tuple[str, memoryview | None]]) -> list[tuple[str, bytes | None]]:
-        return [(key, self.read_file(key, self.manifest.files[key], target)) for key, target in batch]
+    def _read_batch(self, batch: list[Read]) -> list[tuple[str, bytes | None]]:
+        done = []
+        for key, target, sink in batch:
+            data = self.read_file(key, self.manifest.files[key], target)
+            if sink is not None and data is not None:
+                sink(data)  # copied where it belongs now, so a restore holds one chunk per thread, not all
+                data = None
+            done.append((key, data))
+        return done
 
     def _where(self, path: str) -> str:
         return f"step {self.step}: {path}"

@@ -6,6 +6,9 @@ own shard's.
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,10 +16,14 @@ import numpy as np
 
 from trainio.storage import CheckpointError
 
-from ._boxes import Box, chunk_box, chunk_indices, chunk_key, contiguous_run
+from ._boxes import Box, chunk_box, chunk_indices, chunk_key, chunk_origin, contiguous_run
 from ._dtensor import dtensor_box
 from ._dtypes import storage_numpy_dtype, torch_dtype
 from ._layout import ArraySpec
+
+
+Read = tuple[str, memoryview | None, Callable[[bytes], None] | None]
+"""A file to read: its key, memory to read it into (or None), and what to do with its bytes (or None: keep them)."""
 
 
 @dataclass
@@ -28,8 +35,9 @@ class Region:
         box: The part of it to read.
         host: Memory of the box's shape and the stored dtype, filled by the read.
         result: What the restore returns for it (the tensor or array behind ``host``, or the DTensor).
-        staged: A tensor to copy ``host``'s tensor into at the end (a DTensor's local shard
-            that could not be read into directly), or None.
+        staged: For a DTensor shard that cannot be read into directly (not contiguous,
+            not on the CPU): the shard and the tensor behind ``host``, copied into it
+            at the end; else None.
     """
 
     spec: ArraySpec
@@ -70,38 +78,36 @@ def shard_region(spec: ArraySpec, target: Any, where: str) -> Region:
     return Region(spec, box, host, target, None if direct else (local, memory))
 
 
-def region_reads(region: Region) -> list[tuple[str, memoryview | None]]:
-    """The chunk files to read for ``region``: into its memory directly where a chunk is one run of it."""
+def region_reads(region: Region) -> list[Read]:
+    """The chunk files to read for ``region``: into its memory where a chunk is one run of it, else copied in.
+
+    Chunks of a compressed array are kept whole for zarr to decode.
+    """
     spec, box = region.spec, region.box
-    reads: list[tuple[str, memoryview | None]] = []
+    reads: list[Read] = []
     for index in chunk_indices(box, spec.chunks):
         key = chunk_key(spec.path, index)
+        if spec.codec is not None:
+            reads.append((key, None, None))
+            continue
         whole = chunk_box(index, spec.chunks, spec.shape)
-        part = whole.intersect(box)
-        run = contiguous_run(whole, box) if part == whole and spec.codec is None else None
-        origin = Box(tuple(i * c for i, c in zip(index, spec.chunks, strict=True)), spec.chunks)
-        in_chunk = contiguous_run(whole, origin)
+        run = contiguous_run(whole, box) if whole.intersect(box) == whole else None
+        in_chunk = contiguous_run(whole, chunk_origin(index, spec.chunks))
         if run is not None and in_chunk is not None and in_chunk[0] == 0:
             start, count = run[0] * spec.itemsize, run[1] * spec.itemsize
-            reads.append((key, region.raw.data[start:start + count]))
+            reads.append((key, region.raw.data[start:start + count], None))
         else:
-            reads.append((key, None))
+            reads.append((key, None, functools.partial(_place, region, index)))
     return reads
 
 
-def region_fill(region: Region, contents: dict[str, bytes | None]) -> None:
-    """Copy the parts of chunks read whole (``contents``) into the region."""
+def _place(region: Region, index: tuple[int, ...], data: bytes) -> None:
+    """Copy the part of chunk ``index`` (its file's bytes) that lies in the region into it."""
     spec, box = region.spec, region.box
-    dtype = storage_numpy_dtype(spec.stored)
-    for index in chunk_indices(box, spec.chunks):
-        data = contents.get(chunk_key(spec.path, index))
-        if data is None:
-            continue
-        origin = Box(tuple(i * c for i, c in zip(index, spec.chunks, strict=True)), spec.chunks)
-        part = chunk_box(index, spec.chunks, spec.shape).intersect(box)
-        assert part is not None
-        chunk = np.frombuffer(data, dtype, count=int(np.prod(spec.chunks))).reshape(spec.chunks)
-        region.host[part.relative_to(box)] = chunk[part.relative_to(origin)]
+    part = chunk_box(index, spec.chunks, spec.shape).intersect(box)
+    assert part is not None
+    chunk = np.frombuffer(data, storage_numpy_dtype(spec.stored), count=math.prod(spec.chunks)).reshape(spec.chunks)
+    region.host[part.relative_to(box)] = chunk[part.relative_to(chunk_origin(index, spec.chunks))]
 
 
 def region_finish(region: Region) -> Any:

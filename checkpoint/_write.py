@@ -12,7 +12,7 @@ import numpy as np
 from trainio.storage import CheckpointError
 from trainio.storage._parallel import batched, run_all
 
-from ._boxes import Box, chunk_box, chunk_bytes_of, chunk_key, contiguous_run
+from ._boxes import chunk_box, chunk_bytes_of, chunk_key, chunk_origin, contiguous_run
 from ._dtypes import storage_numpy_dtype
 from ._layout import (
     CHUNK_BYTES,
@@ -91,8 +91,7 @@ def _unit_files(spec: ArraySpec, unit: Unit, held: memoryview) -> list[_File]:
     for index in unit.chunks:
         part = chunk_box(index, spec.chunks, spec.shape)
         run = contiguous_run(part, unit.box)
-        origin = Box(tuple(i * c for i, c in zip(index, spec.chunks, strict=True)), spec.chunks)
-        in_chunk = contiguous_run(part, origin)
+        in_chunk = contiguous_run(part, chunk_origin(index, spec.chunks))
         key = chunk_key(spec.path, index)
         if run is not None and in_chunk is not None and in_chunk[0] == 0:
             start, count = run[0] * spec.itemsize, run[1] * spec.itemsize
