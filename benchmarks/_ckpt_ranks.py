@@ -48,21 +48,6 @@ def _locals(state: Any) -> list[torch.Tensor]:
     return [t.to_local() if hasattr(t, "to_local") else t for t in tensors_of(state)]
 
 
-def _like(state: Any) -> Any:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(state, DTensor):
-        return DTensor.from_local(torch.zeros_like(state.to_local()), state.device_mesh, state.placements,
-                                  shape=state.shape, stride=state.stride())
-    if isinstance(state, torch.Tensor):
-        return torch.zeros_like(state)
-    if isinstance(state, dict):
-        return {k: _like(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_like(v) for v in state]
-    return state
-
-
 def _all(fn: Callable[[], Any]) -> float:
     """Seconds from all ranks starting ``fn`` to all ranks having finished it."""
     gc.collect()
@@ -124,7 +109,7 @@ def _fresh(path: Path) -> None:
 
 
 def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int, out: str) -> None:
-    from checkpoint_bench import transformer_state
+    from checkpoint_bench import like, transformer_state
     from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -166,7 +151,7 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
         blocked, total = _async_rounds(lambda: manager.save(next(steps), state), lambda h: h.wait(),
                                        lambda: _fresh(tier), repeat)
         rows += [("blocking", "trainio save()", blocked), ("durable save", "trainio save() to committed", total)]
-        target = _like(state)
+        target = like(state)
         rows += _restore_rows("trainio restore(into=)", lambda: manager.restore(into=target), tier, repeat)
         assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
     _fresh(tier)
@@ -179,7 +164,7 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
     blocked, total = _async_rounds(lambda: dcp.async_save(state, checkpoint_id=str(path)), lambda f: f.result(),
                                    lambda: _fresh(path), repeat)
     rows += [("blocking", "dcp.async_save", blocked), ("durable save", "dcp.async_save to done", total)]
-    target = _like(state)
+    target = like(state)
     rows += _restore_rows("dcp.load (into)", lambda: dcp.load(target, checkpoint_id=str(path)), path, repeat)
     _fresh(path)
     if rank == 0:

@@ -89,7 +89,12 @@ def tensors_of(state: Any) -> list[torch.Tensor]:
 
 
 def like(state: Any) -> Any:
-    """A state of the same shape with fresh, touched tensors (a restore target)."""
+    """A state of the same shape with fresh, touched tensors (a restore target); DTensors keep their placements."""
+    if hasattr(state, "device_mesh"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(torch.zeros_like(state.to_local()), state.device_mesh, state.placements,
+                                  shape=state.shape, stride=state.stride())
     if isinstance(state, torch.Tensor):
         return torch.zeros_like(state)
     if isinstance(state, dict):
