@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from trainio.storage import TrainioError
 
-from . import _cmd_ckpt, _cmd_inspect, _cmd_shard, _cmd_verify
+from . import _cmd_bench, _cmd_ckpt, _cmd_inspect, _cmd_shard, _cmd_verify
 
 _DESCRIPTION = """\
 trainio: the storage layer for large-model training.
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"trainio {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (_cmd_shard, _cmd_verify, _cmd_inspect, _cmd_ckpt):
+    for command in (_cmd_shard, _cmd_verify, _cmd_inspect, _cmd_ckpt, _cmd_bench):
         command.register(commands)
     return parser
 
