@@ -159,11 +159,14 @@ def _table(results: dict[str, Any]) -> str:
          _ratio(limits["page_cache_read_s"], ckpt["restore_s"])),
         ("restore bit-exact", "yes" if ckpt["bit_exact"] else "NO", "", ""),
     ]
+    work = results["machine"]["dir"]
+    tiers = [t.removeprefix(work).lstrip("/") or t for t in ckpt["tiers"]]
     head = ("measure", "trainio", "limit", "vs limit")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(4)]
-    lines = [f"dataset: {data['rows']:,} {results['workload']} samples, {human_bytes(data['bytes'])} in "
+    lines = [f"in {work}: {results['machine']['cpus']} CPUs, loader to {loader['device']}",
+             f"dataset: {data['rows']:,} {results['workload']} samples, {human_bytes(data['bytes'])} in "
              f"{data['shards']} shards, verified {'ok' if data['verified'] else 'FAILED'}; checkpoint: "
-             f"{ckpt['tensors']} tensors, {human_bytes(ckpt['bytes'])}, tiers {' -> '.join(ckpt['tiers'])}",
+             f"{ckpt['tensors']} tensors, {human_bytes(ckpt['bytes'])}, tiers {' -> '.join(tiers)}",
              "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.append("limits, same run: write+fsync and page-cache read of the checkpoint's bytes (their sum for a "
