@@ -221,8 +221,12 @@ class CheckpointResult:
     tiers: list[str]
 
 
-def checkpoint_round(state: dict[str, Any], tiers: list[Any]) -> CheckpointResult:
-    """Save ``state`` as step 1, change it, save step 2 and wait for its promotion, restore it and compare."""
+def checkpoint_round(state: dict[str, Any], tiers: list[Any],
+                     progress: Callable[[str], None] = lambda _: None) -> CheckpointResult:
+    """Save ``state`` as step 1, change it, save step 2 and wait for its promotion, restore it and compare.
+
+    ``progress`` is called with the name of each stage as it is done.
+    """
     import torch
 
     from trainio.checkpoint import CheckpointManager
@@ -235,6 +239,7 @@ def checkpoint_round(state: dict[str, Any], tiers: list[Any]) -> CheckpointResul
         first = manager.save(1, state)
         first_blocked = time.perf_counter() - started
         first.result()
+        progress("first save")
         with torch.no_grad():
             for tensor in tensors:
                 tensor.neg_() if tensor.is_floating_point() else tensor.add_(1)  # a training step later
@@ -243,7 +248,9 @@ def checkpoint_round(state: dict[str, Any], tiers: list[Any]) -> CheckpointResul
         blocked = time.perf_counter() - started
         handle.wait()
         commit = time.perf_counter() - started
+        progress("commit")
         results = handle.result()
+        progress("promote")
         promote = results[labels[-1]].seconds - commit if len(labels) > 1 else 0.0
         if any(r.status != "committed" for r in results.values()):
             failed = {k: f"{r.status}: {r.error}" for k, r in results.items() if r.status != "committed"}
@@ -252,6 +259,7 @@ def checkpoint_round(state: dict[str, Any], tiers: list[Any]) -> CheckpointResul
         started = time.perf_counter()
         restored = manager.restore(2, into=target, tiers=[labels[-1]])
         restore = time.perf_counter() - started
+        progress("restore")
     same = all(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
                for a, b in zip(tensors_of(restored), tensors, strict=True))
     return CheckpointResult(nbytes, len(tensors), first_blocked, blocked, commit, max(promote, 0.0), restore, same,

@@ -17,7 +17,7 @@ from trainio.storage import StoreError, open_store
 
 from . import _bench_run as bench
 from ._format import human_bytes, parse_size, print_json
-from ._progress import byte_bar
+from ._progress import byte_bar, stage_bar
 
 EXAMPLES = """\
 examples:
@@ -112,7 +112,9 @@ def _run_phases(args: argparse.Namespace, work: Path, second: str) -> dict[str, 
     shard_bytes = sum(p.stat().st_size for p in shards)
     state = bench.transformer_state(bench.checkpoint_bytes(args.size))
     tensors = bench.tensors_of(state)
-    ckpt = bench.checkpoint_round(state, [Tier(work / "ckpt-fast", keep_last=2), Tier(second, keep_last=2)])
+    tiers = [Tier(work / "ckpt-fast", keep_last=2), Tier(second, keep_last=2)]
+    with stage_bar("checkpoint", 4, quiet=quiet) as stage:
+        ckpt = bench.checkpoint_round(state, tiers, stage)
     memcpy_s = bench.memcpy_limit(tensors)
     write_s, reread_s = bench.write_limit(work, ckpt.bytes)
     limits = {"memcpy_s": memcpy_s, "write_fsync_s": write_s, "page_cache_read_s": reread_s,

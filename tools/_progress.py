@@ -28,3 +28,19 @@ def byte_bar(description: str, total: int | None, *, quiet: bool) -> Iterator[An
         yield advance
     finally:
         bar.close()
+
+
+@contextmanager
+def stage_bar(description: str, stages: int, *, quiet: bool) -> Iterator[Any]:
+    """A tqdm bar of named stages, shown only on a terminal and when not ``quiet``; call it with each stage done."""
+    bar = tqdm(total=stages, desc=description, unit="stage", disable=quiet or not sys.stderr.isatty(),
+               file=sys.stderr, dynamic_ncols=True)
+
+    def done(stage: str) -> None:
+        bar.set_postfix_str(stage, refresh=False)
+        bar.update(1)
+
+    try:
+        yield done
+    finally:
+        bar.close()

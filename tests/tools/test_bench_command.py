@@ -106,3 +106,10 @@ def test_the_second_tier_can_be_s3(s3_url: str, tmp_path: Path, capsys: pytest.C
     assert main(["bench", "--size", "2MB", "--dir", str(tmp_path), "--store", s3_url, "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["checkpoint"]["bit_exact"] and document["checkpoint"]["tiers"][1].startswith(s3_url)
+
+
+def test_the_images_workload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--size", "4MB", "--workload", "images", "--dir", str(tmp_path), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["workload"] == "images" and document["dataset"]["verified"]
+    assert document["loader"]["samples"] == document["dataset"]["rows"] > 64 and document["checkpoint"]["bit_exact"]
