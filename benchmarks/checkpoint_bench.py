@@ -48,6 +48,7 @@ from _files import fsync_path  # noqa: E402
 from _report import machine, machine_lines, markdown_table  # noqa: E402
 
 from trainio.checkpoint import CheckpointManager, Tier  # noqa: E402
+from trainio.tools._bench_run import tensors_of  # noqa: E402
 
 
 def transformer_state(gb: float) -> dict[str, Any]:
@@ -75,17 +76,6 @@ def transformer_state(gb: float) -> dict[str, Any]:
              "param_groups": [{"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
                                "params": list(range(len(params)))}]}
     return {"model": model, "optim": optim, "step": 100, "rng": torch.get_rng_state()}
-
-
-def tensors_of(state: Any) -> list[torch.Tensor]:
-    """Every tensor of a nested state."""
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for v in state.values() for t in tensors_of(v)]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in tensors_of(v)]
-    return []
 
 
 def like(state: Any) -> Any:
