@@ -17,6 +17,7 @@ examples:
   trainio shard s3://corpus/raw/ --format jsonl --out s3://corpus/trainio/v1 --compression zstd
   trainio shard images/ --format files --out ./images-ds
   trainio shard text.jsonl --out ./ds --map mymodule:tokenize
+  trainio shard s3://corpus/raw/ --out s3://corpus/ds --engine ray --ray-address auto
 """
 
 
@@ -38,6 +39,13 @@ def register(commands: Any) -> None:
     parser.add_argument("--map", metavar="MODULE:FUNCTION",
                         help="call this on every record batch; it returns a RecordBatch, Table or dict of columns")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this machine's processes (default); ray: a Ray Data cluster "
+                             "(Parquet, JSON Lines or CSV inputs; pip install 'trainio[ray]')")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="the Ray cluster: auto, ray://host:10001 (default: a local Ray)")
+    parser.add_argument("--shards-per-task", type=int, default=4, metavar="N",
+                        help="with --engine ray: shards' worth of rows each task writes (4)")
     parser.add_argument("--json", action="store_true", help="print one JSON document and no progress")
     parser.set_defaults(run=run)
 
@@ -53,11 +61,14 @@ def run(args: argparse.Namespace) -> int:
     files = find_inputs(args.inputs, args.format)
     total = sum(f.size for f in files)
     started = time.perf_counter()
-    with byte_bar("shard", total, quiet=args.json) as advance:
-        index = shard_files(files, args.out, options=options, progress=advance)
+    if args.engine == "ray":
+        index = _shard_on_ray(args, options)
+    else:
+        with byte_bar("shard", total, quiet=args.json) as advance:
+            index = shard_files(files, args.out, options=options, progress=advance)
     seconds = time.perf_counter() - started
     size = sum(s.bytes for s in index.shards)
-    summary = {"url": args.out, "rows": index.rows, "shards": len(index.shards), "bytes": size,
+    summary = {"url": args.out, "engine": args.engine, "rows": index.rows, "shards": len(index.shards), "bytes": size,
                "input_bytes": total, "seconds": round(seconds, 3),
                "rows_per_s": round(index.rows / seconds, 1), "input_mb_per_s": round(total / seconds / 1e6, 1)}
     if args.json:
@@ -66,3 +77,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {index.rows:,} rows in {len(index.shards)} shards ({human_bytes(size)}) to {args.out} "
               f"in {seconds:.1f} s ({index.rows / seconds:,.0f} rows/s, {human_bytes(total / seconds)}/s of input)")
     return 0
+
+
+def _shard_on_ray(args: argparse.Namespace, options: ShardOptions) -> Any:
+    from ._ray_shard import shard_with_ray, ray_progress
+
+    ray_progress(not args.json)
+    return shard_with_ray(args.inputs, args.out, format=args.format, options=options, address=args.ray_address,
+                          shards_per_task=args.shards_per_task)
