@@ -158,6 +158,33 @@ def trainio_convert(src: str, fmt: str, options: ShardOptions, out: Path) -> Non
     shard([src], out, format=cast(InputFormat, fmt), options=options)
 
 
+def trainio_ray_convert(src: str, fmt: str, options: ShardOptions, out: Path) -> None:
+    from trainio.tools import shard_with_ray
+
+    shard_with_ray([src], out, format=cast(InputFormat, fmt), options=options)
+
+
+def ray_contenders(work: Workload, formats: list[str], shard_bytes: int) -> list[Contender]:
+    """trainio's local engine (1 and 2 processes) against its Ray engine on a local Ray of every core, and the limit."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # untimed, as a cluster would be
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    options = {w: ShardOptions(workers=w, shard_bytes=shard_bytes) for w in (1, 2)}
+    found: list[Contender] = []
+    for fmt in formats:
+        files, src = work.files[fmt], str(work.files[fmt][0].parent)
+        found += [
+            Contender(fmt, "trainio shard", partial(trainio_convert, src, fmt, options[1]), trainio_rows),
+            Contender(fmt, "trainio shard --workers 2", partial(trainio_convert, src, fmt, options[2]), trainio_rows),
+            Contender(fmt, f"trainio shard --engine ray ({os.cpu_count()} CPUs)",
+                      partial(trainio_ray_convert, src, fmt, options[1]), trainio_rows),
+            Contender(fmt, "pyarrow -> ipc.new_file", partial(pyarrow_convert, files, fmt), pyarrow_rows,
+                      "the limit: no hash, no index"),
+        ]
+    return found
+
+
 def trainio_rows(out: Path) -> int:
     report = verify_dataset(out, workers=2)
     if not report.ok:
@@ -335,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where inputs and outputs go (default: the temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: trainio against the peers; ray: trainio's local engine against its Ray engine")
     args = parser.parse_args(argv)
     formats = [f for f in args.inputs.split(",") if f]
     if args.repeat < 1 or args.size < 1 or args.files < 1 or not set(formats) <= {"parquet", "jsonl"}:
@@ -345,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         work = make_workload(root, args.size, args.files)
         print(f"  wrote {work.rows} rows in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        found = contenders(work, formats, args.shard_bytes, root)
+        if args.engine == "ray":
+            found = ray_contenders(work, formats, args.shard_bytes)
+        else:
+            found = contenders(work, formats, args.shard_bytes, root)
         info = machine(args.local_dir)
         measure(found, work, root / "out", args.repeat)
     finally:
