@@ -13,6 +13,8 @@ the records the final attempts returned, and shard files the index does not
 list (left by an attempt whose map gave other output) are deleted after the
 commit.
 
+Blocks of identical content share their shard files (listed once per block).
+
 Order: the rows keep the inputs' order (files in the order ``find_inputs``
 gives: as listed, directories and globs sorted; rows in file order) whatever
 the number of workers, since the blocks are kept in input order.
@@ -117,6 +119,19 @@ def _portable(store: Store) -> Any:
                    region=options.region or env("AWS_DEFAULT_REGION") or env("AWS_REGION"))
 
 
+def _narrow(kind: pa.DataType) -> pa.DataType:
+    """The type the local engine's readers give where Ray's give a 64-bit-offset one (large_string, ...)."""
+    if pa.types.is_large_string(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind):
+        return pa.binary()
+    if pa.types.is_large_list(kind) or pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_narrow(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_narrow(field.type)) for field in kind])
+    return kind
+
+
 class _BlockWriter:
     """The task body: write one block as complete shards; return their records (and the block's schema)."""
 
@@ -126,6 +141,7 @@ class _BlockWriter:
     def __call__(self, table: pa.Table) -> dict[str, list[str]]:
         if table.num_rows == 0:
             return {"shard": [], "schema": []}
+        table = table.cast(pa.schema([f.with_type(_narrow(f.type)) for f in table.schema], table.schema.metadata))
         writer = ShardSetWriter(open_store(self.out, options=self.store_options), table.schema, shard_bytes=self.options.shard_bytes,
                                 batch_rows=self.options.batch_rows, compression=self.options.compression,
                                 name_prefix=f"{self.prefix}{_block_name(table)}-")
@@ -172,8 +188,7 @@ def shard_with_ray(inputs: Sequence[str], out: str | os.PathLike[str], *, format
                           f"not {sorted(formats)}", "use --engine local for the other formats")
     ray = _ray()
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, include_dashboard=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.target_max_block_size = shards_per_task * options.shard_bytes

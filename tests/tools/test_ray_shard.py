@@ -137,3 +137,14 @@ def test_without_ray_the_error_says_how_to_install_it(parquet_files: list[Path],
     code = main(["shard", str(parquet_files[0]), "--out", str(tmp_path / "out"), "--engine", "ray"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0 and "pip install 'trainio[ray]'" in err
+
+
+def test_json_lines_and_csv_give_the_local_engine_s_dataset(tmp_path: Path) -> None:
+    lines = "".join(json.dumps({"id": i, "text": "x" * (i % 7), "ids": [i, i + 1]}) + "\n" for i in range(3000))
+    (tmp_path / "a.jsonl").write_text(lines)
+    (tmp_path / "b.csv").write_text("id,name\n" + "".join(f"{i},n{i}\n" for i in range(2000)))
+    for name in ("a.jsonl", "b.csv"):
+        shard([str(tmp_path / name)], tmp_path / f"{name}-local", options=OPTIONS)
+        shard_with_ray([str(tmp_path / name)], tmp_path / f"{name}-ray", options=OPTIONS)
+        assert Dataset(tmp_path / f"{name}-ray").schema == Dataset(tmp_path / f"{name}-local").schema
+        _same_rows(tmp_path / f"{name}-local", tmp_path / f"{name}-ray")
