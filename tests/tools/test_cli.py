@@ -41,8 +41,8 @@ def test_unknown_command_is_a_one_line_usage_error() -> None:
     assert "invalid choice" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_public_api_is_exactly_main() -> None:
-    assert trainio.tools.__all__ == ["main"]
+def test_public_api_is_main_and_the_shard_twins() -> None:
+    assert trainio.tools.__all__ == ["ShardOptions", "ShardTaskFailed", "main", "shard", "shard_with_ray"]
 
 
 def test_a_regular_wheel_maps_the_four_folders_into_trainio(tmp_path: Path, repo_root: Path) -> None:
