@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,7 @@ def save_with_a_failing_rank(rank: int, world: int, root: str, how: str) -> dict
 
     state = shard(global_state(), world, _save_placements(world))
     seen: dict[str, Any] = {}
-    with CheckpointManager([root], chunk_bytes=CHUNK, timeout_s=5) as manager:
+    with CheckpointManager([root], chunk_bytes=CHUNK, timeout_s=10) as manager:
         manager.save(1, state).wait()
         if rank == 1:
             _fail_writes_of(2, how)
@@ -244,7 +245,8 @@ def test_a_rank_killed_mid_save_fails_the_step_on_the_survivors(tmp_path: Path) 
     assert results[1] == {"ok": False, "exitcode": -9}
     survivors = values([results[0], results[2]])
     assert all(s["step2"] != "committed" for s in survivors), survivors
-    assert "rank(s) [1] did not report" in survivors[0]["step2"]
+    named = re.search(r"rank\(s\) \[([\d, ]+)\] did not report", survivors[0]["step2"])
+    assert named and 1 in [int(r) for r in named.group(1).split(",")], survivors[0]  # a slow rank 2 may be named too
     assert "no go-ahead from rank 0" in survivors[1]["step2"]
     with CheckpointManager([root]) as manager:
         assert manager.steps() == {str(root): [1]}
