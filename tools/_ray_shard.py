@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -189,24 +190,24 @@ def shard_with_ray(inputs: Sequence[str], out: str | os.PathLike[str], *, format
     ray = _ray()
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    context.target_max_block_size = shards_per_task * options.shard_bytes
     store = out if isinstance(out, Store) else open_store(out)
     destination = prepare_destination(store, overwrite=options.overwrite)
     filesystem, paths = _filesystem(files)
-    dataset = _read(ray, formats.pop(), paths, filesystem)
-    context.max_map_retries = _RETRIES  # a task whose code raised is retried, not only one whose worker died
-    context.retried_map_errors = True
     if options.map is not None:
         load_map(options.map)  # a bad spec fails here, not in every task
-        dataset = dataset.map_batches(_Mapper(options.map), batch_size=None, batch_format="pyarrow")
-    records = dataset.map_batches(_BlockWriter(store.url, _portable(store), destination.name_prefix, options), batch_size=None,
-                                  batch_format="pyarrow", zero_copy_batch=True)
-    try:
-        rows = records.take_all()
-    except Exception as exc:  # noqa: BLE001 - Ray wraps the task's error; report it, commit nothing
-        raise ShardTaskFailed(_task_error(exc)) from exc
+    writer = _BlockWriter(store.url, _portable(store), destination.name_prefix, options)
+    # Blocks in input order, of at most shards_per_task shards; a task whose code raised is retried
+    # (not only one whose worker died). Restored afterwards: the context is the caller's Ray session's.
+    with _data_context(ray, preserve_order=True, target_max_block_size=shards_per_task * options.shard_bytes,
+                       max_map_retries=_RETRIES, retried_map_errors=True):
+        dataset = _read(ray, formats.pop(), paths, filesystem)
+        if options.map is not None:
+            dataset = dataset.map_batches(_Mapper(options.map), batch_size=None, batch_format="pyarrow")
+        records = dataset.map_batches(writer, batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
+        try:
+            rows = records.take_all()
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the task's error; report it, commit nothing
+            raise ShardTaskFailed(_task_error(exc)) from exc
     if not rows:
         raise FormatError(files[0].label, "", "the inputs hold no rows")
     schemas = {row["schema"] for row in rows}
@@ -220,6 +221,23 @@ def shard_with_ray(inputs: Sequence[str], out: str | os.PathLike[str], *, format
         if key not in listed:
             store.delete(key)  # a failed attempt's shard that its retry did not write again
     return index
+
+
+@contextmanager
+def _data_context(ray: Any, *, preserve_order: bool, **settings: Any) -> Iterator[None]:
+    """Ray Data's context with ``settings`` for the block, as it was afterwards."""
+    context = ray.data.DataContext.get_current()
+    saved = {name: getattr(context, name) for name in settings}
+    saved_order = context.execution_options.preserve_order
+    try:
+        for name, value in settings.items():
+            setattr(context, name, value)
+        context.execution_options.preserve_order = preserve_order
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
+        context.execution_options.preserve_order = saved_order
 
 
 def _shard_info(record: dict[str, Any]) -> ShardInfo:
