@@ -57,8 +57,11 @@ def _bytes_file(key: str, document: bytes) -> _File:
 
 
 def _range_files(spec: ArraySpec, view: memoryview) -> list[_File]:
-    return [_chunk_file(spec, chunk.key, chunk.size, lambda p=view[chunk.start:chunk.start + chunk.length]: p)  # type: ignore[misc]
-            for chunk in spec.chunk_files()]
+    files = []
+    for chunk in spec.chunk_files():
+        part = view[chunk.start:chunk.start + chunk.length]
+        files.append(_chunk_file(spec, chunk.key, chunk.size, lambda p=part: p))  # type: ignore[misc]
+    return files
 
 
 def _snapshot_files(snapshot: Snapshot, arrays: dict[str, ArraySpec], pack: ArraySpec | None) -> list[_File]:

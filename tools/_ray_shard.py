@@ -58,7 +58,8 @@ def _ray() -> Any:
         import ray
         import ray.data  # noqa: F401 - the Data library is an extra of ray
     except ImportError:
-        raise RayNotInstalled("--engine ray needs Ray Data, which is not installed: pip install 'trainio[ray]'") from None
+        raise RayNotInstalled("--engine ray needs Ray Data, which is not installed: "
+                              "pip install 'trainio[ray]'") from None
     return ray
 
 
@@ -143,7 +144,8 @@ class _BlockWriter:
         if table.num_rows == 0:
             return {"shard": [], "schema": []}
         table = table.cast(pa.schema([f.with_type(_narrow(f.type)) for f in table.schema], table.schema.metadata))
-        writer = ShardSetWriter(open_store(self.out, options=self.store_options), table.schema, shard_bytes=self.options.shard_bytes,
+        store = open_store(self.out, options=self.store_options)
+        writer = ShardSetWriter(store, table.schema, shard_bytes=self.options.shard_bytes,
                                 batch_rows=self.options.batch_rows, compression=self.options.compression,
                                 name_prefix=f"{self.prefix}{_block_name(table)}-")
         writer.write_table(table)
