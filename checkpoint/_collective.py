@@ -3,19 +3,30 @@
 A trainer's own collectives must never interleave with ours (that deadlocks),
 and ``save()`` runs in the trainer's thread while commits run in a background
 thread, so there are two groups: one for each thread. Before every exchange a
-monitored barrier checks that every rank arrived, so a dead or stuck rank is
-named instead of leaving the others waiting forever.
+monitored barrier checks that every rank arrived, so a dead or stuck rank
+fails the others within the timeout instead of leaving them waiting forever.
+Each rank also marks its arrival in the job's key-value store, so whichever
+way gloo reports the failure, every survivor names the ranks that never came.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from datetime import timedelta
 from typing import Any
 
 from trainio.storage import CheckpointError
 
 _FAILED_RANKS = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
+
+
+def _job_store(dist: Any) -> Any:
+    """The job's key-value store (the default group's), or None where torch does not expose it."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
 
 
 def distributed_world() -> int:
@@ -41,33 +52,51 @@ class Collective:
         self.timeout = timedelta(seconds=timeout_s)
         self._front = dist.new_group(backend="gloo", timeout=self.timeout)
         self._back = dist.new_group(backend="gloo", timeout=self.timeout)
+        self._store = _job_store(dist)
+        box = [secrets.token_hex(6)]
+        dist.broadcast_object_list(box, src=0, group=self._front)  # one name for this manager on every rank
+        self._name = f"trainio-ckpt/{box[0]}"
+        self._sequence = {False: 0, True: 0}
 
     def _group(self, background: bool) -> Any:
         return self._back if background else self._front
 
-    def _arrive(self, what: str, group: Any) -> None:
-        try:
-            self._dist.monitored_barrier(group=group, timeout=self.timeout, wait_all_ranks=True)
-        except RuntimeError as exc:
-            raise self._timeout_error(what, exc) from exc
+    def _mark(self, background: bool, sequence: int, rank: int) -> str:
+        return f"{self._name}/{'back' if background else 'front'}/{sequence}/{rank}"
 
-    def _timeout_error(self, what: str, exc: BaseException) -> CheckpointError:
+    def _timeout_error(self, what: str, exc: BaseException, background: bool, sequence: int) -> CheckpointError:
         seconds = self.timeout.total_seconds()
-        found = _FAILED_RANKS.search(str(exc))
-        if found:
-            ranks = [int(r) for r in found.group(1).replace(",", " ").split()]
-            return CheckpointError(f"{what}: rank(s) {ranks} did not report within {seconds:g} s "
+        missing = self._missing(background, sequence)
+        if not missing:
+            found = _FAILED_RANKS.search(str(exc))
+            missing = [int(r) for r in found.group(1).replace(",", " ").split()] if found else []
+        if missing:
+            return CheckpointError(f"{what}: rank(s) {missing} did not report within {seconds:g} s "
                                    "(dead, stuck, or not calling the checkpoint manager)")
-        return CheckpointError(f"{what}: rank {self.rank} got no go-ahead from rank 0 within {seconds:g} s: another "
-                               "rank did not report (rank 0's error names it), or rank 0 is dead or stuck")
+        return CheckpointError(f"{what}: every rank arrived, but the exchange failed or timed out after "
+                               f"{seconds:g} s: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+    def _missing(self, background: bool, sequence: int) -> list[int]:
+        if self._store is None:
+            return []
+        try:
+            return [r for r in range(self.world) if not self._store.check([self._mark(background, sequence, r)])]
+        except RuntimeError:  # the store's host (rank 0's process) is gone too
+            return [0] if self.rank else []
 
     def _run(self, what: str, background: bool, call: Any) -> Any:
         group = self._group(background)
-        self._arrive(what, group)
+        sequence = self._sequence[background] = self._sequence[background] + 1
+        if self._store is not None:
+            self._store.set(self._mark(background, sequence, self.rank), "1")
         try:
-            return call(group)
+            self._dist.monitored_barrier(group=group, timeout=self.timeout, wait_all_ranks=True)
+            result = call(group)
         except RuntimeError as exc:
-            raise self._timeout_error(what, exc) from exc
+            raise self._timeout_error(what, exc, background, sequence) from exc
+        if self._store is not None and sequence > 1:  # every rank is past the previous exchange: forget it
+            self._store.delete_key(self._mark(background, sequence - 1, self.rank))
+        return result
 
     def all_gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any]:
         """Every rank's ``payload``, in rank order, on every rank."""

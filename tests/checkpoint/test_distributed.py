@@ -245,9 +245,9 @@ def test_a_rank_killed_mid_save_fails_the_step_on_the_survivors(tmp_path: Path) 
     assert results[1] == {"ok": False, "exitcode": -9}
     survivors = values([results[0], results[2]])
     assert all(s["step2"] != "committed" for s in survivors), survivors
-    named = re.search(r"rank\(s\) \[([\d, ]+)\] did not report", survivors[0]["step2"])
-    assert named and 1 in [int(r) for r in named.group(1).split(",")], survivors[0]  # a slow rank 2 may be named too
-    assert "no go-ahead from rank 0" in survivors[1]["step2"]
+    for survivor in survivors:  # every survivor names the dead rank (a slow rank 2 may be named too)
+        named = re.search(r"rank\(s\) \[([\d, ]+)\] did not report", survivor["step2"])
+        assert named and 1 in [int(r) for r in named.group(1).split(",")], survivor
     with CheckpointManager([root]) as manager:
         assert manager.steps() == {str(root): [1]}
         assert torch.equal(manager.restore()["big_shard"], global_state()["big_shard"])
