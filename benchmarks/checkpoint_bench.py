@@ -49,6 +49,7 @@ from _report import machine, machine_lines, markdown_table  # noqa: E402
 
 from trainio.checkpoint import CheckpointManager, Tier  # noqa: E402
 from trainio.tools._bench_run import tensors_of  # noqa: E402
+from trainio.tools._bench_run import zeros_like as like  # noqa: E402
 
 
 def transformer_state(gb: float) -> dict[str, Any]:
@@ -76,22 +77,6 @@ def transformer_state(gb: float) -> dict[str, Any]:
              "param_groups": [{"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
                                "params": list(range(len(params)))}]}
     return {"model": model, "optim": optim, "step": 100, "rng": torch.get_rng_state()}
-
-
-def like(state: Any) -> Any:
-    """A state of the same shape with fresh, touched tensors (a restore target); DTensors keep their placements."""
-    if hasattr(state, "device_mesh"):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(torch.zeros_like(state.to_local()), state.device_mesh, state.placements,
-                                  shape=state.shape, stride=state.stride())
-    if isinstance(state, torch.Tensor):
-        return torch.zeros_like(state)
-    if isinstance(state, dict):
-        return {k: like(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [like(v) for v in state]
-    return state
 
 
 def drop_cache(path: Path) -> None:

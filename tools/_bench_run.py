@@ -255,7 +255,7 @@ def checkpoint_round(state: dict[str, Any], tiers: list[Any],
         if any(r.status != "committed" for r in results.values()):
             failed = {k: f"{r.status}: {r.error}" for k, r in results.items() if r.status != "committed"}
             raise OSError(f"checkpoint: step 2 did not reach every tier: {failed}")
-        target = _zeros_like(state)
+        target = zeros_like(state)
         started = time.perf_counter()
         restored = manager.restore(2, into=target, tiers=[labels[-1]])
         restore = time.perf_counter() - started
@@ -266,15 +266,22 @@ def checkpoint_round(state: dict[str, Any], tiers: list[Any],
                             labels)
 
 
-def _zeros_like(state: Any) -> Any:
+def zeros_like(state: Any) -> Any:
+    """A state of the same shape with fresh, zeroed tensors (a restore target); DTensors keep their placements."""
+    if hasattr(state, "device_mesh"):
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(torch.zeros_like(state.to_local()), state.device_mesh, state.placements,
+                                  shape=state.shape, stride=state.stride())
     if hasattr(state, "element_size"):
         import torch
 
         return torch.zeros_like(state)
     if isinstance(state, dict):
-        return {k: _zeros_like(v) for k, v in state.items()}
+        return {k: zeros_like(v) for k, v in state.items()}
     if isinstance(state, list):
-        return [_zeros_like(v) for v in state]
+        return [zeros_like(v) for v in state]
     return state
 
 
