@@ -73,11 +73,9 @@ def _drop(path: Path) -> None:
 
 
 def _best(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] = lambda: None) -> float:
-    times = []
-    for _ in range(repeat):
-        before()
-        times.append(_all(fn))
-    return min(times)
+    from checkpoint_bench import best
+
+    return best(fn, repeat, before, timer=_all)
 
 
 def _async_rounds(start: Callable[[], Any], finish: Callable[[Any], Any], before: Callable[[], Any],
