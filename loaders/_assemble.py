@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+from ._book import Book
 from ._gather import copy_ranges, gather_rows
-from ._rows import FieldRows, ShardRows
+from ._rows import FieldRows
 
 Lists = Literal["pad", "pack"]
 _ALIGN = 64
@@ -66,7 +68,7 @@ class Staging:
 
     def array(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         """A C-contiguous array of ``shape`` and ``dtype``, 64-byte aligned, from this slot's buffer."""
-        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        need = math.prod(shape) * dtype.itemsize
         self._requested += need + _ALIGN
         start = -(-self._used // _ALIGN) * _ALIGN
         if start + need > self._buffer.nbytes:
@@ -79,49 +81,58 @@ class Staging:
 
 @dataclass(frozen=True, slots=True)
 class Group:
-    """Consecutive batches of one consumer: the shard and row of each sample, and the batch sizes."""
+    """Consecutive batches of one consumer: each sample's row in ``book``, and the batch sizes."""
 
-    shards: np.ndarray
-    rows: np.ndarray
+    ids: np.ndarray
     sizes: tuple[int, ...]
-    tables: Mapping[int, ShardRows]
+    book: Book
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Where each batch begins and ends among the group's samples."""
+        bounds = np.concatenate(([0], np.cumsum(self.sizes))).tolist()
+        return list(zip(bounds[:-1], bounds[1:]))
+
+
+Columns = dict[str, "np.ndarray | list[Any]"]
 
 
 def assemble_group(group: Group, slot: Staging, *, lists: Lists, pad_to: int | None,
-                   pad_value: int) -> list[dict[str, Any]]:
-    """Copy the group's samples into ``slot``; one dict of arrays per batch.
+                   pad_value: int) -> tuple[Columns, list[int]]:
+    """Copy the group's samples into ``slot``: its batches by field, and the bytes of each batch's arrays.
 
-    Fixed-width fields become arrays of ``(batch, ...)``. Lists of numbers
-    (and binary, as lists of uint8) are padded (``lists="pad"``: a ``(batch,
-    width)`` array, width ``pad_to`` or the batch's longest row, longer rows
-    cut, plus ``<name>_lengths``) or packed (``lists="pack"``: the values end
-    to end plus ``<name>_offsets``, batch + 1 of them). Other fields
-    (strings, nested types, fields with nulls) come as Python lists.
+    A field's column is an array holding the field for every sample of the
+    group (row ``i``, sample ``i``), to be cut into batches along its first
+    axis, or a list with one item per batch. Fixed-width fields become
+    arrays of ``(samples, ...)``. Lists of numbers (and binary, as lists of
+    uint8) are padded (``lists="pad"``: ``(batch, width)``, width
+    ``pad_to`` or the batch's longest row, longer rows cut, plus
+    ``<name>_lengths``) or packed (``lists="pack"``: the values end to end
+    plus ``<name>_offsets``, batch + 1 of them). Other fields (strings,
+    nested types, fields with nulls) come as Python lists.
     """
     slot.reset()
-    picks = _Picks(group)
-    bounds = np.concatenate(([0], np.cumsum(group.sizes))).tolist()
-    spans = list(zip(bounds[:-1], bounds[1:]))
-    batches: list[dict[str, Any]] = [{} for _ in spans]
-    fields = picks.common_fields()
-    for name, field in fields.items():
+    book, ids = group.book, group.ids
+    n = int(ids.size)
+    spans = group.spans()
+    counts = np.asarray(group.sizes, dtype=np.int64)
+    nbytes = np.zeros(counts.size, dtype=np.int64)
+    columns: Columns = {}
+    for name, field in book.fields.items():
+        addresses = field.addresses[ids]
         if field.lengths is None:
-            out = slot.array((picks.n, *field.shape), field.dtype)
-            picks.gather(name, out.view(np.uint8).reshape(picks.n, field.row_bytes), field.row_bytes)
-            for batch, (begin, end) in zip(batches, spans):
-                batch[name] = out[begin:end]
+            out = slot.array((n, *field.shape), field.dtype)
+            gather_rows(out.view(np.uint8).reshape(n, field.row_bytes), addresses, field.low, field.high)
+            columns[name] = out
+            nbytes += counts * field.row_bytes
+        elif lists == "pack":
+            _pack(name, field, addresses, field.lengths[ids], slot, spans, columns, nbytes)
         else:
-            lengths = picks.lengths(name)
-            if lists == "pack":
-                _pack(name, field, picks, lengths, slot, batches, spans)
-            else:
-                _pad(name, field, picks, lengths, slot, batches, spans, pad_to, pad_value)
-    for name in picks.names:
-        if name not in fields:
-            values = picks.values(name)
-            for batch, (begin, end) in zip(batches, spans):
-                batch[name] = values[begin:end]
-    return batches
+            _pad(name, field, addresses, field.lengths[ids], slot, spans, columns, nbytes, pad_to, pad_value)
+    for name in book.names:
+        if name not in book.fields:
+            values = book.values(name, ids)
+            columns[name] = [values[begin:end] for begin, end in spans]
+    return columns, nbytes.tolist()
 
 
 def shards_in(shards: np.ndarray) -> list[int]:
@@ -132,80 +143,6 @@ def shards_in(shards: np.ndarray) -> list[int]:
     return (np.flatnonzero(np.bincount(shards - low)) + low).tolist()
 
 
-class _Picks:
-    """The samples of a group, split by shard, with the per-field address lookups batch assembly needs."""
-
-    def __init__(self, group: Group) -> None:
-        self.n = int(group.rows.size)
-        self._parts: list[tuple[ShardRows, np.ndarray, np.ndarray]] = []
-        unique = shards_in(group.shards)
-        for shard in unique:
-            where = np.arange(self.n) if len(unique) == 1 else np.flatnonzero(group.shards == shard)
-            self._parts.append((group.tables[shard], where, group.rows[where]))
-        first = self._parts[0][0]
-        self.names: list[str] = [*first.fields, *first.other]
-
-    def common_fields(self) -> dict[str, FieldRows]:
-        """The numeric fields laid out alike (kind, dtype, row shape) in every shard of the group."""
-        first = self._parts[0][0].fields
-        common = {}
-        for name, field in first.items():
-            others = [table.fields.get(name) for table, _, _ in self._parts]
-            if all(o is not None and o.dtype == field.dtype and o.shape == field.shape
-                   and (o.lengths is None) == (field.lengths is None) for o in others):
-                common[name] = field
-        return common
-
-    def _collect(self, pick: Callable[[ShardRows], np.ndarray]) -> np.ndarray:
-        if len(self._parts) == 1:
-            table, _, rows = self._parts[0]
-            picked: np.ndarray = pick(table)[rows]
-            return picked
-        out = np.empty(self.n, dtype=np.int64)
-        for table, where, rows in self._parts:
-            out[where] = pick(table)[rows]
-        return out
-
-    def addresses(self, name: str) -> np.ndarray:
-        """Where each sample's ``name`` starts in memory."""
-        return self._collect(lambda table: table.fields[name].addresses)
-
-    def lengths(self, name: str) -> np.ndarray:
-        """Elements of each sample's list field ``name``."""
-        return self._collect(lambda table: _lengths(table.fields[name]))
-
-    def bounds(self, name: str) -> tuple[int, int]:
-        """The memory every sample's ``name`` lies in."""
-        fields = [table.fields[name] for table, _, _ in self._parts]
-        return min(f.low for f in fields), max(f.high for f in fields)
-
-    def gather(self, name: str, out: np.ndarray, row_bytes: int, rows: slice = slice(None)) -> None:
-        """Copy the first ``row_bytes`` of each sample's ``name`` (samples ``rows`` of the group) into ``out``."""
-        low, high = self.bounds(name)
-        gather_rows(out, self.addresses(name)[rows], low, high)
-
-    def values(self, name: str) -> list[Any]:
-        """Each sample's ``name`` as a Python value, in group order."""
-        out: list[Any] = [None] * self.n
-        for table, where, rows in self._parts:
-            for i, row in zip(where.tolist(), rows.tolist()):
-                out[i] = table.value(name, row)
-        return out
-
-    def samples(self, begin: int, end: int) -> list[dict[str, Any]]:
-        """Samples ``begin .. end`` of the group as sample dicts."""
-        owner = np.empty(self.n, dtype=np.int64)
-        local = np.empty(self.n, dtype=np.int64)
-        for part, (_, where, rows) in enumerate(self._parts):
-            owner[where], local[where] = part, rows
-        return [self._parts[p][0].sample(r) for p, r in zip(owner[begin:end].tolist(), local[begin:end].tolist())]
-
-
-def _lengths(field: FieldRows) -> np.ndarray:
-    assert field.lengths is not None
-    return field.lengths
-
-
 def _uniform(lengths: np.ndarray) -> int | None:
     """The length every row has, or None."""
     if lengths.size and int(lengths.min()) == int(lengths.max()):
@@ -213,38 +150,43 @@ def _uniform(lengths: np.ndarray) -> int | None:
     return None
 
 
-def _pack(name: str, field: FieldRows, picks: _Picks, lengths: np.ndarray, slot: Staging,
-          batches: list[dict[str, Any]], spans: list[tuple[int, int]]) -> None:
+def _pack(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarray, slot: Staging,
+          spans: list[tuple[int, int]], columns: Columns, nbytes: np.ndarray) -> None:
     size = field.dtype.itemsize
     width = _uniform(lengths)
-    addresses = picks.addresses(name)
-    for batch, (begin, end) in zip(batches, spans):
+    values, offsets_of = [], []
+    for batch, (begin, end) in enumerate(spans):
         offsets = slot.array((end - begin + 1,), np.dtype(np.int64))
         offsets[0] = 0
         np.cumsum(lengths[begin:end], out=offsets[1:])
         flat = slot.array((int(offsets[-1]),), field.dtype)
         raw = flat.view(np.uint8)
         if width is not None and width > 0:
-            picks.gather(name, raw.reshape(end - begin, width * size), width * size, slice(begin, end))
+            gather_rows(raw.reshape(end - begin, width * size), addresses[begin:end], field.low, field.high)
         else:
             copy_ranges(raw, offsets[:-1] * size, addresses[begin:end], lengths[begin:end] * size)
-        batch[name], batch[f"{name}_offsets"] = flat, offsets
+        values.append(flat)
+        offsets_of.append(offsets)
+        nbytes[batch] += flat.nbytes + offsets.nbytes
+    columns[name], columns[f"{name}_offsets"] = values, offsets_of
 
 
-def _pad(name: str, field: FieldRows, picks: _Picks, lengths: np.ndarray, slot: Staging,
-         batches: list[dict[str, Any]], spans: list[tuple[int, int]], pad_to: int | None, pad_value: int) -> None:
+def _pad(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarray, slot: Staging,
+         spans: list[tuple[int, int]], columns: Columns, nbytes: np.ndarray, pad_to: int | None,
+         pad_value: int) -> None:
     size = field.dtype.itemsize
     uniform = _uniform(lengths)
+    n = lengths.size
     if uniform is not None and pad_to in (None, uniform):
-        padded = slot.array((picks.n, uniform), field.dtype)
-        picks.gather(name, padded.view(np.uint8).reshape(picks.n, uniform * size), uniform * size)
-        kept = slot.array((picks.n,), np.dtype(np.int64))
+        padded = slot.array((n, uniform), field.dtype)
+        gather_rows(padded.view(np.uint8).reshape(n, uniform * size), addresses, field.low, field.high)
+        kept = slot.array((n,), np.dtype(np.int64))
         kept.fill(uniform)
-        for batch, (begin, end) in zip(batches, spans):
-            batch[name], batch[f"{name}_lengths"] = padded[begin:end], kept[begin:end]
+        columns[name], columns[f"{name}_lengths"] = padded, kept
+        nbytes += np.asarray([end - begin for begin, end in spans]) * (uniform * size + kept.itemsize)
         return
-    addresses = picks.addresses(name)
-    for batch, (begin, end) in zip(batches, spans):
+    rows, kept_of = [], []
+    for batch, (begin, end) in enumerate(spans):
         count = end - begin
         mine = lengths[begin:end]
         width = pad_to if pad_to is not None else int(mine.max(initial=0))
@@ -252,7 +194,10 @@ def _pad(name: str, field: FieldRows, picks: _Picks, lengths: np.ndarray, slot: 
         kept = slot.array((count,), np.dtype(np.int64))
         np.minimum(mine, width, out=kept)
         _copy_padded(padded, addresses[begin:end], kept, pad_value)
-        batch[name], batch[f"{name}_lengths"] = padded, kept
+        rows.append(padded)
+        kept_of.append(kept)
+        nbytes[batch] += padded.nbytes + kept.nbytes
+    columns[name], columns[f"{name}_lengths"] = rows, kept_of
 
 
 def _copy_padded(padded: np.ndarray, addresses: np.ndarray, kept: np.ndarray, pad_value: int) -> None:

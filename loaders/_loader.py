@@ -14,7 +14,8 @@ import numpy as np
 
 from trainio.storage import TrainioError
 
-from ._assemble import Group, Lease, Lists, Staging, _Picks, assemble_group, shards_in
+from ._assemble import Columns, Group, Lease, Lists, Staging, assemble_group, shards_in
+from ._book import Book
 from ._rows import ShardRows
 from ._streaming import StreamingDataset
 
@@ -113,6 +114,7 @@ class Loader:
         started = time.perf_counter()
         self._metrics.update(samples=0, batches=0, bytes=0, wait_s=0.0, seconds=0.0)
         metrics = self._metrics
+        consumed = self._dataset.count_consumed
         try:
             while True:
                 waited = time.perf_counter()
@@ -122,20 +124,20 @@ class Loader:
                     run.raise_failure()
                     return
                 try:
-                    batches = item.result()
+                    batches, counts, nbytes, event = item.result()
                 except BaseException as exc:
                     raise LoaderError(f"the loader's background work failed: {exc}") from exc
                 metrics["wait_s"] += time.perf_counter() - waited
-                for batch, count, size, event in batches:
+                for batch, count, size in zip(batches, counts, nbytes):
                     if event is not None:
                         _wait_on_device(self._torch, self._device, batch, event)
                     metrics["samples"] += count
                     metrics["batches"] += 1
                     metrics["bytes"] += size
                     metrics["seconds"] = time.perf_counter() - started
-                    self._dataset.count_consumed(count)
+                    consumed(count)
                     yield batch
-                del batches
+                del batches, item
         finally:
             run.stop()
             metrics["seconds"] = time.perf_counter() - started
@@ -193,16 +195,19 @@ class _Run:
         loader = self.loader
         dataset = loader._dataset
         group_rows = loader._group_batches * loader._batch_size
-        tables: dict[int, ShardRows] = {}
+        book: Book | None = None
         empty = np.zeros(0, dtype=np.int64)
         shards, rows = empty, empty
         try:
             for chunk_shards, chunk_rows in dataset.shard_rows(dataset.layout(), self.reader):
-                shards, rows = np.concatenate((shards, chunk_shards)), np.concatenate((rows, chunk_rows))
-                tables = {s: tables.get(s) or self._table(s) for s in shards_in(shards)}
+                if shards.size:
+                    chunk_shards, chunk_rows = np.concatenate((shards, chunk_shards)), np.concatenate((rows, chunk_rows))
+                shards, rows = chunk_shards, chunk_rows
+                book = self._book(shards_in(shards), book)
+                ids = book.ids(shards, rows)
                 start = 0
-                while shards.size - start >= group_rows:
-                    if not self._submit(shards[start:start + group_rows], rows[start:start + group_rows], tables):
+                while ids.size - start >= group_rows:
+                    if not self._submit(ids[start:start + group_rows], book):
                         return
                     start += group_rows
                 shards, rows = shards[start:], rows[start:]
@@ -210,23 +215,30 @@ class _Run:
                 keep = shards.size - shards.size % loader._batch_size
                 shards, rows = shards[:keep], rows[:keep]
             if shards.size:
-                self._submit(shards, rows, tables)
+                book = self._book(shards_in(shards), book)
+                self._submit(book.ids(shards, rows), book)
         except BaseException as exc:  # handed to the consumer
             self.failure = exc
         finally:
             self._put(_DONE)
+
+    def _book(self, shards: list[int], book: Book | None) -> Book:
+        """A book of at least ``shards``: ``book`` itself while it has them all and not many more."""
+        if book is not None and book.covers(shards) and len(book.tables) <= 2 * len(shards):
+            return book
+        known = book.tables if book is not None else {}
+        return Book({shard: known.get(shard) or self._table(shard) for shard in shards})
 
     def _table(self, shard: int) -> ShardRows:
         dataset, info = self.loader._dataset.shard(shard)
         batches = [self.reader.batch(shard, number) for number in range(len(info.batches))]
         return ShardRows(batches, source=(dataset.url, info.path))
 
-    def _submit(self, shards: np.ndarray, rows: np.ndarray, tables: dict[int, ShardRows]) -> bool:
+    def _submit(self, ids: np.ndarray, book: Book) -> bool:
         size = self.loader._batch_size
-        sizes = (size,) * (rows.size // size) + ((rows.size % size,) if rows.size % size else ())
-        group = Group(shards, rows, sizes, {s: tables[s] for s in shards_in(shards)})
+        sizes = (size,) * (ids.size // size) + ((ids.size % size,) if ids.size % size else ())
         index = None if self.loader._collate is not None else self._take_slot()
-        return self._put(self.pool.submit(self._assemble, group, index))
+        return self._put(self.pool.submit(self._assemble, Group(ids, sizes, book), index))
 
     def _put(self, item: Any) -> bool:
         while not self.stopping.is_set():
@@ -265,38 +277,61 @@ class _Run:
 
     # -- the assembling threads -------------------------------------------------------------
 
-    def _assemble(self, group: Group, index: int | None) -> list[tuple[Any, int, int, Any]]:
+    def _assemble(self, group: Group, index: int | None) -> _Assembled:
         loader = self.loader
         if index is None:
             assert loader._collate is not None
-            bounds = np.concatenate(([0], np.cumsum(group.sizes))).tolist()
-            picks = _Picks(group)
-            return [(loader._collate(picks.samples(begin, end)), end - begin, 0, None)
-                    for begin, end in zip(bounds[:-1], bounds[1:])]
-        batches = assemble_group(group, self.slots[index], lists=loader._lists, pad_to=loader._pad_to,
-                                 pad_value=loader._pad_value)
-        return self._hand_over(batches, group.sizes, index)
+            return ([loader._collate(group.book.samples(group.ids[begin:end])) for begin, end in group.spans()],
+                    group.sizes, (0,) * len(group.sizes), None)
+        columns, nbytes = assemble_group(group, self.slots[index], lists=loader._lists, pad_to=loader._pad_to,
+                                         pad_value=loader._pad_value)
+        return self._hand_over(columns, group, nbytes, index)
 
-    def _hand_over(self, batches: list[dict[str, Any]], sizes: tuple[int, ...],
-                   index: int) -> list[tuple[Any, int, int, Any]]:
-        """The batches as the consumer gets them, with their sample and byte counts and copy events; frees slot ``index`` when safe."""
+    def _hand_over(self, columns: Columns, group: Group, nbytes: list[int], index: int) -> _Assembled:
+        """The batches as the consumer gets them, with their sample and byte counts and copy event; frees slot ``index`` when safe.
+
+        A column that holds the whole group is converted (and copied to the
+        device) once, then cut into the batches' views.
+        """
         torch = self.loader._torch
-        nbytes = [sum(v.nbytes for v in b.values() if isinstance(v, np.ndarray)) for b in batches]
+        sizes = group.sizes
+        event = None
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
-                moved = [{k: torch.from_numpy(v).to(self.loader._device, non_blocking=True)
-                          if isinstance(v, np.ndarray) else v for k, v in b.items()} for b in batches]
+                parts = [_cut(torch, _to_device(torch, value, self.loader._device), sizes) for value in columns.values()]
                 event = torch.cuda.Event()
                 event.record(self.stream)
             self.slots[index].leases()  # the copy's event, not the host arrays, says when the slot is free
             with self.inflight_lock:
                 self.inflight.append((event, index))
-            return [(b, n, size, event) for b, n, size in zip(moved, sizes, nbytes)]
-        _free_when_released(self.slots[index].leases(), self.free, index)
-        if torch is not None:
-            batches = [{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in b.items()}
-                       for b in batches]
-        return [(b, n, size, None) for b, n, size in zip(batches, sizes, nbytes)]
+        else:
+            _free_when_released(self.slots[index].leases(), self.free, index)
+            parts = [_cut(torch, value, sizes) for value in columns.values()]
+        names = list(columns)
+        return [dict(zip(names, values)) for values in zip(*parts)], sizes, nbytes, event
+
+
+_Assembled = tuple[list[Any], tuple[int, ...], "list[int] | tuple[int, ...]", Any]
+
+
+def _to_device(torch: Any, value: np.ndarray | list[Any], device: Any) -> Any:
+    """``value`` (a whole-group array, or a list of per-batch items) with its arrays copied to ``device``, non-blocking."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value).to(device, non_blocking=True)
+    return [torch.from_numpy(v).to(device, non_blocking=True) if isinstance(v, np.ndarray) else v for v in value]
+
+
+def _cut(torch: Any, value: Any, sizes: tuple[int, ...]) -> list[Any] | tuple[Any, ...]:
+    """One item per batch: a whole-group array cut along its first axis, or a list of per-batch items (arrays as
+    tensors when torch is present)."""
+    if isinstance(value, list):
+        return [torch.from_numpy(v) if torch is not None and isinstance(v, np.ndarray) else v for v in value]
+    if torch is None:
+        bounds = np.cumsum(sizes)[:-1].tolist()
+        return np.split(value, bounds)
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    return value.split(sizes)  # type: ignore[no-any-return]
 
 
 def _wait_on_device(torch: Any, device: Any, batch: dict[str, Any], event: Any) -> None:

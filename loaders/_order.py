@@ -7,7 +7,7 @@ property (exactly once, the same order under any layout) is testable alone.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -38,44 +38,51 @@ class EpochOrder:
     epoch: int = 0
     shuffle: bool = True
     window: int = DEFAULT_WINDOW
+    _sequence: np.ndarray = field(init=False, repr=False, compare=False)
+    _starts: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ValueError(f"shuffle window={self.window}: must be >= 1")
+        count = len(self.shard_rows)
+        sequence = generator(self.seed, self.epoch).permutation(count) if self.shuffle else np.arange(count)
+        rows = np.asarray(self.shard_rows, dtype=np.int64).reshape(-1)[sequence]
+        object.__setattr__(self, "_sequence", sequence)
+        object.__setattr__(self, "_starts", np.concatenate(([0], np.cumsum(rows))).astype(np.int64))
 
     @property
     def size(self) -> int:
         """Samples in the epoch."""
-        return sum(self.shard_rows)
+        return int(self._starts[-1])
 
     def shard_sequence(self) -> np.ndarray:
         """The shards in the order their samples are laid out this epoch."""
-        count = len(self.shard_rows)
-        if not self.shuffle:
-            return np.arange(count)
-        return generator(self.seed, self.epoch).permutation(count)
+        return self._sequence.copy()
 
     def samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, row within shard) of each global position (0 <= position < size)."""
         positions = np.asarray(positions, dtype=np.int64)
         stream = self._stream_index(positions)
-        sequence = self.shard_sequence()
-        rows = np.asarray(self.shard_rows, dtype=np.int64)[sequence]
-        starts = np.concatenate(([0], np.cumsum(rows)))
-        slot = np.searchsorted(starts, stream, side="right") - 1
-        return sequence[slot], stream - starts[slot]
+        slot = np.searchsorted(self._starts, stream, side="right") - 1
+        return self._sequence[slot], stream - self._starts[slot]
 
     def _stream_index(self, positions: np.ndarray) -> np.ndarray:
         if not self.shuffle or positions.size == 0:
             return positions
         result = np.empty_like(positions)
         runs = positions // self.window
-        for run in np.unique(runs):
-            mask = runs == run
-            first = int(run) * self.window
-            length = min(self.window, self.size - first)
-            permutation = _window_permutation(self.seed, self.epoch, int(run), length)
-            result[mask] = first + permutation[positions[mask] - first]
+        low, high = int(runs.min()), int(runs.max())
+        size = self.size
+        for run in range(low, high + 1):
+            mask = None if low == high else runs == run  # low == high, the usual case: one window
+            if mask is not None and not mask.any():
+                continue
+            first = run * self.window
+            permutation = _window_permutation(self.seed, self.epoch, run, min(self.window, size - first))
+            if mask is None:
+                result[:] = first + permutation[positions - first]
+            else:
+                result[mask] = first + permutation[positions[mask] - first]
         return result
 
 

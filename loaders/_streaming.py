@@ -232,11 +232,13 @@ class StreamingDataset(_Base):
         # chunk touch (those kept mapped) fit the cache that _check_cache_size asked for.
         consumers = layout.ranks * layout.workers
         chunk = max(1, min(_CHUNK, self._window // consumers)) if self._shuffle else _CHUNK
+        ahead: tuple[np.ndarray, np.ndarray, list[int]] | None = None
         for begin in range(0, positions.size, chunk):
-            shards, rows = order.samples(positions[begin:begin + 2 * chunk])
-            _, first_use = np.unique(shards, return_index=True)
-            reader.plan(shards[np.sort(first_use)].tolist())
-            yield shards[:chunk], rows[:chunk]
+            shards, rows, uses = ahead or _with_first_uses(order.samples(positions[begin:begin + chunk]))
+            following = positions[begin + chunk:begin + 2 * chunk]
+            ahead = _with_first_uses(order.samples(following)) if following.size else None
+            reader.plan(uses + ahead[2] if ahead is not None else uses)
+            yield shards, rows
 
     def located(self, layout: Layout,
                 reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -368,6 +370,18 @@ class StreamingDataset(_Base):
                                  "many workers, or save a global position with state_dict(consumed=steps * "
                                  "global_batch)")
         return int(saved["yielded"])
+
+
+def _with_first_uses(located: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(shards, rows) and the distinct shards, in the order of their first use."""
+    shards, rows = located
+    if shards.size == 0:
+        return shards, rows, []
+    low = int(shards.min())
+    first = np.full(int(shards.max()) - low + 1, shards.size, dtype=np.int64)
+    np.minimum.at(first, shards - low, np.arange(shards.size, dtype=np.int64))
+    used = np.flatnonzero(first < shards.size)
+    return shards, rows, (used[np.argsort(first[used])] + low).tolist()
 
 
 def _rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
