@@ -23,8 +23,8 @@ per order (in order, and shuffled where the contender can):
   gathered into that buffer (``np.take(rows2d, perm, axis=0, out=...)`` for tokens, one copy per row for
   images);
 - trainio ``Loader(StreamingDataset(path, shuffle=...), batch_size=64, device="cpu")`` (default options) in
-  this process, its ``metrics()["wait_s"]`` recorded; and ``for sample in StreamingDataset(...)`` per sample
-  in this process; ``set_epoch`` before each epoch;
+  this process, one loader iterated every epoch as a trainer does, its ``metrics()["wait_s"]`` recorded; and
+  ``for sample in StreamingDataset(...)`` per sample in this process; ``set_epoch`` before each epoch;
 - trainio ``StreamingDataset(..., batch_size=64)`` in a stock ``DataLoader(batch_size=64, num_workers=2,
   persistent_workers=True)`` with the default collate, against that DataLoader's own ceiling: the same
   DataLoader over a minimal IterableDataset of the raw Arrow shards (batches of 64 rows dealt round-robin
@@ -506,10 +506,12 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
     key = work.column
     for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
         ds = Holder(lambda shuffle=shuffle: StreamingDataset(path, shuffle=shuffle, seed=seed))
+        batches = Holder(lambda shuffle=shuffle: Loader(StreamingDataset(path, shuffle=shuffle, seed=seed),
+                                                        batch_size=BATCH, device="cpu"))
 
-        def loader_run(epoch: int, ds: Holder = ds) -> Tally:
-            ds.value.set_epoch(epoch)
-            loader = Loader(ds.value, batch_size=BATCH, device="cpu")
+        def loader_run(epoch: int, batches: Holder = batches) -> Tally:
+            loader = batches.value
+            loader.dataset.set_epoch(epoch)
             tally = per_batch(loader, lambda batch: loader_count(batch, key))
             tally.extra = {"wait_s": loader.metrics()["wait_s"]}
             return tally
@@ -519,7 +521,7 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
             return per_sample(ds.value, field_of(key))
 
         found += [Contender(work.name, order, "trainio Loader (batch 64, cpu)", "in-process", loader_run, path,
-                            ds.setup, ds.teardown),
+                            batches.setup, batches.teardown),
                   Contender(work.name, order, "trainio StreamingDataset, per sample", "in-process", sample_run,
                             path, ds.setup, ds.teardown)]
     for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -12,71 +10,9 @@ import numpy as np
 from ._book import Book
 from ._gather import copy_ranges, gather_rows
 from ._rows import FieldRows
+from ._staging import Staging
 
 Lists = Literal["pad", "pack"]
-_ALIGN = 64
-
-
-class Lease:
-    """A group's claim on a staging buffer: every array carved for the group refers to it, and only to it.
-
-    It dies once the last of those arrays (and every tensor made from them)
-    is gone, which is when the buffer may be reused.
-    """
-
-    def __init__(self, buffer: np.ndarray) -> None:
-        self.buffer = buffer
-        self.__array_interface__ = {"data": (buffer.ctypes.data, False), "shape": (buffer.nbytes,),
-                                    "typestr": "|u1", "version": 3}
-
-
-class Staging:
-    """One slot of the staging ring: a reusable buffer the arrays of a group of batches are carved from.
-
-    ``allocate(nbytes)`` makes the raw buffer: plain numpy memory, or pinned
-    host memory when batches go to a CUDA device. A group that needs more
-    than the buffer holds gets a new one, sized for the whole group, so the
-    next group fits in one buffer again. :meth:`leases` are the group's
-    claims on its buffers; the slot is free again when they have all died.
-    """
-
-    def __init__(self, allocate: Callable[[int], np.ndarray]) -> None:
-        self._allocate = allocate
-        self._buffer = np.zeros(0, dtype=np.uint8)
-        self._used = 0
-        self._requested = 0
-        self._carving: np.ndarray = self._buffer
-        self._leases: list[Lease] = []
-
-    def reset(self) -> None:
-        """Start a new group: every array carved before is the consumer's no longer."""
-        if self._requested > self._buffer.nbytes:
-            self._buffer = self._allocate(self._requested + self._requested // 4)
-        self._used = self._requested = 0
-        self._lease(self._buffer)
-
-    def _lease(self, buffer: np.ndarray) -> None:
-        lease = Lease(buffer)
-        self._leases.append(lease)
-        self._carving = np.asarray(lease)
-
-    def leases(self) -> list[Lease]:
-        """The current group's leases, handed over once: the slot keeps no reference to them."""
-        leases, self._leases = self._leases, []
-        self._carving = self._buffer
-        return leases
-
-    def array(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-        """A C-contiguous array of ``shape`` and ``dtype``, 64-byte aligned, from this slot's buffer."""
-        need = math.prod(shape) * dtype.itemsize
-        self._requested += need + _ALIGN
-        start = -(-self._used // _ALIGN) * _ALIGN
-        if start + need > self._buffer.nbytes:
-            self._buffer = self._allocate(max(need, self._requested))
-            self._lease(self._buffer)
-            start = 0
-        self._used = start + need
-        return self._carving[start:start + need].view(dtype).reshape(shape)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -14,12 +13,13 @@ import numpy as np
 
 from trainio.storage import TrainioError
 
-from ._assemble import Columns, Group, Lease, Lists, Staging, assemble_group, shards_in
+from ._assemble import Columns, Group, Lists, assemble_group, shards_in
 from ._book import Book
 from ._rows import ShardRows
+from ._staging import Staging, StagingRing
 from ._streaming import StreamingDataset
 
-_GROUP_BYTES = 8 << 20
+_GROUP_BYTES = 16 << 20
 _MAX_GROUP_BATCHES = 64
 _DONE = object()
 
@@ -31,7 +31,7 @@ class LoaderError(TrainioError, RuntimeError):
 class Loader:
     """Batches of a :class:`StreamingDataset`, assembled by background threads of this process.
 
-    The epoch's order is cut into groups of consecutive batches (about 8 MB
+    The epoch's order is cut into groups of consecutive batches (about 16 MB
     each). ``threads`` threads assemble groups side by side, each copying
     every sample's bytes once, out of the memory-mapped shards into a
     preallocated staging slot (pinned host memory when the device is CUDA),
@@ -43,7 +43,8 @@ class Loader:
     On the CPU the batch's tensors are views of the slot, which is reused
     only once every tensor of its batches has been released (garbage
     collected): keep batches as long as you like, at the cost of the loader
-    allocating another slot.
+    allocating another slot. The slots are kept from epoch to epoch, so
+    iterate one loader every epoch rather than making a new one.
 
     Batches are dicts of tensors (numpy arrays when torch is absent).
     Fixed-width fields (numbers, tensors) become ``(batch, ...)`` arrays.
@@ -93,8 +94,14 @@ class Loader:
         shards = [info for d in dataset.datasets for info in d.shards]
         row_bytes = max(1, sum(s.bytes for s in shards) // max(1, sum(s.rows for s in shards)))
         self._group_batches = max(1, min(_MAX_GROUP_BATCHES, _GROUP_BYTES // (row_bytes * batch_size)))
+        self._ring: StagingRing | None = None
         self._metrics = {"samples": 0, "batches": 0, "bytes": 0, "wait_s": 0.0, "seconds": 0.0,
                          "cache_hits": 0, "cache_misses": 0}
+
+    @property
+    def dataset(self) -> StreamingDataset:
+        """The dataset the batches come from (call its ``set_epoch`` between epochs)."""
+        return self._dataset
 
     def __len__(self) -> int:
         """Batches the rest of the current epoch holds for this rank."""
@@ -151,12 +158,10 @@ class _Run:
         self.loader = loader
         ahead = loader._threads + max(1, -(-loader._prefetch // loader._group_batches))
         self.ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
-        self.free: queue.Queue[int] = queue.Queue()
-        self.slots = [Staging(self._allocator()) for _ in range(ahead + 2)]
-        for index in range(len(self.slots)):
-            self.free.put(index)
-        self.inflight: list[tuple[Any, int]] = []
-        self.inflight_lock = threading.Lock()
+        if loader._ring is None:
+            loader._ring = StagingRing(_allocator(loader))
+        self.ring = loader._ring
+        self.ring.reserve(ahead + 2)
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
         self.reader = loader._dataset.reader()
@@ -164,12 +169,6 @@ class _Run:
         self.pool = ThreadPoolExecutor(loader._threads, thread_name_prefix="trainio-loader")
         self.thread = threading.Thread(target=self._feed, name="trainio-loader-feed", daemon=True)
         self.thread.start()
-
-    def _allocator(self) -> Callable[[int], np.ndarray]:
-        torch = self.loader._torch
-        if _is_cuda(self.loader):
-            return lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
-        return lambda nbytes: np.empty(nbytes, dtype=np.uint8)
 
     def cache_counts(self) -> tuple[int, int]:
         stats = self.reader.cache_stats()
@@ -237,8 +236,8 @@ class _Run:
     def _submit(self, ids: np.ndarray, book: Book) -> bool:
         size = self.loader._batch_size
         sizes = (size,) * (ids.size // size) + ((ids.size % size,) if ids.size % size else ())
-        index = None if self.loader._collate is not None else self._take_slot()
-        return self._put(self.pool.submit(self._assemble, Group(ids, sizes, book), index))
+        slot = None if self.loader._collate is not None else self.ring.take()
+        return self._put(self.pool.submit(self._assemble, Group(ids, sizes, book), slot))
 
     def _put(self, item: Any) -> bool:
         while not self.stopping.is_set():
@@ -251,44 +250,20 @@ class _Run:
             item.cancel()
         return False
 
-    def _take_slot(self) -> int:
-        """A free staging slot; a new one when the consumer still holds every existing slot's batches.
-
-        Holding batches therefore costs memory, never a deadlock; a slow
-        consumer is held back by the bounded ``ready`` queue instead.
-        """
-        self._reap_copies()
-        try:
-            return self.free.get_nowait()
-        except queue.Empty:
-            self.slots.append(Staging(self._allocator()))
-            return len(self.slots) - 1
-
-    def _reap_copies(self) -> None:
-        """Free the slots whose host-to-device copies have finished."""
-        with self.inflight_lock:
-            still = []
-            for event, index in self.inflight:
-                if event.query():
-                    self.free.put(index)
-                else:
-                    still.append((event, index))
-            self.inflight = still
-
     # -- the assembling threads -------------------------------------------------------------
 
-    def _assemble(self, group: Group, index: int | None) -> _Assembled:
+    def _assemble(self, group: Group, slot: Staging | None) -> _Assembled:
         loader = self.loader
-        if index is None:
+        if slot is None:
             assert loader._collate is not None
             return ([loader._collate(group.book.samples(group.ids[begin:end])) for begin, end in group.spans()],
                     group.sizes, (0,) * len(group.sizes), None)
-        columns, nbytes = assemble_group(group, self.slots[index], lists=loader._lists, pad_to=loader._pad_to,
+        columns, nbytes = assemble_group(group, slot, lists=loader._lists, pad_to=loader._pad_to,
                                          pad_value=loader._pad_value)
-        return self._hand_over(columns, group, nbytes, index)
+        return self._hand_over(columns, group, nbytes, slot)
 
-    def _hand_over(self, columns: Columns, group: Group, nbytes: list[int], index: int) -> _Assembled:
-        """The batches as the consumer gets them, with their sample and byte counts and copy event; frees slot ``index`` when safe.
+    def _hand_over(self, columns: Columns, group: Group, nbytes: list[int], slot: Staging) -> _Assembled:
+        """The batches as the consumer gets them, with their sample and byte counts and copy event; frees ``slot`` when safe.
 
         A column that holds the whole group is converted (and copied to the
         device) once, then cut into the batches' views.
@@ -301,11 +276,9 @@ class _Run:
                 parts = [_cut(torch, _to_device(torch, value, self.loader._device), sizes) for value in columns.values()]
                 event = torch.cuda.Event()
                 event.record(self.stream)
-            self.slots[index].leases()  # the copy's event, not the host arrays, says when the slot is free
-            with self.inflight_lock:
-                self.inflight.append((event, index))
+            self.ring.free_after(event, slot)
         else:
-            _free_when_released(self.slots[index].leases(), self.free, index)
+            self.ring.free_when_released(slot)
             parts = [_cut(torch, value, sizes) for value in columns.values()]
         names = list(columns)
         return [dict(zip(names, values)) for values in zip(*parts)], sizes, nbytes, event
@@ -343,21 +316,12 @@ def _wait_on_device(torch: Any, device: Any, batch: dict[str, Any], event: Any) 
             value.record_stream(stream)
 
 
-def _free_when_released(leases: list[Lease], free: queue.Queue[int], index: int) -> None:
-    """Put slot ``index`` back in ``free`` once every one of ``leases`` has died."""
-    remaining = [len(leases)]
-    lock = threading.Lock()
-
-    def released() -> None:
-        with lock:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                free.put(index)
-
-    if not leases:
-        free.put(index)
-    for lease in leases:
-        weakref.finalize(lease, released)
+def _allocator(loader: Loader) -> Callable[[int], np.ndarray]:
+    """How the loader's staging memory is made: pinned host memory for a CUDA device, plain host memory otherwise."""
+    torch = loader._torch
+    if _is_cuda(loader):
+        return lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+    return lambda nbytes: np.empty(nbytes, dtype=np.uint8)
 
 
 def _is_cuda(loader: Loader) -> bool:
