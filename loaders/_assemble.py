@@ -63,7 +63,7 @@ def assemble_group(group: Group, slot: Staging, *, lists: Lists, pad_to: int | N
         elif lists == "pack":
             _pack(name, field, addresses, field.lengths[ids], slot, spans, columns, nbytes)
         else:
-            _pad(name, field, addresses, field.lengths[ids], slot, spans, columns, nbytes, pad_to, pad_value)
+            _pad(name, field, ids, addresses, slot, spans, columns, nbytes, pad_to, pad_value)
     for name in book.names:
         if name not in book.fields:
             values = book.values(name, ids)
@@ -107,9 +107,11 @@ def _pack(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarra
     columns[name], columns[f"{name}_offsets"] = values, offsets_of
 
 
-def _pad(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarray, slot: Staging,
+def _pad(name: str, field: FieldRows, ids: np.ndarray, addresses: np.ndarray, slot: Staging,
          spans: list[tuple[int, int]], columns: Columns, nbytes: np.ndarray, pad_to: int | None,
          pad_value: int) -> None:
+    assert field.lengths is not None and field.ends is not None
+    lengths = field.lengths[ids]
     size = field.dtype.itemsize
     uniform = _uniform(lengths)
     n = lengths.size
@@ -121,6 +123,7 @@ def _pad(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarray
         columns[name], columns[f"{name}_lengths"] = padded, kept
         nbytes += np.asarray([end - begin for begin, end in spans]) * (uniform * size + kept.itemsize)
         return
+    ends = field.ends[ids]
     rows, kept_of = [], []
     for batch, (begin, end) in enumerate(spans):
         count = end - begin
@@ -129,26 +132,39 @@ def _pad(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarray
         padded = slot.array((count, width), field.dtype)
         kept = slot.array((count,), np.dtype(np.int64))
         np.minimum(mine, width, out=kept)
-        _copy_padded(padded, addresses[begin:end], kept, pad_value)
+        _copy_padded(padded, addresses[begin:end], ends[begin:end], kept, pad_value, field)
         rows.append(padded)
         kept_of.append(kept)
         nbytes[batch] += padded.nbytes + kept.nbytes
     columns[name], columns[f"{name}_lengths"] = rows, kept_of
 
 
-def _copy_padded(padded: np.ndarray, addresses: np.ndarray, kept: np.ndarray, pad_value: int) -> None:
+def _copy_padded(padded: np.ndarray, addresses: np.ndarray, ends: np.ndarray, kept: np.ndarray, pad_value: int,
+                 field: FieldRows) -> None:
     """Row ``i`` of ``padded``: ``kept[i]`` elements from ``addresses[i]``, then ``pad_value`` to the end.
 
-    The padding is copied from a row of ``pad_value``, so rows and padding go
-    in one list of ranges (one system call, not a call per row).
+    The rows are gathered whole-width in one call, reading past a row's end
+    into the rest of its buffer, and the tails are then overwritten with
+    ``pad_value``. A row that ends too near its buffer's end for that is
+    first gathered from another row's place, then copied exactly. The tails
+    and those rows go in one list of ranges (one system call, not a call
+    per row).
     """
     count, width = padded.shape
     size = padded.itemsize
+    row_bytes = width * size
+    raw = padded.view(np.uint8).reshape(-1)
+    short = addresses + row_bytes > ends
+    starts = np.arange(count, dtype=np.int64) * row_bytes
+    if short.all():
+        exact = np.ones(count, dtype=bool)
+    else:
+        exact = short
+        gather_rows(raw.reshape(count, row_bytes), np.where(short, addresses[~short][0], addresses), field.low,
+                    field.high)
+    tails = kept < width
     pad = np.full(width, pad_value, dtype=padded.dtype)
-    row_starts = np.arange(count, dtype=np.int64) * (width * size)
-    starts = np.empty(2 * count, dtype=np.int64)
-    sources = np.empty(2 * count, dtype=np.int64)
-    lengths = np.empty(2 * count, dtype=np.int64)
-    starts[0::2], sources[0::2], lengths[0::2] = row_starts, addresses, kept * size
-    starts[1::2], sources[1::2], lengths[1::2] = row_starts + kept * size, pad.ctypes.data, (width - kept) * size
-    copy_ranges(padded.view(np.uint8).reshape(-1), starts, sources, lengths)
+    copy_ranges(raw,
+                np.concatenate((starts[exact], starts[tails] + kept[tails] * size)),
+                np.concatenate((addresses[exact], np.full(int(tails.sum()), pad.ctypes.data, dtype=np.int64))),
+                np.concatenate((kept[exact] * size, (width - kept[tails]) * size)))

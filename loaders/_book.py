@@ -76,6 +76,9 @@ def _merge(fields: Sequence[FieldRows | None]) -> FieldRows | None:
     if len(fields) == 1:
         return first
     present = [f for f in fields if f is not None]
-    lengths = None if first.lengths is None else np.concatenate([f.lengths for f in present if f.lengths is not None])
+    lengths = ends = None
+    if first.lengths is not None:
+        lengths = np.concatenate([f.lengths for f in present if f.lengths is not None])
+        ends = np.concatenate([f.ends for f in present if f.ends is not None])
     return FieldRows(first.dtype, first.shape, np.concatenate([f.addresses for f in present]), lengths,
-                     min(f.low for f in present), max(f.high for f in present))
+                     min(f.low for f in present), max(f.high for f in present), ends)

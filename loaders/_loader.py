@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+from collections import OrderedDict
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from trainio.storage import TrainioError
+from trainio.storage import LocalStore, TrainioError
 
 from ._assemble import Columns, Group, Lists, assemble_group, shards_in
 from ._book import Book
@@ -21,6 +22,7 @@ from ._streaming import StreamingDataset
 
 _GROUP_BYTES = 16 << 20
 _MAX_GROUP_BATCHES = 64
+_KEPT_TABLES = 64  # as many as a Dataset keeps mapped
 _DONE = object()
 
 
@@ -95,6 +97,8 @@ class Loader:
         row_bytes = max(1, sum(s.bytes for s in shards) // max(1, sum(s.rows for s in shards)))
         self._group_batches = max(1, min(_MAX_GROUP_BATCHES, _GROUP_BYTES // (row_bytes * batch_size)))
         self._ring: StagingRing | None = None
+        self._tables: OrderedDict[int, ShardRows] = OrderedDict()  # local shards' tables, kept across epochs
+        self._tables_lock = threading.Lock()
         self._metrics = {"samples": 0, "batches": 0, "bytes": 0, "wait_s": 0.0, "seconds": 0.0,
                          "cache_hits": 0, "cache_misses": 0}
 
@@ -229,9 +233,22 @@ class _Run:
         return Book({shard: known.get(shard) or self._table(shard) for shard in shards})
 
     def _table(self, shard: int) -> ShardRows:
-        dataset, info = self.loader._dataset.shard(shard)
+        """Shard ``shard``'s rows: those of an earlier epoch for a local shard, which stays mapped anyway."""
+        loader = self.loader
+        with loader._tables_lock:
+            table = loader._tables.get(shard)
+            if table is not None:
+                loader._tables.move_to_end(shard)
+                return table
+        dataset, info = loader._dataset.shard(shard)
         batches = [self.reader.batch(shard, number) for number in range(len(info.batches))]
-        return ShardRows(batches, source=(dataset.url, info.path))
+        table = ShardRows(batches, source=(dataset.url, info.path))
+        if isinstance(dataset.store, LocalStore):
+            with loader._tables_lock:
+                loader._tables[shard] = table
+                while len(loader._tables) > _KEPT_TABLES:
+                    loader._tables.popitem(last=False)
+        return table
 
     def _submit(self, ids: np.ndarray, book: Book) -> bool:
         size = self.loader._batch_size

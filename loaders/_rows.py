@@ -18,8 +18,10 @@ class FieldRows:
 
     Fixed-width fields (scalars, tensors, fixed-size binary) have ``shape``,
     the shape of one row, and ``lengths`` None. Lists (and binary, as lists
-    of uint8) have ``lengths``, the elements of each row. ``low``/``high``
-    bound the memory every row lies in.
+    of uint8) have ``lengths``, the elements of each row, and ``ends``,
+    where the values buffer each row lies in ends (reading past a row's
+    last element up to there is safe). ``low``/``high`` bound the memory
+    every row lies in.
     """
 
     dtype: np.dtype[Any]
@@ -28,6 +30,7 @@ class FieldRows:
     lengths: np.ndarray | None
     low: int
     high: int
+    ends: np.ndarray | None = None
 
     @property
     def row_bytes(self) -> int:
@@ -79,9 +82,11 @@ class ShardRows:
         addresses = np.concatenate([values.ctypes.data + offsets[:-1].astype(np.int64) * dtype.itemsize
                                     for values, offsets in present])
         lengths = np.concatenate([np.diff(offsets).astype(np.int64) for _, offsets in present])
+        ends = np.concatenate([np.full(offsets.size - 1, values.ctypes.data + values.nbytes, dtype=np.int64)
+                               for values, offsets in present])
         low = min(values.ctypes.data for values, _ in present)
         high = max(values.ctypes.data + values.nbytes for values, _ in present)
-        return FieldRows(dtype, (), addresses, lengths, low, high)
+        return FieldRows(dtype, (), addresses, lengths, low, high, ends)
 
     def value(self, name: str, row: int) -> Any:
         """Field ``name`` of row ``row``, as :meth:`sample` gives it."""

@@ -68,6 +68,21 @@ def test_packed_lists_and_fixed_padding(ragged: Path) -> None:
     assert padded["tokens_lengths"][6] == 4
 
 
+@pytest.mark.parametrize("pad_to", [6, 200])
+def test_rows_padded_past_their_buffers_end_keep_their_values(ragged: Path, pad_to: int) -> None:
+    # Padded rows are gathered whole-width, reading past each row's end: a row near the end of its
+    # record batch's buffer (or every row, when pad_to exceeds the buffers) must still come out exact.
+    seen = []
+    for batch in Loader(StreamingDataset(ragged, seed=5), 9, pad_to=pad_to, pad_value=-3):
+        assert batch["tokens"].shape[1] == pad_to
+        for j, i in enumerate(batch["id"].tolist()):
+            length = min(i % 7 + 1, pad_to)
+            assert int(batch["tokens_lengths"][j]) == length
+            assert batch["tokens"][j].tolist() == list(range(i, i + length)) + [-3] * (pad_to - length)
+            seen.append(i)
+    assert sorted(seen) == list(range(ROWS))
+
+
 def test_uniform_lists_come_as_one_block(uniform: Path) -> None:
     batch = next(iter(Loader(StreamingDataset(uniform, shuffle=False), 4)))
     assert batch["tokens"].shape == (4, 16) and batch["tokens"][3, 0] == 48
