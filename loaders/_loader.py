@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import queue
-from collections import OrderedDict
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -204,7 +204,8 @@ class _Run:
         try:
             for chunk_shards, chunk_rows in dataset.shard_rows(dataset.layout(), self.reader):
                 if shards.size:
-                    chunk_shards, chunk_rows = np.concatenate((shards, chunk_shards)), np.concatenate((rows, chunk_rows))
+                    chunk_shards = np.concatenate((shards, chunk_shards))
+                    chunk_rows = np.concatenate((rows, chunk_rows))
                 shards, rows = chunk_shards, chunk_rows
                 book = self._book(shards_in(shards), book)
                 ids = book.ids(shards, rows)
@@ -280,17 +281,19 @@ class _Run:
         return self._hand_over(columns, group, nbytes, slot)
 
     def _hand_over(self, columns: Columns, group: Group, nbytes: list[int], slot: Staging) -> _Assembled:
-        """The batches as the consumer gets them, with their sample and byte counts and copy event; frees ``slot`` when safe.
+        """The batches as the consumer gets them, their sample and byte counts, and the copy's event.
 
         A column that holds the whole group is converted (and copied to the
-        device) once, then cut into the batches' views.
+        device) once, then cut into the batches' views. ``slot`` goes back to
+        the ring once it is safe to reuse.
         """
         torch = self.loader._torch
         sizes = group.sizes
         event = None
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
-                parts = [_cut(torch, _to_device(torch, value, self.loader._device), sizes) for value in columns.values()]
+                device = self.loader._device
+                parts = [_cut(torch, _to_device(torch, value, device), sizes) for value in columns.values()]
                 event = torch.cuda.Event()
                 event.record(self.stream)
             self.ring.free_after(event, slot)
@@ -305,7 +308,7 @@ _Assembled = tuple[list[Any], tuple[int, ...], "list[int] | tuple[int, ...]", An
 
 
 def _to_device(torch: Any, value: np.ndarray | list[Any], device: Any) -> Any:
-    """``value`` (a whole-group array, or a list of per-batch items) with its arrays copied to ``device``, non-blocking."""
+    """``value`` (a whole-group array, or a list of per-batch items), its arrays copied to ``device``, non-blocking."""
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value).to(device, non_blocking=True)
     return [torch.from_numpy(v).to(device, non_blocking=True) if isinstance(v, np.ndarray) else v for v in value]
@@ -334,7 +337,7 @@ def _wait_on_device(torch: Any, device: Any, batch: dict[str, Any], event: Any) 
 
 
 def _allocator(loader: Loader) -> Callable[[int], np.ndarray]:
-    """How the loader's staging memory is made: pinned host memory for a CUDA device, plain host memory otherwise."""
+    """How the loader's staging memory is made: pinned host memory for a CUDA device, plain memory otherwise."""
     torch = loader._torch
     if _is_cuda(loader):
         return lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
