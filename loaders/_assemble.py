@@ -154,13 +154,10 @@ def _copy_padded(padded: np.ndarray, addresses: np.ndarray, ends: np.ndarray, ke
     size = padded.itemsize
     row_bytes = width * size
     raw = padded.view(np.uint8).reshape(-1)
-    short = addresses + row_bytes > ends
+    exact = addresses + row_bytes > ends
     starts = np.arange(count, dtype=np.int64) * row_bytes
-    if short.all():
-        exact = np.ones(count, dtype=bool)
-    else:
-        exact = short
-        gather_rows(raw.reshape(count, row_bytes), np.where(short, addresses[~short][0], addresses), field.low,
+    if not exact.all():
+        gather_rows(raw.reshape(count, row_bytes), np.where(exact, addresses[~exact][0], addresses), field.low,
                     field.high)
     tails = kept < width
     pad = np.full(width, pad_value, dtype=padded.dtype)
