@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,11 +83,22 @@ def _binary(source: tuple[str, str], name: str, column: pa.Array) -> tuple[np.nd
     return _checked(source, name, values, offsets_view)
 
 
-def sample_of(columns: Columns, row: int) -> dict[str, Any]:
-    """Row ``row`` as a dict: numbers as numpy scalars, lists and tensors as array views, others as Python values."""
-    sample: dict[str, Any] = {name: array[row] for name, array in columns.fixed.items()}
-    for name, (values, offsets) in columns.lists.items():
-        sample[name] = values[offsets[row]:offsets[row + 1]]
-    for name, array in columns.other.items():
-        sample[name] = array[row].as_py()
+def sample_of(columns: Columns) -> Callable[[int], dict[str, Any]]:
+    """A function giving row ``row`` of ``columns`` as a dict: numbers as numpy scalars, lists and tensors as array
+    views, others as Python values. It runs once per sample, so it is built for the columns there are."""
+    fixed = tuple(columns.fixed.items())
+    lists = tuple((name, values, offsets.data) for name, (values, offsets) in columns.lists.items())
+    other = tuple(columns.other.items())
+    if len(lists) == 1 and not fixed and not other:
+        ((name, values, offsets),) = lists
+        return lambda row: {name: values[offsets[row]:offsets[row + 1]]}
+
+    def sample(row: int) -> dict[str, Any]:
+        found = {name: array[row] for name, array in fixed}
+        for name, values, offsets in lists:
+            found[name] = values[offsets[row]:offsets[row + 1]]
+        for name, array in other:
+            found[name] = array[row].as_py()
+        return found
+
     return sample

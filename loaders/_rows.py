@@ -49,6 +49,7 @@ class ShardRows:
 
     def __init__(self, batches: Sequence[pa.RecordBatch], source: tuple[str, str] = ("", "")) -> None:
         self._columns = [Columns.of(batch, binary_as_lists=True, source=source) for batch in batches]
+        self._samplers = [sample_of(columns) for columns in self._columns]
         sizes = np.asarray([batch.num_rows for batch in batches], dtype=np.int64)
         self._firsts = np.concatenate(([0], np.cumsum(sizes)[:-1])) if sizes.size else sizes
         self.rows = int(sizes.sum())
@@ -90,23 +91,25 @@ class ShardRows:
 
     def value(self, name: str, row: int) -> Any:
         """Field ``name`` of row ``row``, as :meth:`sample` gives it."""
-        columns, local = self._locate(row)
-        if name in columns.other:
-            return columns.other[name][local].as_py()
+        batch, local = self._locate(row)
+        column = self._columns[batch].other.get(name)
+        if column is not None:
+            return column[local].as_py()
         return self.sample(row)[name]
 
     def sample(self, row: int) -> dict[str, Any]:
         """Row ``row`` as a sample dict: numbers as numpy scalars, lists and tensors as array views, binary as bytes."""
-        columns, local = self._locate(row)
-        sample = sample_of(columns, local)
+        batch, local = self._locate(row)
+        sample = self._samplers[batch](local)
         for name in self._binary:
             if isinstance(sample[name], np.ndarray):
                 sample[name] = sample[name].tobytes()
         return sample
 
-    def _locate(self, row: int) -> tuple[Columns, int]:
+    def _locate(self, row: int) -> tuple[int, int]:
+        """The record batch holding shard row ``row``, and the row within it."""
         batch = int(np.searchsorted(self._firsts, row, side="right")) - 1
-        return self._columns[batch], row - int(self._firsts[batch])
+        return batch, row - int(self._firsts[batch])
 
 
 def _is_binary(kind: pa.DataType) -> bool:

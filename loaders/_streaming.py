@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -204,19 +204,19 @@ class StreamingDataset(_Base):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers, worker = _worker_info()
         reader = self.reader()
-        decoded: OrderedDict[tuple[int, int], Columns] = OrderedDict()
+        samplers: OrderedDict[int, Callable[[int], dict[str, Any]]] = OrderedDict()  # by shard << 32 | batch
         try:
             for shards, batches, rows in self.located(self.layout(workers, worker), reader):
-                for shard, number, row in zip(shards.tolist(), batches.tolist(), rows.tolist()):
-                    columns = decoded.get((shard, number))
-                    if columns is None:
-                        columns = Columns.of(reader.batch(shard, number), source=self._source(shard))
-                        decoded[(shard, number)] = columns
-                        if len(decoded) > _DECODED_BATCHES:
-                            decoded.popitem(last=False)
-                    sample = sample_of(columns, row)
+                for key, row in zip(((shards.astype(np.int64) << 32) | batches).tolist(), rows.tolist()):
+                    sample = samplers.get(key)
+                    if sample is None:
+                        shard = key >> 32
+                        columns = Columns.of(reader.batch(shard, key & 0xFFFFFFFF), source=self._source(shard))
+                        sample = samplers[key] = sample_of(columns)
+                        if len(samplers) > _DECODED_BATCHES:
+                            samplers.popitem(last=False)
                     self._yielded += 1
-                    yield sample
+                    yield sample(row)
         finally:
             reader.close()
 
