@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ class ShardRows:
 
     def __init__(self, batches: Sequence[pa.RecordBatch], source: tuple[str, str] = ("", "")) -> None:
         self._columns = [Columns.of(batch, binary_as_lists=True, source=source) for batch in batches]
-        self._samplers = [sample_of(columns) for columns in self._columns]
+        self._samplers: list[Callable[[int], dict[str, Any]] | None] = [None] * len(self._columns)  # made when used
         sizes = np.asarray([batch.num_rows for batch in batches], dtype=np.int64)
         self._firsts = np.concatenate(([0], np.cumsum(sizes)[:-1])) if sizes.size else sizes
         self.rows = int(sizes.sum())
@@ -100,7 +100,10 @@ class ShardRows:
     def sample(self, row: int) -> dict[str, Any]:
         """Row ``row`` as a sample dict: numbers as numpy scalars, lists and tensors as array views, binary as bytes."""
         batch, local = self._locate(row)
-        sample = self._samplers[batch](local)
+        of_batch = self._samplers[batch]
+        if of_batch is None:
+            of_batch = self._samplers[batch] = sample_of(self._columns[batch])
+        sample = of_batch(local)
         for name in self._binary:
             if isinstance(sample[name], np.ndarray):
                 sample[name] = sample[name].tobytes()
