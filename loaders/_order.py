@@ -69,21 +69,23 @@ class EpochOrder:
     def _stream_index(self, positions: np.ndarray) -> np.ndarray:
         if not self.shuffle or positions.size == 0:
             return positions
-        result = np.empty_like(positions)
         runs = positions // self.window
         low, high = int(runs.min()), int(runs.max())
-        size = self.size
+        if low == high:  # the usual case: the positions lie in one window
+            return self._in_window(positions, low)
+        result = np.empty_like(positions)
         for run in range(low, high + 1):
-            mask = None if low == high else runs == run  # low == high, the usual case: one window
-            if mask is not None and not mask.any():
-                continue
-            first = run * self.window
-            permutation = _window_permutation(self.seed, self.epoch, run, min(self.window, size - first))
-            if mask is None:
-                result[:] = first + permutation[positions - first]
-            else:
-                result[mask] = first + permutation[positions[mask] - first]
+            mask = runs == run
+            if mask.any():
+                result[mask] = self._in_window(positions[mask], run)
         return result
+
+    def _in_window(self, positions: np.ndarray, run: int) -> np.ndarray:
+        """Where ``positions``, all in shuffle window ``run``, land in the shard stream."""
+        first = run * self.window
+        permutation = _window_permutation(self.seed, self.epoch, run, min(self.window, self.size - first))
+        placed: np.ndarray = first + permutation[positions - first]
+        return placed
 
 
 @dataclass(frozen=True, slots=True)
