@@ -57,6 +57,19 @@ def test_ranges_are_copied_and_adjacent_ones_merged(path: str, monkeypatch: pyte
         assert gather._vector is None, "a refused system call is not tried again"
 
 
+def test_long_ranges_are_copied_one_memmove_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_for_long_ranges(*args: object) -> int:
+        raise AssertionError("process_vm_readv used for ranges longer than _VECTOR_BELOW")
+
+    monkeypatch.setattr(gather, "_vector", not_for_long_ranges)
+    length = gather._VECTOR_BELOW + 1
+    source = np.random.default_rng(1).integers(0, 256, size=4 * length, dtype=np.uint8)
+    base = source.ctypes.data
+    out = np.zeros(2 * length, dtype=np.uint8)
+    gather.copy_ranges(out, np.array([0, length]), base + np.array([3 * length, 0]), np.array([length, length]))
+    assert np.array_equal(out[:length], source[3 * length:]) and np.array_equal(out[length:], source[:length])
+
+
 def test_list_offsets_outside_their_values_are_a_format_error() -> None:
     values = pa.array(np.arange(4, dtype=np.int32))
     offsets = pa.array(np.array([0, 3, 1, 4], dtype=np.int32))  # row 1 would be -2 long: only full validation sees it
