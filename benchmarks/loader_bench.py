@@ -22,8 +22,8 @@ per order (in order, and shuffled where the contender can):
   buffer; shuffled, the record batches in a random order and within each its rows in a random order,
   gathered into that buffer (``np.take(rows2d, perm, axis=0, out=...)`` for tokens, one copy per row for
   images);
-- trainio ``Loader(StreamingDataset(path, shuffle=...), batch_size=64, device="cpu")`` (default options) in
-  this process, one loader iterated every epoch as a trainer does, its ``metrics()["wait_s"]`` recorded; and
+- trainio ``Loader(StreamingDataset(path, shuffle=...), batch_size=64, device="cpu")`` (default options:
+  lists padded; images also with ``lists="pack"``, the target applying to the default) in this process, one loader iterated every epoch as a trainer does, its ``metrics()["wait_s"]`` recorded; and
   ``for sample in StreamingDataset(...)`` per sample in this process; ``set_epoch`` before each epoch;
 - trainio ``StreamingDataset(..., batch_size=64)`` in a stock ``DataLoader(batch_size=64, num_workers=2,
   persistent_workers=True)`` with the default collate, against that DataLoader's own ceiling: the same
@@ -107,8 +107,9 @@ NOTES = [
     "the ceiling shuffle record-batch order and rows within each 1024-row record batch; MosaicML uses its "
     "default py1e shuffle; LitData its chunk-then-sample shuffle; WebDataset shuffles shards and then a "
     "1000-sample buffer.",
-    "Images: Loader batches are what its default options give (padded uint8 tensors at the time of writing; "
-    "GB/s counts only the image bytes); in the DataLoader, trainio's samples (bytes) collate into lists of "
+    "Images: the Loader's default batches pad every image to the batch's longest (a uint8 tensor plus lengths; "
+    "GB/s counts only the image bytes, the padding copied besides); lists='pack' gives the images end to end "
+    "plus offsets, copying only their bytes (no target on that row); in the DataLoader, trainio's samples (bytes) collate into lists of "
     "bytes, pickled through the worker queue, while the ceiling sends one shared-memory uint8 tensor plus "
     "offsets per batch. MosaicML and LitData get bytes columns; WebDataset raw .bin members.",
 ]
@@ -506,24 +507,28 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
     key = work.column
     for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
         ds = Holder(lambda shuffle=shuffle: StreamingDataset(path, shuffle=shuffle, seed=seed))
-        batches = Holder(lambda shuffle=shuffle: Loader(StreamingDataset(path, shuffle=shuffle, seed=seed),
-                                                        batch_size=BATCH, device="cpu"))
+        # Images also packed (values end to end plus offsets): padding moves every image at the batch's longest.
+        for lists in ("pad", "pack") if work.name == "images" else ("pad",):
+            batches = Holder(lambda shuffle=shuffle, lists=lists: Loader(
+                StreamingDataset(path, shuffle=shuffle, seed=seed), batch_size=BATCH, device="cpu", lists=lists))
 
-        def loader_run(epoch: int, batches: Holder = batches) -> Tally:
-            loader = batches.value
-            loader.dataset.set_epoch(epoch)
-            tally = per_batch(loader, lambda batch: loader_count(batch, key))
-            tally.extra = {"wait_s": loader.metrics()["wait_s"]}
-            return tally
+            def loader_run(epoch: int, batches: Holder = batches) -> Tally:
+                loader = batches.value
+                loader.dataset.set_epoch(epoch)
+                tally = per_batch(loader, lambda batch: loader_count(batch, key))
+                tally.extra = {"wait_s": loader.metrics()["wait_s"]}
+                return tally
+
+            name = "trainio Loader (batch 64, cpu)" + (", lists='pack'" if lists == "pack" else "")
+            found.append(Contender(work.name, order, name, "in-process", loader_run, path, batches.setup,
+                                   batches.teardown))
 
         def sample_run(epoch: int, ds: Holder = ds) -> Tally:
             ds.value.set_epoch(epoch)
             return per_sample(ds.value, field_of(key))
 
-        found += [Contender(work.name, order, "trainio Loader (batch 64, cpu)", "in-process", loader_run, path,
-                            batches.setup, batches.teardown),
-                  Contender(work.name, order, "trainio StreamingDataset, per sample", "in-process", sample_run,
-                            path, ds.setup, ds.teardown)]
+        found.append(Contender(work.name, order, "trainio StreamingDataset, per sample", "in-process", sample_run,
+                               path, ds.setup, ds.teardown))
     for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
         ceiling = Holder(lambda shuffle=shuffle: data_loader(ArrowBatches(path, work.name, BATCH, shuffle, seed),
                                                              batch_size=None), shutdown_loader)
@@ -774,7 +779,7 @@ def selected(args: argparse.Namespace, c: Contender) -> bool:
 
 def target_of(c: Contender) -> tuple[str, str]:
     """(kind, threshold): 'gbps', 'sps' or 'ceiling'; '' when the row has no target."""
-    if c.name.startswith("trainio Loader"):
+    if c.name == "trainio Loader (batch 64, cpu)":
         return "gbps", "10" if (c.workload, c.order) == ("tokens", IN_ORDER) else "8"
     if c.name.startswith("trainio StreamingDataset, per sample") and c.workload == "tokens":
         return "sps", "500000" if c.order == IN_ORDER else "400000"
