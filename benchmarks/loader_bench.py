@@ -23,7 +23,8 @@ per order (in order, and shuffled where the contender can):
   gathered into that buffer (``np.take(rows2d, perm, axis=0, out=...)`` for tokens, one copy per row for
   images);
 - trainio ``Loader(StreamingDataset(path, shuffle=...), batch_size=64, device="cpu")`` (default options:
-  lists padded; images also with ``lists="pack"``, the target applying to the default) in this process, one loader iterated every epoch as a trainer does, its ``metrics()["wait_s"]`` recorded; and
+  token lists padded, images packed; images also with ``lists="pad"``, the target applying to the default) in
+  this process, one loader iterated every epoch as a trainer does, its ``metrics()["wait_s"]`` recorded; and
   ``for sample in StreamingDataset(...)`` per sample in this process; ``set_epoch`` before each epoch;
 - trainio ``StreamingDataset(..., batch_size=64)`` in a stock ``DataLoader(batch_size=64, num_workers=2,
   persistent_workers=True)`` with the default collate, against that DataLoader's own ceiling: the same
@@ -107,9 +108,9 @@ NOTES = [
     "the ceiling shuffle record-batch order and rows within each 1024-row record batch; MosaicML uses its "
     "default py1e shuffle; LitData its chunk-then-sample shuffle; WebDataset shuffles shards and then a "
     "1000-sample buffer.",
-    "Images: the Loader's default batches pad every image to the batch's longest (a uint8 tensor plus lengths; "
-    "GB/s counts only the image bytes, the padding copied besides); lists='pack' gives the images end to end "
-    "plus offsets, copying only their bytes (no target on that row); in the DataLoader, trainio's samples (bytes) collate into lists of "
+    "Images: the Loader's default batches pack the images end to end (a uint8 tensor plus offsets); with "
+    "lists='pad' every image is padded to its batch's longest (no target on that row; GB/s counts only the "
+    "image bytes, the padding is copied besides); in the DataLoader, trainio's samples (bytes) collate into lists of "
     "bytes, pickled through the worker queue, while the ceiling sends one shared-memory uint8 tensor plus "
     "offsets per batch. MosaicML and LitData get bytes columns; WebDataset raw .bin members.",
 ]
@@ -507,8 +508,8 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
     key = work.column
     for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
         ds = Holder(lambda shuffle=shuffle: StreamingDataset(path, shuffle=shuffle, seed=seed))
-        # Images also packed (values end to end plus offsets): padding moves every image at the batch's longest.
-        for lists in ("pad", "pack") if work.name == "images" else ("pad",):
+        # Images also padded (the default packs binary): the cost of padding every image to its batch's longest.
+        for lists in ("auto", "pad") if work.name == "images" else ("auto",):
             batches = Holder(lambda shuffle=shuffle, lists=lists: Loader(
                 StreamingDataset(path, shuffle=shuffle, seed=seed), batch_size=BATCH, device="cpu", lists=lists))
 
@@ -519,7 +520,7 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
                 tally.extra = {"wait_s": loader.metrics()["wait_s"]}
                 return tally
 
-            name = "trainio Loader (batch 64, cpu)" + (", lists='pack'" if lists == "pack" else "")
+            name = "trainio Loader (batch 64, cpu)" + (", lists='pad'" if lists == "pad" else "")
             found.append(Contender(work.name, order, name, "in-process", loader_run, path, batches.setup,
                                    batches.teardown))
 

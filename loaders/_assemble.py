@@ -12,7 +12,8 @@ from ._gather import copy_ranges, gather_rows
 from ._rows import FieldRows
 from ._staging import Staging
 
-Lists = Literal["pad", "pack"]
+Lists = Literal["auto", "pad", "pack"]
+LISTS = ("auto", "pad", "pack")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +41,12 @@ def assemble_group(group: Group, slot: Staging, *, lists: Lists, pad_to: int | N
     group (row ``i``, sample ``i``), to be cut into batches along its first
     axis, or a list with one item per batch. Fixed-width fields become
     arrays of ``(samples, ...)``. Lists of numbers (and binary, as lists of
-    uint8) are padded (``lists="pad"``: ``(batch, width)``, width
-    ``pad_to`` or the batch's longest row, longer rows cut, plus
-    ``<name>_lengths``) or packed (``lists="pack"``: the values end to end
-    plus ``<name>_offsets``, batch + 1 of them). Other fields (strings,
-    nested types, fields with nulls) come as Python lists.
+    uint8) are padded (``"pad"``: ``(batch, width)``, width ``pad_to`` or
+    the batch's longest row, longer rows cut, plus ``<name>_lengths``) or
+    packed (``"pack"``: the values end to end plus ``<name>_offsets``,
+    batch + 1 of them); ``lists="auto"`` packs binary fields and pads lists
+    of numbers. Other fields (strings, nested types, fields with nulls)
+    come as Python lists.
     """
     slot.reset()
     book, ids = group.book, group.ids
@@ -60,7 +62,7 @@ def assemble_group(group: Group, slot: Staging, *, lists: Lists, pad_to: int | N
             gather_rows(out.view(np.uint8).reshape(n, field.row_bytes), addresses, field.low, field.high)
             columns[name] = out
             nbytes += counts * field.row_bytes
-        elif lists == "pack":
+        elif lists == "pack" or (lists == "auto" and field.binary):
             _pack(name, field, addresses, field.lengths[ids], slot, spans, columns, nbytes)
         else:
             _pad(name, field, ids, addresses, slot, spans, columns, nbytes, pad_to, pad_value)

@@ -71,7 +71,7 @@ def _merge(fields: Sequence[FieldRows | None]) -> FieldRows | None:
         return None
     for other in fields[1:]:
         if other is None or other.dtype != first.dtype or other.shape != first.shape \
-                or (other.lengths is None) != (first.lengths is None):
+                or (other.lengths is None) != (first.lengths is None) or other.binary != first.binary:
             return None
     if len(fields) == 1:
         return first
@@ -81,4 +81,4 @@ def _merge(fields: Sequence[FieldRows | None]) -> FieldRows | None:
         lengths = np.concatenate([f.lengths for f in present if f.lengths is not None])
         ends = np.concatenate([f.ends for f in present if f.ends is not None])
     return FieldRows(first.dtype, first.shape, np.concatenate([f.addresses for f in present]), lengths,
-                     min(f.low for f in present), max(f.high for f in present), ends)
+                     min(f.low for f in present), max(f.high for f in present), ends, first.binary)

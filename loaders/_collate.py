@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from ._assemble import Lists
+from ._assemble import LISTS, Lists
 
 
 class Collate:
@@ -16,22 +15,24 @@ class Collate:
 
     Numbers and equal-shaped arrays are stacked into ``(batch, ...)``
     tensors. Lists of numbers of varying length, and ``bytes`` values as
-    lists of uint8, are padded (``lists="pad"``: a ``(batch, width)`` tensor,
+    lists of uint8, are padded (``"pad"``: a ``(batch, width)`` tensor,
     ``width`` being ``pad_to`` or the batch's longest row, longer rows cut,
-    plus ``<name>_lengths``) or packed (``lists="pack"``: the values end to
-    end plus ``<name>_offsets``). ``list_fields`` names the fields that are
-    lists (see :meth:`StreamingDataset.collate`, which knows them from the
-    schema); without it, a field is treated as a list when its rows differ
-    in length. Strings and anything else stay Python lists. Each batch is a few tensors however many samples it holds, so a
+    plus ``<name>_lengths``) or packed (``"pack"``: the values end to end
+    plus ``<name>_offsets``); ``lists="auto"`` packs ``bytes`` and pads
+    lists of numbers, as :class:`Loader` does. ``list_fields`` names the
+    fields that are lists (see :meth:`StreamingDataset.collate`, which
+    knows them from the schema); without it, a field is treated as a list
+    when its rows differ in length. Strings and anything else stay Python
+    lists. Each batch is a few tensors however many samples it holds, so a
     DataLoader hands it from a worker to the trainer in one piece per field
     instead of pickling every sample's bytes. Tensors when torch is
     installed, numpy arrays otherwise; picklable, for worker processes.
     """
 
-    def __init__(self, *, lists: Lists = "pad", pad_to: int | None = None, pad_value: int = 0,
+    def __init__(self, *, lists: Lists = "auto", pad_to: int | None = None, pad_value: int = 0,
                  list_fields: Iterable[str] | None = None) -> None:
-        if lists not in ("pad", "pack"):
-            raise ValueError(f"lists={lists!r}: must be 'pad' or 'pack'")
+        if lists not in LISTS:
+            raise ValueError(f"lists={lists!r}: must be one of {', '.join(map(repr, LISTS))}")
         if pad_to is not None and pad_to < 0:
             raise ValueError(f"pad_to={pad_to}: must be >= 0")
         self.lists: Lists = lists
@@ -51,7 +52,7 @@ class Collate:
                 out.batch[name] = values
             elif (name not in self.list_fields) if self.list_fields is not None else _same_shape(rows):
                 np.stack(rows, out=out.array(name, (len(rows), *rows[0].shape), rows[0].dtype))
-            elif self.lists == "pack":
+            elif self.lists == "pack" or (self.lists == "auto" and isinstance(values[0], _BYTES)):
                 _pack(name, rows, out)
             else:
                 _pad(name, rows, out, self.pad_to, self.pad_value)
@@ -95,11 +96,14 @@ class _Output:
         return view
 
 
+_BYTES = (bytes, bytearray, memoryview)
+
+
 def _as_rows(values: list[Any]) -> list[np.ndarray] | None:
     """The values as numpy arrays (bytes as uint8), or None when they are not all numbers or arrays of one dtype."""
     first = values[0]
-    if isinstance(first, (bytes, bytearray, memoryview)):
-        if not all(isinstance(v, (bytes, bytearray, memoryview)) for v in values):
+    if isinstance(first, _BYTES):
+        if not all(isinstance(v, _BYTES) for v in values):
             return None
         return [np.frombuffer(v, dtype=np.uint8) for v in values]
     if isinstance(first, (np.ndarray, np.generic, int, float)) and not isinstance(first, (bool, np.bool_)):

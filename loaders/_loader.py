@@ -14,7 +14,7 @@ import numpy as np
 
 from trainio.storage import LocalStore, TrainioError
 
-from ._assemble import Columns, Group, Lists, assemble_group, shards_in
+from ._assemble import LISTS, Columns, Group, Lists, assemble_group, shards_in
 from ._book import Book
 from ._rows import ShardRows
 from ._staging import Staging, StagingRing
@@ -51,10 +51,12 @@ class Loader:
     Batches are dicts of tensors (numpy arrays when torch is absent).
     Fixed-width fields (numbers, tensors) become ``(batch, ...)`` arrays.
     Lists of numbers, and binary fields as lists of uint8, are padded
-    (``lists="pad"``: a ``(batch, width)`` array, ``width`` being ``pad_to``
-    or the batch's longest row, longer rows cut, filled with ``pad_value``,
-    plus ``<name>_lengths``) or packed (``lists="pack"``: the values end to
-    end plus ``<name>_offsets``, batch + 1 of them). Strings, nested types
+    (``"pad"``: a ``(batch, width)`` array, ``width`` being ``pad_to`` or the
+    batch's longest row, longer rows cut, filled with ``pad_value``, plus
+    ``<name>_lengths``) or packed (``"pack"``: the values end to end plus
+    ``<name>_offsets``, batch + 1 of them). ``lists="auto"`` (the default)
+    packs binary fields (encoded images, audio: padding would copy every one
+    at the batch's longest) and pads lists of numbers. Strings, nested types
     and fields with nulls come as Python lists. ``collate`` replaces
     assembly: it receives each batch's list of sample dicts.
 
@@ -72,7 +74,7 @@ class Loader:
         device: Any = "cpu",
         prefetch: int = 4,
         threads: int = 2,
-        lists: Lists = "pad",
+        lists: Lists = "auto",
         pad_to: int | None = None,
         pad_value: int = 0,
         drop_last: bool = False,
@@ -80,8 +82,8 @@ class Loader:
     ) -> None:
         if batch_size < 1 or prefetch < 1 or threads < 1:
             raise ValueError(f"batch_size={batch_size}, prefetch={prefetch}, threads={threads}: all must be >= 1")
-        if lists not in ("pad", "pack"):
-            raise ValueError(f"lists={lists!r}: must be 'pad' or 'pack'")
+        if lists not in LISTS:
+            raise ValueError(f"lists={lists!r}: must be one of {', '.join(map(repr, LISTS))}")
         if pad_to is not None and pad_to < 0:
             raise ValueError(f"pad_to={pad_to}: must be >= 0")
         self._dataset = dataset

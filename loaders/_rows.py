@@ -21,7 +21,8 @@ class FieldRows:
     of uint8) have ``lengths``, the elements of each row, and ``ends``,
     where the values buffer each row lies in ends (reading past a row's
     last element up to there is safe). ``low``/``high`` bound the memory
-    every row lies in.
+    every row lies in. ``binary`` marks a binary field (variable-length
+    bytes) laid out as a list of uint8.
     """
 
     dtype: np.dtype[Any]
@@ -31,6 +32,7 @@ class FieldRows:
     low: int
     high: int
     ends: np.ndarray | None = None
+    binary: bool = False
 
     @property
     def row_bytes(self) -> int:
@@ -53,6 +55,7 @@ class ShardRows:
         sizes = np.asarray([batch.num_rows for batch in batches], dtype=np.int64)
         self._firsts = np.concatenate(([0], np.cumsum(sizes)[:-1])) if sizes.size else sizes
         self.rows = int(sizes.sum())
+        self._binary = [field.name for field in batches[0].schema if _is_binary(field.type)] if batches else []
         self.fields: dict[str, FieldRows] = {}
         names = batches[0].schema.names if batches else []
         for name in names:
@@ -60,7 +63,6 @@ class ShardRows:
             if rows is not None:
                 self.fields[name] = rows
         self.other = [name for name in names if name not in self.fields]
-        self._binary = [field.name for field in batches[0].schema if _is_binary(field.type)] if batches else []
 
     def _fixed_rows(self, name: str) -> FieldRows | None:
         arrays = [columns.fixed.get(name) for columns in self._columns]
@@ -87,7 +89,7 @@ class ShardRows:
                                for values, offsets in present])
         low = min(values.ctypes.data for values, _ in present)
         high = max(values.ctypes.data + values.nbytes for values, _ in present)
-        return FieldRows(dtype, (), addresses, lengths, low, high, ends)
+        return FieldRows(dtype, (), addresses, lengths, low, high, ends, binary=name in self._binary)
 
     def value(self, name: str, row: int) -> Any:
         """Field ``name`` of row ``row``, as :meth:`sample` gives it."""

@@ -175,7 +175,7 @@ class StreamingDataset(_Base):
         rank, world = _rank_and_world(self._rank, self._world)
         return Layout(ranks=world, rank=rank, workers=workers, worker=worker, batch=self._batch)
 
-    def collate(self, *, lists: Lists = "pad", pad_to: int | None = None, pad_value: int = 0) -> Collate:
+    def collate(self, *, lists: Lists = "auto", pad_to: int | None = None, pad_value: int = 0) -> Collate:
         """A DataLoader ``collate_fn`` that builds from this dataset's samples the batches :class:`Loader` builds.
 
         Worth it where rows vary in length (binary, ragged lists): each batch

@@ -212,7 +212,7 @@ def test_numpy_batches_without_torch(uniform: Path, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("pad_value", [7, 255])
 def test_long_rows_are_padded_with_the_pad_value(images: Path, pad_value: int) -> None:
-    batch = next(iter(Loader(StreamingDataset(images, shuffle=False), 10, pad_value=pad_value)))
+    batch = next(iter(Loader(StreamingDataset(images, shuffle=False), 10, lists="pad", pad_value=pad_value)))
     lengths = batch["image_lengths"].tolist()
     assert max(lengths) > min(lengths)
     for row, length in zip(batch["image"], lengths):
@@ -237,6 +237,38 @@ def test_collate_in_a_dataloader_builds_the_loaders_batches(ragged: Path, lists:
                 assert torch.equal(a[key], b[key]), key  # type: ignore[arg-type]
             else:
                 assert a[key] == b[key], key
+
+
+def test_by_default_binary_is_packed_and_lists_of_numbers_padded(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    def blob(i: int) -> bytes:
+        return bytes([i % 251]) * (i % 13 + 1)
+
+    with DatasetWriter(tmp_path / "mixed", shard_bytes=20_000, batch_rows=30) as writer:
+        for i in range(200):
+            writer.write({"id": i, "tokens": np.arange(i % 5 + 1, dtype=np.int32) + i, "blob": blob(i)})
+    dataset = StreamingDataset(tmp_path / "mixed", seed=3, batch_size=16)
+    ours = list(Loader(dataset, 16))
+    theirs = list(DataLoader(dataset, batch_size=16, collate_fn=dataset.collate()))
+    assert len(ours) == len(theirs) == 13
+    for batch, collated in zip(ours, theirs):
+        assert set(batch) == set(collated) == {"id", "tokens", "tokens_lengths", "blob", "blob_offsets"}
+        for key in batch:
+            assert torch.equal(batch[key], collated[key]), key
+        offsets = batch["blob_offsets"].tolist()
+        for j, i in enumerate(batch["id"].tolist()):
+            assert batch["blob"][offsets[j]:offsets[j + 1]].numpy().tobytes() == blob(i)
+            assert batch["tokens"][j, :i % 5 + 1].tolist() == list(range(i, i + i % 5 + 1))
+
+
+def test_an_unknown_list_layout_is_refused_naming_the_choices(ragged: Path) -> None:
+    from trainio.loaders import Collate
+
+    with pytest.raises(ValueError, match="lists='padded': must be one of 'auto', 'pad', 'pack'"):
+        Loader(StreamingDataset(ragged), 8, lists="padded")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lists='padded'"):
+        Collate(lists="padded")  # type: ignore[arg-type]
 
 
 def test_collate_turns_bytes_into_uint8_rows(images: Path) -> None:
