@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._assemble import LISTS, Lists
+from ._assemble import Lists, check_lists
 
 
 class Collate:
@@ -31,10 +31,7 @@ class Collate:
 
     def __init__(self, *, lists: Lists = "auto", pad_to: int | None = None, pad_value: int = 0,
                  list_fields: Iterable[str] | None = None) -> None:
-        if lists not in LISTS:
-            raise ValueError(f"lists={lists!r}: must be one of {', '.join(map(repr, LISTS))}")
-        if pad_to is not None and pad_to < 0:
-            raise ValueError(f"pad_to={pad_to}: must be >= 0")
+        check_lists(lists, pad_to)
         self.lists: Lists = lists
         self.pad_to = pad_to
         self.pad_value = pad_value

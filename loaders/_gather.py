@@ -95,8 +95,8 @@ def copy_ranges(destination: np.ndarray, starts: np.ndarray, addresses: np.ndarr
     Adjacent ranges are merged. Short ranges are then copied up to 1024 at a
     time by one system call without the GIL (so assembling threads do not
     hand the GIL back and forth for every row); long ones, or any where that
-    call is unavailable, by one ``memmove`` each, also without the GIL. Every range must lie inside live memory and inside
-    ``destination``.
+    call is unavailable, by one ``memmove`` each, also without the GIL.
+    Every range must lie inside live memory and inside ``destination``.
     """
     if lengths.size == 0:
         return

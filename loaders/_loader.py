@@ -14,7 +14,7 @@ import numpy as np
 
 from trainio.storage import LocalStore, TrainioError
 
-from ._assemble import LISTS, Columns, Group, Lists, assemble_group, shards_in
+from ._assemble import Columns, Group, Lists, assemble_group, check_lists, shards_in
 from ._book import Book
 from ._rows import ShardRows
 from ._staging import Staging, StagingRing
@@ -82,10 +82,7 @@ class Loader:
     ) -> None:
         if batch_size < 1 or prefetch < 1 or threads < 1:
             raise ValueError(f"batch_size={batch_size}, prefetch={prefetch}, threads={threads}: all must be >= 1")
-        if lists not in LISTS:
-            raise ValueError(f"lists={lists!r}: must be one of {', '.join(map(repr, LISTS))}")
-        if pad_to is not None and pad_to < 0:
-            raise ValueError(f"pad_to={pad_to}: must be >= 0")
+        check_lists(lists, pad_to)
         self._dataset = dataset
         self._batch_size = batch_size
         self._prefetch = prefetch
