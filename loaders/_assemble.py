@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from ._book import Book
 from ._gather import copy_ranges, gather_rows
+from ._lists import Lists
 from ._rows import FieldRows
 from ._staging import Staging
 
-Lists = Literal["auto", "pad", "pack"]
-_LISTS = ("auto", "pad", "pack")
-
-
-def check_lists(lists: str, pad_to: int | None) -> None:
-    """Raise ValueError naming the option unless ``lists`` and ``pad_to`` are a layout :func:`assemble_group` takes."""
-    if lists not in _LISTS:
-        raise ValueError(f"lists={lists!r}: must be one of {', '.join(map(repr, _LISTS))}")
-    if pad_to is not None and pad_to < 0:
-        raise ValueError(f"pad_to={pad_to}: must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._assemble import Lists, check_lists
+from ._lists import Lists, check_lists
 
 
 class Collate:

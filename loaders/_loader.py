@@ -14,8 +14,9 @@ import numpy as np
 
 from trainio.storage import LocalStore, TrainioError
 
-from ._assemble import Columns, Group, Lists, assemble_group, check_lists, shards_in
+from ._assemble import Columns, Group, assemble_group, shards_in
 from ._book import Book
+from ._lists import Lists, check_lists
 from ._rows import ShardRows
 from ._staging import Staging, StagingRing
 from ._streaming import StreamingDataset

@@ -27,7 +27,7 @@ _CHUNK = 8192
 _DECODED_BATCHES = 4096
 
 if TYPE_CHECKING:
-    from ._assemble import Lists
+    from ._lists import Lists
     _Base = object
 else:
     try:
