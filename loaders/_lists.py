@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 Lists = Literal["auto", "pad", "pack"]
-_LISTS = ("auto", "pad", "pack")
+_LISTS: tuple[str, ...] = get_args(Lists)
 
 
 def check_lists(lists: str, pad_to: int | None) -> None:
