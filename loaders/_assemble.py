@@ -8,11 +8,10 @@ from typing import Any
 import numpy as np
 
 from ._book import Book
-from ._gather import copy_ranges, gather_rows
+from ._gather import copy_ranges, gather_rows, pack_ranges
 from ._lists import Lists
 from ._rows import FieldRows
 from ._staging import Staging
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,23 +88,28 @@ def _uniform(lengths: np.ndarray) -> int | None:
 
 def _pack(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarray, slot: Staging,
           spans: list[tuple[int, int]], columns: Columns, nbytes: np.ndarray) -> None:
+    """The group's values end to end in one array, copied by one call; each batch gets its part and its offsets."""
     size = field.dtype.itemsize
+    n = lengths.size
+    ends = np.cumsum(lengths)
+    values = slot.array((int(ends[-1]) if n else 0,), field.dtype)
+    raw = values.view(np.uint8)
     width = _uniform(lengths)
-    values, offsets_of = [], []
+    if width is not None and width > 0:
+        gather_rows(raw.reshape(n, width * size), addresses, field.low, field.high)
+    else:
+        pack_ranges(raw, addresses, lengths * size, field.low, field.high)
+    values_of, offsets_of = [], []
     for batch, (begin, end) in enumerate(spans):
+        first = int(ends[begin - 1]) if begin else 0
         offsets = slot.array((end - begin + 1,), np.dtype(np.int64))
         offsets[0] = 0
-        np.cumsum(lengths[begin:end], out=offsets[1:])
-        flat = slot.array((int(offsets[-1]),), field.dtype)
-        raw = flat.view(np.uint8)
-        if width is not None and width > 0:
-            gather_rows(raw.reshape(end - begin, width * size), addresses[begin:end], field.low, field.high)
-        else:
-            copy_ranges(raw, offsets[:-1] * size, addresses[begin:end], lengths[begin:end] * size)
-        values.append(flat)
+        np.subtract(ends[begin:end], first, out=offsets[1:])
+        part = values[first:int(ends[end - 1])]
+        values_of.append(part)
         offsets_of.append(offsets)
-        nbytes[batch] += flat.nbytes + offsets.nbytes
-    columns[name], columns[f"{name}_offsets"] = values, offsets_of
+        nbytes[batch] += part.nbytes + offsets.nbytes
+    columns[name], columns[f"{name}_offsets"] = values_of, offsets_of
 
 
 def _pad(name: str, field: FieldRows, ids: np.ndarray, addresses: np.ndarray, slot: Staging,

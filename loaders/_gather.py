@@ -1,4 +1,4 @@
-"""Row gathers: many equal-sized rows, anywhere in live memory, copied into one contiguous array in one call.
+"""Row gathers: many rows, anywhere in live memory, copied into one contiguous array in one call.
 
 The rows of a batch come from several memory-mapped shards. Copying them
 one Python call per row costs more than the copy itself (an 8 KB row copies
@@ -7,6 +7,12 @@ memory between the lowest and the highest row is viewed as a "sliding
 window" array whose row ``i`` starts at byte ``i``, and the rows are picked
 out of it by index (``torch.index_select`` straight into the destination
 when torch is present; numpy fancy indexing, through a temporary, when not).
+
+Rows of different lengths packed end to end (:func:`pack_ranges`) are cut
+as views out of one tensor spanning their memory and concatenated into the
+destination by one ``torch.cat``: one call that runs without the GIL, where
+a ``memmove`` per row would take the GIL back after every row, and on two
+cores the threads would wait for it rather than copy.
 
 Only the rows named are ever touched. The callers guarantee that every
 address is the start of a row inside a buffer they keep alive for the
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import operator
 import os
 from typing import Any
 
@@ -133,3 +140,50 @@ def _copy_vectors(targets: np.ndarray, sources: np.ndarray, sizes: np.ndarray) -
         raise OSError(ctypes.get_errno(), f"copying rows: process_vm_readv copied {done} of {want} bytes")
     return True
 
+
+def pack_ranges(out: np.ndarray, addresses: np.ndarray, lengths: np.ndarray, low: int, high: int) -> None:
+    """Copy ``lengths[i]`` bytes from ``addresses[i]``, for each ``i`` in turn, end to end into ``out``.
+
+    ``out`` is a contiguous uint8 array of exactly ``lengths.sum()`` bytes.
+    Every range must lie inside ``[low, high)`` and inside memory that stays
+    mapped during the call. The copy runs without the GIL: one call for all
+    the ranges when torch is present and they are long, else as
+    :func:`copy_ranges` copies.
+    """
+    if out.nbytes != int(lengths.sum()):
+        raise ValueError(f"pack_ranges: {out.nbytes} bytes of room for {int(lengths.sum())} bytes of ranges")
+    kept = lengths > 0
+    if not kept.all():
+        addresses, lengths = addresses[kept], lengths[kept]
+    if lengths.size == 0:
+        return
+    if int(addresses.min()) < low or int((addresses + lengths).max()) > high:
+        raise ValueError("pack_ranges: a range lies outside the memory it was promised to lie in")
+    follows = addresses[1:] == addresses[:-1] + lengths[:-1]
+    first = np.concatenate(([0], np.flatnonzero(~follows) + 1))
+    sources, sizes = addresses[first], np.add.reduceat(lengths, first)
+    if torch is None or sizes.size == 1 or int(lengths.sum()) < _VECTOR_BELOW * sizes.size \
+            or not _concatenate(out, sources, sizes, low, high):
+        starts = np.concatenate(([0], np.cumsum(sizes[:-1])))
+        copy_ranges(out, starts, sources, sizes)
+
+
+def _concatenate(out: np.ndarray, sources: np.ndarray, sizes: np.ndarray, low: int, high: int) -> bool:
+    """One ``torch.cat`` of the ranges ``sizes[i]`` bytes at ``sources[i]`` into ``out``, cut as views out of
+    the memory ``[low, high)``; False (nothing copied) when two ranges overlap, which such views cannot give."""
+    order = np.argsort(sources, kind="stable")
+    starts, lengths = sources[order] - low, sizes[order]
+    ends = starts + lengths
+    if bool((starts[1:] < ends[:-1]).any()):
+        return False
+    pieces = np.empty(2 * starts.size + 1, dtype=np.int64)  # gap, range, gap, range, ..., gap
+    pieces[0] = starts[0]
+    pieces[2:-1:2] = starts[1:] - ends[:-1]
+    pieces[1::2] = lengths
+    pieces[-1] = high - low - ends[-1]
+    memory = torch.from_numpy(np.asarray(_Memory(low, (high - low,), (1,))))
+    views = memory.split_with_sizes(pieces.tolist())[1::2]
+    place = np.empty_like(order)
+    place[order] = np.arange(order.size)
+    torch.cat(operator.itemgetter(*place.tolist())(views), out=torch.from_numpy(out))
+    return True

@@ -70,6 +70,51 @@ def test_long_ranges_are_copied_one_memmove_each(monkeypatch: pytest.MonkeyPatch
     assert np.array_equal(out[:length], source[3 * length:]) and np.array_equal(out[length:], source[:length])
 
 
+def _expected(source: np.ndarray, starts: list[int], lengths: list[int]) -> np.ndarray:
+    return np.concatenate([source[start:start + length] for start, length in zip(starts, lengths)])
+
+
+@pytest.mark.parametrize("with_torch", [True, False])
+def test_ranges_are_packed_end_to_end_in_their_order(with_torch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not with_torch:
+        monkeypatch.setattr(gather, "torch", None)
+    long = gather._VECTOR_BELOW + 3
+    source = np.random.default_rng(2).integers(0, 256, size=20 * long, dtype=np.uint8)
+    base = source.ctypes.data
+    # out of order, adjacent (merged), empty, and touching both ends of the span
+    starts = [19 * long - 5, 0, 7 * long, 8 * long, 3 * long, 5 * long + 1]
+    lengths = [long + 5, long, long, long, 0, long - 1]
+    out = np.zeros(sum(lengths), dtype=np.uint8)
+    gather.pack_ranges(out, base + np.array(starts), np.array(lengths), base, base + source.size)
+    assert np.array_equal(out, _expected(source, starts, lengths))
+
+
+def test_long_ranges_are_packed_by_one_call_and_overlapping_ones_still_exactly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    copies: list[int] = []
+    monkeypatch.setattr(gather, "copy_ranges", lambda out, starts, *args: copies.append(len(starts)))
+    long = gather._VECTOR_BELOW * 2
+    source = np.random.default_rng(3).integers(0, 256, size=10 * long, dtype=np.uint8)
+    base = source.ctypes.data
+    starts, lengths = [6 * long, 2 * long, 4 * long], [long, long, long]
+    out = np.zeros(3 * long, dtype=np.uint8)
+    gather.pack_ranges(out, base + np.array(starts), np.array(lengths), base, base + source.size)
+    assert copies == [] and np.array_equal(out, _expected(source, starts, lengths))
+    monkeypatch.undo()
+    starts = [2 * long, 2 * long, 2 * long + 5]  # the same sample twice, and one overlapping it
+    gather.pack_ranges(out, base + np.array(starts), np.array(lengths), base, base + source.size)
+    assert np.array_equal(out, _expected(source, starts, lengths))
+
+
+def test_packing_refuses_a_wrong_destination_or_a_range_outside_its_memory() -> None:
+    source = np.zeros(100, dtype=np.uint8)
+    base = source.ctypes.data
+    with pytest.raises(ValueError, match="room for 10 bytes"):
+        gather.pack_ranges(np.empty(9, np.uint8), np.array([base]), np.array([10]), base, base + 100)
+    with pytest.raises(ValueError, match="outside"):
+        gather.pack_ranges(np.empty(10, np.uint8), np.array([base + 95]), np.array([10]), base, base + 100)
+
+
 def test_list_offsets_outside_their_values_are_a_format_error() -> None:
     values = pa.array(np.arange(4, dtype=np.int32))
     offsets = pa.array(np.array([0, 3, 1, 4], dtype=np.int32))  # row 1 would be -2 long: only full validation sees it

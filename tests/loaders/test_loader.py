@@ -158,10 +158,15 @@ def test_cuda_device_without_cuda_is_refused(uniform: Path) -> None:
         Loader(StreamingDataset(uniform), 4, device="cuda")
 
 
+def _blobs() -> list[bytes]:
+    """300 random blobs of 3 to 15 KB: on average long enough to be packed by one concatenation."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, size=int(rng.integers(3000, 15000)), dtype=np.uint8).tobytes() for _ in range(300)]
+
+
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    blobs = [rng.integers(0, 256, size=int(rng.integers(3000, 6000)), dtype=np.uint8).tobytes() for _ in range(300)]
+    blobs = _blobs()
     table = pa.table({"id": np.arange(300), "image": pa.array(blobs, pa.binary())})
     with DatasetWriter(tmp_path / "img", shard_bytes=200_000, batch_rows=40) as writer:
         writer.write_table(table)
@@ -170,8 +175,7 @@ def images(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("lists", ["pad", "pack"])
 def test_binary_fields_come_as_uint8_rows(images: Path, lists: str) -> None:
-    rng = np.random.default_rng(0)
-    blobs = [rng.integers(0, 256, size=int(rng.integers(3000, 6000)), dtype=np.uint8).tobytes() for _ in range(300)]
+    blobs = _blobs()
     seen = 0
     for batch in Loader(StreamingDataset(images, seed=2, batch_size=16), 16, lists=lists):  # type: ignore[arg-type]
         assert batch["image"].dtype == torch.uint8
