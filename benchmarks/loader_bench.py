@@ -92,7 +92,10 @@ FORK = "fork"  # every DataLoader's start method, explicitly: LitData's optimize
 NOTES = [
     "samples/s and GB/s (payload bytes, 10**9) are the median of --repeat one-epoch runs (--peer-repeat for "
     "MosaicML, LitData and WebDataset), each contender after one untimed warm-up epoch, page-cache warm; "
-    "'vs memcpy' divides by the memcpy row of the same workload.",
+    "'vs memcpy' divides by the memcpy row of the same workload. The timed epochs run back to back, as in "
+    "training (one gc.collect() before the first): a pause before an epoch costs this VM's idle vCPUs a slow "
+    "first few ms, 3-5% of a 0.15 s epoch. Each batch's samples and bytes are counted from its shape "
+    "(len, nbytes); the epoch's totals must equal the workload's exactly or the row is flagged.",
     "'in-process': one Python process iterating per sample (or, for Loader, per batch with its own producer "
     "thread); 'DataLoader': torch's DataLoader, batch 64, 2 persistent workers, default collate (the ceiling: "
     "batch_size=None over batches it cuts itself). torch.set_num_threads(1) everywhere, on 2 cores.",
@@ -265,15 +268,19 @@ def itemsize(value: Any) -> int:
     return int(value.itemsize) if isinstance(value, np.ndarray) else int(value.element_size())
 
 
-def loader_count(batch: dict[str, Any], key: str) -> tuple[int, int]:
-    """(samples, payload bytes) of a Loader batch: padded lists count their lengths, packed ones their offsets."""
+def loader_count(batch: dict[str, Any], key: str, padded: bool = False) -> tuple[int, int]:
+    """(samples, payload bytes) of a Loader or ``collate()`` batch, at the cost of reading two attributes.
+
+    A packed field's values are exactly its bytes; the token rows all have one length, so their padded
+    ``(batch, width)`` tensor is too (were a batch padded, the epoch's total would differ from the payload,
+    which aborts the run). ``padded`` batches (the images with ``lists='pad'``) count their lengths instead.
+    """
     value = batch[key]
-    lengths, offsets = batch.get(f"{key}_lengths"), batch.get(f"{key}_offsets")
-    if lengths is not None:
+    if padded:
+        lengths = batch[f"{key}_lengths"]
         return len(lengths), int(lengths.sum()) * itemsize(value)
-    if offsets is not None:
-        return len(offsets) - 1, int(offsets[-1] - offsets[0]) * itemsize(value)
-    return count(value)
+    offsets = batch.get(f"{key}_offsets")
+    return (len(value) if offsets is None else len(offsets) - 1), value.nbytes
 
 
 @dataclass
@@ -513,10 +520,10 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
             batches = Holder(lambda shuffle=shuffle, lists=lists: Loader(
                 StreamingDataset(path, shuffle=shuffle, seed=seed), batch_size=BATCH, device="cpu", lists=lists))
 
-            def loader_run(epoch: int, batches: Holder = batches) -> Tally:
+            def loader_run(epoch: int, batches: Holder = batches, padded: bool = lists == "pad") -> Tally:
                 loader = batches.value
                 loader.dataset.set_epoch(epoch)
-                tally = per_batch(loader, lambda batch: loader_count(batch, key))
+                tally = per_batch(loader, lambda batch: loader_count(batch, key, padded))
                 tally.extra = {"wait_s": loader.metrics()["wait_s"]}
                 return tally
 
@@ -683,7 +690,8 @@ def measure(c: Contender, work: Workload, repeat: int) -> None:
         warm_cache(c.files)
         runs = []
         for epoch in range(repeat + 1):
-            gc.collect()
+            if epoch < 2:  # then the timed epochs back to back, as a trainer runs them (see NOTES)
+                gc.collect()
             start = time.perf_counter()
             tally = c.run(epoch)
             seconds = time.perf_counter() - start

@@ -170,7 +170,7 @@ class _Run:
         self.failure: BaseException | None = None
         self.reader = loader._dataset.reader()
         self.stream = loader._torch.cuda.Stream(device=loader._device) if _is_cuda(loader) else None
-        self.pool = ThreadPoolExecutor(loader._threads, thread_name_prefix="trainio-loader")
+        self.pool = _started_pool(loader._threads)
         self.thread = threading.Thread(target=self._feed, name="trainio-loader-feed", daemon=True)
         self.thread.start()
 
@@ -305,6 +305,17 @@ class _Run:
 
 
 _Assembled = tuple[list[Any], tuple[int, ...], "list[int] | tuple[int, ...]", Any]
+
+
+def _started_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads, all already running (one started mid-epoch would wait for a core the copies
+    hold, and the batches with it)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="trainio-loader")
+    started = threading.Barrier(threads + 1)
+    for _ in range(threads):
+        pool.submit(started.wait)
+    started.wait()
+    return pool
 
 
 def _to_device(torch: Any, value: np.ndarray | list[Any], device: Any) -> Any:
