@@ -179,9 +179,9 @@ class StreamingDataset(_Base):
         """A DataLoader ``collate_fn`` that builds from this dataset's samples the batches :class:`Loader` builds.
 
         Worth it where rows vary in length (binary, ragged lists): each batch
-        then crosses from a worker in a few shared-memory tensors instead of
+        then crosses from a worker as one shared-memory segment instead of
         one pickled object per sample. For fixed-length fields torch's
-        default collate is as good, and it sends one tensor less per list.
+        default collate is about as good.
         """
         schema = self._datasets[0].schema
         list_fields = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)

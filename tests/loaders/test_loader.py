@@ -287,3 +287,6 @@ def test_collate_turns_bytes_into_uint8_rows(images: Path) -> None:
     offsets = first["image_offsets"].tolist()
     for j, sample in zip(range(16), dataset):
         assert first["image"][offsets[j]:offsets[j + 1]].numpy().tobytes() == sample["image"]
+    # one shared-memory segment per batch: the worker hands the trainer one file descriptor, not one per array
+    storage = first["image"].untyped_storage()
+    assert storage.is_shared() and first["image_offsets"].untyped_storage().data_ptr() == storage.data_ptr()
