@@ -8,10 +8,11 @@ Two synthetic workloads, each written once (untimed) by every contender's own wr
   ``image``); GB/s counts the exact total of those lengths.
 
 Every contender reads every sample once per epoch, page-cache warm (its files are read once before its
-runs), after one untimed warm-up epoch; a run is one epoch, and the table shows the median of ``--repeat``
-runs (``--peer-repeat``, default 1, for the peers). GB/s counts payload bytes only (10**9): a Loader
-batch's padding is not counted (its ``<name>_lengths`` are), and every run's sample and byte counts are
-checked against the workload's, untimed. ``torch.set_num_threads(1)`` is set in this process and, by a
+runs), after one untimed warm-up epoch; a run is one epoch, and the table shows the median of at least
+``--repeat`` runs (``--peer-repeat``, default 1, for the peers), more until the timed runs add up to
+``--min-seconds`` (short epochs vary more). GB/s counts payload bytes only (10**9): a Loader batch's
+padding is not counted (with ``lists='pad'`` its ``<name>_lengths`` are), and every run's sample and byte
+counts are checked against the workload's, untimed. ``torch.set_num_threads(1)`` is set in this process and, by a
 ``worker_init_fn``, in every DataLoader worker, for every contender alike. The contenders, per workload and
 per order (in order, and shuffled where the contender can):
 
@@ -43,10 +44,11 @@ DataLoader epoch repeats the warm-up epoch's order; their start-up is not timed.
 another, each set up (and its buffers touched) untimed and torn down before the next. ``--json`` prints
 every run; ``--only`` picks contenders by name, e.g. ``--only "trainio Loader,pyarrow,memcpy"``.
 
-Run:  python benchmarks/loader_bench.py [--size 1.5GB] [--image-size 1.5GB] [--repeat 3] [--peer-repeat 1]
+Run:  python benchmarks/loader_bench.py [--size 1.5GB] [--image-size 1.5GB] [--repeat 3] [--min-seconds 2]
+      [--peer-repeat 1]
       [--dir DIR] [--keep [--reuse]] [--workloads tokens,images] [--only NAME,...] [--no-peer-dataloader]
       [--seed 0] [--json]
-Quick:  python benchmarks/loader_bench.py --size 256MB --image-size 256MB --repeat 1
+Quick:  python benchmarks/loader_bench.py --size 256MB --image-size 256MB --repeat 1 --min-seconds 0
 """
 
 from __future__ import annotations
@@ -85,13 +87,15 @@ TOKENS, VOCAB = 2048, 50257
 IMAGE_BYTES = (90_000, 110_000)      # each image sample's length is drawn uniformly from this range
 BATCH, WORKERS = 64, 2
 SHARD_BYTES = 256 << 20              # trainio's default shard_bytes; every writer closes its shards here
+MAX_EPOCHS = 25                      # timed epochs of one contender, at most (see --min-seconds)
 WDS_SHUFFLE = 1000                   # WebDataset's sample shuffle buffer
 VERSIONS = ("pyarrow", "numpy", "torch", "trainio", "mosaicml-streaming", "litdata", "webdataset")
 IN_ORDER, SHUFFLED = "in order", "shuffled"
 FORK = "fork"  # every DataLoader's start method, explicitly: LitData's optimize() sets the global one to spawn
 NOTES = [
-    "samples/s and GB/s (payload bytes, 10**9) are the median of --repeat one-epoch runs (--peer-repeat for "
-    "MosaicML, LitData and WebDataset), each contender after one untimed warm-up epoch, page-cache warm; "
+    "samples/s and GB/s (payload bytes, 10**9) are the median of at least --repeat one-epoch runs "
+    "(--peer-repeat for MosaicML, LitData and WebDataset), more until they add up to --min-seconds (at most "
+    f"{MAX_EPOCHS}), each contender after one untimed warm-up epoch, page-cache warm; "
     "'vs memcpy' divides by the memcpy row of the same workload. The timed epochs run back to back, as in "
     "training (one gc.collect() before the first): a pause before an epoch costs this VM's idle vCPUs a slow "
     "first few ms, 3-5% of a 0.15 s epoch. Each batch's samples and bytes are counted from its shape "
@@ -681,15 +685,17 @@ def warm_cache(path: Path | None) -> None:
                 pass
 
 
-def measure(c: Contender, work: Workload, repeat: int) -> None:
-    """Set up, warm the cache, one untimed epoch, then ``repeat`` timed ones; check every run's counts."""
+def measure(c: Contender, work: Workload, repeat: int, min_seconds: float) -> None:
+    """Set up, warm the cache, one untimed epoch, then at least ``repeat`` timed ones, and more (up to
+    MAX_EPOCHS) until they add up to ``min_seconds``; check every run's counts."""
     if c.skip:
         return
     try:
         c.setup()
         warm_cache(c.files)
         runs = []
-        for epoch in range(repeat + 1):
+        epoch = 0
+        while epoch <= repeat or (sum(c.seconds) < min_seconds and epoch <= MAX_EPOCHS):
             if epoch < 2:  # then the timed epochs back to back, as a trainer runs them (see NOTES)
                 gc.collect()
             start = time.perf_counter()
@@ -704,6 +710,7 @@ def measure(c: Contender, work: Workload, repeat: int) -> None:
                 if c.name.startswith(("trainio", "DataLoader ceiling", "pyarrow", "numpy")):
                     raise SystemExit(f"benchmark aborted: {c.name} ({c.workload}, {c.order}): {message}")
                 c.note = "; ".join(filter(None, [c.note, message]))
+            epoch += 1
         print(f"  {c.workload:6} {c.order:8} {c.name:42} {' '.join(runs)} s", file=sys.stderr)
     except SystemExit:
         raise
@@ -773,7 +780,7 @@ def run_workload(work: Workload, root: Path, args: argparse.Namespace, notes: li
     os.sync()  # the copies' dirty pages are written back before any timing
     for c in found:
         peer = c.files is not None and c.files != paths["trainio"]
-        measure(c, work, args.peer_repeat if peer else args.repeat)
+        measure(c, work, args.peer_repeat if peer else args.repeat, args.min_seconds)
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return found
@@ -847,7 +854,9 @@ def summarize(found: list[Contender], works: dict[str, Workload]) -> list[dict[s
             if c.tallies and "wait_s" in c.tallies[0].extra:
                 wait = statistics.median(t.extra["wait_s"] for t in c.tallies)
                 row["wait_s"] = wait
-                notes.append(f"waited {wait:.3f} s of {median:.3f} s")
+                low, high = (work.payload / s / 1e9 for s in (max(c.seconds), min(c.seconds)))
+                notes.append(f"waited {wait:.3f} s of {median:.3f} s; {len(c.seconds)} epochs, "
+                             f"{low:.1f}-{high:.1f} GB/s")
             row["met"] = met
             row["note"] = "; ".join(notes)
         rows.append(row)
@@ -859,8 +868,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [*machine_lines(m, m['dir']),
              "workloads: " + "; ".join(f"{w['name']}: {w['samples']} samples, {w['payload'] / 1e9:.3f} GB payload"
                                        for w in s["workloads"])
-             + f"; batch {s['batch']}, {s['workers']} DataLoader workers; median of {s['repeat']} epochs "
-             f"(peers: {s['peer_repeat']})", ""]
+             + f"; batch {s['batch']}, {s['workers']} DataLoader workers; median of at least {s['repeat']} "
+             f"epochs (peers: {s['peer_repeat']}), more until {s['min_seconds']:g} s of them", ""]
     table = [["workload", "order", "contender", "mode", "samples/s", "GB/s", "vs memcpy", "target", "met?",
               "note"]]
     for r in report["rows"]:
@@ -884,6 +893,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=parse_size, default=parse_size("1.5GB"),
                         help="image workload payload, about (default 1.5GB)")
     parser.add_argument("--repeat", type=int, default=3, help="timed epochs per contender (default 3)")
+    parser.add_argument("--min-seconds", type=float, default=2.0,
+                        help="more timed epochs than --repeat (up to %d) until they add up to this (default 2): "
+                             "short epochs vary more" % MAX_EPOCHS)
     parser.add_argument("--peer-repeat", type=int, default=1,
                         help="timed epochs per peer contender (MosaicML, LitData, WebDataset; default 1)")
     parser.add_argument("--workloads", default="tokens,images", help="which workloads (default tokens,images)")
@@ -925,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     settings = {"workloads": [{"name": w.name, "samples": w.samples, "payload": w.payload} for w in works.values()],
-                "batch": BATCH, "workers": WORKERS, "repeat": args.repeat,
+                "batch": BATCH, "workers": WORKERS, "repeat": args.repeat, "min_seconds": args.min_seconds,
                 "peer_repeat": args.peer_repeat, "seed": args.seed,
                 "shard_bytes": SHARD_BYTES, "torch_threads": 1}
     report = {"machine": info, "settings": settings, "rows": summarize(found, works), "notes": notes}
