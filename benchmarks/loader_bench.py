@@ -10,9 +10,9 @@ Two synthetic workloads, each written once (untimed) by every contender's own wr
 Every contender reads every sample once per epoch, page-cache warm (its files are read once before its
 runs), after one untimed warm-up epoch; a run is one epoch, and the table shows the median of at least
 ``--repeat`` runs (``--peer-repeat``, default 1, for the peers), more until the timed runs add up to
-``--min-seconds`` (short epochs vary more). GB/s counts payload bytes only (10**9): a Loader batch's
-padding is not counted (with ``lists='pad'`` its ``<name>_lengths`` are), and every run's sample and byte
-counts are checked against the workload's, untimed. ``torch.set_num_threads(1)`` is set in this process and, by a
+``--min-seconds`` (short epochs vary more). GB/s counts payload bytes only (10**9): padding is not
+counted (padded images count their ``<name>_lengths``), and every run's sample and byte counts are checked
+against the workload's, untimed. ``torch.set_num_threads(1)`` is set in this process and, by a
 ``worker_init_fn``, in every DataLoader worker, for every contender alike. The contenders, per workload and
 per order (in order, and shuffled where the contender can):
 
@@ -41,13 +41,14 @@ per order (in order, and shuffled where the contender can):
 All shards close at 256 MiB. Every DataLoader forks its workers (explicitly: LitData's ``optimize`` sets the
 global start method to spawn). Persistent workers keep the dataset they were forked with, so every timed
 DataLoader epoch repeats the warm-up epoch's order; their start-up is not timed. Contenders run one after
-another, each set up (and its buffers touched) untimed and torn down before the next. ``--json`` prints
-every run; ``--only`` picks contenders by name, e.g. ``--only "trainio Loader,pyarrow,memcpy"``.
+another, each set up (and its buffers touched) untimed and torn down before the next, except trainio's
+DataLoader rows and their ceiling, which run interleaved (an epoch of each in turn, per order), so that a
+drift of the machine over their minutes of epochs hits them alike. ``--json`` prints every run; ``--only``
+picks contenders by name, e.g. ``--only "trainio Loader,pyarrow,memcpy"``.
 
 Run:  python benchmarks/loader_bench.py [--size 1.5GB] [--image-size 1.5GB] [--repeat 3] [--min-seconds 2]
-      [--peer-repeat 1]
-      [--dir DIR] [--keep [--reuse]] [--workloads tokens,images] [--only NAME,...] [--no-peer-dataloader]
-      [--seed 0] [--json]
+      [--peer-repeat 1] [--dir DIR] [--keep [--reuse]] [--workloads tokens,images] [--only NAME,...]
+      [--no-peer-dataloader] [--seed 0] [--json]
 Quick:  python benchmarks/loader_bench.py --size 256MB --image-size 256MB --repeat 1 --min-seconds 0
 """
 
@@ -110,7 +111,8 @@ NOTES = [
     "zero-copy views of memory-mapped files (trainio's list columns, LitData's mmap'd chunks) no payload byte "
     "is read, while binary values (bytes objects) and MosaicML's and WebDataset's file reads are copies.",
     "The DataLoader ceiling is bound by the DataLoader's own transport (every batch tensor a new shared-memory "
-    "segment, passed to the main process by file descriptor), not by reading the shards.",
+    "segment, passed to the main process by file descriptor), not by reading the shards. It and trainio's "
+    "DataLoader rows run interleaved, an epoch of each in turn.",
     "Shuffles differ: trainio shuffles shards then samples within 2**18-sample windows; the pyarrow rows and "
     "the ceiling shuffle record-batch order and rows within each 1024-row record batch; MosaicML uses its "
     "default py1e shuffle; LitData its chunk-then-sample shuffle; WebDataset shuffles shards and then a "
@@ -685,44 +687,81 @@ def warm_cache(path: Path | None) -> None:
                 pass
 
 
-def measure(c: Contender, work: Workload, repeat: int, min_seconds: float) -> None:
-    """Set up, warm the cache, one untimed epoch, then at least ``repeat`` timed ones, and more (up to
-    MAX_EPOCHS) until they add up to ``min_seconds``; check every run's counts."""
-    if c.skip:
-        return
+ABORTS = ("trainio", "DataLoader ceiling", "pyarrow", "numpy")  # contenders whose failure aborts the run
+
+
+def measure(group: list[Contender], work: Workload, repeat: int, min_seconds: float) -> None:
+    """Set up the contenders of ``group`` and warm the cache, then run them an epoch each in turn: one untimed
+    round, then at least ``repeat`` timed ones, and more (up to MAX_EPOCHS) until each contender's add up to
+    ``min_seconds``; check every run's counts. Contenders measured together meet the same drift of the
+    machine, which keeps their ratios fair."""
+    live = [c for c in group if not c.skip]
+    started = list(live)
+    runs: dict[int, list[str]] = {id(c): [] for c in live}
     try:
-        c.setup()
-        warm_cache(c.files)
-        runs = []
+        for c in started:
+            attempt(c, live, lambda c=c: (c.setup(), warm_cache(c.files)))
         epoch = 0
-        while epoch <= repeat or (sum(c.seconds) < min_seconds and epoch <= MAX_EPOCHS):
+        while live and (epoch <= repeat
+                        or (min(sum(c.seconds) for c in live) < min_seconds and epoch <= MAX_EPOCHS)):
             if epoch < 2:  # then the timed epochs back to back, as a trainer runs them (see NOTES)
                 gc.collect()
-            start = time.perf_counter()
-            tally = c.run(epoch)
-            seconds = time.perf_counter() - start
-            if epoch:
-                c.seconds.append(seconds)
-                c.tallies.append(tally)
-            runs.append(f"{seconds:.2f}")
-            if (tally.samples, tally.bytes) != (work.samples, work.payload):
-                message = f"read {tally.samples} samples, {tally.bytes} bytes; expected {work.samples}, {work.payload}"
-                if c.name.startswith(("trainio", "DataLoader ceiling", "pyarrow", "numpy")):
-                    raise SystemExit(f"benchmark aborted: {c.name} ({c.workload}, {c.order}): {message}")
-                c.note = "; ".join(filter(None, [c.note, message]))
+            for c in list(live):
+                attempt(c, live, lambda c=c: run_epoch(c, epoch, work, runs[id(c)]))
             epoch += 1
-        print(f"  {c.workload:6} {c.order:8} {c.name:42} {' '.join(runs)} s", file=sys.stderr)
+    finally:
+        for c in started:
+            c.teardown()
+    for c in live:
+        print(f"  {c.workload:6} {c.order:8} {c.name:42} {' '.join(runs[id(c)])} s", file=sys.stderr)
+
+
+def run_epoch(c: Contender, epoch: int, work: Workload, runs: list[str]) -> None:
+    """Run one epoch of ``c`` (timed unless it is the warm-up, epoch 0) and check what it read."""
+    start = time.perf_counter()
+    tally = c.run(epoch)
+    seconds = time.perf_counter() - start
+    if epoch:
+        c.seconds.append(seconds)
+        c.tallies.append(tally)
+    runs.append(f"{seconds:.2f}")
+    if (tally.samples, tally.bytes) != (work.samples, work.payload):
+        message = f"read {tally.samples} samples, {tally.bytes} bytes; expected {work.samples}, {work.payload}"
+        if c.name.startswith(ABORTS):
+            raise SystemExit(f"benchmark aborted: {c.name} ({c.workload}, {c.order}): {message}")
+        c.note = "; ".join(filter(None, [c.note, message]))
+
+
+def attempt(c: Contender, live: list[Contender], step: Callable[[], Any]) -> None:
+    """Run ``step`` of ``c``: a peer that fails is reported (and leaves ``live``); trainio's failures abort."""
+    try:
+        step()
     except SystemExit:
         raise
-    except Exception as exc:  # a peer that fails is reported; trainio's failures abort the run
-        if c.name.startswith(("trainio", "DataLoader ceiling", "pyarrow", "numpy")):
+    except Exception as exc:
+        if c.name.startswith(ABORTS):
             raise
         traceback.print_exc()
         c.skip = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
         c.seconds.clear()
         c.tallies.clear()
-    finally:
-        c.teardown()
+        live.remove(c)
+
+
+def measured_together(found: list[Contender]) -> list[list[Contender]]:
+    """The contenders in groups measured together: trainio's DataLoader rows with their ceiling, per order
+    (the rows a ratio target compares); every other contender alone."""
+    groups: list[list[Contender]] = []
+    shared: dict[str, list[Contender]] = {}
+    for c in found:
+        if c.mode == "DataLoader" and c.name.startswith(("trainio", "DataLoader ceiling")):
+            if c.order not in shared:
+                shared[c.order] = []
+                groups.append(shared[c.order])
+            shared[c.order].append(c)
+        else:
+            groups.append([c])
+    return groups
 
 
 def machine(root: Path) -> dict[str, Any]:
@@ -778,9 +817,9 @@ def run_workload(work: Workload, root: Path, args: argparse.Namespace, notes: li
         print(f"  wrote {work.name} for {name}: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s",
               file=sys.stderr)
     os.sync()  # the copies' dirty pages are written back before any timing
-    for c in found:
-        peer = c.files is not None and c.files != paths["trainio"]
-        measure(c, work, args.peer_repeat if peer else args.repeat, args.min_seconds)
+    for group in measured_together(found):
+        peer = any(c.files is not None and c.files != paths["trainio"] for c in group)
+        measure(group, work, args.peer_repeat if peer else args.repeat, args.min_seconds)
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return found
