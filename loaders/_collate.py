@@ -76,6 +76,8 @@ class _Output:
 
     def finish(self) -> dict[str, Any]:
         """The batch, every array allocated and filled."""
+        if not self._arrays:
+            return self.batch
         sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, shape, dtype, _ in self._arrays]
         starts, end = [], 0
         for size in sizes:

@@ -290,3 +290,14 @@ def test_collate_turns_bytes_into_uint8_rows(images: Path) -> None:
     # one shared-memory segment per batch: the worker hands the trainer one file descriptor, not one per array
     storage = first["image"].untyped_storage()
     assert storage.is_shared() and first["image_offsets"].untyped_storage().data_ptr() == storage.data_ptr()
+
+
+def test_collate_in_workers_keeps_batches_of_strings_only(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    with DatasetWriter(tmp_path / "names", shard_bytes=10_000) as writer:
+        writer.write_table(pa.table({"name": [f"n{i}" for i in range(100)]}))
+    dataset = StreamingDataset(tmp_path / "names", shuffle=False, batch_size=10)
+    names = [name for batch in DataLoader(dataset, batch_size=10, num_workers=2, collate_fn=dataset.collate())
+             for name in batch["name"]]
+    assert sorted(names) == sorted(f"n{i}" for i in range(100))
