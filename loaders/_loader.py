@@ -171,10 +171,17 @@ class _Run:
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
         self.reader = loader._dataset.reader()
-        self.stream = loader._torch.cuda.Stream(device=loader._device) if _is_cuda(loader) else None
-        self.pool = _started_pool(loader._threads)
-        self.thread = threading.Thread(target=self._feed, name="trainio-loader-feed", daemon=True)
-        self.thread.start()
+        pool = None
+        try:
+            self.stream = loader._torch.cuda.Stream(device=loader._device) if _is_cuda(loader) else None
+            self.pool = pool = _started_pool(loader._threads)
+            self.thread = threading.Thread(target=self._feed, name="trainio-loader-feed", daemon=True)
+            self.thread.start()
+        except BaseException:  # nothing of a run that could not start is left open
+            if pool is not None:
+                pool.shutdown(wait=True)
+            self.reader.close()
+            raise
 
     def cache_counts(self) -> tuple[int, int]:
         stats = self.reader.cache_stats()
@@ -314,9 +321,14 @@ def _started_pool(threads: int) -> ThreadPoolExecutor:
     hold, and the batches with it)."""
     pool = ThreadPoolExecutor(threads, thread_name_prefix="trainio-loader")
     started = threading.Barrier(threads + 1)
-    for _ in range(threads):
-        pool.submit(started.wait)
-    started.wait()
+    try:
+        for _ in range(threads):
+            pool.submit(started.wait)
+        started.wait()
+    except BaseException:  # a thread that cannot start: release those waiting, leave none behind
+        started.abort()
+        pool.shutdown(wait=True)
+        raise
     return pool
 
 

@@ -301,3 +301,24 @@ def test_collate_in_workers_keeps_batches_of_strings_only(tmp_path: Path) -> Non
     names = [name for batch in DataLoader(dataset, batch_size=10, num_workers=2, collate_fn=dataset.collate())
              for name in batch["name"]]
     assert sorted(names) == sorted(f"n{i}" for i in range(100))
+
+
+def test_a_thread_that_cannot_start_fails_the_epoch_and_leaves_no_thread(ragged: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import concurrent.futures.thread
+
+    started = 0
+    real_start = threading.Thread.start
+
+    def start_once(thread: threading.Thread) -> None:
+        nonlocal started
+        if thread.name.startswith("trainio-loader_") and started == 1:
+            raise RuntimeError("can't start new thread")
+        started += thread.name.startswith("trainio-loader_")
+        real_start(thread)
+
+    monkeypatch.setattr(concurrent.futures.thread.threading.Thread, "start", start_once)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        next(iter(Loader(StreamingDataset(ragged), 8, threads=2)))
+    monkeypatch.undo()
+    assert not [t for t in threading.enumerate() if t.name.startswith("trainio-loader")]
