@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ._lists import Lists, check_lists
+from ._staging import _ALIGN
 
 
 class Collate:
@@ -94,8 +95,6 @@ class _Output:
             fill(array)
         return self.batch
 
-
-_ALIGN = 64
 
 
 def _buffer(nbytes: int) -> tuple[Any, Any]:

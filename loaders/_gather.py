@@ -109,15 +109,23 @@ def copy_ranges(destination: np.ndarray, starts: np.ndarray, addresses: np.ndarr
         return
     if int(starts.min()) < 0 or int((starts + lengths).max()) > destination.nbytes:
         raise ValueError("copy_ranges: a range lies outside the destination")
+    _copy_runs(destination, *_runs(starts, addresses, lengths))
+
+
+def _runs(starts: np.ndarray, addresses: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ranges with each run of adjacent ones (in source and destination alike) merged into one."""
     follows = (addresses[1:] == addresses[:-1] + lengths[:-1]) & (starts[1:] == starts[:-1] + lengths[:-1])
     first = np.concatenate(([0], np.flatnonzero(~follows) + 1))
-    totals = np.add.reduceat(lengths, first)
-    targets = starts[first] + destination.ctypes.data
-    sources = addresses[first]
-    many_small = first.size > 1 and int(totals.sum()) < _VECTOR_BELOW * first.size
-    if many_small and _vector is not None and _copy_vectors(targets, sources, totals):
+    return starts[first], addresses[first], np.add.reduceat(lengths, first)
+
+
+def _copy_runs(destination: np.ndarray, starts: np.ndarray, sources: np.ndarray, sizes: np.ndarray) -> None:
+    """Copy merged ranges: short ones by one system call, long ones (or all, without it) one memmove each."""
+    targets = starts + destination.ctypes.data
+    many_small = sizes.size > 1 and int(sizes.sum()) < _VECTOR_BELOW * sizes.size
+    if many_small and _vector is not None and _copy_vectors(targets, sources, sizes):
         return
-    for target, source, size in zip(targets.tolist(), sources.tolist(), totals.tolist()):
+    for target, source, size in zip(targets.tolist(), sources.tolist(), sizes.tolist()):
         if size:
             _memmove(target, source, size)
 
@@ -159,13 +167,10 @@ def pack_ranges(out: np.ndarray, addresses: np.ndarray, lengths: np.ndarray, low
         return
     if int(addresses.min()) < low or int((addresses + lengths).max()) > high:
         raise ValueError("pack_ranges: a range lies outside the memory it was promised to lie in")
-    follows = addresses[1:] == addresses[:-1] + lengths[:-1]
-    first = np.concatenate(([0], np.flatnonzero(~follows) + 1))
-    sources, sizes = addresses[first], np.add.reduceat(lengths, first)
-    if torch is None or sizes.size == 1 or int(lengths.sum()) < _VECTOR_BELOW * sizes.size \
+    starts, sources, sizes = _runs(np.concatenate(([0], np.cumsum(lengths[:-1]))), addresses, lengths)
+    if torch is None or sizes.size == 1 or int(sizes.sum()) < _VECTOR_BELOW * sizes.size \
             or not _concatenate(out, sources, sizes, low, high):
-        starts = np.concatenate(([0], np.cumsum(sizes[:-1])))
-        copy_ranges(out, starts, sources, sizes)
+        _copy_runs(out, starts, sources, sizes)
 
 
 def _concatenate(out: np.ndarray, sources: np.ndarray, sizes: np.ndarray, low: int, high: int) -> bool:

@@ -92,7 +92,7 @@ def test_ranges_are_packed_end_to_end_in_their_order(with_torch: bool, monkeypat
 def test_long_ranges_are_packed_by_one_call_and_overlapping_ones_still_exactly(
         monkeypatch: pytest.MonkeyPatch) -> None:
     copies: list[int] = []
-    monkeypatch.setattr(gather, "copy_ranges", lambda out, starts, *args: copies.append(len(starts)))
+    monkeypatch.setattr(gather, "_copy_runs", lambda out, starts, *args: copies.append(len(starts)))
     long = gather._VECTOR_BELOW * 2
     source = np.random.default_rng(3).integers(0, 256, size=10 * long, dtype=np.uint8)
     base = source.ctypes.data
