@@ -160,9 +160,10 @@ class _Run:
 
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
-        # Few groups in flight: a staging slot written again soon is still in the CPU's cache (on the 2-core
-        # test VM one group more in flight cost 5-8% on tokens).
-        ahead = max(loader._threads, -(-loader._prefetch // loader._group_batches))
+        # A thread that finishes a group finds the next one already planned (up to one waiting per thread);
+        # it takes a staging slot only when it starts, the one freed last and likeliest to be in the CPU's
+        # cache. On the 2-core test VM: +4-7% over a slot per planned group and one group ahead per thread.
+        ahead = max(loader._threads, -(-loader._prefetch // loader._group_batches)) + loader._threads
         self.ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
         if loader._ring is None:
             loader._ring = StagingRing(_allocator(loader))
@@ -263,8 +264,7 @@ class _Run:
     def _submit(self, ids: np.ndarray, book: Book) -> bool:
         size = self.loader._batch_size
         sizes = (size,) * (ids.size // size) + ((ids.size % size,) if ids.size % size else ())
-        slot = None if self.loader._collate is not None else self.ring.take()
-        return self._put(self.pool.submit(self._assemble, Group(ids, sizes, book), slot))
+        return self._put(self.pool.submit(self._assemble, Group(ids, sizes, book)))
 
     def _put(self, item: Any) -> bool:
         while not self.stopping.is_set():
@@ -279,12 +279,12 @@ class _Run:
 
     # -- the assembling threads -------------------------------------------------------------
 
-    def _assemble(self, group: Group, slot: Staging | None) -> _Assembled:
+    def _assemble(self, group: Group) -> _Assembled:
         loader = self.loader
-        if slot is None:
-            assert loader._collate is not None
+        if loader._collate is not None:
             return ([loader._collate(group.book.samples(group.ids[begin:end])) for begin, end in group.spans()],
                     group.sizes, (0,) * len(group.sizes), None)
+        slot = self.ring.take()  # here, not when planned: the slot freed last, likeliest to be in cache
         columns, nbytes = assemble_group(group, slot, lists=loader._lists, pad_to=loader._pad_to,
                                          pad_value=loader._pad_value)
         return self._hand_over(columns, group, nbytes, slot)

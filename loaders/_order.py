@@ -126,13 +126,15 @@ class Layout:
             remaining -= remaining % step
         elif uneven == "pad":
             remaining += -remaining % step
-        batches = -(-remaining // self.batch)
-        mine = np.arange(self.rank + self.ranks * self.worker, batches, self.ranks * self.workers, dtype=np.int64)
-        if mine.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        offsets = (mine[:, None] * self.batch + np.arange(self.batch, dtype=np.int64)[None, :]).ravel()
-        offsets = offsets[offsets < remaining]
-        positions = start + offsets
+        consumers = self.ranks * self.workers
+        if consumers == 1:
+            positions = np.arange(start, start + remaining, dtype=np.int64)
+        else:
+            batches = -(-remaining // self.batch)
+            mine = np.arange(self.rank + self.ranks * self.worker, batches, consumers, dtype=np.int64)
+            positions = (mine[:, None] * self.batch + np.arange(start, start + self.batch, dtype=np.int64)).ravel()
+            if mine.size and (past := int(mine[-1] + 1) * self.batch - remaining) > 0:  # only the last batch is short
+                positions = positions[:positions.size - past]
         return positions % size if uneven == "pad" and size else positions
 
     def count(self, size: int, start: int = 0, uneven: Uneven = "exact") -> int:
