@@ -2,17 +2,19 @@
 
 The rows of a batch come from several memory-mapped shards. Copying them
 one Python call per row costs more than the copy itself (an 8 KB row copies
-in under a microsecond), so the rows are gathered by one C-level call: the
-memory between the lowest and the highest row is viewed as a "sliding
-window" array whose row ``i`` starts at byte ``i``, and the rows are picked
-out of it by index (``torch.index_select`` straight into the destination
-when torch is present; numpy fancy indexing, through a temporary, when not).
+in under a microsecond), so every gather is one call that runs without the
+GIL. Adjacent rows are merged into one range first.
 
-Rows of different lengths packed end to end (:func:`pack_ranges`) are cut
-as views out of one tensor spanning their memory and concatenated into the
-destination by one ``torch.cat``: one call that runs without the GIL, where
-a ``memmove`` per row would take the GIL back after every row, and on two
-cores the threads would wait for it rather than copy.
+The copy is trainio's own small C routine (``_copy``, built at install when
+a C compiler is there), which writes long ranges with streaming stores: the
+staging buffer is read next by the device copy, not by this thread, and
+ordinary stores would first pull every destination line into the cache.
+Without it: fixed-width rows are picked by ``torch.index_select`` out of a
+"sliding window" view of the memory between the lowest and the highest row
+(row ``i`` starting at byte ``i``; numpy fancy indexing, through a
+temporary, without torch); rows of different lengths are cut as views out
+of one tensor spanning their memory and concatenated by one ``torch.cat``;
+short ranges are copied by one ``process_vm_readv`` system call per 1024.
 
 Only the rows named are ever touched. The callers guarantee that every
 address is the start of a row inside a buffer they keep alive for the
@@ -35,6 +37,12 @@ try:
     import torch
 except ImportError:  # torch is optional: numpy does the gather then
     torch = None
+
+_native: Any
+try:
+    from . import _copy as _native
+except ImportError:  # built without a C compiler
+    _native = None
 
 
 class _Memory:
@@ -64,6 +72,10 @@ def gather_rows(out: np.ndarray, addresses: np.ndarray, low: int, high: int) -> 
     offsets = addresses - low
     if int(offsets.min()) < 0 or int(offsets.max()) + row_bytes > high - low:
         raise ValueError("gather_rows: a row lies outside the memory it was promised to lie in")
+    if _native is not None:
+        _copy_runs(out, *_runs(np.arange(n, dtype=np.int64) * row_bytes, addresses,
+                               np.full(n, row_bytes, dtype=np.int64)))
+        return
     window = _window(low, high, row_bytes)
     if torch is not None:
         torch.index_select(torch.from_numpy(window), 0, torch.from_numpy(offsets), out=torch.from_numpy(out))
@@ -99,11 +111,12 @@ _vector: Any = _vector_copy()
 def copy_ranges(destination: np.ndarray, starts: np.ndarray, addresses: np.ndarray, lengths: np.ndarray) -> None:
     """Copy ``lengths[i]`` bytes from ``addresses[i]`` to byte ``starts[i]`` of ``destination`` (uint8, contiguous).
 
-    Adjacent ranges are merged. Short ranges are then copied up to 1024 at a
-    time by one system call without the GIL (so assembling threads do not
-    hand the GIL back and forth for every row); long ones, or any where that
-    call is unavailable, by one ``memmove`` each, also without the GIL.
-    Every range must lie inside live memory and inside ``destination``.
+    Adjacent ranges are merged, then all are copied by one call to the C
+    routine. Without it, short ranges are copied up to 1024 at a time by one
+    system call (so assembling threads do not hand the GIL back and forth for
+    every row); long ones, or any where that call is unavailable, by one
+    ``memmove`` each. All without the GIL. Every range must lie inside live
+    memory and inside ``destination``.
     """
     if lengths.size == 0:
         return
@@ -120,7 +133,11 @@ def _runs(starts: np.ndarray, addresses: np.ndarray, lengths: np.ndarray) -> tup
 
 
 def _copy_runs(destination: np.ndarray, starts: np.ndarray, sources: np.ndarray, sizes: np.ndarray) -> None:
-    """Copy merged ranges: short ones by one system call, long ones (or all, without it) one memmove each."""
+    """Copy merged ranges: all by one call to the C routine; without it, short ones by one system call and long
+    ones (or all, without that) one memmove each."""
+    if _native is not None:
+        _native.copy(destination, *(np.ascontiguousarray(a, dtype=np.int64) for a in (starts, sources, sizes)))
+        return
     targets = starts + destination.ctypes.data
     many_small = sizes.size > 1 and int(sizes.sum()) < _VECTOR_BELOW * sizes.size
     if many_small and _vector is not None and _copy_vectors(targets, sources, sizes):
@@ -154,8 +171,8 @@ def pack_ranges(out: np.ndarray, addresses: np.ndarray, lengths: np.ndarray, low
 
     ``out`` is a contiguous uint8 array of exactly ``lengths.sum()`` bytes.
     Every range must lie inside ``[low, high)`` and inside memory that stays
-    mapped during the call. The copy runs without the GIL: one call for all
-    the ranges when torch is present and they are long, else as
+    mapped during the call. The copy runs without the GIL, in one call (the C
+    routine's, or without it ``torch.cat`` when the ranges are long), else as
     :func:`copy_ranges` copies.
     """
     if out.nbytes != int(lengths.sum()):
@@ -168,7 +185,7 @@ def pack_ranges(out: np.ndarray, addresses: np.ndarray, lengths: np.ndarray, low
     if int(addresses.min()) < low or int((addresses + lengths).max()) > high:
         raise ValueError("pack_ranges: a range lies outside the memory it was promised to lie in")
     starts, sources, sizes = _runs(np.concatenate(([0], np.cumsum(lengths[:-1]))), addresses, lengths)
-    if torch is None or sizes.size == 1 or int(sizes.sum()) < _VECTOR_BELOW * sizes.size \
+    if _native is not None or torch is None or sizes.size == 1 or int(sizes.sum()) < _VECTOR_BELOW * sizes.size \
             or not _concatenate(out, sources, sizes, low, high):
         _copy_runs(out, starts, sources, sizes)
 

@@ -31,8 +31,20 @@ def uniform(tmp_path: Path) -> Path:
     return tmp_path / "u"
 
 
+@pytest.fixture(params=["native copy", "torch copy"])
+def copier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The loader copying with trainio's C routine, or (as where it could not be built) without it."""
+    import trainio.loaders._gather as gather
+
+    if request.param == "torch copy":
+        monkeypatch.setattr(gather, "_native", None)
+    elif gather._native is None:
+        pytest.skip("trainio.loaders._copy was not built (no C compiler at install)")
+    return str(request.param)
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_batches_hold_every_sample_once_with_its_values(ragged: Path, shuffle: bool) -> None:
+def test_batches_hold_every_sample_once_with_its_values(ragged: Path, shuffle: bool, copier: str) -> None:
     seen = []
     for batch in Loader(StreamingDataset(ragged, shuffle=shuffle, seed=3, batch_size=32), 32):
         ids = batch["id"].tolist()
@@ -174,7 +186,7 @@ def images(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("lists", ["pad", "pack"])
-def test_binary_fields_come_as_uint8_rows(images: Path, lists: str) -> None:
+def test_binary_fields_come_as_uint8_rows(images: Path, lists: str, copier: str) -> None:
     blobs = _blobs()
     seen = 0
     for batch in Loader(StreamingDataset(images, seed=2, batch_size=16), 16, lists=lists):  # type: ignore[arg-type]
@@ -206,6 +218,7 @@ def test_numpy_batches_without_torch(uniform: Path, monkeypatch: pytest.MonkeyPa
     import trainio.loaders._loader as loader_module
 
     monkeypatch.setattr(gather, "torch", None)
+    monkeypatch.setattr(gather, "_native", None)
     monkeypatch.setattr(loader_module, "_resolve_device", lambda device: (None, "cpu"))
     expected = np.arange(ROWS * 16, dtype=np.int32).reshape(ROWS, 16)
     batches = list(Loader(StreamingDataset(uniform, seed=1, batch_size=50), 50))
