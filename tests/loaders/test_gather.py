@@ -154,6 +154,22 @@ def test_the_c_routine_copies_exactly_at_any_alignment_and_length() -> None:
 
 
 @pytest.mark.skipif(gather._native is None, reason=NOT_BUILT)
+def test_the_c_routine_copies_many_ranges_each_to_its_place() -> None:
+    rng = np.random.default_rng(5)
+    source = rng.integers(0, 256, size=300_000, dtype=np.uint8)
+    sizes = rng.integers(0, 20_000, size=40)
+    sizes[[3, 17]] = 0
+    starts = np.concatenate(([0], np.cumsum(sizes + rng.integers(0, 100, size=40))[:-1]))
+    offsets = rng.integers(0, source.size - sizes)
+    out = np.zeros(int(starts[-1] + sizes[-1]), dtype=np.uint8)
+    gather._native.copy(out, starts, source.ctypes.data + offsets, sizes)
+    expected = np.zeros_like(out)
+    for start, offset, size in zip(starts.tolist(), offsets.tolist(), sizes.tolist()):
+        expected[start:start + size] = source[offset:offset + size]
+    assert np.array_equal(out, expected)
+
+
+@pytest.mark.skipif(gather._native is None, reason=NOT_BUILT)
 def test_the_c_routine_refuses_bad_arguments_and_then_copies_nothing() -> None:
     source = np.arange(1, 101, dtype=np.uint8)
     address = np.array([source.ctypes.data, source.ctypes.data + 50])
