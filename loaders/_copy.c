@@ -71,7 +71,8 @@ static int int64_vector(PyObject *object, Py_buffer *view, const char *name, Py_
 {
     if (PyObject_GetBuffer(object, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return 0;
-    if (view->ndim != 1 || view->itemsize != 8 || strchr("qlQL", view->format[0]) == NULL || view->format[1]) {
+    if (view->ndim != 1 || view->itemsize != 8 || !view->format[0] || !strchr("qlQL", view->format[0])
+            || view->format[1]) {
         PyErr_Format(PyExc_ValueError, "copy: %s must be a 1-D array of 64-bit integers", name);
         PyBuffer_Release(view);
         return 0;
