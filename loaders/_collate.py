@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ._lists import Lists, check_lists
-from ._staging import _ALIGN
+from ._staging import aligned
 
 
 class Collate:
@@ -82,7 +82,7 @@ class _Output:
         sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, shape, dtype, _ in self._arrays]
         starts, end = [], 0
         for size in sizes:
-            starts.append(-(-end // _ALIGN) * _ALIGN)
+            starts.append(aligned(end))
             end = starts[-1] + size
         buffer, torch = _buffer(end)
         for start, size, (name, shape, dtype, fill) in zip(starts, sizes, self._arrays):
@@ -94,7 +94,6 @@ class _Output:
                 array = tensor.numpy()
             fill(array)
         return self.batch
-
 
 
 def _buffer(nbytes: int) -> tuple[Any, Any]:

@@ -13,6 +13,11 @@ import numpy as np
 _ALIGN = 64
 
 
+def aligned(offset: int) -> int:
+    """``offset`` rounded up to the alignment every staged array starts at (64 bytes: a cache line)."""
+    return -(-offset // _ALIGN) * _ALIGN
+
+
 class Lease:
     """A group's claim on a staging buffer: every array carved for the group refers to it, and only to it.
 
@@ -66,7 +71,7 @@ class Staging:
         """A C-contiguous array of ``shape`` and ``dtype``, 64-byte aligned, from this slot's buffer."""
         need = math.prod(shape) * dtype.itemsize
         self._requested += need + _ALIGN
-        start = -(-self._used // _ALIGN) * _ALIGN
+        start = aligned(self._used)
         if start + need > self._buffer.nbytes:
             self._buffer = self._allocate(max(need, self._requested))
             self._lease(self._buffer)
