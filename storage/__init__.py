@@ -10,6 +10,7 @@ on local disk within a byte budget.
 from __future__ import annotations
 
 from ._cache import CacheOptions, ShardCache
+from ._documents import MAX_DEPTH, MAX_DOCUMENT_BYTES, SEAL_FIELD, check_seal, is_sealed, load_sealed, parse_json, seal_json
 from ._eviction import CacheEntry, EvictionPolicy, FurthestInFuture, LeastRecentlyUsed
 from ._hashing import DIGEST_NAME, Hasher, digest
 from ._local import LocalOptions, LocalStore
@@ -34,6 +35,9 @@ from .errors import (
 
 __all__ = [
     "DIGEST_NAME",
+    "MAX_DEPTH",
+    "MAX_DOCUMENT_BYTES",
+    "SEAL_FIELD",
     "AlreadyExists",
     "CacheEntry",
     "CacheOptions",
@@ -58,6 +62,11 @@ __all__ = [
     "StoreUnavailable",
     "TrainioError",
     "ZarrStore",
+    "check_seal",
     "digest",
+    "is_sealed",
+    "load_sealed",
     "open_store",
+    "parse_json",
+    "seal_json",
 ]

@@ -83,6 +83,21 @@ class LocalStore(Store):
         """The local file that holds ``key`` (which need not exist yet)."""
         return Path(self._path(check_key(self.url, key)))
 
+    def open_file(self, key: str) -> int:
+        """A file descriptor open for reading on the regular file ``key``; the caller closes it.
+
+        Only a regular file inside the root is opened: a FIFO, device or
+        directory is refused without blocking, and so is a path that a
+        symbolic link leads out of the root.
+
+        Raises:
+            NotFound: there is no such key (or it is not a regular file).
+            StoreError: a symbolic link leads the key out of the root.
+        """
+        check_key(self.url, key)
+        with self._errors(key, "read"):
+            return self._open_regular(key)
+
     def _path(self, key: str) -> str:
         return os.path.join(self._root, key)
 
@@ -118,11 +133,27 @@ class LocalStore(Store):
             raise StoreError(self.url, key, f"cannot {action}: {exc.strerror or exc}") from exc
 
     def _open_regular(self, key: str) -> int:
-        fd = os.open(self._path(key), os.O_RDONLY)
-        if not _is_regular(fd):
+        path = self._inside(key, self._path(key))
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
             os.close(fd)
-            raise NotFound(self.url, key, "no such key (the path is a directory)")
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+            raise NotFound(self.url, key, f"no such key (the path is {what})")
         return fd
+
+    def _inside(self, key: str, path: str) -> str:
+        """``path`` with every symbolic link resolved, refused if that leaves the root."""
+        real = os.path.realpath(path)
+        root = self._real_root()
+        if real != root and not real.startswith(root + os.sep):
+            raise StoreError(self.url, key, f"a symbolic link leads it out of the store's root, to {real}",
+                             "trainio never reads or writes outside a store's root; replace the link by the files")
+        return real
+
+    def _real_root(self) -> str:
+        return os.path.realpath(self._root)
 
     # -- hooks ----------------------------------------------------------------
 
@@ -144,15 +175,27 @@ class LocalStore(Store):
             finally:
                 os.close(fd)
 
+    def _writable_path(self, key: str) -> str:
+        """Where ``key`` is written: its parent directory resolved, refused if a link leads it out of the root."""
+        path = self._path(key)
+        parent = os.path.dirname(path)
+        while not os.path.lexists(parent) and parent.startswith(self._root + os.sep):
+            parent = os.path.dirname(parent)
+        self._inside(key, parent)
+        if os.path.islink(path):
+            raise StoreError(self.url, key, "is a symbolic link; trainio does not write through links",
+                             "remove the link")
+        return path
+
     def _put(self, key: str, data: memoryview, overwrite: bool) -> None:
         with self._errors(key, "write"):
-            with atomic_file(self._path(key), durable=self._options.durable, overwrite=overwrite) as f:
+            with atomic_file(self._writable_path(key), durable=self._options.durable, overwrite=overwrite) as f:
                 write_all(f, data)
 
     def _write_stream(self, key: str, source: HashingReader, size: int, overwrite: bool) -> None:
         block = memoryview(bytearray(min(max(size, 1), self._options.block_bytes)))
         with self._errors(key, "write"):
-            with atomic_file(self._path(key), durable=self._options.durable, overwrite=overwrite) as f:
+            with atomic_file(self._writable_path(key), durable=self._options.durable, overwrite=overwrite) as f:
                 if _kernel_copy(source.fileno(), f.fileno(), size, source.hasher, block):
                     return
                 while n := source.readinto(block):
@@ -177,9 +220,9 @@ class LocalStore(Store):
 
     def _size(self, key: str) -> int:
         with self._errors(key, "stat"):
-            st = os.stat(self._path(key))
+            st = os.stat(self._inside(key, self._path(key)))
         if not stat.S_ISREG(st.st_mode):
-            raise NotFound(self.url, key, "no such key (the path is a directory)")
+            raise NotFound(self.url, key, "no such key (the path is not a regular file)")
         return st.st_size
 
     def _list(self, prefix: str) -> list[str]:
@@ -258,12 +301,12 @@ class LocalStore(Store):
         return len(keys)
 
     def _copy(self, src: str, dst: str) -> None:
-        src_path = self._path(src)
-        dst_path = self._path(dst)
         with self._errors(src, "copy from"):
+            src_path = self._inside(src, self._path(src))
             if not stat.S_ISREG(os.stat(src_path).st_mode):
                 raise NotFound(self.url, src, "cannot copy from: no such key")
         with self._errors(dst, "copy to"):
+            dst_path = self._writable_path(dst)
             directory = os.path.dirname(dst_path)
             make_dirs(directory, durable=self._options.durable)
             tmp = os.path.join(directory, temp_name())
@@ -280,10 +323,6 @@ class LocalStore(Store):
             except BaseException:
                 os.unlink(tmp)
                 raise
-
-
-def _is_regular(fd: int) -> bool:
-    return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
 def _pread_exact(fd: int, offset: int, size: int, url: str, key: str) -> bytes:

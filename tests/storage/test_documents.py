@@ -1,0 +1,98 @@
+"""Sealed documents and hostile local files: every flip caught, nothing hangs, nothing leaves the root."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from trainio.storage import (
+    SEAL_FIELD,
+    FormatError,
+    LocalStore,
+    NotFound,
+    StoreError,
+    is_sealed,
+    load_sealed,
+    parse_json,
+    seal_json,
+)
+
+DOCUMENT = {"format": "x", "step": 7, "lr": 0.001, "keys": ["a", "b"], "nested": {"consumed": 250}}
+
+
+@pytest.mark.parametrize("indent", [None, 1])
+def test_a_sealed_document_reads_back_as_written(indent: int | None) -> None:
+    data = seal_json(DOCUMENT, indent=indent)
+    assert is_sealed(data)
+    assert json.loads(data)[SEAL_FIELD] != "0" * 32
+    assert load_sealed(data, "u", "k") == DOCUMENT
+
+
+def test_every_single_bit_flip_of_a_sealed_document_is_refused() -> None:
+    data = seal_json(DOCUMENT)
+    for position in range(len(data)):
+        for bit in range(8):
+            damaged = bytearray(data)
+            damaged[position] ^= 1 << bit
+            with pytest.raises(FormatError, match="'k'"):
+                load_sealed(bytes(damaged), "u", "k")
+
+
+def test_an_unsealed_or_truncated_document_is_refused() -> None:
+    with pytest.raises(FormatError, match="has no 'document_xxh3_128'"):
+        load_sealed(json.dumps(DOCUMENT).encode(), "u", "k")
+    data = seal_json(DOCUMENT)
+    with pytest.raises(FormatError):
+        load_sealed(data[:-1], "u", "k")
+
+
+def test_deep_or_huge_json_is_a_clean_format_error() -> None:
+    for depth in (300, 5000, 100_000):
+        with pytest.raises(FormatError, match="nested more than"):
+            parse_json(b"[" * depth + b"]" * depth, "u", "index.json")
+    with pytest.raises(FormatError, match="more than the 10 a document may have"):
+        parse_json(b"[1, 2, 3, 4, 5]", "u", "k", max_bytes=10)
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: os.PathLike[str]) -> None:
+    store = LocalStore(tmp_path)
+    os.mkfifo(os.path.join(tmp_path, "chunk"))
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            store.get("chunk")
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert isinstance(outcome[0], NotFound) and "not a regular file" in str(outcome[0])
+    with pytest.raises(NotFound):
+        store.size("chunk")
+
+
+def test_links_out_of_the_root_are_neither_read_nor_written(tmp_path: os.PathLike[str]) -> None:
+    root, outside = os.path.join(tmp_path, "root"), os.path.join(tmp_path, "outside")
+    os.makedirs(os.path.join(root, "step"))
+    os.makedirs(outside)
+    with open(os.path.join(outside, "secret"), "wb") as f:
+        f.write(b"outside")
+    os.symlink(outside, os.path.join(root, "step", "linked"))
+    os.symlink(os.path.join(outside, "secret"), os.path.join(root, "file"))
+    store = LocalStore(root)
+    for key in ("step/linked/secret", "file"):
+        with pytest.raises(StoreError, match="out of the store's root"):
+            store.get(key)
+    with pytest.raises(StoreError, match="out of the store's root"):
+        store.put("step/linked/new", b"x")
+    assert sorted(os.listdir(outside)) == ["secret"]
+    os.makedirs(os.path.join(root, "real"))
+    os.symlink(os.path.join(root, "real"), os.path.join(root, "inner"))
+    store.put("real/a", b"inside")
+    assert store.get("inner/a") == b"inside"  # a link that stays inside the root is fine
