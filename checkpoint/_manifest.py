@@ -2,21 +2,21 @@
 
 It records the step, the state's skeleton (JSON leaves inline), every array's
 type, shape and chunking, and every file of the step with its size and
-xxh3-128. Reading one validates all of it, so a hand-edited manifest naming
-``../`` paths, impossible sizes or unknown types is refused before a byte of
-data is touched.
+xxh3-128. Since version 2 the manifest is sealed: a digest of its own bytes
+is checked before it is parsed (see ``checkpoint/FORMAT.md``). Reading one
+validates all of it, so a hand-edited manifest naming ``../`` paths,
+impossible sizes or unknown types is refused before a byte of data is touched.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainio.storage import DIGEST_NAME, FormatError
+from trainio.storage import DIGEST_NAME, FormatError, is_sealed, load_sealed, parse_json, seal_json
 from trainio.storage.errors import InvalidKey
 
 from ._dtypes import ZARR_NATIVE, stored_dtype
@@ -25,13 +25,18 @@ from ._names import is_node_name
 from ._tree import Node, array_paths
 
 FORMAT = "trainio.checkpoint"
-VERSION = 1
+VERSION = 2
+"""The manifest version this trainio writes: 2, sealed by a digest of its own bytes."""
+UNSEALED_VERSION = 1
+"""The earlier version, without a seal: still read, its files still checked against it."""
+MAX_FILE_BYTES = 1 << 40
+"""The largest file a manifest may list (1 TiB): more is damage, not a checkpoint."""
 MANIFEST = "manifest.json"
 """The manifest's key relative to the step's directory."""
 
 _HEX = re.compile(r"[0-9a-f]{32}")
 _KINDS = frozenset({"torch", "numpy", "numpy_scalar"})
-_NODE_KINDS = frozenset({"json", "float", "array", "dict", "list", "tuple", "object"})
+_NODE_KINDS = frozenset({"json", "float", "array", "dict", "list", "tuple", "object", "per_rank"})
 
 
 @dataclass(frozen=True)
@@ -84,21 +89,29 @@ class Manifest:
                                                     **({"codec": self.pack.codec} if self.pack.codec else {})},
             "files": {key: {"size": e.size, "xxh3": e.xxh3} for key, e in sorted(self.files.items())},
         }
-        return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+        return seal_json(document)
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str, key: str = MANIFEST) -> Manifest:
         """Parse and validate a manifest.
 
+        A sealed manifest's digest is checked over its bytes before it is
+        parsed; only a version-1 manifest may lack the seal.
+
         Raises:
-            FormatError: it is not valid JSON, not this format, or any field is
-                wrong; the message names the field.
+            FormatError: its seal does not match, it is too large or too deeply
+                nested, not valid JSON, not this format, or any field is wrong;
+                the message names the field.
         """
-        try:
-            document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(where, key, f"not valid JSON: {exc}") from None
-        return _Validator(where, key).manifest(document)
+        sealed = is_sealed(data)
+        document = load_sealed(data, where, key) if sealed else parse_json(data, where, key)
+        validator = _Validator(where, key)
+        if not sealed:
+            version = document.get("version") if isinstance(document, dict) else None
+            validator.check(version == UNSEALED_VERSION,
+                            "has no valid 'document_xxh3_128' seal (only a version-1 manifest may lack one; this "
+                            f"one says version {version!r}): it is damaged")
+        return validator.manifest(document)
 
 
 class _Validator:
@@ -119,11 +132,13 @@ class _Validator:
     def manifest(self, doc: Any) -> Manifest:
         self.check(isinstance(doc, dict), "the manifest must be a JSON object")
         self.check(doc.get("format") == FORMAT, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
-        self.check(doc.get("version") == VERSION,
-                   f"version {doc.get('version')!r} is not supported (this trainio reads version {VERSION})")
+        self.check(doc.get("version") in (UNSEALED_VERSION, VERSION),
+                   f"version {doc.get('version')!r} is not supported (this trainio reads versions "
+                   f"{UNSEALED_VERSION} and {VERSION})")
         self.check(doc.get("digest") == DIGEST_NAME, f"digest must be {DIGEST_NAME!r}")
         step = self.integer(doc.get("step"), "step")
         world_size = self.integer(doc.get("world_size"), "world_size", 1)
+        self.world_size = world_size
         wall = doc.get("time")
         self.check(isinstance(wall, (int, float)) and math.isfinite(wall), "time must be a number")
         arrays_doc = doc.get("arrays")
@@ -170,6 +185,8 @@ class _Validator:
     def file_entry(self, key: str, entry: Any) -> FileEntry:
         self.check(isinstance(entry, dict), f"files[{key!r}] must be an object")
         size = self.integer(entry.get("size"), f"files[{key!r}].size")
+        self.check(size <= MAX_FILE_BYTES, f"files[{key!r}].size {size} is more than the {MAX_FILE_BYTES} bytes "
+                   "a checkpoint file may have")
         digest = entry.get("xxh3")
         self.check(isinstance(digest, str) and bool(_HEX.fullmatch(digest)),
                    f"files[{key!r}].xxh3 must be 32 lowercase hex digits")
@@ -232,6 +249,13 @@ class _Validator:
             items = node.get("items")
             self.check(isinstance(items, list), f"a {kind} node needs items")
             for item in items:
+                self.node(item, depth + 1)
+        elif kind == "per_rank":  # a PerRank value: one sub-tree per rank that saved the step
+            ranks = node.get("ranks")
+            self.check(isinstance(ranks, list) and len(ranks) == self.world_size,
+                       f"a per_rank node needs one sub-tree per rank ({self.world_size})")
+            for item in ranks:
+                self.check(isinstance(item, dict) and item.get("t") != "per_rank", "a per_rank node inside another")
                 self.node(item, depth + 1)
         else:
             self.check("value" in node, "a json node needs a value")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,10 @@ from ._boxes import Box
 from ._dtensor import dtensor_box, is_dtensor
 from ._dtypes import storage_numpy_dtype, torch_dtype
 from ._layout import PACK_PATH, ArraySpec, group_metadata_key, group_paths
-from ._manifest import FileEntry, Manifest
+from ._manifest import MANIFEST, FileEntry, Manifest
 from ._regions import Read, Region, region_finish, region_reads, shard_region, whole_region
 from ._tier_io import TierIO, describe
+from ._per_rank import PerRank, for_rank
 from ._tree import Node, array_paths, build, select
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ def first_manifest(tiers: list[TierIO], step: int) -> tuple[TierIO, Manifest]:
         except (StoreError, FormatError, CheckpointError) as exc:
             problems.append(f"{tier.label}: {describe(exc)}")
     raise CheckpointError(f"step {step}: no tier has a readable manifest: " + "; ".join(problems))
+
+
+def _same_state(a: Manifest, b: Manifest) -> bool:
+    return a.tree == b.tree and a.arrays == b.arrays and a.pack == b.pack
 
 
 def _host_array(spec: ArraySpec, target: Any) -> tuple[Any, np.ndarray[Any, Any]]:
@@ -109,30 +115,61 @@ class StepReader:
     """Reads one step from the tiers that hold it, fastest first."""
 
     def __init__(self, tiers: list[TierIO], step: int, pool: ThreadPoolExecutor, threads: int,
-                 *, repair: bool = False) -> None:
+                 *, repair: bool = False, rank: int = 0, world: int = 1) -> None:
         self.tiers = tiers
+        self.rank, self.world = rank, world  # which rank's PerRank values a load restores
         self.step = step
         self.pool = pool
         self.threads = threads
         self.repair = repair
         self.source, self.manifest = first_manifest(tiers, step)
         self.report = ReadReport(step)
+        self._manifests: dict[int, Manifest | CheckpointError] = {id(self.source): self.manifest}
+        self._manifest_lock = threading.Lock()
+
+    def _own_manifest(self, tier: TierIO) -> Manifest:
+        """``tier``'s own manifest of the step, which its files are checked against.
+
+        Raises:
+            CheckpointError: it cannot be read, or it describes another state than the manifest restored from.
+        """
+        with self._manifest_lock:
+            known = self._manifests.get(id(tier))
+            if known is None:
+                try:
+                    known = tier.manifest(self.step)
+                    if not _same_state(known, self.manifest):
+                        known = CheckpointError(f"its manifest of step {self.step} describes another state than "
+                                                f"{self.source.label}'s")
+                except (StoreError, FormatError, CheckpointError) as exc:
+                    known = CheckpointError(f"manifest: {describe(exc)}")
+                self._manifests[id(tier)] = known
+        if isinstance(known, CheckpointError):
+            raise known
+        return known
 
     def read_file(self, key: str, entry: FileEntry, target: memoryview | None) -> bytes | None:
-        """Fill ``target`` from the first tier whose copy of ``key`` is whole; with no target, return the bytes."""
+        """Fill ``target`` from the first tier whose copy of ``key`` is whole; with no target, return the bytes.
+
+        Each tier's copy is checked against that tier's own manifest; a tier
+        whose manifest is damaged is not read from.
+        """
         failed: list[tuple[TierIO, BaseException]] = []
         for tier in self.tiers:
             try:
+                own = self._own_manifest(tier).files.get(key)
+                if own is None:
+                    raise CheckpointError(f"its manifest of step {self.step} lists no file {key!r}")
                 if target is None:
-                    data = tier.read(self.step, key, entry)
+                    data = tier.read(self.step, key, own)
                 else:
-                    tier.read_into(self.step, key, entry, target)
+                    tier.read_into(self.step, key, own, target)
                     data = None
-            except (StoreError, OSError) as exc:
+            except (StoreError, OSError, CheckpointError) as exc:
                 failed.append((tier, exc))
                 continue
             if failed:
-                self._recover(key, entry, failed, tier, data, target)
+                self._recover(key, own, failed, tier, data, target)
             return data
         raise CheckpointError(f"step {self.step}: file {key!r} is damaged or missing on every tier: "
                               + "; ".join(f"{t.label}: {describe(e)}" for t, e in failed))
@@ -140,15 +177,19 @@ class StepReader:
     def _recover(self, key: str, entry: FileEntry, failed: list[tuple[TierIO, BaseException]],
                  good: TierIO, data: bytes | None, target: memoryview | None) -> None:
         for tier, exc in failed:
-            log.warning("checkpoint step %d: %s on %s: %s; read it from %s", self.step, key, tier.label,
-                        describe(exc), good.label)
-            self.report.fell_back[f"{tier.label}:{key}"] = describe(exc)
+            name = f"{tier.label}:{MANIFEST if isinstance(exc, CheckpointError) else key}"
+            if name not in self.report.fell_back:
+                log.warning("checkpoint step %d: %s on %s: %s; read it from %s", self.step, key, tier.label,
+                            describe(exc), good.label)
+                self.report.fell_back[name] = describe(exc)
         if not self.repair:
             return
         if data is None:
             assert target is not None
             data = bytes(target) + bytes(entry.size - target.nbytes)
-        for tier, _ in failed:
+        for tier, exc in failed:
+            if isinstance(exc, CheckpointError):  # its manifest is unreadable or differs: nothing to repair against
+                continue
             try:
                 tier.repair_file(self.step, key, data)
             except (StoreError, OSError) as exc:
@@ -164,6 +205,7 @@ class StepReader:
         that overlap it.
         """
         node: Node = self.manifest.tree if not keys else select(self.manifest.tree, keys)
+        node = for_rank(node, self.rank, self.world, self.manifest.world_size, f"step {self.step}: state")
         specs = {path: self.manifest.arrays[path] for path in array_paths(node)}
         targets: dict[str, Any] = {}
         _collect_targets(node, into, targets)
@@ -261,3 +303,5 @@ def _collect_targets(node: Node, into: Any, found: dict[str, Any]) -> None:
     elif kind in ("list", "tuple") and isinstance(into, (list, tuple)):
         for child, value in zip(node["items"], into, strict=False):
             _collect_targets(child, value, found)
+    elif kind == "per_rank":  # cut to this rank's sub-tree by for_rank
+        _collect_targets(node["ranks"][0], into.value if isinstance(into, PerRank) else into, found)

@@ -13,7 +13,17 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from trainio.storage import CheckpointError, Hasher, IntegrityError, LocalStore, NotFound, Store
+from trainio.storage import (
+    MAX_DOCUMENT_BYTES,
+    CheckpointError,
+    FormatError,
+    Hasher,
+    IntegrityError,
+    LocalStore,
+    Store,
+    StoreError,
+    parse_json,
+)
 
 from ._manifest import MANIFEST, FileEntry, Manifest
 
@@ -104,6 +114,9 @@ class TierIO(ABC):
             FormatError: the manifest is malformed.
         """
         key = f"{step_name(step)}/{MANIFEST}"
+        size = self.store.size(key)
+        if size > MAX_DOCUMENT_BYTES:
+            raise FormatError(self.url, key, f"is {size} bytes, more than the {MAX_DOCUMENT_BYTES} a manifest may have")
         manifest = Manifest.from_bytes(self.store.get(key), self.url, key)
         if manifest.step != step:
             raise CheckpointError(f"{self.url}: {key!r} is the manifest of step {manifest.step}, "
@@ -123,6 +136,9 @@ class TierIO(ABC):
     def read(self, step: int, key: str, entry: FileEntry) -> bytes:
         """The whole file ``key`` of ``step``, checked against ``entry``."""
         full = f"{step_name(step)}/{key}"
+        size = self.store.size(full)
+        if size != entry.size:
+            raise size_error(self.url, full, entry, size)
         data = self.store.get(full)
         if len(data) != entry.size:
             raise size_error(self.url, full, entry, len(data))
@@ -146,8 +162,8 @@ class TierIO(ABC):
     def last_known_good(self) -> int | None:
         """The newest step that passed a full verification here, if recorded."""
         try:
-            value = json.loads(self.store.get(LAST_KNOWN_GOOD)).get("step")
-        except (NotFound, ValueError, AttributeError):
+            value = parse_json(self.store.get(LAST_KNOWN_GOOD), self.url, LAST_KNOWN_GOOD, max_bytes=4096).get("step")
+        except (StoreError, FormatError, AttributeError):
             return None
         return value if type(value) is int else None
 

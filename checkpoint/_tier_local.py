@@ -165,41 +165,53 @@ class LocalTierIO(TierIO):
     def shared_name(self, step: int) -> str | None:
         return _temp_dir_name("save", step)
 
+    def _open_checked(self, full: str, entry: FileEntry) -> int:
+        """A descriptor on the regular file ``full`` inside the tier, whose size is the manifest's."""
+        fd = self.store.open_file(full)
+        size = os.fstat(fd).st_size
+        if size != entry.size:
+            os.close(fd)
+            raise size_error(self.url, full, entry, size)
+        return fd
+
     def read_into(self, step: int, key: str, entry: FileEntry, target: memoryview) -> None:
         full = f"{step_name(step)}/{key}"
+        fd = self._open_checked(full, entry)
         try:
-            fd = os.open(os.path.join(self.root, full), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(self.url, full, "the file is missing") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size != entry.size:
-                raise size_error(self.url, full, entry, size)
-            hasher = Hasher()
-            done = 0
-            while done < target.nbytes:
-                n = os.preadv(fd, [target[done:]], done)
-                if n == 0:
-                    raise size_error(self.url, full, entry, done)
-                done += n
-            hasher.update(target)
-            if size > done:
-                block = np.empty(min(size - done, _READ_BLOCK), np.uint8)
-                while done < size:
-                    n = os.preadv(fd, [block.data[:size - done]], done)
-                    if n == 0:
-                        raise size_error(self.url, full, entry, done)
-                    hasher.update(block.data[:n])
-                    done += n
+            self._read_checked(fd, full, entry, target)
         finally:
             os.close(fd)
+
+    def _read_checked(self, fd: int, full: str, entry: FileEntry, target: memoryview) -> None:
+        size = entry.size
+        hasher = Hasher()
+        done = 0
+        while done < target.nbytes:
+            n = os.preadv(fd, [target[done:]], done)
+            if n == 0:
+                raise size_error(self.url, full, entry, done)
+            done += n
+        hasher.update(target)
+        if size > done:
+            block = np.empty(min(size - done, _READ_BLOCK), np.uint8)
+            while done < size:
+                n = os.preadv(fd, [block.data[:size - done]], done)
+                if n == 0:
+                    raise size_error(self.url, full, entry, done)
+                hasher.update(block.data[:n])
+                done += n
         actual = hasher.hexdigest()
         if actual != entry.xxh3:
             raise IntegrityError(self.url, full, entry.xxh3, actual)
 
     def read(self, step: int, key: str, entry: FileEntry) -> bytes:
-        data = bytearray(entry.size)
-        self.read_into(step, key, entry, memoryview(data))
+        full = f"{step_name(step)}/{key}"
+        fd = self._open_checked(full, entry)  # the size is checked before memory is given to it
+        try:
+            data = bytearray(entry.size)
+            self._read_checked(fd, full, entry, memoryview(data))
+        finally:
+            os.close(fd)
         return data  # type: ignore[return-value]  # a bytearray: no second copy of a 32 MiB chunk
 
     def mark_known_good(self, step: int) -> None:

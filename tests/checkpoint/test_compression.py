@@ -12,7 +12,7 @@ import pytest
 from trainio.checkpoint import CheckpointManager, verify_checkpoint
 from trainio.checkpoint._layout import parse_compression
 from trainio.checkpoint._manifest import Manifest
-from trainio.storage import FormatError
+from trainio.storage import FormatError, load_sealed, seal_json
 
 from .test_format import _same, _state, zarr_read
 
@@ -96,7 +96,7 @@ def test_a_manifest_with_an_unknown_codec_is_refused(tmp_path: Path, codec: obje
     with CheckpointManager([tmp_path], compression="zstd") as manager:
         manager.save(1, _compressible()).wait()
     path = tmp_path / "000000000001" / "manifest.json"
-    doc = json.loads(path.read_bytes())
+    doc = load_sealed(path.read_bytes(), str(tmp_path), "manifest.json")
     doc["arrays"]["w"]["codec"] = codec
     with pytest.raises(FormatError, match=r"arrays\['w'\].codec"):
-        Manifest.from_bytes(json.dumps(doc).encode(), str(tmp_path), "000000000001/manifest.json")
+        Manifest.from_bytes(seal_json(doc), str(tmp_path), "000000000001/manifest.json")

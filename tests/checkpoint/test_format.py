@@ -14,7 +14,7 @@ from trainio.checkpoint import CheckpointManager
 from trainio.checkpoint._layout import chunk_shape, _chunk_files
 from trainio.checkpoint._manifest import Manifest
 from trainio.checkpoint._names import is_node_name, node_name
-from trainio.storage import CheckpointError, FormatError
+from trainio.storage import CheckpointError, FormatError, load_sealed, seal_json
 
 torch = pytest.importorskip("torch")
 
@@ -202,7 +202,7 @@ def _manifest_doc(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     with CheckpointManager([tmp_path]) as manager:
         manager.save(7, {"w": torch.randn(300, 300), "small": torch.ones(10), "n": 3}).wait()
     path = tmp_path / "000000000007" / "manifest.json"
-    return json.loads(path.read_bytes()), path
+    return load_sealed(path.read_bytes(), str(tmp_path), "manifest.json"), path
 
 
 def _edit_files(doc: dict[str, Any]) -> None:
@@ -231,7 +231,7 @@ def _edit_files(doc: dict[str, Any]) -> None:
 def test_hand_edited_manifests_are_refused(tmp_path: Path, edit: Any, problem: str) -> None:
     doc, path = _manifest_doc(tmp_path)
     edit(doc)
-    path.write_text(json.dumps(doc))
+    path.write_bytes(seal_json(doc))  # edited and sealed again: the validation itself must refuse it
     with pytest.raises(FormatError, match=problem) as info:
         Manifest.from_bytes(path.read_bytes(), str(tmp_path), "000000000007/manifest.json")
     assert "manifest.json" in str(info.value)

@@ -1,0 +1,179 @@
+"""FIFOs, deep JSON, absurd sizes and symlinks in a tier: clean errors naming the file, fallback to a good tier.
+
+Every case runs under a watchdog: a hang fails the test instead of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from trainio.checkpoint import CheckpointManager, Tier, list_steps, promote_step, read_manifest, verify_checkpoint
+from trainio.storage import CheckpointError, FormatError, load_sealed, seal_json
+from trainio.tools._cli import main
+
+STEP = "000000000005"
+
+
+def _state() -> dict[str, Any]:
+    return {"w": np.arange(512 * 256, dtype=np.float32).reshape(512, 256), "small": np.ones(4), "lr": 0.5}
+
+
+def _within(seconds: float, call: Callable[[], Any]) -> Any:
+    """``call()``'s result, failing the test if it does not return in time (a hang)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("ok", call()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(("raised", exc))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"{call} hung for {seconds} s"
+    kind, value = outcome[0]
+    if kind == "raised":
+        raise value
+    return value
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    with CheckpointManager([Tier(tmp_path / "fast"), Tier(tmp_path / "slow")]) as manager:
+        manager.save(5, _state())
+        manager.promote()
+    return tmp_path
+
+
+def _restore(root: Path, **options: Any) -> Any:
+    with CheckpointManager([Tier(root / "fast"), Tier(root / "slow")]) as manager:
+        return manager.restore_with_report(5, **options)
+
+
+def _assert_state(state: dict[str, Any]) -> None:
+    np.testing.assert_array_equal(state["w"], _state()["w"])
+    np.testing.assert_array_equal(state["small"], _state()["small"])
+    assert state["lr"] == 0.5
+
+
+def _fifo_in_place_of(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _chunk(root: Path) -> Path:
+    return next(p for p in (root / "fast" / STEP / "state.zarr" / "w").rglob("*") if p.is_file()
+                and p.name != "zarr.json")
+
+
+@pytest.mark.parametrize("which", ["chunk", "zarr.json", "manifest.json"])
+def test_a_fifo_in_a_step_falls_back_to_the_next_tier(saved: Path, which: str) -> None:
+    target = {"chunk": _chunk(saved), "zarr.json": saved / "fast" / STEP / "state.zarr" / "w" / "zarr.json",
+              "manifest.json": saved / "fast" / STEP / "manifest.json"}[which]
+    _fifo_in_place_of(target)
+    state, report = _within(30, lambda: _restore(saved))
+    _assert_state(state)
+    checked = _within(30, lambda: verify_checkpoint(saved / "fast"))
+    if which == "manifest.json":  # no regular manifest: the step is not committed on that tier at all
+        assert checked.steps == [] and list_steps(saved / "fast") == []
+        return
+    assert any("not a regular file" in problem for problem in report.fell_back.values())
+    assert not checked.ok and "not a regular file" in checked.problems[0][2]
+
+
+def test_a_fifo_stops_promote_with_a_clean_error(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fifo_in_place_of(_chunk(saved))
+    shutil.rmtree(saved / "slow")
+    code = _within(30, lambda: main(["ckpt", "promote", str(saved / "fast"), str(saved / "other")]))
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "not a regular file" in err and "Traceback" not in err
+    assert not (saved / "other" / STEP / "manifest.json").exists()
+
+
+def _deep_manifest(saved: Path) -> None:
+    depth = 5000
+    (saved / "fast" / STEP / "manifest.json").write_bytes(b'{"tree":' + b"[" * depth + b"]" * depth + b"}")
+
+
+def _huge_size_manifest(saved: Path, size: int) -> None:
+    path = saved / "fast" / STEP / "manifest.json"
+    document = load_sealed(path.read_bytes(), "fast", "manifest.json")
+    key = next(k for k in document["files"] if k.endswith("zarr.json"))
+    document["files"][key]["size"] = size
+    path.write_bytes(seal_json(document))  # forged, with a seal that matches: the validation must still hold
+
+
+@pytest.mark.parametrize("damage", ["deep", "size 10**15", "size 10**11"])
+def test_hostile_manifests_are_clean_errors_everywhere(saved: Path, damage: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    if damage == "deep":
+        _deep_manifest(saved)
+    else:
+        _huge_size_manifest(saved, 10**15 if damage == "size 10**15" else 10**11)
+    state, _ = _within(30, lambda: _restore(saved))
+    _assert_state(state)
+    fast = str(saved / "fast")
+    for argv in (["ckpt", "verify", fast], ["ckpt", "ls", fast], ["ckpt", "show", fast, "--step", "5"],
+                 ["ckpt", "promote", fast, str(saved / "other"), "--step", "5"]):
+        code = _within(30, lambda argv=argv: main(argv))  # type: ignore[misc]
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err and "RecursionError" not in captured.err, argv
+        if argv[1] in ("verify", "promote") or damage != "size 10**11" and argv[1] == "show":
+            assert code != 0 and captured.err.count("\n") == 1, argv
+    rows = list_steps(saved / "fast")
+    if damage == "size 10**11":  # a valid manifest whose file is not that size: found by verify, never verified
+        assert not verify_checkpoint(saved / "fast").ok
+    else:
+        assert rows[0].error and not rows[0].verified
+        with pytest.raises(FormatError):
+            read_manifest(saved / "fast", 5)
+
+
+def test_repair_never_writes_through_a_link_out_of_the_tier(saved: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    step_dir = saved / "fast" / STEP / "state.zarr" / "w"
+    shutil.copytree(step_dir, outside / "w")
+    for chunk in (outside / "w").rglob("*"):
+        if chunk.is_file() and chunk.name != "zarr.json":
+            chunk.write_bytes(bytes(len(chunk.read_bytes())))  # damaged, so repair would rewrite it
+    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    shutil.rmtree(step_dir)
+    os.symlink(outside / "w", step_dir)
+    state, report = _within(30, lambda: _restore(saved, repair=True))
+    _assert_state(state)
+    assert any("out of the store's root" in problem for problem in report.fell_back.values())
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+    assert not report.repaired
+
+
+def test_a_link_out_of_the_tier_is_not_read_even_when_its_bytes_are_right(saved: Path,
+                                                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    step_dir = saved / "fast" / STEP / "state.zarr" / "w"
+    shutil.copytree(step_dir, outside / "w")
+    shutil.rmtree(step_dir)
+    os.symlink(outside / "w", step_dir)
+    shutil.rmtree(saved / "slow")
+    with CheckpointManager([Tier(saved / "fast")]) as manager, pytest.raises(CheckpointError,
+                                                                              match="out of the store's root"):
+        manager.restore(5)
+
+
+def test_last_known_good_that_is_deep_or_a_fifo_is_ignored(saved: Path) -> None:
+    marker = saved / "fast" / "last_known_good.json"
+    marker.write_bytes(b"[" * 5000 + b"]" * 5000)
+    assert list_steps(saved / "fast")[0].verified is False
+    marker.unlink()
+    os.mkfifo(marker)
+    assert _within(30, lambda: list_steps(saved / "fast"))[0].verified is False
+    assert json.loads((saved / "slow" / STEP / "manifest.json").read_bytes())["version"] == 2
