@@ -84,6 +84,9 @@ class VerifyReport:
         files: Files re-hashed.
         nbytes: Bytes re-hashed.
         problems: ``(step, file key, what is wrong)`` for each damaged or missing file.
+        unrecorded: Why the newest whole step could not be recorded as the
+            last known good one ("" when it was, or nothing was whole); the
+            verification itself stands.
     """
 
     url: str
@@ -91,6 +94,7 @@ class VerifyReport:
     files: int = 0
     nbytes: int = 0
     problems: list[tuple[int, str, str]] = field(default_factory=list)
+    unrecorded: str = ""
 
     @property
     def ok(self) -> bool:
@@ -103,7 +107,9 @@ def verify_checkpoint(where: Where, steps: list[int] | None = None, *, threads: 
     """Re-read every file of ``steps`` (default: all committed) and check sizes and xxh3-128.
 
     The newest step found whole is recorded as the tier's last known good
-    step, which retention never deletes.
+    step, which retention never deletes. Verifying needs no write access:
+    where that record cannot be written (a full or read-only tier), the
+    report says why in ``unrecorded`` and every check still counts.
     """
     tier = _tier(where)
     report = VerifyReport(tier.url, sorted(steps) if steps is not None else tier.steps())
@@ -133,7 +139,10 @@ def verify_checkpoint(where: Where, steps: list[int] | None = None, *, threads: 
             if not found:
                 good.append(step)
     if good:
-        tier.mark_known_good(max(good))
+        try:
+            tier.mark_known_good(max(good))
+        except OSError as exc:  # StoreError is one: a full disk, a read-only mount, no permission
+            report.unrecorded = f"step {max(good)} could not be recorded as the last known good one: {describe(exc)}"
     return report
 
 
@@ -184,8 +193,9 @@ def walk_tree(manifest: Manifest) -> Iterator[tuple[tuple[str | int, ...], str, 
     """Every node of a step's state, depth first: its key path, kind, and detail.
 
     Kinds: ``dict``, ``list``, ``tuple``, ``object`` (detail: the saved
-    type's name), ``array`` (detail: its :class:`ArraySpec`) and ``value``
-    (detail: the JSON value).
+    type's name), ``per_rank`` (detail: the number of ranks; its children's
+    keys are the ranks), ``array`` (detail: its :class:`ArraySpec`) and
+    ``value`` (detail: the JSON value).
     """
     def walk(node: dict[str, Any], keys: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str, Any]]:
         kind = node["t"]
@@ -199,8 +209,9 @@ def walk_tree(manifest: Manifest) -> Iterator[tuple[tuple[str | int, ...], str, 
                 if sub_keys != keys:
                     yield sub_keys, sub_kind, detail
         else:
-            yield keys, kind, len(node["items"])
-            pairs = node["items"] if kind == "dict" else list(enumerate(node["items"]))
+            children = node["ranks"] if kind == "per_rank" else node["items"]
+            yield keys, kind, len(children)
+            pairs = children if kind == "dict" else list(enumerate(children))
             for key, child in pairs:
                 yield from walk(child, (*keys, key))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -221,11 +222,16 @@ class LocalTierIO(TierIO):
         # Not Store.put: its temp file names no owner, so a crash would leave debris nobody may remove.
         os.makedirs(self.root, exist_ok=True)
         temp = os.path.join(self.root, _temp_dir_name("file", step))
-        with open(temp, "wb") as f:
-            f.write(json.dumps({"step": step}).encode())
-            if self.durable:
-                os.fsync(f.fileno())
-        os.replace(temp, os.path.join(self.root, LAST_KNOWN_GOOD))
+        try:
+            with open(temp, "wb") as f:
+                f.write(json.dumps({"step": step}).encode())
+                if self.durable:
+                    os.fsync(f.fileno())
+            os.replace(temp, os.path.join(self.root, LAST_KNOWN_GOOD))
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise StoreError(self.url, LAST_KNOWN_GOOD, f"cannot write: {exc.strerror or exc}") from exc
         if self.durable:
             fsync_dir(self.root)
 

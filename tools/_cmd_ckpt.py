@@ -100,11 +100,13 @@ def _verify(args: argparse.Namespace) -> int:
         raise ValueError(f"{report.url}: no committed step to verify")
     if args.json:
         print_json({"url": report.url, "ok": report.ok, "steps": report.steps, "files": report.files,
-                    "bytes": report.nbytes,
+                    "bytes": report.nbytes, "unrecorded": report.unrecorded,
                     "problems": [{"step": s, "file": k, "reason": r} for s, k, r in report.problems]})
     else:
         for step, key, reason in report.problems:
             print(f"trainio: error: {report.url}: step {step}: {key}: {reason}", file=sys.stderr)
+        if report.unrecorded:
+            print(f"trainio: warning: {report.url}: {report.unrecorded}", file=sys.stderr)
         if report.ok:
             print(f"ok: {report.url}: {len(report.steps)} step(s), {report.files} files "
                   f"({human_bytes(report.nbytes)}) verified")

@@ -85,3 +85,26 @@ def test_missing_step_is_a_one_line_error(tier: Path, capsys: pytest.CaptureFixt
     assert main(["ckpt", "show", str(tier), "--step", "99"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "step 99 is not committed" in err
+
+
+_VERIFY_UNDER_FSIZE_0 = """
+import resource, signal, sys
+from trainio.tools._cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+sys.exit(main(["ckpt", "verify", sys.argv[1]]))
+"""
+
+
+def test_verify_on_a_tier_that_cannot_be_written_still_reports_every_file(tier: Path) -> None:
+    """A full tier (no file may grow) is verified, says what it could not record, and leaves nothing behind."""
+    import subprocess
+    import sys
+
+    before = sorted(p.name for p in tier.iterdir())
+    done = subprocess.run([sys.executable, "-c", _VERIFY_UNDER_FSIZE_0, str(tier)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "3 step(s)" in done.stdout and "verified" in done.stdout
+    assert "warning" in done.stderr and "last_known_good.json" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tier.iterdir()) == before  # no temp file left
