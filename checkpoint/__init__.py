@@ -25,6 +25,7 @@ from ._handle import SaveHandle, TierResult
 from ._layout import PACK_PATH, ArraySpec
 from ._manager import CheckpointManager
 from ._manifest import FileEntry, Manifest
+from ._per_rank import PerRank
 from ._read import ReadReport
 from ._tier import Tier
 
@@ -35,6 +36,7 @@ __all__ = [
     "GcReport",
     "Manifest",
     "PACK_PATH",
+    "PerRank",
     "ReadReport",
     "SaveHandle",
     "StepInfo",

@@ -1,9 +1,11 @@
 """The state tree: what ``save`` accepts, and its JSON skeleton in the manifest.
 
 A state is a nested dict / list / tuple whose leaves are torch tensors, numpy
-arrays and scalars, JSON values (None, bool, int, float, str), and objects
-with ``state_dict()``. Flattening yields the skeleton (JSON, no pickle) and the
-array leaves, each with its path in the zarr group; building reverses it.
+arrays and scalars, JSON values (None, bool, int, float, str), objects with
+``state_dict()``, and :class:`PerRank` sub-states. Flattening yields the
+skeleton (JSON, no pickle) and the array leaves, each with its path in the
+zarr group; building reverses it. A ``PerRank`` node holds one sub-tree per
+rank; flattening on rank ``r`` gives it only rank ``r``'s (see ``_per_rank``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ._boxes import Box
 from ._dtensor import is_dtensor, local_shard
 from ._dtypes import numpy_dtype_name, stored_dtype, torch_dtype_name
 from ._names import node_name
+from ._per_rank import PerRank, rank_path
 
 Node = dict[str, Any]
 """One node of the skeleton, as stored in the manifest."""
@@ -42,6 +45,9 @@ class ArrayLeaf:
         shape: Its (global) shape.
         itemsize: Bytes per element.
         box: The part of the global array this process holds, or None for all of it.
+        dtensor: Whether it is a DTensor's local shard.
+        rank: The rank whose own value it is (inside a :class:`PerRank`), or
+            None for state every rank shares.
     """
 
     path: str
@@ -53,6 +59,13 @@ class ArrayLeaf:
     shape: tuple[int, ...]
     itemsize: int
     box: Box | None = None
+    dtensor: bool = False
+    rank: int | None = None
+
+    @property
+    def replicated(self) -> bool:
+        """Whether every rank must hold the same bytes of it: a plain tensor or array outside a PerRank."""
+        return not self.dtensor and self.rank is None
 
     @property
     def held_shape(self) -> tuple[int, ...]:
@@ -89,10 +102,14 @@ def _child_where(where: str, key: str | int) -> str:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, rank: int) -> None:
         self.arrays: list[ArrayLeaf] = []
+        self.rank = rank
+        self.owner: int | None = None  # set inside a PerRank
 
     def node(self, value: Any, path: str, where: str) -> Node:
+        if isinstance(value, PerRank):
+            return self.per_rank(value, path, where)
         if value is None or isinstance(value, (bool, str)):
             return {"t": "json", "value": value}
         if isinstance(value, int) and type(value) is int:
@@ -122,6 +139,15 @@ class _Flattener:
             "dicts, lists, tuples, tensors, numpy arrays, JSON values and objects with "
             "state_dict()/load_state_dict() (nothing is pickled)")
 
+    def per_rank(self, value: PerRank[Any], path: str, where: str) -> Node:
+        if self.owner is not None:
+            raise CheckpointError(f"{where}: a PerRank inside a PerRank; wrap the outer value only")
+        self.owner = self.rank
+        try:
+            return {"t": "per_rank", "ranks": [self.node(value.value, rank_path(path, self.rank), where)]}
+        finally:
+            self.owner = None
+
     def items(self, pairs: Any, path: str, where: str) -> list[list[Any]]:
         items: list[list[Any]] = []
         names: dict[str, object] = {}
@@ -147,6 +173,7 @@ class _Flattener:
         else:
             kind, array = "torch", value
         box = None
+        dtensor = False
         if kind == "torch":
             dtype = torch_dtype_name(value.dtype)
             itemsize = value.element_size()
@@ -156,6 +183,7 @@ class _Flattener:
                                       f"not {value.layout}")
             if is_dtensor(value):
                 array, box = local_shard(value, where)
+                dtensor = True
         else:
             name = numpy_dtype_name(array.dtype)
             if name is None:
@@ -163,7 +191,7 @@ class _Flattener:
                                       "use a numeric or bool dtype")
             dtype, itemsize, shape = name, array.dtype.itemsize, tuple(array.shape)
         self.arrays.append(ArrayLeaf(path, where, array, kind, dtype, stored_dtype(dtype, itemsize), shape, itemsize,
-                                     box))
+                                     box, dtensor, self.owner))
         return {"t": "array", "path": path}
 
 
@@ -171,14 +199,17 @@ def _join(path: str, name: str) -> str:
     return f"{path}/{name}" if path else name
 
 
-def flatten(state: Any) -> tuple[Node, list[ArrayLeaf]]:
-    """The skeleton of ``state`` and its array leaves, in order.
+def flatten(state: Any, rank: int = 0) -> tuple[Node, list[ArrayLeaf]]:
+    """The skeleton of ``state`` and its array leaves, in order, as rank ``rank`` holds them.
+
+    Each :class:`PerRank` node holds this rank's sub-tree only, its arrays
+    named with the rank; a multi-rank save gives it the other ranks' later.
 
     Raises:
         CheckpointError: a value cannot be checkpointed; the message names
             its place in the state.
     """
-    flattener = _Flattener()
+    flattener = _Flattener(rank)
     if not isinstance(state, (Mapping, list, tuple)) and not _has_state_dict(state):
         raise CheckpointError(f"state: must be a dict, list or tuple, not {type(state).__name__}")
     skeleton = flattener.node(state, "", "state")
@@ -198,6 +229,9 @@ def array_paths(node: Node) -> Iterator[str]:
             yield from array_paths(child)
     elif kind == "object":
         yield from array_paths(node["state"])
+    elif kind == "per_rank":
+        for child in node["ranks"]:
+            yield from array_paths(child)
 
 
 def select(node: Node, keys: list[str]) -> Node:
@@ -212,6 +246,8 @@ def select(node: Node, keys: list[str]) -> Node:
         wanted.setdefault(head, []).append(rest)
     if node["t"] == "object":
         return {**node, "state": select(node["state"], keys)}
+    if node["t"] == "per_rank":
+        return {**node, "ranks": [select(child, keys) for child in node["ranks"]]}
     if node["t"] == "dict":
         entries = [(str(k), k, child) for k, child in node["items"]]
     elif node["t"] in ("list", "tuple"):
@@ -236,7 +272,9 @@ def build(node: Node, load_array: Callable[[str, Any], Any], into: Any = None) -
 
     ``into`` is an existing state of the same shape: its tensors and arrays are
     passed as targets to load in place, and its ``load_state_dict`` objects are
-    given their restored state.
+    given their restored state. Each per-rank node must hold one sub-tree (this
+    rank's, from :func:`~trainio.checkpoint._per_rank.for_rank`): it becomes a
+    :class:`PerRank`.
     """
     kind = node["t"]
     if kind == "json":
@@ -252,6 +290,10 @@ def build(node: Node, load_array: Callable[[str, Any], Any], into: Any = None) -
             into.load_state_dict(state)
             return into
         return state
+    if kind == "per_rank":
+        if len(node["ranks"]) != 1:
+            raise CheckpointError(f"a per-rank node of {len(node['ranks'])} ranks was not cut to this rank's")
+        return PerRank(build(node["ranks"][0], load_array, into.value if isinstance(into, PerRank) else into))
     if kind == "dict":
         result: dict[Any, Any] = {}
         for key, child in node["items"]:
