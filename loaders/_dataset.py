@@ -7,6 +7,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import pyarrow.ipc as ipc
 from trainio.storage import FormatError, LocalStore, NotFound, Store, open_store
 from trainio.storage._hashing import check_digest, digest
 
-from ._index import INDEX_KEY, DatasetIndex, ShardInfo
+from ._index import DatasetIndex, ShardInfo, load_index
 
 _CACHED_BATCHES = 16
 _OPEN_MAPS = 64
@@ -25,12 +26,15 @@ _OPEN_MAPS = 64
 class Dataset:
     """A trainio dataset, opened read-only: its index, schema and rows.
 
-    Opening reads and validates ``index.json`` (format, version, every shard
-    path inside the dataset, counts that add up). Random access reads only
-    the record batches it needs, by the byte ranges the index records:
-    memory-mapped for local datasets, ranged GETs for remote ones. A
-    whole-shard read (:meth:`read_shard`) verifies the shard's xxh3-128.
-    Thread-safe.
+    Opening reads and validates ``index.json`` (its seal, format, version,
+    every shard path inside the dataset, counts that add up). Random access
+    reads only the record batches it needs, by the byte ranges the index
+    records: memory-mapped for local datasets, ranged GETs for remote ones;
+    those reads are not hash-verified (a :class:`StreamingDataset` verifies
+    every shard before it yields a sample of it). A whole-shard read
+    (:meth:`read_shard`) verifies the shard's xxh3-128. Only regular files
+    inside a local dataset's directory are read: a FIFO or a symbolic link
+    leading out of it is an error naming the file. Thread-safe.
 
     Values come back as numpy where numpy has a type for them: numbers and
     bools as numpy scalars (``take``: 1-D arrays), variable-length lists as
@@ -40,24 +44,20 @@ class Dataset:
     Raises:
         NotFound: there is no ``index.json`` at ``url`` (no dataset, or an
             unfinished write).
-        FormatError: the index is malformed, naming the field.
+        FormatError: the index is damaged or malformed, naming the field.
+        StoreError: the index is not a regular file inside the dataset.
     """
 
     def __init__(self, url: str | os.PathLike[str] | Store) -> None:
         self._store = url if isinstance(url, Store) else open_store(url)
-        try:
-            raw = self._store.get(INDEX_KEY)
-        except NotFound as exc:
-            raise NotFound(self._store.url, INDEX_KEY, "no dataset here: index.json is missing",
-                           "a dataset exists only once its writer has closed; re-run the writer") from exc
-        self._index = DatasetIndex.from_json(raw, url=self._store.url)
+        self._index, raw = load_index(self._store)
         self._index_xxh3 = digest(raw)
         self._reset_caches()
 
     def _reset_caches(self) -> None:
         self._lock = threading.Lock()
         self._batches: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
-        self._maps: OrderedDict[int, pa.Buffer] = OrderedDict()
+        self._maps: OrderedDict[int, MappedFile] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         # The index travels as it was read, so a copy in another process never sees a newer dataset.
@@ -137,11 +137,26 @@ class Dataset:
             if cached is not None:
                 self._batches.move_to_end((shard, number))
                 return cached
+        where = self._index.shards[shard].batches[number]
+        batch = self.decode_batch(shard, number, self._read_range(shard, where.offset, where.length))
+        with self._lock:
+            self._batches[(shard, number)] = batch
+            while len(self._batches) > _CACHED_BATCHES:
+                self._batches.popitem(last=False)
+        return batch
+
+    def decode_batch(self, shard: int, number: int, data: pa.Buffer) -> pa.RecordBatch:
+        """Record batch ``number`` of shard ``shard`` decoded from ``data``, its bytes (or the whole file's).
+
+        Raises:
+            FormatError: the bytes do not decode, or hold another number of rows than the index says.
+        """
         info = self._index.shards[shard]
         where = info.batches[number]
-        buffer = self._read_range(shard, where.offset, where.length)
+        if data.size != where.length:
+            data = data.slice(where.offset, where.length)
         try:
-            batch = ipc.read_record_batch(buffer, self.schema)
+            batch = ipc.read_record_batch(data, self.schema)
         except (pa.ArrowException, ValueError) as exc:
             raise FormatError(self.url, info.path, f"record batch {number} at bytes [{where.offset}, "
                               f"{where.offset + where.length}) does not decode ({exc})",
@@ -149,10 +164,6 @@ class Dataset:
         if batch.num_rows != info.batch_rows(number):
             raise FormatError(self.url, info.path, f"record batch {number} has {batch.num_rows} rows, "
                               f"the index says {info.batch_rows(number)}", "run trainio verify")
-        with self._lock:
-            self._batches[(shard, number)] = batch
-            while len(self._batches) > _CACHED_BATCHES:
-                self._batches.popitem(last=False)
         return batch
 
     def read_shard(self, shard: int) -> pa.Table:
@@ -190,14 +201,20 @@ class Dataset:
     def _read_range(self, shard: int, offset: int, length: int) -> pa.Buffer:
         info = self._index.shards[shard]
         if isinstance(self._store, LocalStore):
-            mapped = self._map(self._store, shard)
-            if mapped.size != info.bytes:
-                raise FormatError(self.url, info.path, f"is {mapped.size} bytes, the index says {info.bytes}",
-                                  "the shard was truncated or replaced: run trainio verify")
-            return mapped.slice(offset, length)
+            return self.mapped(shard).buffer.slice(offset, length)
         return pa.py_buffer(self._store.get(info.path, offset, offset + length))
 
-    def _map(self, store: LocalStore, shard: int) -> pa.Buffer:
+    def mapped(self, shard: int) -> MappedFile:
+        """The whole file of shard ``shard`` of a local dataset, memory-mapped (kept for the next call), unverified.
+
+        Raises:
+            NotFound: the shard file is missing, or is not a regular file.
+            StoreError: a symbolic link leads it out of the dataset's directory.
+            FormatError: its size is not the one the index records.
+        """
+        store = self._store
+        if not isinstance(store, LocalStore):
+            raise TypeError(f"{self.url}: only a local dataset's shards are memory-mapped in place")
         with self._lock:
             mapped = self._maps.get(shard)
             if mapped is not None:
@@ -207,8 +224,11 @@ class Dataset:
         try:
             mapped = map_local(store, info.path)
         except NotFound as exc:
-            raise NotFound(self.url, info.path, "the shard file is missing",
+            raise NotFound(self.url, info.path, f"the shard file is missing ({exc.problem})",
                            "the dataset is incomplete: run trainio verify") from exc
+        if mapped.buffer.size != info.bytes:
+            raise FormatError(self.url, info.path, f"is {mapped.buffer.size} bytes, the index says {info.bytes}",
+                              "the shard was truncated or replaced: run trainio verify")
         with self._lock:
             self._maps[shard] = mapped
             while len(self._maps) > _OPEN_MAPS:
@@ -216,16 +236,37 @@ class Dataset:
         return mapped
 
 
-def map_local(store: LocalStore, key: str) -> pa.Buffer:
+@dataclass(frozen=True, slots=True)
+class MappedFile:
+    """A file memory-mapped read-only, and which file it was when mapped.
+
+    Attributes:
+        buffer: The file's bytes (no copy).
+        identity: ``(st_dev, st_ino, st_size, st_mtime_ns)`` of the open file:
+            a file replaced or rewritten since has another.
+    """
+
+    buffer: pa.Buffer
+    identity: tuple[int, int, int, int]
+
+
+def map_local(store: LocalStore, key: str) -> MappedFile:
     """The whole file of ``key`` in a local store, memory-mapped read-only (no copy).
 
+    Opened through :meth:`LocalStore.open_file`: only a regular file inside
+    the store's root, never a FIFO (which would block) or a link leading out.
+
     Raises:
-        NotFound: the file does not exist.
+        NotFound: the file does not exist or is not a regular file.
+        StoreError: a symbolic link leads it out of the store's root.
     """
+    fd = store.open_file(key)
     try:
-        return map_file(store.path_of(key))
-    except FileNotFoundError as exc:
-        raise NotFound(store.url, key, "no such key") from exc
+        st = os.fstat(fd)
+        data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""
+    finally:
+        os.close(fd)
+    return MappedFile(pa.py_buffer(data), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 def map_file(path: str | os.PathLike[str]) -> pa.Buffer:

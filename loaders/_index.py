@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import bisect
-import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,14 +13,20 @@ from typing import Any
 
 import pyarrow as pa
 
-from trainio.storage import FormatError, InvalidKey
+from trainio.storage import (
+    MAX_DOCUMENT_BYTES, SEAL_FIELD, FormatError, InvalidKey, LocalStore, NotFound, Store, is_sealed, load_sealed,
+    parse_json, seal_json,
+)
 from trainio.storage._keys import check_key
 
 FORMAT_NAME = "trainio.dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The version this trainio writes: 2 seals ``index.json`` (``document_xxh3_128``); version 1 is still read."""
 INDEX_KEY = "index.json"
 SHARD_DIR = "shards"
 COMPRESSIONS = (None, "lz4", "zstd")
+READ_VERSIONS = (1, 2)
+MAX_INDEX_BYTES = MAX_DOCUMENT_BYTES
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -114,18 +120,48 @@ class DatasetIndex:
                 for s in self.shards
             ],
         }
-        return json.dumps(document, indent=1).encode("utf-8")
+        return seal_json(document, indent=1)
 
     @classmethod
     def from_json(cls, data: bytes, *, url: str) -> DatasetIndex:
         """Parse and validate ``index.json`` of the dataset at ``url``.
 
+        A sealed index (version 2) has its seal checked over the bytes before
+        it is parsed; an unsealed one is accepted only as version 1.
+
         Raises:
-            FormatError: naming the field that is wrong: not JSON, another
+            FormatError: naming the field that is wrong: a seal that does not
+                match (or a version-2 index without one), not JSON, nested too
+                deep, another
                 format or a newer version, a shard path outside the
                 dataset, counts or batch tables that do not add up.
         """
         return _Parser(url).parse(data)
+
+
+def load_index(store: Store) -> tuple[DatasetIndex, bytes]:
+    """The dataset index of ``store`` and its exact bytes: read bounded in size, its seal checked, validated.
+
+    Only a regular file inside the store's root is read (a FIFO is refused
+    without blocking, a link out of the root is refused).
+
+    Raises:
+        NotFound: there is no ``index.json`` (no dataset, or an unfinished write).
+        FormatError: it is too large, damaged (seal), or malformed, naming the field.
+        StoreError: it cannot be read (a symbolic link leading out of the root, say).
+    """
+    try:
+        size = store.size(INDEX_KEY)
+        if size > MAX_INDEX_BYTES:
+            raise FormatError(store.url, INDEX_KEY, f"is {size} bytes, more than the {MAX_INDEX_BYTES} an index may have",
+                              "this is not a trainio index")
+        raw = store.get(INDEX_KEY)
+    except NotFound as exc:
+        if isinstance(store, LocalStore) and os.path.lexists(store.path_of(INDEX_KEY)):
+            raise  # there is something, but not a regular file: the error says what
+        raise NotFound(store.url, INDEX_KEY, "no dataset here: index.json is missing",
+                       "a dataset exists only once its writer has closed; re-run the writer") from exc
+    return DatasetIndex.from_json(raw, url=store.url), raw
 
 
 def _created_by() -> str:
@@ -146,19 +182,26 @@ class _Parser:
                            hint or "the index is damaged or was edited by hand: re-shard the dataset")
 
     def parse(self, data: bytes) -> DatasetIndex:
-        try:
-            document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self.fail("", f"is not valid JSON ({exc})") from exc
+        sealed = is_sealed(data)
+        # A seal is checked over the bytes before anything is parsed; without one the document is parsed
+        # (bounded in size and depth) only to learn that it is an unsealed version-1 index.
+        document = load_sealed(data, self.url, INDEX_KEY) if sealed else parse_json(data, self.url, INDEX_KEY)
         if not isinstance(document, dict):
             raise self.fail("", "is not a JSON object")
+        if SEAL_FIELD in document:
+            raise self.fail(SEAL_FIELD, "is not 32 lowercase hex digits closing the document: the index is damaged",
+                            "restore index.json from a good copy or re-shard the dataset")
         if document.get("format") != FORMAT_NAME:
             raise self.fail("format", f"is {document.get('format')!r}, not {FORMAT_NAME!r}",
                             "this is not a trainio dataset")
         ver = self.integer(document, "version", "version")
-        if ver != FORMAT_VERSION:
-            raise self.fail("version", f"is {ver}; this trainio reads version {FORMAT_VERSION}",
+        if ver not in READ_VERSIONS:
+            raise self.fail("version", f"is {ver}; this trainio reads versions {READ_VERSIONS}",
                             "upgrade trainio" if ver > FORMAT_VERSION else "")
+        if ver >= 2 and not sealed:
+            raise self.fail("", f"a version-{ver} index must end with its {SEAL_FIELD!r} member, and this one has "
+                                "none: it is damaged, truncated or was edited by hand",
+                            "restore index.json from a good copy or re-shard the dataset")
         compression = document.get("compression")
         if compression not in COMPRESSIONS:
             raise self.fail("compression", f"is {compression!r}, not one of {COMPRESSIONS}")

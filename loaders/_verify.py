@@ -14,7 +14,7 @@ from trainio.storage import FormatError, LocalStore, NotFound, Store, StoreError
 from trainio.storage._hashing import digest
 
 from ._dataset import map_local
-from ._index import INDEX_KEY, SHARD_DIR, DatasetIndex, ShardInfo
+from ._index import INDEX_KEY, SHARD_DIR, DatasetIndex, ShardInfo, load_index
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,15 +66,17 @@ def verify_dataset(
     """
     store = url if isinstance(url, Store) else open_store(url)
     try:
-        index = DatasetIndex.from_json(store.get(INDEX_KEY), url=store.url)
-    except NotFound:
+        index, _ = load_index(store)
+    except NotFound as exc:
         leftovers = store.list(SHARD_DIR)
-        reason = "missing: this is not a dataset"
+        reason = _absence(store, INDEX_KEY, exc) or "missing: this is not a dataset"
         if leftovers:
             reason += f" ({len(leftovers)} shard files of an unfinished or killed write are here)"
         return VerifyReport(url=store.url, problems=(Problem(INDEX_KEY, reason),), orphans=tuple(leftovers))
     except FormatError as exc:
         return VerifyReport(url=store.url, problems=(Problem(INDEX_KEY, exc.problem),))
+    except StoreError as exc:
+        return VerifyReport(url=store.url, problems=(Problem(INDEX_KEY, f"unreadable: {exc.problem}"),))
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="trainio-verify") as pool:
         results = list(pool.map(lambda shard: _check_shard(store, index, shard, progress), index.shards))
     listed = {s.path for s in index.shards}
@@ -90,8 +92,8 @@ def _check_shard(
 ) -> list[Problem]:
     try:
         return _shard_problems(store, index, shard)
-    except NotFound:
-        return [Problem(shard.path, "missing")]
+    except NotFound as exc:
+        return [Problem(shard.path, _absence(store, shard.path, exc) or "missing")]
     except StoreError as exc:
         return [Problem(shard.path, f"unreadable: {exc.problem}")]
     finally:
@@ -132,5 +134,12 @@ def _shard_problems(store: Store, index: DatasetIndex, shard: ShardInfo) -> list
     return problems
 
 
+def _absence(store: Store, key: str, exc: NotFound) -> str:
+    """"" when ``key`` is plainly absent; else why what is there cannot be read (a FIFO in place of a file, say)."""
+    if isinstance(store, LocalStore) and os.path.lexists(store.path_of(key)):
+        return f"unreadable: {exc.problem}"
+    return ""
+
+
 def _read_whole(store: Store, key: str) -> pa.Buffer:
-    return map_local(store, key) if isinstance(store, LocalStore) else pa.py_buffer(store.get(key))
+    return map_local(store, key).buffer if isinstance(store, LocalStore) else pa.py_buffer(store.get(key))

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from trainio.storage import AlreadyExists, FormatError, Store, open_store
 
-from ._index import INDEX_KEY, SHARD_DIR, DatasetIndex, ShardInfo
+from ._index import INDEX_KEY, SHARD_DIR, DatasetIndex, ShardInfo, load_index
 from ._shards import Compression
 from ._shardset import ShardSetWriter
 
@@ -57,7 +57,7 @@ def prepare_destination(store: Store, *, overwrite: bool) -> Destination:
             raise AlreadyExists(store.url, INDEX_KEY, "a dataset already exists here",
                                 "pass overwrite=True (--overwrite) to replace it, or choose another place")
         try:
-            replaced = frozenset(s.path for s in DatasetIndex.from_json(store.get(INDEX_KEY), url=store.url).shards)
+            replaced = frozenset(s.path for s in load_index(store)[0].shards)
         except FormatError:
             log.warning("replacing the damaged dataset at %s", store.url)
     leftovers = [key for key in store.list(SHARD_DIR) if key not in replaced]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from trainio.storage import (
 )
 
 from .._writers import kill_a_dataset_writer_midway
+from ._damage import edit_index
 
 
 def make_row(i: int) -> dict[str, object]:
@@ -210,12 +210,6 @@ def _write_small(path: Path) -> Dataset:
     return Dataset(path)
 
 
-def _edit_index(path: Path, edit: object) -> None:
-    document = json.loads((path / "index.json").read_text())
-    edit(document)  # type: ignore[operator]
-    (path / "index.json").write_text(json.dumps(document))
-
-
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda d: d["shards"][0].update(path="../../etc/passwd"), r"shards\[0\]\.path: '../../etc/passwd' is not a path inside"),
     (lambda d: d["shards"][0].update(path="/etc/passwd"), r"shards\[0\]\.path"),
@@ -223,14 +217,14 @@ def _edit_index(path: Path, edit: object) -> None:
     (lambda d: d.update(rows=d["rows"] + 1), r"rows: is 41 but the shards hold 40 rows"),
     (lambda d: d["shards"][0].update(rows=39), r"rows: is 40 but the shards hold 39"),
     (lambda d: d.update(format="webdataset"), r"format: is 'webdataset'"),
-    (lambda d: d.update(version=2), r"version: is 2.*upgrade trainio"),
+    (lambda d: d.update(version=3), r"version: is 3.*upgrade trainio"),
     (lambda d: d["shards"][0].update(xxh3_128="nothex"), r"xxh3_128"),
     (lambda d: d["shards"][0]["batches"][1].__setitem__(1, 10**9), r"batches\[1\]"),
     (lambda d: d["schema"].update(arrow_ipc_base64="AAAA"), r"schema"),
 ])
 def test_hand_edited_index_is_refused(tmp_path: Path, edit: object, message: str) -> None:
     _write_small(tmp_path / "ds")
-    _edit_index(tmp_path / "ds", edit)
+    edit_index(tmp_path / "ds", edit)  # sealed again: the index's own validation refuses it
     with pytest.raises(FormatError, match=message) as info:
         Dataset(tmp_path / "ds")
     assert info.value.key == "index.json"

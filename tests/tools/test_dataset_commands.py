@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,7 @@ from trainio.storage import S3Store
 from trainio.tools._cli import main
 
 from .._writers import kill_a_dataset_writer_midway
+from ..loaders._damage import edit_index, flip_bit
 
 N = 3000
 
@@ -191,17 +193,25 @@ def _damage_remove(ds: Path) -> None:
     _shard_file(ds).unlink()
 
 
-def _damage_rows(ds: Path) -> None:
-    document = json.loads((ds / "index.json").read_text())
+def _more_rows(document: dict[str, Any]) -> None:
     document["shards"][1]["rows"] += 1
     document["rows"] += 1
-    (ds / "index.json").write_text(json.dumps(document))
+
+
+def _damage_rows(ds: Path) -> None:
+    edit_index(ds, _more_rows)
 
 
 def _damage_path(ds: Path) -> None:
-    document = json.loads((ds / "index.json").read_text())
-    document["shards"][1]["path"] = "../../etc/passwd"
-    (ds / "index.json").write_text(json.dumps(document))
+    edit_index(ds, lambda d: d["shards"][1].update(path="../../etc/passwd"))
+
+
+def _damage_index_unsealed(ds: Path) -> None:
+    edit_index(ds, _more_rows, seal=False)
+
+
+def _damage_index_bit(ds: Path) -> None:
+    flip_bit(ds / "index.json", 40)
 
 
 @pytest.mark.parametrize(("damage", "where", "reason"), [
@@ -210,6 +220,8 @@ def _damage_path(ds: Path) -> None:
     (_damage_remove, "shard-00001", "missing"),
     (_damage_rows, "shard-00001", "the index says"),
     (_damage_path, "index.json", "'../../etc/passwd' is not a path inside the dataset"),
+    (_damage_index_unsealed, "index.json", "must end with its 'document_xxh3_128' member"),
+    (_damage_index_bit, "index.json", "the document is damaged"),
 ])
 def test_verify_reports_each_damage(
     sharded: Path, capsys: pytest.CaptureFixture[str], damage: object, where: str, reason: str

@@ -1,0 +1,154 @@
+"""What readers refuse: a damaged index (every bit flip), damaged shards, and hostile files (FIFOs, deep JSON, links out)."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from trainio.loaders import Dataset, DatasetIndex, DatasetWriter, StreamingDataset, verify_dataset
+from trainio.storage import SEAL_FIELD, FormatError, NotFound, StoreError, seal_json
+
+from ._damage import edit_index, flip_bit
+
+
+def write_dataset(path: Path, rows: int = 40, batch_rows: int = 10, shard_bytes: int = 1 << 20) -> Path:
+    with DatasetWriter(path, batch_rows=batch_rows, shard_bytes=shard_bytes) as writer:
+        writer.write_batch({"id": np.arange(rows, dtype=np.int64),
+                            "tokens": [np.arange(i % 5, dtype=np.int32) for i in range(rows)]})
+    return path
+
+
+def finishes(call: Callable[[], Any], timeout_s: float = 20.0) -> BaseException | None:
+    """Run ``call`` in a daemon thread; fail the test if it hangs; return what it raised (None if nothing)."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"{call} still runs after {timeout_s} s: it hangs"
+    return outcome[0]
+
+
+# -- index.json: the seal --------------------------------------------------------------------------------------
+
+
+def test_the_writer_seals_the_index_as_version_2(tmp_path: Path) -> None:
+    data = (write_dataset(tmp_path / "ds") / "index.json").read_bytes()
+    assert b'"version": 2' in data and data.rstrip().endswith(b"}")
+    assert f'"{SEAL_FIELD}": "'.encode() in data[-60:]
+    assert Dataset(tmp_path / "ds").index == DatasetIndex.from_json(data, url="u")
+
+
+def test_every_bit_flip_of_a_small_index_is_refused_or_harmless(tmp_path: Path) -> None:
+    data = (write_dataset(tmp_path / "ds", rows=12, batch_rows=4) / "index.json").read_bytes()
+    good = DatasetIndex.from_json(data, url="u")
+    refused = same = 0
+    for position in range(len(data)):
+        for bit in range(8):
+            damaged = bytearray(data)
+            damaged[position] ^= 1 << bit
+            try:
+                parsed = DatasetIndex.from_json(bytes(damaged), url="u")
+            except FormatError:
+                refused += 1
+                continue
+            assert parsed == good, (position, bit)
+            same += 1
+    assert refused + same == 8 * len(data)
+    assert same == 0  # the seal covers every byte, its own digits included
+
+
+def test_a_seeded_sample_of_index_bit_flips_end_to_end(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds", rows=12, batch_rows=4)
+    data = (root / "index.json").read_bytes()
+    rng = random.Random(19)
+    for position, bit in [(rng.randrange(len(data)), rng.randrange(8)) for _ in range(24)]:
+        flip_bit(root / "index.json", position, bit)
+        with pytest.raises(FormatError) as info:
+            StreamingDataset(root)
+        assert info.value.key == "index.json"
+        report = verify_dataset(root)
+        assert not report.ok and report.problems[0].path == "index.json"
+        (root / "index.json").write_bytes(data)
+    assert sorted(int(s["id"]) for s in StreamingDataset(root)) == list(range(12))
+
+
+def test_an_unsealed_version_2_index_is_refused(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds")
+    edit_index(root, lambda d: None, seal=False)
+    with pytest.raises(FormatError, match=f"must end with its '{SEAL_FIELD}' member"):
+        Dataset(root)
+
+
+def test_a_version_1_index_without_a_seal_is_still_read(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds")
+    edit_index(root, lambda d: d.update(version=1), seal=False)
+    assert len(Dataset(root)) == 40
+    edit_index(root, lambda d: d.update(version=1))  # a seal on a version-1 index is checked too
+    assert len(Dataset(root)) == 40
+    flip_bit(root / "index.json", 30)
+    with pytest.raises(FormatError, match="damaged"):
+        Dataset(root)
+
+
+def test_a_seal_member_that_is_not_a_seal_is_refused(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds")
+    edit_index(root, lambda d: d.update(version=1, **{SEAL_FIELD: "not a digest"}), seal=False)
+    with pytest.raises(FormatError, match=SEAL_FIELD):
+        Dataset(root)
+
+
+# -- index.json: hostile documents ------------------------------------------------------------------------------
+
+
+def test_a_deeply_nested_index_is_a_clean_format_error(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds")
+    for depth in (300, 5000, 100_000):
+        nested = b"[" * depth + b"]" * depth
+        (root / "index.json").write_bytes(b'{"format": "trainio.dataset", "version": 1, "x": ' + nested + b"}")
+        with pytest.raises(FormatError, match="nested more than") as info:
+            Dataset(root)
+        assert info.value.key == "index.json"
+        assert "nested more than" in verify_dataset(root).problems[0].reason
+        # sealed, the depth is still bounded
+        (root / "index.json").write_bytes(seal_json({"format": "trainio.dataset", "x": []}, indent=None)
+                                          .replace(b'"x":[]', b'"x":' + nested))
+        with pytest.raises(FormatError):
+            Dataset(root)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_in_place_of_the_index_is_refused_without_hanging(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds")
+    (root / "index.json").unlink()
+    os.mkfifo(root / "index.json")
+    error = finishes(lambda: Dataset(root))
+    assert isinstance(error, NotFound) and error.key == "index.json" and "not a regular file" in str(error)
+    assert finishes(lambda: verify_dataset(root)) is None
+    problems = verify_dataset(root).problems
+    assert problems[0].path == "index.json" and "not a regular file" in problems[0].reason
+
+
+def test_an_index_symlinked_from_outside_the_dataset_is_refused(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds")
+    outside = tmp_path / "elsewhere.json"
+    (root / "index.json").rename(outside)
+    (root / "index.json").symlink_to(outside)
+    with pytest.raises(StoreError, match="symbolic link leads it out") as info:
+        Dataset(root)
+    assert info.value.key == "index.json"
