@@ -1,4 +1,12 @@
-"""Multi-rank saves: agree on a plan, each rank writes its share, rank 0 commits once all have reported."""
+"""Multi-rank saves: agree on a plan, each rank writes its share, rank 0 commits once all have reported.
+
+Agreeing on the plan is one exchange (all_gather) in ``save()``: each rank
+sends its array rows with the xxh3-128 of every replicated array's live bytes,
+the digest of its skeleton's shared part (JSON leaves included) and its own
+:class:`~trainio.checkpoint.PerRank` sub-trees. Every rank then checks the
+same things alike and raises alike; only when the skeletons differ is there a
+second exchange, of the skeletons themselves, to name the first difference.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ from trainio.storage import CheckpointError
 
 from ._collective import Collective
 from ._manifest import MANIFEST, FileEntry, Manifest
+from ._per_rank import fill, skeleton_mismatch, split, value_digest
 from ._plan import PACK_OWNER, Plan, describe_leaves, make_plan
 from ._snapshot import Snapshot
 from ._tier_io import StepWriter, TierIO, describe, step_name
@@ -27,20 +36,35 @@ class ShardedSaves:
         self._pack_bytes = pack_bytes
         self._codec = codec
 
-    def plan(self, step: int, leaves: list[ArrayLeaf], problem: BaseException | None,
+    def plan(self, step: int, skeleton: Node, leaves: list[ArrayLeaf], problem: BaseException | None,
              tier: TierIO) -> tuple[Plan, str | None]:
         """The plan of ``step`` that every rank computes alike, and the name rank 0 chose for its writers.
 
-        ``problem`` is this rank's reason not to save (a state it cannot
-        flatten, an earlier failure): every rank then raises.
+        ``skeleton`` and ``leaves`` are this rank's flattened state (per-rank
+        nodes holding this rank's sub-tree); on return every per-rank node of
+        ``skeleton`` holds every rank's. ``problem`` is this rank's reason not
+        to save (a state it cannot flatten, an earlier failure): every rank
+        then raises.
 
         Raises:
             CheckpointError: a rank has a problem, the ranks save different
-                steps or states, or a rank did not join within the timeout.
+                steps or states (structure, a replicated array's bytes, or a
+                JSON value outside a PerRank), or a rank did not join within
+                the timeout.
         """
-        payload = {"step": step, "problem": None if problem is None else describe(problem),
-                   "rows": describe_leaves(leaves) if problem is None else [],
-                   "name": tier.shared_name(step) if self.rank == PACK_OWNER else None}
+        shared: Node = {}
+        own: list[Node] = []
+        payload: dict[str, Any] = {"step": step, "rows": [], "skeleton": None, "own": [],
+                                   "name": tier.shared_name(step) if self.rank == PACK_OWNER else None}
+        if problem is None:
+            try:
+                shared, payload["skeleton"], own = split(skeleton)
+                digests = [value_digest(leaf) if leaf.replicated else None for leaf in leaves]
+                payload["rows"], payload["own"] = describe_leaves(leaves, digests), own
+            except Exception as exc:  # noqa: BLE001 - a value that cannot be hashed fails the save on every rank
+                problem = CheckpointError(f"hashing the state to compare it between ranks failed: {describe(exc)}")
+                problem.__cause__ = exc
+        payload["problem"] = None if problem is None else describe(problem)
         everyone = self.collective.all_gather(f"step {step}: agreeing on the save", payload)
         if problem is not None:
             raise problem
@@ -51,7 +75,12 @@ class ShardedSaves:
         if len(set(steps)) > 1:
             raise CheckpointError(f"the ranks called save() with different steps {steps}; every rank must save "
                                   "the same step")
-        plan = make_plan([p["rows"] for p in everyone], self._chunk_bytes, self._pack_bytes, self._codec)
+        plan = make_plan([p["rows"] for p in everyone], self._chunk_bytes, self._pack_bytes, self._codec,
+                         {leaf.path: leaf.where for leaf in leaves})
+        if len({p["skeleton"] for p in everyone}) > 1:
+            skeletons = self.collective.all_gather(f"step {step}: comparing the ranks' states", shared)
+            raise skeleton_mismatch(skeletons)
+        fill(skeleton, [p["own"] for p in everyone])
         return plan, everyone[PACK_OWNER]["name"]
 
     def share(self, plan: Plan, leaves: list[ArrayLeaf]) -> tuple[list[ArrayLeaf], frozenset[str]]:
@@ -111,7 +140,7 @@ class ShardedSaves:
             if not errors:
                 try:
                     Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")  # nothing is missing
-                    writer.commit(document)
+                    writer.commit(document, files)
                     return {"manifest": document}
                 except Exception as exc:  # noqa: BLE001 - becomes the step's failure on every rank
                     errors.append(f"rank {self.rank}: {describe(exc)}")
