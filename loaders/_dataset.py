@@ -146,15 +146,13 @@ class Dataset:
         return batch
 
     def decode_batch(self, shard: int, number: int, data: pa.Buffer) -> pa.RecordBatch:
-        """Record batch ``number`` of shard ``shard`` decoded from ``data``, its bytes (or the whole file's).
+        """Record batch ``number`` of shard ``shard`` decoded from ``data``, the bytes of its IPC message.
 
         Raises:
             FormatError: the bytes do not decode, or hold another number of rows than the index says.
         """
         info = self._index.shards[shard]
         where = info.batches[number]
-        if data.size != where.length:
-            data = data.slice(where.offset, where.length)
         try:
             batch = ipc.read_record_batch(data, self.schema)
         except (pa.ArrowException, ValueError) as exc:
@@ -204,8 +202,12 @@ class Dataset:
             return self.mapped(shard).buffer.slice(offset, length)
         return pa.py_buffer(self._store.get(info.path, offset, offset + length))
 
-    def mapped(self, shard: int) -> MappedFile:
+    def mapped(self, shard: int, *, fresh: bool = False) -> MappedFile:
         """The whole file of shard ``shard`` of a local dataset, memory-mapped (kept for the next call), unverified.
+
+        With ``fresh``, a mapping kept from an earlier call is used only if
+        the file is still the one it mapped (device, inode, size and
+        modification time); otherwise the file is mapped again.
 
         Raises:
             NotFound: the shard file is missing, or is not a regular file.
@@ -215,12 +217,13 @@ class Dataset:
         store = self._store
         if not isinstance(store, LocalStore):
             raise TypeError(f"{self.url}: only a local dataset's shards are memory-mapped in place")
+        info = self._index.shards[shard]
         with self._lock:
             mapped = self._maps.get(shard)
             if mapped is not None:
                 self._maps.move_to_end(shard)
-                return mapped
-        info = self._index.shards[shard]
+        if mapped is not None and (not fresh or file_identity(store, info.path) == mapped.identity):
+            return mapped
         try:
             mapped = map_local(store, info.path)
         except NotFound as exc:
@@ -248,6 +251,16 @@ class MappedFile:
 
     buffer: pa.Buffer
     identity: tuple[int, int, int, int]
+
+
+def file_identity(store: LocalStore, key: str) -> tuple[int, int, int, int]:
+    """``(st_dev, st_ino, st_size, st_mtime_ns)`` of the regular file ``key`` (NotFound, StoreError as in open_file)."""
+    fd = store.open_file(key)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def map_local(store: LocalStore, key: str) -> MappedFile:

@@ -143,12 +143,20 @@ class MixedReader:
 
     def plan(self, shards: Sequence[int]) -> None:
         """Each dataset's reader plans its own shards, in the given order."""
+        for reader, mine in zip(self._readers, self._per_reader(shards)):
+            reader.plan(mine)
+
+    def expect(self, shards: Sequence[int]) -> None:
+        """Each dataset's reader expects its own shards of the epoch, in the given order."""
+        for reader, mine in zip(self._readers, self._per_reader(shards)):
+            reader.expect(mine)
+
+    def _per_reader(self, shards: Sequence[int]) -> list[list[int]]:
         per: list[list[int]] = [[] for _ in self._readers]
         for shard in shards:
             d = int(np.searchsorted(self._offsets, shard, side="right")) - 1
             per[d].append(shard - int(self._offsets[d]))
-        for reader, mine in zip(self._readers, per):
-            reader.plan(mine)
+        return per
 
     def batch(self, shard: int, number: int) -> pa.RecordBatch:
         """Record batch ``number`` of global shard ``shard``."""

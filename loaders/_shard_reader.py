@@ -10,11 +10,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
 
-from trainio.storage import FormatError, FurthestInFuture, LocalStore, ShardCache, Store
+from trainio.storage import FurthestInFuture, LocalStore, ShardCache, Store
 
 from ._dataset import Dataset, map_file
+from ._shard_check import ShardChecker
 
 log = logging.getLogger("trainio.loaders.reader")
 
@@ -22,11 +22,14 @@ log = logging.getLogger("trainio.loaders.reader")
 class ShardReader:
     """Reads record batches of one dataset, shard by shard, for a known upcoming order.
 
-    Local datasets are memory-mapped where they are. Remote ones go through
-    ``cache``: the shards of the current plan stay mapped and pinned, the
-    next ``prefetch_shards`` shards of the plan download in the background,
-    and the cache evicts the shard needed furthest in the future. At most
-    ``open_shards`` shards stay mapped at once.
+    Local datasets are memory-mapped where they are, and each shard is
+    hashed against the index before any batch of it is returned (ahead of
+    the reader, by a :class:`ShardChecker`). Remote ones go through
+    ``cache``, which checks each download: the shards of the current plan
+    stay mapped and pinned, the next ``prefetch_shards`` shards of the plan
+    download in the background, and the cache evicts the shard needed
+    furthest in the future. At most ``open_shards`` shards stay mapped at
+    once.
     """
 
     def __init__(self, dataset: Dataset, cache: ShardCache | None, policy: FurthestInFuture | None,
@@ -44,6 +47,7 @@ class ShardReader:
             if cache is not None and prefetch_shards else None
         self._downloads: dict[int, Future[object]] = {}
         self._upcoming: list[int] = []
+        self._checker = ShardChecker(dataset) if cache is None else None
 
     def plan(self, shards: Sequence[int]) -> None:
         """Tell the reader which shards it needs next, in order of first use.
@@ -52,6 +56,8 @@ class ShardReader:
         them; the listed ones are what the prefetch downloads ahead.
         """
         self._upcoming = list(dict.fromkeys(shards))
+        if self._checker is not None:
+            self._checker.plan(self._upcoming)
         if self._policy is not None:
             self._policy.set_upcoming(self._dataset.shards[s].path for s in self._upcoming)
         keep = set(self._upcoming)
@@ -61,19 +67,21 @@ class ShardReader:
         for stack in released:
             stack.close()
 
+    def expect(self, shards: Sequence[int]) -> None:
+        """The shards of the whole epoch, in order of first use: a local dataset's are checked that far ahead."""
+        if self._checker is not None:
+            self._checker.expect(shards)
+
     def batch(self, shard: int, number: int) -> pa.RecordBatch:
-        """Record batch ``number`` of shard ``shard``."""
-        if self._cache is None:
-            return self._dataset.read_batch(shard, number)
-        mapped = self._mapped(shard)
-        info = self._dataset.shards[shard]
-        where = info.batches[number]
-        try:
-            batch = ipc.read_record_batch(mapped.slice(where.offset, where.length), self._dataset.schema)
-        except (pa.ArrowException, ValueError) as exc:
-            raise FormatError(self._dataset.url, info.path, f"record batch {number} does not decode ({exc})",
-                              "run trainio verify") from exc
-        return batch
+        """Record batch ``number`` of shard ``shard``, from a shard whose bytes match the index.
+
+        Raises:
+            IntegrityError: the shard's xxh3-128 is not the one the index records.
+            FormatError: its size differs, or the batch does not decode.
+        """
+        mapped = self._checker.wait(shard).buffer if self._checker is not None else self._mapped(shard)
+        where = self._dataset.shards[shard].batches[number]
+        return self._dataset.decode_batch(shard, number, mapped.slice(where.offset, where.length))
 
     def _mapped(self, shard: int) -> pa.Buffer:
         with self._lock:
@@ -115,7 +123,9 @@ class ShardReader:
         return self._cache.stats() if self._cache is not None else {}
 
     def close(self) -> None:
-        """Unpin and unmap every shard and stop prefetching."""
+        """Unpin and unmap every shard and stop prefetching and checking."""
+        if self._checker is not None:
+            self._checker.close()
         if self._pool is not None:
             for future in self._downloads.values():
                 future.cancel()

@@ -227,6 +227,7 @@ class StreamingDataset(_Base):
         and evict). Used by :meth:`located` and by :class:`Loader`.
         """
         order = self.order()
+        reader.expect(order.shard_sequence().tolist())
         positions = layout.positions(order.size, self._start, self._uneven)[self._skip:]
         # A chunk never spans more than one shuffle window, so the shards it and the next
         # chunk touch (those kept mapped) fit the cache that _check_cache_size asked for.

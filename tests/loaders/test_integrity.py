@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trainio.loaders import Dataset, DatasetIndex, DatasetWriter, StreamingDataset, verify_dataset
-from trainio.storage import SEAL_FIELD, FormatError, NotFound, StoreError, seal_json
+from trainio.loaders import Dataset, DatasetIndex, DatasetWriter, Loader, LoaderError, StreamingDataset, verify_dataset
+from trainio.storage import SEAL_FIELD, FormatError, IntegrityError, NotFound, StoreError, seal_json
 
 from ._damage import edit_index, flip_bit
 
@@ -152,3 +152,142 @@ def test_an_index_symlinked_from_outside_the_dataset_is_refused(tmp_path: Path) 
     with pytest.raises(StoreError, match="symbolic link leads it out") as info:
         Dataset(root)
     assert info.value.key == "index.json"
+
+
+# -- shards: checked before any sample of them is delivered ------------------------------------------------------
+
+BASE = 10**12  # ids whose int64 bytes occur once in a shard file
+
+
+def write_shards(path: Path, rows: int = 256) -> Path:
+    """A dataset of several shards of a few 16-row record batches each; row ``r``'s id is BASE + r."""
+    ids = BASE + np.arange(rows, dtype=np.int64)
+    with DatasetWriter(path, batch_rows=16, shard_bytes=2000) as writer:
+        writer.write_batch({"id": ids, "tokens": [np.full(3, i % 100, dtype=np.int32) for i in ids]})
+    assert len(Dataset(path).shards) >= 4 and len(Dataset(path).shards[1].batches) >= 2
+    return path
+
+
+def damage_value(root: Path, row: int) -> tuple[str, set[int]]:
+    """Flip one bit of row ``row``'s id inside its shard file; the shard's key and the ids it holds."""
+    ds = Dataset(root)
+    shard, _ = ds.index.locate(row)
+    info = ds.shards[shard]
+    path = root / info.path
+    data = bytearray(path.read_bytes())
+    position = bytes(data).index(np.int64(BASE + row).tobytes())
+    data[position] ^= 0x01
+    path.write_bytes(bytes(data))
+    first = ds.index.shard_offsets[shard]
+    return info.path, set(range(BASE + first, BASE + first + info.rows))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_flipped_bit_in_a_local_shard_stops_streaming_before_any_of_its_samples(
+    tmp_path: Path, shuffle: bool
+) -> None:
+    root = write_shards(tmp_path / "ds")
+    key, damaged = damage_value(root, 100)
+    delivered: list[int] = []
+    with pytest.raises(IntegrityError) as info:
+        for sample in StreamingDataset(root, shuffle=shuffle, shuffle_window=64):
+            delivered.append(int(sample["id"]))
+    assert info.value.key == key and "none of its samples was delivered" in str(info.value)
+    assert delivered and not damaged & set(delivered)  # the shards before it were read, none of it
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_flipped_bit_in_a_local_shard_stops_the_loader_before_any_of_its_samples(
+    tmp_path: Path, shuffle: bool
+) -> None:
+    root = write_shards(tmp_path / "ds")
+    key, damaged = damage_value(root, 100)
+    delivered: list[int] = []
+    with pytest.raises(LoaderError) as info:
+        for batch in Loader(StreamingDataset(root, shuffle=shuffle, shuffle_window=64), 8):
+            delivered.extend(int(i) for i in batch["id"])
+    cause = info.value.__cause__
+    assert isinstance(cause, IntegrityError) and cause.key == key and key in str(info.value)
+    assert not damaged & set(delivered)
+
+
+def test_a_damaged_shard_is_refused_inside_dataloader_workers(tmp_path: Path) -> None:
+    torch_data = pytest.importorskip("torch.utils.data")
+    root = write_shards(tmp_path / "ds")
+    key, damaged = damage_value(root, 100)
+    loader = torch_data.DataLoader(StreamingDataset(root, batch_size=8, shuffle=False), batch_size=8, num_workers=2)
+    delivered: list[int] = []
+    # torch re-raises a worker's error as its type built from the message, or as a RuntimeError naming it
+    with pytest.raises((IntegrityError, RuntimeError), match=f"IntegrityError.*{key}.*none of its samples") as info:
+        for batch in loader:
+            delivered.extend(int(i) for i in batch["id"])
+    assert not damaged & set(delivered)
+
+
+def test_a_shard_checked_once_is_not_hashed_again_until_its_file_changes(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "ds")
+    ds = StreamingDataset(root, shuffle=False)
+    assert len(list(ds)) == 256
+    key, _ = damage_value(root, 100)  # rewritten: another inode and mtime, so it is hashed again
+    with pytest.raises(IntegrityError, match=key):
+        list(ds)
+
+
+# -- shards: hostile files -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_in_place_of_a_shard_is_a_clean_error_everywhere(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "ds")
+    key = Dataset(root).shards[1].path
+    (root / key).unlink()
+    os.mkfifo(root / key)
+    row = Dataset(root).index.shard_offsets[1]
+    for read in (lambda: Dataset(root)[row], lambda: list(StreamingDataset(root, shuffle=False)),
+                 lambda: list(Loader(StreamingDataset(root, shuffle=False), 8)), lambda: Dataset(root).read_shard(1)):
+        error = finishes(read)
+        assert isinstance(error, (NotFound, LoaderError)), error
+        found = error.__cause__ if isinstance(error, LoaderError) else error
+        assert isinstance(found, NotFound) and found.key == key and "not a regular file" in str(found)
+    problems = finishes_with(lambda: verify_dataset(root)).problems
+    assert [p.path for p in problems] == [key] and "not a regular file" in problems[0].reason
+
+
+def finishes_with(call: Callable[[], Any]) -> Any:
+    """``call()``'s value, failing the test if it hangs."""
+    values: list[Any] = []
+    assert finishes(lambda: values.append(call())) is None
+    return values[0]
+
+
+@pytest.mark.parametrize("link", ["directory", "file"])
+def test_shards_linked_from_outside_the_dataset_are_never_read(tmp_path: Path, link: str) -> None:
+    root = write_shards(tmp_path / "ds")
+    elsewhere = tmp_path / "elsewhere"
+    key = Dataset(root).shards[1].path
+    if link == "directory":
+        (root / "shards").rename(elsewhere)
+        (root / "shards").symlink_to(elsewhere, target_is_directory=True)
+    else:
+        elsewhere.mkdir()
+        (root / key).rename(elsewhere / "shard.arrow")
+        (root / key).symlink_to(elsewhere / "shard.arrow")
+    row = Dataset(root).index.shard_offsets[1]
+    for read in (lambda: Dataset(root)[row], lambda: list(StreamingDataset(root, shuffle=False)),
+                 lambda: Dataset(root).read_shard(1)):
+        with pytest.raises(StoreError, match="symbolic link leads it out") as info:
+            read()
+        assert info.value.key in (key, Dataset(root).shards[0].path)
+    with pytest.raises(LoaderError) as caught:
+        list(Loader(StreamingDataset(root, shuffle=False), 8))
+    assert isinstance(caught.value.__cause__, StoreError)
+    problems = verify_dataset(root).problems
+    assert key in [p.path for p in problems] and "symbolic link" in problems[0].reason
+
+
+def test_a_link_inside_the_dataset_is_followed(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "ds")
+    key = Dataset(root).shards[1].path
+    (root / key).rename(root / "shards" / "moved.arrow")
+    (root / key).symlink_to("moved.arrow")
+    assert sorted(int(s["id"]) for s in StreamingDataset(root)) == list(range(BASE, BASE + 256))
