@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from trainio.storage import (
     parse_json,
 )
 
+from ._lease import Lease
 from ._manifest import MANIFEST, FileEntry, Manifest
 
 _STEP_NAME = re.compile(r"\d{12}")
@@ -55,6 +57,9 @@ def size_error(url: str, key: str, entry: FileEntry, actual: int) -> IntegrityEr
 class StepWriter(ABC):
     """Writes one step's files; nothing is visible to readers until :meth:`commit`."""
 
+    tier: TierIO
+    step: int
+
     @abstractmethod
     def write(self, key: str, data: memoryview, size: int) -> None:
         """Write the file ``key``: ``data`` then zeros up to ``size`` bytes."""
@@ -63,13 +68,34 @@ class StepWriter(ABC):
     def link(self, step: int, key: str) -> None:
         """Make ``key`` share the bytes of the same key in committed ``step`` of this tier."""
 
-    @abstractmethod
-    def commit(self, manifest: bytes) -> None:
+    def commit(self, manifest: bytes, files: Mapping[str, FileEntry]) -> None:
         """Make the step durable and visible, manifest last.
 
+        Before the manifest is written, the writer checks that it still holds
+        the tier's lease (when the tier has one) and that every file of
+        ``files`` is in place with its size: a step whose files another
+        process removed is never committed.
+
         Raises:
-            CheckpointError: the step is already committed on this tier.
+            CheckpointError: the step is already committed on this tier, the
+                lease was lost, or a file is missing or of another size.
         """
+        if self.tier.lease is not None:
+            self.tier.lease.check()
+        wrong = self._misplaced(files)
+        if wrong:
+            raise CheckpointError(f"{self.tier.label}: step {self.step} was not committed: {len(wrong)} of its "
+                                  f"files are missing or of another size than written, e.g. {wrong[0]} (another "
+                                  "process removed them?)")
+        self._publish(manifest)
+
+    @abstractmethod
+    def _misplaced(self, files: Mapping[str, FileEntry]) -> list[str]:
+        """The files of ``files`` that are not in place with their size, each described."""
+
+    @abstractmethod
+    def _publish(self, manifest: bytes) -> None:
+        """Write the manifest and make the step visible."""
 
     @abstractmethod
     def abort(self) -> None:
@@ -88,6 +114,8 @@ class TierIO(ABC):
     def __init__(self, store: Store, label: str) -> None:
         self.store = store
         self.label = label
+        self.lease: Lease | None = None
+        """The lease a writing manager holds on this tier; its commits check it."""
 
     @property
     def url(self) -> str:

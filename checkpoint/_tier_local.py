@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import socket
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -52,8 +53,8 @@ class LocalStepWriter(StepWriter):
     """Writes a step into ``.trainio-tmp.save-<step>-<host>-<pid>-<rand>/`` and renames it on commit."""
 
     def __init__(self, tier: LocalTierIO, step: int, shared: str | None = None) -> None:
-        self._tier = tier
-        self._step = step
+        self.tier = self._tier = tier
+        self.step = self._step = step
         os.makedirs(tier.root, exist_ok=True)
         if shared is None:
             self._dir = os.path.join(tier.root, _temp_dir_name("save", step))
@@ -109,7 +110,19 @@ class LocalStepWriter(StepWriter):
             shutil.copyfile(source, target)
             self._small.append(target)
 
-    def commit(self, manifest: bytes) -> None:
+    def _misplaced(self, files: Mapping[str, FileEntry]) -> list[str]:
+        wrong = []
+        for key, entry in files.items():
+            try:
+                size = os.stat(os.path.join(self._dir, key)).st_size
+            except FileNotFoundError:
+                wrong.append(f"{key} (missing)")
+                continue
+            if size != entry.size:
+                wrong.append(f"{key} ({size} bytes, written {entry.size})")
+        return wrong
+
+    def _publish(self, manifest: bytes) -> None:
         self.flush()
         path = os.path.join(self._dir, MANIFEST)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

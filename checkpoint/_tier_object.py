@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from trainio.storage import AlreadyExists, CheckpointError
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
-from ._manifest import MANIFEST
+from trainio.storage import AlreadyExists, CheckpointError, NotFound
+
+from ._manifest import MANIFEST, FileEntry
 from ._tier_io import StepWriter, TierIO, step_name
+
+
+_CHECK_THREADS = 16
+"""Parallel size requests when a writer checks its files before committing."""
 
 
 class ObjectStepWriter(StepWriter):
     """Uploads a step's files under ``<step>/``, then its manifest with ``If-None-Match: *``."""
 
     def __init__(self, tier: ObjectTierIO, step: int) -> None:
-        self._tier = tier
+        self.tier = self._tier = tier
         self._prefix = step_name(step)
-        self._step = step
+        self.step = self._step = step
 
     def write(self, key: str, data: memoryview, size: int) -> None:
         body: memoryview | bytes = data
@@ -25,7 +32,19 @@ class ObjectStepWriter(StepWriter):
     def link(self, step: int, key: str) -> None:
         self._tier.store.copy(f"{step_name(step)}/{key}", f"{self._prefix}/{key}")
 
-    def commit(self, manifest: bytes) -> None:
+    def _misplaced(self, files: Mapping[str, FileEntry]) -> list[str]:
+        def check(item: tuple[str, FileEntry]) -> str:
+            key, entry = item
+            try:
+                size = self._tier.store.size(f"{self._prefix}/{key}")
+            except NotFound:
+                return f"{key} (missing)"
+            return "" if size == entry.size else f"{key} ({size} bytes, written {entry.size})"
+
+        with ThreadPoolExecutor(_CHECK_THREADS) as pool:
+            return [problem for problem in pool.map(check, files.items()) if problem]
+
+    def _publish(self, manifest: bytes) -> None:
         try:
             self._tier.store.put(f"{self._prefix}/{MANIFEST}", manifest, overwrite=False)
         except AlreadyExists:

@@ -156,7 +156,7 @@ def _write_files(tier: TierIO, step: int, manifest: Manifest, files: list[_File]
     writer = tier.writer(step)
     try:
         manifest.files.update(put_files(writer, files, previous, pool, threads, digests))
-        writer.commit(manifest.to_bytes())
+        writer.commit(manifest.to_bytes(), manifest.files)
     except BaseException:
         writer.abort()
         raise

@@ -147,7 +147,7 @@ class LocalStore(Store):
         """``path`` with every symbolic link resolved, refused if that leaves the root."""
         real = os.path.realpath(path)
         root = self._real_root()
-        if real != root and not real.startswith(root + os.sep):
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
             raise StoreError(self.url, key, f"a symbolic link leads it out of the store's root, to {real}",
                              "trainio never reads or writes outside a store's root; replace the link by the files")
         return real
@@ -179,7 +179,7 @@ class LocalStore(Store):
         """Where ``key`` is written: its parent directory resolved, refused if a link leads it out of the root."""
         path = self._path(key)
         parent = os.path.dirname(path)
-        while not os.path.lexists(parent) and parent.startswith(self._root + os.sep):
+        while not os.path.lexists(parent) and parent.startswith(self._root.rstrip(os.sep) + os.sep):
             parent = os.path.dirname(parent)
         self._inside(key, parent)
         if os.path.islink(path):
@@ -224,6 +224,13 @@ class LocalStore(Store):
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(self.url, key, "no such key (the path is not a regular file)")
         return st.st_size
+
+    def _modified(self, key: str) -> float:
+        with self._errors(key, "stat"):
+            st = os.stat(self._inside(key, self._path(key)))
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(self.url, key, "no such key (the path is not a regular file)")
+        return st.st_mtime
 
     def _list(self, prefix: str) -> list[str]:
         top = self._path(prefix) if prefix else self._root

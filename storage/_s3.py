@@ -183,6 +183,10 @@ class S3Store(Store):
         response = self._call("stat", key, lambda: self._client.head_object(Bucket=self._bucket, Key=self._full(key)))
         return int(response["ContentLength"])
 
+    def _modified(self, key: str) -> float:
+        response = self._call("stat", key, lambda: self._client.head_object(Bucket=self._bucket, Key=self._full(key)))
+        return float(response["LastModified"].timestamp())
+
     def _get_range(self, key: str, start: int, stop: int) -> Any:
         """GET bytes [start, stop) (stop > start); the response, or None if the range is unsatisfiable."""
         try:

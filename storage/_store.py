@@ -156,6 +156,9 @@ class Store(ABC):
     def _size(self, key: str) -> int: ...
 
     @abstractmethod
+    def _modified(self, key: str) -> float: ...
+
+    @abstractmethod
     def _list(self, prefix: str) -> list[str]: ...
 
     @abstractmethod
@@ -296,6 +299,14 @@ class Store(ABC):
     def size(self, key: str) -> int:
         """The size of ``key`` in bytes. Raises NotFound if it does not exist."""
         return self._size(check_key(self.url, key))
+
+    def modified(self, key: str) -> float:
+        """When ``key`` was last written, in seconds since the epoch, by the store's own clock.
+
+        Two keys' times compare without trusting this machine's clock (an
+        object store stamps writes itself). Raises NotFound if it does not exist.
+        """
+        return self._modified(check_key(self.url, key))
 
     def list(self, prefix: str = "") -> list[str]:
         """Every key under the directory-like ``prefix`` ("" for all), sorted.

@@ -81,9 +81,9 @@ def test_two_writers_cannot_both_commit_a_step(s3_store: S3Store) -> None:
     snapshot = take_snapshot(*flatten({"x": torch.ones(3)}), StagingPool(1).acquire())
     arrays, pack = array_specs(snapshot)
     manifest = Manifest(9, snapshot.skeleton, arrays, pack=pack).to_bytes()
-    first.commit(manifest)
+    first.commit(manifest, {})
     with pytest.raises(CheckpointError, match="committed by another writer"):
-        second.commit(manifest)
+        second.commit(manifest, {})
     second.abort()  # must not delete the committed step
     assert io.steps() == [9]
 

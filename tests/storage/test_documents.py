@@ -96,3 +96,10 @@ def test_links_out_of_the_root_are_neither_read_nor_written(tmp_path: os.PathLik
     os.symlink(os.path.join(root, "real"), os.path.join(root, "inner"))
     store.put("real/a", b"inside")
     assert store.get("inner/a") == b"inside"  # a link that stays inside the root is fine
+
+
+def test_a_store_rooted_at_the_file_system_root_reads_its_keys(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "data")
+    with open(path, "wb") as f:
+        f.write(b"at /")
+    assert LocalStore("/").get(path[1:]) == b"at /"
