@@ -17,6 +17,7 @@ from trainio.storage import CheckpointError, Store, open_store
 from ._collective import distributed_world
 from ._handle import SaveHandle, TierResult
 from ._layout import CHUNK_BYTES, PACK_BYTES, parse_compression
+from ._lease import Lease, LeaseKeeper
 from ._manifest import Manifest
 from ._read import ReadReport, StepReader
 from ._plan import Plan
@@ -67,6 +68,13 @@ class CheckpointManager:
             must be storage every rank sees (a shared file system, S3).
         timeout_s: How long a rank waits for the others at each exchange of a
             multi-rank save or restore before failing, naming the ranks missing.
+        lease_s: How long a tier's lease lasts unrenewed. One job writes a tier
+            at a time: the first ``save`` or ``promote`` takes every tier's
+            lease (rank 0 alone, in a multi-rank job), renews it in the
+            background and checks it before every commit; a second job is
+            refused naming the holder, and a lease left unrenewed this long
+            (its job died) is taken over. Only then are a dead writer's
+            leftovers removed. Restoring never needs the lease.
 
     In a multi-rank save everything outside a DTensor is replicated state,
     saved once: each plain tensor or array and each JSON value (the state of
@@ -82,9 +90,11 @@ class CheckpointManager:
                  max_pending: int = 1, threads: int = 4, promote_attempts: int = 3,
                  retry_backoff_s: float = 1.0, chunk_bytes: int = CHUNK_BYTES,
                  pack_bytes: int = PACK_BYTES, compression: str | None = None,
-                 distributed: bool | None = None, timeout_s: float = 600.0) -> None:
+                 distributed: bool | None = None, timeout_s: float = 600.0, lease_s: float = 60.0) -> None:
         if not tiers:
             raise ValueError("a CheckpointManager needs at least one tier")
+        if not lease_s > 0:
+            raise ValueError(f"lease_s must be a positive number of seconds, not {lease_s!r}")
         if min(max_pending, threads, promote_attempts, chunk_bytes) < 1 or pack_bytes < 0:
             raise ValueError("max_pending, threads, promote_attempts and chunk_bytes must be >= 1, "
                              "pack_bytes >= 0")
@@ -118,9 +128,11 @@ class CheckpointManager:
             distributed = distributed_world() > 1
         self._sharded = ShardedSaves(timeout_s, chunk_bytes, pack_bytes, self._codec) if distributed else None
         self._rank = self._sharded.rank if self._sharded is not None else 0
-        if self._rank == 0:
-            for io in self._io:
-                self._remove_debris(io)
+        leases = [Lease(io.store, io.label, lease_s) for io in self._io] if self._rank == 0 else []
+        for io, lease in zip(self._io, leases, strict=False):
+            io.lease = lease
+        self._keeper = LeaseKeeper(leases, lease_s)
+        self._debris_removed = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CheckpointManager:
@@ -163,6 +175,7 @@ class CheckpointManager:
         if self._sharded is not None:
             return self._save_sharded(step, state)
         self._raise_failures()
+        self._hold_tiers()
         skeleton, leaves = flatten(state)
         started = time.perf_counter()
         snapshot = self._snapshot(skeleton, leaves)
@@ -198,6 +211,7 @@ class CheckpointManager:
         problem: BaseException | None = None
         try:
             self._raise_failures()
+            self._hold_tiers()
             skeleton, leaves = flatten(state, self._sharded.rank)
         except CheckpointError as exc:
             problem = exc
@@ -351,7 +365,11 @@ class CheckpointManager:
                     if io.is_committed(step):  # another writer committed it first: it stands
                         return io.manifest(step)
                     raise
-                self._io[source].mark_known_good(step)
+                try:
+                    self._io[source].mark_known_good(step)
+                except OSError as exc:  # the copy stands; only the record of a verified step is missing
+                    log.warning("%s: could not record step %d as verified: %s", self._io[source].label, step,
+                                describe(exc))
                 return manifest
         return None
 
@@ -399,6 +417,20 @@ class CheckpointManager:
                 if not self._in_use[(tier, step)]:
                     del self._in_use[(tier, step)]
 
+    def _hold_tiers(self) -> None:
+        """Take (or keep) every tier's lease on rank 0; the first time, remove what dead writers left.
+
+        Raises:
+            CheckpointError: another live job holds a tier's lease.
+        """
+        if self._rank != 0:
+            return
+        self._keeper.acquire()
+        if not self._debris_removed:
+            self._debris_removed = True
+            for io in self._io:
+                self._remove_debris(io)
+
     def _remove_debris(self, io: TierIO) -> None:
         try:
             for name in io.debris():
@@ -419,6 +451,7 @@ class CheckpointManager:
         self._check_open()
         self._saver.submit(lambda: None).result()
         if self._rank == 0:
+            self._hold_tiers()
             self._promoter.submit(self._promote_all).result()
         if self._sharded is not None:
             self._sharded.agree("promote(): waiting for rank 0's promotions", None)
@@ -536,6 +569,7 @@ class CheckpointManager:
             self._saver.shutdown(wait=True)
             self._promoter.shutdown(wait=True)
             self._pool.shutdown(wait=True)
+            self._keeper.close()
             if self._sharded is not None:
                 self._sharded.close()
 

@@ -140,7 +140,7 @@ class ShardedSaves:
             if not errors:
                 try:
                     Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")  # nothing is missing
-                    writer.commit(document)
+                    writer.commit(document, files)
                     return {"manifest": document}
                 except Exception as exc:  # noqa: BLE001 - becomes the step's failure on every rank
                     errors.append(f"rank {self.rank}: {describe(exc)}")
