@@ -162,7 +162,7 @@ class CheckpointManager:
         JSON value that differs between the ranks is refused too, naming its
         place and the ranks, unless it is inside a :class:`PerRank` (saved per
         rank, restored to each rank); hashing the replicated tensors costs
-        about 1/20 s per GB on each rank.
+        about 0.07 s per GB on each rank (xxh3-128 of the live CPU bytes).
 
         Raises:
             CheckpointError: an earlier save failed and was not yet reported,
