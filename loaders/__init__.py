@@ -20,7 +20,7 @@ from ._writer import DatasetWriter, Destination, commit_dataset, prepare_destina
 
 def __getattr__(name: str) -> object:
     # StreamingDataset subclasses torch's IterableDataset when torch is installed: import it (and torch) on first use.
-    if name in ("StreamingDataset", "ResumeMismatch"):
+    if name in ("StreamingDataset", "ResumeMismatch", "PositionUnknown"):
         from . import _streaming
 
         return getattr(_streaming, name)
@@ -48,6 +48,7 @@ __all__ = [
     "ShardSetWriter",
     "StreamingDataset",
     "ResumeMismatch",
+    "PositionUnknown",
     "VerifyReport",
     "commit_dataset",
     "infer_columns_schema",

@@ -61,6 +61,10 @@ class Loader:
     and fields with nulls come as Python lists. ``collate`` replaces
     assembly: it receives each batch's list of sample dicts.
 
+    ``batch_size`` must be a multiple of the dataset's own ``batch_size``
+    (its default, 1, divides every size), so every position the dataset
+    saves is exact.
+
     Errors of the background work are raised in the consumer as
     :class:`LoaderError` with the original as cause; leaving the loop early
     stops every thread and releases every shard. :meth:`metrics` gives
@@ -84,6 +88,12 @@ class Loader:
         if batch_size < 1 or prefetch < 1 or threads < 1:
             raise ValueError(f"batch_size={batch_size}, prefetch={prefetch}, threads={threads}: all must be >= 1")
         check_lists(lists, pad_to)
+        dealt = dataset.layout().batch
+        if batch_size % dealt:
+            raise ValueError(f"Loader batch_size={batch_size} must be a multiple of the dataset's batch_size={dealt} "
+                             "(the batches the epoch is dealt to ranks in); otherwise a step would end inside one "
+                             f"and no saved position could be exact: build the StreamingDataset with "
+                             f"batch_size={batch_size}, or pass a multiple of {dealt}")
         self._dataset = dataset
         self._batch_size = batch_size
         self._prefetch = prefetch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from trainio.storage import FurthestInFuture, LocalStore, ShardCache, StoreError, TrainioError
+from trainio.storage import FurthestInFuture, LocalStore, ShardCache, StoreError
 
 from ._collate import Collate
 from ._dataset import Dataset
@@ -19,10 +20,11 @@ from ._mixture import MixedOrder, MixedReader, apportion
 from ._order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
 from ._columns import Columns, sample_of
 from ._shard_reader import ShardReader, shard_bytes_needed
+from ._resume import (
+    HOW_TO_KNOW, STATE_FORMAT, STATE_VERSION, PositionUnknown, ResumeMismatch, check_state, check_worker_yielded,
+)
 from ._units import parse_size
 
-STATE_FORMAT = "trainio.streaming"
-STATE_VERSION = 1
 _CHUNK = 8192
 _DECODED_BATCHES = 4096
 
@@ -37,10 +39,6 @@ else:
 
 
 Source = str | os.PathLike[str]
-
-
-class ResumeMismatch(TrainioError, ValueError):
-    """A saved position belongs to another dataset, seed or configuration; the message says what differs."""
 
 
 class StreamingDataset(_Base):
@@ -133,6 +131,9 @@ class StreamingDataset(_Base):
         self._start = 0
         self._yielded = 0
         self._skip = 0
+        self._counted_here = False  # this process iterated, or was told what was consumed (count_consumed)
+        self._sent_away = False  # pickled (to spawned DataLoader workers, say): the copies' progress never comes back
+        self._worker_flag = _shared_flag()  # set by any forked DataLoader worker that iterates this dataset
         self._cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self._cache_limit = parse_size(cache_limit)
         for dataset in self._datasets:
@@ -201,8 +202,20 @@ class StreamingDataset(_Base):
 
     # -- iteration ----------------------------------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        self._sent_away = True
+        state = dict(self.__dict__)
+        state["_worker_flag"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._worker_flag = _shared_flag()
+        self._sent_away = False
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers, worker = _worker_info()
+        self._note_iteration()
         reader = self.reader()
         samplers: OrderedDict[int, Callable[[int], dict[str, Any]]] = OrderedDict()  # by shard << 32 | batch
         try:
@@ -260,7 +273,16 @@ class StreamingDataset(_Base):
 
     def count_consumed(self, samples: int) -> None:
         """Record that ``samples`` more samples were handed to the trainer by this process (for :meth:`state_dict`)."""
+        self._counted_here = True
         self._yielded += samples
+
+    def _note_iteration(self) -> None:
+        """Mark who iterates: this process (its count is the position) or a DataLoader worker (the shared flag)."""
+        if _in_worker():
+            if self._worker_flag is not None:
+                self._worker_flag[0] = 1
+        else:
+            self._counted_here = True
 
     def reader(self) -> ShardReader | MixedReader:
         """A new reader of this dataset's shards, numbered as :meth:`shard` numbers them (close it when done)."""
@@ -309,16 +331,31 @@ class StreamingDataset(_Base):
           ``StatefulDataLoader`` calls it: this worker's own position, which
           only the same worker of a DataLoader with as many workers can
           resume (torchdata's convention).
+
+        Raises:
+            PositionUnknown: ``state_dict()`` without ``consumed`` in a process
+                that did not iterate the dataset while DataLoader workers (or
+                other copies) did, such as the main process of a stock
+                DataLoader with workers: its count would be wrong.
+            ValueError: ``consumed`` is not an integer within the epoch.
         """
         worker = None
-        if consumed is None:
+        size = sum(self._counts)
+        if consumed is not None:
+            step = self.layout().ranks * self._batch
+            if not isinstance(consumed, (int, np.integer)) or isinstance(consumed, bool) or not \
+                    0 <= consumed <= size + step:
+                raise ValueError(f"state_dict(consumed={consumed!r}): must be an integer from 0 to {size}, the "
+                                 "samples of the current epoch consumed by all ranks together")
+            consumed = min(int(consumed), size)  # beyond: the padded last global batch, the epoch is done
+        elif _in_worker():
             workers, worker_id = _worker_info()
-            if _in_worker():
-                consumed = self._start
-                worker = {"id": worker_id, "workers": workers, "yielded": self._skip + self._yielded}
-            else:
-                layout = self.layout()
-                consumed = self._start + (self._yielded // layout.batch) * layout.batch * layout.ranks
+            consumed = self._start
+            worker = {"id": worker_id, "workers": workers, "yielded": self._skip + self._yielded}
+        else:
+            self._check_position_known()
+            layout = self.layout()
+            consumed = min(size, self._start + (self._yielded // layout.batch) * layout.batch * layout.ranks)
         state = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": self._epoch, "consumed": int(consumed),
             "seed": self._seed, "shuffle": self._shuffle, "shuffle_window": self._window,
@@ -330,20 +367,34 @@ class StreamingDataset(_Base):
             state["worker"] = worker
         return state
 
+    def _check_position_known(self) -> None:
+        """Raise :class:`PositionUnknown` if this process's count is not the position (see :meth:`state_dict`)."""
+        in_workers = self._worker_flag is not None and self._worker_flag[0] != 0
+        if in_workers or (self._sent_away and not self._counted_here):
+            where = "DataLoader workers iterated it" if in_workers else "it was sent to other processes"
+            raise PositionUnknown(f"{self.dataset.url}: state_dict() cannot know the position: {where}, and this "
+                                  f"process's copy never sees their progress (it would say epoch {self._epoch}, "
+                                  f"consumed {self._start}); {HOW_TO_KNOW}")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where ``state`` was taken, under this (possibly different) layout.
 
+        Every field is checked before anything changes.
+
         Raises:
-            ResumeMismatch: the state belongs to another dataset, seed or
-                shuffle configuration; the message names each difference.
+            ResumeMismatch: the state is malformed (naming the field: a
+                negative or too large ``consumed``, a negative ``epoch``, a
+                ``worker.yielded`` beyond that worker's share), or belongs to
+                another dataset, seed or shuffle configuration (naming each
+                difference), or is one DataLoader worker's position and this
+                is not the same worker of as many.
         """
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise ResumeMismatch(f"not a StreamingDataset state of version {STATE_VERSION}: "
-                                 f"{state.get('format')!r} v{state.get('version')!r}")
+        size = sum(self._counts)
+        check_state(state, size)
         mine = self.state_dict(consumed=0)
         differences = [f"{key}: saved {state.get(key)!r}, now {mine[key]!r}"
                        for key in ("seed", "shuffle", "shuffle_window", "epoch_size") if state.get(key) != mine[key]]
-        saved = state.get("datasets", [])
+        saved = state["datasets"]
         if len(saved) != len(mine["datasets"]):
             differences.append(f"datasets: saved {len(saved)}, now {len(mine['datasets'])}")
         for i, (old, new) in enumerate(zip(saved, mine["datasets"])):
@@ -355,22 +406,24 @@ class StreamingDataset(_Base):
         if differences:
             raise ResumeMismatch("cannot resume: " + "; ".join(differences) +
                                  " (resuming would silently change the sample order)")
-        self._epoch = int(state["epoch"])
-        self._start = int(state["consumed"])
+        skip = self._worker_skip(state.get("worker"), size, state["consumed"])
+        self._epoch = state["epoch"]
+        self._start = state["consumed"]
         self._yielded = 0
-        self._skip = self._worker_skip(state.get("worker"))
+        self._skip = skip
 
-    def _worker_skip(self, saved: dict[str, int] | None) -> int:
+    def _worker_skip(self, saved: dict[str, int] | None, size: int, start: int) -> int:
         """How many of this worker's samples a per-worker state says were consumed (0 for a global state)."""
         if saved is None:
             return 0
         workers, worker = _worker_info()
-        if (saved.get("workers"), saved.get("id")) != (workers, worker):
-            raise ResumeMismatch(f"this state is DataLoader worker {saved.get('id')} of {saved.get('workers')}'s "
+        if (saved["workers"], saved["id"]) != (workers, worker):
+            raise ResumeMismatch(f"this state is DataLoader worker {saved['id']} of {saved['workers']}'s "
                                  f"own position; it cannot resume worker {worker} of {workers}: resume it with as "
                                  "many workers, or save a global position with state_dict(consumed=steps * "
                                  "global_batch)")
-        return int(saved["yielded"])
+        share = self.layout(workers, worker).positions(size, start, self._uneven).size
+        return check_worker_yielded(saved, share)
 
 
 def _with_first_uses(located: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -414,6 +467,14 @@ def _in_worker() -> bool:
     except ImportError:
         return False
     return get_worker_info() is not None
+
+
+def _shared_flag() -> mmap.mmap | None:
+    """One byte of memory shared with the processes forked from this one (None where there is no such memory)."""
+    try:
+        return mmap.mmap(-1, 1)  # anonymous and MAP_SHARED: a forked DataLoader worker writes what the parent reads
+    except OSError:
+        return None
 
 
 def _worker_count() -> int:

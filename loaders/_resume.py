@@ -1,0 +1,81 @@
+"""A StreamingDataset's resume state: its errors, and every field checked before the state is believed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from trainio.storage import TrainioError
+
+STATE_FORMAT = "trainio.streaming"
+STATE_VERSION = 1
+
+HOW_TO_KNOW = ("pass state_dict(consumed=steps * global_batch) (the samples the trainer consumed, all ranks "
+               "together), or iterate through torchdata's StatefulDataLoader or trainio's Loader, which keep the "
+               "position themselves")
+
+
+class ResumeMismatch(TrainioError, ValueError):
+    """A saved position belongs to another dataset, seed or configuration, or is not a valid position at all.
+
+    The message names each field that differs or is wrong.
+    """
+
+
+class PositionUnknown(TrainioError, RuntimeError):
+    """:meth:`StreamingDataset.state_dict` cannot know the position: another process iterated the dataset.
+
+    Raised in the main process of a DataLoader with workers, whose copy of
+    the dataset never iterates; the message says what to do instead.
+    """
+
+
+def _fail(field: str, value: object, must: str) -> ResumeMismatch:
+    return ResumeMismatch(f"cannot resume: the state's {field} is {value!r}: {must}")
+
+
+def _integer(state: Mapping[str, Any], field: str, low: int, high: int | None, what: str) -> int:
+    value = state.get(field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise _fail(field, value, f"must be an integer {bound} ({what})")
+    return value
+
+
+def check_state(state: object, epoch_samples: int) -> Mapping[str, Any]:
+    """``state`` if it is well-formed: a mapping of the right format, every field of the right type and range.
+
+    What it belongs to (seed, datasets, configuration) is compared by the
+    caller; here ``consumed`` must lie within the ``epoch_samples`` of an
+    epoch, and a per-worker part must be a worker of a valid layout.
+
+    Raises:
+        ResumeMismatch: naming the first field that is wrong.
+    """
+    if not isinstance(state, Mapping):
+        raise ResumeMismatch(f"cannot resume from a {type(state).__name__}: a StreamingDataset state is the dict "
+                             "its state_dict() returned")
+    if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        raise ResumeMismatch(f"not a StreamingDataset state of version {STATE_VERSION}: "
+                             f"{state.get('format')!r} v{state.get('version')!r}")
+    _integer(state, "epoch", 0, None, "epochs count from 0")
+    _integer(state, "consumed", 0, epoch_samples, f"samples of the epoch's {epoch_samples} consumed")
+    datasets = state.get("datasets")
+    if not isinstance(datasets, list) or not all(isinstance(d, Mapping) for d in datasets):
+        raise _fail("datasets", datasets, "must be a list of {url, index_xxh3, weight} objects")
+    worker = state.get("worker")
+    if worker is not None:
+        if not isinstance(worker, Mapping):
+            raise _fail("worker", worker, "must be an object {id, workers, yielded}")
+        workers = _integer(worker, "workers", 1, None, "DataLoader workers")
+        _integer(worker, "id", 0, workers - 1, f"a worker of {workers}")
+        _integer(worker, "yielded", 0, epoch_samples, "samples this worker delivered")
+    return state
+
+
+def check_worker_yielded(worker: Mapping[str, Any], share: int) -> int:
+    """The ``yielded`` of a per-worker state, if within ``share``, the samples of the epoch that worker reads."""
+    yielded = int(worker["yielded"])
+    if yielded > share:
+        raise _fail("worker.yielded", yielded, f"must be at most {share}, the samples this worker reads this epoch")
+    return yielded
