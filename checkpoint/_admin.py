@@ -5,17 +5,37 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from trainio.storage import CheckpointError, FormatError, Store, StoreError, open_store
 
+from ._lease import Lease, LeaseKeeper
 from ._manifest import Manifest
 from ._tier import Tier
 from ._tier_io import TierIO, describe, open_tier_io
 from ._write import copy_step
 
 Where = str | os.PathLike[str] | Store
+
+
+ADMIN_LEASE_S = 60.0
+"""How long the lease of a command-line writer (promote, gc) lasts unrenewed."""
+
+
+@contextmanager
+def _holding(tier: TierIO) -> Iterator[None]:
+    """Hold ``tier``'s lease (renewed) while in the block, as a writing job does."""
+    lease = Lease(tier.store, tier.label, ADMIN_LEASE_S)
+    keeper = LeaseKeeper([lease], ADMIN_LEASE_S)
+    keeper.acquire()
+    tier.lease = lease
+    try:
+        yield
+    finally:
+        tier.lease = None
+        keeper.close()
 
 
 def _tier(where: Where) -> TierIO:
@@ -150,15 +170,20 @@ def promote_step(source: Where, target: Where, step: int | None = None, *, threa
     """Copy committed ``step`` (default: the newest) from one tier to another, checking every file.
 
     Files equal to the target's previous step are linked or copied there
-    server-side; the manifest is written last.
+    server-side; the manifest is written last. The target's lease is held
+    meanwhile, as any writer holds it.
+
+    Raises:
+        CheckpointError: another job holds the target's lease, naming it.
     """
     src, dst = _tier(source), _tier(target)
     if step is None:
         step = read_manifest(source).step
-    earlier = [s for s in dst.steps() if s < step]
-    previous = dst.manifest(earlier[-1]) if earlier else None
-    with ThreadPoolExecutor(threads) as pool:
-        return copy_step(src, dst, step, previous, pool, threads)
+    with _holding(dst):
+        earlier = [s for s in dst.steps() if s < step]
+        previous = dst.manifest(earlier[-1]) if earlier else None
+        with ThreadPoolExecutor(threads) as pool:
+            return copy_step(src, dst, step, previous, pool, threads)
 
 
 @dataclass
@@ -173,19 +198,23 @@ def collect_garbage(where: Where, *, keep_last: int | None = None, keep_every: i
                     dry_run: bool = False) -> GcReport:
     """Apply a retention rule to one tier and remove what dead writers left.
 
-    Never deletes the newest step or the last known good one. Run it while
-    no job writes to the tier: an object store cannot tell a dead writer's
-    upload from a live one's.
+    Never deletes the newest step or the last known good one. It takes the
+    tier's lease (a dry run too, to tell true leftovers from a live job's
+    upload), so it is refused while a job writes the tier.
+
+    Raises:
+        CheckpointError: a job holds the tier's lease, naming it.
     """
     tier = _tier(where)
     rule = Tier(tier.url, keep_last=keep_last, keep_every=keep_every)
-    known_good = tier.last_known_good()
-    report = GcReport(rule.doomed(tier.steps(), [known_good] if known_good is not None else []), tier.debris())
-    if not dry_run:
-        for step in report.deleted:
-            tier.delete(step)
-        for name in report.debris:
-            tier.remove_debris(name)
+    with _holding(tier):
+        known_good = tier.last_known_good()
+        report = GcReport(rule.doomed(tier.steps(), [known_good] if known_good is not None else []), tier.debris())
+        if not dry_run:
+            for step in report.deleted:
+                tier.delete(step)
+            for name in report.debris:
+                tier.remove_debris(name)
     return report
 
 

@@ -135,3 +135,21 @@ def test_readers_never_need_the_lease(tmp_path: Path) -> None:
         manager.save(1, _state(1)).wait()
         with CheckpointManager([Tier(tmp_path)]) as reader:
             np.testing.assert_array_equal(reader.restore(1)["w"], _state(1)["w"])
+
+
+def test_gc_and_promote_from_the_command_line_wait_their_turn(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from trainio.tools._cli import main
+
+    tier, other = str(tmp_path / "tier"), str(tmp_path / "other")
+    with CheckpointManager([Tier(tier)]) as manager:
+        manager.save(1, _state(1)).wait()
+        with CheckpointManager([Tier(other)]) as job:
+            job.save(9, _state(9)).wait()
+            assert main(["ckpt", "promote", tier, other, "--step", "1"]) == 1
+            assert "is being written by run" in capsys.readouterr().err
+        assert main(["ckpt", "gc", tier, "--keep-last", "1"]) == 1
+        assert "is being written by run" in capsys.readouterr().err
+    assert main(["ckpt", "promote", tier, other, "--step", "1"]) == 0
+    assert main(["ckpt", "gc", tier, "--keep-last", "1", "--dry-run"]) == 0
+    assert not (tmp_path / "tier" / LEASE).exists() and not (tmp_path / "other" / LEASE).exists()
