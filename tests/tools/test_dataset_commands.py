@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -288,3 +289,64 @@ def test_a_failing_worker_stops_the_others_and_leaves_nothing(
     assert code == 1 and "bad record in the last input" in err
     assert not (tmp_path / "ds" / "index.json").exists()
     assert list((tmp_path / "ds").rglob("*.arrow")) == []
+
+
+# -- hostile files: one line and a non-zero exit, never a hang or a traceback ----------------------------------------
+
+
+def _written(tmp_path: Path) -> Path:
+    """A small dataset of three shards, written by the library (not through ``trainio shard``)."""
+    from trainio.loaders import DatasetWriter
+
+    with DatasetWriter(tmp_path / "ds", shard_bytes=20_000, batch_rows=256) as writer:
+        writer.write_table(source_table())
+    return tmp_path / "ds"
+
+
+def _fifo_shard(ds: Path) -> None:
+    path = _shard_file(ds, 0)
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _fifo_index(ds: Path) -> None:
+    (ds / "index.json").unlink()
+    os.mkfifo(ds / "index.json")
+
+
+def _deep_index(ds: Path) -> None:
+    (ds / "index.json").write_bytes(b'{"format": "trainio.dataset", "shards": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+
+
+def _linked_shards(ds: Path) -> None:
+    elsewhere = ds.parent / "elsewhere"
+    (ds / "shards").rename(elsewhere)
+    (ds / "shards").symlink_to(elsewhere, target_is_directory=True)
+
+
+def _linked_shard(ds: Path) -> None:
+    path = _shard_file(ds, 0)
+    outside = ds.parent / "outside.arrow"
+    path.rename(outside)
+    path.symlink_to(outside)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize(("damage", "message"), [
+    (_fifo_shard, "not a regular file"),
+    (_fifo_index, "not a regular file"),
+    (_deep_index, "nested more than"),
+    (_linked_shards, "symbolic link leads it out"),
+    (_linked_shard, "symbolic link leads it out"),
+])
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_hostile_files_are_one_line_errors(tmp_path: Path, damage: Any, message: str, command: str) -> None:
+    ds = _written(tmp_path)
+    damage(ds)
+    script = Path(sys.executable).parent / "trainio"
+    result = subprocess.run([str(script), command, str(ds)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()  # verify: one line per damaged file; inspect: the first one
+    assert "Traceback" not in result.stderr and (len(lines) == 1 or command == "verify"), result.stderr
+    assert all(line.startswith("trainio: error: ") and message in line for line in lines), result.stderr
+    assert any(name in result.stderr for name in ("index.json", "shard-00000.arrow"))
