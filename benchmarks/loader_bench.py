@@ -32,6 +32,12 @@ per order (in order, and shuffled where the contender can):
   DataLoader over a minimal IterableDataset of the raw Arrow shards (batches of 64 rows dealt round-robin
   to the workers, each copied, or gathered when shuffled in the pyarrow way above, from the memory-mapped
   record batch into a shared-memory tensor as the default collate allocates it; ``batch_size=None``);
+- trainio's first epoch from scratch ("fresh"): each run opens a new ``StreamingDataset`` and ``Loader`` (batch
+  64) and reads one epoch, or a new ``StreamingDataset`` per sample, with every local shard hashed against the
+  index before its first sample is delivered ("checked", as in training) and without ("unchecked", the
+  benchmark-only switch ``trainio.loaders._shard_check.CHECK_LOCAL_SHARDS``); the process forgets the shards it
+  has checked before every run, so each one pays the whole check. Checked and unchecked run in turn, an epoch
+  of each, per order; the target is checked <= 1.10 x the unchecked time;
 - MosaicML Streaming (``MDSWriter``; its ``StreamingDataset(local=..., remote=None, batch_size=64)``),
   LitData (``optimize``; its ``StreamingDataset``) and WebDataset (``ShardWriter`` tar shards, raw ``.bin``
   members; ``WebDataset(urls, shardshuffle=...)``, ``.shuffle(1000)`` when shuffled): per sample in this
@@ -83,6 +89,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from _report import machine as report_machine, machine_lines, markdown_table  # type: ignore[import-not-found]  # beside this script
 from trainio.loaders import DatasetWriter, Loader, StreamingDataset, parse_size
+from trainio.loaders import _shard_check  # CHECK_LOCAL_SHARDS: the benchmark-only switch of the unchecked rows
 
 TOKENS, VOCAB = 2048, 50257
 IMAGE_BYTES = (90_000, 110_000)      # each image sample's length is drawn uniformly from this range
@@ -113,6 +120,9 @@ NOTES = [
     "The DataLoader ceiling is bound by the DataLoader's own transport (every batch tensor a new shared-memory "
     "segment, passed to the main process by file descriptor), not by reading the shards. It and trainio's "
     "DataLoader rows run interleaved, an epoch of each in turn.",
+    "'fresh' rows: a new dataset (and Loader) per run, timed from opening index.json to the epoch's last batch, "
+    "the shards' check not hidden by the per-process record of checked shards (forgotten before every run); "
+    "checked and unchecked alternate run by run.",
     "Shuffles differ: trainio shuffles shards then samples within 2**18-sample windows; the pyarrow rows and "
     "the ceiling shuffle record-batch order and rows within each 1024-row record batch; MosaicML uses its "
     "default py1e shuffle; LitData its chunk-then-sample shuffle; WebDataset shuffles shards and then a "
@@ -483,7 +493,7 @@ class Contender:
     workload: str
     order: str
     name: str
-    mode: str                                  # "limit", "in-process" or "DataLoader"
+    mode: str                                  # "limit", "in-process", "DataLoader" or "fresh"
     run: Callable[[int], Tally]
     files: Path | None = None                  # read once, untimed, before the first run (page cache)
     setup: Callable[[], None] = lambda: None
@@ -558,6 +568,49 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
                       "DataLoader", lambda _, h=collated: per_batch(h.value, lambda b: loader_count(b, key)), path,
                       collated.setup, collated.teardown),
         ]
+    return found
+
+
+FRESH = "fresh dataset + Loader, first epoch"
+FRESH_SAMPLES = "fresh StreamingDataset, first epoch per sample"
+
+
+def fresh_contenders(work: Workload, path: Path, seed: int) -> list[Contender]:
+    """A new StreamingDataset (and Loader) per run, timed from opening the dataset to the end of its first epoch,
+    with every local shard hashed against the index before its first sample (checked) and without (unchecked,
+    the benchmark-only switch). The process forgets which shards it has checked before every run, so each one
+    pays the check a training job pays in its first epoch."""
+    found: list[Contender] = []
+    key = work.column
+
+    def fresh_loader(epoch: int, shuffle: bool, checked: bool) -> Tally:
+        _shard_check.forget_verified()
+        _shard_check.CHECK_LOCAL_SHARDS = checked
+        try:
+            loader = Loader(StreamingDataset(path, shuffle=shuffle, seed=seed + epoch), batch_size=BATCH, device="cpu")
+            tally = per_batch(loader, lambda batch: loader_count(batch, key))
+            tally.extra = {"wait_s": loader.metrics()["wait_s"]}
+            return tally
+        finally:
+            _shard_check.CHECK_LOCAL_SHARDS = True
+
+    def fresh_samples(epoch: int, shuffle: bool, checked: bool) -> Tally:
+        _shard_check.forget_verified()
+        _shard_check.CHECK_LOCAL_SHARDS = checked
+        try:
+            return per_sample(StreamingDataset(path, shuffle=shuffle, seed=seed + epoch), field_of(key))
+        finally:
+            _shard_check.CHECK_LOCAL_SHARDS = True
+
+    for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
+        for checked in (True, False):
+            label = "checked" if checked else "unchecked"
+            found.append(Contender(work.name, order, f"trainio {FRESH}, {label}", "fresh",
+                                   lambda epoch, s=shuffle, c=checked: fresh_loader(epoch, s, c), path))
+        for checked in (True, False):
+            label = "checked" if checked else "unchecked"
+            found.append(Contender(work.name, order, f"trainio {FRESH_SAMPLES}, {label}", "fresh",
+                                   lambda epoch, s=shuffle, c=checked: fresh_samples(epoch, s, c), path))
     return found
 
 
@@ -752,15 +805,19 @@ def measured_together(found: list[Contender]) -> list[list[Contender]]:
     """The contenders in groups measured together: trainio's DataLoader rows with their ceiling, per order
     (the rows a ratio target compares); every other contender alone."""
     groups: list[list[Contender]] = []
-    shared: dict[str, list[Contender]] = {}
+    shared: dict[tuple[str, str], list[Contender]] = {}
     for c in found:
         if c.mode == "DataLoader" and c.name.startswith(("trainio", "DataLoader ceiling")):
-            if c.order not in shared:
-                shared[c.order] = []
-                groups.append(shared[c.order])
-            shared[c.order].append(c)
+            together = (c.mode, c.order)
+        elif c.mode == "fresh":  # checked and unchecked in turn, a run of each per round
+            together = (c.name.rsplit(", ", 1)[0], c.order)
         else:
             groups.append([c])
+            continue
+        if together not in shared:
+            shared[together] = []
+            groups.append(shared[together])
+        shared[together].append(c)
     return groups
 
 
@@ -793,6 +850,7 @@ def run_workload(work: Workload, root: Path, args: argparse.Namespace, notes: li
     }
     seed, loaders = args.seed, not args.no_peer_dataloader
     found = limit_contenders(work, paths["trainio"], seed) + trainio_contenders(work, paths["trainio"], seed)
+    found += fresh_contenders(work, paths["trainio"], seed)
     found += mds_contenders(work, paths["mds"], mds_dataset, seed, skips.get("mds", ""), loaders)
     found += litdata_contenders(work, paths["litdata"], seed, skips.get("litdata", ""), loaders)
     found += wds_contenders(work, paths["wds"], seed, skips.get("wds", ""), loaders)
@@ -840,6 +898,8 @@ def target_of(c: Contender) -> tuple[str, str]:
         return "sps", "500000" if c.order == IN_ORDER else "400000"
     if c.name.startswith("trainio StreamingDataset in DataLoader"):
         return "ceiling", "0.9"
+    if c.mode == "fresh" and c.name.endswith(", checked"):
+        return "unchecked", "1.10"
     return "", ""
 
 
@@ -850,6 +910,8 @@ def target_text(kind: str, threshold: str) -> str | None:
         return f">= {int(threshold) // 1000}k/s, 4x LitData"
     if kind == "ceiling":
         return f">= {threshold} x ceiling"
+    if kind == "unchecked":
+        return f"<= {threshold} x unchecked time"
     return None
 
 
@@ -884,6 +946,12 @@ def summarize(found: list[Contender], works: dict[str, Workload]) -> list[dict[s
                     row["vs_litdata"] = factor
                     notes.append(f"{factor:.2f}x LitData")
                     met = met and factor >= 4
+            elif kind == "unchecked":
+                unchecked = rates.get((c.workload, c.order, c.name.replace(", checked", ", unchecked")))
+                if unchecked:
+                    row["vs_unchecked"] = median / unchecked
+                    met = row["vs_unchecked"] <= float(threshold)
+                    notes.append(f"{row['vs_unchecked']:.3f} x unchecked time")
             elif kind == "ceiling":
                 ceiling = rates.get((c.workload, c.order, "DataLoader ceiling: raw Arrow batches"))
                 if ceiling:

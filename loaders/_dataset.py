@@ -8,7 +8,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +18,9 @@ from trainio.storage import FormatError, LocalStore, NotFound, Store, open_store
 from trainio.storage._hashing import check_digest, digest
 
 from ._index import DatasetIndex, ShardInfo, load_index
+
+if TYPE_CHECKING:
+    from ._shard_check import ShardChecker
 
 _CACHED_BATCHES = 16
 _OPEN_MAPS = 64
@@ -55,6 +58,7 @@ class Dataset:
         self._reset_caches()
 
     def _reset_caches(self) -> None:
+        self._checker: tuple[int, ShardChecker] | None = None  # (the process it belongs to, the checker)
         self._lock = threading.Lock()
         self._batches: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
         self._maps: OrderedDict[int, MappedFile] = OrderedDict()
@@ -182,8 +186,21 @@ class Dataset:
             raise FormatError(self.url, info.path, "its schema differs from the index's")
         return table
 
+    def checker(self) -> ShardChecker:
+        """This process's checker of the dataset's local shards (see :class:`ShardChecker`), made on first use."""
+        with self._lock:
+            if self._checker is None or self._checker[0] != os.getpid():  # a forked child gets its own
+                from ._shard_check import ShardChecker
+
+                self._checker = (os.getpid(), ShardChecker(self))
+            return self._checker[1]
+
     def close(self) -> None:
-        """Drop cached batches and memory maps."""
+        """Drop cached batches and memory maps, and stop checking shards."""
+        with self._lock:
+            checker, self._checker = self._checker, None
+        if checker is not None and checker[0] == os.getpid():
+            checker[1].close()
         with self._lock:
             self._batches.clear()
             self._maps.clear()  # a map closes once no batch read from it is referenced

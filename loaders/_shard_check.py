@@ -1,13 +1,15 @@
 """ShardChecker: a local dataset's shards hashed against the index ahead of the reader, before any sample is used.
 
 A local shard is memory-mapped in place, so unlike a downloaded one it is
-never hashed on its way in. The checker hashes each shard the reader will
-need, in one background thread, in the order the reader will need them,
-through the same mapping the reader decodes from (so the hashing also brings
+never hashed on its way in. The checker hashes each shard the readers will
+need, in a background thread from the moment the epoch's order is known (a
+StreamingDataset announces it when it is made), in the order they will need
+them, through the same mapping they decode from (so the hashing also brings
 the pages in). :meth:`ShardChecker.wait` returns a shard's mapping only once
-its bytes have matched the index's xxh3-128, and blocks only if the reader
-gets there first. A shard checked once is not hashed again in this process
-while its file stays the same (device, inode, size, modification time).
+its bytes have matched the index's xxh3-128; a reader that gets there first
+helps hash instead of idling. A shard checked once is not hashed again in
+this process while its file stays the same (device, inode, size,
+modification time).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from ._dataset import Dataset, MappedFile
 CHECK_LOCAL_SHARDS = True
 """For benchmarks only: False streams local shards unchecked, to measure what the check costs. Never in training."""
 
-_PIECE = 32 << 20  # hashed per call: the GIL is released within one, and a closed checker stops between two
+_PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
+#                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
 
 _verified: set[tuple[tuple[int, int, int, int], str]] = set()  # (file identity, xxh3-128) checked in this process
 _verified_lock = threading.Lock()
@@ -49,15 +52,22 @@ def _known_good(mapped: MappedFile, xxh3: str) -> bool:
 
 
 class _Closed(Exception):
-    """The checker was closed while it hashed a shard."""
+    """The checker was closed while a shard was being hashed."""
+
+
+_Identity = tuple[int, int, int, int]
 
 
 class ShardChecker:
-    """Checks the shards of one local dataset before the reader uses them, ahead of it, in a background thread.
+    """Checks the shards of one local dataset before they are used: ahead of the readers, and by whoever waits.
 
-    :meth:`plan` names the shards needed next (checked first, in that
-    order), :meth:`expect` the rest of the epoch's (checked after them).
-    Thread-safe; :meth:`close` stops the thread.
+    One per :class:`Dataset` and process (:meth:`Dataset.checker`), shared by
+    every reader of it. :meth:`expect` gives the order in which an epoch
+    will need the shards, :meth:`plan` the ones needed next (checked first).
+    A background thread hashes them in that order while there are any left
+    (and ends when there are none); a thread that :meth:`wait` blocks hashes
+    a shard itself rather than sit idle: the one it needs if nobody is on
+    it, else the next planned one. Thread-safe.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -66,23 +76,28 @@ class ShardChecker:
         self._planned: list[int] = []
         self._expected: list[int] = []
         self._next_expected = 0
-        self._results: dict[int, tuple[tuple[int, int, int, int], BaseException | None]] = {}
-        self._busy: int | None = None
+        self._results: dict[int, tuple[_Identity, BaseException | None]] = {}
+        self._busy: set[int] = set()
         self._confirmed: set[int] = set()
         self._closed = False
         self._thread: threading.Thread | None = None
 
     def plan(self, shards: Sequence[int]) -> None:
-        """Check these shards next, in this order (before those of :meth:`expect`)."""
+        """Check these shards next, in this order (before the rest of :meth:`expect`'s)."""
         with self._cond:
             self._planned = [s for s in shards if s not in self._results]
             self._start()
 
     def expect(self, shards: Sequence[int]) -> None:
-        """The shards of the whole epoch in order of first use: checked ahead once the planned ones are."""
+        """A new epoch's shards in order of first use: checked ahead, after the planned ones.
+
+        Each shard's file is confirmed again (by its identity) at its first
+        use in the epoch, so a file replaced between epochs is checked again.
+        """
         with self._cond:
             self._expected = list(dict.fromkeys(shards))
             self._next_expected = 0
+            self._confirmed.clear()
             self._start()
 
     def wait(self, shard: int) -> MappedFile:
@@ -94,27 +109,30 @@ class ShardChecker:
             NotFound, StoreError: it is missing, not a regular file, or a link out of the dataset.
         """
         mapped = self._dataset.mapped(shard, fresh=shard not in self._confirmed)
-        self._confirmed.add(shard)  # the file is the one mapped: confirmed once per checker (epoch), not per batch
+        self._confirmed.add(shard)  # the file is the one mapped: confirmed once per epoch, not per batch
         if not CHECK_LOCAL_SHARDS or _known_good(mapped, self._dataset.shards[shard].xxh3_128):
             return mapped
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 result = self._results.get(shard)
-                if result is not None and result[0] == mapped.identity:
+                if result is not None and result[0] != mapped.identity:
+                    del self._results[shard]  # the file changed since it was checked: check it again
+                    result = None
+                if result is not None:
                     if result[1] is not None:
                         raise result[1]
                     return mapped
-                if result is not None:  # the file changed since it was checked: check it again
-                    del self._results[shard]
                 if self._closed:
                     raise RuntimeError(f"{self._dataset.url}: the shard checker is closed")
-                if self._busy != shard and (not self._planned or self._planned[0] != shard):
-                    self._planned.insert(0, shard)
-                self._start()
-                self._cond.wait()
+                helping = shard if shard not in self._busy else self._next()
+                if helping is None:
+                    self._cond.wait()
+                    continue
+                self._busy.add(helping)
+            self._check_and_record(helping)
 
     def close(self) -> None:
-        """Stop checking (a shard being hashed is abandoned) and wait for the thread to end."""
+        """Stop checking (a shard being hashed is abandoned) and wait for the background thread to end."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -122,48 +140,58 @@ class ShardChecker:
         if thread is not None:
             thread.join()
 
-    # -- the checking thread ---------------------------------------------------------------------
+    # -- the checking ------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        if self._thread is None and not self._closed and CHECK_LOCAL_SHARDS:
+        """Start the background thread if there is work and none runs (the lock held)."""
+        if self._closed or not CHECK_LOCAL_SHARDS:
+            return
+        if (self._thread is None or not self._thread.is_alive()) and self._has_work():
             self._thread = threading.Thread(target=self._run, name="trainio-shard-check", daemon=True)
             self._thread.start()
         self._cond.notify_all()
 
+    def _has_work(self) -> bool:
+        todo = self._planned + self._expected[self._next_expected:]
+        return any(s not in self._results and s not in self._busy for s in todo)
+
     def _next(self) -> int | None:
-        """The next shard to check (the lock held), or None when there is nothing to do."""
+        """The next shard to check, nobody's yet (the lock held); None when there is none."""
         while self._planned:
             shard = self._planned.pop(0)
-            if shard not in self._results:
+            if shard not in self._results and shard not in self._busy:
                 return shard
         while self._next_expected < len(self._expected):
             shard = self._expected[self._next_expected]
             self._next_expected += 1
-            if shard not in self._results:
+            if shard not in self._results and shard not in self._busy:
                 return shard
         return None
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                shard = self._next()
-                while shard is None and not self._closed:
-                    self._cond.wait()
-                    shard = self._next()
-                if self._closed:
-                    return
-                self._busy = shard
-            assert shard is not None
-            try:
-                identity, error = self._check(shard)
-            except _Closed:
-                return
-            with self._cond:
-                self._results[shard] = (identity, error)
-                self._busy = None
-                self._cond.notify_all()
+                shard = None if self._closed else self._next()
+                if shard is None:
+                    return  # nothing left: ends; plan(), expect() or wait() start another when there is
+                self._busy.add(shard)
+            self._check_and_record(shard)
 
-    def _check(self, shard: int) -> tuple[tuple[int, int, int, int], BaseException | None]:
+    def _check_and_record(self, shard: int) -> None:
+        """Hash ``shard`` (claimed in ``_busy``) and record the outcome for its waiters."""
+        try:
+            identity, error = self._check(shard)
+        except _Closed:
+            with self._cond:
+                self._busy.discard(shard)
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._results[shard] = (identity, error)
+            self._busy.discard(shard)
+            self._cond.notify_all()
+
+    def _check(self, shard: int) -> tuple[_Identity, BaseException | None]:
         info = self._dataset.shards[shard]
         try:
             mapped = self._dataset.mapped(shard, fresh=True)

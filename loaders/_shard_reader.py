@@ -14,7 +14,6 @@ import pyarrow as pa
 from trainio.storage import FurthestInFuture, LocalStore, ShardCache, Store
 
 from ._dataset import Dataset, map_file
-from ._shard_check import ShardChecker
 
 log = logging.getLogger("trainio.loaders.reader")
 
@@ -47,7 +46,7 @@ class ShardReader:
             if cache is not None and prefetch_shards else None
         self._downloads: dict[int, Future[object]] = {}
         self._upcoming: list[int] = []
-        self._checker = ShardChecker(dataset) if cache is None else None
+        self._checker = dataset.checker() if cache is None else None
 
     def plan(self, shards: Sequence[int]) -> None:
         """Tell the reader which shards it needs next, in order of first use.
@@ -123,9 +122,7 @@ class ShardReader:
         return self._cache.stats() if self._cache is not None else {}
 
     def close(self) -> None:
-        """Unpin and unmap every shard and stop prefetching and checking."""
-        if self._checker is not None:
-            self._checker.close()
+        """Unpin and unmap every shard and stop prefetching (the dataset's checker goes on with what it expects)."""
         if self._pool is not None:
             for future in self._downloads.values():
                 future.cancel()

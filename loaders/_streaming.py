@@ -141,6 +141,7 @@ class StreamingDataset(_Base):
                 raise StoreError(dataset.url, "", "a remote dataset needs a cache_dir on local disk")
         self._check_cache_size()
         self._first_rows = [np.asarray([b.first_row for b in info.batches], dtype=np.int64) for _, info in self._shards]
+        self._announce_shards()
 
     # -- what is iterated ------------------------------------------------------------
 
@@ -296,6 +297,18 @@ class StreamingDataset(_Base):
         assert self._cache_dir is not None
         cache = ShardCache(dataset.store, self._cache_dir, self._cache_limit, policy=policy)
         return ShardReader(dataset, cache, policy, prefetch_shards=self._prefetch)
+
+    def _announce_shards(self) -> None:
+        """Start checking the local datasets' shards now, in the order the first epoch needs them.
+
+        Whatever the job does before it iterates (build the model, say) then
+        hides the check; the readers re-announce each epoch's order anyway.
+        """
+        sequence = self.order().shard_sequence()
+        for d, dataset in enumerate(self._datasets):
+            if isinstance(dataset.store, LocalStore):
+                low, high = int(self._shard_offsets[d]), int(self._shard_offsets[d + 1])
+                dataset.checker().expect([s - low for s in sequence.tolist() if low <= s < high])
 
     def _check_cache_size(self) -> None:
         """Fail now if the remote datasets' shards that two shuffle windows touch, plus the prefetch, exceed the cache."""

@@ -291,3 +291,23 @@ def test_a_link_inside_the_dataset_is_followed(tmp_path: Path) -> None:
     (root / key).rename(root / "shards" / "moved.arrow")
     (root / key).symlink_to("moved.arrow")
     assert sorted(int(s["id"]) for s in StreamingDataset(root)) == list(range(BASE, BASE + 256))
+
+
+def test_the_check_starts_when_the_dataset_is_made_and_a_waiting_reader_helps(tmp_path: Path) -> None:
+    from trainio.loaders import _shard_check
+
+    root = write_shards(tmp_path / "ds")
+    _shard_check.forget_verified()
+    ds = StreamingDataset(root)  # announces the first epoch's shards: checked before anything iterates
+    dataset = ds.dataset
+    deadline = 200
+    while deadline and not all(_shard_check._known_good(dataset.mapped(s), dataset.shards[s].xxh3_128)
+                               for s in range(len(dataset.shards))):
+        threading.Event().wait(0.05)
+        deadline -= 1
+    assert deadline, "the shards were not checked in the background"
+    _shard_check.forget_verified()
+    fresh = Dataset(root)
+    checker = fresh.checker()
+    assert checker.wait(2).buffer.size == fresh.shards[2].bytes  # no thread was asked: the waiter hashed it
+    assert _shard_check._known_good(fresh.mapped(2), fresh.shards[2].xxh3_128)
