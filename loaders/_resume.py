@@ -79,3 +79,19 @@ def check_worker_yielded(worker: Mapping[str, Any], share: int) -> int:
     if yielded > share:
         raise _fail("worker.yielded", yielded, f"must be at most {share}, the samples this worker reads this epoch")
     return yielded
+
+
+def state_differences(state: Mapping[str, Any], mine: Mapping[str, Any]) -> list[str]:
+    """What differs between a checked ``state`` and this dataset's own (``mine``), one phrase per field."""
+    differences = [f"{key}: saved {state.get(key)!r}, now {mine[key]!r}"
+                   for key in ("seed", "shuffle", "shuffle_window", "epoch_size") if state.get(key) != mine[key]]
+    saved = state["datasets"]
+    if len(saved) != len(mine["datasets"]):
+        differences.append(f"datasets: saved {len(saved)}, now {len(mine['datasets'])}")
+    for i, (old, new) in enumerate(zip(saved, mine["datasets"])):
+        if old.get("index_xxh3") != new["index_xxh3"]:
+            differences.append(f"dataset {i} ({new['url']}): index.json changed "
+                               f"(saved xxh3 {old.get('index_xxh3')}, now {new['index_xxh3']})")
+        if old.get("weight") != new["weight"]:
+            differences.append(f"dataset {i}: weight saved {old.get('weight')}, now {new['weight']}")
+    return differences

@@ -2,13 +2,13 @@
 
 A local shard is memory-mapped in place, so unlike a downloaded one it is
 never hashed on its way in. The checker hashes each shard the readers will
-need, in a background thread from the moment the epoch's order is known (a
+need, in background threads from the moment the epoch's order is known (a
 StreamingDataset announces it when it is made), in the order they will need
 them, through the same mapping they decode from (so the hashing also brings
 the pages in). :meth:`ShardChecker.wait` returns a shard's mapping only once
-its bytes have matched the index's xxh3-128; a reader that gets there first
-helps hash instead of idling. A shard checked once is not hashed again in
-this process while its file stays the same (device, inode, size,
+its bytes have matched the index's xxh3-128; a reader that needs a shard
+nobody has started on hashes it itself. A shard checked once is not hashed
+again in this process while its file stays the same (device, inode, size,
 modification time).
 """
 
@@ -27,6 +27,8 @@ CHECK_LOCAL_SHARDS = True
 
 _PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
 #                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
+
+_THREADS = min(2, os.cpu_count() or 1)  # background hashing threads per dataset (each hashes a shard at a time)
 
 _verified: set[tuple[tuple[int, int, int, int], str]] = set()  # (file identity, xxh3-128) checked in this process
 _verified_lock = threading.Lock()
@@ -64,10 +66,9 @@ class ShardChecker:
     One per :class:`Dataset` and process (:meth:`Dataset.checker`), shared by
     every reader of it. :meth:`expect` gives the order in which an epoch
     will need the shards, :meth:`plan` the ones needed next (checked first).
-    A background thread hashes them in that order while there are any left
-    (and ends when there are none); a thread that :meth:`wait` blocks hashes
-    a shard itself rather than sit idle: the one it needs if nobody is on
-    it, else the next planned one. Thread-safe.
+    Up to two background threads hash them in that order while there are
+    any left (and end when there are none); :meth:`wait` for a shard nobody
+    hashes yet hashes it in the waiting thread. Thread-safe.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -80,7 +81,7 @@ class ShardChecker:
         self._busy: set[int] = set()
         self._confirmed: set[int] = set()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def plan(self, shards: Sequence[int]) -> None:
         """Check these shards next, in this order (before the rest of :meth:`expect`'s)."""
@@ -124,36 +125,38 @@ class ShardChecker:
                     return mapped
                 if self._closed:
                     raise RuntimeError(f"{self._dataset.url}: the shard checker is closed")
-                helping = shard if shard not in self._busy else self._next()
-                if helping is None:
+                if shard in self._busy:  # being hashed: done sooner than anything this thread could start
                     self._cond.wait()
                     continue
-                self._busy.add(helping)
-            self._check_and_record(helping)
+                self._busy.add(shard)  # nobody is on it (not announced, or not reached yet): hash it here
+            self._check_and_record(shard)
 
     def close(self) -> None:
         """Stop checking (a shard being hashed is abandoned) and wait for the background thread to end."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join()
 
     # -- the checking ------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        """Start the background thread if there is work and none runs (the lock held)."""
+        """Start background threads, up to :data:`_THREADS`, while there is work for them (the lock held)."""
         if self._closed or not CHECK_LOCAL_SHARDS:
             return
-        if (self._thread is None or not self._thread.is_alive()) and self._has_work():
-            self._thread = threading.Thread(target=self._run, name="trainio-shard-check", daemon=True)
-            self._thread.start()
+        self._threads = [t for t in self._threads if t.is_alive()]
+        while len(self._threads) < _THREADS and self._has_work(len(self._threads)):
+            thread = threading.Thread(target=self._run, name="trainio-shard-check", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         self._cond.notify_all()
 
-    def _has_work(self) -> bool:
-        todo = self._planned + self._expected[self._next_expected:]
-        return any(s not in self._results and s not in self._busy for s in todo)
+    def _has_work(self, beyond: int) -> bool:
+        """Whether more than ``beyond`` shards wait for a thread."""
+        todo = dict.fromkeys(self._planned + self._expected[self._next_expected:])
+        return sum(s not in self._results and s not in self._busy for s in todo) > beyond
 
     def _next(self) -> int | None:
         """The next shard to check, nobody's yet (the lock held); None when there is none."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -22,8 +21,10 @@ from ._columns import Columns, sample_of
 from ._shard_reader import ShardReader, shard_bytes_needed
 from ._resume import (
     HOW_TO_KNOW, STATE_FORMAT, STATE_VERSION, PositionUnknown, ResumeMismatch, check_state, check_worker_yielded,
+    state_differences,
 )
 from ._units import parse_size
+from ._workers import in_worker, rank_and_world, shared_flag, worker_count, worker_info
 
 _CHUNK = 8192
 _DECODED_BATCHES = 4096
@@ -133,7 +134,7 @@ class StreamingDataset(_Base):
         self._skip = 0
         self._counted_here = False  # this process iterated, or was told what was consumed (count_consumed)
         self._sent_away = False  # pickled (to spawned DataLoader workers, say): the copies' progress never comes back
-        self._worker_flag = _shared_flag()  # set by any forked DataLoader worker that iterates this dataset
+        self._worker_flag = shared_flag()  # set by any forked DataLoader worker that iterates this dataset
         self._cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self._cache_limit = parse_size(cache_limit)
         for dataset in self._datasets:
@@ -174,7 +175,7 @@ class StreamingDataset(_Base):
 
     def layout(self, workers: int = 1, worker: int = 0) -> Layout:
         """This process's place in the job (rank, world size) for a given worker."""
-        rank, world = _rank_and_world(self._rank, self._world)
+        rank, world = rank_and_world(self._rank, self._world)
         return Layout(ranks=world, rank=rank, workers=workers, worker=worker, batch=self._batch)
 
     def collate(self, *, lists: Lists = "auto", pad_to: int | None = None, pad_value: int = 0) -> Collate:
@@ -199,7 +200,7 @@ class StreamingDataset(_Base):
 
     def __len__(self) -> int:
         """Samples this rank reads in the rest of the current epoch (all its workers together)."""
-        return self.layout(_worker_count()).count(sum(self._counts), self._start, self._uneven)
+        return self.layout(worker_count()).count(sum(self._counts), self._start, self._uneven)
 
     # -- iteration ----------------------------------------------------------------------
 
@@ -211,11 +212,11 @@ class StreamingDataset(_Base):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._worker_flag = _shared_flag()
+        self._worker_flag = shared_flag()
         self._sent_away = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        workers, worker = _worker_info()
+        workers, worker = worker_info()
         self._note_iteration()
         reader = self.reader()
         samplers: OrderedDict[int, Callable[[int], dict[str, Any]]] = OrderedDict()  # by shard << 32 | batch
@@ -279,7 +280,7 @@ class StreamingDataset(_Base):
 
     def _note_iteration(self) -> None:
         """Mark who iterates: this process (its count is the position) or a DataLoader worker (the shared flag)."""
-        if _in_worker():
+        if in_worker():
             if self._worker_flag is not None:
                 self._worker_flag[0] = 1
         else:
@@ -361,8 +362,8 @@ class StreamingDataset(_Base):
                 raise ValueError(f"state_dict(consumed={consumed!r}): must be an integer from 0 to {size}, the "
                                  "samples of the current epoch consumed by all ranks together")
             consumed = min(int(consumed), size)  # beyond: the padded last global batch, the epoch is done
-        elif _in_worker():
-            workers, worker_id = _worker_info()
+        elif in_worker():
+            workers, worker_id = worker_info()
             consumed = self._start
             worker = {"id": worker_id, "workers": workers, "yielded": self._skip + self._yielded}
         else:
@@ -404,18 +405,7 @@ class StreamingDataset(_Base):
         """
         size = sum(self._counts)
         check_state(state, size)
-        mine = self.state_dict(consumed=0)
-        differences = [f"{key}: saved {state.get(key)!r}, now {mine[key]!r}"
-                       for key in ("seed", "shuffle", "shuffle_window", "epoch_size") if state.get(key) != mine[key]]
-        saved = state["datasets"]
-        if len(saved) != len(mine["datasets"]):
-            differences.append(f"datasets: saved {len(saved)}, now {len(mine['datasets'])}")
-        for i, (old, new) in enumerate(zip(saved, mine["datasets"])):
-            if old.get("index_xxh3") != new["index_xxh3"]:
-                differences.append(f"dataset {i} ({new['url']}): index.json changed "
-                                   f"(saved xxh3 {old.get('index_xxh3')}, now {new['index_xxh3']})")
-            if old.get("weight") != new["weight"]:
-                differences.append(f"dataset {i}: weight saved {old.get('weight')}, now {new['weight']}")
+        differences = state_differences(state, self.state_dict(consumed=0))
         if differences:
             raise ResumeMismatch("cannot resume: " + "; ".join(differences) +
                                  " (resuming would silently change the sample order)")
@@ -429,7 +419,7 @@ class StreamingDataset(_Base):
         """How many of this worker's samples a per-worker state says were consumed (0 for a global state)."""
         if saved is None:
             return 0
-        workers, worker = _worker_info()
+        workers, worker = worker_info()
         if (saved["workers"], saved["id"]) != (workers, worker):
             raise ResumeMismatch(f"this state is DataLoader worker {saved['id']} of {saved['workers']}'s "
                                  f"own position; it cannot resume worker {worker} of {workers}: resume it with as "
@@ -449,49 +439,6 @@ def _with_first_uses(located: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray
     np.minimum.at(first, shards - low, np.arange(shards.size, dtype=np.int64))
     used = np.flatnonzero(first < shards.size)
     return shards, rows, (used[np.argsort(first[used])] + low).tolist()
-
-
-def _rank_and_world(rank: int | None, world: int | None) -> tuple[int, int]:
-    if rank is not None and world is not None:
-        return rank, world
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _worker_info() -> tuple[int, int]:
-    """(number of DataLoader workers, this worker's id); (1, 0) outside a worker."""
-    try:
-        from torch.utils.data import get_worker_info
-    except ImportError:
-        return 1, 0
-    info = get_worker_info()
-    return (1, 0) if info is None else (info.num_workers, info.id)
-
-
-def _in_worker() -> bool:
-    try:
-        from torch.utils.data import get_worker_info
-    except ImportError:
-        return False
-    return get_worker_info() is not None
-
-
-def _shared_flag() -> mmap.mmap | None:
-    """One byte of memory shared with the processes forked from this one (None where there is no such memory)."""
-    try:
-        return mmap.mmap(-1, 1)  # anonymous and MAP_SHARED: a forked DataLoader worker writes what the parent reads
-    except OSError:
-        return None
-
-
-def _worker_count() -> int:
-    return _worker_info()[0]
 
 
 def _sources(url: object) -> list[tuple[str, float | None]]:
