@@ -14,6 +14,8 @@ modification time).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import threading
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ CHECK_LOCAL_SHARDS = True
 _PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
 #                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
 
+_AHEAD_BYTES = 4 << 30  # how far past the shards in use the threads hash ahead
 _THREADS = min(2, os.cpu_count() or 1)  # background hashing threads per dataset (each hashes a shard at a time)
 
 _verified: set[tuple[tuple[int, int, int, int], str]] = set()  # (file identity, xxh3-128) checked in this process
@@ -77,7 +80,9 @@ class ShardChecker:
         self._planned: list[int] = []
         self._expected: list[int] = []
         self._next_expected = 0
-        self._results: dict[int, tuple[_Identity, BaseException | None]] = {}
+        self._ends: list[int] = []  # bytes of the expected shards up to and including each
+        self._reached = 0  # how far through the expected shards the readers have planned
+        self._results: dict[int, tuple[_Identity | None, BaseException | None]] = {}  # None: whatever the file
         self._busy: set[int] = set()
         self._confirmed: set[int] = set()
         self._closed = False
@@ -87,18 +92,25 @@ class ShardChecker:
         """Check these shards next, in this order (before the rest of :meth:`expect`'s)."""
         with self._cond:
             self._planned = [s for s in shards if s not in self._results]
+            where = {shard: i for i, shard in enumerate(self._expected)}
+            self._reached = max([self._reached] + [where[s] for s in shards if s in where])
             self._start()
 
     def expect(self, shards: Sequence[int]) -> None:
         """A new epoch's shards in order of first use: checked ahead, after the planned ones.
 
         Each shard's file is confirmed again (by its identity) at its first
-        use in the epoch, so a file replaced between epochs is checked again.
+        use in the epoch, so a file replaced between epochs is checked again,
+        and a shard that failed is tried again.
         """
         with self._cond:
             self._expected = list(dict.fromkeys(shards))
             self._next_expected = 0
+            self._reached = 0
+            sizes = [self._dataset.shards[s].bytes for s in self._expected]
+            self._ends = list(itertools.accumulate(sizes))
             self._confirmed.clear()
+            self._results = {k: v for k, v in self._results.items() if v[1] is None}  # failures are retried
             self._start()
 
     def wait(self, shard: int) -> MappedFile:
@@ -116,7 +128,7 @@ class ShardChecker:
         while True:
             with self._cond:
                 result = self._results.get(shard)
-                if result is not None and result[0] != mapped.identity:
+                if result is not None and result[0] not in (None, mapped.identity):
                     del self._results[shard]  # the file changed since it was checked: check it again
                     result = None
                 if result is not None:
@@ -155,7 +167,7 @@ class ShardChecker:
 
     def _has_work(self, beyond: int) -> bool:
         """Whether more than ``beyond`` shards wait for a thread."""
-        todo = dict.fromkeys(self._planned + self._expected[self._next_expected:])
+        todo = dict.fromkeys(self._planned + self._expected[self._next_expected:self._horizon()])
         return sum(s not in self._results and s not in self._busy for s in todo) > beyond
 
     def _next(self) -> int | None:
@@ -164,12 +176,21 @@ class ShardChecker:
             shard = self._planned.pop(0)
             if shard not in self._results and shard not in self._busy:
                 return shard
-        while self._next_expected < len(self._expected):
+        while self._next_expected < self._horizon():
             shard = self._expected[self._next_expected]
             self._next_expected += 1
             if shard not in self._results and shard not in self._busy:
                 return shard
         return None
+
+    def _horizon(self) -> int:
+        """How many of the expected shards may be hashed by now: those within :data:`_AHEAD_BYTES` past the
+        furthest one planned, and the one after it (so a dataset larger than memory is not read far ahead of
+        its readers, evicting what they need first)."""
+        if not self._expected:
+            return 0
+        base = self._ends[self._reached - 1] if self._reached else 0
+        return min(len(self._expected), max(self._reached + 2, bisect.bisect_right(self._ends, base + _AHEAD_BYTES)))
 
     def _run(self) -> None:
         while True:
@@ -189,17 +210,19 @@ class ShardChecker:
                 self._busy.discard(shard)
                 self._cond.notify_all()
             return
+        except BaseException as exc:  # handed to the waiters, not lost with this thread
+            identity, error = None, exc
         with self._cond:
             self._results[shard] = (identity, error)
             self._busy.discard(shard)
             self._cond.notify_all()
 
-    def _check(self, shard: int) -> tuple[_Identity, BaseException | None]:
+    def _check(self, shard: int) -> tuple[_Identity | None, BaseException | None]:
         info = self._dataset.shards[shard]
         try:
             mapped = self._dataset.mapped(shard, fresh=True)
         except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this shard
-            return (0, 0, 0, 0), exc
+            return None, exc
         if _known_good(mapped, info.xxh3_128):
             return mapped.identity, None
         hasher = Hasher()
