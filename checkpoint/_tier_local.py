@@ -52,9 +52,11 @@ def _owner_is_dead(name: str) -> bool:
 class LocalStepWriter(StepWriter):
     """Writes a step into ``.trainio-tmp.save-<step>-<host>-<pid>-<rand>/`` and renames it on commit."""
 
+    tier: LocalTierIO
+
     def __init__(self, tier: LocalTierIO, step: int, shared: str | None = None) -> None:
-        self.tier = self._tier = tier
-        self.step = self._step = step
+        self.tier = tier
+        self.step = step
         os.makedirs(tier.root, exist_ok=True)
         if shared is None:
             self._dir = os.path.join(tier.root, _temp_dir_name("save", step))
@@ -67,7 +69,7 @@ class LocalStepWriter(StepWriter):
         self._small: list[str] = []
 
     def flush(self) -> None:
-        if self._tier.durable:
+        if self.tier.durable:
             sync_files(self._dir, self._small)
             self._small = []
 
@@ -80,7 +82,7 @@ class LocalStepWriter(StepWriter):
             self._write(key, data, size)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise StoreError(self._tier.url, f"{step_name(self._step)}/{key}", f"cannot write: {exc.strerror or exc}",
+            raise StoreError(self.tier.url, f"{step_name(self.step)}/{key}", f"cannot write: {exc.strerror or exc}",
                              "the tier is full: free space, or keep fewer steps" if full else "") from exc
 
     def _write(self, key: str, data: memoryview, size: int) -> None:
@@ -92,7 +94,7 @@ class LocalStepWriter(StepWriter):
                 written += _write(fd, data[written:])
             if size > data.nbytes:
                 os.ftruncate(fd, size)
-            if self._tier.durable and size >= FSYNC_EACH_BYTES:
+            if self.tier.durable and size >= FSYNC_EACH_BYTES:
                 os.fsync(fd)
         finally:
             os.close(fd)
@@ -100,7 +102,7 @@ class LocalStepWriter(StepWriter):
             self._small.append(path)
 
     def link(self, step: int, key: str) -> None:
-        source = os.path.join(self._tier.root, step_name(step), key)
+        source = os.path.join(self.tier.root, step_name(step), key)
         target = os.path.join(self._dir, key)
         try:
             os.link(source, target)
@@ -128,24 +130,24 @@ class LocalStepWriter(StepWriter):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, manifest)
-            if self._tier.durable:
+            if self.tier.durable:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        if self._tier.durable:
+        if self.tier.durable:
             fsync_dir(self._dir)
-        final = os.path.join(self._tier.root, step_name(self._step))
+        final = os.path.join(self.tier.root, step_name(self.step))
         if os.path.lexists(final) and os.path.exists(os.path.join(final, MANIFEST)):
-            self._tier._refuse_committed(self._step)
+            self.tier._refuse_committed(self.step)
         try:
             os.rename(self._dir, final)
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise CheckpointError(f"{self._tier.label}: {final} already exists and is not a committed step; "
+                raise CheckpointError(f"{self.tier.label}: {final} already exists and is not a committed step; "
                                       "remove it by hand") from None
             raise
-        if self._tier.durable:
-            fsync_dir(self._tier.root)
+        if self.tier.durable:
+            fsync_dir(self.tier.root)
 
     def abort(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)

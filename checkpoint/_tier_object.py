@@ -18,25 +18,27 @@ _CHECK_THREADS = 16
 class ObjectStepWriter(StepWriter):
     """Uploads a step's files under ``<step>/``, then its manifest with ``If-None-Match: *``."""
 
+    tier: ObjectTierIO
+
     def __init__(self, tier: ObjectTierIO, step: int) -> None:
-        self.tier = self._tier = tier
+        self.tier = tier
         self._prefix = step_name(step)
-        self.step = self._step = step
+        self.step = step
 
     def write(self, key: str, data: memoryview, size: int) -> None:
         body: memoryview | bytes = data
         if size > data.nbytes:
             body = bytes(data) + bytes(size - data.nbytes)
-        self._tier.store.put(f"{self._prefix}/{key}", body)
+        self.tier.store.put(f"{self._prefix}/{key}", body)
 
     def link(self, step: int, key: str) -> None:
-        self._tier.store.copy(f"{step_name(step)}/{key}", f"{self._prefix}/{key}")
+        self.tier.store.copy(f"{step_name(step)}/{key}", f"{self._prefix}/{key}")
 
     def _misplaced(self, files: Mapping[str, FileEntry]) -> list[str]:
         def check(item: tuple[str, FileEntry]) -> str:
             key, entry = item
             try:
-                size = self._tier.store.size(f"{self._prefix}/{key}")
+                size = self.tier.store.size(f"{self._prefix}/{key}")
             except NotFound:
                 return f"{key} (missing)"
             return "" if size == entry.size else f"{key} ({size} bytes, written {entry.size})"
@@ -46,14 +48,14 @@ class ObjectStepWriter(StepWriter):
 
     def _publish(self, manifest: bytes) -> None:
         try:
-            self._tier.store.put(f"{self._prefix}/{MANIFEST}", manifest, overwrite=False)
+            self.tier.store.put(f"{self._prefix}/{MANIFEST}", manifest, overwrite=False)
         except AlreadyExists:
-            raise CheckpointError(f"{self._tier.label}: step {self._step} was committed by another writer "
+            raise CheckpointError(f"{self.tier.label}: step {self.step} was committed by another writer "
                                   "while this one uploaded it; its manifest stands") from None
 
     def abort(self) -> None:
-        if not self._tier.is_committed(self._step):
-            self._tier.store.delete_prefix(self._prefix)
+        if not self.tier.is_committed(self.step):
+            self.tier.store.delete_prefix(self._prefix)
 
 class ObjectTierIO(TierIO):
     """Steps as ``<step>/`` prefixes of an object store (or any :class:`Store`)."""

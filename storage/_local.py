@@ -58,6 +58,7 @@ class LocalStore(Store):
     def __init__(self, root: str | os.PathLike[str], *, options: LocalOptions = LocalOptions()) -> None:
         super().__init__(io_threads=options.io_threads)
         self._root = os.path.abspath(os.fspath(root))
+        self._real_root = os.path.realpath(self._root)
         self._options = options
         if os.path.lexists(self._root) and not os.path.isdir(self._root):
             raise StoreError(self.url, "", "the store root exists but is not a directory")
@@ -133,27 +134,36 @@ class LocalStore(Store):
             raise StoreError(self.url, key, f"cannot {action}: {exc.strerror or exc}") from exc
 
     def _open_regular(self, key: str) -> int:
-        path = self._inside(key, self._path(key))
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._check_inside(key, _opened_path(fd) or os.path.realpath(self._path(key)))
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+                raise NotFound(self.url, key, f"no such key (the path is {what})")
+        except BaseException:
             os.close(fd)
-            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
-            raise NotFound(self.url, key, f"no such key (the path is {what})")
+            raise
         return fd
 
     def _inside(self, key: str, path: str) -> str:
         """``path`` with every symbolic link resolved, refused if that leaves the root."""
         real = os.path.realpath(path)
-        root = self._real_root()
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-            raise StoreError(self.url, key, f"a symbolic link leads it out of the store's root, to {real}",
-                             "trainio never reads or writes outside a store's root; replace the link by the files")
+        self._check_inside(key, real)
         return real
 
-    def _real_root(self) -> str:
-        return os.path.realpath(self._root)
+    def _check_inside(self, key: str, real: str) -> None:
+        if not self._is_under_root(real, self._real_root):
+            self._real_root = os.path.realpath(self._root)  # the root itself may have been replaced by a link
+            if not self._is_under_root(real, self._real_root):
+                raise StoreError(self.url, key, f"a symbolic link leads it out of the store's root, to {real}",
+                                 "trainio never reads or writes outside a store's root; replace the link by the "
+                                 "files")
+
+    @staticmethod
+    def _is_under_root(real: str, root: str) -> bool:
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
     # -- hooks ----------------------------------------------------------------
 
@@ -330,6 +340,15 @@ class LocalStore(Store):
             except BaseException:
                 os.unlink(tmp)
                 raise
+
+
+def _opened_path(fd: int) -> str | None:
+    """The path the kernel resolved for the open ``fd`` (Linux), or None where it cannot say."""
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return path if path.startswith("/") and not path.endswith(" (deleted)") else None
 
 
 def _pread_exact(fd: int, offset: int, size: int, url: str, key: str) -> bytes:
