@@ -29,7 +29,7 @@ def _holding(tier: TierIO) -> Iterator[None]:
     """Hold ``tier``'s lease (renewed) while in the block, as a writing job does."""
     lease = Lease(tier.store, tier.label, ADMIN_LEASE_S)
     keeper = LeaseKeeper([lease], ADMIN_LEASE_S)
-    keeper.acquire()
+    keeper.acquire(0)
     tier.lease = lease
     try:
         yield

@@ -179,19 +179,26 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def acquire(self) -> None:
-        """Take every lease (idempotent) and start renewing them.
+    def acquire(self, index: int) -> bool:
+        """Take lease ``index`` (idempotent) and keep renewing every lease held; whether it was newly taken.
 
         Raises:
-            CheckpointError: a tier's lease is held by another live job.
+            CheckpointError: the tier's lease is held by another live job.
+            StoreError: the tier cannot be reached.
         """
         with self._lock:
-            for lease in self._leases:
-                if not lease.held:
-                    lease.acquire()
+            lease = self._leases[index]
+            taken = not lease.held
+            if taken:
+                lease.acquire()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._renew, name="trainio-ckpt-lease", daemon=True)
                 self._thread.start()
+        return taken
+
+    def holds(self, index: int) -> bool:
+        """Whether lease ``index`` is held (as far as the last renewal knows)."""
+        return self._leases[index].held if index < len(self._leases) else False
 
     def _renew(self) -> None:
         while not self._stop.wait(self._period):

@@ -132,7 +132,6 @@ class CheckpointManager:
         for io, lease in zip(self._io, leases, strict=False):
             io.lease = lease
         self._keeper = LeaseKeeper(leases, lease_s)
-        self._debris_removed = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CheckpointManager:
@@ -175,7 +174,7 @@ class CheckpointManager:
         if self._sharded is not None:
             return self._save_sharded(step, state)
         self._raise_failures()
-        self._hold_tiers()
+        self._hold(0)
         skeleton, leaves = flatten(state)
         started = time.perf_counter()
         snapshot = self._snapshot(skeleton, leaves)
@@ -211,7 +210,7 @@ class CheckpointManager:
         problem: BaseException | None = None
         try:
             self._raise_failures()
-            self._hold_tiers()
+            self._hold(0)
             skeleton, leaves = flatten(state, self._sharded.rank)
         except CheckpointError as exc:
             problem = exc
@@ -318,7 +317,14 @@ class CheckpointManager:
 
     def _promote_into(self, target: int) -> None:
         io = self._io[target]
-        for step in self._wanted(target):
+        wanted = self._wanted(target)
+        if wanted:
+            try:
+                self._hold(target)
+            except Exception as exc:  # noqa: BLE001 - reported like any failed promotion, retried at the next
+                self._promotion_failed(target, wanted[0], exc)
+                return
+        for step in wanted:
             error: BaseException | None = None
             manifest: Manifest | None = None
             for attempt in range(self._attempts):
@@ -388,6 +394,8 @@ class CheckpointManager:
 
     def _retain(self, tier: int) -> None:
         io = self._io[tier]
+        if not self._keeper.holds(tier):  # only the job writing a tier deletes from it
+            return
         try:
             with self._tier_locks[tier]:  # nobody starts reading a step of this tier meanwhile
                 steps = io.steps()
@@ -417,19 +425,17 @@ class CheckpointManager:
                 if not self._in_use[(tier, step)]:
                     del self._in_use[(tier, step)]
 
-    def _hold_tiers(self) -> None:
-        """Take (or keep) every tier's lease on rank 0; the first time, remove what dead writers left.
+    def _hold(self, tier: int) -> None:
+        """Take (or keep) the lease of ``tier`` on rank 0; when newly taken, remove what dead writers left there.
+
+        The first tier's is taken by ``save``, the others' by the promotion
+        into them, so a slower tier that is down never stops a save.
 
         Raises:
-            CheckpointError: another live job holds a tier's lease.
+            CheckpointError: another live job holds the tier's lease.
         """
-        if self._rank != 0:
-            return
-        self._keeper.acquire()
-        if not self._debris_removed:
-            self._debris_removed = True
-            for io in self._io:
-                self._remove_debris(io)
+        if self._rank == 0 and self._keeper.acquire(tier):
+            self._remove_debris(self._io[tier])
 
     def _remove_debris(self, io: TierIO) -> None:
         try:
@@ -451,7 +457,6 @@ class CheckpointManager:
         self._check_open()
         self._saver.submit(lambda: None).result()
         if self._rank == 0:
-            self._hold_tiers()
             self._promoter.submit(self._promote_all).result()
         if self._sharded is not None:
             self._sharded.agree("promote(): waiting for rank 0's promotions", None)

@@ -122,3 +122,19 @@ def test_s3_down_during_promotion(tmp_path: Path, outage: tuple[FaultyProxy, S3S
         manager.promote()
         assert manager.steps() == {"local": [3], "s3": [1, 2, 3]}
         assert torch.equal(manager.restore(2, tiers=["s3"])["w"], _state(2)["w"])
+
+
+def test_s3_down_before_the_first_save_never_stops_a_save(tmp_path: Path, outage: tuple[FaultyProxy, S3Store]) -> None:
+    """The slower tier's lease is taken by the promotion into it, so an outage there only delays the promotion."""
+    proxy, store = outage
+    proxy.configure(fault_rate=1.0)
+    tiers = [Tier(tmp_path, name="local"), Tier(store, name="s3")]
+    with CheckpointManager(tiers, promote_attempts=1, retry_backoff_s=0.01) as manager:
+        handle = manager.save(1, _state(1))
+        handle.wait()
+        assert handle.result()["local"].status == "committed"
+        with pytest.raises(CheckpointError, match="promoting step 1 failed"):
+            manager.wait()
+        proxy.configure(fault_rate=0.0)
+        manager.promote()
+        assert manager.steps() == {"local": [1], "s3": [1]}
