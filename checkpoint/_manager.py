@@ -69,9 +69,10 @@ class CheckpointManager:
         timeout_s: How long a rank waits for the others at each exchange of a
             multi-rank save or restore before failing, naming the ranks missing.
         lease_s: How long a tier's lease lasts unrenewed. One job writes a tier
-            at a time: the first ``save`` or ``promote`` takes every tier's
-            lease (rank 0 alone, in a multi-rank job), renews it in the
-            background and checks it before every commit; a second job is
+            at a time: the first ``save`` takes the first tier's lease and
+            the first promotion into a slower tier that tier's (rank 0 alone,
+            in a multi-rank job); leases are renewed in the background and
+            checked before every commit; a second job is
             refused naming the holder, and a lease left unrenewed this long
             (its job died) is taken over. Only then are a dead writer's
             leftovers removed. Restoring never needs the lease.
