@@ -69,9 +69,10 @@ class ShardChecker:
     One per :class:`Dataset` and process (:meth:`Dataset.checker`), shared by
     every reader of it. :meth:`expect` gives the order in which an epoch
     will need the shards, :meth:`plan` the ones needed next (checked first).
-    Up to two background threads hash them in that order while there are
-    any left (and end when there are none); :meth:`wait` for a shard nobody
-    hashes yet hashes it in the waiting thread. Thread-safe.
+    Two background threads (one on a single core) hash them in that order
+    while there are any left, and end when there are none (the sooner the
+    first shards are checked, the less the readers wait); :meth:`wait` for a
+    shard nobody hashes yet hashes it in the waiting thread. Thread-safe.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -220,7 +221,9 @@ class ShardChecker:
     def _check(self, shard: int) -> tuple[_Identity | None, BaseException | None]:
         info = self._dataset.shards[shard]
         try:
-            mapped = self._dataset.mapped(shard, fresh=True)
+            # The mapping kept, if any, not re-confirmed here: wait() confirms the file once an epoch, and every
+            # system call here gives up the GIL, which can take a switch interval (5 ms) to get back.
+            mapped = self._dataset.mapped(shard)
         except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this shard
             return None, exc
         if _known_good(mapped, info.xxh3_128):
@@ -240,3 +243,4 @@ class ShardChecker:
         with _verified_lock:
             _verified.add((mapped.identity, info.xxh3_128))
         return mapped.identity, None
+
