@@ -110,6 +110,22 @@ def test_the_main_process_of_a_dataloader_with_workers_refuses_to_guess(local: P
     assert ds.state_dict(consumed=100 * 16)["consumed"] == 1600  # the explicit position is still taken
 
 
+def test_a_checkpoint_of_the_main_process_copy_is_refused_not_saved_at_position_0(local: Path, tmp_path: Path) -> None:
+    from trainio.checkpoint import CheckpointManager
+
+    ds = StreamingDataset(local, batch_size=16, seed=1)
+    for step, _ in enumerate(DataLoader(ds, batch_size=16, num_workers=2)):
+        if step == 99:
+            break
+    with CheckpointManager([tmp_path / "ckpt"]) as manager:
+        with pytest.raises(PositionUnknown):
+            manager.save(100, {"data": ds})
+        assert manager.latest() is None
+        manager.save(100, {"data": ds.state_dict(consumed=100 * 16)})  # what the message says to do
+        manager.wait()
+        assert manager.latest() == 100
+
+
 def test_the_main_process_copy_of_a_spawned_dataloader_refuses_to_guess(local: Path) -> None:
     ds = StreamingDataset(local, batch_size=16, seed=1)
     loader = DataLoader(ds, batch_size=16, num_workers=1, multiprocessing_context="spawn")
