@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class Dataset:
     def _reset_caches(self) -> None:
         self._checker: tuple[int, ShardChecker] | None = None  # (the process it belongs to, the checker)
         self._lock = threading.Lock()
+        _open_datasets.add(self)
         self._batches: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
         self._maps: OrderedDict[int, MappedFile] = OrderedDict()
 
@@ -254,6 +256,19 @@ class Dataset:
             while len(self._maps) > _OPEN_MAPS:
                 self._maps.popitem(last=False)
         return mapped
+
+
+_open_datasets: weakref.WeakSet[Dataset] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child (a DataLoader worker), fresh locks: a checking thread of the parent may have held one."""
+    for dataset in list(_open_datasets):
+        dataset._lock = threading.Lock()
+        dataset._checker = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 @dataclass(frozen=True, slots=True)
