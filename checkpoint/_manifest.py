@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainio.storage import DIGEST_NAME, FormatError, is_sealed, load_sealed, parse_json, seal_json
+from trainio.storage import DIGEST_NAME, FormatError, check_key, is_sealed, load_sealed, parse_json, seal_json
 from trainio.storage.errors import InvalidKey
 
 from ._dtypes import ZARR_NATIVE, stored_dtype
@@ -173,8 +173,6 @@ class _Validator:
         return pack_spec(size, chunk, self.codec(doc.get("codec"), "pack.codec"))
 
     def file_key(self, key: Any) -> str:
-        from trainio.storage._keys import check_key
-
         try:
             check_key(self.where, key)
         except InvalidKey as exc:

@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from trainio.storage import CheckpointError, FormatError, StoreError
-from trainio.storage._parallel import batched, run_all
+from trainio.storage import CheckpointError, FormatError, StoreError, batched, run_all
 
 from ._boxes import Box
 from ._dtensor import dtensor_box, is_dtensor

@@ -13,9 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from trainio.storage import CheckpointError, Hasher, IntegrityError, LocalStore, NotFound, StoreError
-from trainio.storage._atomic import fsync_dir
-from trainio.storage._keys import TEMP_MARKER
+from trainio.storage import TEMP_MARKER, CheckpointError, Hasher, IntegrityError, LocalStore, StoreError, fsync_dir
 
 from ._fsync import sync_files
 from ._manifest import MANIFEST, FileEntry

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainio.storage import CheckpointError
-from trainio.storage._parallel import batched, run_all
+from trainio.storage import CheckpointError, batched, run_all
 
 from ._boxes import chunk_box, chunk_bytes_of, chunk_key, chunk_origin, contiguous_run
 from ._dtypes import storage_numpy_dtype

@@ -12,13 +12,17 @@ from __future__ import annotations
 from ._cache import CacheOptions, ShardCache
 from ._documents import MAX_DEPTH, MAX_DOCUMENT_BYTES, SEAL_FIELD, check_seal, is_sealed, load_sealed, parse_json, seal_json
 from ._eviction import CacheEntry, EvictionPolicy, FurthestInFuture, LeastRecentlyUsed
-from ._hashing import DIGEST_NAME, Hasher, digest
+from ._atomic import fsync_dir
+from ._hashing import DIGEST_NAME, Hasher, check_digest, digest
+from ._keys import TEMP_MARKER, check_key
 from ._local import LocalOptions, LocalStore
 from ._open import open_store
+from ._parallel import batched, run_all
 from ._retry import RetryPolicy
 from ._s3 import S3Store
 from ._s3_options import S3Options
 from ._store import Store
+from ._writer import StoreWriter
 from ._zarr import ZarrStore
 from .errors import (
     AlreadyExists,
@@ -38,6 +42,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_DOCUMENT_BYTES",
     "SEAL_FIELD",
+    "TEMP_MARKER",
     "AlreadyExists",
     "CacheEntry",
     "CacheOptions",
@@ -60,13 +65,19 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "StoreWriter",
     "TrainioError",
     "ZarrStore",
+    "check_digest",
+    "check_key",
     "check_seal",
     "digest",
+    "fsync_dir",
     "is_sealed",
+    "batched",
     "load_sealed",
     "open_store",
     "parse_json",
+    "run_all",
     "seal_json",
 ]

@@ -61,7 +61,8 @@ def publish(tmp: str, path: str, *, overwrite: bool, durable: bool) -> None:
         fsync_dir(os.path.dirname(path) or ".")
 
 
-def _open_temp(directory: str, *, durable: bool) -> tuple[str, BinaryIO]:
+def open_temp(directory: str, *, durable: bool) -> tuple[str, BinaryIO]:
+    """A new temp file in ``directory`` (made if missing), open for unbuffered writing, and its path."""
     # A concurrent delete may prune a directory we just created; recreate it and retry.
     for attempt in range(_MAKEDIRS_RETRIES):
         make_dirs(directory, durable=durable)
@@ -83,7 +84,7 @@ def atomic_file(path: str, *, durable: bool, overwrite: bool = True) -> Iterator
     and the temp file is removed (or, after a crash, left under a
     temp name that listings skip).
     """
-    tmp, f = _open_temp(os.path.dirname(path) or ".", durable=durable)
+    tmp, f = open_temp(os.path.dirname(path) or ".", durable=durable)
     try:
         with f:
             yield f

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -11,10 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._atomic import atomic_file, fsync_dir, make_dirs, publish, temp_name, write_all
+from ._atomic import atomic_file, fsync_dir, make_dirs, open_temp, publish, temp_name, write_all
 from ._keys import TEMP_MARKER, check_bounds, check_key
 from ._hashing import Hasher
 from ._store import HashingReader, HashingWriter, Store
+from ._writer import StoreWriter
 from .errors import AlreadyExists, InvalidKey, NotFound, StoreError
 
 _NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
@@ -83,6 +85,38 @@ class LocalStore(Store):
     def path_of(self, key: str) -> Path:
         """The local file that holds ``key`` (which need not exist yet)."""
         return Path(self._path(check_key(self.url, key)))
+
+    def local_path(self, key: str) -> Path:
+        """The local file that holds ``key`` (which need not exist yet)."""
+        return self.path_of(key)
+
+    def open_writer(self, key: str, *, overwrite: bool = True) -> StoreWriter:
+        """A :class:`StoreWriter` writing a temp file beside ``key``'s, renamed over it on commit.
+
+        The temp file (and, when the store is durable, the directory) is
+        fsync'd before the rename; a crash leaves only a temp name that
+        listings skip.
+        """
+        check_key(self.url, key)
+        with self._errors(key, "write"):
+            path = self._writable_path(key)
+            tmp, file = open_temp(os.path.dirname(path), durable=self._options.durable)
+
+        def publish_file(_: str) -> None:
+            with self._errors(key, "write"):
+                try:
+                    if self._options.durable:
+                        os.fsync(file.fileno())
+                finally:
+                    file.close()
+                publish(tmp, path, overwrite=overwrite, durable=self._options.durable)
+
+        def discard() -> None:
+            file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+        return StoreWriter(key, file, publish_file, discard)
 
     def open_file(self, key: str) -> int:
         """A file descriptor open for reading on the regular file ``key``; the caller closes it.

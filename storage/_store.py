@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import functools
+import io
 import os
+import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -16,7 +19,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Self, TypeVar
 from ._atomic import atomic_file, write_all
 from ._hashing import Hasher, check_digest, digest
 from ._keys import check_key, check_prefix, check_range
-from .errors import NotFound
+from ._writer import StoreWriter
+from .errors import NotFound, StoreError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -246,6 +250,45 @@ class Store(ABC):
             source = HashingReader(f)
             self._write_stream(key, source, size, overwrite)
         return source.hasher.hexdigest()
+
+    def open_writer(self, key: str, *, overwrite: bool = True) -> StoreWriter:
+        """A :class:`StoreWriter` for a new value of ``key``, written in pieces.
+
+        Its bytes are hashed as they are written and appear under ``key``,
+        atomically (and durably, where the store is), only on ``commit()``.
+        Memory stays bounded whatever the value's size: a backend that cannot
+        append spools it to a local temp file and uploads it on commit.
+        With ``overwrite=False`` the commit fails with ``AlreadyExists`` if
+        ``key`` exists by then.
+        """
+        key = check_key(self.url, key)
+        fd, spool = tempfile.mkstemp(prefix="trainio-upload-")
+        file = io.FileIO(fd, "wb")
+
+        def publish(digest: str) -> None:
+            file.close()
+            uploaded = self.put_file(key, spool, overwrite=overwrite)
+            if uploaded != digest:
+                raise StoreError(self.url, key, f"uploaded bytes hash to {uploaded}, written ones to {digest}",
+                                 "the local spool file changed during the upload")
+            os.unlink(spool)
+
+        def discard() -> None:
+            file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool)
+
+        return StoreWriter(key, file, publish, discard)
+
+    def local_path(self, key: str) -> Path | None:
+        """The local file that holds ``key`` where this store keeps keys as local files, else None.
+
+        A path lets a caller memory-map or hard-link a key; it says nothing of
+        whether the key exists. A key is still only ever written through the
+        store's own methods.
+        """
+        check_key(self.url, key)
+        return None
 
     def get_file(
         self, key: str, path: str | os.PathLike[str], *, expected_xxh3: str | None = None

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier
-from trainio.storage._keys import TEMP_MARKER
+from trainio.storage import TEMP_MARKER
 
 _WRITER = """
 import sys

@@ -14,7 +14,7 @@ import pytest
 
 from trainio.checkpoint import CheckpointManager
 from trainio.storage import CheckpointError
-from trainio.storage._keys import TEMP_MARKER
+from trainio.storage import TEMP_MARKER
 
 
 class _Disk:

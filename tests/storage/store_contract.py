@@ -211,6 +211,25 @@ class StoreContract(ABC):
         assert target.read_bytes() == data
         assert [p.name for p in target.parent.iterdir()] == ["target.bin"]
 
+    def test_open_writer_publishes_on_commit_only(self, store: Store) -> None:
+        data = os.urandom(LARGE)
+        store.put("w", b"old")
+        with store.open_writer("w") as writer:
+            for start in range(0, LARGE, 1 << 20):
+                writer.write(data[start:start + (1 << 20)])
+            assert self.raw_get(store, "w") == b"old"
+        assert self.raw_get(store, "w") == data
+        with pytest.raises(ZeroDivisionError), store.open_writer("w") as writer:
+            writer.write(b"partial")
+            1 / 0  # noqa: B018 - the producer fails midway
+        assert self.raw_get(store, "w") == data
+        assert store.list("") == ["w"]
+        writer = store.open_writer("w", overwrite=False)
+        writer.write(b"x")
+        with pytest.raises(AlreadyExists):
+            writer.commit()
+        assert self.raw_get(store, "w") == data
+
     def test_small_and_empty_files(self, store: Store, tmp_path: Path) -> None:
         for name, data in (("small", b"abc"), ("empty", b"")):
             (tmp_path / name).write_bytes(data)

@@ -103,3 +103,25 @@ def test_a_store_rooted_at_the_file_system_root_reads_its_keys(tmp_path: os.Path
     with open(path, "wb") as f:
         f.write(b"at /")
     assert LocalStore("/").get(path[1:]) == b"at /"
+
+
+def test_open_writer_publishes_whole_or_not_at_all(tmp_path: os.PathLike[str]) -> None:
+    from trainio.storage import digest
+
+    store = LocalStore(tmp_path)
+    store.put("k", b"old")
+    with store.open_writer("k") as writer:
+        writer.write(b"new ")
+        writer.write(memoryview(b"value"))
+        assert store.get("k") == b"old" and writer.position == 9  # nothing visible before the commit
+    assert store.get("k") == b"new value"
+    with pytest.raises(RuntimeError), store.open_writer("k") as writer:
+        writer.write(b"half")
+        raise RuntimeError("the producer failed")
+    assert store.get("k") == b"new value"
+    assert sorted(os.listdir(tmp_path)) == ["k"]  # no temp file left
+    writer = store.open_writer("d/e")
+    writer.write(b"abc")
+    assert writer.commit() == digest(b"abc") and store.get("d/e") == b"abc"
+    assert store.local_path("d/e") == store.root / "d" / "e"
+
