@@ -8,6 +8,7 @@ object stores, where data goes up first and the manifest last, create-only.
 from __future__ import annotations
 
 import json
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -20,7 +21,6 @@ from trainio.storage import (
     FormatError,
     Hasher,
     IntegrityError,
-    LocalStore,
     Store,
     StoreError,
     parse_json,
@@ -230,12 +230,13 @@ class TierIO(ABC):
 
 
 def open_tier_io(store: Store, label: str) -> TierIO:
-    """The tier I/O that fits ``store``."""
+    """The tier I/O that fits ``store``: step directories where its keys are local files, else prefixes."""
     from ._tier_local import LocalTierIO
     from ._tier_object import ObjectTierIO
 
-    if isinstance(store, LocalStore):
-        return LocalTierIO(store, label)
+    local = store.local_path(LAST_KNOWN_GOOD)
+    if local is not None:
+        return LocalTierIO(store, label, os.fspath(local.parent))
     return ObjectTierIO(store, label)
 
 

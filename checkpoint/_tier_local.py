@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from trainio.storage import TEMP_MARKER, CheckpointError, Hasher, IntegrityError, LocalStore, StoreError, fsync_dir
+from trainio.storage import TEMP_MARKER, CheckpointError, Hasher, IntegrityError, Store, StoreError, fsync_dir
 
 from ._fsync import sync_files
 from ._manifest import MANIFEST, FileEntry
@@ -152,14 +152,12 @@ class LocalStepWriter(StepWriter):
 
 
 class LocalTierIO(TierIO):
-    """Steps as directories under a :class:`LocalStore`'s root."""
+    """Steps as directories under the root of a store whose keys are local files."""
 
-    store: LocalStore
-
-    def __init__(self, store: LocalStore, label: str) -> None:
+    def __init__(self, store: Store, label: str, root: str) -> None:
         super().__init__(store, label)
-        self.root = os.fspath(store.root)
-        self.durable = store.options.durable
+        self.root = root
+        self.durable = store.durable
 
     def _step_dirs(self) -> list[str]:
         try:
@@ -181,7 +179,8 @@ class LocalTierIO(TierIO):
 
     def _open_checked(self, full: str, entry: FileEntry) -> int:
         """A descriptor on the regular file ``full`` inside the tier, whose size is the manifest's."""
-        fd = self.store.open_file(full)
+        fd = self.store.open_local(full)
+        assert fd is not None, "a local tier's store keeps local files"
         size = os.fstat(fd).st_size
         if size != entry.size:
             os.close(fd)

@@ -15,10 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from trainio.storage import FormatError, LocalStore, NotFound, Store, open_store
-from trainio.storage._hashing import check_digest, digest
+from trainio.storage import FormatError, NotFound, Store, check_digest, digest, open_store
 
-from ._index import DatasetIndex, ShardInfo, load_index
+from ._index import INDEX_KEY, DatasetIndex, ShardInfo, load_index
 
 if TYPE_CHECKING:
     from ._shard_check import ShardChecker
@@ -82,6 +81,11 @@ class Dataset:
     def url(self) -> str:
         """The dataset's URL."""
         return self._store.url
+
+    @property
+    def is_local(self) -> bool:
+        """Whether its files are local files, memory-mapped where they are (else read through a cache)."""
+        return self._store.local_path(INDEX_KEY) is not None
 
     @property
     def index(self) -> DatasetIndex:
@@ -217,7 +221,7 @@ class Dataset:
 
     def _read_range(self, shard: int, offset: int, length: int) -> pa.Buffer:
         info = self._index.shards[shard]
-        if isinstance(self._store, LocalStore):
+        if self.is_local:
             return self.mapped(shard).buffer.slice(offset, length)
         return pa.py_buffer(self._store.get(info.path, offset, offset + length))
 
@@ -234,7 +238,7 @@ class Dataset:
             FormatError: its size is not the one the index records.
         """
         store = self._store
-        if not isinstance(store, LocalStore):
+        if not self.is_local:
             raise TypeError(f"{self.url}: only a local dataset's shards are memory-mapped in place")
         info = self._index.shards[shard]
         with self._lock:
@@ -285,9 +289,16 @@ class MappedFile:
     identity: tuple[int, int, int, int]
 
 
-def file_identity(store: LocalStore, key: str) -> tuple[int, int, int, int]:
-    """``(st_dev, st_ino, st_size, st_mtime_ns)`` of the regular file ``key`` (NotFound, StoreError as in open_file)."""
-    fd = store.open_file(key)
+def _open_local(store: Store, key: str) -> int:
+    fd = store.open_local(key)
+    if fd is None:
+        raise TypeError(f"{store.url}: its keys are not local files")
+    return fd
+
+
+def file_identity(store: Store, key: str) -> tuple[int, int, int, int]:
+    """``(st_dev, st_ino, st_size, st_mtime_ns)`` of the local regular file ``key`` (errors as :meth:`Store.open_local`)."""
+    fd = _open_local(store, key)
     try:
         st = os.fstat(fd)
     finally:
@@ -295,17 +306,17 @@ def file_identity(store: LocalStore, key: str) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def map_local(store: LocalStore, key: str) -> MappedFile:
-    """The whole file of ``key`` in a local store, memory-mapped read-only (no copy).
+def map_local(store: Store, key: str) -> MappedFile:
+    """The whole file of ``key`` in a store of local files, memory-mapped read-only (no copy).
 
-    Opened through :meth:`LocalStore.open_file`: only a regular file inside
+    Opened through :meth:`Store.open_local`: only a regular file inside
     the store's root, never a FIFO (which would block) or a link leading out.
 
     Raises:
         NotFound: the file does not exist or is not a regular file.
         StoreError: a symbolic link leads it out of the store's root.
     """
-    fd = store.open_file(key)
+    fd = _open_local(store, key)
     try:
         st = os.fstat(fd)
         data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""

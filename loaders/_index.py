@@ -14,10 +14,9 @@ from typing import Any
 import pyarrow as pa
 
 from trainio.storage import (
-    MAX_DOCUMENT_BYTES, SEAL_FIELD, FormatError, InvalidKey, LocalStore, NotFound, Store, is_sealed, load_sealed,
+    MAX_DOCUMENT_BYTES, SEAL_FIELD, FormatError, InvalidKey, NotFound, Store, check_key, is_sealed, load_sealed,
     parse_json, seal_json,
 )
-from trainio.storage._keys import check_key
 
 FORMAT_NAME = "trainio.dataset"
 FORMAT_VERSION = 2
@@ -157,7 +156,8 @@ def load_index(store: Store) -> tuple[DatasetIndex, bytes]:
                               "this is not a trainio index")
         raw = store.get(INDEX_KEY)
     except NotFound as exc:
-        if isinstance(store, LocalStore) and os.path.lexists(store.path_of(INDEX_KEY)):
+        local = store.local_path(INDEX_KEY)
+        if local is not None and os.path.lexists(local):
             raise  # there is something, but not a regular file: the error says what
         raise NotFound(store.url, INDEX_KEY, "no dataset here: index.json is missing",
                        "a dataset exists only once its writer has closed; re-run the writer") from exc

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from trainio.storage import LocalStore, TrainioError
+from trainio.storage import TrainioError
 
 from ._assemble import Columns, Group, assemble_group, shards_in
 from ._book import Book
@@ -265,7 +265,7 @@ class _Run:
         dataset, info = loader._dataset.shard(shard)
         batches = [self.reader.batch(shard, number) for number in range(len(info.batches))]
         table = ShardRows(batches, source=(dataset.url, info.path))
-        if isinstance(dataset.store, LocalStore):
+        if dataset.is_local:
             with loader._tables_lock:
                 loader._tables[shard] = table
                 while len(loader._tables) > _KEPT_TABLES:

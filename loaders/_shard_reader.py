@@ -11,7 +11,7 @@ from contextlib import ExitStack
 
 import pyarrow as pa
 
-from trainio.storage import FurthestInFuture, LocalStore, ShardCache, Store
+from trainio.storage import FurthestInFuture, ShardCache, Store
 
 from ._dataset import Dataset, map_file
 
@@ -33,7 +33,7 @@ class ShardReader:
 
     def __init__(self, dataset: Dataset, cache: ShardCache | None, policy: FurthestInFuture | None,
                  *, prefetch_shards: int, open_shards: int = 1024) -> None:
-        if not isinstance(dataset.store, LocalStore) and cache is None:
+        if not dataset.is_local and cache is None:
             raise ValueError(f"{dataset.url}: a remote dataset needs a ShardCache")
         self._dataset = dataset
         self._cache = cache

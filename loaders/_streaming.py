@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from trainio.storage import FurthestInFuture, LocalStore, ShardCache, StoreError
+from trainio.storage import FurthestInFuture, ShardCache, StoreError
 
 from ._collate import Collate
 from ._dataset import Dataset
@@ -138,7 +138,7 @@ class StreamingDataset(_Base):
         self._cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self._cache_limit = parse_size(cache_limit)
         for dataset in self._datasets:
-            if not isinstance(dataset.store, LocalStore) and self._cache_dir is None:
+            if not dataset.is_local and self._cache_dir is None:
                 raise StoreError(dataset.url, "", "a remote dataset needs a cache_dir on local disk")
         self._check_cache_size()
         self._first_rows = [np.asarray([b.first_row for b in info.batches], dtype=np.int64) for _, info in self._shards]
@@ -292,7 +292,7 @@ class StreamingDataset(_Base):
         return readers[0] if len(readers) == 1 else MixedReader(readers, self._shard_offsets)
 
     def _reader(self, dataset: Dataset) -> ShardReader:
-        if isinstance(dataset.store, LocalStore):
+        if dataset.is_local:
             return ShardReader(dataset, None, None, prefetch_shards=0)
         policy = FurthestInFuture()
         assert self._cache_dir is not None
@@ -307,7 +307,7 @@ class StreamingDataset(_Base):
         """
         sequence = self.order().shard_sequence()
         for d, dataset in enumerate(self._datasets):
-            if isinstance(dataset.store, LocalStore):
+            if dataset.is_local:
                 low, high = int(self._shard_offsets[d]), int(self._shard_offsets[d + 1])
                 dataset.checker().expect([s - low for s in sequence.tolist() if low <= s < high])
 
@@ -316,14 +316,14 @@ class StreamingDataset(_Base):
         order = self.order()
         need = 0
         for d, dataset in enumerate(self._datasets):
-            if isinstance(dataset.store, LocalStore):
+            if dataset.is_local:
                 continue
             shards = dataset.shards
             sequence = order.shard_sequence() if isinstance(order, EpochOrder) else order.stream(d, 0).shard_sequence()
             need += shard_bytes_needed([s.rows for s in shards], [s.bytes for s in shards], sequence.tolist(),
                                        self._window, self._shuffle, self._prefetch)
         if self._cache_limit < need:
-            urls = ", ".join(d.url for d in self._datasets if not isinstance(d.store, LocalStore))
+            urls = ", ".join(d.url for d in self._datasets if not d.is_local)
             raise StoreError(urls, "", f"cache_limit={self._cache_limit} bytes is below the {need} bytes this order "
                              f"needs (two shuffle windows of shards plus {self._prefetch} prefetched)",
                              f"raise cache_limit to at least {need}, or shrink shuffle_window or prefetch_shards")

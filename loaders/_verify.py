@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from trainio.storage import FormatError, LocalStore, NotFound, Store, StoreError, open_store
-from trainio.storage._hashing import digest
+from trainio.storage import FormatError, NotFound, Store, StoreError, digest, open_store
 
 from ._dataset import map_local
 from ._index import INDEX_KEY, SHARD_DIR, DatasetIndex, ShardInfo, load_index
@@ -136,10 +135,11 @@ def _shard_problems(store: Store, index: DatasetIndex, shard: ShardInfo) -> list
 
 def _absence(store: Store, key: str, exc: NotFound) -> str:
     """"" when ``key`` is plainly absent; else why what is there cannot be read (a FIFO in place of a file, say)."""
-    if isinstance(store, LocalStore) and os.path.lexists(store.path_of(key)):
+    local = store.local_path(key)
+    if local is not None and os.path.lexists(local):
         return f"unreadable: {exc.problem}"
     return ""
 
 
 def _read_whole(store: Store, key: str) -> pa.Buffer:
-    return map_local(store, key).buffer if isinstance(store, LocalStore) else pa.py_buffer(store.get(key))
+    return map_local(store, key).buffer if store.local_path(key) is not None else pa.py_buffer(store.get(key))

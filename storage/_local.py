@@ -75,6 +75,11 @@ class LocalStore(Store):
         return Path(self._root)
 
     @property
+    def durable(self) -> bool:
+        """Whether writes are fsync'd (``LocalOptions.durable``)."""
+        return self._options.durable
+
+    @property
     def options(self) -> LocalOptions:
         """The options this store was made with."""
         return self._options
@@ -118,7 +123,7 @@ class LocalStore(Store):
 
         return StoreWriter(key, file, publish_file, discard)
 
-    def open_file(self, key: str) -> int:
+    def open_local(self, key: str) -> int:
         """A file descriptor open for reading on the regular file ``key``; the caller closes it.
 
         Only a regular file inside the root is opened: a FIFO, device or

@@ -290,6 +290,25 @@ class Store(ABC):
         check_key(self.url, key)
         return None
 
+    @property
+    def durable(self) -> bool:
+        """Whether a write is on stable storage once it returns (an object store's acknowledged PUT is)."""
+        return True
+
+    def open_local(self, key: str) -> int | None:
+        """A descriptor open for reading on the local regular file of ``key``, or None where keys are not local files.
+
+        The caller closes it. Only a regular file inside the store is opened:
+        a FIFO, device or directory is refused without blocking, and so is a
+        path that a symbolic link leads out of the store.
+
+        Raises:
+            NotFound: the store keeps local files, but there is no such key.
+            StoreError: a symbolic link leads the key out of the store.
+        """
+        check_key(self.url, key)
+        return None
+
     def get_file(
         self, key: str, path: str | os.PathLike[str], *, expected_xxh3: str | None = None
     ) -> str:
