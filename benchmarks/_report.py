@@ -8,9 +8,8 @@ import os
 import platform
 import re
 import sys
-from pathlib import Path
-
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 

@@ -85,11 +85,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
+from _report import machine as report_machine  # type: ignore[import-not-found]  # beside this script
+from _report import machine_lines, markdown_table
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from _report import machine as report_machine, machine_lines, markdown_table  # type: ignore[import-not-found]  # beside this script
-from trainio.loaders import DatasetWriter, Loader, StreamingDataset, parse_size
-from trainio.loaders import _shard_check  # CHECK_LOCAL_SHARDS: the benchmark-only switch of the unchecked rows
+from trainio.loaders import (
+    DatasetWriter,
+    Loader,
+    StreamingDataset,
+    _shard_check,  # CHECK_LOCAL_SHARDS: the benchmark-only switch of the unchecked rows
+    parse_size,
+)
 
 TOKENS, VOCAB = 2048, 50257
 IMAGE_BYTES = (90_000, 110_000)      # each image sample's length is drawn uniformly from this range
@@ -760,7 +766,7 @@ def measure(group: list[Contender], work: Workload, repeat: int, min_seconds: fl
             if epoch < 2:  # then the timed epochs back to back, as a trainer runs them (see NOTES)
                 gc.collect()
             for c in list(live):
-                attempt(c, live, lambda c=c: run_epoch(c, epoch, work, runs[id(c)]))
+                attempt(c, live, lambda c=c, epoch=epoch: run_epoch(c, epoch, work, runs[id(c)]))
             epoch += 1
     finally:
         for c in started:

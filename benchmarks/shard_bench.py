@@ -47,9 +47,10 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-
 from _files import fsync_path  # type: ignore[import-not-found]  # beside this script
-from _report import machine as report_machine, machine_lines, markdown_table  # type: ignore[import-not-found]  # beside this script
+from _report import machine as report_machine  # type: ignore[import-not-found]  # beside this script
+from _report import machine_lines, markdown_table
+
 from trainio.loaders import parse_size, verify_dataset
 from trainio.tools._inputs import InputFormat
 from trainio.tools._sharding import ShardOptions, shard

@@ -50,9 +50,10 @@ from boto3.s3.transfer import TransferConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests._seaweedfs
 
-from tests._seaweedfs import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, weed_binary  # noqa: E402
 from _files import fsync_path  # type: ignore[import-not-found]  # beside this script
 from _report import markdown_table  # type: ignore[import-not-found]  # noqa: E402  # beside this script
+
+from tests._seaweedfs import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, weed_binary  # noqa: E402
 from trainio.loaders import parse_size  # noqa: E402
 from trainio.storage import LocalStore, S3Options, S3Store, digest  # noqa: E402
 

@@ -19,14 +19,15 @@ from ._handle import SaveHandle, TierResult
 from ._layout import CHUNK_BYTES, PACK_BYTES, parse_compression
 from ._lease import Lease, LeaseKeeper
 from ._manifest import Manifest
-from ._read import ReadReport, StepReader
+from ._nodes import Node
 from ._plan import Plan
+from ._read import ReadReport, StepReader
 from ._sharded import ShardedSaves
 from ._snapshot import Snapshot, take_snapshot
 from ._staging import StagingPool
 from ._tier import Tier
 from ._tier_io import TierIO, describe, open_tier_io
-from ._tree import ArrayLeaf, Node, flatten
+from ._tree import ArrayLeaf, flatten
 from ._write import copy_step, write_snapshot
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from trainio.storage.errors import InvalidKey
 from ._dtypes import ZARR_NATIVE, stored_dtype
 from ._layout import ROOT, ArraySpec, group_metadata_key, group_paths, pack_spec, parse_compression
 from ._names import is_node_name
-from ._tree import Node, array_paths
+from ._nodes import Node
+from ._tree import array_paths
 
 FORMAT = "trainio.checkpoint"
 VERSION = 2

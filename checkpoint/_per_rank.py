@@ -18,16 +18,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from trainio.storage import CheckpointError, Hasher, digest
+
+from ._nodes import Node, children
 
 if TYPE_CHECKING:
     from ._tree import ArrayLeaf
 
 T = TypeVar("T")
 
-Node = dict[str, Any]
 
 _DEVICE_PIECE_BYTES = 64 << 20
 """Device tensors are hashed through host copies of at most this many bytes."""
@@ -95,17 +96,11 @@ def split(skeleton: Node) -> tuple[Node, str, list[Node]]:
 
 
 def _per_rank_nodes(node: Node) -> Iterator[Node]:
-    kind = node["t"]
-    if kind == "per_rank":
+    if node["t"] == "per_rank":
         yield node
-    elif kind == "object":
-        yield from _per_rank_nodes(node["state"])
-    elif kind == "dict":
-        for _, child in node["items"]:
-            yield from _per_rank_nodes(child)
-    elif kind in ("list", "tuple"):
-        for child in node["items"]:
-            yield from _per_rank_nodes(child)
+        return
+    for child in children(node):
+        yield from _per_rank_nodes(child)
 
 
 def fill(skeleton: Node, own_by_rank: list[list[Node]]) -> None:

@@ -18,10 +18,11 @@ from ._dtensor import dtensor_box, is_dtensor
 from ._dtypes import storage_numpy_dtype, torch_dtype
 from ._layout import PACK_PATH, ArraySpec, group_metadata_key, group_paths
 from ._manifest import MANIFEST, FileEntry, Manifest
+from ._nodes import Node
+from ._per_rank import PerRank, for_rank
 from ._regions import Read, Region, region_finish, region_reads, shard_region, whole_region
 from ._tier_io import TierIO, describe
-from ._per_rank import PerRank, for_rank
-from ._tree import Node, array_paths, build, select
+from ._tree import array_paths, build, select
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from ._dtensor import dtensor_box
 from ._dtypes import storage_numpy_dtype, torch_dtype
 from ._layout import ArraySpec
 
-
 Read = tuple[str, memoryview | None, Callable[[bytes], None] | None]
 """A file to read: its key, memory to read it into (or None), and what to do with its bytes (or None: keep them)."""
 

@@ -17,11 +17,12 @@ from trainio.storage import CheckpointError
 
 from ._collective import Collective
 from ._manifest import MANIFEST, FileEntry, Manifest
+from ._nodes import Node
 from ._per_rank import fill, skeleton_mismatch, split, value_digest
 from ._plan import PACK_OWNER, Plan, describe_leaves, make_plan
 from ._snapshot import Snapshot
 from ._tier_io import StepWriter, TierIO, describe, step_name
-from ._tree import ArrayLeaf, Node
+from ._tree import ArrayLeaf
 from ._write import put_files, shard_files
 
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from ._nodes import Node
 from ._staging import Slot, aligned
-from ._tree import ArrayLeaf, Node
+from ._tree import ArrayLeaf
 
 
 @dataclass

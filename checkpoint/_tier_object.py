@@ -10,7 +10,6 @@ from trainio.storage import AlreadyExists, CheckpointError, NotFound
 from ._manifest import MANIFEST, FileEntry
 from ._tier_io import StepWriter, TierIO, step_name
 
-
 _CHECK_THREADS = 16
 """Parallel size requests when a writer checks its files before committing."""
 

@@ -23,10 +23,8 @@ from ._boxes import Box
 from ._dtensor import is_dtensor, local_shard
 from ._dtypes import numpy_dtype_name, stored_dtype, torch_dtype_name
 from ._names import node_name
+from ._nodes import Node, children
 from ._per_rank import PerRank, rank_path
-
-Node = dict[str, Any]
-"""One node of the skeleton, as stored in the manifest."""
 
 _FLOAT_WORDS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -218,20 +216,10 @@ def flatten(state: Any, rank: int = 0) -> tuple[Node, list[ArrayLeaf]]:
 
 def array_paths(node: Node) -> Iterator[str]:
     """The zarr paths of every array under ``node``."""
-    kind = node["t"]
-    if kind == "array":
+    if node["t"] == "array":
         yield node["path"]
-    elif kind == "dict":
-        for _, child in node["items"]:
-            yield from array_paths(child)
-    elif kind in ("list", "tuple"):
-        for child in node["items"]:
-            yield from array_paths(child)
-    elif kind == "object":
-        yield from array_paths(node["state"])
-    elif kind == "per_rank":
-        for child in node["ranks"]:
-            yield from array_paths(child)
+    for child in children(node):
+        yield from array_paths(child)
 
 
 def select(node: Node, keys: list[str]) -> Node:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,6 +28,7 @@ from ._manifest import FileEntry, Manifest
 from ._plan import PACK_OWNER, Plan, Unit
 from ._snapshot import Snapshot
 from ._tier_io import StepWriter, TierIO, digest_with_padding
+
 
 @dataclass(frozen=True)
 class _File:

@@ -12,11 +12,12 @@ from ._collate import Collate
 from ._convert import infer_columns_schema, infer_schema
 from ._dataset import Dataset
 from ._index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
-from ._units import parse_size
-from ._verify import Problem, VerifyReport, verify_dataset
 from ._shards import Compression
 from ._shardset import ShardSetWriter
+from ._units import parse_size
+from ._verify import Problem, VerifyReport, verify_dataset
 from ._writer import DatasetWriter, Destination, commit_dataset, prepare_destination
+
 
 def __getattr__(name: str) -> object:
     # StreamingDataset subclasses torch's IterableDataset when torch is installed: import it (and torch) on first use.

@@ -6,7 +6,6 @@ import base64
 import bisect
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -14,8 +13,17 @@ from typing import Any
 import pyarrow as pa
 
 from trainio.storage import (
-    MAX_DOCUMENT_BYTES, SEAL_FIELD, FormatError, InvalidKey, NotFound, Store, check_key, is_sealed, load_sealed,
-    parse_json, seal_json,
+    MAX_DOCUMENT_BYTES,
+    SEAL_FIELD,
+    FormatError,
+    InvalidKey,
+    NotFound,
+    Store,
+    check_key,
+    is_sealed,
+    load_sealed,
+    parse_json,
+    seal_json,
 )
 
 FORMAT_NAME = "trainio.dataset"

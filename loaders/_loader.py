@@ -242,7 +242,7 @@ class _Run:
             if shards.size:
                 book = self._book(shards_in(shards), book)
                 self._submit(book.ids(shards, rows), book)
-        except BaseException as exc:  # handed to the consumer
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who raises it
             self.failure = exc
         finally:
             self._put(_DONE)

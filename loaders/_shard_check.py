@@ -211,7 +211,7 @@ class ShardChecker:
                 self._busy.discard(shard)
                 self._cond.notify_all()
             return
-        except BaseException as exc:  # handed to the waiters, not lost with this thread
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiters, not lost with this thread
             identity, error = None, exc
         with self._cond:
             self._results[shard] = (identity, error)

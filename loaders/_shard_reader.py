@@ -11,7 +11,7 @@ from contextlib import ExitStack
 
 import pyarrow as pa
 
-from trainio.storage import FurthestInFuture, ShardCache, Store
+from trainio.storage import FurthestInFuture, ShardCache
 
 from ._dataset import Dataset, map_file
 

@@ -13,16 +13,22 @@ import pyarrow as pa
 from trainio.storage import FurthestInFuture, ShardCache, StoreError
 
 from ._collate import Collate
+from ._columns import Columns, sample_of
 from ._dataset import Dataset
 from ._index import ShardInfo
 from ._mixture import MixedOrder, MixedReader, apportion
 from ._order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
-from ._columns import Columns, sample_of
-from ._shard_reader import ShardReader, shard_bytes_needed
 from ._resume import (
-    HOW_TO_KNOW, STATE_FORMAT, STATE_VERSION, PositionUnknown, ResumeMismatch, check_state, check_worker_yielded,
+    HOW_TO_KNOW,
+    STATE_FORMAT,
+    STATE_VERSION,
+    PositionUnknown,
+    ResumeMismatch,
+    check_state,
+    check_worker_yielded,
     state_differences,
 )
+from ._shard_reader import ShardReader, shard_bytes_needed
 from ._units import parse_size
 from ._workers import in_worker, rank_and_world, shared_flag, worker_count, worker_info
 

@@ -9,10 +9,19 @@ on local disk within a byte budget.
 
 from __future__ import annotations
 
-from ._cache import CacheOptions, ShardCache
-from ._documents import MAX_DEPTH, MAX_DOCUMENT_BYTES, SEAL_FIELD, check_seal, is_sealed, load_sealed, parse_json, seal_json
-from ._eviction import CacheEntry, EvictionPolicy, FurthestInFuture, LeastRecentlyUsed
 from ._atomic import fsync_dir
+from ._cache import CacheOptions, ShardCache
+from ._documents import (
+    MAX_DEPTH,
+    MAX_DOCUMENT_BYTES,
+    SEAL_FIELD,
+    check_seal,
+    is_sealed,
+    load_sealed,
+    parse_json,
+    seal_json,
+)
+from ._eviction import CacheEntry, EvictionPolicy, FurthestInFuture, LeastRecentlyUsed
 from ._hashing import DIGEST_NAME, Hasher, check_digest, digest
 from ._keys import TEMP_MARKER, check_key
 from ._local import LocalOptions, LocalStore

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._atomic import atomic_file, fsync_dir, make_dirs, open_temp, publish, temp_name, write_all
-from ._keys import TEMP_MARKER, check_bounds, check_key
 from ._hashing import Hasher
+from ._keys import TEMP_MARKER, check_bounds, check_key
 from ._store import HashingReader, HashingWriter, Store
 from ._writer import StoreWriter
 from .errors import AlreadyExists, InvalidKey, NotFound, StoreError
@@ -267,19 +267,18 @@ class LocalStore(Store):
             finally:
                 os.close(fd)
 
-    def _size(self, key: str) -> int:
+    def _stat_regular(self, key: str) -> os.stat_result:
         with self._errors(key, "stat"):
             st = os.stat(self._inside(key, self._path(key)))
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(self.url, key, "no such key (the path is not a regular file)")
-        return st.st_size
+        return st
+
+    def _size(self, key: str) -> int:
+        return self._stat_regular(key).st_size
 
     def _modified(self, key: str) -> float:
-        with self._errors(key, "stat"):
-            st = os.stat(self._inside(key, self._path(key)))
-        if not stat.S_ISREG(st.st_mode):
-            raise NotFound(self.url, key, "no such key (the path is not a regular file)")
-        return st.st_mtime
+        return self._stat_regular(key).st_mtime
 
     def _list(self, prefix: str) -> list[str]:
         top = self._path(prefix) if prefix else self._root

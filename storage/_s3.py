@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -440,8 +441,8 @@ class S3Store(Store):
         keys = self._list(prefix)
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = [{"Key": self._full(k)} for k in keys[i:i + _DELETE_BATCH]]
-            response = self._call("delete", prefix, lambda: self._client.delete_objects(
-                Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True}))
+            response = self._call("delete", prefix, functools.partial(
+                self._client.delete_objects, Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True}))
             errors = response.get("Errors", ())
             if errors:
                 first = errors[0]

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _shard_on_ray(args: argparse.Namespace, options: ShardOptions) -> Any:
-    from ._ray_shard import shard_with_ray, ray_progress
+    from ._ray_shard import ray_progress, shard_with_ray
 
     ray_progress(not args.json)
     return shard_with_ray(args.inputs, args.out, format=args.format, options=options, address=args.ray_address,

@@ -85,8 +85,8 @@ def _filesystem(files: Sequence[InputFile]) -> tuple[Any, list[str]]:
                              endpoint_override=host or None, scheme=scheme or "https")
         prefix = f"{store.bucket}/{store.prefix}".rstrip("/")
         return s3, [f"{prefix}/{f.key}" for f in files]
-    root = os.fspath(getattr(store, "root"))
-    return None, [os.path.join(root, f.key) for f in files]
+    paths = [store.local_path(f.key) for f in files]
+    return None, [os.fspath(path) for path in paths if path is not None]
 
 
 def _read(ray: Any, fmt: InputFormat, paths: list[str], filesystem: Any) -> Any:
@@ -167,7 +167,7 @@ class _Mapper:
         return result if isinstance(result, pa.Table) else pa.table(result)
 
 
-def shard_with_ray(inputs: Sequence[str], out: str | os.PathLike[str], *, format: InputFormat | None = None,
+def shard_with_ray(inputs: Sequence[str], out: str | os.PathLike[str], *, format: InputFormat | None = None,  # noqa: A002 - the CLI's --format
                    options: ShardOptions = ShardOptions(), address: str | None = None,
                    shards_per_task: int = 4) -> DatasetIndex:
     """Convert ``inputs`` into a dataset at ``out`` on Ray Data; the same dataset ``shard`` writes.

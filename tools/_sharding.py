@@ -63,7 +63,7 @@ def shard(
     inputs: Sequence[str],
     out: str | os.PathLike[str] | Store,
     *,
-    format: InputFormat | None = None,
+    format: InputFormat | None = None,  # noqa: A002 - the CLI's --format
     options: ShardOptions = ShardOptions(),
     progress: Progress | None = None,
 ) -> DatasetIndex:

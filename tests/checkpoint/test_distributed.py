@@ -203,7 +203,7 @@ def _fail_writes_of(step: int, how: str) -> None:
     write = LocalStepWriter.write
 
     def failing(self: Any, key: str, data: memoryview, size: int) -> None:
-        if self._step == step:
+        if self.step == step:
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise OSError(5, "injected I/O error")

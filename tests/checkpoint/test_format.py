@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager
-from trainio.checkpoint._layout import chunk_shape, _chunk_files
+from trainio.checkpoint._layout import _chunk_files, chunk_shape
 from trainio.checkpoint._manifest import Manifest
 from trainio.checkpoint._names import is_node_name, node_name
 from trainio.storage import CheckpointError, FormatError, load_sealed, seal_json

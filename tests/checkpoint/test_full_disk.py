@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager
-from trainio.storage import CheckpointError
-from trainio.storage import TEMP_MARKER
+from trainio.storage import TEMP_MARKER, CheckpointError
 
 
 class _Disk:

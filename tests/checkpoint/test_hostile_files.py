@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trainio.checkpoint import CheckpointManager, Tier, list_steps, promote_step, read_manifest, verify_checkpoint
+from trainio.checkpoint import CheckpointManager, Tier, list_steps, read_manifest, verify_checkpoint
 from trainio.storage import CheckpointError, FormatError, load_sealed, seal_json
 from trainio.tools._cli import main
 

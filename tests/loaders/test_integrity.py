@@ -218,7 +218,7 @@ def test_a_damaged_shard_is_refused_inside_dataloader_workers(tmp_path: Path) ->
     loader = torch_data.DataLoader(StreamingDataset(root, batch_size=8, shuffle=False), batch_size=8, num_workers=2)
     delivered: list[int] = []
     # torch re-raises a worker's error as its type built from the message, or as a RuntimeError naming it
-    with pytest.raises((IntegrityError, RuntimeError), match=f"IntegrityError.*{key}.*none of its samples") as info:
+    with pytest.raises((IntegrityError, RuntimeError), match=f"IntegrityError.*{key}.*none of its samples"):
         for batch in loader:
             delivered.extend(int(i) for i in batch["id"])
     assert not damaged & set(delivered)

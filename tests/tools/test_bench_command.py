@@ -65,13 +65,13 @@ def test_bench_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], code: int, text: str) -> None:
-    with pytest.raises(SystemExit) if code == 2 else _no_exit():
+    with pytest.raises(SystemExit) if code == 2 else _NoExit():
         assert main(argv) == code
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "error" in err and text in err, err
 
 
-class _no_exit:
+class _NoExit:
     def __enter__(self) -> None:
         return None
 
