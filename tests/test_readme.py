@@ -12,6 +12,8 @@ import pytest
 
 from ._seaweedfs import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
+
 pytest.importorskip("torch")
 
 _BLOCK = re.compile(r"<!-- runnable -->\n```(python|bash)\n(.*?)```", re.DOTALL)

@@ -27,6 +27,8 @@ import pytest
 from trainio.checkpoint import CheckpointManager, Tier
 from trainio.storage import TEMP_MARKER
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
+
 _WRITER = """
 import sys
 from trainio.checkpoint import CheckpointManager, Tier

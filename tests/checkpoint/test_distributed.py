@@ -17,6 +17,8 @@ from trainio.checkpoint import CheckpointManager
 from ._ranks import run_ranks, values
 from .test_format import zarr_read
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.tensor")
 

@@ -21,6 +21,8 @@ from trainio.checkpoint._lease import LEASE
 from trainio.checkpoint._tier_object import ObjectStepWriter
 from trainio.storage import CheckpointError, LocalStore, S3Store, Store, seal_json
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
+
 _SECOND_JOB = """
 import sys
 import numpy as np

@@ -16,6 +16,8 @@ from trainio.storage import CheckpointError, FormatError
 
 from ._ranks import run_ranks, values
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
+
 torch = pytest.importorskip("torch")
 
 HERE = "tests.checkpoint.test_per_rank"

@@ -99,6 +99,7 @@ def outage(s3_options: S3Options, s3_bucket: str, seaweedfs: Any) -> Iterator[tu
         store.close()
 
 
+@pytest.mark.slow
 def test_s3_down_during_promotion(tmp_path: Path, outage: tuple[FaultyProxy, S3Store]) -> None:
     proxy, store = outage
     tiers = [Tier(tmp_path, keep_last=1, name="local"), Tier(store, name="s3")]

@@ -126,6 +126,7 @@ def test_a_checkpoint_of_the_main_process_copy_is_refused_not_saved_at_position_
         assert manager.latest() == 100
 
 
+@pytest.mark.slow
 def test_the_main_process_copy_of_a_spawned_dataloader_refuses_to_guess(local: Path) -> None:
     ds = StreamingDataset(local, batch_size=16, seed=1)
     loader = DataLoader(ds, batch_size=16, num_workers=1, multiprocessing_context="spawn")
@@ -166,6 +167,7 @@ def test_a_stateful_dataloader_state_of_2_workers_is_refused_by_1_before_any_sam
     assert delivered == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_loader_batch_that_is_a_multiple_of_the_dataset_batch_resumes_exactly(local: Path, world: int) -> None:
     seen: list[int] = []

@@ -200,6 +200,7 @@ _RANK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_gloo_ranks_with_dataloader_workers_read_each_sample_once(local: Path, tmp_path: Path) -> None:
     from .._seaweedfs import free_ports
 
@@ -254,6 +255,7 @@ def test_a_worker_state_cannot_resume_another_worker_count(local: Path) -> None:
         StreamingDataset(local, seed=6, batch_size=16).load_state_dict(worker_state)
 
 
+@pytest.mark.slow
 def test_a_spawned_dataloader_gets_the_dataset_as_it_was_opened(local: Path) -> None:
     import pickle
 

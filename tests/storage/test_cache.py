@@ -171,6 +171,7 @@ _FETCHER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_processes_sharing_a_directory_download_once(remote: LocalStore, tmp_path: Path) -> None:
     fill(remote, 1, 16 * MIB)
     start_at = time.time() + 1.5

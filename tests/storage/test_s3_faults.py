@@ -42,6 +42,8 @@ from trainio.storage import (
 from .._seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS, free_ports
 from ._faulty_proxy import Fault, FaultyProxy, Request
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
+
 MIB = 1 << 20
 BIG = 23 * MIB  # 5 parts of 5 MiB: four full ones and a 3 MiB tail
 FAULT_RATE = 0.3

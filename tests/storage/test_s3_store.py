@@ -13,6 +13,7 @@ from .._seaweedfs import SeaweedFS
 from .store_contract import LARGE, StoreContract
 
 
+@pytest.mark.slow
 class TestS3Store(StoreContract):
     @pytest.fixture
     def store(self, s3_store: S3Store, seaweedfs: SeaweedFS) -> S3Store:

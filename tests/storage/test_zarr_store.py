@@ -139,6 +139,7 @@ class TestZarrStoreLocal(_AdapterTests, StoreTests[ZarrStore, cpu.Buffer]):
         assert hash(store) == hash(store.with_read_only(False))
 
 
+@pytest.mark.slow
 class TestZarrStoreS3(_AdapterTests, StoreTests[ZarrStore, cpu.Buffer]):
     """ZarrStore over S3Store on SeaweedFS; out of band: a plain boto3 client."""
 

@@ -11,6 +11,8 @@ import pytest
 
 from trainio.tools._cli import main
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
+
 pytest.importorskip("torch")
 
 

@@ -18,6 +18,7 @@ def _trainio() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "trainio.tools"]
 
 
+@pytest.mark.slow
 def test_version_and_help_from_the_console_script() -> None:
     version = subprocess.run([*_trainio(), "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith("trainio 0.")
@@ -45,6 +46,7 @@ def test_public_api_is_main_and_the_shard_twins() -> None:
     assert trainio.tools.__all__ == ["ShardOptions", "ShardTaskFailed", "main", "shard", "shard_with_ray"]
 
 
+@pytest.mark.slow
 def test_a_regular_wheel_maps_the_four_folders_into_trainio(tmp_path: Path, repo_root: Path) -> None:
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(repo_root)],

@@ -265,6 +265,7 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path: Path, argv: list[str]) -> 
     assert not Path("/no").exists()
 
 
+@pytest.mark.slow
 def test_help_has_examples() -> None:
     for command in ("shard", "verify", "inspect"):
         result = subprocess.run([sys.executable, "-m", "trainio.tools", command, "--help"],

@@ -17,6 +17,8 @@ from trainio.storage import S3Store
 from trainio.tools import ShardOptions, ShardTaskFailed, shard, shard_with_ray
 from trainio.tools._cli import main
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
+
 ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data] (the ray extra)")
 
 

@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import xxhash
 
 from trainio.loaders import Dataset
+
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
 
 ROWS = 1_000_000
 TOKENS = 128  # 512 bytes of int32 per row: about 520 MB of row data in all
