@@ -8,20 +8,27 @@ one, hashing every shard as it is written and committing the index last;
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._collate import Collate
 from ._convert import infer_columns_schema, infer_schema
 from ._dataset import Dataset
 from ._index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
+from ._resume import PositionUnknown, ResumeMismatch
 from ._shards import Compression
 from ._shardset import ShardSetWriter
 from ._units import parse_size
 from ._verify import Problem, VerifyReport, verify_dataset
 from ._writer import DatasetWriter, Destination, commit_dataset, prepare_destination
 
+if TYPE_CHECKING:  # imported lazily at run time (they import torch when it is installed); seen by type checkers
+    from ._loader import Loader, LoaderError
+    from ._streaming import StreamingDataset
+
 
 def __getattr__(name: str) -> object:
     # StreamingDataset subclasses torch's IterableDataset when torch is installed: import it (and torch) on first use.
-    if name in ("StreamingDataset", "ResumeMismatch", "PositionUnknown"):
+    if name == "StreamingDataset":
         from . import _streaming
 
         return getattr(_streaming, name)

@@ -99,7 +99,7 @@ class StreamingDataset(_Base):
         shuffle_window: int = DEFAULT_WINDOW,
         uneven: Uneven = "exact",
         cache_dir: str | os.PathLike[str] | None = None,
-        cache_limit: int | str = "50GB",
+        cache_limit: int | str = 50 * 10**9,
         prefetch_shards: int = 2,
         rank: int | None = None,
         world_size: int | None = None,
