@@ -107,12 +107,12 @@ def _fresh(path: Path) -> None:
 
 
 def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int, out: str) -> None:
-    from checkpoint_bench import like, transformer_state
+    from checkpoint_bench import like, state_of
     from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    state = _sharded(transformer_state(gb), mesh)
+    state = _sharded(state_of(gb), mesh)
     gc.collect()
     rows: list[tuple[str, str, float]] = []
     base = Path(root)

@@ -48,35 +48,13 @@ from _files import fsync_path  # noqa: E402
 from _report import machine, machine_lines, markdown_table  # noqa: E402
 
 from trainio.checkpoint import CheckpointManager, Tier  # noqa: E402
-from trainio.tools._bench_run import tensors_of  # noqa: E402
+from trainio.tools._bench_run import tensors_of, transformer_state  # noqa: E402
 from trainio.tools._bench_run import zeros_like as like  # noqa: E402
 
 
-def transformer_state(gb: float) -> dict[str, Any]:
-    """A model (bf16) and an AdamW-like optimizer (fp32 master, exp_avg, exp_avg_sq) of about ``gb`` GB."""
-    d = 1024
-    per_param_bytes = 2 + 3 * 4
-    layers = max(1, round(gb * 1e9 / per_param_bytes / (12 * d * d + 13 * d)))
-    params: dict[str, tuple[int, ...]] = {"embed.weight": (8192, d)}
-    for i in range(layers):
-        p = f"layers.{i}."
-        params.update({p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
-                       p + "attn.out.weight": (d, d), p + "attn.out.bias": (d,),
-                       p + "mlp.up.weight": (4 * d, d), p + "mlp.up.bias": (4 * d,),
-                       p + "mlp.down.weight": (d, 4 * d), p + "mlp.down.bias": (d,)})
-        for norm in ("norm1", "norm2", "attn.q_norm", "attn.k_norm"):
-            params[p + norm + ".weight"] = (d,)
-            params[p + norm + ".bias"] = (d,)
-    params["final_norm.weight"] = (d,)
-    g = torch.Generator().manual_seed(0)
-    model = {k: torch.randn(s, generator=g).bfloat16() for k, s in params.items()}
-    optim = {"state": {i: {"step": torch.tensor(100.0), "master": model[k].float(),
-                           "exp_avg": torch.randn(s, generator=g) * 1e-3,
-                           "exp_avg_sq": torch.rand(s, generator=g) * 1e-6}
-                       for i, (k, s) in enumerate(params.items())},
-             "param_groups": [{"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
-                               "params": list(range(len(params)))}]}
-    return {"model": model, "optim": optim, "step": 100, "rng": torch.get_rng_state()}
+def state_of(gb: float) -> dict[str, Any]:
+    """The benchmark's state: ``transformer_state`` (shared with ``trainio bench``) of ``gb`` GB, 1024 wide, full."""
+    return transformer_state(gb * 1e9, width=1024, full=True)
 
 
 def drop_cache(path: Path) -> None:
@@ -396,7 +374,7 @@ def main() -> None:
         import _ckpt_ranks
 
         try:
-            nbytes = sum(t.numel() * t.element_size() for t in tensors_of(transformer_state(args.gb)))
+            nbytes = sum(t.numel() * t.element_size() for t in tensors_of(state_of(args.gb)))
             measured = _ckpt_ranks.run(root, args.gb, args.ranks, args.repeat)
         finally:
             if args.dir is None:
@@ -404,7 +382,7 @@ def main() -> None:
         print("\n".join(["", f"{args.ranks} ranks, Shard(0) over a 1-D mesh; state {nbytes / 1e9:.2f} GB",
                          *rows_table(measured, nbytes)]))
         return
-    state = transformer_state(args.gb)
+    state = state_of(args.gb)
     try:
         if "big" in only:
             bench = Bench(root, state, args.repeat)

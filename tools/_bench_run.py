@@ -153,32 +153,44 @@ def best_of(fn: Callable[[], Any], repeat: int) -> float:
     return max(min(times), 1e-9)
 
 
-def transformer_state(nbytes: int) -> dict[str, Any]:
-    """A training state shaped like a transformer's of about ``nbytes``.
+def transformer_state(nbytes: float, *, width: int | None = None, full: bool = False) -> dict[str, Any]:
+    """A training state shaped like a transformer's, of about ``nbytes`` (the layers' bytes; the extras add a little).
 
-    bf16 weights (a few large matrices per layer and small biases and norms)
-    and an AdamW-like optimizer: an fp32 master copy and two fp32 moments per parameter.
+    bf16 weights (per layer: the attention and MLP matrices, their biases, two
+    norms) and an AdamW-like optimizer: an fp32 master copy and two fp32
+    moments per parameter, 14 bytes a parameter in all. ``width`` is the
+    model dimension (default 256 below 256 MiB, else 1024). ``full`` adds
+    what a real model has besides (``benchmarks/checkpoint_bench.py`` uses
+    it): an 8192-row embedding, q and k norms in every layer, a final norm,
+    and the RNG state. ``trainio bench`` and ``benchmarks/checkpoint_bench.py``
+    both take their state from here.
     """
     import torch
 
-    d = 256 if nbytes < 256 << 20 else 1024
+    d = width or (256 if nbytes < 256 << 20 else 1024)
     per_layer = (12 * d * d + 13 * d) * (2 + 3 * 4)
     layers = max(1, round(nbytes / per_layer))
-    shapes: dict[str, tuple[int, ...]] = {}
+    norms = ("norm1", "norm2", "attn.q_norm", "attn.k_norm") if full else ("norm1", "norm2")
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (8192, d)} if full else {}
     for i in range(layers):
         p = f"layers.{i}."
         shapes.update({p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
                        p + "attn.out.weight": (d, d), p + "attn.out.bias": (d,),
                        p + "mlp.up.weight": (4 * d, d), p + "mlp.up.bias": (4 * d,),
-                       p + "mlp.down.weight": (d, 4 * d), p + "mlp.down.bias": (d,),
-                       p + "norm1.weight": (d,), p + "norm1.bias": (d,), p + "norm2.weight": (d,),
-                       p + "norm2.bias": (d,)})
+                       p + "mlp.down.weight": (d, 4 * d), p + "mlp.down.bias": (d,)})
+        for norm in norms:
+            shapes[p + norm + ".weight"] = (d,)
+            shapes[p + norm + ".bias"] = (d,)
+    if full:
+        shapes["final_norm.weight"] = (d,)
     g = torch.Generator().manual_seed(0)
     model = {k: torch.randn(s, generator=g).bfloat16() for k, s in shapes.items()}
-    state = {i: {"step": torch.tensor(1.0), "master": model[k].float(), "exp_avg": torch.randn(s, generator=g),
-                 "exp_avg_sq": torch.rand(s, generator=g)} for i, (k, s) in enumerate(shapes.items())}
-    optim = {"state": state, "param_groups": [{"lr": 3e-4, "betas": [0.9, 0.95], "params": list(range(len(shapes)))}]}
-    return {"model": model, "optim": optim, "step": 1}
+    state = {i: {"step": torch.tensor(100.0), "master": model[k].float(),
+                 "exp_avg": torch.randn(s, generator=g) * 1e-3, "exp_avg_sq": torch.rand(s, generator=g) * 1e-6}
+             for i, (k, s) in enumerate(shapes.items())}
+    optim = {"state": state, "param_groups": [{"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                                               "params": list(range(len(shapes)))}]}
+    return {"model": model, "optim": optim, "step": 100, **({"rng": torch.get_rng_state()} if full else {})}
 
 
 def tensors_of(state: Any) -> list[Any]:
