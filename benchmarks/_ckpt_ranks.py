@@ -73,7 +73,7 @@ def _drop(path: Path) -> None:
 
 
 def _best(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] = lambda: None) -> float:
-    from checkpoint_bench import best
+    from _report import best
 
     return best(fn, repeat, before, timer=_all)
 

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _files import fsync_path  # noqa: E402
-from _report import machine, machine_lines, markdown_table  # noqa: E402
+from _report import best, machine, machine_lines, markdown_table, timed  # noqa: E402
 
 from trainio.checkpoint import CheckpointManager, Tier  # noqa: E402
 from trainio.tools._bench_run import tensors_of, transformer_state  # noqa: E402
@@ -67,23 +67,6 @@ def drop_cache(path: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    gc.collect()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def best(fn: Callable[[], Any], repeat: int, before: Callable[[], Any] = lambda: None,
-         timer: Callable[[Callable[[], Any]], float] = timed) -> float:
-    """The shortest of ``repeat`` runs of ``fn`` as ``timer`` times them, ``before`` run untimed ahead of each."""
-    times = []
-    for _ in range(repeat):
-        before()
-        times.append(timer(fn))
-    return min(times)
 
 
 def fresh(path: Path) -> None:

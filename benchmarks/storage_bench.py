@@ -22,14 +22,9 @@ Run:  python benchmarks/storage_bench.py [--size 1GB] [--local-dir DIR] [--repea
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import importlib.metadata
 import itertools
 import json
 import os
-import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -50,14 +45,15 @@ from boto3.s3.transfer import TransferConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests._seaweedfs
 
+import _report as harness  # type: ignore[import-not-found]  # noqa: E402  # beside this script
 from _files import fsync_path  # type: ignore[import-not-found]  # beside this script
-from _report import markdown_table  # type: ignore[import-not-found]  # noqa: E402  # beside this script
 
 from tests._seaweedfs import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, weed_binary  # noqa: E402
 from trainio.loaders import parse_size  # noqa: E402
 from trainio.storage import LocalStore, S3Options, S3Store, digest  # noqa: E402
 
 _BUCKET = "bench"
+VERSIONS = ("boto3", "botocore", "s3transfer", "torch", "numpy", "trainio")
 _BLOCK = 64 << 20
 NOTES = [
     "GB/s = 10**9 bytes / the {stat} seconds of --repeat runs; trainio and baseline alternate, and every "
@@ -71,9 +67,10 @@ NOTES = [
 ]
 
 
-@dataclass(frozen=True)
-class Contender:
-    """One way of doing an operation: ``run`` is timed; ``setup`` and ``check(result)`` are not."""
+@dataclass
+class Contender(harness.Contender):
+    """One way of doing an operation: ``run`` is timed; ``setup`` and ``check(result)`` are not (its times are
+    kept on the Row, as one baseline serves several rows)."""
 
     run: Callable[[], object]
     check: Callable[[object], None]
@@ -97,14 +94,10 @@ def measure(row: Row, ours: Contender, theirs: Contender, repeat: int, *, warm: 
         contender.setup()
         contender.check(contender.run())
     for i in range(repeat):
-        pairs = [(ours, row.ours_s), (theirs, row.theirs_s)]
-        for contender, times in pairs if i % 2 == 0 else pairs[::-1]:
+        for contender, times in harness.in_turn([(ours, row.ours_s), (theirs, row.theirs_s)], i):
             contender.setup()
-            gc.collect()
-            os.sync()  # no dirty pages of an earlier run are written back during this one
-            start = time.perf_counter()
-            result = contender.run()
-            times.append(time.perf_counter() - start)
+            seconds, result = harness.clocked(contender.run, sync=True)
+            times.append(seconds)
             contender.check(result)
             del result
     print(f"  measured {row.operation} vs {row.baseline}", file=sys.stderr)
@@ -291,23 +284,12 @@ def s3_rows(root: Path, data: bytes, src: Path, ck: Checks, repeat: int,
 
 def machine(local_dir: Path, size: int) -> dict[str, Any]:
     """What the numbers were measured on, and how fast fresh memory is first touched."""
-    meminfo = Path("/proc/meminfo").read_text().split()
-    model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
     start = time.perf_counter()
     fresh = bytearray(size)  # CPython zero-fills it: every page is touched once
     touch_s = time.perf_counter() - start
     del fresh
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": f"{os.cpu_count()} x {model.group(1) if model else platform.processor()}",
-        "memory_gb": round(int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024 / 1e9, 1),
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "versions": dict(sorted((d.metadata["Name"], d.version) for d in importlib.metadata.distributions()
-                                if d.metadata["Name"] in ("boto3", "botocore", "s3transfer", "torch", "numpy"))),
-        "local_dir": str(local_dir),
-        "first_touch_gb_per_s": round(size / touch_s / 1e9, 2),
-    }
+    return {**harness.machine(VERSIONS), "local_dir": str(local_dir),
+            "first_touch_gb_per_s": round(size / touch_s / 1e9, 2)}
 
 
 def summarize(row: Row, size: int, stat: str) -> dict[str, Any]:
@@ -323,18 +305,16 @@ def summarize(row: Row, size: int, stat: str) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"date: {m['date']}   cpu: {m['cpu']}   memory: {m['memory_gb']} GB   os: {m['os']}",
-             f"python {m['python']}   " + "   ".join(f"{k} {v}" for k, v in m["versions"].items()),
-             f"local dir: {m['local_dir']}   first touch of fresh memory: {m['first_touch_gb_per_s']} GB/s",
+    lines = [*harness.machine_lines(m, m["local_dir"]),
+             f"first touch of fresh memory: {m['first_touch_gb_per_s']} GB/s",
              "settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()), ""]
     header = ("operation", "trainio GB/s", "baseline", "baseline GB/s", "ratio", "target", "met?")
     table = [header] + [(
         r["operation"], f"{r['trainio_gb_per_s']:.2f}", r["baseline"], f"{r['baseline_gb_per_s']:.2f}",
         f"{r['ratio']:.3f}", "-" if r["target"] is None else f">= {r['target']:.2f}",
-        "-" if r["met"] is None else ("yes" if r["met"] else "NO"),
+        harness.yes_no(r["met"]),
     ) for r in report["rows"]]
-    lines += markdown_table(table, left=(0, 2))
-    return "\n".join(lines + [""] + [f"- {note}" for note in report["notes"]])
+    return harness.report_text(lines + harness.markdown_table(table, left=(0, 2)), report["notes"])
 
 
 def main(argv: list[str] | None = None) -> int:
