@@ -23,7 +23,6 @@ Run:  python benchmarks/shard_bench.py [--size 1GB] [--files 8] [--repeat 3] [--
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import importlib.metadata
 import importlib.util
@@ -42,14 +41,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+import _report as harness  # type: ignore[import-not-found]  # beside this script
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from _files import fsync_path  # type: ignore[import-not-found]  # beside this script
-from _report import machine as report_machine  # type: ignore[import-not-found]  # beside this script
-from _report import machine_lines, markdown_table
 
 from trainio.loaders import parse_size, verify_dataset
 from trainio.tools._inputs import InputFormat
@@ -181,7 +179,7 @@ def ray_contenders(work: Workload, formats: list[str], shard_bytes: int) -> list
             Contender(fmt, f"trainio shard --engine ray ({os.cpu_count()} CPUs)",
                       partial(trainio_ray_convert, src, fmt, options[1]), trainio_rows),
             Contender(fmt, "pyarrow -> ipc.new_file", partial(pyarrow_convert, files, fmt), pyarrow_rows,
-                      "the limit: no hash, no index"),
+                      note="the limit: no hash, no index"),
         ]
     return found
 
@@ -240,16 +238,13 @@ def index_rows(key: str, count: str) -> Callable[[Path], int]:
 
 
 @dataclass
-class Contender:
+class Contender(harness.Contender):
     """One way to convert one input format: ``run(out)`` is timed, ``rows(out)`` (the check) is not."""
 
     fmt: str
     name: str
     run: Callable[[Path], object]
     rows: Callable[[Path], int]
-    note: str = ""
-    skip: str = ""
-    seconds: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
     out_bytes: int = 0
 
@@ -263,11 +258,11 @@ def contenders(work: Workload, formats: list[str], shard_bytes: int, scratch: Pa
     try:
         mds, mds_note = load_mds_writer()
     except Exception as exc:  # noqa: BLE001 - whatever stops it importing is the reason in the table
-        mds_skip = f"skipped: {type(exc).__name__}: {str(exc)[:120]}"
+        mds_skip = harness.reason(exc)
     try:  # imported here, untimed; it imports torch
         importlib.import_module("litdata")
     except Exception as exc:  # noqa: BLE001
-        lit_skip = f"skipped: {type(exc).__name__}: {str(exc)[:120]}"
+        lit_skip = harness.reason(exc)
     if "torch" in sys.modules:  # the peers import torch; it computes nothing here
         sys.modules["torch"].set_num_threads(1)
     options = {w: ShardOptions(workers=w, shard_bytes=shard_bytes) for w in (1, 2)}
@@ -278,13 +273,13 @@ def contenders(work: Workload, formats: list[str], shard_bytes: int, scratch: Pa
             Contender(fmt, "trainio shard", partial(trainio_convert, src, fmt, options[1]), trainio_rows),
             Contender(fmt, "trainio shard --workers 2", partial(trainio_convert, src, fmt, options[2]), trainio_rows),
             Contender(fmt, "pyarrow -> ipc.new_file", partial(pyarrow_convert, files, fmt), pyarrow_rows,
-                      "the limit: no hash, no index"),
+                      note="the limit: no hash, no index"),
             Contender(fmt, "MosaicML MDSWriter", partial(mds_convert, mds, shard_bytes, files, fmt),
-                      index_rows("shards", "samples"), mds_note, mds_skip),
+                      index_rows("shards", "samples"), note=mds_note, skip=mds_skip),
         ]
         found += [Contender(fmt, f"LitData optimize, {w} worker{'s' if w > 1 else ''}",
                             partial(litdata_convert, shard_bytes, w, files, fmt),
-                            index_rows("chunks", "chunk_size"), "", lit_skip) for w in (1, 2)]
+                            index_rows("chunks", "chunk_size"), skip=lit_skip) for w in (1, 2)]
     return found
 
 
@@ -296,19 +291,18 @@ def cpu_seconds() -> float:
 def measure(found: list[Contender], work: Workload, out: Path, repeat: int) -> None:
     """Run every contender ``repeat`` times, the order reversed on odd repeats; check each output untimed."""
     for i in range(repeat):
-        for c in found if i % 2 == 0 else found[::-1]:
+        for c in harness.in_turn(found, i):
             if c.skip:
                 continue
             shutil.rmtree(out, ignore_errors=True)
-            gc.collect()
-            os.sync()  # no dirty pages of an earlier run are written back during this one
+            harness.settle(sync=True)
             cpu, start = cpu_seconds(), time.perf_counter()
             try:
                 c.run(out)
             except Exception as exc:  # a peer that fails is reported; trainio's failures abort the run
                 if c.name.startswith("trainio"):
                     raise
-                c.skip = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+                c.skip = harness.reason(exc, "failed", 160)
                 continue
             c.seconds.append(time.perf_counter() - start)
             c.cpu_s.append(cpu_seconds() - cpu)
@@ -321,7 +315,7 @@ def measure(found: list[Contender], work: Workload, out: Path, repeat: int) -> N
 
 
 def machine(root: Path) -> dict[str, Any]:
-    return {**report_machine(VERSIONS), "local_dir": str(root)}
+    return {**harness.machine(VERSIONS), "local_dir": str(root)}
 
 
 def summarize(c: Contender, work: Workload, baseline: dict[str, float]) -> dict[str, Any]:
@@ -336,7 +330,7 @@ def summarize(c: Contender, work: Workload, baseline: dict[str, float]) -> dict[
 
 def render(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
-    lines = [*machine_lines(m, m['local_dir']),
+    lines = [*harness.machine_lines(m, m['local_dir']),
              f"workload: {s['rows']} rows in {s['files']} files per format; "
              + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in s["input_bytes"].items())
              + f"; shards of {s['shard_bytes']} bytes; median of {s['repeat']}", ""]
@@ -349,8 +343,7 @@ def render(report: dict[str, Any]) -> str:
                           f"{r['cpu_s']:.1f}", f"{r['out_gb']:.2f}", ratio, r["note"]])
         else:
             table.append([r["input"], r["contender"], "-", "-", "-", "-", "-", r["note"]])
-    lines += markdown_table(table, left=(0, 1, 7))
-    return "\n".join(lines + [""] + [f"- {note}" for note in report["notes"]])
+    return harness.report_text(lines + harness.markdown_table(table, left=(0, 1, 7)), report["notes"])
 
 
 def main(argv: list[str] | None = None) -> int:
