@@ -81,12 +81,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _report as harness  # type: ignore[import-not-found]  # beside this script
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
-from _report import machine as report_machine  # type: ignore[import-not-found]  # beside this script
-from _report import machine_lines, markdown_table
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainio.loaders import (
@@ -493,7 +492,7 @@ def ceiling_count(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 @dataclass
-class Contender:
+class Contender(harness.Contender):
     """One way of reading one workload in one order: ``run(epoch)`` is timed; ``setup``/``teardown`` are not."""
 
     workload: str
@@ -504,9 +503,6 @@ class Contender:
     files: Path | None = None                  # read once, untimed, before the first run (page cache)
     setup: Callable[[], None] = lambda: None
     teardown: Callable[[], None] = lambda: None
-    note: str = ""
-    skip: str = ""
-    seconds: list[float] = field(default_factory=list)
     tallies: list[Tally] = field(default_factory=list)
 
 
@@ -632,16 +628,16 @@ def limit_contenders(work: Workload, path: Path, seed: int) -> list[Contender]:
     copy = Holder(lambda: (np.full(work.payload, 1, dtype=np.uint8), np.full(work.payload, 0, dtype=np.uint8)))
     found = [Contender(work.name, "-", f"numpy memcpy ({piece >> 10} KiB pieces)", "limit",
                        lambda _: memcpy(copy.value[0], copy.value[1], piece, work.samples), None, copy.setup,
-                       copy.teardown, "the physical limit"),
+                       copy.teardown, note="the physical limit"),
              Contender(work.name, "-", f"numpy memcpy, 2 threads ({piece >> 10} KiB pieces)", "limit",
                        lambda _: memcpy_threads(copy.value[0], copy.value[1], piece, work.samples, 2), None,
-                       copy.setup, copy.teardown, "both cores, as the Loader's two threads")]
+                       copy.setup, copy.teardown, note="both cores, as the Loader's two threads")]
     for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
         state = Holder(lambda: (open_shards(path), np.full(work.payload, 0, dtype=np.uint8)))
         found.append(Contender(work.name, order, "pyarrow IPC batch read", "limit",
                                lambda epoch, s=state, shuffle=shuffle: pyarrow_read(s.value[0], work.name, s.value[1],
                                                                                     shuffle, seed + epoch),
-                               path, state.setup, state.teardown, "the practical limit"))
+                               path, state.setup, state.teardown, note="the practical limit"))
     return found
 
 
@@ -656,12 +652,12 @@ def mds_contenders(work: Workload, path: Path, dataset_class: Any, seed: int, sk
         ds = Holder(make)
         found.append(Contender(work.name, order, "MosaicML StreamingDataset, per sample", "in-process",
                                lambda _, h=ds: per_sample(h.value, field_of(key)), path, ds.setup, ds.teardown,
-                               "", skip))
+                               skip=skip))
         if with_loader:
             dl = Holder(lambda make=make: data_loader(make()), shutdown_loader)
             found.append(Contender(work.name, order, "MosaicML StreamingDataset in DataLoader", "DataLoader",
                                    lambda _, h=dl: per_batch(h.value, lambda b: count(b[key])), path, dl.setup,
-                                   dl.teardown, "", skip))
+                                   dl.teardown, skip=skip))
     return found
 
 
@@ -679,7 +675,7 @@ def litdata_contenders(work: Workload, path: Path, seed: int, skip: str, with_lo
             return per_sample(h.value, field_of(key))
 
         found.append(Contender(work.name, order, "LitData StreamingDataset, per sample", "in-process", sample_run,
-                               path, ds.setup, ds.teardown, "", skip))
+                               path, ds.setup, ds.teardown, skip=skip))
         if with_loader:
             def make_loader(make: Callable[[], Any] = make) -> Any:
                 return importlib.import_module("litdata").StreamingDataLoader(
@@ -689,7 +685,7 @@ def litdata_contenders(work: Workload, path: Path, seed: int, skip: str, with_lo
             dl = Holder(make_loader, shutdown_loader)
             found.append(Contender(work.name, order, "LitData StreamingDataLoader", "DataLoader",
                                    lambda _, h=dl: per_batch(h.value, lambda b: count(b[key])), path, dl.setup,
-                                   dl.teardown, "", skip))
+                                   dl.teardown, skip=skip))
     return found
 
 
@@ -719,7 +715,7 @@ def wds_contenders(work: Workload, path: Path, seed: int, skip: str, with_loader
 
         found.append(Contender(work.name, order, "WebDataset, per sample", "in-process", sample_run, path,
                                urls.setup, urls.teardown,
-                               "tokens decoded with np.frombuffer" if work.name == "tokens" else "", skip))
+                               note="tokens decoded with np.frombuffer" if work.name == "tokens" else "", skip=skip))
         if with_loader:
             def make_loader(shuffle: bool = shuffle) -> Any:
                 return data_loader(wds_pipeline([str(p) for p in sorted(path.glob("*.tar"))], shuffle, seed,
@@ -728,7 +724,7 @@ def wds_contenders(work: Workload, path: Path, seed: int, skip: str, with_loader
             dl = Holder(make_loader, shutdown_loader)
             found.append(Contender(work.name, order, "WebDataset in DataLoader", "DataLoader",
                                    lambda _, h=dl: per_batch(h.value, lambda b: count(b[key])), path, dl.setup,
-                                   dl.teardown, "shards split by worker", skip))
+                                   dl.teardown, note="shards split by worker", skip=skip))
     return found
 
 
@@ -801,8 +797,7 @@ def attempt(c: Contender, live: list[Contender], step: Callable[[], Any]) -> Non
         if c.name.startswith(ABORTS):
             raise
         traceback.print_exc()
-        c.skip = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
-        c.seconds.clear()
+        c.give_up(exc)
         c.tallies.clear()
         live.remove(c)
 
@@ -828,7 +823,7 @@ def measured_together(found: list[Contender]) -> list[list[Contender]]:
 
 
 def machine(root: Path) -> dict[str, Any]:
-    return {**report_machine(VERSIONS), "dir": str(root)}
+    return {**harness.machine(VERSIONS), "dir": str(root)}
 
 
 def run_workload(work: Workload, root: Path, args: argparse.Namespace, notes: list[str]) -> list[Contender]:
@@ -842,12 +837,12 @@ def run_workload(work: Workload, root: Path, args: argparse.Namespace, notes: li
         if mds_note and f"MosaicML: {mds_note}." not in notes:
             notes.append(f"MosaicML: {mds_note}.")
     except Exception as exc:  # noqa: BLE001 - whatever stops it importing is the reason in the table
-        skips["mds"] = f"skipped: {type(exc).__name__}: {str(exc)[:120]}"
+        skips["mds"] = harness.reason(exc)
     for name, module in (("litdata", "litdata"), ("wds", "webdataset")):
         try:
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001
-            skips[name] = f"skipped: {type(exc).__name__}: {str(exc)[:120]}"
+            skips[name] = harness.reason(exc)
     writers: dict[str, Callable[[], None]] = {
         "trainio": lambda: write_trainio(work, paths["trainio"]),
         "mds": lambda: write_mds(mds_writer, work, paths["mds"]),
@@ -875,7 +870,7 @@ def run_workload(work: Workload, root: Path, args: argparse.Namespace, notes: li
             traceback.print_exc()
             for c in found:
                 if c.files == path:
-                    c.skip = f"write failed: {type(exc).__name__}: {str(exc)[:140]}"
+                    c.skip = harness.reason(exc, "write failed", 140)
             continue
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         print(f"  wrote {work.name} for {name}: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s",
@@ -978,7 +973,7 @@ def summarize(found: list[Contender], works: dict[str, Workload]) -> list[dict[s
 
 def render(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
-    lines = [*machine_lines(m, m['dir']),
+    lines = [*harness.machine_lines(m, m['dir']),
              "workloads: " + "; ".join(f"{w['name']}: {w['samples']} samples, {w['payload'] / 1e9:.3f} GB payload"
                                        for w in s["workloads"])
              + f"; batch {s['batch']}, {s['workers']} DataLoader workers; median of at least {s['repeat']} "
@@ -988,15 +983,14 @@ def render(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         target = r["target"] or "-"
         if "samples_per_s" in r:
-            met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+            met = harness.yes_no(r["met"])
             ratio = "-" if r["vs_memcpy"] is None else f"{r['vs_memcpy']:.2f}"
             table.append([r["workload"], r["order"], r["contender"], r["mode"], f"{r['samples_per_s']:,.0f}",
                           f"{r['gb_per_s']:.2f}", ratio, target, met, r["note"]])
         else:
             table.append([r["workload"], r["order"], r["contender"], r["mode"], "-", "-", "-", target, "-",
                           r["note"]])
-    lines += markdown_table(table, left=(0, 1, 2, 3, 7, 9))
-    return "\n".join(lines + [""] + [f"- {note}" for note in report["notes"]])
+    return harness.report_text(lines + harness.markdown_table(table, left=(0, 1, 2, 3, 7, 9)), report["notes"])
 
 
 def main(argv: list[str] | None = None) -> int:
