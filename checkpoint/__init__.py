@@ -25,6 +25,7 @@ from ._handle import SaveHandle, TierResult
 from ._layout import PACK_PATH, ArraySpec
 from ._manager import CheckpointManager
 from ._manifest import FileEntry, Manifest
+from ._options import CheckpointOptions
 from ._per_rank import PerRank
 from ._read import ReadReport
 from ._tier import Tier
@@ -32,6 +33,7 @@ from ._tier import Tier
 __all__ = [
     "ArraySpec",
     "CheckpointManager",
+    "CheckpointOptions",
     "FileEntry",
     "GcReport",
     "Manifest",

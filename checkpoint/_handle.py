@@ -65,6 +65,11 @@ class SaveHandle:
                     self._results[label] = TierResult(status, error)
             self._cond.notify_all()
 
+    def tier_status(self, tier: str) -> Status:
+        """The status of the step on ``tier`` now."""
+        with self._cond:
+            return self._results[tier].status
+
     def done(self) -> bool:
         """Whether the first tier has committed the step or failed to."""
         with self._cond:
@@ -102,3 +107,61 @@ class SaveHandle:
         with self._cond:
             states = ", ".join(f"{k}={v.status}" for k, v in self._results.items())
         return f"SaveHandle(step={self.step}, {states})"
+
+
+KEEP_HANDLES = 256
+"""How many recent saves' handles a manager keeps, to report their promotions."""
+
+
+class SaveLedger:
+    """The handles of a manager's recent saves and its failures not yet raised: the one way to complete a handle.
+
+    Thread-safe: the trainer's thread opens handles, the background
+    threads record what happened to them.
+    """
+
+    def __init__(self, tiers: list[str]) -> None:
+        self._tiers = tiers
+        self._lock = threading.Lock()
+        self._handles: dict[int, SaveHandle] = {}
+        self._failures: list[tuple[SaveHandle | None, CheckpointError]] = []
+
+    def open(self, step: int) -> SaveHandle:
+        """A new handle for ``step`` (the oldest kept handles are forgotten past :data:`KEEP_HANDLES`)."""
+        handle = SaveHandle(step, self._tiers)
+        with self._lock:
+            self._handles[step] = handle
+            while len(self._handles) > KEEP_HANDLES:
+                self._handles.pop(next(iter(self._handles)))
+        return handle
+
+    def record(self, step_or_handle: int | SaveHandle, tier: str, result: TierResult,
+               error: BaseException | None = None) -> None:
+        """Set one tier's result of a save (nothing when the step's handle is no longer kept)."""
+        handle = step_or_handle if isinstance(step_or_handle, SaveHandle) else self._handles.get(step_or_handle)
+        if handle is not None:
+            handle._set(tier, result, error)
+
+    def settle(self, handle: SaveHandle, status: Status, why: str = "") -> None:
+        """Give every tier of ``handle`` still pending the final ``status``."""
+        handle._settle_rest(status, why)
+
+    def settle_tier(self, tier: str, status: Status, why: str = "") -> None:
+        """Give ``tier``'s result of every finished save still pending there the final ``status``."""
+        with self._lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            if handle.tier_status(tier) == "pending" and handle.done():
+                handle._set(tier, TierResult(status, why))
+
+    def fail(self, handle: SaveHandle | None, error: CheckpointError) -> None:
+        """Remember ``error`` to raise from the next call that reports failures (unless ``handle`` raised it)."""
+        with self._lock:
+            self._failures.append((handle, error))
+
+    def unreported(self) -> list[CheckpointError]:
+        """The failures no handle's ``wait`` raised yet, forgotten once returned."""
+        with self._lock:
+            failures = [e for h, e in self._failures if h is None or not h.reported]
+            self._failures.clear()
+        return failures

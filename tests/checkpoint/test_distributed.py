@@ -322,15 +322,16 @@ def test_training_resumed_on_another_world_size_matches_the_uninterrupted_run(tm
 def save_on_two_tiers(rank: int, world: int, fast: str, slow: str) -> dict[str, Any]:
     """Three steps through a fast tier keeping one and a slow tier; count this rank's promotions."""
     from trainio.checkpoint import Tier
+    from trainio.checkpoint._tiering import TierSet
 
     copies = []
-    copy_to = CheckpointManager._copy_to
+    copy_to = TierSet._copy_to
 
-    def counted(self: CheckpointManager, target: int, step: int) -> Any:
+    def counted(self: TierSet, target: int, step: int) -> Any:
         copies.append(step)
         return copy_to(self, target, step)
 
-    CheckpointManager._copy_to = counted  # type: ignore[method-assign]
+    TierSet._copy_to = counted  # type: ignore[method-assign]
     with CheckpointManager([Tier(fast, keep_last=1), Tier(slow)], chunk_bytes=CHUNK, timeout_s=60) as manager:
         for step in (1, 2, 3):
             manager.save(step, shard(global_state(step), world, _save_placements(world)))
