@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import os
-import secrets
 import shutil
-import socket
 from collections.abc import Mapping
 
 import numpy as np
 
-from trainio.storage import TEMP_MARKER, CheckpointError, Hasher, IntegrityError, Store, StoreError, fsync_dir
+from trainio.storage import (
+    TEMP_MARKER,
+    CheckpointError,
+    Hasher,
+    IntegrityError,
+    Store,
+    StoreError,
+    fsync_dir,
+    temp_name,
+    temp_owner_is_dead,
+)
 
 from ._fsync import sync_files
 from ._manifest import MANIFEST, FileEntry
-from ._tier_io import LAST_KNOWN_GOOD, StepWriter, TierIO, size_error, step_name
+from ._tier_io import StepWriter, TierIO, size_error, step_name
 
 FSYNC_EACH_BYTES = 1 << 20
 """Files at least this big are fsync'd by their writer, overlapping write-back with other writes."""
@@ -28,27 +34,11 @@ _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EML
 
 
 def _temp_dir_name(kind: str, step: int) -> str:
-    return f"{TEMP_MARKER}{kind}-{step_name(step)}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _owner_is_dead(name: str) -> bool:
-    parts = name[len(TEMP_MARKER):].split("-")
-    if len(parts) < 5 or parts[0] not in ("save", "delete", "file"):
-        return False
-    host, pid = "-".join(parts[2:-2]), parts[-2]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return temp_name(f"{kind}.{step_name(step)}")
 
 
 class LocalStepWriter(StepWriter):
-    """Writes a step into ``.trainio-tmp.save-<step>-<host>-<pid>-<rand>/`` and renames it on commit."""
+    """Writes a step into ``.trainio-tmp.save.<step>-<host>-<pid>-<rand>/`` and renames it on commit."""
 
     tier: LocalTierIO
 
@@ -60,7 +50,7 @@ class LocalStepWriter(StepWriter):
             self._dir = os.path.join(tier.root, _temp_dir_name("save", step))
             os.mkdir(self._dir)
         else:
-            if not shared.startswith(f"{TEMP_MARKER}save-{step_name(step)}-") or "/" in shared:
+            if not shared.startswith(f"{TEMP_MARKER}save.{step_name(step)}-") or "/" in shared:
                 raise CheckpointError(f"{tier.label}: {shared!r} is not a temp directory name of step {step}")
             self._dir = os.path.join(tier.root, shared)
             os.makedirs(self._dir, exist_ok=True)
@@ -227,26 +217,6 @@ class LocalTierIO(TierIO):
             os.close(fd)
         return data  # type: ignore[return-value]  # a bytearray: no second copy of a 32 MiB chunk
 
-    def mark_known_good(self, step: int) -> None:
-        current = self.last_known_good()
-        if current is not None and step < current and current in self.steps():
-            return
-        # Not Store.put: its temp file names no owner, so a crash would leave debris nobody may remove.
-        os.makedirs(self.root, exist_ok=True)
-        temp = os.path.join(self.root, _temp_dir_name("file", step))
-        try:
-            with open(temp, "wb") as f:
-                f.write(json.dumps({"step": step}).encode())
-                if self.durable:
-                    os.fsync(f.fileno())
-            os.replace(temp, os.path.join(self.root, LAST_KNOWN_GOOD))
-        except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise StoreError(self.url, LAST_KNOWN_GOOD, f"cannot write: {exc.strerror or exc}") from exc
-        if self.durable:
-            fsync_dir(self.root)
-
     def delete(self, step: int) -> None:
         source = os.path.join(self.root, step_name(step))
         doomed = os.path.join(self.root, _temp_dir_name("delete", step))
@@ -261,7 +231,7 @@ class LocalTierIO(TierIO):
     def debris(self) -> list[str]:
         try:
             with os.scandir(self.root) as entries:
-                return sorted(e.name for e in entries if e.name.startswith(TEMP_MARKER) and _owner_is_dead(e.name))
+                return sorted(e.name for e in entries if temp_owner_is_dead(e.name))
         except FileNotFoundError:
             return []
 

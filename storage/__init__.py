@@ -9,7 +9,7 @@ on local disk within a byte budget.
 
 from __future__ import annotations
 
-from ._atomic import fsync_dir
+from ._atomic import fsync_dir, temp_name, temp_owner_is_dead
 from ._cache import CacheOptions, ShardCache
 from ._documents import (
     MAX_DEPTH,
@@ -89,4 +89,6 @@ __all__ = [
     "parse_json",
     "run_all",
     "seal_json",
+    "temp_name",
+    "temp_owner_is_dead",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -14,9 +15,36 @@ from ._keys import TEMP_MARKER
 _MAKEDIRS_RETRIES = 5
 
 
-def temp_name() -> str:
-    """A fresh name for a temp file; ``list`` never shows names of this form."""
-    return f"{TEMP_MARKER}{secrets.token_hex(8)}"
+def temp_name(kind: str = "w") -> str:
+    """A fresh temp name owned by this process: ``<marker><kind>-<host>-<pid>-<random>``.
+
+    Listings never show names of this form, and :func:`temp_owner_is_dead`
+    tells from the name alone whether its maker is gone, so leftovers of a
+    crash can be told from a live writer's files. ``kind`` holds no ``-``.
+    """
+    if "-" in kind or "/" in kind:
+        raise ValueError(f"a temp name's kind holds no '-' or '/': {kind!r}")
+    return f"{TEMP_MARKER}{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def temp_owner_is_dead(name: str) -> bool:
+    """Whether the temp name ``name`` (from :func:`temp_name`) was made by a process of this host that has ended.
+
+    False whenever that is not certain: another host's name, a name of
+    another form, a process that still runs or that we may not signal.
+    """
+    if not name.startswith(TEMP_MARKER):
+        return False
+    parts = name[len(TEMP_MARKER):].split("-")
+    if len(parts) < 4 or not parts[-2].isdigit() or "-".join(parts[1:-2]) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[-2]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 def fsync_dir(directory: str) -> None:

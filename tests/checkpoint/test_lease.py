@@ -155,3 +155,22 @@ def test_gc_and_promote_from_the_command_line_wait_their_turn(tmp_path: Path,
     assert main(["ckpt", "promote", tier, other, "--step", "1"]) == 0
     assert main(["ckpt", "gc", tier, "--keep-last", "1", "--dry-run"]) == 0
     assert not (tmp_path / "tier" / LEASE).exists() and not (tmp_path / "other" / LEASE).exists()
+
+
+def test_only_a_dead_writers_temp_files_are_removed_by_the_lease_holder(tmp_path: Path) -> None:
+    import socket
+
+    from trainio.storage import TEMP_MARKER, temp_name
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    tmp_path.mkdir(exist_ok=True)
+    left = tmp_path / f"{TEMP_MARKER}w-{host}-{int(dead.stdout)}-0badcafe"  # a put killed midway
+    live = tmp_path / temp_name()  # this process is writing it now
+    elsewhere = tmp_path / f"{TEMP_MARKER}save.000000000003-otherhost-{int(dead.stdout)}-0badcafe"
+    for path in (left, live):
+        path.write_bytes(b"half")
+    elsewhere.mkdir()
+    with CheckpointManager([Tier(tmp_path)]) as manager:
+        manager.save(1, _state(1)).wait()
+    assert not left.exists() and live.exists() and elsewhere.exists()

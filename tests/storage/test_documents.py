@@ -125,3 +125,21 @@ def test_open_writer_publishes_whole_or_not_at_all(tmp_path: os.PathLike[str]) -
     assert writer.commit() == digest(b"abc") and store.get("d/e") == b"abc"
     assert store.local_path("d/e") == store.root / "d" / "e"
 
+
+
+def test_temp_names_say_whether_their_maker_is_gone() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from trainio.storage import TEMP_MARKER, temp_name, temp_owner_is_dead
+
+    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True).stdout)
+    host = socket.gethostname()
+    assert not temp_owner_is_dead(temp_name())  # this process
+    assert temp_owner_is_dead(f"{TEMP_MARKER}w-{host}-{ended}-00ff00ff")
+    assert not temp_owner_is_dead(f"{TEMP_MARKER}w-not-{host}-{ended}-00ff00ff")  # another host: never sure
+    assert not temp_owner_is_dead(f"{TEMP_MARKER}deadbeef")  # an old name without an owner
+    with pytest.raises(ValueError):
+        temp_name("a-b")
