@@ -7,8 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from typing import Any, Self
 
 from trainio.storage import CheckpointError, Store, open_store
@@ -19,10 +18,11 @@ from ._lease import Lease, LeaseKeeper
 from ._nodes import Node
 from ._options import CheckpointOptions
 from ._plan import Plan
-from ._read import ReadReport, StepReader
+from ._read import ReadReport
 from ._sharded import ShardedSaves
 from ._snapshot import Snapshot, take_snapshot
 from ._staging import StagingPool
+from ._threads import background_pool
 from ._tier import Tier
 from ._tier_io import TierIO, describe, open_tier_io
 from ._tiering import TierSet
@@ -71,10 +71,9 @@ class CheckpointManager:
         self._io: list[TierIO] = [open_tier_io(self._store(t), t.label) for t in self.tiers]
         self._codec = opts.codec
         self._staging = StagingPool(opts.max_pending)
-        self._pool = ThreadPoolExecutor(opts.threads, thread_name_prefix="trainio-ckpt-io", initializer=_lower_priority)
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-save", initializer=_lower_priority)
-        self._promoter = ThreadPoolExecutor(1, thread_name_prefix="trainio-ckpt-promote",
-                                            initializer=_lower_priority)
+        self._pool = background_pool(opts.threads, "io")
+        self._saver = background_pool(1, "save")
+        self._promoter = background_pool(1, "promote")
         self._lock = threading.Lock()
         self._ledger = SaveLedger(labels)
         self._promotion_queued = False
@@ -241,28 +240,13 @@ class CheckpointManager:
 
     # -- restoring ------------------------------------------------------------------
 
-    def _select(self, tiers: Sequence[str | int] | None) -> list[int]:
-        if tiers is None:
-            return list(range(len(self._io)))
-        chosen = []
-        for tier in tiers:
-            if isinstance(tier, int) and 0 <= tier < len(self._io):
-                chosen.append(tier)
-                continue
-            matches = [i for i, t in enumerate(self.tiers) if t.label == tier]
-            if not matches:
-                raise ValueError(f"no tier {tier!r}; tiers are {[t.label for t in self.tiers]}")
-            chosen.append(matches[0])
-        return sorted(set(chosen))
-
     def steps(self) -> dict[str, list[int]]:
         """The committed steps of each tier, oldest first."""
-        return {io.label: io.steps() for io in self._io}
+        return self._tierset.steps()
 
     def latest(self, tiers: Sequence[str | int] | None = None) -> int | None:
         """The newest step committed on any (of the given) tiers, or None."""
-        found = [max(s) for s in (self._io[i].steps() for i in self._select(tiers)) if s]
-        return max(found) if found else None
+        return self._tierset.latest(self._tierset.select(tiers))
 
     def restore(self, step: int | None = None, *, into: Any = None, keys: Sequence[str] | None = None,
                 tiers: Sequence[str | int] | None = None, repair: bool = False) -> Any:
@@ -289,34 +273,16 @@ class CheckpointManager:
                             repair: bool = False) -> tuple[Any, ReadReport]:
         """:meth:`restore`, and what it read, fell back on and repaired."""
         self._check_open()
-        chosen = self._select(tiers)
+        chosen = self._tierset.select(tiers)
         if step is None:
-            step = self.latest(chosen) if self._rank == 0 else None
+            step = self._tierset.latest(chosen) if self._rank == 0 else None
             if self._sharded is not None:
                 step = self._sharded.agree("restore: agreeing on the newest step", step)
             if step is None:
                 raise CheckpointError(f"no committed step on {[self.tiers[i].label for i in chosen]}")
-        holders = [i for i in chosen if self._io[i].is_committed(step)]
-        if not holders:
-            raise CheckpointError(f"step {step} is committed on none of {[self.tiers[i].label for i in chosen]}; "
-                                  f"committed steps: {self.steps()}")
-        with ExitStack() as using:
-            for i in holders:
-                using.enter_context(self._tierset.using(i, step))
-            holders = [i for i in holders if self._io[i].is_committed(step)]
-            if not holders:
-                raise CheckpointError(f"step {step} was deleted by retention while the restore began")
-            reader = StepReader([self._io[i] for i in holders], step, self._pool, self.options.threads, repair=repair,
-                                rank=self._rank, world=self._sharded.world if self._sharded is not None else 1)
-            state = reader.load(list(keys) if keys else None, into)
-        whole = not keys and self._sharded is None  # a rank of a multi-rank job may read only its shards
-        if whole and not any(k.startswith(f"{reader.source.label}:") for k in reader.report.fell_back):
-            try:
-                reader.source.mark_known_good(step)
-            except Exception as exc:  # noqa: BLE001 - a read-only tier still restores
-                log.warning("%s: could not record step %d as verified: %s", reader.source.label, step,
-                            describe(exc))
-        return state, reader.report
+        world = self._sharded.world if self._sharded is not None else 1
+        return self._tierset.read(step, chosen, list(keys) if keys else None, into, repair=repair, rank=self._rank,
+                                  world=world)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -364,17 +330,3 @@ class CheckpointManager:
             self.close()
         except CheckpointError as exc:
             log.error("while closing the checkpoint manager: %s", exc)
-
-
-BACKGROUND_NICE = 10
-"""How much lower than the training loop's the background threads' CPU priority is (Linux)."""
-
-
-def _lower_priority() -> None:
-    """Let the training loop's threads win the CPU from this background thread (Linux: per-thread nice)."""
-    try:
-        tid = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + BACKGROUND_NICE))
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at the normal priority
-        pass

@@ -11,15 +11,17 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any
 
 from trainio.storage import CheckpointError
 
 from ._handle import SaveLedger, TierResult
 from ._lease import LeaseKeeper
 from ._manifest import Manifest
+from ._read import ReadReport, StepReader
 from ._tier import Tier
 from ._tier_io import TierIO, describe
 from ._write import copy_step
@@ -220,3 +222,64 @@ class TierSet:
                 log.info("%s: removed %s, left by a writer that died", io.label, name)
         except Exception as exc:  # noqa: BLE001 - leftovers are harmless: never listed as steps
             log.warning("%s: could not remove leftovers: %s", io.label, describe(exc))
+
+    def select(self, tiers: Sequence[str | int] | None) -> list[int]:
+        """The indexes of the tiers named (by label or index), all of them for None.
+
+        Raises:
+            ValueError: a name that is no tier's.
+        """
+        if tiers is None:
+            return list(range(len(self._io)))
+        chosen = []
+        for tier in tiers:
+            if isinstance(tier, int) and 0 <= tier < len(self._io):
+                chosen.append(tier)
+                continue
+            matches = [i for i, t in enumerate(self._tiers) if t.label == tier]
+            if not matches:
+                raise ValueError(f"no tier {tier!r}; tiers are {[t.label for t in self._tiers]}")
+            chosen.append(matches[0])
+        return sorted(set(chosen))
+
+    def steps(self) -> dict[str, list[int]]:
+        """The committed steps of each tier, oldest first."""
+        return {io.label: io.steps() for io in self._io}
+
+    def latest(self, chosen: list[int]) -> int | None:
+        """The newest step committed on any of the ``chosen`` tiers, or None."""
+        found = [max(s) for s in (self._io[i].steps() for i in chosen) if s]
+        return max(found) if found else None
+
+    def read(self, step: int, chosen: list[int], keys: list[str] | None, into: Any, *, repair: bool, rank: int,
+             world: int) -> tuple[Any, ReadReport]:
+        """Restore ``step`` from the ``chosen`` tiers that hold it, fastest first (see :class:`StepReader`).
+
+        Retention leaves the step alone meanwhile. A whole single-process
+        restore read from its source tier without falling back records the
+        step there as the last known good one.
+
+        Raises:
+            CheckpointError: no chosen tier holds the step, or a file is damaged on every one.
+        """
+        holders = [i for i in chosen if self._io[i].is_committed(step)]
+        if not holders:
+            raise CheckpointError(f"step {step} is committed on none of {[self._tiers[i].label for i in chosen]}; "
+                                  f"committed steps: {self.steps()}")
+        with ExitStack() as using:
+            for i in holders:
+                using.enter_context(self.using(i, step))
+            holders = [i for i in holders if self._io[i].is_committed(step)]
+            if not holders:
+                raise CheckpointError(f"step {step} was deleted by retention while the restore began")
+            reader = StepReader([self._io[i] for i in holders], step, self._pool, self._threads, repair=repair,
+                                rank=rank, world=world)
+            state = reader.load(keys, into)
+        whole = not keys and world == 1  # a rank of a multi-rank job may read only its shards
+        if whole and not any(k.startswith(f"{reader.source.label}:") for k in reader.report.fell_back):
+            try:
+                reader.source.mark_known_good(step)
+            except Exception as exc:  # noqa: BLE001 - a read-only tier still restores
+                log.warning("%s: could not record step %d as verified: %s", reader.source.label, step,
+                            describe(exc))
+        return state, reader.report
