@@ -15,7 +15,8 @@ from pathlib import Path
 from ._atomic import atomic_file, fsync_dir, make_dirs, open_temp, publish, temp_name, write_all
 from ._hashing import Hasher
 from ._keys import TEMP_MARKER, check_bounds, check_key
-from ._store import HashingReader, HashingWriter, Store
+from ._store import Store
+from ._streams import HashingReader, HashingWriter
 from ._writer import StoreWriter
 from .errors import AlreadyExists, InvalidKey, NotFound, StoreError
 

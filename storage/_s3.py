@@ -24,7 +24,8 @@ from ._keys import TEMP_MARKER, check_bounds, check_key, check_prefix
 from ._parallel import run_all
 from ._s3_errors import ShortBody, describe, error_code, http_status, is_retryable, translate
 from ._s3_options import S3Options
-from ._store import HashingReader, HashingWriter, Store
+from ._store import Store
+from ._streams import HashingReader, HashingWriter
 from .errors import AlreadyExists, InvalidKey, StoreError, StoreUnavailable
 
 T = TypeVar("T")

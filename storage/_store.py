@@ -14,11 +14,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from ._atomic import atomic_file, write_all
+from ._async import twin
+from ._atomic import atomic_file
 from ._hashing import Hasher, check_digest, digest
 from ._keys import check_key, check_prefix, check_range
+from ._streams import HashingReader, HashingWriter
 from ._writer import StoreWriter
 from .errors import NotFound, StoreError
 
@@ -29,47 +31,6 @@ T = TypeVar("T")
 
 _VERIFY_BLOCK_BYTES = 16 << 20
 _CONCURRENT_HASH_BYTES = 8 << 20
-
-
-class HashingReader:
-    """A readable source that hashes every byte read from it, in order."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self.hasher = Hasher()
-
-    def readinto(self, buffer: memoryview) -> int:
-        """Fill ``buffer`` from the source as far as it goes; 0 at the end."""
-        filled = 0
-        while filled < buffer.nbytes:
-            n = self._raw.readinto(buffer[filled:])  # type: ignore[attr-defined]
-            if not n:
-                break
-            filled += n
-        self.hasher.update(buffer[:filled])
-        return filled
-
-    def fileno(self) -> int:
-        """The source's file descriptor, for copies the kernel can do (the caller then feeds ``hasher``)."""
-        return self._raw.fileno()
-
-
-class HashingWriter:
-    """A sink that hashes every byte written to it, in order, then writes it to a file."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self.hasher = Hasher()
-
-    def write(self, data: Buffer) -> None:
-        """Write all of ``data``."""
-        view = memoryview(data).cast("B")
-        self.hasher.update(view)
-        write_all(self._raw, view)
-
-    def fileno(self) -> int:
-        """The sink's file descriptor, for copies the kernel can do (the caller then feeds ``hasher``)."""
-        return self._raw.fileno()
 
 
 class Store(ABC):
@@ -426,61 +387,19 @@ class Store(ABC):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._io_pool(), functools.partial(fn, *args, **kwargs))
 
-    async def get_async(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
-        """Async twin of :meth:`get`."""
-        return await self._offload(self.get, key, start, end)
-
-    async def get_into_async(self, key: str, buffer: Buffer, offset: int = 0) -> int:
-        """Async twin of :meth:`get_into`."""
-        return await self._offload(self.get_into, key, buffer, offset)
-
-    async def put_async(self, key: str, data: Buffer, *, overwrite: bool = True) -> str:
-        """Async twin of :meth:`put`."""
-        return await self._offload(self.put, key, data, overwrite=overwrite)
-
-    async def put_file_async(
-        self, key: str, path: str | os.PathLike[str], *, overwrite: bool = True
-    ) -> str:
-        """Async twin of :meth:`put_file`."""
-        return await self._offload(self.put_file, key, path, overwrite=overwrite)
-
-    async def get_file_async(
-        self, key: str, path: str | os.PathLike[str], *, expected_xxh3: str | None = None
-    ) -> str:
-        """Async twin of :meth:`get_file`."""
-        return await self._offload(self.get_file, key, path, expected_xxh3=expected_xxh3)
-
-    async def verify_async(self, key: str, expected_xxh3: str) -> None:
-        """Async twin of :meth:`verify`."""
-        await self._offload(self.verify, key, expected_xxh3)
-
-    async def exists_async(self, key: str) -> bool:
-        """Async twin of :meth:`exists`."""
-        return await self._offload(self.exists, key)
-
-    async def size_async(self, key: str) -> int:
-        """Async twin of :meth:`size`."""
-        return await self._offload(self.size, key)
-
-    async def list_async(self, prefix: str = "") -> builtins.list[str]:
-        """Async twin of :meth:`list`."""
-        return await self._offload(self.list, prefix)
-
-    async def list_dirs_async(self, prefix: str = "") -> builtins.list[str]:
-        """Async twin of :meth:`list_dirs`."""
-        return await self._offload(self.list_dirs, prefix)
-
-    async def delete_async(self, key: str) -> None:
-        """Async twin of :meth:`delete`."""
-        await self._offload(self.delete, key)
-
-    async def delete_prefix_async(self, prefix: str) -> int:
-        """Async twin of :meth:`delete_prefix`."""
-        return await self._offload(self.delete_prefix, prefix)
-
-    async def copy_async(self, src_key: str, dst_key: str) -> None:
-        """Async twin of :meth:`copy`."""
-        await self._offload(self.copy, src_key, dst_key)
+    get_async = twin(get)
+    get_into_async = twin(get_into)
+    put_async = twin(put)
+    put_file_async = twin(put_file)
+    get_file_async = twin(get_file)
+    verify_async = twin(verify)
+    exists_async = twin(exists)
+    size_async = twin(size)
+    list_async = twin(list)  # noqa: A003 - the method above, not the builtin
+    list_dirs_async = twin(list_dirs)
+    delete_async = twin(delete)
+    delete_prefix_async = twin(delete_prefix)
+    copy_async = twin(copy)
 
     # -- lifecycle -----------------------------------------------------------
 
