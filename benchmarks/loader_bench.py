@@ -37,7 +37,9 @@ per order (in order, and shuffled where the contender can):
   index before its first sample is delivered ("checked", as in training) and without ("unchecked", the
   benchmark-only switch ``trainio.loaders._shard_check.CHECK_LOCAL_SHARDS``); the process forgets the shards it
   has checked before every run, so each one pays the whole check. Checked and unchecked run in turn, an epoch
-  of each, per order; the target is checked <= 1.10 x the unchecked time;
+  of each, per order; the target is checked <= 1.10 x the unchecked time. Page-cache warm (the dataset read
+  before), and cold (", cold": the dataset's pages evicted with ``posix_fadvise(DONTNEED)`` before every run,
+  untimed: a first epoch of data read once, as pretraining reads it);
 - MosaicML Streaming (``MDSWriter``; its ``StreamingDataset(local=..., remote=None, batch_size=64)``),
   LitData (``optimize``; its ``StreamingDataset``) and WebDataset (``ShardWriter`` tar shards, raw ``.bin``
   members; ``WebDataset(urls, shardshuffle=...)``, ``.shuffle(1000)`` when shuffled): per sample in this
@@ -127,7 +129,7 @@ NOTES = [
     "DataLoader rows run interleaved, an epoch of each in turn.",
     "'fresh' rows: a new dataset (and Loader) per run, timed from opening index.json to the epoch's last batch, "
     "the shards' check not hidden by the per-process record of checked shards (forgotten before every run); "
-    "checked and unchecked alternate run by run.",
+    "checked and unchecked alternate run by run; ', cold' rows evict the dataset's pages before every run.",
     "Shuffles differ: trainio shuffles shards then samples within 2**18-sample windows; the pyarrow rows and "
     "the ceiling shuffle record-batch order and rows within each 1024-row record batch; MosaicML uses its "
     "default py1e shuffle; LitData its chunk-then-sample shuffle; WebDataset shuffles shards and then a "
@@ -503,6 +505,7 @@ class Contender(harness.Contender):
     files: Path | None = None                  # read once, untimed, before the first run (page cache)
     setup: Callable[[], None] = lambda: None
     teardown: Callable[[], None] = lambda: None
+    before: Callable[[], None] = lambda: None  # untimed, before every run (the cold rows evict the files)
     tallies: list[Tally] = field(default_factory=list)
 
 
@@ -575,13 +578,26 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
 
 FRESH = "fresh dataset + Loader, first epoch"
 FRESH_SAMPLES = "fresh StreamingDataset, first epoch per sample"
+COLD = ", cold"  # the dataset's pages evicted from the page cache before every run
+
+
+def evict(path: Path) -> None:
+    """Drop ``path``'s files from the page cache (as after a reboot, or data read once long ago): untimed."""
+    gc.collect()  # a mapping still held by a dropped dataset would keep its pages
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def fresh_contenders(work: Workload, path: Path, seed: int) -> list[Contender]:
     """A new StreamingDataset (and Loader) per run, timed from opening the dataset to the end of its first epoch,
     with every local shard hashed against the index before its first sample (checked) and without (unchecked,
     the benchmark-only switch). The process forgets which shards it has checked before every run, so each one
-    pays the check a training job pays in its first epoch."""
+    pays the check a training job pays in its first epoch: from the page cache (the dataset read before, by
+    another process), and cold (its pages evicted before every run: a first epoch as pretraining reads it)."""
     found: list[Contender] = []
     key = work.column
 
@@ -604,15 +620,15 @@ def fresh_contenders(work: Workload, path: Path, seed: int) -> list[Contender]:
         finally:
             _shard_check.CHECK_LOCAL_SHARDS = True
 
-    for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
-        for checked in (True, False):
-            label = "checked" if checked else "unchecked"
-            found.append(Contender(work.name, order, f"trainio {FRESH}, {label}", "fresh",
-                                   lambda epoch, s=shuffle, c=checked: fresh_loader(epoch, s, c), path))
-        for checked in (True, False):
-            label = "checked" if checked else "unchecked"
-            found.append(Contender(work.name, order, f"trainio {FRESH_SAMPLES}, {label}", "fresh",
-                                   lambda epoch, s=shuffle, c=checked: fresh_samples(epoch, s, c), path))
+    for cold in (False, True):
+        for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
+            for name, run in ((FRESH, fresh_loader), (FRESH_SAMPLES, fresh_samples)):
+                for checked in (True, False):
+                    label = (COLD if cold else "") + (", checked" if checked else ", unchecked")
+                    found.append(Contender(work.name, order, f"trainio {name}{label}", "fresh",
+                                           lambda epoch, s=shuffle, c=checked, run=run: run(epoch, s, c),
+                                           None if cold else path,
+                                           before=(lambda: evict(path)) if cold else (lambda: None)))
     return found
 
 
@@ -773,6 +789,7 @@ def measure(group: list[Contender], work: Workload, repeat: int, min_seconds: fl
 
 def run_epoch(c: Contender, epoch: int, work: Workload, runs: list[str]) -> None:
     """Run one epoch of ``c`` (timed unless it is the warm-up, epoch 0) and check what it read."""
+    c.before()
     start = time.perf_counter()
     tally = c.run(epoch)
     seconds = time.perf_counter() - start

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from trainio.storage import CheckpointError
 
@@ -30,14 +31,55 @@ def _job_store(dist: Any) -> Any:
 
 
 def distributed_world() -> int:
-    """The world size of the initialized default process group, or 1 when there is none."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 1
-    if not dist.is_available() or not dist.is_initialized():
+    """The world size of the initialized default process group, or 1 when there is none.
+
+    Imports nothing: a process group exists only if its creator imported torch.distributed.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
         return 1
     return int(dist.get_world_size())
+
+
+class Exchange(Protocol):
+    """The exchanges a save needs between its ranks (:class:`Collective`, or :class:`WorldOfOne`)."""
+
+    rank: int
+    world: int
+
+    def all_gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any]:
+        """Every rank's ``payload``, in rank order, on every rank."""
+
+    def gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any] | None:
+        """Every rank's ``payload`` in rank order on rank 0; None on the others."""
+
+    def broadcast(self, what: str, payload: Any, *, background: bool = False) -> Any:
+        """Rank 0's ``payload`` on every rank."""
+
+    def close(self) -> None:
+        """Release what the exchanges hold."""
+
+
+class WorldOfOne:
+    """The exchanges of a single process: it is rank 0 of a world of one (no torch.distributed, no torch)."""
+
+    rank = 0
+    world = 1
+
+    def all_gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any]:
+        """``[payload]``."""
+        return [payload]
+
+    def gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any] | None:
+        """``[payload]``."""
+        return [payload]
+
+    def broadcast(self, what: str, payload: Any, *, background: bool = False) -> Any:
+        """``payload``."""
+        return payload
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class Collective:

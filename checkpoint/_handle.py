@@ -159,9 +159,13 @@ class SaveLedger:
         with self._lock:
             self._failures.append((handle, error))
 
-    def unreported(self) -> list[CheckpointError]:
-        """The failures no handle's ``wait`` raised yet, forgotten once returned."""
+    def raise_unreported(self) -> None:
+        """Raise the failures no handle's ``wait`` raised yet (the first, naming the others), then forget them."""
         with self._lock:
             failures = [e for h, e in self._failures if h is None or not h.reported]
             self._failures.clear()
-        return failures
+        if len(failures) > 1:
+            raise CheckpointError(f"{failures[0]} (and {len(failures) - 1} more failure(s): "
+                                  + "; ".join(str(e) for e in failures[1:]) + ")") from failures[0].__cause__
+        if failures:
+            raise failures[0]

@@ -12,14 +12,14 @@ from typing import Any, Self
 
 from trainio.storage import CheckpointError, Store, open_store
 
-from ._collective import distributed_world
+from ._collective import Collective, Exchange, WorldOfOne, distributed_world
 from ._handle import SaveHandle, SaveLedger, TierResult
 from ._lease import Lease, LeaseKeeper
 from ._nodes import Node
 from ._options import CheckpointOptions
 from ._plan import Plan
 from ._read import ReadReport
-from ._sharded import ShardedSaves
+from ._save import StepSaves
 from ._snapshot import Snapshot, take_snapshot
 from ._staging import StagingPool
 from ._threads import background_pool
@@ -27,7 +27,6 @@ from ._tier import Tier
 from ._tier_io import TierIO, describe, open_tier_io
 from ._tiering import TierSet
 from ._tree import ArrayLeaf, flatten
-from ._write import write_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +78,9 @@ class CheckpointManager:
         self._promotion_queued = False
         self._closed = False
         distributed = distributed_world() > 1 if opts.distributed is None else opts.distributed
-        self._sharded = ShardedSaves(opts.timeout_s, opts.chunk_bytes, opts.pack_bytes, self._codec) \
-            if distributed else None
-        self._rank = self._sharded.rank if self._sharded is not None else 0
+        exchange: Exchange = Collective(opts.timeout_s) if distributed else WorldOfOne()
+        self._saves = StepSaves(exchange, opts.chunk_bytes, opts.pack_bytes, self._codec)
+        self._rank = exchange.rank
         leases = [Lease(io.store, io.label, opts.lease_s) for io in self._io] if self._rank == 0 else []
         for io, lease in zip(self._io, leases, strict=False):
             io.lease = lease
@@ -128,16 +127,28 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
-        if self._sharded is not None:
-            return self._save_sharded(step, state)
-        self._raise_failures()
-        self._tierset.hold(0)
-        skeleton, leaves = flatten(state)
         started = time.perf_counter()
-        snapshot = self._snapshot(skeleton, leaves)
-        return self._submit(step, started, snapshot, None)
+        skeleton: Node = {}
+        leaves: list[ArrayLeaf] = []
+        problem: BaseException | None = None
+        try:
+            self._ledger.raise_unreported()
+            self._tierset.hold(0)
+            skeleton, leaves = flatten(state, self._rank)
+        except CheckpointError as exc:
+            problem = exc  # raised by plan() on every rank alike
+        plan, name = self._saves.plan(step, skeleton, leaves, problem, self._io[0])
+        mine, packed = self._saves.share(plan, leaves)
+        snapshot = self._snapshot(skeleton, mine, packed)
+        handle = self._ledger.open(step)
+        handle.blocked_s = time.perf_counter() - started
+        future = self._saver.submit(self._write_first, step, snapshot, plan, name, handle)
+        if not self.options.async_save:
+            future.result()
+            handle.wait()
+        return handle
 
-    def _snapshot(self, skeleton: Node, leaves: list[ArrayLeaf], packed: frozenset[str] | None = None) -> Snapshot:
+    def _snapshot(self, skeleton: Node, leaves: list[ArrayLeaf], packed: frozenset[str]) -> Snapshot:
         slot = self._staging.acquire()
         try:
             return take_snapshot(skeleton, leaves, slot, self.options.pack_bytes, packed)
@@ -145,47 +156,14 @@ class CheckpointManager:
             slot.release()
             raise
 
-    def _submit(self, step: int, started: float, snapshot: Snapshot,
-                sharded: tuple[Plan, str | None] | None) -> SaveHandle:
-        handle = self._ledger.open(step)
-        handle.blocked_s = time.perf_counter() - started
-        future = self._saver.submit(self._write_first, step, snapshot, sharded, handle)
-        if not self.options.async_save:
-            future.result()
-            handle.wait()
-        return handle
-
-    def _save_sharded(self, step: int, state: Any) -> SaveHandle:
-        assert self._sharded is not None
-        started = time.perf_counter()
-        skeleton: Node = {}
-        leaves: list[ArrayLeaf] = []
-        problem: BaseException | None = None
-        try:
-            self._raise_failures()
-            self._tierset.hold(0)
-            skeleton, leaves = flatten(state, self._sharded.rank)
-        except CheckpointError as exc:
-            problem = exc
-        plan, name = self._sharded.plan(step, skeleton, leaves, problem, self._io[0])
-        mine, packed = self._sharded.share(plan, leaves)
-        snapshot = self._snapshot(skeleton, mine, packed)
-        return self._submit(step, started, snapshot, (plan, name))
-
-    def _write_first(self, step: int, snapshot: Snapshot, sharded: tuple[Plan, str | None] | None,
-                     handle: SaveHandle) -> None:
+    def _write_first(self, step: int, snapshot: Snapshot, plan: Plan, name: str | None, handle: SaveHandle) -> None:
         io = self._io[0]
         try:
             previous = self._tierset.previous(0, step)
             # Retention must leave the step we link unchanged files from alone until this one is committed.
             with self._tierset.using(0, previous.step) if previous is not None else nullcontext():
-                if sharded is None:
-                    manifest = write_snapshot(io, step, snapshot, previous, self._pool, self.options.threads,
-                                              chunk_bytes=self.options.chunk_bytes, codec=self._codec)
-                else:
-                    assert self._sharded is not None
-                    manifest = self._sharded.write(io, step, snapshot, *sharded, previous, self._pool,
-                                                   self.options.threads)
+                manifest = self._saves.write(io, step, snapshot, plan, name, previous, self._pool,
+                                             self.options.threads)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported through the handle
             error = CheckpointError(f"{io.label}: saving step {step} failed: {describe(exc)}")
             error.__cause__ = exc
@@ -234,9 +212,8 @@ class CheckpointManager:
         self._saver.submit(lambda: None).result()
         if self._rank == 0:
             self._promoter.submit(self._promote_all).result()
-        if self._sharded is not None:
-            self._sharded.agree("promote(): waiting for rank 0's promotions", None)
-        self._raise_failures()
+        self._saves.agree("promote(): waiting for rank 0's promotions", None)
+        self._ledger.raise_unreported()
 
     # -- restoring ------------------------------------------------------------------
 
@@ -276,29 +253,19 @@ class CheckpointManager:
         chosen = self._tierset.select(tiers)
         if step is None:
             step = self._tierset.latest(chosen) if self._rank == 0 else None
-            if self._sharded is not None:
-                step = self._sharded.agree("restore: agreeing on the newest step", step)
+            step = self._saves.agree("restore: agreeing on the newest step", step)
             if step is None:
                 raise CheckpointError(f"no committed step on {[self.tiers[i].label for i in chosen]}")
-        world = self._sharded.world if self._sharded is not None else 1
         return self._tierset.read(step, chosen, list(keys) if keys else None, into, repair=repair, rank=self._rank,
-                                  world=world)
+                                  world=self._saves.world)
 
     # -- lifecycle ------------------------------------------------------------------
-
-    def _raise_failures(self) -> None:
-        failures = self._ledger.unreported()
-        if failures:
-            if len(failures) > 1:
-                raise CheckpointError(f"{failures[0]} (and {len(failures) - 1} more failure(s): "
-                                      + "; ".join(str(e) for e in failures[1:]) + ")") from failures[0].__cause__
-            raise failures[0]
 
     def wait(self) -> None:
         """Wait for every save and promotion in flight; raise what failed and was not yet reported."""
         self._saver.submit(lambda: None).result()
         self._promoter.submit(lambda: None).result()
-        self._raise_failures()
+        self._ledger.raise_unreported()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -316,8 +283,7 @@ class CheckpointManager:
             self._promoter.shutdown(wait=True)
             self._pool.shutdown(wait=True)
             self._keeper.close()
-            if self._sharded is not None:
-                self._sharded.close()
+            self._saves.close()
 
     def __enter__(self) -> Self:
         return self

@@ -1,4 +1,4 @@
-"""Writing a step to a tier: from a snapshot (tier 0) or from another tier (promotion)."""
+"""A step's files written to a tier: a rank's share of a snapshot (see _save.py), or a copy of a committed step (promotion)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ from trainio.storage import CheckpointError, batched, run_all
 from ._boxes import chunk_box, chunk_bytes_of, chunk_key, chunk_origin, contiguous_run
 from ._dtypes import storage_numpy_dtype
 from ._layout import (
-    CHUNK_BYTES,
     ArraySpec,
-    chunk_shape,
     encode_chunk,
     group_metadata,
     group_metadata_key,
     group_paths,
     pack_metadata,
-    pack_spec,
 )
 from ._manifest import FileEntry, Manifest
 from ._plan import PACK_OWNER, Plan, Unit
@@ -39,19 +36,6 @@ class _File:
     compressed: bool = False
 
 
-def array_specs(snapshot: Snapshot, chunk_bytes: int = CHUNK_BYTES,
-                codec: str | None = None) -> tuple[dict[str, ArraySpec], ArraySpec | None]:
-    """The layout of every array of a snapshot, and of its pack (None when nothing is packed)."""
-    arrays: dict[str, ArraySpec] = {}
-    for leaf, offset in zip(snapshot.leaves, snapshot.offsets, strict=True):
-        packed = offset if snapshot.is_packed(leaf) else None
-        arrays[leaf.path] = ArraySpec(leaf.path, leaf.kind, leaf.dtype, leaf.stored, leaf.shape,
-                                      chunk_shape(leaf.shape, leaf.itemsize, chunk_bytes), packed,
-                                      codec if packed is None else None)
-    packed_any = any(spec.packed is not None for spec in arrays.values())
-    return arrays, pack_spec(snapshot.pack.nbytes, chunk_bytes, codec) if packed_any else None
-
-
 def _bytes_file(key: str, document: bytes) -> _File:
     return _File(key, len(document), lambda: memoryview(document))
 
@@ -61,21 +45,6 @@ def _range_files(spec: ArraySpec, view: memoryview) -> list[_File]:
     for chunk in spec.chunk_files():
         part = view[chunk.start:chunk.start + chunk.length]
         files.append(_chunk_file(spec, chunk.key, chunk.size, lambda p=part: p))  # type: ignore[misc]
-    return files
-
-
-def _snapshot_files(snapshot: Snapshot, arrays: dict[str, ArraySpec], pack: ArraySpec | None) -> list[_File]:
-    own = [spec for spec in arrays.values() if spec.packed is None]
-    files = [_bytes_file(group_metadata_key(g), group_metadata()) for g in group_paths([s.path for s in own])]
-    for leaf, view in zip(snapshot.leaves, snapshot.views, strict=True):
-        spec = arrays[leaf.path]
-        if spec.packed is None:
-            files.append(_bytes_file(spec.metadata_key, spec.metadata()))
-            files.extend(_range_files(spec, view))
-    if pack is not None:
-        members = [spec for spec in arrays.values() if spec.packed is not None]
-        files.append(_bytes_file(pack.metadata_key, pack_metadata(pack, members)))
-        files.extend(_range_files(pack, snapshot.pack))
     return files
 
 
@@ -160,22 +129,6 @@ def _write_files(tier: TierIO, step: int, manifest: Manifest, files: list[_File]
     except BaseException:
         writer.abort()
         raise
-
-
-def write_snapshot(tier: TierIO, step: int, snapshot: Snapshot, previous: Manifest | None,
-                   pool: ThreadPoolExecutor, threads: int, *, chunk_bytes: int = CHUNK_BYTES,
-                   codec: str | None = None, world_size: int = 1) -> Manifest:
-    """Write ``snapshot`` as ``step`` on ``tier`` and commit it; return its manifest.
-
-    Files equal to those of ``previous`` (the tier's newest committed step) are
-    linked or server-side copied instead of written. Chunks are compressed
-    with ``codec`` when one is given. On any error, nothing of the step
-    remains visible.
-    """
-    arrays, pack = array_specs(snapshot, chunk_bytes, codec)
-    manifest = Manifest(step, snapshot.skeleton, arrays, world_size=world_size, pack=pack)
-    _write_files(tier, step, manifest, _snapshot_files(snapshot, arrays, pack), previous, pool, threads)
-    return manifest
 
 
 def copy_step(source: TierIO, target: TierIO, step: int, previous: Manifest | None,

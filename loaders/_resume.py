@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +19,25 @@ HOW_TO_KNOW = ("pass state_dict(consumed=steps * global_batch) (the samples the 
 class ResumeMismatch(TrainioError, ValueError):
     """A saved position belongs to another dataset, seed or configuration, or is not a valid position at all.
 
-    The message names each field that differs or is wrong.
+    The message names each field that differs or is wrong, in one line, also
+    when a DataLoader worker refused the state (torch re-raises a worker's
+    error in the main process with the worker's traceback as its message).
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_one_line(message))
+
+
+_FROM_WORKER = re.compile(r"Caught ResumeMismatch (in DataLoader worker process \d+)\.\nOriginal Traceback")
+
+
+def _one_line(message: str) -> str:
+    """``message``, or, if it is torch's re-raise of a worker's ResumeMismatch, the worker's own message."""
+    worker = _FROM_WORKER.match(message)
+    if worker is None:
+        return message
+    last = [line for line in message.splitlines() if "ResumeMismatch: " in line][-1]
+    return f"{last.split('ResumeMismatch: ', 1)[1]} (refused {worker.group(1)}, before it read any sample)"
 
 
 class PositionUnknown(TrainioError, RuntimeError):

@@ -68,16 +68,16 @@ def test_staging_memory_is_reused_not_grown(tmp_path: Path) -> None:
 
 
 def test_back_pressure_holds_the_next_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainio.checkpoint import _manager
+    from trainio.checkpoint._save import StepSaves
 
     release = threading.Event()
-    real = _manager.write_snapshot
+    real = StepSaves.write
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_manager, "write_snapshot", slow)
+    monkeypatch.setattr(StepSaves, "write", slow)
     with CheckpointManager([tmp_path], max_pending=1) as manager:
         first = manager.save(1, _state(1))
         second_done = threading.Event()

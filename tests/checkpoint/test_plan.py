@@ -1,8 +1,11 @@
-"""Shard geometry and the multi-rank write plan, without a process group."""
+"""Shard geometry and the write plan (of any world, a single process's included), without a process group."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,3 +91,28 @@ def test_plans_refuse_mismatched_or_uncovered_states() -> None:
         make_plan([[_rows("a", [4], None)], [_rows("a", [4], None, "float64")]], 1 << 20, 0, None)
     with pytest.raises(CheckpointError, match="hold 1 of its 2 chunks"):
         make_plan([[_rows("a", [4], Box((0,), (2,)))], [_rows("a", [4], Box((0,), (2,)))]], 1 << 20, 0, None)
+
+
+_NUMPY_SAVE = """
+import sys
+import numpy as np
+from trainio.checkpoint import CheckpointManager
+from trainio.checkpoint._save import StepSaves
+
+planned = []
+real = StepSaves.plan
+StepSaves.plan = lambda self, *args: planned.append(self.world) or real(self, *args)
+with CheckpointManager([sys.argv[1]]) as manager:
+    manager.save(1, {"w": np.arange(10.0), "step": 1})
+    manager.wait()
+    restored = manager.restore()
+assert restored["step"] == 1 and (restored["w"] == np.arange(10.0)).all()
+print(planned, "torch" in sys.modules, "torch.distributed" in sys.modules)
+"""
+
+
+def test_a_single_process_saves_through_the_plan_as_a_world_of_one_without_torch(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", _NUMPY_SAVE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[1]", "False", "False"]

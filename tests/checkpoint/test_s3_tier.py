@@ -71,16 +71,14 @@ def test_restore_falls_back_to_s3(s3_store: S3Store, tmp_path: Path) -> None:
 
 def test_two_writers_cannot_both_commit_a_step(s3_store: S3Store) -> None:
     from trainio.checkpoint._manifest import Manifest
-    from trainio.checkpoint._snapshot import take_snapshot
-    from trainio.checkpoint._staging import StagingPool
+    from trainio.checkpoint._plan import describe_leaves, make_plan
     from trainio.checkpoint._tree import flatten
-    from trainio.checkpoint._write import array_specs
 
     io = open_tier_io(s3_store, "s3")
     first, second = io.writer(9), io.writer(9)  # both started before either committed
-    snapshot = take_snapshot(*flatten({"x": torch.ones(3)}), StagingPool(1).acquire())
-    arrays, pack = array_specs(snapshot)
-    manifest = Manifest(9, snapshot.skeleton, arrays, pack=pack).to_bytes()
+    skeleton, leaves = flatten({"x": torch.ones(3)})
+    plan = make_plan([describe_leaves(leaves)], 64 << 20, 1 << 20, None)
+    manifest = Manifest(9, skeleton, plan.arrays, pack=plan.pack).to_bytes()
     first.commit(manifest, {})
     with pytest.raises(CheckpointError, match="committed by another writer"):
         second.commit(manifest, {})

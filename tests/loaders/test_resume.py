@@ -161,10 +161,13 @@ def test_a_stateful_dataloader_state_of_2_workers_is_refused_by_1_before_any_sam
     resumed = StatefulDataLoader(StreamingDataset(local, seed=6, batch_size=16), batch_size=16, num_workers=1)
     resumed.load_state_dict(state)
     delivered = []
-    with pytest.raises(ResumeMismatch, match="worker 0 of 2's own position; it cannot resume worker 0 of 1"):
+    with pytest.raises(ResumeMismatch, match="worker 0 of 2's own position; it cannot resume worker 0 of 1") as info:
         for batch in resumed:
             delivered.append(batch)
     assert delivered == []
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert message.endswith("(refused in DataLoader worker process 0, before it read any sample)"), message
 
 
 @pytest.mark.slow

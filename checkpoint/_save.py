@@ -1,11 +1,23 @@
-"""Multi-rank saves: agree on a plan, each rank writes its share, rank 0 commits once all have reported.
+"""The save of a step, by any number of ranks: agree on a plan, each rank writes its share, rank 0 commits.
+
+A single process saves as a world of one, through the same planning,
+writing and commit code (its exchanges are local: :class:`WorldOfOne`).
 
 Agreeing on the plan is one exchange (all_gather) in ``save()``: each rank
-sends its array rows with the xxh3-128 of every replicated array's live bytes,
-the digest of its skeleton's shared part (JSON leaves included) and its own
-:class:`~trainio.checkpoint.PerRank` sub-trees. Every rank then checks the
-same things alike and raises alike; only when the skeletons differ is there a
-second exchange, of the skeletons themselves, to name the first difference.
+sends its array rows with the xxh3-128 of every replicated array's live bytes
+(in a world of more than one), the digest of its skeleton's shared part (JSON
+leaves included) and its own :class:`~trainio.checkpoint.PerRank` sub-trees.
+Every rank then checks the same things alike and raises alike; only when the
+skeletons differ is there a second exchange, of the skeletons themselves, to
+name the first difference. Then, in the background:
+
+1. every rank writes the files of its boxes (rank 0 also the pack and the
+   metadata documents) into its writer for the step and makes them durable;
+2. every rank reports its files' sizes and digests to rank 0 (gather);
+3. rank 0 checks that every rank succeeded and no file has two writers,
+   builds the manifest, and commits it (:meth:`StepWriter.commit`: lease and
+   files checked, manifest last), or aborts the step;
+4. rank 0 tells every rank the outcome (broadcast): the manifest, or the error.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ from typing import Any
 
 from trainio.storage import CheckpointError
 
-from ._collective import Collective
+from ._collective import Exchange
 from ._manifest import MANIFEST, FileEntry, Manifest
 from ._nodes import Node
 from ._per_rank import fill, skeleton_mismatch, split, value_digest
@@ -26,11 +38,11 @@ from ._tree import ArrayLeaf
 from ._write import put_files, shard_files
 
 
-class ShardedSaves:
-    """The multi-rank protocol of one manager: planning in ``save()``, committing in the background."""
+class StepSaves:
+    """The save protocol of one manager, on every rank: planning in ``save()``, committing in the background."""
 
-    def __init__(self, timeout_s: float, chunk_bytes: int, pack_bytes: int, codec: str | None) -> None:
-        self.collective = Collective(timeout_s)
+    def __init__(self, collective: Exchange, chunk_bytes: int, pack_bytes: int, codec: str | None) -> None:
+        self.collective = collective
         self.rank = self.collective.rank
         self.world = self.collective.world
         self._chunk_bytes = chunk_bytes
@@ -60,7 +72,8 @@ class ShardedSaves:
         if problem is None:
             try:
                 shared, payload["skeleton"], own = split(skeleton)
-                digests = [value_digest(leaf) if leaf.replicated else None for leaf in leaves]
+                compared = self.world > 1  # a world of one has nothing to compare its arrays with
+                digests = [value_digest(leaf) if compared and leaf.replicated else None for leaf in leaves]
                 payload["rows"], payload["own"] = describe_leaves(leaves, digests), own
             except Exception as exc:  # noqa: BLE001 - a value that cannot be hashed fails the save on every rank
                 problem = CheckpointError(f"hashing the state to compare it between ranks failed: {describe(exc)}")
@@ -117,15 +130,17 @@ class ShardedSaves:
                 writer.abort()
             raise
         verdict = None
+        committed: Manifest | None = None
         if reports is not None:
-            verdict = self._commit(tier, step, skeleton, plan, writer, reports)
+            verdict, committed = self._commit(tier, step, skeleton, plan, writer, reports)
         verdict = self.collective.broadcast(f"step {step}: waiting for rank 0's commit", verdict, background=True)
         if "error" in verdict:
             raise CheckpointError(verdict["error"])
-        return Manifest.from_bytes(verdict["manifest"], tier.url, f"{step_name(step)}/{MANIFEST}")
+        return committed or Manifest.from_bytes(verdict["manifest"], tier.url, f"{step_name(step)}/{MANIFEST}")
 
     def _commit(self, tier: TierIO, step: int, skeleton: Node, plan: Plan, writer: StepWriter | None,
-                reports: list[dict[str, Any]]) -> dict[str, Any]:
+                reports: list[dict[str, Any]]) -> tuple[dict[str, Any], Manifest | None]:
+        """Rank 0: commit the step if every rank wrote its share; the verdict for the ranks, and the manifest."""
         errors = [f"rank {r}: {report['error']}" for r, report in enumerate(reports) if "error" in report]
         if not errors and writer is not None:
             files: dict[str, FileEntry] = {}
@@ -142,12 +157,12 @@ class ShardedSaves:
                 try:
                     Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")  # nothing is missing
                     writer.commit(document, files)
-                    return {"manifest": document}
+                    return {"manifest": document}, manifest
                 except Exception as exc:  # noqa: BLE001 - becomes the step's failure on every rank
                     errors.append(f"rank {self.rank}: {describe(exc)}")
         if writer is not None:
             writer.abort()
-        return {"error": f"{tier.label}: saving step {step} failed: " + "; ".join(errors)}
+        return {"error": f"{tier.label}: saving step {step} failed: " + "; ".join(errors)}, None
 
     def close(self) -> None:
         """Release the process groups."""
