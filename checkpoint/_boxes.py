@@ -128,13 +128,6 @@ def chunk_box(index: tuple[int, ...], chunks: tuple[int, ...], shape: tuple[int,
     return Box(offset, tuple(min(c, n - o) for o, c, n in zip(offset, chunks, shape, strict=True)))
 
 
-def chunk_key(path: str, index: tuple[int, ...]) -> str:
-    """The key, relative to the step, of chunk ``index`` of the array at ``path``."""
-    from ._layout import ROOT
-
-    return f"{ROOT}/{path}/" + ".".join(["c", *map(str, index)])
-
-
 def contiguous_run(part: Box, outer: Box) -> tuple[int, int] | None:
     """``part`` as one ``(start, count)`` element range of a C-ordered array holding ``outer``, if it is one."""
     inner = part.relative_to(outer)

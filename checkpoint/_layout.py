@@ -44,6 +44,11 @@ attribute ``trainio.packed`` maps each member's path to its byte ``offset``,
 """
 
 
+def chunk_key(path: str, index: tuple[int, ...]) -> str:
+    """The key, relative to the step, of chunk ``index`` of the array at ``path``."""
+    return f"{ROOT}/{path}/" + ".".join(["c", *map(str, index)])
+
+
 _ZSTD = re.compile(r"zstd(?::(-?\d+))?")
 _DEFAULT_ZSTD_LEVEL = 3
 

@@ -16,10 +16,10 @@ import numpy as np
 
 from trainio.storage import CheckpointError
 
-from ._boxes import Box, chunk_box, chunk_indices, chunk_key, chunk_origin, contiguous_run
+from ._boxes import Box, chunk_box, chunk_indices, chunk_origin, contiguous_run
 from ._dtensor import dtensor_box
 from ._dtypes import storage_numpy_dtype, torch_dtype
-from ._layout import ArraySpec
+from ._layout import ArraySpec, chunk_key
 
 Read = tuple[str, memoryview | None, Callable[[bytes], None] | None]
 """A file to read: its key, memory to read it into (or None), and what to do with its bytes (or None: keep them)."""

@@ -1,8 +1,28 @@
-"""How a checkpoint step is written to, read from and removed from one tier.
+"""The commit protocol of a checkpoint step on one tier, and how a step is read from and removed from it.
 
 Two kinds: local directories (a node's NVMe, a mounted parallel file system),
 where a step is written into a temp directory and renamed on commit, and
 object stores, where data goes up first and the manifest last, create-only.
+
+Writing a step, in this order (the save protocol in ``_save/protocol.py``
+drives it; a promotion or a single process is a world of one):
+
+1. rank 0: :meth:`TierIO.shared_name` names the step's writers (one temp
+   directory on a shared file system), sent to every rank with the plan;
+2. every rank: :meth:`TierIO.writer` opens its writer of the step, which
+   refuses a step already committed;
+3. every rank: :meth:`StepWriter.prepare` with the keys it will write, then
+   :meth:`StepWriter.write` (or :meth:`StepWriter.link` for a file equal to
+   the previous step's) for each of its files, from a pool of threads;
+4. every rank: :meth:`StepWriter.flush` makes its files durable, and it
+   reports them (size and xxh3-128) to rank 0;
+5. rank 0: :meth:`StepWriter.commit` with the manifest of every rank's files:
+   it checks the tier's lease and that every file is in place with its size,
+   then writes the manifest, last (the step becomes visible);
+6. rank 0, if any rank failed or the commit was refused:
+   :meth:`StepWriter.abort` removes what was written (never a committed step).
+
+Readers never take part: a step without a manifest does not exist for them.
 """
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ import numpy as np
 
 from trainio.storage import CheckpointError, batched, run_all
 
-from ._boxes import chunk_box, chunk_bytes_of, chunk_key, chunk_origin, contiguous_run
+from ._boxes import chunk_box, chunk_bytes_of, chunk_origin, contiguous_run
 from ._dtypes import storage_numpy_dtype
 from ._layout import (
     ArraySpec,
+    chunk_key,
     encode_chunk,
     group_metadata,
     group_metadata_key,
