@@ -35,7 +35,7 @@ per order (in order, and shuffled where the contender can):
 - trainio's first epoch from scratch ("fresh"): each run opens a new ``StreamingDataset`` and ``Loader`` (batch
   64) and reads one epoch, or a new ``StreamingDataset`` per sample, with every local shard hashed against the
   index before its first sample is delivered ("checked", as in training) and without ("unchecked", the
-  benchmark-only switch ``trainio.loaders._shard_check.CHECK_LOCAL_SHARDS``); the process forgets the shards it
+  benchmark-only switch ``trainio.loaders._read.shard_check.CHECK_LOCAL_SHARDS``); the process forgets the shards it
   has checked before every run, so each one pays the whole check. Checked and unchecked run in turn, an epoch
   of each, per order; the target is checked <= 1.10 x the unchecked time. Page-cache warm (the dataset read
   before), and cold (", cold": the dataset's pages evicted with ``posix_fadvise(DONTNEED)`` before every run,
@@ -90,13 +90,8 @@ import pyarrow.ipc as ipc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainio.loaders import (
-    DatasetWriter,
-    Loader,
-    StreamingDataset,
-    _shard_check,  # CHECK_LOCAL_SHARDS: the benchmark-only switch of the unchecked rows
-    parse_size,
-)
+from trainio.loaders import DatasetWriter, Loader, StreamingDataset, parse_size
+from trainio.loaders._read import shard_check as _shard_check  # CHECK_LOCAL_SHARDS: the unchecked rows' switch
 
 TOKENS, VOCAB = 2048, 50257
 IMAGE_BYTES = (90_000, 110_000)      # each image sample's length is drawn uniformly from this range

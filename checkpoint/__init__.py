@@ -21,13 +21,13 @@ from ._admin import (
     verify_checkpoint,
     walk_tree,
 )
+from ._format.manifest import FileEntry, Manifest
+from ._format.per_rank import PerRank
+from ._format.zarr_layout import PACK_PATH, ArraySpec
 from ._handle import SaveHandle, TierResult
-from ._layout import PACK_PATH, ArraySpec
 from ._manager import CheckpointManager
-from ._manifest import FileEntry, Manifest
 from ._options import CheckpointOptions
-from ._per_rank import PerRank
-from ._read import ReadReport
+from ._restore.step_reader import ReadReport
 from ._tier import Tier
 
 __all__ = [

@@ -11,11 +11,12 @@ from typing import Any
 
 from trainio.storage import CheckpointError, FormatError, Store, StoreError, open_store
 
-from ._lease import Lease, LeaseKeeper
-from ._manifest import Manifest
+from ._format.manifest import Manifest
+from ._save.files import copy_step
 from ._tier import Tier
-from ._tier_io import TierIO, describe, open_tier_io
-from ._write import copy_step
+from ._tiers import open_tier_io
+from ._tiers.commit import TierIO, describe
+from ._tiers.lease import Lease, LeaseKeeper
 
 Where = str | os.PathLike[str] | Store
 

@@ -12,21 +12,22 @@ from typing import Any, Self
 
 from trainio.storage import CheckpointError, Store, open_store
 
-from ._collective import Collective, Exchange, WorldOfOne, distributed_world
+from ._format.nodes import Node
+from ._format.state_tree import ArrayLeaf, flatten
 from ._handle import SaveHandle, SaveLedger, TierResult
-from ._lease import Lease, LeaseKeeper
-from ._nodes import Node
 from ._options import CheckpointOptions
-from ._plan import Plan
-from ._read import ReadReport
-from ._save import StepSaves
-from ._snapshot import Snapshot, take_snapshot
-from ._staging import StagingPool
+from ._restore.step_reader import ReadReport
+from ._save.collective import Collective, Exchange, WorldOfOne, distributed_world
+from ._save.plan import Plan
+from ._save.protocol import StepSaves
+from ._save.snapshot import Snapshot, take_snapshot
+from ._save.staging import StagingPool
 from ._threads import background_pool
 from ._tier import Tier
-from ._tier_io import TierIO, describe, open_tier_io
-from ._tiering import TierSet
-from ._tree import ArrayLeaf, flatten
+from ._tiers import open_tier_io
+from ._tiers.commit import TierIO, describe
+from ._tiers.lease import Lease, LeaseKeeper
+from ._tiers.tier_set import TierSet
 
 log = logging.getLogger(__name__)
 

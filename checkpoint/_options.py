@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._layout import CHUNK_BYTES, PACK_BYTES, parse_compression
+from ._format.zarr_layout import CHUNK_BYTES, PACK_BYTES, parse_compression
 
 
 @dataclass(frozen=True, kw_only=True)

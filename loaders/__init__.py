@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._collate import Collate
-from ._convert import infer_columns_schema, infer_schema
-from ._dataset import Dataset
-from ._index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
-from ._resume import PositionUnknown, ResumeMismatch
-from ._shards import Compression
-from ._shardset import ShardSetWriter
-from ._units import parse_size
-from ._verify import Problem, VerifyReport, verify_dataset
-from ._writer import DatasetWriter, Destination, commit_dataset, prepare_destination
+from ._batch.collate import Collate
+from ._format.convert import infer_columns_schema, infer_schema
+from ._format.index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
+from ._order.resume_state import PositionUnknown, ResumeMismatch
+from ._read.dataset import Dataset
+from ._read.verify import Problem, VerifyReport, verify_dataset
+from ._sizes import parse_size
+from ._write.dataset_writer import DatasetWriter, Destination, commit_dataset, prepare_destination
+from ._write.shard_file import Compression
+from ._write.shard_set import ShardSetWriter
 
 if TYPE_CHECKING:  # imported lazily at run time (they import torch when it is installed); seen by type checkers
     from ._loader import Loader, LoaderError

@@ -14,11 +14,11 @@ import numpy as np
 
 from trainio.storage import TrainioError
 
-from ._assemble import Columns, Group, assemble_group, shards_in
-from ._book import Book
-from ._lists import Lists, check_lists
-from ._rows import ShardRows
-from ._staging import Staging, StagingRing
+from ._batch.assemble import Columns, Group, assemble_group, shards_in
+from ._batch.list_layout import Lists, check_lists
+from ._batch.row_numbers import Book
+from ._batch.row_tables import ShardRows
+from ._batch.staging import Staging, StagingRing
 from ._streaming import StreamingDataset
 
 _GROUP_BYTES = 16 << 20

@@ -12,13 +12,12 @@ import pyarrow as pa
 
 from trainio.storage import FurthestInFuture, ShardCache, StoreError
 
-from ._collate import Collate
-from ._columns import Columns, sample_of
-from ._dataset import Dataset
-from ._index import ShardInfo
-from ._mixture import MixedOrder, MixedReader, apportion
-from ._order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
-from ._resume import (
+from ._batch.collate import Collate
+from ._format.columns import Columns, sample_of
+from ._format.index import ShardInfo
+from ._order.epoch_order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
+from ._order.mixture import MixedOrder, MixedReader, apportion
+from ._order.resume_state import (
     HOW_TO_KNOW,
     STATE_FORMAT,
     STATE_VERSION,
@@ -28,15 +27,16 @@ from ._resume import (
     check_worker_yielded,
     state_differences,
 )
-from ._shard_reader import ShardReader, shard_bytes_needed
-from ._units import parse_size
+from ._read.dataset import Dataset
+from ._read.shard_reader import ShardReader, shard_bytes_needed
+from ._sizes import parse_size
 from ._workers import in_worker, rank_and_world, shared_flag, worker_count, worker_info
 
 _CHUNK = 8192
 _DECODED_BATCHES = 4096
 
 if TYPE_CHECKING:
-    from ._lists import Lists
+    from ._batch.list_layout import Lists
     _Base = object
 else:
     try:
@@ -77,7 +77,7 @@ class StreamingDataset(_Base):
     whose share is below its size shows a different part of itself each
     epoch, one whose share is above is repeated, each pass shuffled anew;
     the datasets are interleaved evenly through the epoch (at random within
-    blocks of 65536 samples when shuffling). See ``trainio.loaders._mixture.MixedOrder``. A
+    blocks of 65536 samples when shuffling). See ``trainio.loaders._order.mixture.MixedOrder``. A
     single dataset with ``epoch_size`` is up- or down-sampled the same way.
 
     Rank and world size come from torch.distributed when it is initialized,

@@ -33,3 +33,65 @@ def test_no_module_outside_storage_asks_whether_a_store_is_local(repo_root: Path
                     and name in ast.unparse(node.args[1])):
                 offenders.append(f"{path.relative_to(repo_root)}:{node.lineno}")
     assert not offenders, f"isinstance(..., {name}) outside storage:\n" + "\n".join(offenders)
+
+
+_PACKAGES = ("storage", "loaders", "checkpoint", "tools")
+
+
+def _module_name(repo_root: Path, path: Path) -> str:
+    parts = list(path.relative_to(repo_root).with_suffix("").parts)
+    return ".".join(["trainio", *(parts[:-1] if parts[-1] == "__init__" else parts)])
+
+
+def _runtime_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import that runs (at module level or in a function), leaving out ``if TYPE_CHECKING:`` blocks."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            pending.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _import_graph(repo_root: Path) -> dict[str, set[str]]:
+    paths = {_module_name(repo_root, p): p for package in _PACKAGES for p in (repo_root / package).rglob("*.py")}
+    packages = {name for name, p in paths.items() if p.name == "__init__.py"}
+    graph: dict[str, set[str]] = {name: set() for name in paths}
+    for name, path in paths.items():
+        base = name.split(".") if name in packages else name.split(".")[:-1]
+        for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                source = ".".join(base[:len(base) - node.level + 1] + (node.module or "").split(".")).strip(".") \
+                    if node.level else node.module or ""
+                targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in paths else source
+                           for alias in node.names]
+            graph[name].update(t for t in targets if t in paths and t != name)
+    return graph
+
+
+def test_no_two_modules_import_each_other(repo_root: Path) -> None:
+    """No import cycle among the library's modules (imports in functions count; type-checking ones do not)."""
+    graph = _import_graph(repo_root)
+    cycles: list[str] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, verify_checkpoint
-from trainio.checkpoint._layout import parse_compression
-from trainio.checkpoint._manifest import Manifest
+from trainio.checkpoint._format.manifest import Manifest
+from trainio.checkpoint._format.zarr_layout import parse_compression
 from trainio.storage import FormatError, load_sealed, seal_json
 
 from .test_format import _same, _state, zarr_read

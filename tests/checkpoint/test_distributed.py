@@ -83,7 +83,7 @@ def _check_shards(restored: dict[str, Any], expected: dict[str, Any], placements
 
 def _log_writes(log_dir: str, rank: int) -> None:
     """Record every file this rank writes or links, to check that each file has one writer."""
-    from trainio.checkpoint._tier_local import LocalStepWriter
+    from trainio.checkpoint._tiers.local import LocalStepWriter
 
     path = Path(log_dir, f"writes-{rank}.txt")
     write, link = LocalStepWriter.write, LocalStepWriter.link
@@ -200,7 +200,7 @@ def _fail_writes_of(step: int, how: str) -> None:
     """Make this rank's writes of ``step`` die (SIGKILL) or fail (an OSError)."""
     import signal
 
-    from trainio.checkpoint._tier_local import LocalStepWriter
+    from trainio.checkpoint._tiers.local import LocalStepWriter
 
     write = LocalStepWriter.write
 
@@ -322,7 +322,7 @@ def test_training_resumed_on_another_world_size_matches_the_uninterrupted_run(tm
 def save_on_two_tiers(rank: int, world: int, fast: str, slow: str) -> dict[str, Any]:
     """Three steps through a fast tier keeping one and a slow tier; count this rank's promotions."""
     from trainio.checkpoint import Tier
-    from trainio.checkpoint._tiering import TierSet
+    from trainio.checkpoint._tiers.tier_set import TierSet
 
     copies = []
     copy_to = TierSet._copy_to

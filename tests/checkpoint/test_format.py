@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager
-from trainio.checkpoint._layout import _chunk_files, chunk_shape
-from trainio.checkpoint._manifest import Manifest
-from trainio.checkpoint._names import is_node_name, node_name
+from trainio.checkpoint._format.manifest import Manifest
+from trainio.checkpoint._format.names import is_node_name, node_name
+from trainio.checkpoint._format.zarr_layout import _chunk_files, chunk_shape
 from trainio.storage import CheckpointError, FormatError, load_sealed, seal_json
 
 torch = pytest.importorskip("torch")

@@ -48,7 +48,7 @@ class _Injected(_Disk):
 
     def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         super().__init__(path)
-        from trainio.checkpoint import _tier_local
+        from trainio.checkpoint._tiers import local as _tier_local
 
         self.full = False
         real = _tier_local._write

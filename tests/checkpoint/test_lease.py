@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier
-from trainio.checkpoint._lease import LEASE
-from trainio.checkpoint._tier_object import ObjectStepWriter
+from trainio.checkpoint._tiers.lease import LEASE
+from trainio.checkpoint._tiers.object import ObjectStepWriter
 from trainio.storage import CheckpointError, LocalStore, S3Store, Store, seal_json
 
 pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything

@@ -68,7 +68,7 @@ def test_staging_memory_is_reused_not_grown(tmp_path: Path) -> None:
 
 
 def test_back_pressure_holds_the_next_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainio.checkpoint._save import StepSaves
+    from trainio.checkpoint._save.protocol import StepSaves
 
     release = threading.Event()
     real = StepSaves.write
@@ -151,7 +151,7 @@ def test_retention_never_deletes_the_last_known_good_step(tmp_path: Path) -> Non
 
 
 def test_retention_spares_a_step_being_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainio.checkpoint import _read
+    from trainio.checkpoint._restore import step_reader as _read
 
     with CheckpointManager([Tier(tmp_path, keep_last=1)]) as manager:
         manager.save(1, _state(1)).wait()

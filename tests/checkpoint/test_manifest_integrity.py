@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier, list_steps, verify_checkpoint
-from trainio.checkpoint._manifest import Manifest
+from trainio.checkpoint._format.manifest import Manifest
 from trainio.storage import SEAL_FIELD, CheckpointError, FormatError, load_sealed
 
 STEP = "000000000005"

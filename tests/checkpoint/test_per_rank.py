@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, FileEntry, Manifest, PerRank
-from trainio.checkpoint._plan import make_plan
+from trainio.checkpoint._save.plan import make_plan
 from trainio.storage import CheckpointError, FormatError
 
 from ._ranks import run_ranks, values

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trainio.checkpoint._boxes import Box, chunk_box, chunk_bytes_of, chunk_indices, contiguous_run, grid_chunks
-from trainio.checkpoint._plan import make_plan
+from trainio.checkpoint._format.boxes import Box, chunk_box, chunk_bytes_of, chunk_indices, contiguous_run, grid_chunks
+from trainio.checkpoint._save.plan import make_plan
 from trainio.storage import CheckpointError
 
 
@@ -97,7 +97,7 @@ _NUMPY_SAVE = """
 import sys
 import numpy as np
 from trainio.checkpoint import CheckpointManager
-from trainio.checkpoint._save import StepSaves
+from trainio.checkpoint._save.protocol import StepSaves
 
 planned = []
 real = StepSaves.plan

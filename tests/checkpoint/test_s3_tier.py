@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier
-from trainio.checkpoint._tier_io import open_tier_io
+from trainio.checkpoint._tiers import open_tier_io
 from trainio.storage import CheckpointError, RetryPolicy, S3Options, S3Store, ZarrStore
 
 from ..storage._faulty_proxy import Fault, FaultyProxy
@@ -70,9 +70,9 @@ def test_restore_falls_back_to_s3(s3_store: S3Store, tmp_path: Path) -> None:
 
 
 def test_two_writers_cannot_both_commit_a_step(s3_store: S3Store) -> None:
-    from trainio.checkpoint._manifest import Manifest
-    from trainio.checkpoint._plan import describe_leaves, make_plan
-    from trainio.checkpoint._tree import flatten
+    from trainio.checkpoint._format.manifest import Manifest
+    from trainio.checkpoint._format.state_tree import flatten
+    from trainio.checkpoint._save.plan import describe_leaves, make_plan
 
     io = open_tier_io(s3_store, "s3")
     first, second = io.writer(9), io.writer(9)  # both started before either committed

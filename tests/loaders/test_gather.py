@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import trainio.loaders._gather as gather
-from trainio.loaders._columns import Columns
+import trainio.loaders._batch.gather as gather
+from trainio.loaders._format.columns import Columns
 from trainio.storage import FormatError
 
-NOT_BUILT = "trainio.loaders._copy was not built (no C compiler at install)"
+NOT_BUILT = "trainio.loaders._batch._copy was not built (no C compiler at install)"
 
 
 def use(copier: str, monkeypatch: pytest.MonkeyPatch) -> None:

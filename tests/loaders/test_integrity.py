@@ -286,7 +286,7 @@ def test_a_link_inside_the_dataset_is_followed(tmp_path: Path) -> None:
 
 
 def test_the_check_starts_when_the_dataset_is_made_and_a_waiting_reader_helps(tmp_path: Path) -> None:
-    from trainio.loaders import _shard_check
+    from trainio.loaders._read import shard_check as _shard_check
 
     root = write_shards(tmp_path / "ds")
     _shard_check.forget_verified()

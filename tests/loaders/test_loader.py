@@ -34,12 +34,12 @@ def uniform(tmp_path: Path) -> Path:
 @pytest.fixture(params=["native copy", "torch copy"])
 def copier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The loader copying with trainio's C routine, or (as where it could not be built) without it."""
-    import trainio.loaders._gather as gather
+    import trainio.loaders._batch.gather as gather
 
     if request.param == "torch copy":
         monkeypatch.setattr(gather, "_native", None)
     elif gather._native is None:
-        pytest.skip("trainio.loaders._copy was not built (no C compiler at install)")
+        pytest.skip("trainio.loaders._batch._copy was not built (no C compiler at install)")
     return str(request.param)
 
 
@@ -214,7 +214,7 @@ def test_any_number_of_threads_gives_the_same_batches(ragged: Path, threads: int
 
 
 def test_numpy_batches_without_torch(uniform: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainio.loaders._gather as gather
+    import trainio.loaders._batch.gather as gather
     import trainio.loaders._loader as loader_module
 
     monkeypatch.setattr(gather, "torch", None)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trainio.loaders import DatasetWriter, Loader, ResumeMismatch, StreamingDataset
-from trainio.loaders._mixture import MIX_BLOCK, MixedOrder, apportion
+from trainio.loaders._order.mixture import MIX_BLOCK, MixedOrder, apportion
 
 
 def _write(path: Path, first: int, rows: int) -> Path:

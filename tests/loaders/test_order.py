@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainio.loaders._order import EpochOrder, Layout
+from trainio.loaders._order.epoch_order import EpochOrder, Layout
 
 
 def consumption(size: int, ranks: int, workers: int, batch: int, start: int = 0, uneven: str = "exact") -> list[list[int]]:

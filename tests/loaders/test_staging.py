@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainio.loaders._staging import Staging, StagingRing
+from trainio.loaders._batch.staging import Staging, StagingRing
 
 
 def _carve(ring: StagingRing, value: int) -> tuple[Staging, np.ndarray]:

@@ -1,0 +1,52 @@
+"""DTensors: which part of the global tensor this rank holds, and where a restore must put it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainio.storage import CheckpointError
+
+from .boxes import Box
+
+
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor``."""
+    if type(value).__name__ != "DTensor":
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(value, DTensor)
+
+
+def dtensor_box(value: Any, where: str) -> Box | None:
+    """The box of the global tensor this rank's shard of ``value`` covers; None when it is the whole tensor.
+
+    Raises:
+        CheckpointError: a placement other than ``Shard(dim)`` or ``Replicate()``
+            (a pending reduction, or a strided shard) — the message names ``where``.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in value.placements:
+        if type(placement) not in (Shard, Replicate):
+            raise CheckpointError(f"{where}: a DTensor placed as {placement} cannot be checkpointed; only "
+                                  "Shard(dim) and Replicate() are (reduce a Partial tensor first)")
+    shape = tuple(value.shape)
+    local_shape, offset = compute_local_shape_and_global_offset(shape, value.device_mesh, value.placements)
+    box = Box(tuple(int(o) for o in offset), tuple(int(n) for n in local_shape))
+    if any(n == 0 for n in box.shape):
+        box = Box((0,) * len(shape), box.shape)
+    return None if box == Box.whole(shape) else box
+
+
+def local_shard(value: Any, where: str) -> tuple[Any, Box | None]:
+    """This rank's local tensor of ``value`` (sharing its memory) and its box."""
+    box = dtensor_box(value, where)
+    local = value.to_local()
+    if box is not None and tuple(local.shape) != box.shape:
+        raise CheckpointError(f"{where}: the local shard has shape {list(local.shape)}, its placements say "
+                              f"{list(box.shape)}")
+    return local, box

@@ -1,0 +1,307 @@
+"""Reading a committed step back: every file checked, each from the fastest tier that has it whole."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trainio.storage import CheckpointError, FormatError, StoreError, batched, run_all
+
+from .._format.boxes import Box
+from .._format.dtensor import dtensor_box, is_dtensor
+from .._format.dtypes import storage_numpy_dtype, torch_dtype
+from .._format.manifest import MANIFEST, FileEntry, Manifest
+from .._format.nodes import Node
+from .._format.per_rank import PerRank, for_rank
+from .._format.state_tree import array_paths, build, select
+from .._format.zarr_layout import PACK_PATH, ArraySpec, group_metadata_key, group_paths
+from .._tiers.commit import TierIO, describe
+from .regions import Read, Region, region_finish, region_reads, shard_region, whole_region
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadReport:
+    """What a restore read: from which tiers, what it had to fall back on, what it repaired."""
+
+    step: int
+    files: int = 0
+    bytes: int = 0
+    fell_back: dict[str, str] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)
+
+
+def first_manifest(tiers: list[TierIO], step: int) -> tuple[TierIO, Manifest]:
+    """The manifest of ``step`` from the first tier whose copy is valid."""
+    problems = []
+    for tier in tiers:
+        try:
+            return tier, tier.manifest(step)
+        except (StoreError, FormatError, CheckpointError) as exc:
+            problems.append(f"{tier.label}: {describe(exc)}")
+    raise CheckpointError(f"step {step}: no tier has a readable manifest: " + "; ".join(problems))
+
+
+def _same_state(a: Manifest, b: Manifest) -> bool:
+    return a.tree == b.tree and a.arrays == b.arrays and a.pack == b.pack
+
+
+def _host_array(spec: ArraySpec, target: Any) -> tuple[Any, np.ndarray[Any, Any]]:
+    """A host array to read ``spec`` into (``target`` itself when it fits) and its bytes."""
+    if spec.kind == "torch":
+        import torch
+
+        torch_type = torch_dtype(spec.dtype)
+        if (isinstance(target, torch.Tensor) and target.device.type == "cpu" and target.dtype == torch_type
+                and tuple(target.shape) == spec.shape and target.is_contiguous()):
+            tensor = target
+        else:
+            tensor = torch.empty(spec.shape, dtype=torch_type)
+        flat = tensor.detach().reshape(-1)
+        raw = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
+        return tensor, raw
+    dtype = storage_numpy_dtype(spec.dtype)
+    if (isinstance(target, np.ndarray) and target.dtype == dtype and target.shape == spec.shape
+            and target.flags.c_contiguous and target.flags.writeable):
+        array = target
+    else:
+        array = np.empty(spec.shape, dtype)
+    return array, array.reshape(-1).view(np.uint8)
+
+
+def _finish(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
+    """The value restore returns for an array: ``target`` filled in place when one was given."""
+    if spec.kind == "numpy_scalar":
+        return array[()]
+    if target is None or target is array:
+        return array
+    if is_dtensor(target):
+        return _fill_shard(spec, array, target, where)
+    shape = tuple(target.shape) if hasattr(target, "shape") else None
+    if shape != spec.shape:
+        raise CheckpointError(f"{where}: the checkpoint holds shape {list(spec.shape)}, the target has "
+                              f"{list(shape) if shape is not None else type(target).__name__}")
+    if spec.kind == "torch" and not isinstance(target, np.ndarray):
+        import torch
+
+        with torch.no_grad():
+            target.copy_(array, non_blocking=False)
+        return target
+    np.copyto(target, array, casting="same_kind")
+    return target
+
+
+def _fill_shard(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
+    """Copy this rank's shard of a whole restored ``array`` into the DTensor ``target``."""
+    import torch
+
+    if tuple(target.shape) != spec.shape:
+        raise CheckpointError(f"{where}: the checkpoint holds shape {list(spec.shape)}, the target DTensor has "
+                              f"{list(target.shape)}")
+    box = dtensor_box(target, where) or Box.whole(spec.shape)
+    with torch.no_grad():
+        target.to_local().copy_(array[box.relative_to(Box.whole(spec.shape))])
+    return target
+
+
+class StepReader:
+    """Reads one step from the tiers that hold it, fastest first."""
+
+    def __init__(self, tiers: list[TierIO], step: int, pool: ThreadPoolExecutor, threads: int,
+                 *, repair: bool = False, rank: int = 0, world: int = 1) -> None:
+        self.tiers = tiers
+        self.rank, self.world = rank, world  # which rank's PerRank values a load restores
+        self.step = step
+        self.pool = pool
+        self.threads = threads
+        self.repair = repair
+        self.source, self.manifest = first_manifest(tiers, step)
+        self.report = ReadReport(step)
+        self._manifests: dict[int, Manifest | CheckpointError] = {id(self.source): self.manifest}
+        self._manifest_lock = threading.Lock()
+
+    def _own_manifest(self, tier: TierIO) -> Manifest:
+        """``tier``'s own manifest of the step, which its files are checked against.
+
+        Raises:
+            CheckpointError: it cannot be read, or it describes another state than the manifest restored from.
+        """
+        with self._manifest_lock:
+            known = self._manifests.get(id(tier))
+            if known is None:
+                try:
+                    known = tier.manifest(self.step)
+                    if not _same_state(known, self.manifest):
+                        known = CheckpointError(f"its manifest of step {self.step} describes another state than "
+                                                f"{self.source.label}'s")
+                except (StoreError, FormatError, CheckpointError) as exc:
+                    known = CheckpointError(f"manifest: {describe(exc)}")
+                self._manifests[id(tier)] = known
+        if isinstance(known, CheckpointError):
+            raise known
+        return known
+
+    def read_file(self, key: str, entry: FileEntry, target: memoryview | None) -> bytes | None:
+        """Fill ``target`` from the first tier whose copy of ``key`` is whole; with no target, return the bytes.
+
+        Each tier's copy is checked against that tier's own manifest; a tier
+        whose manifest is damaged is not read from.
+        """
+        failed: list[tuple[TierIO, BaseException]] = []
+        for tier in self.tiers:
+            try:
+                own = self._own_manifest(tier).files.get(key)
+                if own is None:
+                    raise CheckpointError(f"its manifest of step {self.step} lists no file {key!r}")
+                if target is None:
+                    data = tier.read(self.step, key, own)
+                else:
+                    tier.read_into(self.step, key, own, target)
+                    data = None
+            except (StoreError, OSError, CheckpointError) as exc:
+                failed.append((tier, exc))
+                continue
+            if failed:
+                self._recover(key, own, failed, tier, data, target)
+            return data
+        raise CheckpointError(f"step {self.step}: file {key!r} is damaged or missing on every tier: "
+                              + "; ".join(f"{t.label}: {describe(e)}" for t, e in failed))
+
+    def _recover(self, key: str, entry: FileEntry, failed: list[tuple[TierIO, BaseException]],
+                 good: TierIO, data: bytes | None, target: memoryview | None) -> None:
+        for tier, exc in failed:
+            name = f"{tier.label}:{MANIFEST if isinstance(exc, CheckpointError) else key}"
+            if name not in self.report.fell_back:
+                log.warning("checkpoint step %d: %s on %s: %s; read it from %s", self.step, key, tier.label,
+                            describe(exc), good.label)
+                self.report.fell_back[name] = describe(exc)
+        if not self.repair:
+            return
+        if data is None:
+            assert target is not None
+            data = bytes(target) + bytes(entry.size - target.nbytes)
+        for tier, exc in failed:
+            if isinstance(exc, CheckpointError):  # its manifest is unreadable or differs: nothing to repair against
+                continue
+            try:
+                tier.repair_file(self.step, key, data)
+            except (StoreError, OSError) as exc:
+                log.warning("checkpoint step %d: could not repair %s on %s: %s", self.step, key, tier.label,
+                            describe(exc))
+                continue
+            self.report.repaired.append(f"{tier.label}:{key}")
+
+    def load(self, keys: list[str] | None, into: Any) -> Any:
+        """The state (or the ``keys`` sub-trees of it), ``into`` filled in place.
+
+        A DTensor in ``into`` gets only its own shard, read from the chunks
+        that overlap it.
+        """
+        node: Node = self.manifest.tree if not keys else select(self.manifest.tree, keys)
+        node = for_rank(node, self.rank, self.world, self.manifest.world_size, f"step {self.step}: state")
+        specs = {path: self.manifest.arrays[path] for path in array_paths(node)}
+        targets: dict[str, Any] = {}
+        _collect_targets(node, into, targets)
+        regions: dict[str, Region] = {}
+        members: dict[str, tuple[Any, np.ndarray[Any, Any]]] = {}  # packed arrays
+        for path, spec in specs.items():
+            target = targets.get(path)
+            if spec.packed is None and is_dtensor(target):
+                regions[path] = shard_region(spec, target, self._where(path))
+                continue
+            result, raw = _host_array(spec, None if is_dtensor(target) else target)
+            if spec.packed is None:
+                regions[path] = whole_region(spec, result, raw)
+            else:
+                members[path] = (result, raw)
+        pack = self.manifest.pack
+        if pack is not None and members:
+            regions[pack.path] = whole_region(pack, None, np.empty(pack.nbytes, np.uint8))
+        groups = group_paths([path for path in regions if path != PACK_PATH])
+        reads: list[Read] = [(group_metadata_key(g), None, None) for g in groups]
+        wanted: dict[str, list[str]] = {}
+        for path, region in regions.items():
+            files: list[Read] = [(region.spec.metadata_key, None, None), *region_reads(region)]
+            wanted[path] = [key for key, _, _ in files]
+            reads.extend(files)
+        contents: dict[str, bytes | None] = {}
+        sizes = self.manifest.files
+        jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]].size))
+        for done in run_all(self.pool, jobs, self.threads):
+            contents.update(done)
+        for path, region in regions.items():
+            if region.spec.codec is not None:
+                region.host[...] = _decode(region.spec, {k: contents[k] for k in wanted[path]}, region.box)
+        if pack is not None and members:
+            pack_bytes = regions[pack.path].host
+            for path, (_, raw) in members.items():
+                offset = specs[path].packed
+                assert offset is not None
+                raw[:] = pack_bytes[offset:offset + specs[path].nbytes]
+        self.report.files = len(reads)
+        self.report.bytes = sum(self.manifest.files[key].size for key, _, _ in reads)
+
+        def load_array(path: str, target: Any) -> Any:
+            if path in members:
+                return _finish(specs[path], members[path][0], target, self._where(path))
+            value = region_finish(regions[path])
+            return value if is_dtensor(value) else _finish(specs[path], value, target, self._where(path))
+
+        return build(node, load_array, into)
+
+    def _read_batch(self, batch: list[Read]) -> list[tuple[str, bytes | None]]:
+        done = []
+        for key, target, sink in batch:
+            data = self.read_file(key, self.manifest.files[key], target)
+            if sink is not None and data is not None:
+                sink(data)  # copied where it belongs now, so a restore holds one chunk per thread, not all
+                data = None
+            done.append((key, data))
+        return done
+
+    def _where(self, path: str) -> str:
+        return f"step {self.step}: {path}"
+
+
+def _decode(spec: ArraySpec, contents: dict[str, bytes | None], box: Box | None = None) -> np.ndarray[Any, Any]:
+    """The elements of ``box`` (default: all) of a compressed array, decoded by zarr-python from its checked files."""
+    import zarr
+    from zarr.core.buffer import Buffer
+    from zarr.core.buffer.cpu import Buffer as HostBuffer
+    from zarr.storage import MemoryStore
+
+    prefix = spec.metadata_key[:-len("zarr.json")]
+    files: dict[str, Buffer] = {key[len(prefix):]: HostBuffer.from_bytes(data or b"") for key, data in contents.items()}
+    array = zarr.open_array(store=MemoryStore(files, read_only=True), mode="r")
+    if tuple(array.shape) != spec.shape or array.dtype != storage_numpy_dtype(spec.stored):
+        raise FormatError(prefix, "zarr.json", f"holds {array.dtype}{list(array.shape)}, the manifest "
+                          f"says {spec.stored}{list(spec.shape)}")
+    selection = (box or Box.whole(spec.shape)).relative_to(Box.whole(spec.shape))
+    return np.ascontiguousarray(array[selection])
+
+
+def _collect_targets(node: Node, into: Any, found: dict[str, Any]) -> None:
+    """Map each array path of ``node`` to the object at the same place in ``into``."""
+    if into is None:
+        return
+    kind = node["t"]
+    if kind == "array":
+        found[node["path"]] = into
+    elif kind == "object":
+        if callable(getattr(into, "state_dict", None)):
+            _collect_targets(node["state"], into.state_dict(), found)
+    elif kind == "dict" and hasattr(into, "get"):
+        for key, child in node["items"]:
+            _collect_targets(child, into.get(key), found)
+    elif kind in ("list", "tuple") and isinstance(into, (list, tuple)):
+        for child, value in zip(node["items"], into, strict=False):
+            _collect_targets(child, value, found)
+    elif kind == "per_rank":  # cut to this rank's sub-tree by for_rank
+        _collect_targets(node["ranks"][0], into.value if isinstance(into, PerRank) else into, found)

@@ -1,0 +1,151 @@
+"""A step's files written to a tier: a rank's share of a snapshot (see protocol.py), or a copy of a committed step (promotion)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainio.storage import CheckpointError, batched, run_all
+
+from .._format.boxes import chunk_box, chunk_bytes_of, chunk_origin, contiguous_run
+from .._format.dtypes import storage_numpy_dtype
+from .._format.manifest import FileEntry, Manifest
+from .._format.zarr_layout import (
+    ArraySpec,
+    chunk_key,
+    encode_chunk,
+    group_metadata,
+    group_metadata_key,
+    group_paths,
+    pack_metadata,
+)
+from .._tiers.commit import StepWriter, TierIO, digest_with_padding
+from .plan import PACK_OWNER, Plan, Unit
+from .snapshot import Snapshot
+
+
+@dataclass(frozen=True)
+class _File:
+    key: str
+    size: int
+    """The file's size, or for a chunk still to be compressed, the bound used to schedule it."""
+    data: Callable[[], memoryview]
+    compressed: bool = False
+
+
+def _bytes_file(key: str, document: bytes) -> _File:
+    return _File(key, len(document), lambda: memoryview(document))
+
+
+def _range_files(spec: ArraySpec, view: memoryview) -> list[_File]:
+    files = []
+    for chunk in spec.chunk_files():
+        part = view[chunk.start:chunk.start + chunk.length]
+        files.append(_chunk_file(spec, chunk.key, chunk.size, lambda p=part: p))  # type: ignore[misc]
+    return files
+
+
+def _chunk_file(spec: ArraySpec, key: str, size: int, data: Callable[[], memoryview]) -> _File:
+    codec = spec.codec
+    if codec is None:
+        return _File(key, size, data)
+    return _File(key, size, lambda: memoryview(encode_chunk(codec, data(), size)), compressed=True)
+
+
+def _unit_files(spec: ArraySpec, unit: Unit, held: memoryview) -> list[_File]:
+    """The chunk files of one box of a sharded array, from the box's bytes (C order)."""
+    block = np.frombuffer(held, storage_numpy_dtype(spec.stored)).reshape(unit.box.shape)
+    size = math.prod(spec.chunks) * spec.itemsize
+    files = []
+    for index in unit.chunks:
+        part = chunk_box(index, spec.chunks, spec.shape)
+        run = contiguous_run(part, unit.box)
+        in_chunk = contiguous_run(part, chunk_origin(index, spec.chunks))
+        key = chunk_key(spec.path, index)
+        if run is not None and in_chunk is not None and in_chunk[0] == 0:
+            start, count = run[0] * spec.itemsize, run[1] * spec.itemsize
+            files.append(_chunk_file(spec, key, size, lambda v=held[start:start + count]: v))  # type: ignore[misc]
+        else:
+            files.append(_chunk_file(spec, key, size, lambda p=part, i=index: memoryview(  # type: ignore[misc]
+                chunk_bytes_of(block[p.relative_to(unit.box)], p, spec.chunks, i))))
+    return files
+
+
+def shard_files(plan: Plan, rank: int, snapshot: Snapshot) -> list[_File]:
+    """The files ``rank`` writes of a multi-rank step: its boxes' chunks; the pack and metadata on rank 0."""
+    views = {leaf.path: view for leaf, view in zip(snapshot.leaves, snapshot.views, strict=True)}
+    files = [file for unit in plan.owned(rank) for file in _unit_files(plan.arrays[unit.path], unit, views[unit.path])]
+    if rank == PACK_OWNER:
+        own = [spec for spec in plan.arrays.values() if spec.packed is None]
+        files += [_bytes_file(group_metadata_key(g), group_metadata()) for g in group_paths([s.path for s in own])]
+        files += [_bytes_file(spec.metadata_key, spec.metadata()) for spec in own]
+        if plan.pack is not None:
+            members = [spec for spec in plan.arrays.values() if spec.packed is not None]
+            staged = [(leaf.path, offset) for leaf, offset in zip(snapshot.leaves, snapshot.offsets, strict=True)
+                      if snapshot.is_packed(leaf)]
+            if staged != [(spec.path, spec.packed) for spec in members]:
+                raise CheckpointError(f"rank {rank}'s pack does not follow the plan")  # a bug, not bad input
+            files.append(_bytes_file(plan.pack.metadata_key, pack_metadata(plan.pack, members)))
+            files.extend(_range_files(plan.pack, snapshot.pack))
+    return files
+
+
+def put_files(writer: StepWriter, files: list[_File], previous: Manifest | None, pool: ThreadPoolExecutor,
+              threads: int, digests: dict[str, str] | None = None) -> dict[str, FileEntry]:
+    """Write ``files`` (or link those equal to ``previous``'s) and return each one's entry."""
+    writer.prepare([f.key for f in files])
+
+    def write_batch(batch: list[_File]) -> list[tuple[str, FileEntry]]:
+        done = []
+        for file in batch:
+            data = None if digests else file.data()
+            size = data.nbytes if file.compressed and data is not None else file.size
+            digest = digests[file.key] if digests else digest_with_padding(data, size)  # type: ignore[arg-type]
+            entry = FileEntry(size, digest)
+            if previous is not None and previous.files.get(file.key) == entry:
+                writer.link(previous.step, file.key)
+            else:
+                writer.write(file.key, data if data is not None else file.data(), size)
+            done.append((file.key, entry))
+        return done
+
+    jobs = ((lambda b=batch: write_batch(b)) for batch in batched(files, lambda f: f.size))
+    entries: dict[str, FileEntry] = {}
+    for done in run_all(pool, jobs, threads):
+        entries.update(done)
+    return entries
+
+
+def _write_files(tier: TierIO, step: int, manifest: Manifest, files: list[_File],
+                 previous: Manifest | None, pool: ThreadPoolExecutor, threads: int,
+                 digests: dict[str, str] | None = None) -> None:
+    writer = tier.writer(step)
+    try:
+        manifest.files.update(put_files(writer, files, previous, pool, threads, digests))
+        writer.commit(manifest.to_bytes(), manifest.files)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def copy_step(source: TierIO, target: TierIO, step: int, previous: Manifest | None,
+              pool: ThreadPoolExecutor, threads: int) -> Manifest:
+    """Copy committed ``step`` from ``source`` to ``target``, checking every file, manifest last.
+
+    Raises:
+        IntegrityError, NotFound: a source file is damaged or missing; nothing is committed.
+    """
+    manifest = source.manifest(step)
+    copied = Manifest(step, manifest.tree, manifest.arrays, {}, manifest.time, manifest.world_size, manifest.pack)
+
+    def reader(key: str, entry: FileEntry) -> Callable[[], memoryview]:
+        return lambda: memoryview(source.read(step, key, entry))
+
+    files = [_File(key, entry.size, reader(key, entry)) for key, entry in manifest.files.items()]
+    digests = {key: entry.xxh3 for key, entry in manifest.files.items()}
+    _write_files(target, step, copied, files, previous, pool, threads, digests)
+    return copied

@@ -1,0 +1,285 @@
+"""The tiers of one manager: promotion from tier to tier, retention, leases, leftovers, steps in use.
+
+Everything here runs on the committing rank (rank 0), in the background
+threads, except :meth:`TierSet.using`, which a restore also takes so that
+retention leaves the step it reads alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any
+
+from trainio.storage import CheckpointError
+
+from .._format.manifest import Manifest
+from .._handle import SaveLedger, TierResult
+from .._restore.step_reader import ReadReport, StepReader
+from .._save.files import copy_step
+from .._tier import Tier
+from .commit import TierIO, describe
+from .lease import LeaseKeeper
+
+log = logging.getLogger("trainio.checkpoint._manager")
+
+
+class TierSet:
+    """The tiers of one manager, fastest first, and the bookkeeping that spans them."""
+
+    def __init__(self, tiers: list[Tier], io: list[TierIO], ledger: SaveLedger, keeper: LeaseKeeper, *,
+                 rank: int, pool: ThreadPoolExecutor, threads: int, attempts: int, backoff_s: float) -> None:
+        self._tiers = tiers
+        self._io = io
+        self._ledger = ledger
+        self._keeper = keeper
+        self._rank = rank
+        self._pool = pool
+        self._threads = threads
+        self._attempts = attempts
+        self._backoff = backoff_s
+        self._lock = threading.Lock()
+        self._in_use: Counter[tuple[int, int]] = Counter()
+        self._newest: list[Manifest | None] = [None] * len(io)  # the last manifest each tier committed
+        self._known: list[set[int]] = [set() for _ in io]
+        self._tier_locks = [threading.RLock() for _ in io]
+
+    def previous(self, tier: int, step: int) -> Manifest | None:
+        """The manifest of the newest committed step before ``step`` on a tier (incremental saves).
+
+        None when there is none or it cannot be read: that only costs the incremental saving.
+        """
+        try:
+            earlier = [s for s in self._io[tier].steps() if s < step]
+            if not earlier:
+                return None
+            cached = self._newest[tier]
+            if cached is not None and cached.step == earlier[-1]:
+                return cached
+            return self._io[tier].manifest(earlier[-1])
+        except Exception as exc:  # noqa: BLE001 - the write that follows reports a tier that is really down
+            log.warning("%s: no previous step to link unchanged files from, writing step %d in full: %s",
+                        self._io[tier].label, step, describe(exc))
+            return None
+
+    def remember(self, tier: int, manifest: Manifest) -> None:
+        """Keep ``manifest`` as the newest one committed on ``tier`` (for the next incremental save)."""
+        newest = self._newest[tier]
+        if newest is None or manifest.step > newest.step:
+            self._newest[tier] = manifest
+
+    def promote_all(self) -> None:
+        """Copy every step that a slower tier keeps but lacks, then apply every tier's retention."""
+        for target in range(1, len(self._io)):
+            self._promote_into(target)
+        for tier in range(len(self._io)):
+            self.retain(tier)
+
+    def _listed(self, tier: int) -> set[int]:
+        """The committed steps of a tier; while it cannot be listed, the last listing plus what we committed."""
+        try:
+            steps = set(self._io[tier].steps())
+        except Exception as exc:  # noqa: BLE001 - an unreachable tier must not stop the others' work
+            log.warning("%s: cannot list steps, using the last known list: %s", self._io[tier].label, describe(exc))
+            return set(self._known[tier])
+        self._known[tier] = steps
+        return steps
+
+    def _wanted(self, target: int) -> list[int]:
+        """Steps on faster tiers that tier ``target`` keeps but lacks, oldest first."""
+        have = self._listed(target)
+        offered: set[int] = set()
+        for tier in range(target):
+            offered.update(self._listed(tier))
+        candidates = sorted(offered - have)
+        ranked = sorted(have | set(candidates), reverse=True)
+        newer = {s: i for i, s in enumerate(ranked)}
+        return [s for s in candidates if self._tiers[target].wants(s, newer[s])]
+
+    def _promote_into(self, target: int) -> None:
+        io = self._io[target]
+        wanted = self._wanted(target)
+        if wanted:
+            try:
+                self.hold(target)
+            except Exception as exc:  # noqa: BLE001 - reported like any failed promotion, retried at the next
+                self._promotion_failed(target, wanted[0], exc)
+                return
+        for step in wanted:
+            error: BaseException | None = None
+            manifest: Manifest | None = None
+            for attempt in range(self._attempts):
+                if attempt:
+                    time.sleep(self._backoff * 2 ** (attempt - 1))
+                try:
+                    manifest = self._copy_to(target, step)
+                except Exception as exc:  # noqa: BLE001 - retried, then reported
+                    error = exc
+                    log.warning("promoting step %d to %s, try %d of %d: %s", step, io.label, attempt + 1,
+                                self._attempts, describe(exc))
+                    continue
+                error = None
+                break
+            if error is not None:
+                self._promotion_failed(target, step, error)
+                return
+            if manifest is None:  # retention removed it from the faster tiers meanwhile: no longer wanted
+                continue
+            self.remember(target, manifest)
+            self._known[target].add(step)
+            self._ledger.record(step, io.label, TierResult("committed", nbytes=manifest.nbytes))
+            self.retain(target)
+        self._ledger.settle_tier(io.label, "skipped")
+
+    def _copy_to(self, target: int, step: int) -> Manifest | None:
+        """Copy ``step`` to tier ``target`` from the fastest tier that has it; None if none has it any more."""
+        io = self._io[target]
+        for source in range(target):
+            with self.using(source, step):
+                if not self._io[source].is_committed(step):
+                    continue
+                previous = self.previous(target, step)
+                try:
+                    with self.using(target, previous.step) if previous is not None else nullcontext():
+                        manifest = copy_step(self._io[source], io, step, previous, self._pool, self._threads)
+                except CheckpointError:
+                    if io.is_committed(step):  # another writer committed it first: it stands
+                        return io.manifest(step)
+                    raise
+                try:
+                    self._io[source].mark_known_good(step)
+                except OSError as exc:  # the copy stands; only the record of a verified step is missing
+                    log.warning("%s: could not record step %d as verified: %s", self._io[source].label, step,
+                                describe(exc))
+                return manifest
+        return None
+
+    def _promotion_failed(self, target: int, step: int, exc: BaseException) -> None:
+        io = self._io[target]
+        error = CheckpointError(f"{io.label}: promoting step {step} failed after {self._attempts} tries: "
+                                f"{describe(exc)} (it is retried at the next save or promote())")
+        error.__cause__ = exc
+        log.error("%s", error)
+        self._ledger.fail(None, error)
+        self._ledger.settle_tier(io.label, "failed", describe(exc))
+
+    def retain(self, tier: int) -> None:
+        """Delete what ``tier``'s retention does not keep: never its newest or last verified step, one in use,
+        or one a slower tier still waits for; only on tiers whose lease this job holds."""
+        io = self._io[tier]
+        if not self._keeper.holds(tier):  # only the job writing a tier deletes from it
+            return
+        try:
+            with self._tier_locks[tier]:  # nobody starts reading a step of this tier meanwhile
+                steps = io.steps()
+                with self._lock:
+                    protected = {s for (t, s), n in self._in_use.items() if t == tier and n > 0}
+                known_good = io.last_known_good()
+                if known_good is not None:
+                    protected.add(known_good)
+                for slower in range(tier + 1, len(self._io)):
+                    protected.update(self._wanted(slower))
+                for step in self._tiers[tier].doomed(steps, protected):
+                    io.delete(step)
+                    log.info("%s: retention deleted step %d", io.label, step)
+        except Exception as exc:  # noqa: BLE001 - retention is retried after the next commit
+            log.warning("%s: retention failed: %s", io.label, describe(exc))
+
+    @contextmanager
+    def using(self, tier: int, step: int) -> Iterator[None]:
+        """Keep retention off ``step`` of ``tier`` while in the block (check it still exists inside)."""
+        with self._tier_locks[tier], self._lock:
+            self._in_use[(tier, step)] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_use[(tier, step)] -= 1
+                if not self._in_use[(tier, step)]:
+                    del self._in_use[(tier, step)]
+
+    def hold(self, tier: int) -> None:
+        """Take (or keep) the lease of ``tier`` on rank 0; when newly taken, remove what dead writers left there.
+
+        The first tier's is taken by ``save``, the others' by the promotion
+        into them, so a slower tier that is down never stops a save.
+
+        Raises:
+            CheckpointError: another live job holds the tier's lease.
+        """
+        if self._rank == 0 and self._keeper.acquire(tier):
+            self._remove_debris(self._io[tier])
+
+    def _remove_debris(self, io: TierIO) -> None:
+        try:
+            for name in io.debris():
+                io.remove_debris(name)
+                log.info("%s: removed %s, left by a writer that died", io.label, name)
+        except Exception as exc:  # noqa: BLE001 - leftovers are harmless: never listed as steps
+            log.warning("%s: could not remove leftovers: %s", io.label, describe(exc))
+
+    def select(self, tiers: Sequence[str | int] | None) -> list[int]:
+        """The indexes of the tiers named (by label or index), all of them for None.
+
+        Raises:
+            ValueError: a name that is no tier's.
+        """
+        if tiers is None:
+            return list(range(len(self._io)))
+        chosen = []
+        for tier in tiers:
+            if isinstance(tier, int) and 0 <= tier < len(self._io):
+                chosen.append(tier)
+                continue
+            matches = [i for i, t in enumerate(self._tiers) if t.label == tier]
+            if not matches:
+                raise ValueError(f"no tier {tier!r}; tiers are {[t.label for t in self._tiers]}")
+            chosen.append(matches[0])
+        return sorted(set(chosen))
+
+    def steps(self) -> dict[str, list[int]]:
+        """The committed steps of each tier, oldest first."""
+        return {io.label: io.steps() for io in self._io}
+
+    def latest(self, chosen: list[int]) -> int | None:
+        """The newest step committed on any of the ``chosen`` tiers, or None."""
+        found = [max(s) for s in (self._io[i].steps() for i in chosen) if s]
+        return max(found) if found else None
+
+    def read(self, step: int, chosen: list[int], keys: list[str] | None, into: Any, *, repair: bool, rank: int,
+             world: int) -> tuple[Any, ReadReport]:
+        """Restore ``step`` from the ``chosen`` tiers that hold it, fastest first (see :class:`StepReader`).
+
+        Retention leaves the step alone meanwhile. A whole single-process
+        restore read from its source tier without falling back records the
+        step there as the last known good one.
+
+        Raises:
+            CheckpointError: no chosen tier holds the step, or a file is damaged on every one.
+        """
+        holders = [i for i in chosen if self._io[i].is_committed(step)]
+        if not holders:
+            raise CheckpointError(f"step {step} is committed on none of {[self._tiers[i].label for i in chosen]}; "
+                                  f"committed steps: {self.steps()}")
+        with ExitStack() as using:
+            for i in holders:
+                using.enter_context(self.using(i, step))
+            holders = [i for i in holders if self._io[i].is_committed(step)]
+            if not holders:
+                raise CheckpointError(f"step {step} was deleted by retention while the restore began")
+            reader = StepReader([self._io[i] for i in holders], step, self._pool, self._threads, repair=repair,
+                                rank=rank, world=world)
+            state = reader.load(keys, into)
+        whole = not keys and world == 1  # a rank of a multi-rank job may read only its shards
+        if whole and not any(k.startswith(f"{reader.source.label}:") for k in reader.report.fell_back):
+            try:
+                reader.source.mark_known_good(step)
+            except Exception as exc:  # noqa: BLE001 - a read-only tier still restores
+                log.warning("%s: could not record step %d as verified: %s", reader.source.label, step,
+                            describe(exc))
+        return state, reader.report

@@ -1,0 +1,1 @@
+"""Batch assembly: row tables, gathers (the C copy routine), staging memory, collate."""

@@ -1,0 +1,1 @@
+"""The epoch's sample order, mixtures of datasets, and resume positions (computed, no I/O)."""

@@ -1,0 +1,177 @@
+"""Several datasets read as one: fixed per-epoch proportions, interleaved deterministically, and one reader over all."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from .._read.shard_reader import ShardReader
+from .epoch_order import DEFAULT_WINDOW, EpochOrder, generator
+
+MIX_BLOCK = 1 << 16
+
+
+def apportion(weights: Sequence[float], total: int) -> tuple[int, ...]:
+    """``total`` split in proportion to ``weights`` (largest remainders, ties to the first), summing to ``total``."""
+    scale = sum(weights)
+    if scale <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"mixing weights {list(weights)}: each must be >= 0 and at least one > 0")
+    quotas = [w * total / scale for w in weights]
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return tuple(counts)
+
+
+@dataclass(frozen=True, slots=True)
+class MixedOrder:
+    """Which sample of which dataset sits at each position of one epoch of a mixture.
+
+    Dataset ``d`` contributes exactly ``counts[d]`` samples per epoch. Its
+    samples come from an endless stream of passes over it, pass ``j`` in the
+    order of :class:`EpochOrder` epoch ``j`` (its own seed): epoch ``e``
+    takes the next ``counts[d]`` samples of that stream, so a dataset that
+    gets fewer samples than it holds shows a different part each epoch and
+    one that gets more is repeated, each pass shuffled anew. The epoch is cut
+    into blocks of about 65536 positions, each holding every dataset's
+    share (within one sample); inside a block the datasets are interleaved
+    evenly, or at random (seeded by ``(seed, epoch, block)``) when shuffling.
+    Nothing depends on ranks or workers.
+    """
+
+    shard_rows: tuple[tuple[int, ...], ...]
+    counts: tuple[int, ...]
+    seed: int = 0
+    epoch: int = 0
+    shuffle: bool = True
+    window: int = DEFAULT_WINDOW
+
+    @property
+    def size(self) -> int:
+        """Samples in the epoch."""
+        return sum(self.counts)
+
+    @property
+    def _blocks(self) -> int:
+        return max(1, -(-self.size // MIX_BLOCK))
+
+    def _taken(self, blocks: np.ndarray) -> np.ndarray:
+        """Samples of each dataset in the first ``blocks`` blocks: shape (len(blocks), datasets)."""
+        counts = np.asarray(self.counts, dtype=np.int64)
+        taken: np.ndarray = (counts[None, :] * blocks[:, None]) // self._blocks
+        return taken
+
+    def shard_offsets(self) -> np.ndarray:
+        """The first global shard number of each dataset."""
+        return np.concatenate(([0], np.cumsum([len(rows) for rows in self.shard_rows])))
+
+    def shard_sequence(self) -> np.ndarray:
+        """Every dataset's shards (global numbers), in the order their first pass lays them out."""
+        offsets = self.shard_offsets()
+        return np.concatenate([offsets[d] + self.stream(d, 0).shard_sequence() for d in range(len(self.counts))])
+
+    def samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(global shard, row within shard) of each position (0 <= position < size)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        source, nth = self._sources(positions)
+        shards = np.empty_like(positions)
+        rows = np.empty_like(positions)
+        offsets = self.shard_offsets()
+        for d in np.unique(source).tolist():
+            mask = source == d
+            size = sum(self.shard_rows[d])
+            stream = self.epoch * self.counts[d] + nth[mask]
+            passes, within = stream // size, stream % size
+            local_shards = np.empty_like(within)
+            local_rows = np.empty_like(within)
+            for j in np.unique(passes).tolist():
+                in_pass = passes == j
+                local_shards[in_pass], local_rows[in_pass] = self.stream(d, j).samples(within[in_pass])
+            shards[mask], rows[mask] = offsets[d] + local_shards, local_rows
+        return shards, rows
+
+    def stream(self, dataset: int, epoch: int) -> EpochOrder:
+        """The order of pass ``epoch`` over dataset ``dataset``."""
+        seed = int(np.random.SeedSequence([abs(self.seed), dataset]).generate_state(1)[0])
+        return EpochOrder(self.shard_rows[dataset], seed, epoch, self.shuffle, self.window)
+
+    def _sources(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The dataset of each position, and which of that dataset's samples of the epoch it is."""
+        edges = self._taken(np.arange(self._blocks + 1, dtype=np.int64))
+        starts = edges.sum(axis=1)
+        block_of = np.searchsorted(starts, positions, side="right") - 1
+        source = np.empty_like(positions)
+        nth = np.empty_like(positions)
+        for b in np.unique(block_of).tolist():
+            mask = block_of == b
+            quota = edges[b + 1] - edges[b]
+            layout = self._interleave(b, quota)
+            local = positions[mask] - starts[b]
+            chosen = layout[local]
+            rank = np.empty(layout.size, dtype=np.int64)
+            for d in range(quota.size):
+                where = np.flatnonzero(layout == d)
+                rank[where] = np.arange(where.size)
+            source[mask] = chosen
+            nth[mask] = edges[b][chosen] + rank[local]
+        return source, nth
+
+    def _interleave(self, block: int, quota: np.ndarray) -> np.ndarray:
+        """The dataset of each position of one block, holding ``quota[d]`` positions of dataset ``d``."""
+        if self.shuffle:
+            layout = np.repeat(np.arange(quota.size), quota)
+            return generator(self.seed, self.epoch, block, 1 << 30).permutation(layout)
+        keys = np.concatenate([(np.arange(q) + 0.5) / q for q in quota.tolist()])
+        owners = np.repeat(np.arange(quota.size), quota)
+        return owners[np.lexsort((owners, keys))]
+
+
+class MixedReader:
+    """One :class:`ShardReader` per dataset of a mixture, addressed by global shard numbers."""
+
+    def __init__(self, readers: Sequence[ShardReader], offsets: np.ndarray) -> None:
+        self._readers = list(readers)
+        self._offsets = offsets
+
+    def _split(self, shard: int) -> tuple[ShardReader, int]:
+        d = int(np.searchsorted(self._offsets, shard, side="right")) - 1
+        return self._readers[d], shard - int(self._offsets[d])
+
+    def plan(self, shards: Sequence[int]) -> None:
+        """Each dataset's reader plans its own shards, in the given order."""
+        for reader, mine in zip(self._readers, self._per_reader(shards)):
+            reader.plan(mine)
+
+    def expect(self, shards: Sequence[int]) -> None:
+        """Each dataset's reader expects its own shards of the epoch, in the given order."""
+        for reader, mine in zip(self._readers, self._per_reader(shards)):
+            reader.expect(mine)
+
+    def _per_reader(self, shards: Sequence[int]) -> list[list[int]]:
+        per: list[list[int]] = [[] for _ in self._readers]
+        for shard in shards:
+            d = int(np.searchsorted(self._offsets, shard, side="right")) - 1
+            per[d].append(shard - int(self._offsets[d]))
+        return per
+
+    def batch(self, shard: int, number: int) -> pa.RecordBatch:
+        """Record batch ``number`` of global shard ``shard``."""
+        reader, local = self._split(shard)
+        return reader.batch(local, number)
+
+    def cache_stats(self) -> dict[str, int]:
+        """Cache hits and misses, summed over the datasets."""
+        total: dict[str, int] = {}
+        for reader in self._readers:
+            for key, value in reader.cache_stats().items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def close(self) -> None:
+        """Close every dataset's reader."""
+        for reader in self._readers:
+            reader.close()

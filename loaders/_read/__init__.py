@@ -1,0 +1,1 @@
+"""Reading a dataset: the opened dataset, its shard readers, the shard check, verify."""

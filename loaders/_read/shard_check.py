@@ -1,0 +1,248 @@
+"""ShardChecker: a local dataset's shards hashed against the index ahead of the reader, before any sample is used.
+
+A local shard is memory-mapped in place, so unlike a downloaded one it is
+never hashed on its way in. The checker hashes each shard the readers will
+need, in background threads from the moment the epoch's order is known (a
+StreamingDataset announces it when it is made), in the order they will need
+them, through the same mapping they decode from (so the hashing also brings
+the pages in). :meth:`ShardChecker.wait` returns a shard's mapping only once
+its bytes have matched the index's xxh3-128; a reader that needs a shard
+nobody has started on hashes it itself. A shard checked once is not hashed
+again in this process while its file stays the same (device, inode, size,
+modification time).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from trainio.storage import Hasher, IntegrityError
+
+if TYPE_CHECKING:  # a Dataset makes its checker (Dataset.checker)
+    from .dataset import Dataset, MappedFile
+
+CHECK_LOCAL_SHARDS = True
+"""For benchmarks only: False streams local shards unchecked, to measure what the check costs. Never in training."""
+
+_PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
+#                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
+
+_AHEAD_BYTES = 4 << 30  # how far past the shards in use the threads hash ahead
+_THREADS = min(2, os.cpu_count() or 1)  # background hashing threads per dataset (each hashes a shard at a time)
+
+_verified: set[tuple[tuple[int, int, int, int], str]] = set()  # (file identity, xxh3-128) checked in this process
+_verified_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _verified_lock
+    _verified_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def forget_verified() -> None:
+    """Forget which shards this process has checked (benchmarks of a first epoch, tests)."""
+    with _verified_lock:
+        _verified.clear()
+
+
+def _known_good(mapped: MappedFile, xxh3: str) -> bool:
+    with _verified_lock:
+        return (mapped.identity, xxh3) in _verified
+
+
+class _Closed(Exception):
+    """The checker was closed while a shard was being hashed."""
+
+
+_Identity = tuple[int, int, int, int]
+
+
+class ShardChecker:
+    """Checks the shards of one local dataset before they are used: ahead of the readers, and by whoever waits.
+
+    One per :class:`Dataset` and process (:meth:`Dataset.checker`), shared by
+    every reader of it. :meth:`expect` gives the order in which an epoch
+    will need the shards, :meth:`plan` the ones needed next (checked first).
+    Two background threads (one on a single core) hash them in that order
+    while there are any left, and end when there are none (the sooner the
+    first shards are checked, the less the readers wait); :meth:`wait` for a
+    shard nobody hashes yet hashes it in the waiting thread. Thread-safe.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self._dataset = dataset
+        self._cond = threading.Condition()
+        self._planned: list[int] = []
+        self._expected: list[int] = []
+        self._next_expected = 0
+        self._ends: list[int] = []  # bytes of the expected shards up to and including each
+        self._reached = 0  # how far through the expected shards the readers have planned
+        self._results: dict[int, tuple[_Identity | None, BaseException | None]] = {}  # None: whatever the file
+        self._busy: set[int] = set()
+        self._confirmed: set[int] = set()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+
+    def plan(self, shards: Sequence[int]) -> None:
+        """Check these shards next, in this order (before the rest of :meth:`expect`'s)."""
+        with self._cond:
+            self._planned = [s for s in shards if s not in self._results]
+            where = {shard: i for i, shard in enumerate(self._expected)}
+            self._reached = max([self._reached] + [where[s] for s in shards if s in where])
+            self._start()
+
+    def expect(self, shards: Sequence[int]) -> None:
+        """A new epoch's shards in order of first use: checked ahead, after the planned ones.
+
+        Each shard's file is confirmed again (by its identity) at its first
+        use in the epoch, so a file replaced between epochs is checked again,
+        and a shard that failed is tried again.
+        """
+        with self._cond:
+            self._expected = list(dict.fromkeys(shards))
+            self._next_expected = 0
+            self._reached = 0
+            sizes = [self._dataset.shards[s].bytes for s in self._expected]
+            self._ends = list(itertools.accumulate(sizes))
+            self._confirmed.clear()
+            self._results = {k: v for k, v in self._results.items() if v[1] is None}  # failures are retried
+            self._start()
+
+    def wait(self, shard: int) -> MappedFile:
+        """Shard ``shard``'s mapping, once its bytes match the index (blocking until they are checked).
+
+        Raises:
+            IntegrityError: the shard's xxh3-128 is not the index's.
+            FormatError: its size is not the index's.
+            NotFound, StoreError: it is missing, not a regular file, or a link out of the dataset.
+        """
+        mapped = self._dataset.mapped(shard, fresh=shard not in self._confirmed)
+        self._confirmed.add(shard)  # the file is the one mapped: confirmed once per epoch, not per batch
+        if not CHECK_LOCAL_SHARDS or _known_good(mapped, self._dataset.shards[shard].xxh3_128):
+            return mapped
+        while True:
+            with self._cond:
+                result = self._results.get(shard)
+                if result is not None and result[0] not in (None, mapped.identity):
+                    del self._results[shard]  # the file changed since it was checked: check it again
+                    result = None
+                if result is not None:
+                    if result[1] is not None:
+                        raise result[1]
+                    return mapped
+                if self._closed:
+                    raise RuntimeError(f"{self._dataset.url}: the shard checker is closed")
+                if shard in self._busy:  # being hashed: done sooner than anything this thread could start
+                    self._cond.wait()
+                    continue
+                self._busy.add(shard)  # nobody is on it (not announced, or not reached yet): hash it here
+            self._check_and_record(shard)
+
+    def close(self) -> None:
+        """Stop checking (a shard being hashed is abandoned) and wait for the background thread to end."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
+
+    # -- the checking ------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Start background threads, up to :data:`_THREADS`, while there is work for them (the lock held)."""
+        if self._closed or not CHECK_LOCAL_SHARDS:
+            return
+        self._threads = [t for t in self._threads if t.is_alive()]
+        while len(self._threads) < _THREADS and self._has_work(len(self._threads)):
+            thread = threading.Thread(target=self._run, name="trainio-shard-check", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._cond.notify_all()
+
+    def _has_work(self, beyond: int) -> bool:
+        """Whether more than ``beyond`` shards wait for a thread."""
+        todo = dict.fromkeys(self._planned + self._expected[self._next_expected:self._horizon()])
+        return sum(s not in self._results and s not in self._busy for s in todo) > beyond
+
+    def _next(self) -> int | None:
+        """The next shard to check, nobody's yet (the lock held); None when there is none."""
+        while self._planned:
+            shard = self._planned.pop(0)
+            if shard not in self._results and shard not in self._busy:
+                return shard
+        while self._next_expected < self._horizon():
+            shard = self._expected[self._next_expected]
+            self._next_expected += 1
+            if shard not in self._results and shard not in self._busy:
+                return shard
+        return None
+
+    def _horizon(self) -> int:
+        """How many of the expected shards may be hashed by now: those within :data:`_AHEAD_BYTES` past the
+        furthest one planned, and the one after it (so a dataset larger than memory is not read far ahead of
+        its readers, evicting what they need first)."""
+        if not self._expected:
+            return 0
+        base = self._ends[self._reached - 1] if self._reached else 0
+        return min(len(self._expected), max(self._reached + 2, bisect.bisect_right(self._ends, base + _AHEAD_BYTES)))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                shard = None if self._closed else self._next()
+                if shard is None:
+                    return  # nothing left: ends; plan(), expect() or wait() start another when there is
+                self._busy.add(shard)
+            self._check_and_record(shard)
+
+    def _check_and_record(self, shard: int) -> None:
+        """Hash ``shard`` (claimed in ``_busy``) and record the outcome for its waiters."""
+        try:
+            identity, error = self._check(shard)
+        except _Closed:
+            with self._cond:
+                self._busy.discard(shard)
+                self._cond.notify_all()
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiters, not lost with this thread
+            identity, error = None, exc
+        with self._cond:
+            self._results[shard] = (identity, error)
+            self._busy.discard(shard)
+            self._cond.notify_all()
+
+    def _check(self, shard: int) -> tuple[_Identity | None, BaseException | None]:
+        info = self._dataset.shards[shard]
+        try:
+            # The mapping kept, if any, not re-confirmed here: wait() confirms the file once an epoch, and every
+            # system call here gives up the GIL, which can take a switch interval (5 ms) to get back.
+            mapped = self._dataset.mapped(shard)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this shard
+            return None, exc
+        if _known_good(mapped, info.xxh3_128):
+            return mapped.identity, None
+        hasher = Hasher()
+        view = memoryview(mapped.buffer)
+        for start in range(0, view.nbytes, _PIECE):
+            if self._closed:
+                raise _Closed
+            hasher.update(view[start:start + _PIECE])
+        actual = hasher.hexdigest()
+        if actual != info.xxh3_128:
+            return mapped.identity, IntegrityError(
+                self._dataset.url, info.path, info.xxh3_128, actual,
+                "the shard is damaged and none of its samples was delivered: run trainio verify, then restore "
+                "or re-shard it")
+        with _verified_lock:
+            _verified.add((mapped.identity, info.xxh3_128))
+        return mapped.identity, None
+

@@ -1,0 +1,163 @@
+"""Record batches of a dataset's shards: memory-mapped in place, or through a local ShardCache, prefetched."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+
+import pyarrow as pa
+
+from trainio.storage import FurthestInFuture, ShardCache
+
+from .dataset import Dataset, map_file
+
+log = logging.getLogger("trainio.loaders.reader")
+
+
+class ShardReader:
+    """Reads record batches of one dataset, shard by shard, for a known upcoming order.
+
+    Local datasets are memory-mapped where they are, and each shard is
+    hashed against the index before any batch of it is returned (ahead of
+    the reader, by a :class:`ShardChecker`). Remote ones go through
+    ``cache``, which checks each download: the shards of the current plan
+    stay mapped and pinned, the next ``prefetch_shards`` shards of the plan
+    download in the background, and the cache evicts the shard needed
+    furthest in the future. At most ``open_shards`` shards stay mapped at
+    once.
+    """
+
+    def __init__(self, dataset: Dataset, cache: ShardCache | None, policy: FurthestInFuture | None,
+                 *, prefetch_shards: int, open_shards: int = 1024) -> None:
+        if not dataset.is_local and cache is None:
+            raise ValueError(f"{dataset.url}: a remote dataset needs a ShardCache")
+        self._dataset = dataset
+        self._cache = cache
+        self._policy = policy
+        self._prefetch = prefetch_shards
+        self._open_limit = max(1, open_shards)
+        self._open: OrderedDict[int, tuple[pa.Buffer, ExitStack]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max(1, prefetch_shards), thread_name_prefix="trainio-prefetch") \
+            if cache is not None and prefetch_shards else None
+        self._downloads: dict[int, Future[object]] = {}
+        self._upcoming: list[int] = []
+        self._checker = dataset.checker() if cache is None else None
+
+    def plan(self, shards: Sequence[int]) -> None:
+        """Tell the reader which shards it needs next, in order of first use.
+
+        Shards not listed are unmapped and unpinned, so the cache may evict
+        them; the listed ones are what the prefetch downloads ahead.
+        """
+        self._upcoming = list(dict.fromkeys(shards))
+        if self._checker is not None:
+            self._checker.plan(self._upcoming)
+        if self._policy is not None:
+            self._policy.set_upcoming(self._dataset.shards[s].path for s in self._upcoming)
+        keep = set(self._upcoming)
+        with self._lock:
+            stale = [s for s in self._open if s not in keep]
+            released = [self._open.pop(s)[1] for s in stale]
+        for stack in released:
+            stack.close()
+
+    def expect(self, shards: Sequence[int]) -> None:
+        """The shards of the whole epoch, in order of first use: a local dataset's are checked that far ahead."""
+        if self._checker is not None:
+            self._checker.expect(shards)
+
+    def batch(self, shard: int, number: int) -> pa.RecordBatch:
+        """Record batch ``number`` of shard ``shard``, from a shard whose bytes match the index.
+
+        Raises:
+            IntegrityError: the shard's xxh3-128 is not the one the index records.
+            FormatError: its size differs, or the batch does not decode.
+        """
+        mapped = self._checker.wait(shard).buffer if self._checker is not None else self._mapped(shard)
+        where = self._dataset.shards[shard].batches[number]
+        return self._dataset.decode_batch(shard, number, mapped.slice(where.offset, where.length))
+
+    def _mapped(self, shard: int) -> pa.Buffer:
+        with self._lock:
+            entry = self._open.get(shard)
+            if entry is not None:
+                self._open.move_to_end(shard)
+                return entry[0]
+        self._start_prefetch(after=shard)
+        pending = self._downloads.pop(shard, None)
+        if pending is not None:
+            pending.result()
+        info = self._dataset.shards[shard]
+        assert self._cache is not None
+        stack = ExitStack()
+        try:
+            path = stack.enter_context(self._cache.pinned(info.path, expected_xxh3=info.xxh3_128))
+            mapped = map_file(path)
+        except BaseException:
+            stack.close()
+            raise
+        with self._lock:
+            self._open[shard] = (mapped, stack)
+            while len(self._open) > self._open_limit:
+                self._open.popitem(last=False)[1][1].close()
+        return mapped
+
+    def _start_prefetch(self, after: int) -> None:
+        if self._pool is None or after not in self._upcoming:
+            return
+        position = self._upcoming.index(after)
+        for shard in self._upcoming[position + 1: position + 1 + self._prefetch]:
+            if shard not in self._downloads and shard not in self._open:
+                info = self._dataset.shards[shard]
+                assert self._cache is not None
+                self._downloads[shard] = self._pool.submit(self._cache.fetch, info.path, expected_xxh3=info.xxh3_128)
+
+    def cache_stats(self) -> dict[str, int]:
+        """The cache's hit and miss counts ({} for a local dataset)."""
+        return self._cache.stats() if self._cache is not None else {}
+
+    def close(self) -> None:
+        """Unpin and unmap every shard and stop prefetching (the dataset's checker goes on with what it expects)."""
+        if self._pool is not None:
+            for future in self._downloads.values():
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._downloads.clear()
+        with self._lock:
+            entries, self._open = list(self._open.values()), OrderedDict()
+        for _, stack in entries:
+            stack.close()
+
+
+def shard_bytes_needed(dataset_rows: Sequence[int], dataset_bytes: Sequence[int], order_sequence: Sequence[int],
+                       window: int, shuffle: bool, prefetch_shards: int) -> int:
+    """The smallest cache that holds every shard two adjacent shuffle windows touch, plus the prefetch.
+
+    Windows are runs of consecutive samples of the shard-shuffled stream, so
+    the shards a window touches follow from the shard sizes alone.
+    """
+    largest = max(dataset_bytes, default=0)
+    if not shuffle:
+        return largest * (1 + prefetch_shards)
+    starts, total = [], 0
+    for shard in order_sequence:
+        starts.append(total)
+        total += dataset_rows[shard]
+    need = 0
+    first = 0
+    for begin in range(0, max(total, 1), window):
+        end = min(total, begin + 2 * window)
+        while first + 1 < len(starts) and starts[first + 1] <= begin:
+            first += 1
+        size, i = 0, first
+        while i < len(starts) and starts[i] < end:
+            size += dataset_bytes[order_sequence[i]]
+            i += 1
+        need = max(need, size)
+    return need + largest * prefetch_shards

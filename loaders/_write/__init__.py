@@ -1,0 +1,1 @@
+"""Writing a dataset: shard files, the shard set that fills them, and the commit (index last)."""

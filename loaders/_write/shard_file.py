@@ -1,0 +1,112 @@
+"""Writing record batches into numbered Arrow IPC shard files on a store, hashed as they are written."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from trainio.storage import Store
+
+from .._format.index import SHARD_DIR, BatchInfo, ShardInfo
+
+Compression = Literal["lz4", "zstd"] | None
+_MAGIC_BYTES = 8  # "ARROW1" and two bytes of padding open every IPC file
+
+
+class _OpenShard:
+    """One shard file being written: the IPC writer, the store's writer under it, and what the index will say."""
+
+    def __init__(self, store: Store, key: str, schema: pa.Schema, compression: Compression) -> None:
+        self.key = key
+        self.sink = store.open_writer(key)
+        self.writer = ipc.new_file(pa.PythonFile(self.sink, mode="w"), schema,
+                                   options=ipc.IpcWriteOptions(compression=compression))
+        self.batches: list[BatchInfo] = []
+        self.rows = 0
+        # pyarrow writes the magic and the schema message with the first batch, so that batch's
+        # message starts after them.
+        self._first_offset = _MAGIC_BYTES + schema.serialize().size
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        start = self.sink.position if self.batches else self._first_offset
+        self.writer.write_batch(batch)
+        self.batches.append(BatchInfo(self.rows, start, self.sink.position - start))
+        self.rows += batch.num_rows
+
+    def finish(self) -> ShardInfo:
+        """Close the IPC file and publish it under its key, durably where the store is."""
+        self.writer.close()
+        digest = self.sink.commit()
+        return ShardInfo(path=self.key, rows=self.rows, bytes=self.sink.position, xxh3_128=digest,
+                         batches=tuple(self.batches))
+
+    def discard(self) -> None:
+        self.sink.abort()
+
+
+class ShardSequenceWriter:
+    """Writes record batches into shard files ``shards/<prefix><NNNNN>.arrow`` of one store, in order.
+
+    A shard is closed once it reaches ``shard_bytes`` (so it may exceed it by
+    up to one batch). Each shard is written through :meth:`Store.open_writer`:
+    hashed as it is written, visible under its key only when complete. It
+    writes no index: :meth:`close` returns the shards for the caller to record.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        schema: pa.Schema,
+        *,
+        shard_bytes: int,
+        compression: Compression = None,
+        name_prefix: str = "shard-",
+    ) -> None:
+        self._store = store
+        self._schema = schema
+        self._shard_bytes = shard_bytes
+        self._compression = compression
+        self._name_prefix = name_prefix
+        self._done: list[ShardInfo] = []
+        self._open: _OpenShard | None = None
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        """The shards finished so far."""
+        return list(self._done)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Append one record batch (of this writer's schema) to the current shard."""
+        if self._open is None:
+            key = f"{SHARD_DIR}/{self._name_prefix}{len(self._done):05d}.arrow"
+            self._open = _OpenShard(self._store, key, self._schema, self._compression)
+        self._open.write(batch)
+        if self._open.sink.position >= self._shard_bytes:
+            self._finish()
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the last shard and return every shard written, in order."""
+        if self._open is not None:
+            self._finish()
+        return list(self._done)
+
+    def abort(self) -> None:
+        """Discard the shard in progress and delete the finished ones."""
+        if self._open is not None:
+            self._open.discard()
+            self._open = None
+        for shard in self._done:
+            self._store.delete(shard.path)
+        self._done.clear()
+
+    def _finish(self) -> None:
+        shard, self._open = self._open, None
+        assert shard is not None
+        try:
+            info = shard.finish()
+        except BaseException:
+            shard.discard()
+            raise
+        self._done.append(info)
