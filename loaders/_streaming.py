@@ -14,8 +14,8 @@ from trainio.storage import FurthestInFuture, ShardCache, StoreError
 
 from ._batch.collate import Collate
 from ._format.columns import Columns, sample_of
-from ._format.index import ShardInfo
 from ._order.epoch_order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
+from ._order.epoch_plan import EpochPlan, Position
 from ._order.mixture import MixedOrder, MixedReader, apportion
 from ._order.resume_state import (
     HOW_TO_KNOW,
@@ -134,11 +134,7 @@ class StreamingDataset(_Base):
         self._uneven: Uneven = uneven
         self._prefetch = prefetch_shards
         self._rank, self._world = rank, world_size
-        self._epoch = 0
-        self._start = 0
-        self._yielded = 0
-        self._skip = 0
-        self._counted_here = False  # this process iterated, or was told what was consumed (count_consumed)
+        self._position = Position()
         self._sent_away = False  # pickled (to spawned DataLoader workers, say): the copies' progress never comes back
         self._worker_flag = shared_flag()  # set by any forked DataLoader worker that iterates this dataset
         self._cache_dir = None if cache_dir is None else os.fspath(cache_dir)
@@ -162,22 +158,15 @@ class StreamingDataset(_Base):
         """Every dataset of the mixture, in the order given."""
         return self._datasets
 
-    def shard(self, shard: int) -> tuple[Dataset, ShardInfo]:
-        """The dataset and index entry of shard number ``shard`` (numbered across the mixture)."""
-        return self._shards[shard]
-
     @property
     def epoch(self) -> int:
         """The epoch the next iteration reads."""
-        return self._epoch
+        return self._position.epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Read epoch ``epoch`` next (from its start, unless a loaded state resumes inside it)."""
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._start = 0
-            self._yielded = 0
-            self._skip = 0
+        if epoch != self._position.epoch:
+            self._position.restart(epoch)
 
     def layout(self, workers: int = 1, worker: int = 0) -> Layout:
         """This process's place in the job (rank, world size) for a given worker."""
@@ -201,12 +190,26 @@ class StreamingDataset(_Base):
         """The global order of the current epoch."""
         rows = tuple(tuple(s.rows for s in d.shards) for d in self._datasets)
         if len(rows) == 1 and self._counts[0] == len(self._datasets[0]):
-            return EpochOrder(rows[0], self._seed, self._epoch, self._shuffle, self._window)
-        return MixedOrder(rows, self._counts, self._seed, self._epoch, self._shuffle, self._window)
+            return EpochOrder(rows[0], self._seed, self._position.epoch, self._shuffle, self._window)
+        return MixedOrder(rows, self._counts, self._seed, self._position.epoch, self._shuffle, self._window)
+
+    def plan(self, workers: int = 1, worker: int = 0) -> EpochPlan:
+        """The current epoch as worker ``worker`` of ``workers`` of this rank reads it, from the resume position.
+
+        What :class:`Loader` and this dataset's own iteration read; advance
+        its ``position`` by the samples handed to the trainer.
+        """
+        layout = self.layout(workers, worker)
+        consumers = layout.ranks * layout.workers
+        # A chunk never spans more than one shuffle window, so the shards it and the next
+        # chunk touch (those kept mapped) fit the cache that _check_cache_size asked for.
+        chunk = max(1, min(_CHUNK, self._window // consumers)) if self._shuffle else _CHUNK
+        return EpochPlan(self.order(), layout, self._uneven, chunk, self._shards, self._first_rows, self._position,
+                         self._open_reader)
 
     def __len__(self) -> int:
         """Samples this rank reads in the rest of the current epoch (all its workers together)."""
-        return self.layout(worker_count()).count(sum(self._counts), self._start, self._uneven)
+        return self.layout(worker_count()).count(sum(self._counts), self._position.start, self._uneven)
 
     # -- iteration ----------------------------------------------------------------------
 
@@ -222,67 +225,25 @@ class StreamingDataset(_Base):
         self._sent_away = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        workers, worker = worker_info()
+        plan = self.plan(*worker_info())
         self._note_iteration()
-        reader = self.reader()
+        position = plan.position
+        reader = plan.open_reader()
         samplers: OrderedDict[int, Callable[[int], dict[str, Any]]] = OrderedDict()  # by shard << 32 | batch
         try:
-            for shards, batches, rows in self.located(self.layout(workers, worker), reader):
+            for shards, batches, rows in plan.located(reader):
                 for key, row in zip(((shards.astype(np.int64) << 32) | batches).tolist(), rows.tolist()):
                     sample = samplers.get(key)
                     if sample is None:
                         shard = key >> 32
-                        columns = Columns.of(reader.batch(shard, key & 0xFFFFFFFF), source=self._source(shard))
+                        columns = Columns.of(reader.batch(shard, key & 0xFFFFFFFF), source=plan.source(shard))
                         sample = samplers[key] = sample_of(columns)
                         if len(samplers) > _DECODED_BATCHES:
                             samplers.popitem(last=False)
-                    self._yielded += 1
+                    position.delivered += 1
                     yield sample(row)
         finally:
             reader.close()
-
-    def shard_rows(self, layout: Layout, reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """This consumer's samples of the epoch, in chunks of (shard, row within shard) arrays.
-
-        Plans ``reader`` ahead of each chunk (what to keep mapped, prefetch
-        and evict). Used by :meth:`located` and by :class:`Loader`.
-        """
-        order = self.order()
-        reader.expect(order.shard_sequence().tolist())
-        positions = layout.positions(order.size, self._start, self._uneven)[self._skip:]
-        # A chunk never spans more than one shuffle window, so the shards it and the next
-        # chunk touch (those kept mapped) fit the cache that _check_cache_size asked for.
-        consumers = layout.ranks * layout.workers
-        chunk = max(1, min(_CHUNK, self._window // consumers)) if self._shuffle else _CHUNK
-        ahead: tuple[np.ndarray, np.ndarray, list[int]] | None = None
-        for begin in range(0, positions.size, chunk):
-            shards, rows, uses = ahead or _with_first_uses(order.samples(positions[begin:begin + chunk]))
-            following = positions[begin + chunk:begin + 2 * chunk]
-            ahead = _with_first_uses(order.samples(following)) if following.size else None
-            reader.plan(uses + ahead[2] if ahead is not None else uses)
-            yield shards, rows
-
-    def located(self, layout: Layout,
-                reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Like :meth:`shard_rows`, with each row as (record batch, row within that batch)."""
-        for shards, rows in self.shard_rows(layout, reader):
-            batches = np.empty_like(rows)
-            firsts = np.empty_like(rows)
-            for shard in np.unique(shards):
-                mask = shards == shard
-                found = np.searchsorted(self._first_rows[shard], rows[mask], side="right") - 1
-                batches[mask] = found
-                firsts[mask] = self._first_rows[shard][found]
-            yield shards, batches, rows - firsts
-
-    def _source(self, shard: int) -> tuple[str, str]:
-        dataset, info = self._shards[shard]
-        return dataset.url, info.path
-
-    def count_consumed(self, samples: int) -> None:
-        """Record that ``samples`` more samples were handed to the trainer by this process (for :meth:`state_dict`)."""
-        self._counted_here = True
-        self._yielded += samples
 
     def _note_iteration(self) -> None:
         """Mark who iterates: this process (its count is the position) or a DataLoader worker (the shared flag)."""
@@ -290,10 +251,10 @@ class StreamingDataset(_Base):
             if self._worker_flag is not None:
                 self._worker_flag[0] = 1
         else:
-            self._counted_here = True
+            self._position.counted_here = True
 
-    def reader(self) -> ShardReader | MixedReader:
-        """A new reader of this dataset's shards, numbered as :meth:`shard` numbers them (close it when done)."""
+    def _open_reader(self) -> ShardReader | MixedReader:
+        """A new reader of this dataset's shards, numbered across the mixture (close it when done)."""
         readers = [self._reader(d) for d in self._datasets]
         return readers[0] if len(readers) == 1 else MixedReader(readers, self._shard_offsets)
 
@@ -361,6 +322,7 @@ class StreamingDataset(_Base):
         """
         worker = None
         size = sum(self._counts)
+        position = self._position
         if consumed is not None:
             step = self.layout().ranks * self._batch
             if not isinstance(consumed, (int, np.integer)) or isinstance(consumed, bool) or not \
@@ -370,14 +332,14 @@ class StreamingDataset(_Base):
             consumed = min(int(consumed), size)  # beyond: the padded last global batch, the epoch is done
         elif in_worker():
             workers, worker_id = worker_info()
-            consumed = self._start
-            worker = {"id": worker_id, "workers": workers, "yielded": self._skip + self._yielded}
+            consumed = position.start
+            worker = {"id": worker_id, "workers": workers, "yielded": position.skip + position.delivered}
         else:
             self._check_position_known()
             layout = self.layout()
-            consumed = min(size, self._start + (self._yielded // layout.batch) * layout.batch * layout.ranks)
+            consumed = min(size, position.start + (position.delivered // layout.batch) * layout.batch * layout.ranks)
         state = {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": self._epoch, "consumed": int(consumed),
+            "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": position.epoch, "consumed": int(consumed),
             "seed": self._seed, "shuffle": self._shuffle, "shuffle_window": self._window,
             "epoch_size": self._epoch_size,
             "datasets": [{"url": d.url, "index_xxh3": d.index_xxh3, "weight": w}
@@ -390,11 +352,11 @@ class StreamingDataset(_Base):
     def _check_position_known(self) -> None:
         """Raise :class:`PositionUnknown` if this process's count is not the position (see :meth:`state_dict`)."""
         in_workers = self._worker_flag is not None and self._worker_flag[0] != 0
-        if in_workers or (self._sent_away and not self._counted_here):
+        if in_workers or (self._sent_away and not self._position.counted_here):
             where = "DataLoader workers iterated it" if in_workers else "it was sent to other processes"
             raise PositionUnknown(f"{self.dataset.url}: state_dict() cannot know the position: {where}, and this "
-                                  f"process's copy never sees their progress (it would say epoch {self._epoch}, "
-                                  f"consumed {self._start}); {HOW_TO_KNOW}")
+                                  f"process's copy never sees their progress (it would say epoch "
+                                  f"{self._position.epoch}, consumed {self._position.start}); {HOW_TO_KNOW}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where ``state`` was taken, under this (possibly different) layout.
@@ -416,10 +378,7 @@ class StreamingDataset(_Base):
             raise ResumeMismatch("cannot resume: " + "; ".join(differences) +
                                  " (resuming would silently change the sample order)")
         skip = self._worker_skip(state.get("worker"), size, state["consumed"])
-        self._epoch = state["epoch"]
-        self._start = state["consumed"]
-        self._yielded = 0
-        self._skip = skip
+        self._position.resume(state["epoch"], state["consumed"], skip)
 
     def _worker_skip(self, saved: dict[str, int] | None, size: int, start: int) -> int:
         """How many of this worker's samples a per-worker state says were consumed (0 for a global state)."""
@@ -433,18 +392,6 @@ class StreamingDataset(_Base):
                                  "global_batch)")
         share = self.layout(workers, worker).positions(size, start, self._uneven).size
         return check_worker_yielded(saved, share)
-
-
-def _with_first_uses(located: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """(shards, rows) and the distinct shards, in the order of their first use."""
-    shards, rows = located
-    if shards.size == 0:
-        return shards, rows, []
-    low = int(shards.min())
-    first = np.full(int(shards.max()) - low + 1, shards.size, dtype=np.int64)
-    np.minimum.at(first, shards - low, np.arange(shards.size, dtype=np.int64))
-    used = np.flatnonzero(first < shards.size)
-    return shards, rows, (used[np.argsort(first[used])] + low).tolist()
 
 
 def _sources(url: object) -> list[tuple[str, float | None]]:

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 LEASE = "lease.json"
 """The lease's key at the top of a tier."""
 
-_CLOCK_PROBE = "lease-clock"
+CLOCK_PROBE = "lease-clock"
+"""Names of the empty keys written to read the store's clock (one left only by a holder killed at that moment)."""
 _FORMAT = "trainio.lease"
 
 
@@ -107,7 +108,7 @@ class Lease:
 
     def _age(self) -> float:
         """Seconds since the lease was last written, by the store's clock."""
-        probe = f"{_CLOCK_PROBE}.{self.me.token}"
+        probe = f"{CLOCK_PROBE}.{self.me.token}"
         self._store.put(probe, b"")
         try:
             return self._store.modified(probe) - self._store.modified(LEASE)

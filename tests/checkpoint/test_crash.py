@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier
+from trainio.checkpoint._tiers.lease import CLOCK_PROBE, LEASE
 from trainio.storage import TEMP_MARKER
 
 pytestmark = pytest.mark.slow  # `pytest -m "not slow"` is the quick lane; .ci/run runs everything
@@ -36,6 +37,7 @@ from tests.checkpoint.test_crash import state_of
 root = sys.argv[1]
 tiers = [Tier(root + "/fast", keep_last=2), Tier(root + "/slow", keep_last=3)]
 manager = CheckpointManager(tiers, chunk_bytes=1 << 18)
+print("started", flush=True)
 previous = None
 for step in range(int(sys.argv[2]), 10**6):
     handle = manager.save(step, state_of(step))
@@ -58,40 +60,44 @@ def state_of(step: int) -> dict[str, object]:
 
 
 def _committed(stdout: bytes) -> int:
-    lines = stdout.decode().split()
+    lines = [line for line in stdout.decode().split() if line.isdigit()]
     return int(lines[-1]) if lines else -1
 
 
 def run_trial(root: Path, rng: random.Random, first_step: int) -> tuple[int, int]:
-    """One kill; returns (last step the writer saw committed, step restored)."""
+    """One kill, a restore, one more save; returns (last step the writer saw committed, the step saved last)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])}
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(root), str(first_step)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    time.sleep(rng.uniform(0.3, 1.5))
+    assert writer.stdout is not None and writer.stdout.readline() == b"started\n", "the writer did not start"
+    time.sleep(rng.uniform(0.0, 1.2))  # from the manager's start: the kill lands while it saves, not at import
     writer.send_signal(signal.SIGKILL)
     stdout, stderr = writer.communicate()
     assert writer.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
     seen = _committed(stdout)
     for tier in ("fast", "slow"):
         listed = os.listdir(root / tier) if (root / tier).exists() else []
-        assert all(name.isdigit() or name.startswith(TEMP_MARKER) or name == "last_known_good.json"
-                   for name in listed), listed
-    with CheckpointManager([Tier(root / "fast"), Tier(root / "slow")]) as manager:
-        leftovers = [n for t in ("fast", "slow") if (root / t).exists()
-                     for n in os.listdir(root / t) if n.startswith(TEMP_MARKER)]
-        assert not leftovers, f"debris of the dead writer was not removed: {leftovers}"
+        assert all(name.isdigit() or name.startswith((TEMP_MARKER, CLOCK_PROBE))
+                   or name in ("last_known_good.json", LEASE) for name in listed), listed
+    tiers = [Tier(root / "fast"), Tier(root / "slow")]
+    with CheckpointManager(tiers) as manager:  # a reader: it restores, and removes nobody's files
         latest = manager.latest()
-        if latest is None:
-            assert seen == -1
-            return seen, -1
-        assert latest >= seen
-        restored = manager.restore()
-    expected = state_of(latest)
-    assert restored["step"] == latest
-    for name, array in expected["model"].items():  # type: ignore[attr-defined]
-        assert np.array_equal(restored["model"][name], array), name
-    assert np.array_equal(restored["frozen"], expected["frozen"])
-    assert all(np.array_equal(a, b) for a, b in zip(restored["small"], expected["small"], strict=True))
+        assert latest is not None or seen == -1
+        if latest is not None:
+            assert latest >= seen
+            restored = manager.restore()
+            expected = state_of(latest)
+            assert restored["step"] == latest
+            for name, array in expected["model"].items():  # type: ignore[attr-defined]
+                assert np.array_equal(restored["model"][name], array), name
+            assert np.array_equal(restored["frozen"], expected["frozen"])
+            assert all(np.array_equal(a, b) for a, b in zip(restored["small"], expected["small"], strict=True))
+    with CheckpointManager(tiers) as manager:  # the next writer takes over the dead one's leases and its debris
+        latest = (-1 if latest is None else latest) + 1
+        manager.save(latest, state_of(latest)).wait()
+        manager.wait()
+    leftovers = [n for t in ("fast", "slow") for n in os.listdir(root / t) if n.startswith(TEMP_MARKER)]
+    assert not leftovers, f"debris of the dead writer was not removed: {leftovers}"
     return seen, latest
 
 
@@ -118,7 +124,7 @@ def main() -> None:
         for trial in range(args.trials):
             seen, latest = run_trial(Path(tmp), rng, next_step)
             next_step = latest + 1
-            print(f"trial {trial}: writer saw {seen} committed, restored {latest}", flush=True)
+            print(f"trial {trial}: the killed writer saw {seen} committed; restored, then saved {latest}", flush=True)
     print(f"{args.trials} kills, no committed step lost")
 
 

@@ -65,15 +65,17 @@ def test_a_second_process_never_deletes_an_upload_in_flight_and_the_upload_commi
 
     monkeypatch.setattr(ObjectStepWriter, "_publish", held_publish)
     with CheckpointManager([Tier(tmp_path / "fast"), Tier(s3_url)]) as manager:
-        manager.save(1, _state(1)).wait()
-        assert uploaded.wait(60)
-        files_before = sorted(s3_store.list("000000000001"))
-        second = _second_job(s3_url, 7)  # an eval job or a restarted trainer opening the tier meanwhile
-        assert second.returncode == 3, second.stdout + second.stderr
-        assert "steps {" in second.stdout and "refused" in second.stdout
-        assert "is being written by run" in second.stdout and str(os.getpid()) in second.stdout
-        assert sorted(s3_store.list("000000000001")) == files_before  # nothing of the upload was removed
-        go_on.set()
+        try:
+            manager.save(1, _state(1)).wait()
+            assert uploaded.wait(60)
+            files_before = sorted(s3_store.list("000000000001"))
+            second = _second_job(s3_url, 7)  # an eval job or a restarted trainer opening the tier meanwhile
+            assert second.returncode == 3, second.stdout + second.stderr
+            assert "steps {" in second.stdout and "refused" in second.stdout
+            assert "is being written by run" in second.stdout and str(os.getpid()) in second.stdout
+            assert sorted(s3_store.list("000000000001")) == files_before  # nothing of the upload was removed
+        finally:
+            go_on.set()  # a failed assertion must not leave the promotion waiting for it
         manager.wait()
         assert manager.steps()[s3_url] == [1]
         restored = manager.restore(1, tiers=[s3_url])

@@ -219,7 +219,7 @@ def test_numpy_batches_without_torch(uniform: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(gather, "torch", None)
     monkeypatch.setattr(gather, "_native", None)
-    monkeypatch.setattr(loader_module, "_resolve_device", lambda device: (None, "cpu"))
+    monkeypatch.setattr(loader_module, "resolve_device", lambda device: (None, "cpu"))
     expected = np.arange(ROWS * 16, dtype=np.int32).reshape(ROWS, 16)
     batches = list(Loader(StreamingDataset(uniform, seed=1, batch_size=50), 50))
     assert all(isinstance(b["tokens"], np.ndarray) for b in batches)

@@ -1,0 +1,131 @@
+"""EpochPlan: one consumer's part of an epoch and where each of its samples lives; Position: how far it got.
+
+The boundary between :class:`~trainio.loaders.StreamingDataset` (which knows
+the datasets, the order's settings and the resume state) and whatever reads
+the samples (its own per-sample iteration, or :class:`~trainio.loaders.Loader`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .._format.index import ShardInfo
+    from .._read.dataset import Dataset
+    from .._read.shard_reader import ShardReader
+    from .epoch_order import EpochOrder, Layout, Uneven
+    from .mixture import MixedOrder, MixedReader
+
+
+class Position:
+    """Where a dataset stands in its current epoch, as the process iterating it counts.
+
+    Attributes:
+        epoch: The epoch being read.
+        start: Samples of the epoch's global sequence consumed (all ranks
+            together) before this reading began: where a resumed epoch starts.
+        skip: Of this consumer's own samples from ``start``, those already
+            delivered before (a DataLoader worker's own saved position).
+        delivered: Samples this process handed out since (:meth:`advance`).
+        counted_here: Whether this process iterated, so ``delivered`` is the truth.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.start = 0
+        self.skip = 0
+        self.delivered = 0
+        self.counted_here = False
+
+    def restart(self, epoch: int) -> None:
+        """Read ``epoch`` from its beginning."""
+        self.epoch, self.start, self.skip, self.delivered = epoch, 0, 0, 0
+
+    def resume(self, epoch: int, start: int, skip: int) -> None:
+        """Read ``epoch`` from ``start`` global samples on, this consumer's first ``skip`` of them left out."""
+        self.epoch, self.start, self.skip, self.delivered = epoch, start, skip, 0
+
+    def advance(self, samples: int) -> None:
+        """Record that this process handed ``samples`` more samples to the trainer."""
+        self.counted_here = True
+        self.delivered += samples
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one consumer (a rank's process, or one of its DataLoader workers) reads of one epoch.
+
+    Attributes:
+        order: The epoch's global sample order.
+        layout: The consumer's place: rank, world size, worker, batch dealt.
+        uneven: What happens to a last global batch the ranks cannot share.
+        chunk: Samples of the consumer's sequence planned at a time (within
+            one shuffle window, so the shards kept mapped fit the cache).
+        shards: Every shard, numbered across a mixture: its dataset and index entry.
+        first_rows: For each shard, the first row of each of its record batches.
+        position: Where the consumer starts, and what it delivers (advance it).
+        open_reader: Makes a new reader of the shards, numbered as ``shards`` (close it when done).
+    """
+
+    order: EpochOrder | MixedOrder
+    layout: Layout
+    uneven: Uneven
+    chunk: int
+    shards: Sequence[tuple[Dataset, ShardInfo]]
+    first_rows: Sequence[np.ndarray]
+    position: Position
+    open_reader: Callable[[], ShardReader | MixedReader]
+
+    def shard(self, shard: int) -> tuple[Dataset, ShardInfo]:
+        """The dataset and index entry of shard number ``shard``."""
+        return self.shards[shard]
+
+    def source(self, shard: int) -> tuple[str, str]:
+        """Shard ``shard``'s dataset URL and path, for messages."""
+        dataset, info = self.shards[shard]
+        return dataset.url, info.path
+
+    def chunks(self, reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The consumer's samples from its position on, in chunks of (shard, row within shard) arrays.
+
+        Plans ``reader`` ahead of each chunk (what to keep mapped, prefetch and evict).
+        """
+        order = self.order
+        reader.expect(order.shard_sequence().tolist())
+        positions = self.layout.positions(order.size, self.position.start, self.uneven)[self.position.skip:]
+        chunk = self.chunk
+        ahead: tuple[np.ndarray, np.ndarray, list[int]] | None = None
+        for begin in range(0, positions.size, chunk):
+            shards, rows, uses = ahead or _with_first_uses(order.samples(positions[begin:begin + chunk]))
+            following = positions[begin + chunk:begin + 2 * chunk]
+            ahead = _with_first_uses(order.samples(following)) if following.size else None
+            reader.plan(uses + ahead[2] if ahead is not None else uses)
+            yield shards, rows
+
+    def located(self, reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Like :meth:`chunks`, with each row as (shard, record batch, row within that batch)."""
+        for shards, rows in self.chunks(reader):
+            batches = np.empty_like(rows)
+            firsts = np.empty_like(rows)
+            for shard in np.unique(shards):
+                mask = shards == shard
+                found = np.searchsorted(self.first_rows[shard], rows[mask], side="right") - 1
+                batches[mask] = found
+                firsts[mask] = self.first_rows[shard][found]
+            yield shards, batches, rows - firsts
+
+
+def _with_first_uses(located: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(shards, rows) and the distinct shards, in the order of their first use."""
+    shards, rows = located
+    if shards.size == 0:
+        return shards, rows, []
+    low = int(shards.min())
+    first = np.full(int(shards.max()) - low + 1, shards.size, dtype=np.int64)
+    np.minimum.at(first, shards - low, np.arange(shards.size, dtype=np.int64))
+    used = np.flatnonzero(first < shards.size)
+    return shards, rows, (used[np.argsort(first[used])] + low).tolist()
