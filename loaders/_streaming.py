@@ -16,7 +16,7 @@ from ._batch.collate import Collate
 from ._format.columns import Columns, sample_of
 from ._order.epoch_order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
 from ._order.epoch_plan import EpochPlan, Position
-from ._order.mixture import MixedOrder, MixedReader, apportion
+from ._order.mixture import MixedOrder, MixedReader, apportion, mixture_sources
 from ._order.resume_state import (
     HOW_TO_KNOW,
     STATE_FORMAT,
@@ -110,7 +110,7 @@ class StreamingDataset(_Base):
             raise ValueError(f"uneven={uneven!r}: must be 'exact', 'drop' or 'pad'")
         if prefetch_shards < 0:
             raise ValueError(f"prefetch_shards={prefetch_shards}: must be >= 0")
-        specs = _sources(url)
+        specs = mixture_sources(url)
         self._datasets = tuple(Dataset(source) for source, _ in specs)
         for dataset in self._datasets[1:]:
             if not dataset.schema.remove_metadata().equals(self._datasets[0].schema.remove_metadata()):
@@ -392,20 +392,3 @@ class StreamingDataset(_Base):
                                  "global_batch)")
         share = self.layout(workers, worker).positions(size, start, self._uneven).size
         return check_worker_yielded(saved, share)
-
-
-def _sources(url: object) -> list[tuple[str, float | None]]:
-    """``(url, weight or None)`` of each dataset named by a StreamingDataset's first argument."""
-    if isinstance(url, (str, os.PathLike)):
-        return [(os.fspath(url), None)]
-    if not isinstance(url, Sequence) or not url:
-        raise ValueError(f"{url!r}: give a dataset URL, or a non-empty list of URLs or (URL, weight) pairs")
-    specs: list[tuple[str, float | None]] = []
-    for item in url:
-        if isinstance(item, (str, os.PathLike)):
-            specs.append((os.fspath(item), None))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, os.PathLike)):
-            specs.append((os.fspath(item[0]), float(item[1])))
-        else:
-            raise ValueError(f"{item!r}: each dataset is a URL or a (URL, weight) pair")
-    return specs

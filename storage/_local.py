@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._atomic import atomic_file, fsync_dir, make_dirs, open_temp, publish, temp_name, write_all
-from ._hashing import Hasher
 from ._keys import TEMP_MARKER, check_bounds, check_key
+from ._local_io import kernel_copy, opened_path, pread_exact, preadv_exact
 from ._store import Store
 from ._streams import HashingReader, HashingWriter
 from ._writer import StoreWriter
 from .errors import AlreadyExists, InvalidKey, NotFound, StoreError
 
 _NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
-_NO_KERNEL_COPY_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,7 +176,7 @@ class LocalStore(Store):
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
         fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self._check_inside(key, _opened_path(fd) or os.path.realpath(self._path(key)))
+            self._check_inside(key, opened_path(fd) or os.path.realpath(self._path(key)))
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
                 what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
@@ -212,7 +211,7 @@ class LocalStore(Store):
             fd = self._open_regular(key)
             try:
                 stop = check_bounds(self.url, key, start, end, os.fstat(fd).st_size)
-                return _pread_exact(fd, start, stop - start, self.url, key)
+                return pread_exact(fd, start, stop - start, self.url, key)
             finally:
                 os.close(fd)
 
@@ -221,7 +220,7 @@ class LocalStore(Store):
             fd = self._open_regular(key)
             try:
                 check_bounds(self.url, key, offset, offset + buffer.nbytes, os.fstat(fd).st_size)
-                _preadv_exact(fd, buffer, offset, self.url, key)
+                preadv_exact(fd, buffer, offset, self.url, key)
             finally:
                 os.close(fd)
 
@@ -246,7 +245,7 @@ class LocalStore(Store):
         block = memoryview(bytearray(min(max(size, 1), self._options.block_bytes)))
         with self._errors(key, "write"):
             with atomic_file(self._writable_path(key), durable=self._options.durable, overwrite=overwrite) as f:
-                if _kernel_copy(source.fileno(), f.fileno(), size, source.hasher, block):
+                if kernel_copy(source.fileno(), f.fileno(), size, source.hasher, block):
                     return
                 while n := source.readinto(block):
                     write_all(f, block[:n])
@@ -257,12 +256,12 @@ class LocalStore(Store):
             try:
                 size = os.fstat(fd).st_size
                 block = memoryview(bytearray(min(max(size, 1), self._options.block_bytes)))
-                if _kernel_copy(fd, sink.fileno(), size, sink.hasher, block):
+                if kernel_copy(fd, sink.fileno(), size, sink.hasher, block):
                     return
                 offset = 0
                 while offset < size:
                     n = min(block.nbytes, size - offset)
-                    _preadv_exact(fd, block[:n], offset, self.url, key)
+                    preadv_exact(fd, block[:n], offset, self.url, key)
                     sink.write(block[:n])
                     offset += n
             finally:
@@ -379,65 +378,3 @@ class LocalStore(Store):
             except BaseException:
                 os.unlink(tmp)
                 raise
-
-
-def _opened_path(fd: int) -> str | None:
-    """The path the kernel resolved for the open ``fd`` (Linux), or None where it cannot say."""
-    try:
-        path = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None
-    return path if path.startswith("/") and not path.endswith(" (deleted)") else None
-
-
-def _pread_exact(fd: int, offset: int, size: int, url: str, key: str) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) == size:
-        return data
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    view[: len(data)] = data
-    _preadv_exact(fd, view[len(data):], offset + len(data), url, key)
-    return bytes(buffer)
-
-
-def _preadv_exact(fd: int, buffer: memoryview, offset: int, url: str, key: str) -> None:
-    filled = 0
-    total = buffer.nbytes
-    while filled < total:
-        n = os.preadv(fd, [buffer[filled:]], offset + filled)
-        if n == 0:
-            raise StoreError(url, key, f"the file ended at byte {offset + filled} while reading", "it was truncated while being read")
-        filled += n
-
-
-def _kernel_copy(src: int, dst: int, size: int, hasher: Hasher, block: memoryview) -> bool:
-    """Copy bytes [0, size) of ``src`` to the start of ``dst`` inside the kernel, feeding ``hasher``.
-
-    Each block is hashed by reading it back from the page cache, which the
-    copy has just filled; the data never takes a second trip through user
-    space. Returns False, having copied nothing, where the kernel or the file
-    systems cannot do it, so the caller copies the plain way.
-    """
-    if not hasattr(os, "copy_file_range") or size == 0:
-        return False
-    offset = 0
-    while offset < size:
-        try:
-            n = os.copy_file_range(src, dst, min(block.nbytes, size - offset), offset, offset)
-        except OSError as exc:
-            if offset == 0 and exc.errno in _NO_KERNEL_COPY_ERRNOS:
-                return False
-            raise
-        if n == 0:
-            raise OSError(errno.EIO, f"the source ended at byte {offset} of {size} during the copy")
-        view = block[:n]
-        filled = 0
-        while filled < n:
-            got = os.preadv(src, [view[filled:]], offset + filled)
-            if not got:
-                raise OSError(errno.EIO, f"the source ended at byte {offset + filled} while hashing")
-            filled += got
-        hasher.update(view)
-        offset += n
-    return True

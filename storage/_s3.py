@@ -5,39 +5,32 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import re
-import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from functools import partial
 from typing import Any, TypeVar
 
-import boto3
-import botocore.config
 import botocore.exceptions as bexc
 
 from ._buffers import new_bytes
-from ._keys import TEMP_MARKER, check_bounds, check_key, check_prefix
+from ._keys import TEMP_MARKER, check_bounds, check_key
 from ._parallel import run_all
-from ._s3_errors import ShortBody, describe, error_code, http_status, is_retryable, translate
-from ._s3_options import S3Options
-from ._store import Store
+from ._s3_base import S3Base
+from ._s3_errors import ShortBody, describe, error_code, http_status
 from ._streams import HashingReader, HashingWriter
-from .errors import AlreadyExists, InvalidKey, StoreError, StoreUnavailable
+from .errors import AlreadyExists, InvalidKey, StoreError
 
 T = TypeVar("T")
 log = logging.getLogger("trainio.storage.s3")
 
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _DELETE_BATCH = 1000
 _MAX_PARTS = 10_000
 
 
-class S3Store(Store):
+class S3Store(S3Base):
     """Keys as objects ``<prefix>/<key>`` in ``bucket``.
 
     Large objects move in parallel parts: multipart uploads (aborted on
@@ -46,140 +39,6 @@ class S3Store(Store):
     ``options.retry``; what still fails raises ``StoreUnavailable`` naming
     the endpoint, the bucket and the key.
     """
-
-    def __init__(self, bucket: str, prefix: str = "", *, options: S3Options = S3Options()) -> None:
-        super().__init__(io_threads=options.max_concurrency)
-        self._bucket = bucket
-        self._prefix = prefix.strip("/")
-        self._options = options
-        if not _BUCKET_RE.match(bucket) or ".." in bucket:
-            raise StoreError(
-                self.url, "", f"{bucket!r} is not a valid bucket name",
-                "use 3-63 lowercase letters, digits, '.' or '-', starting and ending with a letter or digit",
-            )
-        check_prefix(self.url, self._prefix)
-        self._reset_s3_transient()
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self._bucket}/{self._prefix}" if self._prefix else f"s3://{self._bucket}"
-
-    @property
-    def bucket(self) -> str:
-        """The bucket holding the objects."""
-        return self._bucket
-
-    @property
-    def prefix(self) -> str:
-        """The key prefix inside the bucket ("" for the whole bucket)."""
-        return self._prefix
-
-    @property
-    def options(self) -> S3Options:
-        """The options this store was made with."""
-        return self._options
-
-    def _identity(self) -> tuple[object, ...]:
-        return (self._bucket, self._prefix, self._options)
-
-    def _transient_attributes(self) -> tuple[str, ...]:
-        return (*super()._transient_attributes(), "_client_obj", "_transfers", "_s3_pid", "_s3_lock")
-
-    def _reset_transient(self) -> None:
-        super()._reset_transient()
-        self._reset_s3_transient()
-
-    def _reset_s3_transient(self) -> None:
-        self._client_obj: Any = None
-        self._transfers: ThreadPoolExecutor | None = None
-        self._s3_pid = 0
-        self._s3_lock = threading.Lock()
-
-    def close(self) -> None:
-        super().close()
-        with self._s3_lock:
-            self._s3_pid = 0
-        transfers, self._transfers = self._transfers, None
-        if transfers is not None:
-            transfers.shutdown(wait=True)
-        client, self._client_obj = self._client_obj, None
-        if client is not None:
-            client.close()
-
-    # -- per-process resources ---------------------------------------------------
-
-    def _ensure_process_resources(self) -> None:
-        pid = os.getpid()
-        if self._s3_pid == pid:
-            return
-        with self._s3_lock:
-            if self._s3_pid == pid:
-                return
-            opts = self._options
-            session = boto3.session.Session(
-                aws_access_key_id=opts.access_key_id,
-                aws_secret_access_key=opts.secret_access_key,
-                aws_session_token=opts.session_token,
-                region_name=opts.region,
-                profile_name=opts.profile,
-            )
-            config = botocore.config.Config(
-                max_pool_connections=2 * opts.max_concurrency + 2,
-                connect_timeout=opts.connect_timeout_s,
-                read_timeout=opts.read_timeout_s,
-                retries={"total_max_attempts": 1},
-                tcp_keepalive=True,
-            )
-            self._client_obj = session.client("s3", endpoint_url=opts.endpoint_url, config=config)
-            self._transfers = ThreadPoolExecutor(opts.max_concurrency, thread_name_prefix="trainio-s3")
-            self._s3_pid = pid
-
-    @property
-    def _client(self) -> Any:
-        self._ensure_process_resources()
-        return self._client_obj
-
-    def _transfer_pool(self) -> ThreadPoolExecutor:
-        """The pool that runs the parts of one transfer (the base class's pool runs the async twins)."""
-        self._ensure_process_resources()
-        assert self._transfers is not None
-        return self._transfers
-
-    def _endpoint(self) -> str:
-        try:
-            return str(self._client.meta.endpoint_url)
-        except Exception:  # noqa: BLE001 - only for an error message
-            return self._options.endpoint_url or "the default AWS endpoint"
-
-    def _full(self, key: str) -> str:
-        return f"{self._prefix}/{key}" if self._prefix else key
-
-    # -- retries and error translation -----------------------------------------
-
-    def _call(self, action: str, key: str, fn: Callable[[], T], *, create_only: bool = False) -> T:
-        """Run one request under the retry policy, translating what finally fails."""
-        failures = 0
-        while True:
-            try:
-                return fn()
-            except (StoreError, ValueError, TypeError):
-                raise
-            except Exception as exc:
-                if not is_retryable(exc):
-                    raise translate(exc, url=self.url, bucket=self._bucket, key=key, action=action,
-                                create_only=create_only) from exc
-                failures += 1
-                if failures >= self._options.retry.max_attempts:
-                    raise StoreUnavailable(
-                        self.url, key,
-                        f"cannot {action}: {failures} tries against endpoint {self._endpoint()} "
-                        f"failed; last error: {describe(exc)}",
-                        "check that the endpoint is up and reachable, or raise S3Options.retry",
-                    ) from exc
-                delay = self._options.retry.backoff_s(failures)
-                log.info("[key=%s] %s failed (%s); retry %d in %.2fs", self._full(key), action,
-                         describe(exc), failures, delay)
-                time.sleep(delay)
 
     def _size(self, key: str) -> int:
         response = self._call("stat", key, lambda: self._client.head_object(Bucket=self._bucket, Key=self._full(key)))

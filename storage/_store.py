@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
-import functools
 import io
 import os
 import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from ._async import twin
+from ._async import ProcessPool, twin
 from ._atomic import atomic_file
 from ._hashing import Hasher, check_digest, digest
 from ._keys import check_key, check_prefix, check_range
@@ -54,12 +51,7 @@ class Store(ABC):
     """
 
     def __init__(self, *, io_threads: int) -> None:
-        if io_threads < 1:
-            raise ValueError(f"io_threads={io_threads}: must be >= 1")
-        self._io_threads = io_threads
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0
-        self._pool_lock = threading.Lock()
+        self._io = ProcessPool(io_threads, "trainio-io")
 
     # -- identity -----------------------------------------------------------
 
@@ -92,13 +84,11 @@ class Store(ABC):
         self._reset_transient()
 
     def _transient_attributes(self) -> tuple[str, ...]:
-        """Attributes that belong to one process (pools, clients, locks) and are not pickled."""
-        return ("_pool", "_pool_pid", "_pool_lock")
+        """Attributes that belong to one process (clients, locks) and are not pickled."""
+        return ()
 
-    def _reset_transient(self) -> None:
-        self._pool = None
-        self._pool_pid = 0
-        self._pool_lock = threading.Lock()
+    def _reset_transient(self) -> None:  # noqa: B027 - only backends with per-process attributes need it
+        """Make the attributes :meth:`_transient_attributes` names anew, after unpickling."""
 
     # -- the blocking hooks every backend implements (keys already checked) --
 
@@ -374,18 +364,8 @@ class Store(ABC):
 
     # -- async twins: the same calls, run on the store's bounded I/O pool ------
 
-    def _io_pool(self) -> ThreadPoolExecutor:
-        pid = os.getpid()
-        if self._pool is None or self._pool_pid != pid:
-            with self._pool_lock:
-                if self._pool is None or self._pool_pid != pid:
-                    self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="trainio-io")
-                    self._pool_pid = pid
-        return self._pool
-
     async def _offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._io_pool(), functools.partial(fn, *args, **kwargs))
+        return await self._io.run(fn, *args, **kwargs)
 
     get_async = twin(get)
     get_into_async = twin(get_into)
@@ -405,9 +385,7 @@ class Store(ABC):
 
     def close(self) -> None:
         """Release the store's threads and connections; it reopens them if used again."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        self._io.shutdown()
 
     def __enter__(self) -> Self:
         return self

@@ -95,3 +95,11 @@ def test_no_two_modules_import_each_other(repo_root: Path) -> None:
         if name not in state:
             visit(name, [name])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_modules_stay_small_and_the_manager_thin(repo_root: Path) -> None:
+    """A module holds one job: at most 400 lines; CheckpointManager is a front under 300 (its work is elsewhere)."""
+    sizes = {p.relative_to(repo_root).as_posix(): len(p.read_text().splitlines())
+             for package in _PACKAGES for p in (repo_root / package).rglob("*.py")}
+    assert not {path: n for path, n in sizes.items() if n > 400}
+    assert sizes["checkpoint/_manager.py"] < 300

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -175,3 +176,20 @@ class MixedReader:
         """Close every dataset's reader."""
         for reader in self._readers:
             reader.close()
+
+
+def mixture_sources(url: object) -> list[tuple[str, float | None]]:
+    """``(url, weight or None)`` of each dataset named by a StreamingDataset's first argument."""
+    if isinstance(url, (str, os.PathLike)):
+        return [(os.fspath(url), None)]
+    if not isinstance(url, Sequence) or not url:
+        raise ValueError(f"{url!r}: give a dataset URL, or a non-empty list of URLs or (URL, weight) pairs")
+    specs: list[tuple[str, float | None]] = []
+    for item in url:
+        if isinstance(item, (str, os.PathLike)):
+            specs.append((os.fspath(item), None))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, os.PathLike)):
+            specs.append((os.fspath(item[0]), float(item[1])))
+        else:
+            raise ValueError(f"{item!r}: each dataset is a URL or a (URL, weight) pair")
+    return specs

@@ -151,7 +151,7 @@ def faulty_store(s3_bucket: str, faulty_options: S3Options) -> Iterator[S3Store]
 def backoffs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The backoff sleeps S3Store takes between retries, recorded (and skipped) instead of slept."""
     recorded: list[float] = []
-    monkeypatch.setattr("trainio.storage._s3.time.sleep", recorded.append)
+    monkeypatch.setattr("trainio.storage._s3_base.time.sleep", recorded.append)
     return recorded
 
 
