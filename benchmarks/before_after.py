@@ -10,9 +10,12 @@ a Markdown table whose contender matches ``--rows`` is collected from every
 round; the summary gives, per row, the median of each side's rounds of the
 chosen column and their ratio (after / before).
 
-Each tree writes its own data directory (``--data DIR/before``,
-``DIR/after``: the dataset format may differ between commits), from the same
-seed, and reuses it in later rounds.
+Each tree writes its own data directory (``{data}`` in the command becomes
+``DIR/before`` or ``DIR/after``, the dataset format may differ between
+commits), from the same seed, and reuses it in later rounds. Where the newer
+code reads the older format, give both the same directory instead: files
+written at different times can sit in the page cache differently (4 KB pages
+or 2 MB folios), which moves copy speeds by more than most code changes.
 
 Run:  python benchmarks/before_after.py --before ce39b73 --rounds 3 --rows "trainio Loader" --column "GB/s" \\
           -- benchmarks/loader_bench.py --only "trainio Loader (batch 64, cpu)" --repeat 5 --min-seconds 0 \\
@@ -77,13 +80,21 @@ def table_rows(output: str, rows: str, column: str) -> dict[str, float]:
         if column not in header or set(line) <= set("|-: "):
             continue
         value = cells[header.index(column)].replace(",", "")
-        label = " | ".join(cells[:header.index(column)])
+        label = " | ".join(c for c in cells[:header.index(column)] if not _is_number(c))  # names, not figures
         if rows.lower() in label.lower():
             try:
                 found[label] = float(value)
             except ValueError:
                 pass
     return found
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell.replace(",", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def main() -> None:

@@ -11,7 +11,9 @@ are that rank's alone: written whole by it, never packed.
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +119,27 @@ def make_plan(per_rank: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int
     for rank, rows in enumerate(shared[1:], start=1):
         _rank_rows(rows, rank, reference)
     _check_replicated(shared, wheres or {})
+    key = json.dumps([chunk_bytes, pack_bytes, codec, [[row[:8] for row in rows] for rows in per_rank]])
+    with _recent_lock:
+        plan = _recent.get(key)
+    if plan is None:
+        plan = _new_plan(per_rank, shared, chunk_bytes, pack_bytes, codec)
+        with _recent_lock:
+            _recent[key] = plan
+            while len(_recent) > _RECENT_PLANS:
+                del _recent[next(iter(_recent))]
+    return plan
+
+
+_RECENT_PLANS = 8
+_recent: dict[str, Plan] = {}  # by what the ranks hold: a job saves the same layout step after step (plans are not
+#                               changed once made, so one serves every save of that layout)
+_recent_lock = threading.Lock()
+
+
+def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int,
+              codec: str | None) -> Plan:
+    reference = shared[0]
     arrays: dict[str, ArraySpec] = {}
     pack_end = 0
     units: list[Unit] = []

@@ -93,6 +93,18 @@ def test_plans_refuse_mismatched_or_uncovered_states() -> None:
         make_plan([[_rows("a", [4], Box((0,), (2,)))], [_rows("a", [4], Box((0,), (2,)))]], 1 << 20, 0, None)
 
 
+def test_a_layout_saved_again_reuses_its_plan_but_digests_are_compared_every_time() -> None:
+    def rows(digest: str, width: int = 4) -> list[list[Any]]:
+        return [[*_rows("w", [10, width], None), None, digest]]
+
+    first = make_plan([rows("a"), rows("a")], 1 << 20, 0, None)
+    assert make_plan([rows("b"), rows("b")], 1 << 20, 0, None) is first  # new values, the same layout
+    assert make_plan([rows("a", 5), rows("a", 5)], 1 << 20, 0, None) is not first
+    assert make_plan([rows("a"), rows("a")], 1 << 19, 0, None) is not first
+    with pytest.raises(CheckpointError, match="differ between the ranks"):
+        make_plan([rows("a"), rows("c")], 1 << 20, 0, None)
+
+
 _NUMPY_SAVE = """
 import sys
 import numpy as np
