@@ -12,11 +12,22 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainio.storage import DIGEST_NAME, FormatError, check_key, is_sealed, load_sealed, parse_json, seal_json
+from trainio.storage import (
+    DIGEST_NAME,
+    FormatError,
+    check_key,
+    check_seal,
+    digest,
+    is_sealed,
+    load_sealed,
+    parse_json,
+    seal_json,
+)
 from trainio.storage.errors import InvalidKey
 
 from .dtypes import ZARR_NATIVE, stored_dtype
@@ -105,6 +116,13 @@ class Manifest:
                 the message names the field.
         """
         sealed = is_sealed(data)
+        known = None
+        if sealed:
+            check_seal(data, where, key)
+            known = digest(data)
+            with _parsed_lock:
+                if known in _parsed:
+                    return _parsed[known]  # these very bytes were parsed and validated before
         document = load_sealed(data, where, key) if sealed else parse_json(data, where, key)
         validator = _Validator(where, key)
         if not sealed:
@@ -112,7 +130,19 @@ class Manifest:
             validator.check(version == UNSEALED_VERSION,
                             "has no valid 'document_xxh3_128' seal (only a version-1 manifest may lack one; this "
                             f"one says version {version!r}): it is damaged")
-        return validator.manifest(document)
+        manifest = validator.manifest(document)
+        if known is not None:
+            with _parsed_lock:
+                _parsed[known] = manifest
+                while len(_parsed) > _PARSED_LIMIT:
+                    del _parsed[next(iter(_parsed))]
+        return manifest
+
+
+_PARSED_LIMIT = 32
+_parsed: dict[str, Manifest] = {}  # by the xxh3-128 of a sealed manifest's bytes: a restore, a promotion and every
+#                                   tier read the same manifest, and validating a large one takes milliseconds
+_parsed_lock = threading.Lock()
 
 
 class _Validator:

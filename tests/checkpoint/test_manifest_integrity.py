@@ -56,6 +56,16 @@ def test_every_bit_flip_of_a_manifest_is_refused_or_harmless(saved: Path) -> Non
             assert parsed == original, f"flipping bit {bit} of byte {position} changed the manifest unnoticed"
 
 
+def test_the_same_manifest_bytes_are_validated_once_and_any_other_bytes_again(saved: Path) -> None:
+    data = (saved / "fast" / STEP / "manifest.json").read_bytes()
+    first = Manifest.from_bytes(data, "fast", "manifest.json")
+    assert Manifest.from_bytes(bytes(data), "slow", "manifest.json") is first
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 4
+    with pytest.raises(FormatError, match="damaged"):
+        Manifest.from_bytes(bytes(damaged), "fast", "manifest.json")
+
+
 def test_a_damaged_manifest_falls_back_to_the_next_tiers_own(saved: Path) -> None:
     path = saved / "fast" / STEP / "manifest.json"
     good = path.read_bytes()
