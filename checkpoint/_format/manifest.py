@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ from trainio.storage import (
 )
 from trainio.storage.errors import InvalidKey
 
+from .._recent import Recent
 from .dtypes import ZARR_NATIVE, stored_dtype
 from .names import is_node_name
 from .nodes import Node
@@ -120,9 +120,9 @@ class Manifest:
         if sealed:
             check_seal(data, where, key)
             known = digest(data)
-            with _parsed_lock:
-                if known in _parsed:
-                    return _parsed[known]  # these very bytes were parsed and validated before
+            parsed = _parsed.get(known)
+            if parsed is not None:
+                return parsed  # these very bytes were parsed and validated before
         document = load_sealed(data, where, key) if sealed else parse_json(data, where, key)
         validator = _Validator(where, key)
         if not sealed:
@@ -131,18 +131,11 @@ class Manifest:
                             "has no valid 'document_xxh3_128' seal (only a version-1 manifest may lack one; this "
                             f"one says version {version!r}): it is damaged")
         manifest = validator.manifest(document)
-        if known is not None:
-            with _parsed_lock:
-                _parsed[known] = manifest
-                while len(_parsed) > _PARSED_LIMIT:
-                    del _parsed[next(iter(_parsed))]
-        return manifest
+        return manifest if known is None else _parsed.keep(known, manifest)
 
 
-_PARSED_LIMIT = 32
-_parsed: dict[str, Manifest] = {}  # by the xxh3-128 of a sealed manifest's bytes: a restore, a promotion and every
-#                                   tier read the same manifest, and validating a large one takes milliseconds
-_parsed_lock = threading.Lock()
+_parsed: Recent[str, Manifest] = Recent(32)  # by the xxh3-128 of sealed manifest bytes: a restore, a promotion and
+#                                              every tier read the same manifest; validating one takes milliseconds
 
 
 class _Validator:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from trainio.storage import CheckpointError
 from .._format.boxes import Box, chunk_indices, grid_chunks
 from .._format.state_tree import ArrayLeaf
 from .._format.zarr_layout import ArraySpec, pack_spec
+from .._recent import Recent
 from .staging import aligned
 
 PACK_OWNER = 0
@@ -120,21 +120,11 @@ def make_plan(per_rank: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int
         _rank_rows(rows, rank, reference)
     _check_replicated(shared, wheres or {})
     key = json.dumps([chunk_bytes, pack_bytes, codec, [[row[:8] for row in rows] for rows in per_rank]])
-    with _recent_lock:
-        plan = _recent.get(key)
-    if plan is None:
-        plan = _new_plan(per_rank, shared, chunk_bytes, pack_bytes, codec)
-        with _recent_lock:
-            _recent[key] = plan
-            while len(_recent) > _RECENT_PLANS:
-                del _recent[next(iter(_recent))]
-    return plan
+    return _recent.get(key) or _recent.keep(key, _new_plan(per_rank, shared, chunk_bytes, pack_bytes, codec))
 
 
-_RECENT_PLANS = 8
-_recent: dict[str, Plan] = {}  # by what the ranks hold: a job saves the same layout step after step (plans are not
-#                               changed once made, so one serves every save of that layout)
-_recent_lock = threading.Lock()
+_recent: Recent[str, Plan] = Recent(8)  # by what the ranks hold: a job saves the same layout step after step (a plan
+#                                          is not changed once made, so one serves every save of that layout)
 
 
 def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int,
@@ -144,13 +134,14 @@ def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], ch
     pack_end = 0
     units: list[Unit] = []
     holders: dict[tuple[str, Box], list[int]] = {}
-    held: list[tuple[list[Any], list[Box | None], bool]] = []  # row, each rank's box, packable
+    held: list[tuple[list[Any], dict[Box, list[int]], bool]] = []  # row, the ranks holding each box, packable
     for index, row in enumerate(reference):
-        shape = tuple(row[4])
-        boxes: list[Box | None] = [
-            Box.whole(shape) if rows[index][6] is None else Box(tuple(rows[index][6][0]), tuple(rows[index][6][1]))
-            for rows in shared]
-        held.append((row, boxes, all(rows[index][6] is None for rows in shared)))
+        whole = Box.whole(tuple(row[4]))
+        by_box: dict[Box, list[int]] = {}
+        for rank, rows in enumerate(shared):  # one pass over the ranks: never every rank for every box
+            place = rows[index][6]
+            by_box.setdefault(whole if place is None else Box(tuple(place[0]), tuple(place[1])), []).append(rank)
+        held.append((row, by_box, all(rows[index][6] is None for rows in shared)))
     paths = {row[0] for row in reference}
     for rank, rows in enumerate(per_rank):
         for row in rows:
@@ -159,8 +150,8 @@ def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], ch
             if row[7] != rank or row[0] in paths:
                 raise CheckpointError(f"{row[0]}: rank {rank}'s per-rank array clashes with another array")
             paths.add(row[0])
-            held.append((row, [Box.whole(tuple(row[4])) if r == rank else None for r in range(len(per_rank))], False))
-    for row, boxes, packable in held:
+            held.append((row, {Box.whole(tuple(row[4])): [rank]}, False))
+    for row, by_box, packable in held:
         path, kind, dtype, stored, shape_list, itemsize = row[:6]
         shape = tuple(shape_list)
         nbytes = math.prod(shape) * itemsize
@@ -170,11 +161,11 @@ def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], ch
                                      pack_end)
             pack_end += nbytes
             continue
-        distinct = sorted({b for b in boxes if b is not None and not b.empty}, key=lambda b: b.offset)
+        distinct = sorted((b for b in by_box if not b.empty), key=lambda b: b.offset)
         arrays[path] = ArraySpec(path, kind, dtype, stored, shape, grid_chunks(shape, itemsize, chunk_bytes, distinct),
                                  None, codec)
         for box in distinct:
-            holders[(path, box)] = [r for r, b in enumerate(boxes) if b == box]
+            holders[(path, box)] = by_box[box]
             units.append(Unit(path, box, -1))
     pack = pack_spec(pack_end, chunk_bytes, codec) if any(s.packed is not None for s in arrays.values()) else None
     _assign_owners(units, holders, arrays, len(per_rank), pack_end)
