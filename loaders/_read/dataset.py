@@ -58,6 +58,7 @@ class Dataset:
         self._reset_caches()
 
     def _reset_caches(self) -> None:
+        self._local = self._store.local_path(INDEX_KEY) is not None
         self._checker: tuple[int, ShardChecker] | None = None  # (the process it belongs to, the checker)
         self._lock = threading.Lock()
         _open_datasets.add(self)
@@ -85,7 +86,7 @@ class Dataset:
     @property
     def is_local(self) -> bool:
         """Whether its files are local files, memory-mapped where they are (else read through a cache)."""
-        return self._store.local_path(INDEX_KEY) is not None
+        return self._local
 
     @property
     def index(self) -> DatasetIndex:
