@@ -11,7 +11,6 @@ are that rank's alone: written whole by it, never packed.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from trainio.storage import CheckpointError
 from .._format.boxes import Box, chunk_indices, grid_chunks
 from .._format.state_tree import ArrayLeaf
 from .._format.zarr_layout import ArraySpec, pack_spec
-from .._recent import Recent
 from .staging import aligned
 
 PACK_OWNER = 0
@@ -119,12 +117,7 @@ def make_plan(per_rank: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int
     for rank, rows in enumerate(shared[1:], start=1):
         _rank_rows(rows, rank, reference)
     _check_replicated(shared, wheres or {})
-    key = json.dumps([chunk_bytes, pack_bytes, codec, [[row[:8] for row in rows] for rows in per_rank]])
-    return _recent.get(key) or _recent.keep(key, _new_plan(per_rank, shared, chunk_bytes, pack_bytes, codec))
-
-
-_recent: Recent[str, Plan] = Recent(8)  # by what the ranks hold: a job saves the same layout step after step (a plan
-#                                          is not changed once made, so one serves every save of that layout)
+    return _new_plan(per_rank, shared, chunk_bytes, pack_bytes, codec)
 
 
 def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int,

@@ -3,13 +3,16 @@
 A single process saves as a world of one, through the same planning,
 writing and commit code (its exchanges are local: :class:`WorldOfOne`).
 
-Agreeing on the plan is one exchange (all_gather) in ``save()``: each rank
-sends its array rows with the xxh3-128 of every replicated array's live bytes
-(in a world of more than one), the digest of its skeleton's shared part (JSON
-leaves included) and its own :class:`~trainio.checkpoint.PerRank` sub-trees.
-Every rank then checks the same things alike and raises alike; only when the
-skeletons differ is there a second exchange, of the skeletons themselves, to
-name the first difference. Then, in the background:
+Agreeing on the plan takes one exchange (all_gather) in ``save()`` when the
+state's layout is the previous save's: each rank sends digests of its arrays'
+layout and of its replicated arrays' live bytes (xxh3-128 of each, in a world
+of more than one), the digest of its skeleton's shared part (JSON leaves
+included), its own :class:`~trainio.checkpoint.PerRank` sub-trees, and the key
+of the plan it made last. Every rank then checks the same things alike and
+raises alike. Where the layout changed, or replicated bytes differ, a second
+exchange sends every rank's array rows, from which every rank makes the plan
+(and names what differs); where the skeletons differ, a third sends the
+skeletons, to name the first difference. Then, in the background:
 
 1. every rank writes the files of its boxes (rank 0 also the pack and the
    metadata documents) into its writer for the step and makes them durable;
@@ -22,10 +25,11 @@ name the first difference. Then, in the background:
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from trainio.storage import CheckpointError
+from trainio.storage import CheckpointError, digest
 
 from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.nodes import Node
@@ -48,6 +52,7 @@ class StepSaves:
         self._chunk_bytes = chunk_bytes
         self._pack_bytes = pack_bytes
         self._codec = codec
+        self._previous: tuple[str, Plan] | None = None  # the last plan made, by the digest of every rank's layout
 
     def plan(self, step: int, skeleton: Node, leaves: list[ArrayLeaf], problem: BaseException | None,
              tier: TierIO) -> tuple[Plan, str | None]:
@@ -66,15 +71,18 @@ class StepSaves:
                 the timeout.
         """
         shared: Node = {}
-        own: list[Node] = []
-        payload: dict[str, Any] = {"step": step, "rows": [], "skeleton": None, "own": [],
+        rows: list[list[Any]] = []
+        payload: dict[str, Any] = {"step": step, "layout": None, "values": None, "skeleton": None, "own": [],
+                                   "previous": self._previous[0] if self._previous is not None else None,
                                    "name": tier.shared_name(step) if self.rank == PACK_OWNER else None}
         if problem is None:
             try:
-                shared, payload["skeleton"], own = split(skeleton)
+                shared, payload["skeleton"], payload["own"] = split(skeleton)
                 compared = self.world > 1  # a world of one has nothing to compare its arrays with
                 digests = [value_digest(leaf) if compared and leaf.replicated else None for leaf in leaves]
-                payload["rows"], payload["own"] = describe_leaves(leaves, digests), own
+                rows = describe_leaves(leaves, digests)
+                payload["layout"] = _digest_of([row[:8] for row in rows])
+                payload["values"] = _digest_of([row[8] for row in rows])
             except Exception as exc:  # noqa: BLE001 - a value that cannot be hashed fails the save on every rank
                 problem = CheckpointError(f"hashing the state to compare it between ranks failed: {describe(exc)}")
                 problem.__cause__ = exc
@@ -89,8 +97,17 @@ class StepSaves:
         if len(set(steps)) > 1:
             raise CheckpointError(f"the ranks called save() with different steps {steps}; every rank must save "
                                   "the same step")
-        plan = make_plan([p["rows"] for p in everyone], self._chunk_bytes, self._pack_bytes, self._codec,
-                         {leaf.path: leaf.where for leaf in leaves})
+        layout = _digest_of([self._chunk_bytes, self._pack_bytes, self._codec, [p["layout"] for p in everyone]])
+        # Decided from what every rank sent, so every rank takes the same branch (and the same exchanges).
+        reuse = len({p["values"] for p in everyone}) == 1 and all(p["previous"] == layout for p in everyone)
+        if reuse:
+            assert self._previous is not None  # its key is what this rank sent as "previous"
+            plan = self._previous[1]
+        else:
+            described = self.collective.all_gather(f"step {step}: describing every rank's arrays", rows)
+            plan = make_plan(described, self._chunk_bytes, self._pack_bytes, self._codec,
+                             {leaf.path: leaf.where for leaf in leaves})
+            self._previous = (layout, plan)
         if len({p["skeleton"] for p in everyone}) > 1:
             skeletons = self.collective.all_gather(f"step {step}: comparing the ranks' states", shared)
             raise skeleton_mismatch(skeletons)
@@ -171,3 +188,8 @@ class StepSaves:
     def agree(self, what: str, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (the step to restore, for one)."""
         return self.collective.broadcast(what, value)
+
+
+def _digest_of(value: Any) -> str:
+    """The xxh3-128 of ``value`` as canonical JSON."""
+    return digest(json.dumps(value, separators=(",", ":")).encode())

@@ -104,11 +104,13 @@ class _Counter:
 
 
 def save_differing_state(rank: int, world: int, root: str) -> dict[str, Any]:
-    """Try saves whose plain tensors or JSON values differ by rank; then a good one."""
+    """Try saves whose plain tensors or JSON values differ by rank (one right after an agreed save of the same
+    layout, whose plan it reuses); then a good one."""
     torch.manual_seed(rank)
     attempts = {
         "tensor": {"model": _model(), "rng": torch.get_rng_state()},
-        "array": {"model": _model(), "noise": np.full(4, rank, dtype=np.int64)},
+        "agreed": {"model": _model(), "noise": np.full(4, 7, dtype=np.int64)},
+        "array": {"model": _model(), "noise": np.full(4, rank, dtype=np.int64)},  # the same layout: plan reused
         "json": {"model": _model(), "meta": {"lr": 0.1, "seen": 10 * rank}},
         "object": {"model": _model(), "data": _Counter(5 + rank)},
         "keys": {"model": _model(), "meta": {"lr": 0.1, f"only_on_{rank}": 1}},
@@ -139,7 +141,8 @@ def test_state_that_differs_by_rank_outside_per_rank_is_refused_naming_the_place
         assert "state['meta']['seen']: rank 0 holds 0, rank 1 holds 10" in s["json"], (rank, s)
         assert "state['data'].state_dict()['seen']: rank 0 holds 5, rank 1 holds 6" in s["object"], (rank, s)
         assert "state['meta']: rank 0 holds a dict with keys ['lr', 'only_on_0'], rank 1 holds" in s["keys"]
-        assert s["steps"] == [10], "no refused step was committed"
+        assert s["agreed"] == "saved"
+        assert s["steps"] == [2, 10], "no refused step was committed"
         assert s["counter"] == 5 + rank
 
 
