@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine, machine_lines, markdown_table  # noqa: E402
 
 from trainio.checkpoint._format.boxes import Box  # noqa: E402
+from trainio.checkpoint._format.per_rank import json_digest  # noqa: E402
 from trainio.checkpoint._save import plan  # noqa: E402
-from trainio.checkpoint._save.protocol import _digest_of  # noqa: E402
 
 
 def descriptions(ranks: int, arrays: int, rows: int, width: int) -> list[list[list[Any]]]:
@@ -57,11 +57,11 @@ def main() -> None:
         made = plan.make_plan(described, 32 << 20, 256 << 10, None)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        _digest_of([row[:8] for row in described[0]])
+        json_digest([row[:8] for row in described[0]])
         own = time.perf_counter() - start
-        digests = [_digest_of([rank]) for rank in range(ranks)]  # stand-ins: every rank's layout digest
+        digests = [json_digest([rank]) for rank in range(ranks)]  # stand-ins: every rank's layout digest
         start = time.perf_counter()
-        _digest_of([32 << 20, 256 << 10, None, digests])
+        json_digest([32 << 20, 256 << 10, None, digests])
         again = time.perf_counter() - start
         boxes = ranks * args.arrays
         table.append([str(ranks), f"{boxes:,}", f"{len(made.units):,}", f"{first:.3f}",

@@ -69,7 +69,6 @@ class CheckpointManager:
             raise ValueError(f"tier names must differ: {labels}")
         opts = self.options
         self._io: list[TierIO] = [open_tier_io(self._store(t), t.label) for t in self.tiers]
-        self._codec = opts.codec
         self._staging = StagingPool(opts.max_pending)
         self._pool = background_pool(opts.threads, "io")
         self._saver = background_pool(1, "save")
@@ -80,7 +79,7 @@ class CheckpointManager:
         self._closed = False
         distributed = distributed_world() > 1 if opts.distributed is None else opts.distributed
         exchange: Exchange = Collective(opts.timeout_s) if distributed else WorldOfOne()
-        self._saves = StepSaves(exchange, opts.chunk_bytes, opts.pack_bytes, self._codec)
+        self._saves = StepSaves(exchange, opts.chunk_bytes, opts.pack_bytes, opts.codec)
         self._rank = exchange.rank
         leases = [Lease(io.store, io.label, opts.lease_s) for io in self._io] if self._rank == 0 else []
         for io, lease in zip(self._io, leases, strict=False):

@@ -45,7 +45,7 @@ class ProcessPool:
 
     def __init__(self, threads: int, name: str) -> None:
         if threads < 1:
-            raise ValueError(f"io_threads={threads}: must be >= 1")
+            raise ValueError(f"{name}: a pool of {threads} threads; it needs at least 1")
         self.threads = threads
         self._name = name
         self._reset()

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import boto3
 import botocore.config
 
+from ._async import ProcessPool
 from ._keys import check_prefix
 from ._s3_errors import describe, is_retryable, translate
 from ._s3_options import S3Options
@@ -41,6 +42,7 @@ class S3Base(Store):
                 "use 3-63 lowercase letters, digits, '.' or '-', starting and ending with a letter or digit",
             )
         check_prefix(self.url, self._prefix)
+        self._transfers = ProcessPool(options.max_concurrency, "trainio-s3")  # the parts of one transfer
         self._reset_s3_transient()
 
     @property
@@ -66,7 +68,7 @@ class S3Base(Store):
         return (self._bucket, self._prefix, self._options)
 
     def _transient_attributes(self) -> tuple[str, ...]:
-        return (*super()._transient_attributes(), "_client_obj", "_transfers", "_s3_pid", "_s3_lock")
+        return (*super()._transient_attributes(), "_client_obj", "_s3_pid", "_s3_lock")
 
     def _reset_transient(self) -> None:
         super()._reset_transient()
@@ -74,7 +76,6 @@ class S3Base(Store):
 
     def _reset_s3_transient(self) -> None:
         self._client_obj: Any = None
-        self._transfers: ThreadPoolExecutor | None = None
         self._s3_pid = 0
         self._s3_lock = threading.Lock()
 
@@ -82,9 +83,7 @@ class S3Base(Store):
         super().close()
         with self._s3_lock:
             self._s3_pid = 0
-        transfers, self._transfers = self._transfers, None
-        if transfers is not None:
-            transfers.shutdown(wait=True)
+        self._transfers.shutdown()
         client, self._client_obj = self._client_obj, None
         if client is not None:
             client.close()
@@ -114,7 +113,6 @@ class S3Base(Store):
                 tcp_keepalive=True,
             )
             self._client_obj = session.client("s3", endpoint_url=opts.endpoint_url, config=config)
-            self._transfers = ThreadPoolExecutor(opts.max_concurrency, thread_name_prefix="trainio-s3")
             self._s3_pid = pid
 
     @property
@@ -124,9 +122,7 @@ class S3Base(Store):
 
     def _transfer_pool(self) -> ThreadPoolExecutor:
         """The pool that runs the parts of one transfer (the base class's pool runs the async twins)."""
-        self._ensure_process_resources()
-        assert self._transfers is not None
-        return self._transfers
+        return self._transfers.executor()
 
     def _endpoint(self) -> str:
         try:

@@ -25,15 +25,14 @@ skeletons, to name the first difference. Then, in the background:
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from trainio.storage import CheckpointError, digest
+from trainio.storage import CheckpointError
 
 from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.nodes import Node
-from .._format.per_rank import fill, skeleton_mismatch, split, value_digest
+from .._format.per_rank import fill, json_digest, skeleton_mismatch, split, value_digest
 from .._format.state_tree import ArrayLeaf
 from .._tiers.commit import StepWriter, TierIO, describe, step_name
 from .collective import Exchange
@@ -81,8 +80,8 @@ class StepSaves:
                 compared = self.world > 1  # a world of one has nothing to compare its arrays with
                 digests = [value_digest(leaf) if compared and leaf.replicated else None for leaf in leaves]
                 rows = describe_leaves(leaves, digests)
-                payload["layout"] = _digest_of([row[:8] for row in rows])
-                payload["values"] = _digest_of([row[8] for row in rows])
+                payload["layout"] = json_digest([row[:8] for row in rows])
+                payload["values"] = json_digest([row[8] for row in rows])
             except Exception as exc:  # noqa: BLE001 - a value that cannot be hashed fails the save on every rank
                 problem = CheckpointError(f"hashing the state to compare it between ranks failed: {describe(exc)}")
                 problem.__cause__ = exc
@@ -97,7 +96,7 @@ class StepSaves:
         if len(set(steps)) > 1:
             raise CheckpointError(f"the ranks called save() with different steps {steps}; every rank must save "
                                   "the same step")
-        layout = _digest_of([self._chunk_bytes, self._pack_bytes, self._codec, [p["layout"] for p in everyone]])
+        layout = json_digest([self._chunk_bytes, self._pack_bytes, self._codec, [p["layout"] for p in everyone]])
         # Decided from what every rank sent, so every rank takes the same branch (and the same exchanges).
         reuse = len({p["values"] for p in everyone}) == 1 and all(p["previous"] == layout for p in everyone)
         if reuse:
@@ -188,8 +187,3 @@ class StepSaves:
     def agree(self, what: str, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (the step to restore, for one)."""
         return self.collective.broadcast(what, value)
-
-
-def _digest_of(value: Any) -> str:
-    """The xxh3-128 of ``value`` as canonical JSON."""
-    return digest(json.dumps(value, separators=(",", ":")).encode())

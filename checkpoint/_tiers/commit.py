@@ -214,8 +214,8 @@ class TierIO(ABC):
     def mark_known_good(self, step: int) -> None:
         """Record ``step`` as verified, unless a newer step already is."""
         current = self.last_known_good()
-        if current is not None and step < current and current in self.steps():
-            return
+        if current == step or (current is not None and step < current and current in self.steps()):
+            return  # recorded already (a restore of the same step again writes nothing), or a newer one is
         self.store.put(LAST_KNOWN_GOOD, json.dumps({"step": step}).encode())
 
     @abstractmethod
