@@ -74,16 +74,14 @@ def grid_chunks(shape: tuple[int, ...], itemsize: int, target_bytes: int, boxes:
     allows, contiguous in C order (dimensions before the split have length 1).
     With one box, the whole array, this is :func:`~._layout.chunk_shape`.
     """
-    cells: list[int] = []
-    for dim, n in enumerate(shape):
-        step = 0
-        for box in boxes:
-            if box.empty:
-                continue
-            for edge in (box.offset[dim], box.end[dim]):
-                if 0 < edge < n:
-                    step = math.gcd(step, edge)
-        cells.append(step if step else max(n, 1))
+    edges = [[edge for box in boxes if not box.empty for edge in (box.offset[dim], box.end[dim]) if 0 < edge < n]
+             for dim, n in enumerate(shape)]
+    return cell_chunks(shape, itemsize, target_bytes, [math.gcd(*dim_edges) for dim_edges in edges])
+
+
+def cell_chunks(shape: tuple[int, ...], itemsize: int, target_bytes: int, steps: Sequence[int]) -> tuple[int, ...]:
+    """:func:`grid_chunks` from ``steps``, the gcd of every inner box boundary along each dimension (0: none)."""
+    cells = [step if step else max(n, 1) for step, n in zip(steps, shape, strict=True)]
     chunks = [1] * len(shape)
     trailing = itemsize
     for dim in range(len(shape) - 1, -1, -1):

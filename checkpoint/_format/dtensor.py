@@ -7,6 +7,7 @@ from typing import Any
 from trainio.storage import CheckpointError
 
 from .boxes import Box
+from .placement import Mesh, Placement
 
 
 def is_dtensor(value: object) -> bool:
@@ -42,11 +43,24 @@ def dtensor_box(value: Any, where: str) -> Box | None:
     return None if box == Box.whole(shape) else box
 
 
-def local_shard(value: Any, where: str) -> tuple[Any, Box | None]:
-    """This rank's local tensor of ``value`` (sharing its memory) and its box."""
+def placement_of(value: Any, meshes: dict[int, Mesh]) -> Placement:
+    """``value``'s mesh and placements; ``meshes`` keeps each mesh described once (by object identity)."""
+    from torch.distributed.tensor import Shard
+
+    device_mesh = value.device_mesh
+    mesh = meshes.get(id(device_mesh))
+    if mesh is None:
+        ranks = device_mesh.mesh
+        mesh = meshes[id(device_mesh)] = Mesh(tuple(int(n) for n in ranks.shape),
+                                              tuple(int(r) for r in ranks.flatten().tolist()))
+    return Placement(mesh, tuple(p.dim if isinstance(p, Shard) else None for p in value.placements))
+
+
+def local_shard(value: Any, where: str, meshes: dict[int, Mesh]) -> tuple[Any, Box | None, Placement]:
+    """This rank's local tensor of ``value`` (sharing its memory), its box, and how the tensor is placed."""
     box = dtensor_box(value, where)
     local = value.to_local()
     if box is not None and tuple(local.shape) != box.shape:
         raise CheckpointError(f"{where}: the local shard has shape {list(local.shape)}, its placements say "
                               f"{list(box.shape)}")
-    return local, box
+    return local, box, placement_of(value, meshes)

@@ -25,6 +25,7 @@ from .dtypes import numpy_dtype_name, stored_dtype, torch_dtype_name
 from .names import node_name
 from .nodes import Node, children
 from .per_rank import PerRank, rank_path
+from .placement import Mesh, Placement
 
 _FLOAT_WORDS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -46,6 +47,7 @@ class ArrayLeaf:
         dtensor: Whether it is a DTensor's local shard.
         rank: The rank whose own value it is (inside a :class:`PerRank`), or
             None for state every rank shares.
+        placement: A DTensor's mesh and placements (None for any other array).
     """
 
     path: str
@@ -59,6 +61,7 @@ class ArrayLeaf:
     box: Box | None = None
     dtensor: bool = False
     rank: int | None = None
+    placement: Placement | None = None
 
     @property
     def replicated(self) -> bool:
@@ -104,6 +107,7 @@ class _Flattener:
         self.arrays: list[ArrayLeaf] = []
         self.rank = rank
         self.owner: int | None = None  # set inside a PerRank
+        self.meshes: dict[int, Mesh] = {}  # each device mesh described once
 
     def node(self, value: Any, path: str, where: str) -> Node:
         if isinstance(value, PerRank):
@@ -172,6 +176,7 @@ class _Flattener:
             kind, array = "torch", value
         box = None
         dtensor = False
+        placement = None
         if kind == "torch":
             dtype = torch_dtype_name(value.dtype)
             itemsize = value.element_size()
@@ -180,7 +185,7 @@ class _Flattener:
                 raise CheckpointError(f"{where}: only strided (dense) tensors can be checkpointed, "
                                       f"not {value.layout}")
             if is_dtensor(value):
-                array, box = local_shard(value, where)
+                array, box, placement = local_shard(value, where, self.meshes)
                 dtensor = True
         else:
             name = numpy_dtype_name(array.dtype)
@@ -189,7 +194,7 @@ class _Flattener:
                                       "use a numeric or bool dtype")
             dtype, itemsize, shape = name, array.dtype.itemsize, tuple(array.shape)
         self.arrays.append(ArrayLeaf(path, where, array, kind, dtype, stored_dtype(dtype, itemsize), shape, itemsize,
-                                     box, dtensor, self.owner))
+                                     box, dtensor, self.owner, placement))
         return {"t": "array", "path": path}
 
 

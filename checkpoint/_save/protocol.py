@@ -3,16 +3,21 @@
 A single process saves as a world of one, through the same planning,
 writing and commit code (its exchanges are local: :class:`WorldOfOne`).
 
-Agreeing on the plan takes one exchange (all_gather) in ``save()`` when the
-state's layout is the previous save's: each rank sends digests of its arrays'
-layout and of its replicated arrays' live bytes (xxh3-128 of each, in a world
-of more than one), the digest of its skeleton's shared part (JSON leaves
-included), its own :class:`~trainio.checkpoint.PerRank` sub-trees, and the key
-of the plan it made last. Every rank then checks the same things alike and
-raises alike. Where the layout changed, or replicated bytes differ, a second
-exchange sends every rank's array rows, from which every rank makes the plan
-(and names what differs); where the skeletons differ, a third sends the
-skeletons, to name the first difference. Then, in the background:
+Agreeing on the plan takes two small exchanges in ``save()``, whatever the
+rank count: every rank sends rank 0 digests (gather), and rank 0 sends every
+rank its decision (broadcast). The digests are of the rank's layout as the
+rule of ``share_plan.py`` describes it (paths, types, shapes, meshes and
+placements: the same on every rank), of its boxes, of its replicated arrays'
+live bytes (xxh3-128 of each, in a world of more than one) and of its
+skeleton's shared part (JSON leaves included); with them go its own
+:class:`~trainio.checkpoint.PerRank` sub-trees and rows. Where every rank
+sent the same layout and bytes (the common case), each rank then plans its
+own share alone (:func:`share_plan`, reused while nothing changed). Otherwise
+(a DTensor on a mesh that is not the whole job; replicated bytes that
+differ) the ranks exchange their boxes (all_gather), every rank makes the
+whole plan (:func:`make_plan`, reused while the boxes are the last ones) and
+names what differs; where the skeletons differ, they exchange those too, to
+name the first difference. Every rank raises alike. Then, in the background:
 
 1. every rank writes the files of its boxes (rank 0 also the pack and the
    metadata documents) into its writer for the step and makes them durable;
@@ -38,6 +43,7 @@ from .._tiers.commit import StepWriter, TierIO, describe, step_name
 from .collective import Exchange
 from .files import put_files, shard_files
 from .plan import PACK_OWNER, Plan, describe_leaves, make_plan
+from .share_plan import Layout, describe_layout, share_plan
 from .snapshot import Snapshot
 
 
@@ -51,17 +57,18 @@ class StepSaves:
         self._chunk_bytes = chunk_bytes
         self._pack_bytes = pack_bytes
         self._codec = codec
-        self._previous: tuple[str, Plan] | None = None  # the last plan made, by the digest of every rank's layout
+        self._previous: tuple[str, Plan] | None = None  # the last plan made by exchanging boxes, by its key
+        self._shared: tuple[str, Plan] | None = None  # the last share planned alone, by what it was made from
 
     def plan(self, step: int, skeleton: Node, leaves: list[ArrayLeaf], problem: BaseException | None,
              tier: TierIO) -> tuple[Plan, str | None]:
-        """The plan of ``step`` that every rank computes alike, and the name rank 0 chose for its writers.
+        """This rank's plan of ``step``, and the name rank 0 chose for its writers.
 
         ``skeleton`` and ``leaves`` are this rank's flattened state (per-rank
-        nodes holding this rank's sub-tree); on return every per-rank node of
-        ``skeleton`` holds every rank's. ``problem`` is this rank's reason not
-        to save (a state it cannot flatten, an earlier failure): every rank
-        then raises.
+        nodes holding this rank's sub-tree); on return rank 0's ``skeleton``
+        holds every rank's per-rank sub-trees. ``problem`` is this rank's
+        reason not to save (a state it cannot flatten, an earlier failure):
+        every rank then raises.
 
         Raises:
             CheckpointError: a rank has a problem, the ranks save different
@@ -71,47 +78,87 @@ class StepSaves:
         """
         shared: Node = {}
         rows: list[list[Any]] = []
+        layout: Layout | None = None
         payload: dict[str, Any] = {"step": step, "layout": None, "values": None, "skeleton": None, "own": [],
-                                   "previous": self._previous[0] if self._previous is not None else None,
-                                   "name": tier.shared_name(step) if self.rank == PACK_OWNER else None}
+                                   "own_rows": [], "boxes": None,
+                                   "previous": self._previous[0] if self._previous is not None else None}
         if problem is None:
             try:
                 shared, payload["skeleton"], payload["own"] = split(skeleton)
                 compared = self.world > 1  # a world of one has nothing to compare its arrays with
                 digests = [value_digest(leaf) if compared and leaf.replicated else None for leaf in leaves]
                 rows = describe_leaves(leaves, digests)
-                payload["layout"] = json_digest([row[:8] for row in rows])
+                layout = describe_layout(leaves, self.rank, self.world)
+                if layout is not None:
+                    payload["layout"], payload["own_rows"] = layout.digest(), layout.own
+                payload["boxes"] = json_digest([row[:8] for row in rows])
                 payload["values"] = json_digest([row[8] for row in rows])
             except Exception as exc:  # noqa: BLE001 - a value that cannot be hashed fails the save on every rank
                 problem = CheckpointError(f"hashing the state to compare it between ranks failed: {describe(exc)}")
                 problem.__cause__ = exc
         payload["problem"] = None if problem is None else describe(problem)
-        everyone = self.collective.all_gather(f"step {step}: agreeing on the save", payload)
+        everyone = self.collective.gather(f"step {step}: agreeing on the save", payload)
+        decision = self._decide(step, everyone, tier) if everyone is not None else None
+        decision = self.collective.broadcast(f"step {step}: the save's plan", decision)
         if problem is not None:
             raise problem
-        problems = [f"rank {r}: {p['problem']}" for r, p in enumerate(everyone) if p["problem"]]
-        if problems:
-            raise CheckpointError(f"step {step} was not saved on any rank: " + "; ".join(problems))
-        steps = [p["step"] for p in everyone]
-        if len(set(steps)) > 1:
-            raise CheckpointError(f"the ranks called save() with different steps {steps}; every rank must save "
-                                  "the same step")
-        layout = json_digest([self._chunk_bytes, self._pack_bytes, self._codec, [p["layout"] for p in everyone]])
-        # Decided from what every rank sent, so every rank takes the same branch (and the same exchanges).
-        reuse = len({p["values"] for p in everyone}) == 1 and all(p["previous"] == layout for p in everyone)
-        if reuse:
+        if "error" in decision:
+            raise CheckpointError(decision["error"])
+        if decision["plan"] == "shared":
+            assert layout is not None  # rank 0 chose this plan only when every rank described its layout
+            plan = self._share(layout, everyone)
+        elif decision["plan"] == "previous":
             assert self._previous is not None  # its key is what this rank sent as "previous"
             plan = self._previous[1]
         else:
             described = self.collective.all_gather(f"step {step}: describing every rank's arrays", rows)
             plan = make_plan(described, self._chunk_bytes, self._pack_bytes, self._codec,
                              {leaf.path: leaf.where for leaf in leaves})
-            self._previous = (layout, plan)
-        if len({p["skeleton"] for p in everyone}) > 1:
+            self._previous = (decision["key"], plan)
+        if decision["skeletons"]:
             skeletons = self.collective.all_gather(f"step {step}: comparing the ranks' states", shared)
             raise skeleton_mismatch(skeletons)
-        fill(skeleton, [p["own"] for p in everyone])
-        return plan, everyone[PACK_OWNER]["name"]
+        if everyone is not None:
+            fill(skeleton, [p["own"] for p in everyone])
+        return plan, decision["name"]
+
+    def _decide(self, step: int, everyone: list[dict[str, Any]], tier: TierIO) -> dict[str, Any]:
+        """Rank 0: how every rank plans ``step``, from what each sent (or the error every rank raises).
+
+        ``"shared"``: every rank described the same layout and replicated
+        bytes, so each plans its share alone (:func:`share_plan`);
+        ``"previous"``: the ranks' boxes are the last exchanged ones;
+        ``"exchange"``: the ranks exchange their boxes (:func:`make_plan`).
+        """
+        problems = [f"rank {r}: {p['problem']}" for r, p in enumerate(everyone) if p["problem"]]
+        if problems:
+            return {"error": f"step {step} was not saved on any rank: " + "; ".join(problems)}
+        steps = [p["step"] for p in everyone]
+        if len(set(steps)) > 1:
+            return {"error": f"the ranks called save() with different steps {steps}; every rank must save the "
+                             "same step"}
+        settings = [self._chunk_bytes, self._pack_bytes, self._codec]
+        key = json_digest([*settings, [p["boxes"] for p in everyone]])
+        if len({p["values"] for p in everyone}) == 1 and len({p["layout"] for p in everyone}) == 1 \
+                and everyone[0]["layout"] is not None:
+            how = "shared"
+        elif len({p["values"] for p in everyone}) == 1 and all(p["previous"] == key for p in everyone):
+            how = "previous"
+        else:
+            how = "exchange"
+        return {"plan": how, "key": key, "skeletons": len({p["skeleton"] for p in everyone}) > 1,
+                "name": tier.shared_name(step)}
+
+    def _share(self, layout: Layout, everyone: list[dict[str, Any]] | None) -> Plan:
+        """This rank's share of a plan every rank makes alone: the last one while nothing it depends on changed."""
+        per_rank = [p["own_rows"] for p in everyone] if everyone is not None else \
+            [layout.own if r == self.rank else [] for r in range(self.world)]
+        key = json_digest([self._chunk_bytes, self._pack_bytes, self._codec, layout.digest(), per_rank])
+        if self._shared is not None and self._shared[0] == key:
+            return self._shared[1]
+        plan = share_plan(layout, per_rank, self.rank, self.world, self._chunk_bytes, self._pack_bytes, self._codec)
+        self._shared = (key, plan)
+        return plan
 
     def share(self, plan: Plan, leaves: list[ArrayLeaf]) -> tuple[list[ArrayLeaf], frozenset[str]]:
         """The leaves this rank snapshots (those it writes), and which of them are packed."""

@@ -112,11 +112,36 @@ def save_and_restore(rank: int, world: int, root: str, log_dir: str) -> dict[str
         target = shard(_zeros(expected), world, _save_placements(world))
         restored, report = manager.restore_with_report(into=target)
         total = manager._io[0].manifest(1).nbytes
+        planned_alone = manager._saves._shared is not None and manager._saves._previous is None
     _check_shards(restored, expected, _save_placements(world))
     assert report.bytes < total / 2, "each rank reads the chunks of its own shards, not the whole step"
     for a, b in zip(restored["big"], expected["big"], strict=True):
         assert torch.equal(a, b)
-    return {"result": {k: v.status for k, v in handle.result().items()}}
+    return {"result": {k: v.status for k, v in handle.result().items()}, "planned_alone": planned_alone}
+
+
+def save_on_sub_meshes(rank: int, world: int, root: str) -> bool:
+    """Tensor-parallel halves of a 2 x 2 job, each on its own 1-D mesh: the ranks must exchange their boxes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    expected = global_state()
+    tp = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))["tp"]
+    state = {"w": distribute_tensor(expected["w"], tp, [Shard(0)]), "big": expected["big"]}
+    with CheckpointManager([root], chunk_bytes=CHUNK, timeout_s=60) as manager:
+        manager.save(1, state).wait()
+        manager.save(2, state).wait()
+        return manager._saves._shared is None and manager._saves._previous is not None
+
+
+def test_tensor_parallel_sub_meshes_are_planned_by_exchanging_boxes(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    assert values(run_ranks(4, f"{HERE}.save_on_sub_meshes", tmp_path / "out", str(root))) == [True] * 4
+    expected = global_state()
+    with CheckpointManager([root]) as manager:
+        restored = manager.restore(2)
+    assert torch.equal(restored["w"], expected["w"])
+    assert all(torch.equal(a, b) for a, b in zip(restored["big"], expected["big"], strict=True))
 
 
 def restore_resharded(rank: int, world: int, root: str) -> None:
@@ -145,6 +170,7 @@ def four_way_step(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
 def test_a_four_way_save_restores_in_place_on_four_ranks(four_way_step: tuple[Path, Path, list[Any]]) -> None:
     root, _, results = four_way_step
     assert all(r["result"] == {str(root): "committed"} for r in results)
+    assert all(r["planned_alone"] for r in results), "every rank described the same layout: no boxes exchanged"
     manifest = json.loads((root / "000000000001" / "manifest.json").read_text())
     assert manifest["world_size"] == 4
 
