@@ -3,8 +3,10 @@
 It records the step, the state's skeleton (JSON leaves inline), every array's
 type, shape and chunking, and every file of the step with its size and
 xxh3-128. Since version 2 the manifest is sealed: a digest of its own bytes
-is checked before it is parsed (see ``checkpoint/FORMAT.md``). Reading one
-validates all of it, so a hand-edited manifest naming ``../`` paths,
+is checked before it is parsed (see ``checkpoint/FORMAT.md``). Since version
+3 it is a root: it lists its own files (the metadata documents and the pack)
+and one part manifest per rank (``parts.py``) with each part's digest, and
+who wrote each array's chunks (``writers.py``). Reading one validates all of it, so a hand-edited manifest naming ``../`` paths,
 impossible sizes or unknown types is refused before a byte of data is touched.
 """
 
@@ -13,13 +15,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from trainio.storage import (
     DIGEST_NAME,
-    FormatError,
-    check_key,
     check_seal,
     digest,
     is_sealed,
@@ -27,36 +28,29 @@ from trainio.storage import (
     parse_json,
     seal_json,
 )
-from trainio.storage.errors import InvalidKey
 
 from .._recent import Recent
+from .checks import Checks
+from .checks import FileEntry as FileEntry  # where every module finds it
 from .dtypes import ZARR_NATIVE, stored_dtype
 from .names import is_node_name
 from .nodes import Node
+from .placement import Mesh
 from .state_tree import array_paths
-from .zarr_layout import ROOT, ArraySpec, group_metadata_key, group_paths, pack_spec, parse_compression
+from .zarr_layout import ArraySpec, pack_spec, parse_compression
 
 FORMAT = "trainio.checkpoint"
-VERSION = 2
-"""The manifest version this trainio writes: 2, sealed by a digest of its own bytes."""
+VERSION = 3
+"""The manifest version this trainio writes: 3, a sealed root listing sealed part manifests (one per rank)."""
+WHOLE_VERSION = 2
+"""Sealed, every file listed in the one manifest: still read, and written when such a step is promoted."""
 UNSEALED_VERSION = 1
 """The earlier version, without a seal: still read, its files still checked against it."""
-MAX_FILE_BYTES = 1 << 40
-"""The largest file a manifest may list (1 TiB): more is damage, not a checkpoint."""
 MANIFEST = "manifest.json"
 """The manifest's key relative to the step's directory."""
 
-_HEX = re.compile(r"[0-9a-f]{32}")
 _KINDS = frozenset({"torch", "numpy", "numpy_scalar"})
 _NODE_KINDS = frozenset({"json", "float", "array", "dict", "list", "tuple", "object", "per_rank"})
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a step: its size and xxh3-128."""
-
-    size: int
-    xxh3: str
 
 
 @dataclass
@@ -76,32 +70,75 @@ class Manifest:
     step: int
     tree: Node
     arrays: dict[str, ArraySpec]
-    files: dict[str, FileEntry] = field(default_factory=dict)
+    files: Mapping[str, FileEntry] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
     world_size: int = 1
     pack: ArraySpec | None = None
+    parts: list[FileEntry | None] | None = None
+    writers: dict[str, Any] = field(default_factory=dict)
+    meshes: list[Mesh] = field(default_factory=list)
+    totals: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes of all the step's files."""
+        if self.totals is not None:
+            return self.totals[0]
         return sum(entry.size for entry in self.files.values())
 
+    def bind(self, read: Callable[[str, FileEntry], bytes], where: str) -> Manifest:
+        """This manifest with ``files`` listing every file of the step, parts read with ``read`` when needed.
+
+        A version-3 root lists only its own files and the parts; the copy's
+        :class:`~.parts.StepFiles` reads a part (checked against the root)
+        when one of its files is asked for. Earlier versions list every file
+        already and are returned as they are.
+        """
+        if self.parts is None:
+            return self
+        from .parts import StepFiles
+
+        return replace(self, files=StepFiles(self, read, where))
+
+    @property
+    def own_files(self) -> dict[str, FileEntry]:
+        """The files the manifest document itself lists (version 3: the root's own, not the parts')."""
+        root = getattr(self.files, "root", None)
+        return dict(root if root is not None else self.files)
+
     def to_bytes(self) -> bytes:
-        """The manifest as written: JSON, keys in a stable order."""
+        """The manifest as written: JSON, keys in a stable order (version 3 when it has parts, else 2)."""
+        files = self.own_files
+        if self.parts is not None:
+            return seal_json({
+                "format": FORMAT, "version": VERSION, "step": self.step, "time": self.time,
+                "world_size": self.world_size, "digest": DIGEST_NAME, "tree": self.tree,
+                "arrays": {path: spec.to_json() for path, spec in self.arrays.items()},
+                "pack": self._pack_json(),
+                "files": {key: {"size": e.size, "xxh3": e.xxh3} for key, e in sorted(files.items())},
+                "meshes": [mesh.to_json() for mesh in self.meshes],
+                "writers": self.writers,
+                "parts": [None if e is None else {"size": e.size, "xxh3": e.xxh3} for e in self.parts],
+                "bytes": self.nbytes, "file_count": self.totals[1] if self.totals else len(files)})
         document = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": WHOLE_VERSION,
             "step": self.step,
             "time": self.time,
             "world_size": self.world_size,
             "digest": DIGEST_NAME,
             "tree": self.tree,
             "arrays": {path: spec.to_json() for path, spec in self.arrays.items()},
-            "pack": None if self.pack is None else {"size": self.pack.shape[0], "chunk": self.pack.chunks[0],
-                                                    **({"codec": self.pack.codec} if self.pack.codec else {})},
-            "files": {key: {"size": e.size, "xxh3": e.xxh3} for key, e in sorted(self.files.items())},
+            "pack": self._pack_json(),
+            "files": {key: {"size": e.size, "xxh3": e.xxh3} for key, e in sorted(files.items())},
         }
         return seal_json(document)
+
+    def _pack_json(self) -> dict[str, Any] | None:
+        if self.pack is None:
+            return None
+        return {"size": self.pack.shape[0], "chunk": self.pack.chunks[0],
+                **({"codec": self.pack.codec} if self.pack.codec else {})}
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str, key: str = MANIFEST) -> Manifest:
@@ -138,27 +175,13 @@ _parsed: Recent[str, Manifest] = Recent(32)  # by the xxh3-128 of sealed manifes
 #                                              every tier read the same manifest; validating one takes milliseconds
 
 
-class _Validator:
-    def __init__(self, where: str, key: str) -> None:
-        self.where, self.key = where, key
-
-    def fail(self, problem: str) -> FormatError:
-        return FormatError(self.where, self.key, problem, "the manifest was damaged or edited; restore another step")
-
-    def check(self, ok: bool, problem: str) -> None:
-        if not ok:
-            raise self.fail(problem)
-
-    def integer(self, value: Any, name: str, minimum: int = 0) -> int:
-        self.check(type(value) is int and value >= minimum, f"{name} must be an integer >= {minimum}, not {value!r}")
-        return int(value)
-
+class _Validator(Checks):
     def manifest(self, doc: Any) -> Manifest:
         self.check(isinstance(doc, dict), "the manifest must be a JSON object")
         self.check(doc.get("format") == FORMAT, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
-        self.check(doc.get("version") in (UNSEALED_VERSION, VERSION),
+        self.check(doc.get("version") in (UNSEALED_VERSION, WHOLE_VERSION, VERSION),
                    f"version {doc.get('version')!r} is not supported (this trainio reads versions "
-                   f"{UNSEALED_VERSION} and {VERSION})")
+                   f"{UNSEALED_VERSION} to {VERSION})")
         self.check(doc.get("digest") == DIGEST_NAME, f"digest must be {DIGEST_NAME!r}")
         step = self.integer(doc.get("step"), "step")
         world_size = self.integer(doc.get("world_size"), "world_size", 1)
@@ -179,8 +202,18 @@ class _Validator:
         self.check(len(used) == len(set(used)), "tree names an array twice")
         self.check(set(used) == set(arrays), "tree and arrays name different arrays")
         pack = self.pack(doc.get("pack"), arrays)
-        self.layout(arrays, files, pack)
-        return Manifest(step, tree, arrays, files, float(wall), world_size, pack)
+        if doc["version"] != VERSION:
+            self.layout(arrays, files, pack)
+            return Manifest(step, tree, arrays, files, float(wall), world_size, pack)
+        self.root_files(arrays, files, pack)
+        meshes = self.meshes(doc.get("meshes"), world_size)
+        writers = self.writers(doc.get("writers"), arrays, meshes, world_size)
+        parts_doc = doc.get("parts")
+        self.check(isinstance(parts_doc, list) and len(parts_doc) == world_size,
+                   f"parts must list {world_size} entries, one per rank")
+        parts = [None if e is None else self.file_entry(f"parts[{r}]", e) for r, e in enumerate(parts_doc)]
+        totals = (self.integer(doc.get("bytes"), "bytes"), self.integer(doc.get("file_count"), "file_count"))
+        return Manifest(step, tree, arrays, files, float(wall), world_size, pack, parts, writers, meshes, totals)
 
     def pack(self, doc: Any, arrays: dict[str, ArraySpec]) -> ArraySpec | None:
         members = [spec for spec in arrays.values() if spec.packed is not None]
@@ -195,24 +228,6 @@ class _Validator:
             self.check(spec.packed + spec.nbytes <= size,
                        f"arrays[{spec.path!r}] lies beyond the end of the pack ({size} bytes)")
         return pack_spec(size, chunk, self.codec(doc.get("codec"), "pack.codec"))
-
-    def file_key(self, key: Any) -> str:
-        try:
-            check_key(self.where, key)
-        except InvalidKey as exc:
-            raise self.fail(f"file {key!r} is not a valid relative key: {exc.problem}") from None
-        self.check(key.startswith(f"{ROOT}/"), f"file {key!r} lies outside {ROOT}/")
-        return str(key)
-
-    def file_entry(self, key: str, entry: Any) -> FileEntry:
-        self.check(isinstance(entry, dict), f"files[{key!r}] must be an object")
-        size = self.integer(entry.get("size"), f"files[{key!r}].size")
-        self.check(size <= MAX_FILE_BYTES, f"files[{key!r}].size {size} is more than the {MAX_FILE_BYTES} bytes "
-                   "a checkpoint file may have")
-        digest = entry.get("xxh3")
-        self.check(isinstance(digest, str) and bool(_HEX.fullmatch(digest)),
-                   f"files[{key!r}].xxh3 must be 32 lowercase hex digits")
-        return FileEntry(size, digest)
 
     def array(self, path: Any, spec: Any) -> ArraySpec:
         self.check(isinstance(path, str) and path != "" and all(is_node_name(p) for p in path.split("/")),
@@ -281,23 +296,3 @@ class _Validator:
                 self.node(item, depth + 1)
         else:
             self.check("value" in node, "a json node needs a value")
-
-    def layout(self, arrays: dict[str, ArraySpec], files: dict[str, FileEntry], pack: ArraySpec | None) -> None:
-        own = [s for s in arrays.values() if s.packed is None] + ([pack] if pack is not None else [])
-        chunk_count = sum(math.prod(-(-n // c) for n, c in zip(s.shape, s.chunks, strict=True))
-                          if all(s.shape) else 0 for s in own)
-        self.check(chunk_count <= len(files), f"the arrays have {chunk_count} chunks but files lists {len(files)}")
-        groups = group_paths([s.path for s in own if s is not pack])
-        expected: dict[str, int | None] = {group_metadata_key(g): None for g in groups}
-        for spec in own:
-            expected[spec.metadata_key] = None
-            for chunk in spec.chunk_files():
-                expected[chunk.key] = chunk.size if spec.codec is None else None
-        missing = sorted(set(expected) - set(files))
-        self.check(not missing, f"files lacks {len(missing)} file(s) of the arrays, e.g. {missing[:1]}")
-        extra = sorted(set(files) - set(expected))
-        self.check(not extra, f"files lists {len(extra)} file(s) no array uses, e.g. {extra[:1]}")
-        for key, size in expected.items():
-            if size is not None:
-                self.check(files[key].size == size, f"files[{key!r}].size is {files[key].size}, "
-                           f"but the array's chunk holds {size} bytes")

@@ -148,7 +148,19 @@ class StepReader:
             raise known
         return known
 
-    def read_file(self, key: str, entry: FileEntry, target: memoryview | None) -> bytes | None:
+    def _entry(self, key: str) -> FileEntry:
+        """The size and digest of file ``key``, from the first tier whose own manifest (and part) lists it."""
+        problems = []
+        for tier in self.tiers:
+            try:
+                return self._own_manifest(tier).files[key]
+            except KeyError:
+                problems.append(f"{tier.label}: its manifest lists no file {key!r}")
+            except (StoreError, OSError, CheckpointError) as exc:
+                problems.append(f"{tier.label}: {describe(exc)}")
+        raise CheckpointError(f"step {self.step}: no tier can say what file {key!r} holds: " + "; ".join(problems))
+
+    def read_file(self, key: str, target: memoryview | None) -> bytes | None:
         """Fill ``target`` from the first tier whose copy of ``key`` is whole; with no target, return the bytes.
 
         Each tier's copy is checked against that tier's own manifest; a tier
@@ -160,6 +172,10 @@ class StepReader:
                 own = self._own_manifest(tier).files.get(key)
                 if own is None:
                     raise CheckpointError(f"its manifest of step {self.step} lists no file {key!r}")
+            except (StoreError, OSError, CheckpointError) as exc:
+                failed.append((tier, exc if isinstance(exc, CheckpointError) else CheckpointError(describe(exc))))
+                continue  # its manifest or the part listing the file is unreadable: nothing to read or repair here
+            try:
                 if target is None:
                     data = tier.read(self.step, key, own)
                 else:
@@ -232,8 +248,8 @@ class StepReader:
             wanted[path] = [key for key, _, _ in files]
             reads.extend(files)
         contents: dict[str, bytes | None] = {}
-        sizes = self.manifest.files
-        jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]].size))
+        sizes = {key: self._entry(key).size for key, _, _ in reads}
+        jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]]))
         for done in run_all(self.pool, jobs, self.threads):
             contents.update(done)
         for path, region in regions.items():
@@ -246,7 +262,7 @@ class StepReader:
                 assert offset is not None
                 raw[:] = pack_bytes[offset:offset + specs[path].nbytes]
         self.report.files = len(reads)
-        self.report.bytes = sum(self.manifest.files[key].size for key, _, _ in reads)
+        self.report.bytes = sum(sizes.values())
 
         def load_array(path: str, target: Any) -> Any:
             if path in members:
@@ -259,7 +275,7 @@ class StepReader:
     def _read_batch(self, batch: list[Read]) -> list[tuple[str, bytes | None]]:
         done = []
         for key, target, sink in batch:
-            data = self.read_file(key, self.manifest.files[key], target)
+            data = self.read_file(key, target)
             if sink is not None and data is not None:
                 sink(data)  # copied where it belongs now, so a restore holds one chunk per thread, not all
                 data = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -76,21 +76,24 @@ def _unit_files(spec: ArraySpec, unit: Unit, held: memoryview) -> list[_File]:
 
 
 def shard_files(plan: Plan, rank: int, snapshot: Snapshot) -> list[_File]:
-    """The files ``rank`` writes of a multi-rank step: its boxes' chunks; the pack and metadata on rank 0."""
+    """The chunk files of the boxes ``rank`` writes (listed in its part manifest)."""
     views = {leaf.path: view for leaf, view in zip(snapshot.leaves, snapshot.views, strict=True)}
-    files = [file for unit in plan.owned(rank) for file in _unit_files(plan.arrays[unit.path], unit, views[unit.path])]
-    if rank == PACK_OWNER:
-        own = [spec for spec in plan.arrays.values() if spec.packed is None]
-        files += [_bytes_file(group_metadata_key(g), group_metadata()) for g in group_paths([s.path for s in own])]
-        files += [_bytes_file(spec.metadata_key, spec.metadata()) for spec in own]
-        if plan.pack is not None:
-            members = [spec for spec in plan.arrays.values() if spec.packed is not None]
-            staged = [(leaf.path, offset) for leaf, offset in zip(snapshot.leaves, snapshot.offsets, strict=True)
-                      if snapshot.is_packed(leaf)]
-            if staged != [(spec.path, spec.packed) for spec in members]:
-                raise CheckpointError(f"rank {rank}'s pack does not follow the plan")  # a bug, not bad input
-            files.append(_bytes_file(plan.pack.metadata_key, pack_metadata(plan.pack, members)))
-            files.extend(_range_files(plan.pack, snapshot.pack))
+    return [file for unit in plan.owned(rank) for file in _unit_files(plan.arrays[unit.path], unit, views[unit.path])]
+
+
+def root_files(plan: Plan, snapshot: Snapshot) -> list[_File]:
+    """The files :data:`PACK_OWNER` writes besides its boxes' (listed in the root manifest): metadata, the pack."""
+    own = [spec for spec in plan.arrays.values() if spec.packed is None]
+    files = [_bytes_file(group_metadata_key(g), group_metadata()) for g in group_paths([s.path for s in own])]
+    files += [_bytes_file(spec.metadata_key, spec.metadata()) for spec in own]
+    if plan.pack is not None:
+        members = [spec for spec in plan.arrays.values() if spec.packed is not None]
+        staged = [(leaf.path, offset) for leaf, offset in zip(snapshot.leaves, snapshot.offsets, strict=True)
+                  if snapshot.is_packed(leaf)]
+        if staged != [(spec.path, spec.packed) for spec in members]:
+            raise CheckpointError(f"rank {PACK_OWNER}'s pack does not follow the plan")  # a bug, not bad input
+        files.append(_bytes_file(plan.pack.metadata_key, pack_metadata(plan.pack, members)))
+        files.extend(_range_files(plan.pack, snapshot.pack))
     return files
 
 
@@ -106,7 +109,7 @@ def put_files(writer: StepWriter, files: list[_File], previous: Manifest | None,
             size = data.nbytes if file.compressed and data is not None else file.size
             digest = digests[file.key] if digests else digest_with_padding(data, size)  # type: ignore[arg-type]
             entry = FileEntry(size, digest)
-            if previous is not None and previous.files.get(file.key) == entry:
+            if previous is not None and _unchanged(previous, file.key, entry):
                 writer.link(previous.step, file.key)
             else:
                 writer.write(file.key, data if data is not None else file.data(), size)
@@ -120,32 +123,37 @@ def put_files(writer: StepWriter, files: list[_File], previous: Manifest | None,
     return entries
 
 
-def _write_files(tier: TierIO, step: int, manifest: Manifest, files: list[_File],
-                 previous: Manifest | None, pool: ThreadPoolExecutor, threads: int,
-                 digests: dict[str, str] | None = None) -> None:
-    writer = tier.writer(step)
+def _unchanged(previous: Manifest, key: str, entry: FileEntry) -> bool:
+    """Whether ``previous`` has the file ``key`` with the same size and digest (a part it cannot read: no)."""
     try:
-        manifest.files.update(put_files(writer, files, previous, pool, threads, digests))
-        writer.commit(manifest.to_bytes(), manifest.files)
-    except BaseException:
-        writer.abort()
-        raise
+        return previous.files.get(key) == entry
+    except Exception:  # noqa: BLE001 - an unreadable part of the previous step only costs the linking
+        return False
 
 
 def copy_step(source: TierIO, target: TierIO, step: int, previous: Manifest | None,
               pool: ThreadPoolExecutor, threads: int) -> Manifest:
     """Copy committed ``step`` from ``source`` to ``target``, checking every file, manifest last.
 
+    Every file (a version-3 step's part manifests too) is copied as it is,
+    checked against the source's manifest; the manifest is written last.
+
     Raises:
         IntegrityError, NotFound: a source file is damaged or missing; nothing is committed.
     """
     manifest = source.manifest(step)
-    copied = Manifest(step, manifest.tree, manifest.arrays, {}, manifest.time, manifest.world_size, manifest.pack)
+    listed = dict(manifest.files)  # every file: a version-3 step's parts are read (and checked) here
 
     def reader(key: str, entry: FileEntry) -> Callable[[], memoryview]:
         return lambda: memoryview(source.read(step, key, entry))
 
-    files = [_File(key, entry.size, reader(key, entry)) for key, entry in manifest.files.items()]
-    digests = {key: entry.xxh3 for key, entry in manifest.files.items()}
-    _write_files(target, step, copied, files, previous, pool, threads, digests)
+    files = [_File(key, entry.size, reader(key, entry)) for key, entry in listed.items()]
+    writer = target.writer(step)
+    try:
+        written = put_files(writer, files, previous, pool, threads, {key: e.xxh3 for key, e in listed.items()})
+        copied = replace(manifest, files=manifest.own_files)
+        writer.commit(copied.to_bytes(), written)
+    except BaseException:
+        writer.abort()
+        raise
     return copied

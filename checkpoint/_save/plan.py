@@ -19,6 +19,7 @@ from typing import Any
 from trainio.storage import CheckpointError
 
 from .._format.boxes import Box, chunk_indices, grid_chunks
+from .._format.placement import Mesh
 from .._format.state_tree import ArrayLeaf
 from .._format.zarr_layout import ArraySpec, pack_spec
 from .staging import aligned
@@ -52,11 +53,18 @@ class Unit:
 
 @dataclass
 class Plan:
-    """The layout of a multi-rank step and each rank's share of its files."""
+    """The layout of a step, which rank writes each array's chunks, and the units of the ranks it was made for.
+
+    ``writers`` and ``meshes`` are what the root manifest records of who wrote
+    what (see ``_format/writers.py``); ``units`` are every rank's (a plan made
+    from exchanged boxes) or one rank's own (:func:`~.share_plan.share_plan`).
+    """
 
     arrays: dict[str, ArraySpec]
     pack: ArraySpec | None
     units: list[Unit]
+    writers: dict[str, Any] = field(default_factory=dict)
+    meshes: list[Mesh] = field(default_factory=list)
 
     def owned(self, rank: int) -> list[Unit]:
         """The boxes ``rank`` writes."""
@@ -163,7 +171,11 @@ def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], ch
     pack = pack_spec(pack_end, chunk_bytes, codec) if any(s.packed is not None for s in arrays.values()) else None
     _assign_owners(units, holders, arrays, len(per_rank), pack_end)
     _assign_chunks(units, arrays)
-    return Plan(arrays, pack, units)
+    boxes: dict[str, list[list[Any]]] = {}
+    for unit in units:
+        boxes.setdefault(unit.path, []).append([list(unit.box.offset), list(unit.box.shape), unit.owner])
+    writers = {path: {"rank": listed[0][2]} if len(listed) == 1 else {"boxes": listed} for path, listed in boxes.items()}
+    return Plan(arrays, pack, units, writers)
 
 
 def _assign_owners(units: list[Unit], holders: dict[tuple[str, Box], list[int]], arrays: dict[str, ArraySpec],

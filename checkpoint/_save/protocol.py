@@ -20,28 +20,34 @@ names what differs; where the skeletons differ, they exchange those too, to
 name the first difference. Every rank raises alike. Then, in the background:
 
 1. every rank writes the files of its boxes (rank 0 also the pack and the
-   metadata documents) into its writer for the step and makes them durable;
-2. every rank reports its files' sizes and digests to rank 0 (gather);
-3. rank 0 checks that every rank succeeded and no file has two writers,
-   builds the manifest, and commits it (:meth:`StepWriter.commit`: lease and
-   files checked, manifest last), or aborts the step;
-4. rank 0 tells every rank the outcome (broadcast): the manifest, or the error.
+   metadata documents) into its writer for the step, then its part manifest
+   (its files' sizes and digests), makes them durable and checks they are in
+   place;
+2. every rank reports its part's size and digest to rank 0 (gather), rank 0
+   also its own files: never every file of the step;
+3. rank 0 checks that every rank succeeded, builds the root manifest, and
+   commits it (:meth:`StepWriter.commit`: lease, its files and every part
+   checked, root last), or aborts the step;
+4. rank 0 tells every rank the outcome (broadcast): the step's totals, or the
+   error.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
-from trainio.storage import CheckpointError
+from trainio.storage import CheckpointError, digest
 
 from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.nodes import Node
+from .._format.parts import part_bytes, part_key
 from .._format.per_rank import fill, json_digest, skeleton_mismatch, split, value_digest
 from .._format.state_tree import ArrayLeaf
 from .._tiers.commit import StepWriter, TierIO, describe, step_name
 from .collective import Exchange
-from .files import put_files, shard_files
+from .files import put_files, root_files, shard_files
 from .plan import PACK_OWNER, Plan, describe_leaves, make_plan
 from .share_plan import Layout, describe_layout, share_plan
 from .snapshot import Snapshot
@@ -170,6 +176,9 @@ class StepSaves:
               previous: Manifest | None, pool: ThreadPoolExecutor, threads: int) -> Manifest:
         """Write this rank's share of ``step``; rank 0 commits once every rank reported. Run on every rank.
 
+        Returns the committed step's manifest as far as this rank needs it:
+        its own files (what the next save may link), the step's totals.
+
         Raises:
             CheckpointError: any rank failed (on every rank), or a rank did not
                 report within the timeout (naming it).
@@ -177,17 +186,31 @@ class StepSaves:
         skeleton = snapshot.skeleton
         writer: StepWriter | None = None
         report: dict[str, Any]
+        own: dict[str, FileEntry] = {}
+        root: dict[str, FileEntry] = {}
         try:
             writer = tier.writer(step, name)
-            entries = put_files(writer, shard_files(plan, self.rank, snapshot), previous, pool, threads)
+            chunks = shard_files(plan, self.rank, snapshot)
+            extra = root_files(plan, snapshot) if self.rank == PACK_OWNER else []
+            own = put_files(writer, chunks + extra, previous, pool, threads)
+            root = {file.key: own.pop(file.key) for file in extra}
+            part = None
+            if own:
+                document = part_bytes(step, self.rank, own)
+                writer.prepare([part_key(self.rank)])
+                writer.write(part_key(self.rank), memoryview(document), len(document))
+                part = FileEntry(len(document), digest(document))
             writer.flush()
-            report = {"files": {key: [e.size, e.xxh3] for key, e in entries.items()}}
+            writer.check({**own, **({part_key(self.rank): part} if part else {})})
+            report = {"part": None if part is None else [part.size, part.xxh3],
+                      "root": {key: [e.size, e.xxh3] for key, e in root.items()},
+                      "bytes": sum(e.size for e in own.values()) + (part.size if part else 0), "files": len(own)}
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, which fails the step everywhere
             report = {"error": describe(exc)}
         finally:
             snapshot.release()
         try:
-            reports = self.collective.gather(f"step {step}: collecting every rank's files", report, background=True)
+            reports = self.collective.gather(f"step {step}: collecting every rank's part", report, background=True)
         except CheckpointError:
             if self.rank == PACK_OWNER and writer is not None:
                 writer.abort()
@@ -199,30 +222,33 @@ class StepSaves:
         verdict = self.collective.broadcast(f"step {step}: waiting for rank 0's commit", verdict, background=True)
         if "error" in verdict:
             raise CheckpointError(verdict["error"])
-        return committed or Manifest.from_bytes(verdict["manifest"], tier.url, f"{step_name(step)}/{MANIFEST}")
+        if committed is not None:
+            return replace(committed, files={**committed.files, **own})
+        return Manifest(step, skeleton, plan.arrays, {**root, **own}, world_size=self.world, pack=plan.pack,
+                        totals=(int(verdict["totals"][0]), int(verdict["totals"][1])))
 
     def _commit(self, tier: TierIO, step: int, skeleton: Node, plan: Plan, writer: StepWriter | None,
                 reports: list[dict[str, Any]]) -> tuple[dict[str, Any], Manifest | None]:
-        """Rank 0: commit the step if every rank wrote its share; the verdict for the ranks, and the manifest."""
+        """Rank 0: commit the step if every rank wrote its share; the verdict for the ranks, and the root manifest.
+
+        Each rank checked its own files before it reported; rank 0 checks the
+        root's files and every part before the root is written.
+        """
         errors = [f"rank {r}: {report['error']}" for r, report in enumerate(reports) if "error" in report]
         if not errors and writer is not None:
-            files: dict[str, FileEntry] = {}
-            writers: dict[str, int] = {}
-            for rank, report in enumerate(reports):
-                for key, (size, digest) in report["files"].items():
-                    if key in writers:
-                        errors.append(f"{key} was written by ranks {writers[key]} and {rank}")
-                    writers[key] = rank
-                    files[key] = FileEntry(size, digest)
-            manifest = Manifest(step, skeleton, plan.arrays, files, world_size=self.world, pack=plan.pack)
+            root = {key: FileEntry(size, xxh3) for key, (size, xxh3) in reports[PACK_OWNER]["root"].items()}
+            parts = [None if r["part"] is None else FileEntry(*r["part"]) for r in reports]
+            totals = (sum(r["bytes"] for r in reports) + sum(e.size for e in root.values()),
+                      sum(r["files"] for r in reports) + len(root) + sum(p is not None for p in parts))
+            manifest = Manifest(step, skeleton, plan.arrays, root, world_size=self.world, pack=plan.pack, parts=parts,
+                                writers=plan.writers, meshes=plan.meshes, totals=totals)
             document = manifest.to_bytes()
-            if not errors:
-                try:
-                    Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")  # nothing is missing
-                    writer.commit(document, files)
-                    return {"manifest": document}, manifest
-                except Exception as exc:  # noqa: BLE001 - becomes the step's failure on every rank
-                    errors.append(f"rank {self.rank}: {describe(exc)}")
+            try:
+                Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")  # the root is whole
+                writer.commit(document, {**root, **{part_key(r): p for r, p in enumerate(parts) if p is not None}})
+                return {"totals": list(totals)}, manifest
+            except Exception as exc:  # noqa: BLE001 - becomes the step's failure on every rank
+                errors.append(f"rank {self.rank}: {describe(exc)}")
         if writer is not None:
             writer.abort()
         return {"error": f"{tier.label}: saving step {step} failed: " + "; ".join(errors)}, None

@@ -103,6 +103,7 @@ def share_plan(layout: Layout, per_rank: Sequence[Sequence[list[Any]]], rank: in
         CheckpointError: two ranks' PerRank arrays clash with another array.
     """
     arrays: dict[str, ArraySpec] = {}
+    writers: dict[str, Any] = {}
     units: list[Unit] = []
     pack_end = 0
     positions = [mesh.ranks.index(rank) for mesh in layout.meshes]
@@ -121,11 +122,13 @@ def share_plan(layout: Layout, per_rank: Sequence[Sequence[list[Any]]], rank: in
         if placement is None:
             chunks = grid_chunks(shape, itemsize, chunk_bytes, [])
             arrays[path] = ArraySpec(path, kind, dtype, stored, shape, chunks, None, codec)
+            writers[path] = {"rank": number % world}
             if (number % world) == rank:
                 units.append(Unit(path, Box.whole(shape), rank, list(chunk_indices(Box.whole(shape), chunks))))
             continue
         chunks = cell_chunks(shape, itemsize, chunk_bytes, grid_steps(shape, placement))
         arrays[path] = ArraySpec(path, kind, dtype, stored, shape, chunks, None, codec)
+        writers[path] = {"mesh": placed[0], "shards": placed[1], "turn": number}
         mine = positions[placed[0]]
         box = mesh_boxes(shape, placement, only=mine).box(0)
         if not box.empty and writer_of(placement, mine, number) == rank:
@@ -137,7 +140,8 @@ def share_plan(layout: Layout, per_rank: Sequence[Sequence[list[Any]]], rank: in
                 raise CheckpointError(f"{path}: rank {owner}'s per-rank array clashes with another array")
             chunks = grid_chunks(shape, itemsize, chunk_bytes, [])
             arrays[path] = ArraySpec(path, kind, dtype, stored, shape, chunks, None, codec)
+            writers[path] = {"rank": owner}
             if owner == rank:
                 units.append(Unit(path, Box.whole(shape), rank, list(chunk_indices(Box.whole(shape), chunks))))
     pack = pack_spec(pack_end, chunk_bytes, codec) if any(s.packed is not None for s in arrays.values()) else None
-    return Plan(arrays, pack, units)
+    return Plan(arrays, pack, units, writers, layout.meshes)

@@ -101,12 +101,20 @@ class StepWriter(ABC):
         """
         if self.tier.lease is not None:
             self.tier.lease.check()
+        self.check(files)
+        self._publish(manifest)
+
+    def check(self, files: Mapping[str, FileEntry]) -> None:
+        """Raise unless every file of ``files`` is in place with its size.
+
+        Raises:
+            CheckpointError: a file is missing or of another size (another process removed it?).
+        """
         wrong = self._misplaced(files)
         if wrong:
             raise CheckpointError(f"{self.tier.label}: step {self.step} was not committed: {len(wrong)} of its "
                                   f"files are missing or of another size than written, e.g. {wrong[0]} (another "
                                   "process removed them?)")
-        self._publish(manifest)
 
     @abstractmethod
     def _misplaced(self, files: Mapping[str, FileEntry]) -> list[str]:
@@ -168,7 +176,7 @@ class TierIO(ABC):
         if manifest.step != step:
             raise CheckpointError(f"{self.url}: {key!r} is the manifest of step {manifest.step}, "
                                   f"not {step}; the directory was renamed by hand")
-        return manifest
+        return manifest.bind(lambda part, entry: self.read(step, part, entry), self.url)
 
     def read_into(self, step: int, key: str, entry: FileEntry, target: memoryview) -> None:
         """Fill ``target`` with the first bytes of the file ``key``, checking the whole file.

@@ -205,7 +205,7 @@ def _manifest_doc(tmp_path: Path) -> tuple[dict[str, Any], Path]:
 
 
 def _edit_files(doc: dict[str, Any]) -> None:
-    key = next(k for k in doc["files"] if k.endswith("c.0.0"))
+    key = next(k for k in doc["files"] if k.endswith("zarr.json"))
     doc["files"]["state.zarr/../../etc/passwd"] = doc["files"].pop(key)
 
 
@@ -213,14 +213,17 @@ def _edit_files(doc: dict[str, Any]) -> None:
     (_edit_files, "not a valid relative key"),
     (lambda d: d["files"].update({"/abs": {"size": 1, "xxh3": "0" * 32}}), "not a valid relative key"),
     (lambda d: d["files"].update({"other/x": {"size": 1, "xxh3": "0" * 32}}), "outside state.zarr"),
-    (lambda d: [v.update(size=v["size"] + 1) for k, v in d["files"].items() if k.endswith("c.0.0")], "size is"),
+    (lambda d: [v.update(size=v["size"] + 1) for k, v in d["files"].items() if k.endswith("/c.0")], "size is"),
     (lambda d: [v.update(size=-1) for v in d["files"].values()], "size must be an integer"),
-    (lambda d: d["arrays"]["w"].update(shape=[300, 301]), "lacks|size is"),
+    (lambda d: d["writers"].update(w={"rank": 5}), "names no rank"),
+    (lambda d: d["writers"].update(small={"rank": 0}), "exactly the arrays that are not packed"),
+    (lambda d: d["parts"].append(None), "one per rank"),
+    (lambda d: d.update(meshes=[[[2], [0, 0]]]), "each of the 1 ranks once"),
+    (lambda d: d["files"].pop(next(k for k in d["files"] if k.endswith("zarr.json"))), "wrongly"),
     (lambda d: d["arrays"]["small"].update(packed=10**9), "beyond the end of the pack"),
     (lambda d: d.update(pack=None), "no pack"),
     (lambda d: d["arrays"]["w"].update(stored="float128"), "not a zarr data type"),
     (lambda d: d["arrays"]["w"].update(kind="pickle"), "kind"),
-    (lambda d: d["arrays"]["w"].update(shape=[10**12, 300], chunks=[1, 300]), "chunks but files lists"),
     (lambda d: d.update(version=99), "version 99"),
     (lambda d: d.update(format="other"), "format"),
     (lambda d: d["tree"]["items"].append(["x", {"t": "array", "path": "nope"}]), "different arrays"),

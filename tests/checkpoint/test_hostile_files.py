@@ -157,4 +157,4 @@ def test_last_known_good_that_is_deep_or_a_fifo_is_ignored(saved: Path) -> None:
     marker.unlink()
     os.mkfifo(marker)
     assert list_steps(saved / "fast")[0].verified is False
-    assert json.loads((saved / "slow" / STEP / "manifest.json").read_bytes())["version"] == 2
+    assert json.loads((saved / "slow" / STEP / "manifest.json").read_bytes())["version"] == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,14 @@ import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier, list_steps, verify_checkpoint
 from trainio.checkpoint._format.manifest import Manifest
-from trainio.storage import SEAL_FIELD, CheckpointError, FormatError, load_sealed
+from trainio.storage import SEAL_FIELD, CheckpointError, FormatError, IntegrityError, load_sealed
 
 STEP = "000000000005"
 
 
 def _state() -> dict[str, object]:
-    return {"model": {"w": np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "b": np.ones(5, np.float64)},
+    return {"model": {"w": np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "b": np.ones(5, np.float64),
+                      "big": np.arange(300 * 300, dtype=np.float32).reshape(300, 300)},
             "optimizer": {"lr": 0.001, "step": 5}, "data": {"consumed": 250, "epoch": 1}, "name": "run"}
 
 
@@ -26,7 +28,7 @@ def _assert_state(restored: dict[str, object]) -> None:
     expected = _state()
     assert restored["optimizer"] == expected["optimizer"] and restored["data"] == expected["data"]
     assert restored["name"] == "run"
-    for key in ("w", "b"):
+    for key in ("w", "b", "big"):
         np.testing.assert_array_equal(restored["model"][key], expected["model"][key])  # type: ignore[index]
 
 
@@ -106,8 +108,70 @@ def test_a_file_damaged_on_the_fast_tier_is_read_from_the_slow_one_and_named(sav
     assert [key.rsplit(":", 1)[0] for key in report.fell_back] == [str(saved / "fast")]
 
 
-def test_a_version_1_manifest_without_a_seal_is_still_read(saved: Path) -> None:
+def _as_whole_version(saved: Path) -> Path:
+    """Rewrite the fast tier's step as version 2 wrote it: every file in the one manifest, no parts."""
+    io = CheckpointManager([saved / "fast"])
+    bound = io._io[0].manifest(5)
+    io.close()
+    files = {key: entry for key, entry in bound.files.items() if not key.startswith("parts/")}
     path = saved / "fast" / STEP / "manifest.json"
+    path.write_bytes(replace(bound, files=files, parts=None, writers={}, meshes=[], totals=None).to_bytes())
+    shutil.rmtree(saved / "fast" / STEP / "parts")
+    return path
+
+
+def test_a_version_2_step_is_still_read_and_promoted_as_it_is(saved: Path) -> None:
+    path = _as_whole_version(saved)
+    assert json.loads(path.read_bytes())["version"] == 2
+    shutil.rmtree(saved / "slow")
+    with CheckpointManager(_two_tiers(saved)) as manager:
+        _assert_state(manager.restore(5))
+        manager.promote()
+    assert json.loads((saved / "slow" / STEP / "manifest.json").read_bytes())["version"] == 2
+    assert verify_checkpoint(saved / "slow").ok
+    with CheckpointManager([saved / "slow"]) as manager:
+        _assert_state(manager.restore(5))
+
+
+def test_every_bit_flip_of_a_part_manifest_is_refused(saved: Path) -> None:
+    part = saved / "fast" / STEP / "parts" / "000000.json"
+    data = part.read_bytes()
+    manager = CheckpointManager([saved / "fast"])
+    chunk = next(k for k in json.loads(data)["files"] if "/big/" in k)
+    try:
+        for position in range(len(data)):
+            for bit in range(8):
+                damaged = bytearray(data)
+                damaged[position] ^= 1 << bit
+                part.write_bytes(bytes(damaged))
+                with pytest.raises(IntegrityError):
+                    manager._io[0].manifest(5).files[chunk]
+    finally:
+        manager.close()
+    part.write_bytes(data)
+
+
+def test_a_damaged_part_falls_back_to_the_next_tiers_own(saved: Path) -> None:
+    part = saved / "fast" / STEP / "parts" / "000000.json"
+    good = part.read_bytes()
+    rng = random.Random(21)
+    for _ in range(6):
+        damaged = bytearray(good)
+        damaged[rng.randrange(len(good))] ^= 1 << rng.randrange(8)
+        part.write_bytes(bytes(damaged))
+        with CheckpointManager(_two_tiers(saved)) as manager:
+            restored, report = manager.restore_with_report(5)
+        _assert_state(restored)
+        assert any("parts/000000.json" in why for why in report.fell_back.values()) or \
+            any("parts/000000.json" in key for key in report.fell_back)
+        report_fast = verify_checkpoint(saved / "fast")
+        assert not report_fast.ok and "parts/000000.json" in str(report_fast.problems)
+    part.write_bytes(good)
+    assert verify_checkpoint(saved / "fast").ok
+
+
+def test_a_version_1_manifest_without_a_seal_is_still_read(saved: Path) -> None:
+    path = _as_whole_version(saved)
     document = load_sealed(path.read_bytes(), "fast", "manifest.json")
     document["version"] = 1
     path.write_bytes(json.dumps(document, separators=(",", ":")).encode())

@@ -12,6 +12,7 @@ import pytest
 from trainio.checkpoint._format.boxes import Box, chunk_indices, grid_chunks
 from trainio.checkpoint._format.placement import Mesh, Placement, mesh_boxes
 from trainio.checkpoint._format.state_tree import ArrayLeaf
+from trainio.checkpoint._format.writers import chunk_writer
 from trainio.checkpoint._save.plan import make_plan
 from trainio.checkpoint._save.share_plan import Layout, describe_layout, share_plan
 
@@ -137,3 +138,22 @@ def test_per_rank_arrays_are_their_ranks_and_rank_0_knows_every_one() -> None:
     plan = share_plan(layout, everyone, 0, 2, 1 << 20, 0, None)
     assert set(plan.arrays) == {"rng/rank-0", "rng/rank-1"} and [u.path for u in plan.units] == ["rng/rank-0"]
     assert plan.arrays["rng/rank-0"].chunks == grid_chunks((624,), 4, 1 << 20, [])
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_the_root_names_the_writer_of_every_chunk(world: int) -> None:
+    """What a reader computes from the root's ``writers`` is the rank that wrote the chunk, both ways of planning."""
+    plans = []
+    for rank in range(world):
+        layout = describe_layout(_state(rank, world), rank, world)
+        assert layout is not None
+        plans.append(share_plan(layout, [[]] * world, rank, world, 256, 64, None))
+    rows = [[[leaf.path, leaf.kind, leaf.dtype, leaf.stored, list(leaf.shape), leaf.itemsize,
+              None if leaf.box is None else leaf.box.to_json(), None, None] for leaf in _state(rank, world)]
+            for rank in range(world)]
+    exchanged = make_plan(rows, 256, 64, None)
+    for plan, units in [(plans[0], [u for p in plans for u in p.units]), (exchanged, exchanged.units)]:
+        for unit in units:
+            spec = plan.arrays[unit.path]
+            writer = chunk_writer(plan.writers[unit.path], plan.meshes, spec.shape, spec.chunks)
+            assert all(writer(index) == unit.owner for index in unit.chunks), unit.path

@@ -1,0 +1,152 @@
+"""Part manifests (version 3): each rank's chunk files, in a sealed document of its own, read only when needed.
+
+``parts/<rank:06d>.json`` lists the files one rank wrote: ``format``
+(``"trainio.checkpoint.part"``), ``version`` (3), ``step``, ``rank``,
+``files`` (``{key: {"size", "xxh3"}}``), then the seal. The root manifest
+lists every part with its size and xxh3-128, so a part is believed only once
+its bytes match the root; a reader opens just the parts that list the chunks
+it reads (``writers.py`` says which).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from trainio.storage import check_seal, digest, load_sealed, seal_json
+
+from .._recent import Recent
+from .checks import Checks, FileEntry
+from .writers import chunk_writer
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+PART_FORMAT = "trainio.checkpoint.part"
+PARTS = "parts"
+"""The folder of the part manifests, relative to the step."""
+
+
+def part_key(rank: int) -> str:
+    """The key of rank ``rank``'s part manifest, relative to the step."""
+    return f"{PARTS}/{rank:06d}.json"
+
+
+def part_bytes(step: int, rank: int, files: Mapping[str, FileEntry]) -> bytes:
+    """Rank ``rank``'s part manifest of ``step``, sealed."""
+    return seal_json({"format": PART_FORMAT, "version": 3, "step": step, "rank": rank,
+                      "files": {key: {"size": e.size, "xxh3": e.xxh3} for key, e in sorted(files.items())}})
+
+
+_parsed: Recent[str, dict[str, FileEntry]] = Recent(64)  # by the part's xxh3-128
+
+
+def parse_part(data: bytes, where: str, key: str, step: int, rank: int) -> dict[str, FileEntry]:
+    """The files a part manifest lists, validated (its digest against the root's is checked by the caller).
+
+    Raises:
+        FormatError: the seal, the format, the step, the rank or an entry is wrong.
+    """
+    known = digest(data)
+    cached = _parsed.get(known)
+    if cached is not None:
+        return cached
+    check_seal(data, where, key)
+    document = load_sealed(data, where, key)
+    validator = Checks(where, key)
+    validator.check(document.get("format") == PART_FORMAT and document.get("version") == 3,
+                    f"is not a version-3 {PART_FORMAT} document")
+    validator.check(document.get("step") == step and document.get("rank") == rank,
+                    f"is the part of step {document.get('step')!r}, rank {document.get('rank')!r}, not of step "
+                    f"{step}, rank {rank}")
+    listed = document.get("files")
+    if not isinstance(listed, dict):
+        raise validator.fail("files must be an object")
+    return _parsed.keep(known, {validator.file_key(k): validator.file_entry(k, v) for k, v in listed.items()})
+
+
+class StepFiles(Mapping[str, "FileEntry"]):
+    """Every file of a version-3 step on one tier: the root's own, the parts, and each part's files.
+
+    ``read(key, entry)`` reads a file of the step from the tier, checked
+    against ``entry``; a part is read and parsed the first time one of its
+    files is asked for. Iterating reads every part and checks that together
+    they list exactly the files of the step's arrays.
+    """
+
+    def __init__(self, manifest: Manifest, read: Callable[[str, FileEntry], bytes], where: str) -> None:
+        assert manifest.parts is not None
+        self.root = dict(manifest.files)
+        self._manifest = manifest
+        self._read = read
+        self._where = where
+        self._listed = {part_key(rank): entry for rank, entry in enumerate(manifest.parts) if entry is not None}
+        self._parts: dict[int, dict[str, FileEntry]] = {}
+        self._writers: dict[str, Callable[[tuple[int, ...]], int]] = {}
+        self._complete = False
+
+    def part(self, rank: int) -> dict[str, FileEntry]:
+        """The files rank ``rank``'s part lists (empty when the rank wrote none)."""
+        found = self._parts.get(rank)
+        if found is None:
+            key = part_key(rank)
+            entry = self._listed.get(key)
+            found = {} if entry is None else parse_part(self._read(key, entry), self._where,
+                                                         f"{_step_dir(self._manifest.step)}/{key}",
+                                                         self._manifest.step, rank)
+            self._parts[rank] = found
+        return found
+
+    def writer(self, key: str) -> int | None:
+        """The rank whose part lists chunk file ``key``, or None when ``key`` is no chunk of an array's."""
+        from .zarr_layout import ROOT
+
+        path, _, name = key.rpartition("/")
+        path = path[len(ROOT) + 1:] if path.startswith(f"{ROOT}/") else ""
+        spec = self._manifest.arrays.get(path)
+        writers = self._manifest.writers.get(path)
+        if spec is None or writers is None or not name.startswith("c."):
+            return None
+        try:
+            index = tuple(int(i) for i in name[2:].split("."))
+        except ValueError:
+            return None
+        if len(index) != len(spec.chunks):
+            return None
+        resolve = self._writers.get(path)
+        if resolve is None:
+            resolve = self._writers[path] = chunk_writer(writers, self._manifest.meshes, spec.shape, spec.chunks)
+        try:
+            return resolve(index)
+        except KeyError:
+            return None
+
+    def __getitem__(self, key: str) -> FileEntry:
+        entry = self.root.get(key) or self._listed.get(key)
+        if entry is not None:
+            return entry
+        rank = self.writer(key)
+        if rank is None or not 0 <= rank < len(self._manifest.parts or ()):
+            raise KeyError(key)
+        return self.part(rank)[key]
+
+    def _every(self) -> dict[str, FileEntry]:
+        every = {**self.root, **self._listed}
+        for rank in range(len(self._manifest.parts or ())):
+            every.update(self.part(rank))
+        if not self._complete:
+            chunks = {k: e for k, e in every.items() if k not in self._listed}
+            Checks(self._where, f"{_step_dir(self._manifest.step)}/parts").layout(
+                self._manifest.arrays, chunks, self._manifest.pack)
+            self._complete = True
+        return every
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._every())
+
+    def __len__(self) -> int:
+        return self._manifest.totals[1] if self._manifest.totals is not None else len(self._every())
+
+
+def _step_dir(step: int) -> str:
+    return f"{step:012d}"
