@@ -16,10 +16,12 @@ rank sends and receives (pickled, as torch.distributed sends objects):
   replicated arrays, describing its state, the exchange's work (rank 0 checks
   every rank's digests) and its share of the plan;
 - ``reuse s``: the same for the next save of the same layout (the plan reused);
-- ``max rank bytes``: the most any rank sends or receives while agreeing on
-  the plan (rank 0: every rank's digests in, its decision out to each);
-- ``manifest``: the step's manifest (every file of every rank, extrapolated
-  from the sampled ranks' files), and what rank 0 receives to build it.
+- ``max rank bytes``: the most any rank sends or receives per save, agreeing
+  on the plan and committing (rank 0: every rank's digests and part digest
+  in, its decision and the outcome out to each);
+- ``root`` and ``part``: the sizes of the step's root manifest (built as rank 0
+  builds it, with every rank's part listed) and of the largest sampled rank's
+  part manifest, and the time rank 0 takes to build and check the root.
 
 Run:  python benchmarks/checkpoint_scale.py [--ranks 1000,4000,10000] [--arrays 1000] [--sample 4] [--json]
 ``--json`` prints one document for the last ``--ranks`` given: plan_s, reuse_s, root_manifest_bytes,
@@ -42,9 +44,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine, machine_lines, markdown_table  # noqa: E402
 
 from trainio.checkpoint._format.boxes import Box  # noqa: E402
+from trainio.checkpoint._format.manifest import FileEntry, Manifest  # noqa: E402
 from trainio.checkpoint._format.nodes import Node  # noqa: E402
+from trainio.checkpoint._format.parts import part_bytes  # noqa: E402
 from trainio.checkpoint._format.placement import Mesh, Placement, mesh_boxes  # noqa: E402
 from trainio.checkpoint._format.state_tree import ArrayLeaf  # noqa: E402
+from trainio.checkpoint._format.zarr_layout import group_metadata_key, group_paths  # noqa: E402
+from trainio.checkpoint._save.plan import Plan  # noqa: E402
 from trainio.checkpoint._save.protocol import StepSaves  # noqa: E402
 
 CHUNK_BYTES, PACK_BYTES = 64 << 20, 256 << 10
@@ -129,11 +135,32 @@ def simulate(rank: int, world: int, arrays: int, decision: Any) -> dict[str, Any
     again, _ = saves.plan(2, skeleton, leaves, None, _Tier())  # type: ignore[arg-type]
     reuse = time.perf_counter() - start
     assert again is plan, "an unchanged layout reuses the plan"
-    files = {f"state.zarr/{unit.path}/c.{'.'.join(map(str, index))}": [1 << 20, "0" * 32]
+    entry = FileEntry(1 << 20, "0123456789abcdef" * 2)
+    files = {f"state.zarr/{unit.path}/c.{'.'.join(map(str, index))}": entry
              for unit in plan.owned(rank) for index in unit.chunks}
-    return {"plan_s": first, "reuse_s": reuse, "first_bytes": first_bytes,
-            "reuse_bytes": max(stand.sent, stand.received), "plan": plan, "report_bytes": _size({"files": files}),
-            "files": len(files)}
+    part = part_bytes(1, rank, files)
+    report = {"part": [len(part), entry.xxh3], "root": {}, "bytes": len(files) << 20, "files": len(files)}
+    commit = _size(report) if rank else _size(report) * (world - 1) + _size({"totals": [1, 1]}) * (world - 1)
+    return {"plan_s": first, "reuse_s": reuse, "first_bytes": first_bytes + commit,
+            "reuse_bytes": max(stand.sent, stand.received) + commit, "plan": plan, "part_bytes": len(part),
+            "files": len(files), "skeleton": skeleton}
+
+
+def root_manifest(plan: Plan, skeleton: Node, world: int, part: int) -> tuple[bytes, float]:
+    """The root rank 0 writes for ``plan`` (every rank with a part of ``part`` bytes), and its build+check time."""
+    start = time.perf_counter()
+    entry = FileEntry(part, "0123456789abcdef" * 2)
+    own = [spec for spec in plan.arrays.values() if spec.packed is None]
+    metadata = [group_metadata_key(g) for g in group_paths([s.path for s in own])] + [s.metadata_key for s in own]
+    root = {key: FileEntry(400, entry.xxh3) for key in metadata}
+    if plan.pack is not None:
+        root[plan.pack.metadata_key] = FileEntry(400, entry.xxh3)
+        root.update({c.key: FileEntry(c.size, entry.xxh3) for c in plan.pack.chunk_files()})
+    manifest = Manifest(1, skeleton, plan.arrays, root, world_size=world, pack=plan.pack, parts=[entry] * world,
+                        writers=plan.writers, meshes=plan.meshes, totals=(1, 1))
+    document = manifest.to_bytes()
+    Manifest.from_bytes(document, "simulated", "manifest.json")
+    return document, time.perf_counter() - start
 
 
 def measure(world: int, arrays: int, sample: int) -> dict[str, Any]:
@@ -143,12 +170,13 @@ def measure(world: int, arrays: int, sample: int) -> dict[str, Any]:
     others = sorted({int(r) for r in np.linspace(1, world - 1, max(1, sample - 1))} - {0}) if world > 1 else []
     runs = [first] + [simulate(rank, world, arrays, decision) for rank in others]
     files = sum(run["files"] for run in runs) / len(runs) * world
-    reports = sum(run["report_bytes"] for run in runs) / len(runs) * world
+    part = max(run["part_bytes"] for run in runs)
+    root, root_s = root_manifest(first["plan"], first["skeleton"], world, part)
     return {"ranks": world, "arrays": arrays, "sampled_ranks": [0, *others],
             "plan_s": max(run["plan_s"] for run in runs), "reuse_s": max(run["reuse_s"] for run in runs),
             "max_rank_bytes": max(run["first_bytes"] for run in runs),
             "max_rank_bytes_reused": max(run["reuse_bytes"] for run in runs),
-            "files": int(files), "root_manifest_bytes": int(reports), "rank0_receives_files_bytes": int(reports)}
+            "files": int(files), "root_manifest_bytes": len(root), "root_s": root_s, "max_part_bytes": part}
 
 
 def main() -> None:
@@ -165,12 +193,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(results[-1]))
         return
-    table = [["ranks", "arrays", "plan s", "reuse s", "max rank bytes (first / reused)", "files",
-              "manifest bytes", "rank 0 receives for it"]]
+    table = [["ranks", "arrays", "plan s", "reuse s", "max rank bytes (first / reused)", "files in the step",
+              "root manifest bytes", "root build+check s", "largest part bytes"]]
     for r in results:
         table.append([f"{r['ranks']:,}", f"{r['arrays']:,}", f"{r['plan_s']:.3f}", f"{r['reuse_s']:.4f}",
                       f"{r['max_rank_bytes']:,} / {r['max_rank_bytes_reused']:,}", f"{r['files']:,}",
-                      f"{r['root_manifest_bytes']:,}", f"{r['rank0_receives_files_bytes']:,}"])
+                      f"{r['root_manifest_bytes']:,}", f"{r['root_s']:.3f}", f"{r['max_part_bytes']:,}"])
     print("\n".join(machine_lines(machine(["numpy"]), "(none: no I/O)")))
     print("\n".join(markdown_table(table, left=[])))
 

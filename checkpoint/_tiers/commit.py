@@ -27,7 +27,6 @@ Readers never take part: a step without a manifest does not exist for them.
 
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -42,7 +41,8 @@ from trainio.storage import (
     IntegrityError,
     Store,
     StoreError,
-    parse_json,
+    load_sealed,
+    seal_json,
 )
 
 from .._format.manifest import MANIFEST, FileEntry, Manifest
@@ -214,7 +214,7 @@ class TierIO(ABC):
     def last_known_good(self) -> int | None:
         """The newest step that passed a full verification here, if recorded."""
         try:
-            value = parse_json(self.store.get(LAST_KNOWN_GOOD), self.url, LAST_KNOWN_GOOD, max_bytes=4096).get("step")
+            value = load_sealed(self.store.get(LAST_KNOWN_GOOD), self.url, LAST_KNOWN_GOOD, max_bytes=4096).get("step")
         except (StoreError, FormatError, AttributeError):
             return None
         return value if type(value) is int else None
@@ -224,7 +224,7 @@ class TierIO(ABC):
         current = self.last_known_good()
         if current == step or (current is not None and step < current and current in self.steps()):
             return  # recorded already (a restore of the same step again writes nothing), or a newer one is
-        self.store.put(LAST_KNOWN_GOOD, json.dumps({"step": step}).encode())
+        self.store.put(LAST_KNOWN_GOOD, seal_json({"format": "trainio.last_known_good", "step": step}))
 
     @abstractmethod
     def writer(self, step: int, shared: str | None = None) -> StepWriter:

@@ -150,6 +150,20 @@ def test_a_link_out_of_the_tier_is_not_read_even_when_its_bytes_are_right(saved:
         manager.restore(5)
 
 
+def test_a_last_known_good_record_with_a_flipped_bit_counts_as_absent(saved: Path) -> None:
+    assert verify_checkpoint(saved / "fast").ok
+    marker = saved / "fast" / "last_known_good.json"
+    good = marker.read_bytes()
+    assert list_steps(saved / "fast")[0].verified
+    for position in range(len(good)):
+        damaged = bytearray(good)
+        damaged[position] ^= 0x04
+        marker.write_bytes(bytes(damaged))
+        assert list_steps(saved / "fast")[0].verified is False, position
+    marker.write_bytes(b'{"step": 1}')  # what trainio wrote before the seal: not believed either
+    assert list_steps(saved / "fast")[0].verified is False
+
+
 def test_last_known_good_that_is_deep_or_a_fifo_is_ignored(saved: Path) -> None:
     marker = saved / "fast" / "last_known_good.json"
     marker.write_bytes(b"[" * 5000 + b"]" * 5000)

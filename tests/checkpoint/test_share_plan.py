@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -157,3 +161,14 @@ def test_the_root_names_the_writer_of_every_chunk(world: int) -> None:
             spec = plan.arrays[unit.path]
             writer = chunk_writer(plan.writers[unit.path], plan.meshes, spec.shape, spec.chunks)
             assert all(writer(index) == unit.owner for index in unit.chunks), unit.path
+
+
+def test_the_scale_benchmark_reports_what_each_rank_computes_and_sends() -> None:
+    bench = Path(__file__).parents[2] / "benchmarks" / "checkpoint_scale.py"
+    done = subprocess.run([sys.executable, str(bench), "--ranks", "64", "--arrays", "20", "--sample", "3", "--json"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(done.stdout)
+    assert result["ranks"] == 64 and result["sampled_ranks"][0] == 0 and len(result["sampled_ranks"]) == 3
+    assert result["plan_s"] > result["reuse_s"] > 0
+    assert 0 < result["root_manifest_bytes"] and 0 < result["max_part_bytes"] < result["root_manifest_bytes"]
+    assert 64 * 100 < result["max_rank_bytes"] < 64 * 2000, "rank 0 gets a few digests from each rank, no more"
