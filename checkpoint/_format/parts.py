@@ -10,6 +10,7 @@ it reads (``writers.py`` says which).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -71,7 +72,8 @@ class StepFiles(Mapping[str, "FileEntry"]):
     ``read(key, entry)`` reads a file of the step from the tier, checked
     against ``entry``; a part is read and parsed the first time one of its
     files is asked for. Iterating reads every part and checks that together
-    they list exactly the files of the step's arrays.
+    they list exactly the files of the step's arrays. Thread-safe: a restore's
+    threads share it, and each part is read once.
     """
 
     def __init__(self, manifest: Manifest, read: Callable[[str, FileEntry], bytes], where: str) -> None:
@@ -82,20 +84,22 @@ class StepFiles(Mapping[str, "FileEntry"]):
         self._where = where
         self._listed = {part_key(rank): entry for rank, entry in enumerate(manifest.parts) if entry is not None}
         self._parts: dict[int, dict[str, FileEntry]] = {}
+        self._lock = threading.Lock()
         self._writers: dict[str, Callable[[tuple[int, ...]], int]] = {}
         self._complete = False
 
     def part(self, rank: int) -> dict[str, FileEntry]:
         """The files rank ``rank``'s part lists (empty when the rank wrote none)."""
-        found = self._parts.get(rank)
-        if found is None:
-            key = part_key(rank)
-            entry = self._listed.get(key)
-            found = {} if entry is None else parse_part(self._read(key, entry), self._where,
-                                                         f"{_step_dir(self._manifest.step)}/{key}",
-                                                         self._manifest.step, rank)
-            self._parts[rank] = found
-        return found
+        with self._lock:
+            found = self._parts.get(rank)
+            if found is None:
+                key = part_key(rank)
+                entry = self._listed.get(key)
+                found = {} if entry is None else parse_part(self._read(key, entry), self._where,
+                                                             f"{_step_dir(self._manifest.step)}/{key}",
+                                                             self._manifest.step, rank)
+                self._parts[rank] = found
+            return found
 
     def writer(self, key: str) -> int | None:
         """The rank whose part lists chunk file ``key``, or None when ``key`` is no chunk of an array's."""
