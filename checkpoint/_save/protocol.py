@@ -96,7 +96,7 @@ class StepSaves:
                 rows = describe_leaves(leaves, digests)
                 layout = describe_layout(leaves, self.rank, self.world)
                 if layout is not None:
-                    payload["layout"], payload["own_rows"] = layout.digest(), layout.own
+                    payload["layout"], payload["own_rows"] = layout.digest, layout.own
                 payload["boxes"] = json_digest([row[:8] for row in rows])
                 payload["values"] = json_digest([row[8] for row in rows])
             except Exception as exc:  # noqa: BLE001 - a value that cannot be hashed fails the save on every rank
@@ -159,7 +159,7 @@ class StepSaves:
         """This rank's share of a plan every rank makes alone: the last one while nothing it depends on changed."""
         per_rank = [p["own_rows"] for p in everyone] if everyone is not None else \
             [layout.own if r == self.rank else [] for r in range(self.world)]
-        key = json_digest([self._chunk_bytes, self._pack_bytes, self._codec, layout.digest(), per_rank])
+        key = json_digest([self._chunk_bytes, self._pack_bytes, self._codec, layout.digest, per_rank])
         if self._shared is not None and self._shared[0] == key:
             return self._shared[1]
         plan = share_plan(layout, per_rank, self.rank, self.world, self._chunk_bytes, self._pack_bytes, self._codec)

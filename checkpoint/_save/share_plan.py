@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from trainio.storage import CheckpointError
@@ -51,6 +52,7 @@ class Layout:
     meshes: list[Mesh]
     own: list[list[Any]]
 
+    @cached_property
     def digest(self) -> str:
         """xxh3-128 of the shared part: equal on every rank exactly when the ranks may plan alone."""
         return json_digest([self.rows, [mesh.to_json() for mesh in self.meshes]])

@@ -144,6 +144,38 @@ def test_tensor_parallel_sub_meshes_are_planned_by_exchanging_boxes(tmp_path: Pa
     assert all(torch.equal(a, b) for a, b in zip(restored["big"], expected["big"], strict=True))
 
 
+def parts_read_in_place(rank: int, world: int, root: str) -> list[int]:
+    """Save FSDP-style shards, restore them in place in a new manager: the parts this rank's restore read."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from trainio.checkpoint._format import parts
+
+    expected = global_state()
+    mesh = init_device_mesh("cpu", (world,))
+    state = {name: distribute_tensor(expected[name], mesh, [Shard(0)]) for name in ("w", "y", "big_shard")}
+    with CheckpointManager([root], chunk_bytes=CHUNK, timeout_s=60) as manager:
+        manager.save(1, state).wait()
+    read: list[int] = []
+    parse = parts.parse_part
+
+    def counted(data: bytes, where: str, key: str, step: int, part: int) -> Any:
+        read.append(part)
+        return parse(data, where, key, step, part)
+
+    parts.parse_part = counted  # type: ignore[assignment]
+    target = {name: distribute_tensor(torch.zeros_like(expected[name]), mesh, [Shard(0)]) for name in state}
+    with CheckpointManager([root], chunk_bytes=CHUNK, timeout_s=60) as manager:
+        restored = manager.restore(into=target)
+    _check_shards(restored, expected, {name: None for name in state})
+    return sorted(set(read))
+
+
+def test_a_rank_restoring_its_own_shards_reads_only_its_own_part(tmp_path: Path) -> None:
+    read = values(run_ranks(4, f"{HERE}.parts_read_in_place", tmp_path / "out", str(tmp_path / "ckpt")))
+    assert read == [[0], [1], [2], [3]], "each rank reads the root and its own part, not every rank's"
+
+
 def restore_resharded(rank: int, world: int, root: str) -> None:
     """Restore step 1 into other placements on another world size; plain tensors come back whole."""
     expected = global_state()

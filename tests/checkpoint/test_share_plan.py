@@ -87,7 +87,7 @@ def test_every_chunk_is_written_once_by_a_rank_that_holds_it(world: int) -> None
     leaves = {rank: _state(rank, world) for rank in range(world)}
     layouts = {rank: describe_layout(leaves[rank], rank, world) for rank in range(world)}
     assert all(layout is not None for layout in layouts.values())
-    assert len({layout.digest() for layout in layouts.values() if layout is not None}) == 1
+    assert len({layout.digest for layout in layouts.values() if layout is not None}) == 1
     plans = {rank: share_plan(layout, [[]] * world, rank, world, 256, 64, None)
              for rank, layout in layouts.items() if layout is not None}
     specs = plans[0].arrays
