@@ -288,15 +288,6 @@ class MappedFile:
 
     buffer: pa.Buffer
     identity: tuple[int, int, int, int]
-    region: mmap.mmap | None = None
-
-    def read_ahead(self) -> None:
-        """Ask the kernel to start reading the whole file into the page cache (no wait; no-op where unsupported)."""
-        if self.region is not None and hasattr(mmap, "MADV_WILLNEED"):
-            try:
-                self.region.madvise(mmap.MADV_WILLNEED)
-            except (OSError, ValueError):  # a closed mapping, or a kernel that refuses: only the read-ahead is lost
-                pass
 
 
 def _open_local(store: Store, key: str) -> int:
@@ -332,8 +323,7 @@ def map_local(store: Store, key: str) -> MappedFile:
         data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""
     finally:
         os.close(fd)
-    return MappedFile(pa.py_buffer(data), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
-                      data if isinstance(data, mmap.mmap) else None)
+    return MappedFile(pa.py_buffer(data), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 def map_file(path: str | os.PathLike[str]) -> pa.Buffer:

@@ -230,7 +230,6 @@ class ShardChecker:
             return None, exc
         if _known_good(mapped, info.xxh3_128):
             return mapped.identity, None
-        mapped.read_ahead()  # a cold shard then streams in at the disk's pace, not one page fault at a time
         hasher = Hasher()
         view = memoryview(mapped.buffer)
         for start in range(0, view.nbytes, _PIECE):
