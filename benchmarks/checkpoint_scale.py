@@ -21,7 +21,10 @@ rank sends and receives (pickled, as torch.distributed sends objects):
   in, its decision and the outcome out to each);
 - ``root`` and ``part``: the sizes of the step's root manifest (built as rank 0
   builds it, with every rank's part listed) and of the largest sampled rank's
-  part manifest, and the time rank 0 takes to build and check the root.
+  part manifest, and the time rank 0 takes to build and check the root;
+- ``restore: manifests s``: the slowest sampled rank's manifest work to restore
+  its own shards in place: the root parsed afresh, its own part read and
+  checked, every chunk's entry found (checked: no other part is read).
 
 Run:  python benchmarks/checkpoint_scale.py [--ranks 1000,4000,10000] [--arrays 1000] [--sample 4] [--json]
 ``--json`` prints one document for the last ``--ranks`` given: plan_s, reuse_s, root_manifest_bytes,
@@ -43,15 +46,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine, machine_lines, markdown_table  # noqa: E402
 
+from trainio.checkpoint._format import manifest as manifest_module  # noqa: E402
 from trainio.checkpoint._format.boxes import Box  # noqa: E402
 from trainio.checkpoint._format.manifest import FileEntry, Manifest  # noqa: E402
 from trainio.checkpoint._format.nodes import Node  # noqa: E402
-from trainio.checkpoint._format.parts import part_bytes  # noqa: E402
+from trainio.checkpoint._format.parts import part_bytes, part_key  # noqa: E402
 from trainio.checkpoint._format.placement import Mesh, Placement, mesh_boxes  # noqa: E402
 from trainio.checkpoint._format.state_tree import ArrayLeaf  # noqa: E402
 from trainio.checkpoint._format.zarr_layout import group_metadata_key, group_paths  # noqa: E402
+from trainio.checkpoint._recent import Recent  # noqa: E402
 from trainio.checkpoint._save.plan import Plan  # noqa: E402
 from trainio.checkpoint._save.protocol import StepSaves  # noqa: E402
+from trainio.storage import digest  # noqa: E402
 
 CHUNK_BYTES, PACK_BYTES = 64 << 20, 256 << 10
 
@@ -143,7 +149,30 @@ def simulate(rank: int, world: int, arrays: int, decision: Any) -> dict[str, Any
     commit = _size(report) if rank else _size(report) * (world - 1) + _size({"totals": [1, 1]}) * (world - 1)
     return {"plan_s": first, "reuse_s": reuse, "first_bytes": first_bytes + commit,
             "reuse_bytes": max(stand.sent, stand.received) + commit, "plan": plan, "part_bytes": len(part),
-            "files": len(files), "skeleton": skeleton}
+            "files": len(files), "skeleton": skeleton, "rank": rank, "own": list(files), "part": part}
+
+
+def restore_lookups(root: bytes, run: dict[str, Any]) -> float:
+    """A restoring rank's manifest work for its own shards: parse the root, read its part, find each chunk's entry.
+
+    The root is parsed afresh (a new process has nothing cached); a part is
+    read only when a chunk it lists is looked up, and only this rank's may be.
+    """
+    manifest_module._parsed = Recent(32)  # a restoring process starts with nothing parsed
+    read: list[str] = []
+
+    def from_tier(key: str, entry: FileEntry) -> bytes:
+        read.append(key)
+        digest(run["part"])  # what the tier's read checks against the root's entry
+        return bytes(run["part"])
+
+    start = time.perf_counter()
+    bound = Manifest.from_bytes(root, "simulated", "manifest.json").bind(from_tier, "simulated")
+    for key in run["own"]:
+        bound.files[key]
+    elapsed = time.perf_counter() - start
+    assert read in ([], [part_key(run["rank"])]), f"rank {run['rank']} read {read}, not only its own part"
+    return elapsed
 
 
 def root_manifest(plan: Plan, skeleton: Node, world: int, part: int) -> tuple[bytes, float]:
@@ -172,7 +201,8 @@ def measure(world: int, arrays: int, sample: int) -> dict[str, Any]:
     files = sum(run["files"] for run in runs) / len(runs) * world
     part = max(run["part_bytes"] for run in runs)
     root, root_s = root_manifest(first["plan"], first["skeleton"], world, part)
-    return {"ranks": world, "arrays": arrays, "sampled_ranks": [0, *others],
+    restore_s = max(restore_lookups(root, run) for run in runs)
+    return {"restore_s": restore_s, "ranks": world, "arrays": arrays, "sampled_ranks": [0, *others],
             "plan_s": max(run["plan_s"] for run in runs), "reuse_s": max(run["reuse_s"] for run in runs),
             "max_rank_bytes": max(run["first_bytes"] for run in runs),
             "max_rank_bytes_reused": max(run["reuse_bytes"] for run in runs),
@@ -194,11 +224,12 @@ def main() -> None:
         print(json.dumps(results[-1]))
         return
     table = [["ranks", "arrays", "plan s", "reuse s", "max rank bytes (first / reused)", "files in the step",
-              "root manifest bytes", "root build+check s", "largest part bytes"]]
+              "root manifest bytes", "root build+check s", "largest part bytes", "restore: manifests s"]]
     for r in results:
         table.append([f"{r['ranks']:,}", f"{r['arrays']:,}", f"{r['plan_s']:.3f}", f"{r['reuse_s']:.4f}",
                       f"{r['max_rank_bytes']:,} / {r['max_rank_bytes_reused']:,}", f"{r['files']:,}",
-                      f"{r['root_manifest_bytes']:,}", f"{r['root_s']:.3f}", f"{r['max_part_bytes']:,}"])
+                      f"{r['root_manifest_bytes']:,}", f"{r['root_s']:.3f}", f"{r['max_part_bytes']:,}",
+                      f"{r['restore_s']:.3f}"])
     print("\n".join(machine_lines(machine(["numpy"]), "(none: no I/O)")))
     print("\n".join(markdown_table(table, left=[])))
 
