@@ -37,7 +37,8 @@ LEASE = "lease.json"
 """The lease's key at the top of a tier."""
 
 CLOCK_PROBE = "lease-clock"
-"""Names of the empty keys written to read the store's clock (one left only by a holder killed at that moment)."""
+"""The prefix of the empty keys written to read the store's clock, ``lease-clock/<token>``: each lives for a
+moment; one is left only by a process killed at that moment, and the next holder removes it."""
 _FORMAT = "trainio.lease"
 
 
@@ -108,12 +109,36 @@ class Lease:
 
     def _age(self) -> float:
         """Seconds since the lease was last written, by the store's clock."""
-        probe = f"{CLOCK_PROBE}.{self.me.token}"
+        return self._store_now() - self._store.modified(LEASE)
+
+    def _store_now(self) -> float:
+        """The store's clock now: the modification time of a probe written just then."""
+        probe = f"{CLOCK_PROBE}/{self.me.token}"
         self._store.put(probe, b"")
         try:
-            return self._store.modified(probe) - self._store.modified(LEASE)
+            return self._store.modified(probe)
         finally:
             self._store.delete(probe)
+
+    def remove_dead_probes(self) -> int:
+        """Remove clock probes older than the lease's time-to-live by the store's clock; how many.
+
+        A probe lives for the moment of one clock reading, so one that old was
+        left by a process killed while it read the clock: provably dead.
+        """
+        found = self._store.list(CLOCK_PROBE)
+        if not found:
+            return 0
+        now = self._store_now()
+        removed = 0
+        for key in found:
+            try:
+                if now - self._store.modified(key) > self.me.ttl_s:
+                    self._store.delete(key)
+                    removed += 1
+            except NotFound:  # its writer finished with it meanwhile
+                continue
+        return removed
 
     def acquire(self) -> None:
         """Take the lease, or renew it when this manager holds it already.
@@ -139,6 +164,10 @@ class Lease:
             raise CheckpointError(f"{self._label}: another job took the tier's lease at the same moment; "
                                   f"it is held by {self._holder_text()}") from None
         self.held = True
+        try:
+            self.remove_dead_probes()
+        except StoreError as exc:  # leftovers are harmless; the next holder tries again
+            log.warning("%s: could not remove clock probes left by dead processes: %s", self._label, exc)
 
     def check(self) -> None:
         """Raise unless this manager still holds the lease (before a commit).

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier
-from trainio.checkpoint._tiers.lease import LEASE
+from trainio.checkpoint._tiers.lease import CLOCK_PROBE, LEASE
 from trainio.checkpoint._tiers.object import ObjectStepWriter
 from trainio.storage import CheckpointError, LocalStore, S3Store, Store, seal_json
 
@@ -120,6 +120,17 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path: Path) -> Non
     with CheckpointManager([Tier(tmp_path)]) as manager:
         manager.save(1, _state(1)).wait()
         assert manager.steps() == {str(tmp_path): [1]}
+
+
+def test_clock_probes_of_killed_processes_are_removed_by_the_next_holder(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put(f"{CLOCK_PROBE}/killed-mid-probe", b"")
+    store.put(f"{CLOCK_PROBE}/reading-the-clock-now", b"")
+    long_ago = time.time() - 24 * 3600
+    os.utime(tmp_path / CLOCK_PROBE / "killed-mid-probe", (long_ago, long_ago))
+    with CheckpointManager([Tier(tmp_path)]) as manager:
+        manager.save(1, _state(1)).wait()
+    assert store.list(CLOCK_PROBE) == [f"{CLOCK_PROBE}/reading-the-clock-now"]  # a live one's is left alone
 
 
 def test_a_zombie_that_lost_its_lease_commits_nothing(tmp_path: Path) -> None:
