@@ -11,7 +11,7 @@ from typing import Any
 
 from trainio.storage import CheckpointError, FormatError, Store, StoreError, open_store
 
-from ._format.manifest import Manifest
+from ._format.manifest import FileEntry, Manifest
 from ._save.files import copy_step
 from ._tier import Tier
 from ._tiers import open_tier_io
@@ -143,23 +143,23 @@ def verify_checkpoint(where: Where, steps: list[int] | None = None, *, threads: 
                 report.problems.append((step, "manifest.json", describe(exc)))
                 continue
             try:
-                keys = sorted(manifest.files)  # a version-3 step's parts are read and checked here
+                listed = dict(manifest.files)  # a version-3 step's parts are read and checked here
             except (StoreError, FormatError, CheckpointError) as exc:
                 report.problems.append((step, "parts", describe(exc)))
                 continue
 
-            def check(key: str, step: int = step, manifest: Manifest = manifest) -> tuple[str, str]:
+            def check(key: str, step: int = step, listed: dict[str, FileEntry] = listed) -> tuple[str, str]:
                 try:
-                    tier.verify(step, key, manifest.files[key])
+                    tier.verify(step, key, listed[key])
                 except (StoreError, OSError) as exc:
                     return key, describe(exc)
                 finally:
                     if progress is not None:
-                        progress(manifest.files[key].size)
+                        progress(listed[key].size)
                 return key, ""
 
-            found = [(key, problem) for key, problem in pool.map(check, keys) if problem]
-            report.files += len(keys)
+            found = [(key, problem) for key, problem in pool.map(check, sorted(listed)) if problem]
+            report.files += len(listed)
             report.nbytes += manifest.nbytes
             report.problems.extend((step, key, problem) for key, problem in found)
             if not found:

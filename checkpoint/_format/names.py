@@ -1,4 +1,4 @@
-"""Node names in the checkpoint's zarr group, made from the state's keys.
+"""Names in a checkpoint: a step's directory, and the node names in its zarr group made from the state's keys.
 
 Every name is a valid zarr v3 node name and a valid store key part, and
 distinct keys give distinct names: characters outside ``[A-Za-z0-9._-]`` are
@@ -33,3 +33,8 @@ def node_name(key: str | int) -> str:
 def is_node_name(name: str) -> bool:
     """Whether ``name`` could have come from :func:`node_name`."""
     return bool(_NAME.fullmatch(name)) and not name.startswith((".", "__"))
+
+
+def step_name(step: int) -> str:
+    """The directory name of ``step`` on a tier."""
+    return f"{step:012d}"

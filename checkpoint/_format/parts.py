@@ -18,6 +18,7 @@ from trainio.storage import check_seal, digest, load_sealed, seal_json
 
 from .._recent import Recent
 from .checks import Checks, FileEntry
+from .names import step_name
 from .writers import chunk_writer
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class StepFiles(Mapping[str, "FileEntry"]):
                 key = part_key(rank)
                 entry = self._listed.get(key)
                 found = {} if entry is None else parse_part(self._read(key, entry), self._where,
-                                                             f"{_step_dir(self._manifest.step)}/{key}",
+                                                             f"{step_name(self._manifest.step)}/{key}",
                                                              self._manifest.step, rank)
                 self._parts[rank] = found
             return found
@@ -140,7 +141,7 @@ class StepFiles(Mapping[str, "FileEntry"]):
             every.update(self.part(rank))
         if not self._complete:
             chunks = {k: e for k, e in every.items() if k not in self._listed}
-            Checks(self._where, f"{_step_dir(self._manifest.step)}/parts").layout(
+            Checks(self._where, f"{step_name(self._manifest.step)}/parts").layout(
                 self._manifest.arrays, chunks, self._manifest.pack)
             self._complete = True
         return every
@@ -150,7 +151,3 @@ class StepFiles(Mapping[str, "FileEntry"]):
 
     def __len__(self) -> int:
         return self._manifest.totals[1] if self._manifest.totals is not None else len(self._every())
-
-
-def _step_dir(step: int) -> str:
-    return f"{step:012d}"

@@ -46,16 +46,12 @@ from trainio.storage import (
 )
 
 from .._format.manifest import MANIFEST, FileEntry, Manifest
+from .._format.names import step_name as step_name  # where the tiers and the save find it
 from .lease import Lease
 
 _STEP_NAME = re.compile(r"\d{12}")
 LAST_KNOWN_GOOD = "last_known_good.json"
 """Key, at the top of a tier, of the newest step that passed a full verification."""
-
-
-def step_name(step: int) -> str:
-    """The directory name of ``step``."""
-    return f"{step:012d}"
 
 
 def digest_with_padding(data: memoryview, size: int) -> str:
