@@ -7,7 +7,13 @@ barrier to after one (so a row is the slowest rank's time):
 - raw write+fsync / read: each rank writes one file of its shards' bytes, and reads it back;
 - trainio: ``save`` blocking (the slowest rank's), to committed on every
   rank, ``restore(into=)`` warm and cold;
-- dcp.save, dcp.async_save (blocking, and to done), dcp.load warm and cold.
+- dcp.save, dcp.async_save (blocking, and to done), dcp.load warm and cold;
+- with ``nodes``, a node tier (``ranks // nodes`` ranks a node, ``{node}`` in
+  its path, one replica) before a shared tier: ``save`` blocking, to committed
+  on every node with its replica, against each rank writing its own and its
+  replica's bytes to two files with fsync; restore from the own node warm and
+  cold, after a node's directory is lost (its part comes from a peer's
+  replica), and the promotion to the shared tier (every rank uploads its part).
 """
 
 from __future__ import annotations
@@ -106,7 +112,72 @@ def _fresh(path: Path) -> None:
     dist.barrier()
 
 
-def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int, out: str) -> None:
+def _node_rows(base: Path, state: Any, shards: list[torch.Tensor], buffer: torch.Tensor, nodes: int,
+               repeat: int) -> list[tuple[str, str, float]]:
+    from checkpoint_bench import like
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_node = world // nodes
+    os.environ["LOCAL_WORLD_SIZE"] = str(per_node)
+    rows: list[tuple[str, str, float]] = []
+    own, replica = base / f"raw-{rank}.bin", base / f"raw-{rank}.replica"
+
+    def write_two() -> None:
+        for path in (own, replica):
+            with open(path, "wb") as f:
+                f.write(buffer.numpy().data)
+                f.flush()
+                os.fsync(f.fileno())
+
+    rows.append(("node durable save", "raw write+fsync of own + replica bytes", _best(write_two, repeat)))
+    own.unlink()
+    replica.unlink()
+    node_root = base / "nodes"
+    tiers = [Tier(node_root / "n{node}", scope="node", replicas=1, keep_last=1),
+             Tier(base / "shared", keep_last=1)]
+    with CheckpointManager(tiers, timeout_s=600) as manager:
+        manager.save(0, state).wait()
+        manager.wait()
+        steps = iter(range(1, repeat + 2))
+        blocked, committed, promoted = [], [], []
+        for _ in range(repeat):  # each round from empty node directories: a full write
+            manager.wait()
+            _fresh(node_root)
+            gc.collect()
+            dist.barrier()
+            began = time.perf_counter()
+            handle = manager.save(next(steps), state)
+            blocked.append(_slowest(time.perf_counter() - began))
+            handle.wait()
+            dist.barrier()
+            committed.append(time.perf_counter() - began)
+            manager.wait()
+            dist.barrier()
+            promoted.append(time.perf_counter() - began - committed[-1])
+        rows += [("blocking", "trainio node tier save()", min(blocked)),
+                 ("node durable save", "trainio node tier, own + 1 replica, to committed", min(committed)),
+                 ("promotion", "node tier -> shared tier (every rank uploads its part)", min(promoted))]
+        manager.save(next(steps), state).wait()
+        manager.wait()
+        target = like(state)
+        rows += _restore_rows("trainio restore from own node", lambda: manager.restore(into=target, tiers=[0]),
+                              node_root, repeat)
+        assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
+
+        def lose_node() -> None:
+            if rank == 0:
+                shutil.rmtree(node_root / "n1", ignore_errors=True)
+            dist.barrier()
+
+        rows.append(("restore after losing a node", "trainio, node 1's part from its replica",
+                     _best(lambda: manager.restore(into=target, tiers=[0]), repeat, lose_node)))
+        assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
+    _fresh(node_root)
+    _fresh(base / "shared")
+    return rows
+
+
+def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int, out: str, nodes: int) -> None:
     from checkpoint_bench import like, state_of
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -153,6 +224,8 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
         rows += _restore_rows("trainio restore(into=)", lambda: manager.restore(into=target), tier, repeat)
         assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
     _fresh(tier)
+    if nodes:
+        rows += _node_rows(base, state, shards, buffer, nodes, repeat)
 
     import torch.distributed.checkpoint as dcp
 
@@ -170,10 +243,10 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
     dist.destroy_process_group()
 
 
-def run(root: Path, gb: float, ranks: int, repeat: int) -> list[tuple[str, str, float]]:
-    """Spawn ``ranks`` processes and return the rows rank 0 measured."""
+def run(root: Path, gb: float, ranks: int, repeat: int, nodes: int = 0) -> list[tuple[str, str, float]]:
+    """Spawn ``ranks`` processes and return the rows rank 0 measured (node-tier rows too with ``nodes``)."""
     from checkpoint_bench import free_port
 
     out = root / "ranks.json"
-    mp.spawn(_worker, args=(ranks, free_port(), str(root), gb, repeat, str(out)), nprocs=ranks)
+    mp.spawn(_worker, args=(ranks, free_port(), str(root), gb, repeat, str(out), nodes), nprocs=ranks)
     return [tuple(row) for row in json.loads(out.read_text())]  # type: ignore[misc]

@@ -23,7 +23,7 @@ With ``--ranks N`` it measures instead one state sharded over N local gloo
 ranks (DTensors, Shard(0)): trainio's collective save and restore against
 dcp.save / dcp.async_save / dcp.load and a raw file per rank (_ckpt_ranks.py).
 
-Run:  python benchmarks/checkpoint_bench.py [--gb 2] [--dir /tmp/ckpt-bench] [--small 2000] [--ranks 2]
+Run:  python benchmarks/checkpoint_bench.py [--gb 2] [--dir /tmp/ckpt-bench] [--small 2000] [--ranks 2 [--nodes 2]]
 """
 
 from __future__ import annotations
@@ -347,6 +347,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["big", "small", "loop"], action="append")
     parser.add_argument("--ranks", type=int, default=0,
                         help="run only the multi-rank table, with this many local gloo ranks")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help="with --ranks: add node-tier rows, the ranks simulating this many nodes")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir="/tmp"))
     root.mkdir(parents=True, exist_ok=True)
@@ -358,11 +360,12 @@ def main() -> None:
 
         try:
             nbytes = sum(t.numel() * t.element_size() for t in tensors_of(state_of(args.gb)))
-            measured = _ckpt_ranks.run(root, args.gb, args.ranks, args.repeat)
+            measured = _ckpt_ranks.run(root, args.gb, args.ranks, args.repeat, args.nodes)
         finally:
             if args.dir is None:
                 shutil.rmtree(root, ignore_errors=True)
-        print("\n".join(["", f"{args.ranks} ranks, Shard(0) over a 1-D mesh; state {nbytes / 1e9:.2f} GB",
+        nodes = f", as {args.nodes} nodes" if args.nodes else ""
+        print("\n".join(["", f"{args.ranks} ranks{nodes}, Shard(0) over a 1-D mesh; state {nbytes / 1e9:.2f} GB",
                          *rows_table(measured, nbytes)]))
         return
     state = state_of(args.gb)

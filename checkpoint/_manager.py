@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Any, Self
 
 from trainio.storage import CheckpointError, Store, open_store
@@ -15,7 +16,9 @@ from trainio.storage import CheckpointError, Store, open_store
 from ._format.nodes import Node
 from ._format.state_tree import ArrayLeaf, flatten
 from ._handle import SaveHandle, SaveLedger, TierResult
+from ._node_job import NodeJob
 from ._options import CheckpointOptions
+from ._promotions import Promotions
 from ._restore.step_reader import ReadReport
 from ._save.collective import Collective, Exchange, WorldOfOne, distributed_world
 from ._save.plan import Plan
@@ -26,7 +29,7 @@ from ._threads import background_pool
 from ._tier import Tier
 from ._tiers import open_tier_io
 from ._tiers.commit import TierIO, describe
-from ._tiers.lease import Lease, LeaseKeeper
+from ._tiers.lease import LeaseKeeper
 from ._tiers.tier_set import TierSet
 
 log = logging.getLogger(__name__)
@@ -68,26 +71,28 @@ class CheckpointManager:
         if len(set(labels)) != len(labels):
             raise ValueError(f"tier names must differ: {labels}")
         opts = self.options
-        self._io: list[TierIO] = [open_tier_io(self._store(t), t.label) for t in self.tiers]
+        distributed = distributed_world() > 1 if opts.distributed is None else opts.distributed
+        exchange: Exchange = Collective(opts.timeout_s) if distributed else WorldOfOne()
+        self._rank = exchange.rank
+        self._nodes = NodeJob.of(self.tiers, opts.ranks_per_node, exchange)
+        self._io: list[TierIO] = [self._nodes.open() if self._nodes is not None and t.node_scoped
+                                  else open_tier_io(self._store(t), t.label) for t in self.tiers]
         self._staging = StagingPool(opts.max_pending)
         self._pool = background_pool(opts.threads, "io")
         self._saver = background_pool(1, "save")
-        self._promoter = background_pool(1, "promote")
         self._lock = threading.Lock()
         self._ledger = SaveLedger(labels)
-        self._promotion_queued = False
         self._closed = False
-        distributed = distributed_world() > 1 if opts.distributed is None else opts.distributed
-        exchange: Exchange = Collective(opts.timeout_s) if distributed else WorldOfOne()
-        self._saves = StepSaves(exchange, opts.chunk_bytes, opts.pack_bytes, opts.codec)
-        self._rank = exchange.rank
-        leases = [Lease(io.store, io.label, opts.lease_s) for io in self._io] if self._rank == 0 else []
-        for io, lease in zip(self._io, leases, strict=False):
-            io.lease = lease
-        self._keeper = LeaseKeeper(leases, opts.lease_s)
+        self._saves = StepSaves(exchange, opts.chunk_bytes, opts.pack_bytes, opts.codec,
+                                self._nodes.nodes if self._nodes is not None else None)
+        committing = len(self._io) if self._rank == 0 else int(self._nodes is not None and self._nodes.commits)
+        self._keeper = LeaseKeeper.for_tiers(self._io[:committing], opts.lease_s)  # the tiers this rank commits on
         self._tierset = TierSet(self.tiers, self._io, self._ledger, self._keeper, rank=self._rank, pool=self._pool,
                                 threads=opts.threads, attempts=opts.promote_attempts,
                                 backoff_s=opts.retry_backoff_s)
+        self._promotions = Promotions(self._tierset, self._io, self._nodes, self._pool, opts.threads)
+        if self._nodes is not None:
+            self._nodes.settle(self._io, self._tierset)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CheckpointManager:
@@ -162,8 +167,9 @@ class CheckpointManager:
             previous = self._tierset.previous(0, step)
             # Retention must leave the step we link unchanged files from alone until this one is committed.
             with self._tierset.using(0, previous.step) if previous is not None else nullcontext():
+                retire = partial(self._tierset.doomed, 0) if self._nodes is not None and self._rank == 0 else None
                 manifest = self._saves.write(io, step, snapshot, plan, name, previous, self._pool,
-                                             self.options.threads)
+                                             self.options.threads, retire)
         except BaseException as exc:  # noqa: BLE001 - every failure is reported through the handle
             error = CheckpointError(f"{io.label}: saving step {step} failed: {describe(exc)}")
             error.__cause__ = exc
@@ -176,28 +182,18 @@ class CheckpointManager:
             snapshot.release()
         self._tierset.remember(0, manifest)
         self._ledger.record(handle, io.label, TierResult("committed", nbytes=manifest.nbytes))
+        if self._nodes is not None:
+            self._promotions.after_commit()  # on every rank, once per committed step
         if self._rank != 0:
             self._ledger.settle(handle, "skipped", "rank 0 promotes")
             return
-        self._tierset.retain(0)
-        if len(self._io) > 1:
-            self._schedule_promotion()
-        else:
+        if self._nodes is None:
+            self._tierset.retain(0)  # a node tier's is applied with the commit, by every node's first rank
+            self._promotions.after_commit()
+        if len(self._io) == 1:
             self._ledger.settle(handle, "skipped")
 
     # -- promotion ----------------------------------------------------------------------
-
-    def _schedule_promotion(self) -> None:
-        with self._lock:
-            if self._promotion_queued or self._closed:
-                return
-            self._promotion_queued = True
-        self._promoter.submit(self._promote_all)
-
-    def _promote_all(self) -> None:
-        with self._lock:
-            self._promotion_queued = False
-        self._tierset.promote_all()
 
     def promote(self) -> None:
         """Copy now every step that a slower tier keeps but lacks; raise what failed.
@@ -210,8 +206,8 @@ class CheckpointManager:
         """
         self._check_open()
         self._saver.submit(lambda: None).result()
-        if self._rank == 0:
-            self._promoter.submit(self._promote_all).result()
+        if self._rank == 0 or self._nodes is not None:
+            self._promotions.now().result()
         self._saves.agree("promote(): waiting for rank 0's promotions", None)
         self._ledger.raise_unreported()
 
@@ -251,6 +247,9 @@ class CheckpointManager:
         """:meth:`restore`, and what it read, fell back on and repaired."""
         self._check_open()
         chosen = self._tierset.select(tiers)
+        if self._nodes is not None and 0 in chosen:
+            return self._nodes.restore(self._io, chosen, step, list(keys) if keys else None, into, self._tierset,
+                                       self._pool, self.options.threads)
         if step is None:
             step = self._tierset.latest(chosen) if self._rank == 0 else None
             step = self._saves.agree("restore: agreeing on the newest step", step)
@@ -264,7 +263,7 @@ class CheckpointManager:
     def wait(self) -> None:
         """Wait for every save and promotion in flight; raise what failed and was not yet reported."""
         self._saver.submit(lambda: None).result()
-        self._promoter.submit(lambda: None).result()
+        self._promotions.wait()
         self._ledger.raise_unreported()
 
     def _check_open(self) -> None:
@@ -280,7 +279,7 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._saver.shutdown(wait=True)
-            self._promoter.shutdown(wait=True)
+            self._promotions.close()
             self._pool.shutdown(wait=True)
             self._keeper.close()
             self._saves.close()

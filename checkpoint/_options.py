@@ -33,7 +33,10 @@ class CheckpointOptions:
             than one rank is). Then every rank must create the manager and
             call ``save``/``restore`` alike; each writes only what it owns, and
             rank 0 commits, promotes and applies retention. The first tier
-            must be storage every rank sees (a shared file system, S3).
+            is storage every rank sees (a shared file system, S3) or a node
+            tier (``Tier(..., scope="node")``).
+        ranks_per_node: The ranks of one node, for a node tier (default: the
+            ``LOCAL_WORLD_SIZE`` environment variable torchrun sets).
         timeout_s: How long a rank waits for the others at each exchange of a
             multi-rank save or restore before failing, naming the ranks missing.
         lease_s: How long a tier's lease lasts unrenewed. One job writes a tier
@@ -55,6 +58,7 @@ class CheckpointOptions:
     pack_bytes: int = PACK_BYTES
     compression: str | None = None
     distributed: bool | None = None
+    ranks_per_node: int | None = None
     timeout_s: float = 600.0
     lease_s: float = 60.0
 
@@ -72,6 +76,8 @@ class CheckpointOptions:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "distributed" and value is None):
                 raise ValueError(f"CheckpointOptions.{name} must be True or False, not {value!r}")
+        if self.ranks_per_node is not None:
+            _check_int("ranks_per_node", self.ranks_per_node, 1)
         parse_compression(self.compression)  # raises ValueError naming what is accepted
 
     @property

@@ -22,6 +22,14 @@ class Tier:
             ``keep_every``, the tier receives only those steps by promotion.
         name: How messages and results name the tier (default: its URL).
         options: Store options for the URL (e.g. :class:`~trainio.storage.S3Options`).
+        scope: ``"shared"`` (default): storage every rank sees. ``"node"``: a
+            directory on each node's own disk (its NVMe), seen by that node's
+            ranks alone; ``{node}`` in the URL is replaced by the node's index
+            (so one machine can simulate many nodes). Only the first tier may
+            be a node tier; see "Multi-node jobs" in the README.
+        replicas: For a node tier, on how many other nodes each node's files
+            are also kept (node ``n``'s copies go to nodes ``n+1 .. n+replicas``,
+            modulo the node count), so a lost node's part survives.
     """
 
     url: str | os.PathLike[str] | Store
@@ -29,8 +37,21 @@ class Tier:
     keep_every: int | None = None
     name: str | None = None
     options: LocalOptions | S3Options | None = None
+    scope: str = "shared"
+    replicas: int = 0
 
     def __post_init__(self) -> None:
+        if self.scope not in ("shared", "node"):
+            raise ValueError(f"Tier {self.label}: scope must be 'shared' or 'node', not {self.scope!r}")
+        if type(self.replicas) is not int or self.replicas < 0:
+            raise ValueError(f"Tier {self.label}: replicas must be an int >= 0, not {self.replicas!r}")
+        if self.scope == "shared" and self.replicas:
+            raise ValueError(f"Tier {self.label}: replicas are for node tiers (scope='node'); a shared tier is "
+                             "one copy every rank sees")
+        if self.scope == "node" and (isinstance(self.url, Store) or "://" in os.fspath(self.url)
+                                     and not os.fspath(self.url).startswith("file://")):
+            raise ValueError(f"Tier {self.label}: a node tier is a local directory path (with {{node}} for "
+                             "simulated nodes), not a store or an object-store URL")
         for rule in ("keep_last", "keep_every"):
             value = getattr(self, rule)
             if value is not None and (type(value) is not int or value < 1):
@@ -48,12 +69,23 @@ class Tier:
         """A tier from a URL, path, store or a mapping of this class's fields."""
         if not isinstance(config, Mapping):
             return cls(config)
-        unknown = set(config) - {"url", "keep_last", "keep_every", "name"}
+        known = ("url", "keep_last", "keep_every", "name", "scope", "replicas")
+        unknown = set(config) - set(known)
         if unknown:
-            raise ValueError(f"unknown tier setting(s) {sorted(unknown)}; known: url, keep_last, keep_every, name")
+            raise ValueError(f"unknown tier setting(s) {sorted(unknown)}; known: {', '.join(known)}")
         if "url" not in config:
             raise ValueError(f"a tier needs a url: {dict(config)!r}")
         return cls(**config)
+
+    @property
+    def node_scoped(self) -> bool:
+        """Whether this is a node tier (each node keeps its own directory)."""
+        return self.scope == "node"
+
+    def node_url(self, node: int) -> str:
+        """The URL of node ``node``'s directory of a node tier (``{node}`` replaced)."""
+        assert not isinstance(self.url, Store)
+        return os.fspath(self.url).replace("{node}", str(node))
 
     def wants(self, step: int, newer_steps: int) -> bool:
         """Whether retention keeps ``step`` when ``newer_steps`` committed steps are newer than it."""

@@ -36,6 +36,21 @@ class ReadReport:
     bytes: int = 0
     fell_back: dict[str, str] = field(default_factory=dict)
     repaired: list[str] = field(default_factory=list)
+    from_tiers: dict[str, int] = field(default_factory=dict)
+    """Bytes read from each tier, by its name (a node tier's are counted below instead)."""
+    from_node: int = 0
+    """Bytes read from this rank's own node's directory of a node tier."""
+    from_peers: int = 0
+    """Bytes of a node tier that other nodes sent (their own files or their replicas)."""
+
+    def count(self, source: str, nbytes: int) -> None:
+        """Add ``nbytes`` read from ``source`` ("node", "peers", or a tier's name)."""
+        if source == "node":
+            self.from_node += nbytes
+        elif source == "peers":
+            self.from_peers += nbytes
+        else:
+            self.from_tiers[source] = self.from_tiers.get(source, 0) + nbytes
 
 
 def first_manifest(tiers: list[TierIO], step: int) -> tuple[TierIO, Manifest]:
@@ -111,6 +126,19 @@ def _fill_shard(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
     return target
 
 
+@dataclass
+class Load:
+    """A restore's reads, prepared (:meth:`StepReader.prepare`): the files to read and where they go."""
+
+    node: Node
+    into: Any
+    specs: dict[str, ArraySpec]
+    regions: dict[str, Region]
+    members: dict[str, tuple[Any, np.ndarray[Any, Any]]]
+    reads: list[Read]
+    wanted: dict[str, list[str]]
+
+
 class StepReader:
     """Reads one step from the tiers that hold it, fastest first."""
 
@@ -184,6 +212,8 @@ class StepReader:
             except (StoreError, OSError, CheckpointError) as exc:
                 failed.append((tier, exc))
                 continue
+            with self._manifest_lock:
+                self.report.count(tier.source_of(key), own.size)
             if failed:
                 self._recover(key, own, failed, tier, data, target)
             return data
@@ -220,6 +250,10 @@ class StepReader:
         A DTensor in ``into`` gets only its own shard, read from the chunks
         that overlap it.
         """
+        return self.finish(self.prepare(keys, into))
+
+    def prepare(self, keys: list[str] | None, into: Any) -> Load:
+        """What :meth:`load` reads for ``keys`` and ``into`` (its ``reads`` name every file), before it reads."""
         node: Node = self.manifest.tree if not keys else select(self.manifest.tree, keys)
         node = for_rank(node, self.rank, self.world, self.manifest.world_size, f"step {self.step}: state")
         specs = {path: self.manifest.arrays[path] for path in array_paths(node)}
@@ -247,6 +281,11 @@ class StepReader:
             files: list[Read] = [(region.spec.metadata_key, None, None), *region_reads(region)]
             wanted[path] = [key for key, _, _ in files]
             reads.extend(files)
+        return Load(node, into, specs, regions, members, reads, wanted)
+
+    def finish(self, load: Load) -> Any:
+        """Read what ``load`` names and build the state from it."""
+        specs, regions, members, reads = load.specs, load.regions, load.members, load.reads
         contents: dict[str, bytes | None] = {}
         sizes = {key: self._entry(key).size for key, _, _ in reads}
         jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]]))
@@ -254,7 +293,8 @@ class StepReader:
             contents.update(done)
         for path, region in regions.items():
             if region.spec.codec is not None:
-                region.host[...] = _decode(region.spec, {k: contents[k] for k in wanted[path]}, region.box)
+                region.host[...] = _decode(region.spec, {k: contents[k] for k in load.wanted[path]}, region.box)
+        pack = self.manifest.pack
         if pack is not None and members:
             pack_bytes = regions[pack.path].host
             for path, (_, raw) in members.items():
@@ -270,7 +310,7 @@ class StepReader:
             value = region_finish(regions[path])
             return value if is_dtensor(value) else _finish(specs[path], value, target, self._where(path))
 
-        return build(node, load_array, into)
+        return build(load.node, load_array, load.into)
 
     def _read_batch(self, batch: list[Read]) -> list[tuple[str, bytes | None]]:
         done = []

@@ -2,7 +2,8 @@
 
 A trainer's own collectives must never interleave with ours (that deadlocks),
 and ``save()`` runs in the trainer's thread while commits run in a background
-thread, so there are two groups: one for each thread. Before every exchange a
+thread and promotions from a node tier in another, so there are three groups
+(lanes): one for each thread. Before every exchange a
 monitored barrier checks that every rank arrived, so a dead or stuck rank
 fails the others within the timeout instead of leaving them waiting forever.
 Each rank also marks its arrival in the job's key-value store, so whichever
@@ -19,6 +20,9 @@ from typing import Any, Protocol
 
 from trainio.storage import CheckpointError
 
+Lane = bool | str
+"""Which group an exchange runs in: False (the trainer's thread), True (the background writer), or "promote"."""
+_LANES = {False: "front", True: "back", "promote": "promote"}
 _FAILED_RANKS = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
 
 
@@ -47,14 +51,17 @@ class Exchange(Protocol):
     rank: int
     world: int
 
-    def all_gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any]:
+    def all_gather(self, what: str, payload: Any, *, background: Lane = False) -> list[Any]:
         """Every rank's ``payload``, in rank order, on every rank."""
 
-    def gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any] | None:
+    def gather(self, what: str, payload: Any, *, background: Lane = False) -> list[Any] | None:
         """Every rank's ``payload`` in rank order on rank 0; None on the others."""
 
-    def broadcast(self, what: str, payload: Any, *, background: bool = False) -> Any:
+    def broadcast(self, what: str, payload: Any, *, background: Lane = False) -> Any:
         """Rank 0's ``payload`` on every rank."""
+
+    def exchange(self, what: str, outgoing: dict[int, bytes], *, background: Lane = False) -> dict[int, bytes]:
+        """Send ``outgoing[r]`` to rank ``r``, for each ``r``; what every rank sent this one, by sender."""
 
     def close(self) -> None:
         """Release what the exchanges hold."""
@@ -66,17 +73,21 @@ class WorldOfOne:
     rank = 0
     world = 1
 
-    def all_gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any]:
+    def all_gather(self, what: str, payload: Any, *, background: Lane = False) -> list[Any]:
         """``[payload]``."""
         return [payload]
 
-    def gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any] | None:
+    def gather(self, what: str, payload: Any, *, background: Lane = False) -> list[Any] | None:
         """``[payload]``."""
         return [payload]
 
-    def broadcast(self, what: str, payload: Any, *, background: bool = False) -> Any:
+    def broadcast(self, what: str, payload: Any, *, background: Lane = False) -> Any:
         """``payload``."""
         return payload
+
+    def exchange(self, what: str, outgoing: dict[int, bytes], *, background: Lane = False) -> dict[int, bytes]:
+        """What this rank sent itself."""
+        return {0: outgoing[0]} if 0 in outgoing else {}
 
     def close(self) -> None:
         """Nothing to release."""
@@ -92,21 +103,20 @@ class Collective:
         self.rank = int(dist.get_rank())
         self.world = int(dist.get_world_size())
         self.timeout = timedelta(seconds=timeout_s)
-        self._front = dist.new_group(backend="gloo", timeout=self.timeout)
-        self._back = dist.new_group(backend="gloo", timeout=self.timeout)
+        self._groups = {lane: dist.new_group(backend="gloo", timeout=self.timeout) for lane in _LANES.values()}
         self._store = _job_store(dist)
         box = [secrets.token_hex(6)]
-        dist.broadcast_object_list(box, src=0, group=self._front)  # one name for this manager on every rank
+        dist.broadcast_object_list(box, src=0, group=self._groups["front"])  # one name for this manager everywhere
         self._name = f"trainio-ckpt/{box[0]}"
-        self._sequence = {False: 0, True: 0}
+        self._sequence = dict.fromkeys(_LANES.values(), 0)
 
-    def _group(self, background: bool) -> Any:
-        return self._back if background else self._front
+    def _group(self, background: Lane) -> Any:
+        return self._groups[_LANES[background]]
 
-    def _mark(self, background: bool, sequence: int, rank: int) -> str:
-        return f"{self._name}/{'back' if background else 'front'}/{sequence}/{rank}"
+    def _mark(self, background: Lane, sequence: int, rank: int) -> str:
+        return f"{self._name}/{_LANES[background]}/{sequence}/{rank}"
 
-    def _timeout_error(self, what: str, exc: BaseException, background: bool, sequence: int) -> CheckpointError:
+    def _timeout_error(self, what: str, exc: BaseException, background: Lane, sequence: int) -> CheckpointError:
         seconds = self.timeout.total_seconds()
         missing = self._missing(background, sequence)
         if not missing:
@@ -118,7 +128,7 @@ class Collective:
         return CheckpointError(f"{what}: every rank arrived, but the exchange failed or timed out after "
                                f"{seconds:g} s: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
-    def _missing(self, background: bool, sequence: int) -> list[int]:
+    def _missing(self, background: Lane, sequence: int) -> list[int]:
         if self._store is None:
             return []
         try:
@@ -126,9 +136,10 @@ class Collective:
         except RuntimeError:  # the store's host (rank 0's process) is gone too
             return [0] if self.rank else []
 
-    def _run(self, what: str, background: bool, call: Any) -> Any:
+    def _run(self, what: str, background: Lane, call: Any) -> Any:
         group = self._group(background)
-        sequence = self._sequence[background] = self._sequence[background] + 1
+        lane = _LANES[background]
+        sequence = self._sequence[lane] = self._sequence[lane] + 1
         if self._store is not None:
             self._store.set(self._mark(background, sequence, self.rank), "1")
         try:
@@ -140,29 +151,59 @@ class Collective:
             self._store.delete_key(self._mark(background, sequence - 1, self.rank))
         return result
 
-    def all_gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any]:
+    def all_gather(self, what: str, payload: Any, *, background: Lane = False) -> list[Any]:
         """Every rank's ``payload``, in rank order, on every rank."""
         out: list[Any] = [None] * self.world
         self._run(what, background, lambda g: self._dist.all_gather_object(out, payload, group=g))
         return out
 
-    def gather(self, what: str, payload: Any, *, background: bool = False) -> list[Any] | None:
+    def gather(self, what: str, payload: Any, *, background: Lane = False) -> list[Any] | None:
         """Every rank's ``payload`` in rank order on rank 0; None on the others."""
         out: list[Any] | None = [None] * self.world if self.rank == 0 else None
         self._run(what, background, lambda g: self._dist.gather_object(payload, out, dst=self._global(0, g),
                                                                         group=g))
         return out
 
-    def broadcast(self, what: str, payload: Any, *, background: bool = False) -> Any:
+    def broadcast(self, what: str, payload: Any, *, background: Lane = False) -> Any:
         """Rank 0's ``payload`` on every rank."""
         box = [payload if self.rank == 0 else None]
         self._run(what, background, lambda g: self._dist.broadcast_object_list(box, src=self._global(0, g),
                                                                                 group=g))
         return box[0]
 
+    def exchange(self, what: str, outgoing: dict[int, bytes], *, background: Lane = False) -> dict[int, bytes]:
+        """Send ``outgoing[r]`` to rank ``r``, for each ``r``; what every rank sent this one, by sender.
+
+        Two all-to-alls (the sizes, then the bytes): each rank sends and
+        receives only its own messages and one size per rank.
+        """
+        import torch
+
+        sizes = torch.tensor([len(outgoing.get(r, b"")) for r in range(self.world)], dtype=torch.int64)
+        incoming = torch.empty(self.world, dtype=torch.int64)
+
+        def swap(group: Any) -> torch.Tensor:
+            self._dist.all_to_all_single(incoming, sizes, group=group)
+            payload = b"".join(outgoing.get(r, b"") for r in range(self.world))
+            sent = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else \
+                torch.empty(0, dtype=torch.uint8)
+            received = torch.empty(int(incoming.sum()), dtype=torch.uint8)
+            self._dist.all_to_all_single(received, sent, incoming.tolist(), sizes.tolist(), group=group)
+            return received
+
+        received = self._run(what, background, swap)
+        data = received.numpy().tobytes()
+        out: dict[int, bytes] = {}
+        start = 0
+        for rank, size in enumerate(incoming.tolist()):
+            if size:
+                out[rank] = data[start:start + size]
+            start += size
+        return out
+
     def close(self) -> None:
         """Release the groups (local: gloo groups need no peer to be destroyed)."""
-        for group in (self._front, self._back):
+        for group in self._groups.values():
             try:
                 self._dist.destroy_process_group(group)
             except (RuntimeError, ValueError):  # the default group is already gone: nothing left to release

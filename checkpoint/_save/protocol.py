@@ -34,6 +34,7 @@ name the first difference. Every rank raises alike. Then, in the background:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -46,8 +47,12 @@ from .._format.parts import part_bytes, part_key
 from .._format.per_rank import fill, json_digest, skeleton_mismatch, split, value_digest
 from .._format.state_tree import ArrayLeaf
 from .._tiers.commit import StepWriter, TierIO, describe, step_name
+from .._tiers.local import LocalStepWriter
+from .._tiers.node_tier import NodeTierIO
+from .._tiers.nodes import Nodes
 from .collective import Exchange
 from .files import put_files, root_files, shard_files
+from .node_commit import NodeCommit
 from .plan import PACK_OWNER, Plan, describe_leaves, make_plan
 from .share_plan import Layout, describe_layout, share_plan
 from .snapshot import Snapshot
@@ -56,8 +61,10 @@ from .snapshot import Snapshot
 class StepSaves:
     """The save protocol of one manager, on every rank: planning in ``save()``, committing in the background."""
 
-    def __init__(self, collective: Exchange, chunk_bytes: int, pack_bytes: int, codec: str | None) -> None:
+    def __init__(self, collective: Exchange, chunk_bytes: int, pack_bytes: int, codec: str | None,
+                 nodes: Nodes | None = None) -> None:
         self.collective = collective
+        self.nodes = None if nodes is None else NodeCommit(collective, nodes)
         self.rank = self.collective.rank
         self.world = self.collective.world
         self._chunk_bytes = chunk_bytes
@@ -173,11 +180,15 @@ class StepSaves:
         return [leaf for leaf in leaves if leaf.path in owned or leaf.path in packed], packed
 
     def write(self, tier: TierIO, step: int, snapshot: Snapshot, plan: Plan, name: str | None,
-              previous: Manifest | None, pool: ThreadPoolExecutor, threads: int) -> Manifest:
+              previous: Manifest | None, pool: ThreadPoolExecutor, threads: int,
+              retire: Callable[[int], list[int]] | None = None) -> Manifest:
         """Write this rank's share of ``step``; rank 0 commits once every rank reported. Run on every rank.
 
         Returns the committed step's manifest as far as this rank needs it:
-        its own files (what the next save may link), the step's totals.
+        its own files (what the next save may link), the step's totals. On a
+        node tier (``tier`` is this rank's node's directory) the files also go
+        to the replica nodes, and every node commits (``node_commit.py``);
+        ``retire`` (rank 0) names the steps retention then removes from every node.
 
         Raises:
             CheckpointError: any rank failed (on every rank), or a rank did not
@@ -188,6 +199,7 @@ class StepSaves:
         report: dict[str, Any]
         own: dict[str, FileEntry] = {}
         root: dict[str, FileEntry] = {}
+        written: dict[str, FileEntry] = {}
         try:
             writer = tier.writer(step, name)
             chunks = shard_files(plan, self.rank, snapshot)
@@ -201,7 +213,8 @@ class StepSaves:
                 writer.write(part_key(self.rank), memoryview(document), len(document))
                 part = FileEntry(len(document), digest(document))
             writer.flush()
-            writer.check({**own, **({part_key(self.rank): part} if part else {})})
+            written = {**own, **root, **({part_key(self.rank): part} if part else {})}
+            writer.check(written)
             report = {"part": None if part is None else [part.size, part.xxh3],
                       "root": {key: [e.size, e.xxh3] for key, e in root.items()},
                       "bytes": sum(e.size for e in own.values()) + (part.size if part else 0), "files": len(own)}
@@ -209,32 +222,46 @@ class StepSaves:
             report = {"error": describe(exc)}
         finally:
             snapshot.release()
+        aborts = self.rank == PACK_OWNER if self.nodes is None else self.nodes.nodes.is_leader(self.rank)
         try:
+            if self.nodes is not None:
+                assert isinstance(writer, LocalStepWriter | None)  # a node tier's directory is local
+                report = self.nodes.replicate(step, writer, written if "error" not in report else {}, report)
             reports = self.collective.gather(f"step {step}: collecting every rank's part", report, background=True)
         except CheckpointError:
-            if self.rank == PACK_OWNER and writer is not None:
+            if aborts and writer is not None:
                 writer.abort()
             raise
         verdict = None
         committed: Manifest | None = None
         if reports is not None:
-            verdict, committed = self._commit(tier, step, skeleton, plan, writer, reports)
+            verdict, committed = self._commit(tier, step, skeleton, plan, writer, reports, retire)
         verdict = self.collective.broadcast(f"step {step}: waiting for rank 0's commit", verdict, background=True)
         if "error" in verdict:
+            if aborts and writer is not None and self.nodes is not None:
+                writer.abort()
             raise CheckpointError(verdict["error"])
+        if self.nodes is not None:
+            assert isinstance(tier, NodeTierIO) and isinstance(writer, LocalStepWriter | None)
+            self.nodes.publish(tier, writer, step, name or "", verdict["root"], verdict["retire"])
         if committed is not None:
             return replace(committed, files={**committed.files, **own})
         return Manifest(step, skeleton, plan.arrays, {**root, **own}, world_size=self.world, pack=plan.pack,
                         totals=(int(verdict["totals"][0]), int(verdict["totals"][1])))
 
     def _commit(self, tier: TierIO, step: int, skeleton: Node, plan: Plan, writer: StepWriter | None,
-                reports: list[dict[str, Any]]) -> tuple[dict[str, Any], Manifest | None]:
+                reports: list[dict[str, Any]],
+                retire: Callable[[int], list[int]] | None) -> tuple[dict[str, Any], Manifest | None]:
         """Rank 0: commit the step if every rank wrote its share; the verdict for the ranks, and the root manifest.
 
         Each rank checked its own files before it reported; rank 0 checks the
-        root's files and every part before the root is written.
+        root's files and every part before the root is written. On a node
+        tier, rank 0 checks the replicas instead and every node commits
+        (the verdict carries the root manifest and the steps to retire).
         """
         errors = [f"rank {r}: {report['error']}" for r, report in enumerate(reports) if "error" in report]
+        if not errors and self.nodes is not None:
+            errors = self.nodes.check_replicas(reports)
         if not errors and writer is not None:
             root = {key: FileEntry(size, xxh3) for key, (size, xxh3) in reports[PACK_OWNER]["root"].items()}
             parts = [None if r["part"] is None else FileEntry(*r["part"]) for r in reports]
@@ -245,6 +272,9 @@ class StepSaves:
             document = manifest.to_bytes()
             try:
                 Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")  # the root is whole
+                if self.nodes is not None:
+                    return {"totals": list(totals), "root": document,
+                            "retire": retire(step) if retire is not None else []}, manifest
                 writer.commit(document, {**root, **{part_key(r): p for r, p in enumerate(parts) if p is not None}})
                 return {"totals": list(totals)}, manifest
             except Exception as exc:  # noqa: BLE001 - becomes the step's failure on every rank

@@ -184,6 +184,10 @@ class TierIO(ABC):
         data = self.read(step, key, entry)
         target[:] = memoryview(data)[:target.nbytes]
 
+    def source_of(self, key: str) -> str:
+        """Where a read of ``key`` comes from, as a restore's report counts it (a tier: its name)."""
+        return self.label
+
     def read(self, step: int, key: str, entry: FileEntry) -> bytes:
         """The whole file ``key`` of ``step``, checked against ``entry``."""
         full = f"{step_name(step)}/{key}"

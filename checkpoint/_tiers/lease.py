@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from trainio.storage import (
     AlreadyExists,
@@ -30,6 +31,9 @@ from trainio.storage import (
     load_sealed,
     seal_json,
 )
+
+if TYPE_CHECKING:
+    from .commit import TierIO
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +213,14 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
+    @classmethod
+    def for_tiers(cls, tiers: list[TierIO], ttl_s: float) -> LeaseKeeper:
+        """A keeper of a lease on each of ``tiers`` (not yet taken), each tier's commits checking its own."""
+        leases = [Lease(io.store, io.label, ttl_s) for io in tiers]
+        for io, lease in zip(tiers, leases, strict=True):
+            io.lease = lease
+        return cls(leases, ttl_s)
+
     def acquire(self, index: int) -> bool:
         """Take lease ``index`` (idempotent) and keep renewing every lease held; whether it was newly taken.
 
@@ -225,6 +237,10 @@ class LeaseKeeper:
                 self._thread = threading.Thread(target=self._renew, name="trainio-ckpt-lease", daemon=True)
                 self._thread.start()
         return taken
+
+    def __len__(self) -> int:
+        """How many tiers' leases this keeper is for (the first ones; none on a rank that commits nowhere)."""
+        return len(self._leases)
 
     def holds(self, index: int) -> bool:
         """Whether lease ``index`` is held (as far as the last renewal knows)."""

@@ -56,6 +56,11 @@ class LocalStepWriter(StepWriter):
             os.makedirs(self._dir, exist_ok=True)
         self._small: list[str] = []
 
+    @property
+    def directory(self) -> str:
+        """The temp directory the step is written into."""
+        return self._dir
+
     def flush(self) -> None:
         if self.tier.durable:
             sync_files(self._dir, self._small)

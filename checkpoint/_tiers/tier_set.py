@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
@@ -108,7 +108,7 @@ class TierSet:
             try:
                 self.hold(target)
             except Exception as exc:  # noqa: BLE001 - reported like any failed promotion, retried at the next
-                self._promotion_failed(target, wanted[0], exc)
+                self.promotion_failed(target, wanted[0], exc)
                 return
         for step in wanted:
             error: BaseException | None = None
@@ -126,15 +126,45 @@ class TierSet:
                 error = None
                 break
             if error is not None:
-                self._promotion_failed(target, step, error)
+                self.promotion_failed(target, step, error)
                 return
             if manifest is None:  # retention removed it from the faster tiers meanwhile: no longer wanted
                 continue
             self.remember(target, manifest)
-            self._known[target].add(step)
-            self._ledger.record(step, io.label, TierResult("committed", nbytes=manifest.nbytes))
-            self.retain(target)
+            self.promoted(target, step, manifest.nbytes)
         self._ledger.settle_tier(io.label, "skipped")
+
+    def promoted(self, target: int, step: int, nbytes: int) -> None:
+        """Record ``step`` committed on tier ``target`` by a promotion, and apply that tier's retention."""
+        self._known[target].add(step)
+        self._ledger.record(step, self._io[target].label, TierResult("committed", nbytes=nbytes))
+        self.retain(target)
+
+    def from_nodes(self) -> list[tuple[int, int, str | None]]:
+        """For a node tier first: each (step, further tier, writers' name) to promote, oldest first by tier.
+
+        Only steps the first tier (as this rank's node sees it) still holds; a
+        tier whose lease cannot be taken is reported failed and skipped.
+        """
+        wanted: list[tuple[int, int, str | None]] = []
+        on_nodes = self._listed(0)
+        for target in range(1, len(self._io)):
+            steps = [s for s in self._wanted(target) if s in on_nodes]
+            if not steps:
+                continue
+            try:
+                self.hold(target)
+            except Exception as exc:  # noqa: BLE001 - reported like any failed promotion, retried at the next
+                self.promotion_failed(target, steps[0], exc)
+                continue
+            wanted.extend((step, target, self._io[target].shared_name(step)) for step in steps)
+        return wanted
+
+    def settle_promotions(self, failed: set[int]) -> None:
+        """Settle every handle still waiting on a further tier that did not fail: the tier did not want it."""
+        for target in range(1, len(self._io)):
+            if target not in failed:
+                self._ledger.settle_tier(self._io[target].label, "skipped")
 
     def _copy_to(self, target: int, step: int) -> Manifest | None:
         """Copy ``step`` to tier ``target`` from the fastest tier that has it; None if none has it any more."""
@@ -159,7 +189,8 @@ class TierSet:
                 return manifest
         return None
 
-    def _promotion_failed(self, target: int, step: int, exc: BaseException) -> None:
+    def promotion_failed(self, target: int, step: int, exc: BaseException) -> None:
+        """Report that promoting ``step`` to tier ``target`` failed (it is retried at the next promotion)."""
         io = self._io[target]
         error = CheckpointError(f"{io.label}: promoting step {step} failed after {self._attempts} tries: "
                                 f"{describe(exc)} (it is retried at the next save or promote())")
@@ -176,19 +207,25 @@ class TierSet:
             return
         try:
             with self._tier_locks[tier]:  # nobody starts reading a step of this tier meanwhile
-                steps = io.steps()
-                with self._lock:
-                    protected = {s for (t, s), n in self._in_use.items() if t == tier and n > 0}
-                known_good = io.last_known_good()
-                if known_good is not None:
-                    protected.add(known_good)
-                for slower in range(tier + 1, len(self._io)):
-                    protected.update(self._wanted(slower))
-                for step in self._tiers[tier].doomed(steps, protected):
+                for step in self.doomed(tier):
                     io.delete(step)
                     log.info("%s: retention deleted step %d", io.label, step)
         except Exception as exc:  # noqa: BLE001 - retention is retried after the next commit
             log.warning("%s: retention failed: %s", io.label, describe(exc))
+
+    def doomed(self, tier: int, adding: int | None = None) -> list[int]:
+        """The steps ``tier``'s retention deletes now (with ``adding`` counted as committed): never its newest,
+        its last verified one, one in use, or one a slower tier still waits for."""
+        io = self._io[tier]
+        steps = set(io.steps()) | ({adding} if adding is not None else set())
+        with self._lock:
+            protected = {s for (t, s), n in self._in_use.items() if t == tier and n > 0}
+        known_good = io.last_known_good()
+        if known_good is not None:
+            protected.add(known_good)
+        for slower in range(tier + 1, len(self._io)):
+            protected.update(self._wanted(slower))
+        return self._tiers[tier].doomed(steps, protected)
 
     @contextmanager
     def using(self, tier: int, step: int) -> Iterator[None]:
@@ -203,8 +240,9 @@ class TierSet:
                 if not self._in_use[(tier, step)]:
                     del self._in_use[(tier, step)]
 
-    def hold(self, tier: int) -> None:
-        """Take (or keep) the lease of ``tier`` on rank 0; when newly taken, remove what dead writers left there.
+    def hold(self, tier: int, before_cleaning: Callable[[], None] | None = None) -> None:
+        """Take (or keep) the lease of ``tier`` where this rank commits on it (rank 0; a node's first rank on a
+        node tier); when newly taken, run ``before_cleaning``, then remove what dead writers left there.
 
         The first tier's is taken by ``save``, the others' by the promotion
         into them, so a slower tier that is down never stops a save.
@@ -212,8 +250,12 @@ class TierSet:
         Raises:
             CheckpointError: another live job holds the tier's lease.
         """
-        if self._rank == 0 and self._keeper.acquire(tier):
+        if tier < len(self._keeper) and self._keeper.acquire(tier):
+            if before_cleaning is not None:
+                before_cleaning()
             self._remove_debris(self._io[tier])
+        elif before_cleaning is not None and tier < len(self._keeper):
+            before_cleaning()
 
     def _remove_debris(self, io: TierIO) -> None:
         try:

@@ -113,7 +113,7 @@ def test_s3_down_during_promotion(tmp_path: Path, outage: tuple[FaultyProxy, S3S
         with pytest.raises(CheckpointError, match="promoting step 2 failed after 2 tries"):
             manager.wait()
         manager.save(3, _state(3)).wait()
-        manager._promoter.submit(lambda: None).result()
+        manager._promotions.wait()
         local = sorted(int(p) for p in os.listdir(tmp_path) if p.isdigit())
         # 1: the last step verified (by its promotion); 2: waiting for S3; 3: the newest.
         assert local == [1, 2, 3]
