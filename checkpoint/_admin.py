@@ -9,14 +9,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainio.storage import CheckpointError, FormatError, Store, StoreError, open_store
+from trainio.storage import CheckpointError, FormatError, Store, StoreError, digest, open_store
 
-from ._format.manifest import FileEntry, Manifest
+from ._format.manifest import MANIFEST, FileEntry, Manifest
 from ._save.files import copy_step
 from ._tier import Tier
 from ._tiers import open_tier_io
-from ._tiers.commit import TierIO, describe
+from ._tiers.commit import TierIO, describe, step_name
 from ._tiers.lease import Lease, LeaseKeeper
+from ._tiers.node_tier import NODE_RECORD, held_files, record_of
 
 Where = str | os.PathLike[str] | Store
 
@@ -143,7 +144,11 @@ def verify_checkpoint(where: Where, steps: list[int] | None = None, *, threads: 
                 report.problems.append((step, "manifest.json", describe(exc)))
                 continue
             try:
-                listed = dict(manifest.files)  # a version-3 step's parts are read and checked here
+                record = record_of(tier, step)  # a node's directory holds only some parts: those it lists
+                if record is not None and record.root.xxh3 != digest(tier.store.get(f"{step_name(step)}/{MANIFEST}")):
+                    raise CheckpointError(f"{NODE_RECORD} names another root manifest than this step's")
+                # a version-3 step's parts are read and checked here
+                listed = held_files(manifest, record) if record is not None else dict(manifest.files)
             except (StoreError, FormatError, CheckpointError) as exc:
                 report.problems.append((step, "parts", describe(exc)))
                 continue
@@ -160,7 +165,7 @@ def verify_checkpoint(where: Where, steps: list[int] | None = None, *, threads: 
 
             found = [(key, problem) for key, problem in pool.map(check, sorted(listed)) if problem]
             report.files += len(listed)
-            report.nbytes += manifest.nbytes
+            report.nbytes += manifest.nbytes if record is None else sum(e.size for e in listed.values())
             report.problems.extend((step, key, problem) for key, problem in found)
             if not found:
                 good.append(step)

@@ -16,7 +16,7 @@ from ._save.collective import Exchange
 from ._save.node_promote import promote_part
 from ._tier import Tier
 from ._tiers.commit import LAST_KNOWN_GOOD, TierIO
-from ._tiers.node_holdings import settle
+from ._tiers.node_holdings import node_groups, settle, uploaders
 from ._tiers.node_tier import NodeTierIO
 from ._tiers.nodes import Nodes, ranks_per_node
 from ._tiers.tier_set import TierSet
@@ -108,23 +108,30 @@ class NodeJob:
             log.warning("%s: cannot settle node %d's steps %s: %s", source.label, source.node, drop, exc)
 
     def promote(self, io: list[TierIO], tierset: TierSet, pool: ThreadPoolExecutor, threads: int) -> None:
-        """Every rank: upload this rank's part of each step a further tier wants (see ``node_promote.py``)."""
+        """Every rank: upload the parts rank 0 gives it of each step a further tier wants (``node_promote.py``).
+
+        Rank 0 gives each part to its own node's rank, or where that node's
+        copy is gone, to a node keeping its replica (``node_holdings.uploaders``).
+        """
+        source = io[0]
+        assert isinstance(source, NodeTierIO)
         try:
-            wanted = tierset.from_nodes() if self.rank == 0 else None
-            wanted = self.collective.broadcast("promotion: the steps the further tiers want", wanted,
-                                               background="promote")
+            held = {s: r.summary() for s, r in source.holdings().items()} if self.commits else {}
+            everyone = self.collective.gather("promotion: what each node holds", held, background="promote")
+            plan = self._promotion_plan(tierset, everyone) if everyone is not None else None
+            plan = self.collective.broadcast("promotion: the steps the further tiers want", plan,
+                                             background="promote")
         except CheckpointError as exc:
             log.error("promotion from the node tier: %s", exc)
             return
         failed: set[int] = set()
-        source = io[0]
-        assert isinstance(source, NodeTierIO)
-        for step, target, name in wanted:
+        for step, target, name, by_rank, root_rank in plan:
             if target in failed:
                 continue  # every rank knows: the failure was broadcast
             previous = tierset.previous(target, step)
             try:
-                nbytes = promote_part(self.collective, source, io[target], step, name, previous, pool, threads)
+                nbytes = promote_part(self.collective, source, io[target], step, name, previous, pool, threads,
+                                      by_rank.get(self.rank, []), self.rank == root_rank)
             except CheckpointError as exc:
                 failed.add(target)
                 if self.rank == 0:
@@ -134,6 +141,18 @@ class NodeJob:
                 tierset.promoted(target, step, nbytes)
         if self.rank == 0:
             tierset.settle_promotions(failed)
+
+    def _promotion_plan(self, tierset: TierSet, held: list[dict[int, list[Any]]]) -> list[tuple[Any, ...]]:
+        """Rank 0: each (step, further tier, writers' name, uploads by rank, rank uploading the root's files)."""
+        groups = node_groups(held, self.nodes)
+        plan = []
+        for step, target, name in tierset.from_nodes(set(groups)):
+            who = uploaders(groups.get(step), self.nodes)
+            if isinstance(who, str):
+                tierset.promotion_failed(target, step, CheckpointError(who))
+                continue
+            plan.append((step, target, name, *who))
+        return plan
 
     def restore(self, io: list[TierIO], chosen: list[int], step: int | None, keys: list[str] | None, into: Any,
                 tierset: TierSet, pool: ThreadPoolExecutor, threads: int) -> tuple[Any, ReadReport]:

@@ -135,8 +135,8 @@ class NodeRestore:
         lacking = len(group["nodes"]) < self.nodes.count
         problem: BaseException | None = None
         view: NodeView | None = None
-        try:
-            view = self._view(step, group, lacking)
+        try:  # _view's exchange comes before anything in it can fail
+            view = self._view(step, group)
             reader = StepReader([view, *further], step, self.pool, self.threads, rank=self.rank, world=world)
             load = reader.prepare(keys, into)
             needed = [key for key, _, _ in load.reads]
@@ -168,7 +168,7 @@ class NodeRestore:
             raise problem
         return state, reader.report
 
-    def _view(self, step: int, group: dict[str, Any], lacking: bool) -> NodeView:
+    def _view(self, step: int, group: dict[str, Any]) -> NodeView:
         """This rank's view of the step: its node's record, the root manifest (fetched if its node lacks it)."""
         root = FileEntry(*group["root"])
         node = self.nodes.node_of(self.rank)
@@ -181,9 +181,9 @@ class NodeRestore:
                 document = self.io.read_root(step, root)
             except (StoreError, OSError, CheckpointError):
                 record = None  # damaged here, and no node said so: no part of this directory is used
-        if lacking:  # some node lacks the step: those ranks ask for the root manifest
-            wants = {} if record is not None else {self._holder(group["nodes"]): [MANIFEST]}
-            document = self._fetch(f"restore of step {step}: root manifest", step, wants).get(MANIFEST, document)
+        # A rank whose node lacks the step, or holds a damaged copy of its root, asks a node that has it.
+        wants = {} if record is not None else {self._holder(group["nodes"]): [MANIFEST]}
+        document = self._fetch(f"restore of step {step}: root manifest", step, wants).get(MANIFEST, document)
         if document is None or len(document) != root.size or digest(document) != root.xxh3:
             raise CheckpointError(f"{self.io.label}: step {step}: the root manifest from the nodes is missing or "
                                   "damaged")

@@ -59,3 +59,24 @@ def settle(held: list[dict[int, list[Any]]], nodes: Nodes, further: set[int]) ->
             continue
         verdict[step] = [group["run"], group["root"][1]] if group["whole"] or step in further else None
     return verdict
+
+
+def uploaders(group: dict[str, Any] | None, nodes: Nodes) -> tuple[dict[int, list[int]], int] | str:
+    """Rank 0: who uploads each part of a step in a promotion from the nodes, or why none can.
+
+    Returns ``{rank: [parts]}`` and the rank that uploads the root's files.
+    A part is uploaded from its own node when that node holds it (the rank
+    that wrote it, when the world is the saving one), else from a node that
+    keeps its replica, so a lost node's part still reaches the shared tiers.
+    """
+    if group is None or not group["whole"]:
+        missing = [] if group is None else sorted(set(range(group["world"])) - set(group["parts"]))
+        return f"the nodes no longer hold all of the step (parts of ranks {missing[:8]} are on no node)"
+    by_rank: dict[int, list[int]] = {}
+    for part, holders in sorted(group["parts"].items()):
+        home = nodes.node_of(part) if part < nodes.world else -1
+        node = home if home in holders else holders[part % len(holders)]
+        ranks = nodes.ranks(node)
+        by_rank.setdefault(ranks[part % len(ranks)], []).append(part)
+    root_nodes = group["root_nodes"]
+    return by_rank, nodes.leader(0 if 0 in root_nodes else root_nodes[0])

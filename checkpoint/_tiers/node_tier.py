@@ -21,6 +21,7 @@ from trainio.storage import (
     TEMP_MARKER,
     CheckpointError,
     FormatError,
+    NotFound,
     Store,
     StoreError,
     fsync_dir,
@@ -29,8 +30,9 @@ from trainio.storage import (
 )
 
 from .._format.checks import Checks, FileEntry
-from .._format.manifest import MANIFEST
-from .commit import step_name
+from .._format.manifest import MANIFEST, Manifest
+from .._format.parts import StepFiles, part_key
+from .commit import TierIO, step_name
 from .local import LocalStepWriter, LocalTierIO
 
 log = logging.getLogger("trainio.checkpoint._manager")
@@ -86,6 +88,31 @@ class NodeRecord:
             checks.check(rank.isdigit(), f"names part {rank!r}, not a rank")
             held[int(rank)] = checks.file_entry(f"parts[{rank}]", entry)
         return cls(step, run, checks.file_entry("root", doc.get("root")), held, bool(doc["root_files"]), count, world)
+
+
+def record_of(tier: TierIO, step: int) -> NodeRecord | None:
+    """The node record of ``step`` on ``tier`` (a node's directory of a node tier), or None on any other tier.
+
+    Raises:
+        FormatError: the record is damaged.
+    """
+    key = f"{step_name(step)}/{NODE_RECORD}"
+    try:
+        data = tier.store.get(key)
+    except NotFound:
+        return None
+    return NodeRecord.from_bytes(data, tier.url, key, step)
+
+
+def held_files(manifest: Manifest, record: NodeRecord) -> dict[str, FileEntry]:
+    """Every file of the step that a node's record says its directory holds (part manifests included)."""
+    files = dict(manifest.own_files) if record.root_files else {}
+    parts = manifest.files
+    assert isinstance(parts, StepFiles), "a node tier's steps have part manifests"
+    for rank, entry in record.parts.items():
+        files[part_key(rank)] = entry
+        files.update(parts.part(rank))
+    return files
 
 
 class NodeTierIO(LocalTierIO):

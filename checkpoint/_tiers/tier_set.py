@@ -90,10 +90,10 @@ class TierSet:
         self._known[tier] = steps
         return steps
 
-    def _wanted(self, target: int) -> list[int]:
-        """Steps on faster tiers that tier ``target`` keeps but lacks, oldest first."""
+    def _wanted(self, target: int, offered: set[int] | None = None) -> list[int]:
+        """Steps on faster tiers (or ``offered``) that tier ``target`` keeps but lacks, oldest first."""
         have = self._listed(target)
-        offered: set[int] = set()
+        offered = set(offered or ())
         for tier in range(target):
             offered.update(self._listed(tier))
         candidates = sorted(offered - have)
@@ -140,16 +140,15 @@ class TierSet:
         self._ledger.record(step, self._io[target].label, TierResult("committed", nbytes=nbytes))
         self.retain(target)
 
-    def from_nodes(self) -> list[tuple[int, int, str | None]]:
+    def from_nodes(self, on_nodes: set[int]) -> list[tuple[int, int, str | None]]:
         """For a node tier first: each (step, further tier, writers' name) to promote, oldest first by tier.
 
-        Only steps the first tier (as this rank's node sees it) still holds; a
-        tier whose lease cannot be taken is reported failed and skipped.
+        Only steps some node still holds (``on_nodes``); a tier whose lease
+        cannot be taken is reported failed and skipped.
         """
         wanted: list[tuple[int, int, str | None]] = []
-        on_nodes = self._listed(0)
         for target in range(1, len(self._io)):
-            steps = [s for s in self._wanted(target) if s in on_nodes]
+            steps = [s for s in self._wanted(target, on_nodes) if s in on_nodes]
             if not steps:
                 continue
             try:

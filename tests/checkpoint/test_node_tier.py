@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from trainio.checkpoint import CheckpointManager, Tier
+from trainio.checkpoint import CheckpointManager, FileEntry, Tier
 
 from ._ranks import run_ranks, values
 
@@ -299,3 +299,64 @@ def test_nodes_that_disagree_are_settled_alike_at_the_next_start(saved: Path, tm
     seen = values(run_ranks(8, f"{HERE}.open_job", tmp_path / "o2", str(root), 3))
     assert all(s["restored"] == 3 for s in seen)
     assert all((root / f"n{n}" / "nvme" / "000000000003").is_dir() for n in range(4))
+
+
+def _flip(path: Path, offset: int = 40) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_record_or_a_file_a_peer_sends_is_caught(saved: Path, tmp_path: Path) -> None:
+    from trainio.checkpoint._save.bundle import bundle, unbundle
+    from trainio.checkpoint._tiers.node_tier import NODE_RECORD, NodeRecord
+    from trainio.storage import CheckpointError, FormatError, digest
+
+    record = saved / "n0" / "nvme" / "000000000003" / NODE_RECORD
+    data = bytearray(record.read_bytes())
+    for offset in range(0, len(data), 7):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x04
+        with pytest.raises(FormatError):
+            NodeRecord.from_bytes(bytes(flipped), "test", NODE_RECORD, 3)
+    message = bytearray(bundle({"a": (FileEntry(3, digest(b"abc")), b"abc")}))
+    message[-1] ^= 1
+    with pytest.raises(CheckpointError, match="arrived damaged"):
+        unbundle(bytes(message), "rank 5")
+
+    root = copy_of(saved, tmp_path)
+    _flip(root / "n3" / "nvme" / "000000000003" / NODE_RECORD)  # node 3's copy is not believed: from replicas
+    shutil.rmtree(root / "n1")  # ranks 2 and 3 ask node 2 for their part's replica ...
+    _flip(root / "n2" / "nvme" / "000000000003" / "state.zarr" / "w" / "c.2.0")  # ... which is damaged there
+    results = values(run_ranks(8, f"{HERE}.restore_job", tmp_path / "o", str(root), 2, None))
+    all_equal(results)
+    assert results[2]["tiers"].get("shared", 0) > 0  # the damaged chunk came from the shared tier
+    assert results[6]["peers"] > 0 and results[7]["peers"] > 0
+
+
+def promote_job(rank: int, world: int, root: str) -> list[int]:
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    with CheckpointManager(tiers(root)) as manager:
+        manager.promote()
+        return manager.steps()["shared"]
+
+
+def test_a_lost_nodes_part_is_promoted_from_its_replica(saved: Path, tmp_path: Path) -> None:
+    root = copy_of(saved, tmp_path)
+    shutil.rmtree(root / "shared" / "000000000003")  # not promoted yet when node 1 was lost
+    shutil.rmtree(root / "n1")
+    assert values(run_ranks(8, f"{HERE}.promote_job", tmp_path / "o", str(root)))[0] == [1, 2, 3]
+    assert _check(CheckpointManager([Tier(root / "shared")]).restore(), 3) == \
+        {"w": True, "b": True, "rep": True, "step": True}
+
+
+def test_verify_checks_what_a_node_directory_holds(saved: Path, tmp_path: Path) -> None:
+    from trainio.checkpoint import verify_checkpoint
+
+    root = copy_of(saved, tmp_path)
+    node = root / "n1" / "nvme"
+    report = verify_checkpoint(node, [3])
+    # ranks 0-3's part manifests, their chunks of w and b, rep's one chunk (its owner is among them), the root's 4
+    assert report.problems == [] and report.files == 4 + 4 * 2 + 1 + 4
+    _flip(node / "000000000003" / "state.zarr" / "w" / "c.2.0")
+    assert [key for _, key, _ in verify_checkpoint(node, [3]).problems] == ["state.zarr/w/c.2.0"]
