@@ -112,6 +112,17 @@ def _fresh(path: Path) -> None:
     dist.barrier()
 
 
+def _fresh_steps(*tiers: Path) -> None:
+    """Drop the tiers' steps (not the writing job's lease), so the next save writes every file."""
+    from checkpoint_bench import fresh_steps
+
+    if dist.get_rank() == 0:
+        for tier in tiers:
+            if tier.is_dir():
+                fresh_steps(tier)
+    dist.barrier()
+
+
 def _node_rows(base: Path, state: Any, shards: list[torch.Tensor], buffer: torch.Tensor, nodes: int,
                repeat: int) -> list[tuple[str, str, float]]:
     from checkpoint_bench import like
@@ -142,7 +153,7 @@ def _node_rows(base: Path, state: Any, shards: list[torch.Tensor], buffer: torch
         blocked, committed, promoted = [], [], []
         for _ in range(repeat):  # each round from empty node directories: a full write
             manager.wait()
-            _fresh(node_root)
+            _fresh_steps(*(node_root / f"n{n}" for n in range(nodes)), base / "shared")
             gc.collect()
             dist.barrier()
             began = time.perf_counter()
@@ -218,7 +229,7 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
         steps = iter(range(1, repeat + 1))
         # Each round starts from an empty tier: no earlier step to link unchanged files from, a full write.
         blocked, total = _async_rounds(lambda: manager.save(next(steps), state), lambda h: h.wait(),
-                                       lambda: _fresh(tier), repeat)
+                                       lambda: _fresh_steps(tier), repeat)
         rows += [("blocking", "trainio save()", blocked), ("durable save", "trainio save() to committed", total)]
         target = like(state)
         rows += _restore_rows("trainio restore(into=)", lambda: manager.restore(into=target), tier, repeat)

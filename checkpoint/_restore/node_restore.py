@@ -32,7 +32,7 @@ from trainio.storage import CheckpointError, StoreError, digest
 
 from .._format.manifest import MANIFEST, FileEntry
 from .._format.parts import part_key
-from .._save.bundle import bundle, unbundle
+from .._save.bundle import bundle, rounds, unbundle
 from .._save.collective import Exchange
 from .._tiers.commit import TierIO, describe, step_name
 from .._tiers.node_holdings import node_groups
@@ -90,26 +90,45 @@ class NodeRestore:
         return ranks[self.rank % len(ranks)]
 
     def _fetch(self, what: str, step: int, wants: dict[int, list[str]]) -> dict[str, bytes]:
-        """Ask each rank in ``wants`` for the files listed; serve what the others ask of this node."""
+        """Ask each rank in ``wants`` for the files listed; serve what the others ask of this node.
+
+        Answers go in rounds of at most ``ROUND_BYTES`` a message. A file that
+        arrives damaged is left out (the restore reads it from the next tier).
+        """
         requests = self.collective.exchange(f"{what}: asking", {r: json.dumps(keys).encode()
                                                                 for r, keys in wants.items()})
-        answers = {}
-        for asker, message in requests.items():
-            files: dict[str, tuple[FileEntry, bytes]] = {}
-            for key in json.loads(message):
-                try:
-                    data = self.io.store.get(f"{step_name(step)}/{key}")
-                except (StoreError, OSError) as exc:
-                    log.warning("%s: cannot serve %s of step %d to rank %d: %s", self.io.label, key, step, asker,
-                                describe(exc))
-                    continue
-                files[key] = (FileEntry(len(data), digest(data)), data)
-            answers[asker] = bundle(files)
-        received = self.collective.exchange(f"{what}: sending", answers)
+        plans = {asker: rounds({key: self._size(step, key) for key in json.loads(bytes(message))})
+                 for asker, message in requests.items()}
+        count = self.collective.most(f"{what}: rounds", max((len(b) for b in plans.values()), default=0))
         fetched: dict[str, bytes] = {}
-        for sender, message in received.items():
-            fetched.update({key: bytes(data) for key, (_, data) in unbundle(message, f"rank {sender}").items()})
+        for turn in range(count):
+            answers = {asker: self._answer(step, asker, batches[turn]) for asker, batches in plans.items()
+                       if turn < len(batches)}
+            for sender, message in self.collective.exchange(f"{what}: sending", answers).items():
+                try:
+                    fetched.update({key: bytes(data) for key, (_, data) in unbundle(message, f"rank {sender}").items()})
+                except CheckpointError as exc:
+                    log.warning("%s: %s", self.io.label, exc)
         return fetched
+
+    def _size(self, step: int, key: str) -> int:
+        try:
+            return self.io.store.size(f"{step_name(step)}/{key}")
+        except (StoreError, OSError):
+            return 0  # not served: the read below says why
+
+    def _answer(self, step: int, asker: int, keys: list[str]) -> bytes:
+        """The files ``keys`` of this node's copy of ``step``, for rank ``asker`` (those it can read)."""
+        files: dict[str, tuple[FileEntry, bytes]] = {}
+        for key in keys:
+            try:
+                data = self.io.store.get(f"{step_name(step)}/{key}")
+            except (StoreError, OSError) as exc:
+                log.warning("%s: cannot serve %s of step %d to rank %d: %s", self.io.label, key, step, asker,
+                            describe(exc))
+                continue
+            files[key] = (FileEntry(len(data), digest(data)), data)
+        return bundle(files)
 
     def restore(self, step: int | None, keys: list[str] | None, into: Any,
                 further_steps: Callable[[], dict[int, list[str]]], world: int) -> tuple[Any, ReadReport]:

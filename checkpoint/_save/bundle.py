@@ -11,6 +11,22 @@ from .._format.checks import FileEntry
 
 _LENGTH = struct.Struct("<Q")
 
+ROUND_BYTES = 256 << 20
+"""The most file bytes one message carries (more go in further rounds), so a transfer's memory stays bounded."""
+
+
+def rounds(sizes: dict[str, int]) -> list[list[str]]:
+    """The keys of ``sizes`` in batches of at most :data:`ROUND_BYTES` (a bigger file alone in its batch)."""
+    batches: list[list[str]] = []
+    total = 0
+    for key, size in sizes.items():
+        if not batches or total + size > ROUND_BYTES:
+            batches.append([])
+            total = 0
+        batches[-1].append(key)
+        total += size
+    return batches
+
 
 def bundle(files: dict[str, tuple[FileEntry, bytes]]) -> bytes:
     """``files`` (key: its entry and bytes) as one message."""
@@ -18,7 +34,7 @@ def bundle(files: dict[str, tuple[FileEntry, bytes]]) -> bytes:
     return b"".join([_LENGTH.pack(len(header)), header, *(data for _, data in files.values())])
 
 
-def unbundle(message: bytes, sender: str) -> dict[str, tuple[FileEntry, memoryview]]:
+def unbundle(message: bytes | memoryview, sender: str) -> dict[str, tuple[FileEntry, memoryview]]:
     """The files of a message from ``sender``, each checked against the size and digest it was sent with.
 
     Raises:

@@ -60,8 +60,11 @@ class Exchange(Protocol):
     def broadcast(self, what: str, payload: Any, *, background: Lane = False) -> Any:
         """Rank 0's ``payload`` on every rank."""
 
-    def exchange(self, what: str, outgoing: dict[int, bytes], *, background: Lane = False) -> dict[int, bytes]:
+    def exchange(self, what: str, outgoing: dict[int, bytes], *, background: Lane = False) -> dict[int, memoryview]:
         """Send ``outgoing[r]`` to rank ``r``, for each ``r``; what every rank sent this one, by sender."""
+
+    def most(self, what: str, value: int, *, background: Lane = False) -> int:
+        """The largest ``value`` of any rank, on every rank."""
 
     def close(self) -> None:
         """Release what the exchanges hold."""
@@ -85,9 +88,13 @@ class WorldOfOne:
         """``payload``."""
         return payload
 
-    def exchange(self, what: str, outgoing: dict[int, bytes], *, background: Lane = False) -> dict[int, bytes]:
+    def exchange(self, what: str, outgoing: dict[int, bytes], *, background: Lane = False) -> dict[int, memoryview]:
         """What this rank sent itself."""
-        return {0: outgoing[0]} if 0 in outgoing else {}
+        return {0: memoryview(outgoing[0])} if 0 in outgoing else {}
+
+    def most(self, what: str, value: int, *, background: Lane = False) -> int:
+        """``value``."""
+        return value
 
     def close(self) -> None:
         """Nothing to release."""
@@ -171,35 +178,47 @@ class Collective:
                                                                                 group=g))
         return box[0]
 
-    def exchange(self, what: str, outgoing: dict[int, bytes], *, background: Lane = False) -> dict[int, bytes]:
+    def exchange(self, what: str, outgoing: dict[int, bytes], *, background: Lane = False) -> dict[int, memoryview]:
         """Send ``outgoing[r]`` to rank ``r``, for each ``r``; what every rank sent this one, by sender.
 
         Two all-to-alls (the sizes, then the bytes): each rank sends and
         receives only its own messages and one size per rank.
         """
+        import numpy as np
         import torch
 
         sizes = torch.tensor([len(outgoing.get(r, b"")) for r in range(self.world)], dtype=torch.int64)
         incoming = torch.empty(self.world, dtype=torch.int64)
+        sent = torch.empty(int(sizes.sum()), dtype=torch.uint8)
+        sending = sent.numpy()
+        start = 0
+        for rank in range(self.world):  # one copy of every message, into the tensor gloo sends
+            message = outgoing.get(rank, b"")
+            sending[start:start + len(message)] = np.frombuffer(message, np.uint8)
+            start += len(message)
 
         def swap(group: Any) -> torch.Tensor:
             self._dist.all_to_all_single(incoming, sizes, group=group)
-            payload = b"".join(outgoing.get(r, b"") for r in range(self.world))
-            sent = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else \
-                torch.empty(0, dtype=torch.uint8)
             received = torch.empty(int(incoming.sum()), dtype=torch.uint8)
             self._dist.all_to_all_single(received, sent, incoming.tolist(), sizes.tolist(), group=group)
             return received
 
-        received = self._run(what, background, swap)
-        data = received.numpy().tobytes()
-        out: dict[int, bytes] = {}
+        data = memoryview(self._run(what, background, swap).numpy())  # no copy: the tensor lives on in it
+        out: dict[int, memoryview] = {}
         start = 0
         for rank, size in enumerate(incoming.tolist()):
             if size:
                 out[rank] = data[start:start + size]
             start += size
         return out
+
+    def most(self, what: str, value: int, *, background: Lane = False) -> int:
+        """The largest ``value`` of any rank, on every rank (one all-reduce of one number)."""
+        import torch
+
+        box = torch.tensor([value], dtype=torch.int64)
+        self._run(what, background, lambda g: self._dist.all_reduce(box, op=self._dist.ReduceOp.MAX, group=g))
+        return int(box[0])
 
     def close(self) -> None:
         """Release the groups (local: gloo groups need no peer to be destroyed)."""

@@ -4,8 +4,8 @@ After each rank has written its files into its node's directory (the temp
 directory every rank of the save shares by name):
 
 1. every rank sends its files (its part manifest, and rank 0 the root's files)
-   to the rank with its local index on each replica node, in one exchange
-   (``Exchange.exchange``); each receiver checks every file's xxh3-128 against
+   to the rank with its local index on each replica node, in exchanges of at
+   most ``bundle.ROUND_BYTES`` a message (``Exchange.exchange``); each receiver checks every file's xxh3-128 against
    what its sender hashed, writes them into its own node's directory, makes
    them durable and checks they are in place; it reports the digest of the
    list it received, which rank 0 compares with the sender's;
@@ -28,11 +28,11 @@ from trainio.storage import CheckpointError, digest
 from .._format.checks import FileEntry
 from .._format.manifest import MANIFEST, Manifest
 from .._format.parts import part_key
-from .._tiers.commit import describe
+from .._tiers.commit import describe, step_name
 from .._tiers.local import LocalStepWriter
 from .._tiers.node_tier import NODE_RECORD, NodeRecord, NodeTierIO, read_written
 from .._tiers.nodes import Nodes
-from .bundle import bundle, unbundle
+from .bundle import bundle, rounds, unbundle
 from .collective import Exchange
 
 
@@ -54,34 +54,48 @@ class NodeCommit:
 
         Every rank takes part, also one whose own write failed (it sends nothing).
         """
-        outgoing: dict[int, bytes] = {}
-        if "error" not in report and files:
-            assert writer is not None
-            try:
-                message = bundle({key: (entry, read_written(writer, key)) for key, entry in files.items()})
-                outgoing = dict.fromkeys(self.nodes.replica_targets(self.rank), message)
-                report["sent"] = _listing_digest(files)
-            except Exception as exc:  # noqa: BLE001 - reported to rank 0 like a failed write
-                report = {"error": describe(exc)}
-        received = self.collective.exchange(f"step {step}: sending node replicas", outgoing, background=True)
-        if "error" in report:
+        batches = rounds({key: entry.size for key, entry in files.items()}) if "error" not in report else []
+        if batches:
+            report["sent"] = _listing_digest(files)
+        count = self.collective.most(f"step {step}: rounds of node replicas", len(batches), background=True)
+        kept: dict[int, dict[str, FileEntry]] = {}
+        for turn in range(count):  # every rank takes part in every round, also one that failed
+            outgoing: dict[int, bytes] = {}
+            if turn < len(batches) and "error" not in report:
+                assert writer is not None
+                try:
+                    message = bundle({key: (files[key], read_written(writer, key)) for key in batches[turn]})
+                    outgoing = dict.fromkeys(self.nodes.replica_targets(self.rank), message)
+                except Exception as exc:  # noqa: BLE001 - reported to rank 0 like a failed write
+                    report = {"error": describe(exc)}
+            received = self.collective.exchange(f"step {step}: sending node replicas", outgoing, background=True)
+            if "error" not in report:
+                report = self._keep(writer, received, kept, report)
+        if "error" in report or not kept:
             return report
         assert writer is not None
         try:
-            kept: dict[str, str] = {}
-            entries: dict[str, FileEntry] = {}
+            writer.flush()
+            writer.check({key: entry for entries in kept.values() for key, entry in entries.items()})
+            report["kept"] = {str(source): _listing_digest(entries) for source, entries in kept.items()}
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0 like a failed write
+            report = {"error": f"keeping replicas: {describe(exc)}"}
+        return report
+
+    @staticmethod
+    def _keep(writer: LocalStepWriter | None, received: dict[int, memoryview], kept: dict[int, dict[str, FileEntry]],
+              report: dict[str, Any]) -> dict[str, Any]:
+        """Write the replica files of one round into this node's directory; the report (an error if it failed)."""
+        assert writer is not None
+        try:
             for source, message in sorted(received.items()):
                 files_of = unbundle(message, f"rank {source}")
                 writer.prepare(list(files_of))
                 for key, (entry, data) in files_of.items():
                     writer.write(key, data, entry.size)
-                    entries[key] = entry
-                kept[str(source)] = _listing_digest({k: e for k, (e, _) in files_of.items()})
-            writer.flush()
-            writer.check(entries)
-            report["kept"] = kept
+                    kept.setdefault(source, {})[key] = entry
         except Exception as exc:  # noqa: BLE001 - reported to rank 0 like a failed write
-            report = {"error": f"keeping replicas: {describe(exc)}"}
+            return {"error": f"keeping replicas: {describe(exc)}"}
         return report
 
     def check_replicas(self, reports: list[dict[str, Any]]) -> list[str]:
@@ -121,7 +135,7 @@ class NodeCommit:
         if leader:
             try:
                 assert writer is not None
-                manifest = Manifest.from_bytes(document, tier.url, f"{step}/{MANIFEST}")
+                manifest = Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")
                 record = self.record(step, run, document, manifest)
                 data = record.to_bytes()
                 writer.write(NODE_RECORD, memoryview(data), len(data))

@@ -2,7 +2,8 @@
 
 Everything here runs on the committing rank (rank 0), in the background
 threads, except :meth:`TierSet.using`, which a restore also takes so that
-retention leaves the step it reads alone.
+retention leaves the step it reads alone, and :meth:`TierSet.hold`, which a
+node's first rank also takes for its directory of a node tier.
 """
 
 from __future__ import annotations

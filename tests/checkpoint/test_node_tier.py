@@ -76,7 +76,12 @@ def _check(state: dict[str, Any], step: int) -> dict[str, bool]:
     return found
 
 
-def restore_job(rank: int, world: int, root: str, per_node: int, chosen: list[str] | None) -> dict[str, Any]:
+def restore_job(rank: int, world: int, root: str, per_node: int, chosen: list[str] | None,
+                round_bytes: int | None = None) -> dict[str, Any]:
+    from trainio.checkpoint._save import bundle
+
+    if round_bytes is not None:  # files travel in many rounds
+        bundle.ROUND_BYTES = round_bytes
     os.environ["LOCAL_WORLD_SIZE"] = str(per_node)
     with CheckpointManager(tiers(root), chunk_bytes=CHUNK) as manager:
         state, report = manager.restore_with_report(into=empty_like(world), tiers=chosen)
@@ -130,7 +135,7 @@ def test_restore_reads_own_nodes_and_a_lost_node_gets_its_part_from_a_peer(saved
     assert all(r["tiers"] == {} for r in results)
     shutil.rmtree(root / "n1")
     (root / "shared").rename(root / "shared.hidden")
-    results = values(run_ranks(8, f"{HERE}.restore_job", tmp_path / "o2", str(root), 2, None))
+    results = values(run_ranks(8, f"{HERE}.restore_job", tmp_path / "o2", str(root), 2, None, 2000))
     all_equal(results)
     assert all(not r["tiers"].get("shared") for r in results)
     assert results[2]["peers"] > 0 and results[3]["peers"] > 0
@@ -247,6 +252,9 @@ def test_a_full_disk_on_one_node_fails_the_save_on_every_rank(tmp_path: Path) ->
 
 
 def retention_job(rank: int, world: int, root: str) -> dict[str, list[int]]:
+    from trainio.checkpoint._save import bundle
+
+    bundle.ROUND_BYTES = 2000  # replicas travel in several rounds
     os.environ["LOCAL_WORLD_SIZE"] = "2"
     with CheckpointManager(tiers(root, keep_last=2), chunk_bytes=CHUNK) as manager:
         for step in range(1, 6):
