@@ -75,7 +75,12 @@ class NodeJob:
         everyone = self.collective.gather("opening the node tier: what each node holds", held)
         verdict = None
         if everyone is not None:
-            further = {s for tier in io[1:] for s in tier.steps()} if any(everyone) and len(io) > 1 else set()
+            further: set[int] | None = set()
+            try:
+                further = {s for tier in io[1:] for s in tier.steps()} if any(everyone) else set()
+            except Exception as exc:  # noqa: BLE001 - unknown: then nothing is dropped
+                log.warning("%s: cannot list the further tiers, so no node drops a step now: %s", source.label, exc)
+                further = None
             verdict = settle(everyone, self.nodes, further)
         verdict = self.collective.broadcast("opening the node tier: the steps every node keeps", verdict)
         if not self.commits:
@@ -83,8 +88,7 @@ class NodeJob:
         drop, roll = [], []
         for step, keep in verdict.items():
             record = held.get(step)
-            if keep is None and record is not None or keep is not None and record is not None \
-                    and [record[0], record[2]] != keep:
+            if record is not None and (keep is None or [record[0], record[2]] != keep):
                 drop.append(step)
             elif keep is not None and record is None:
                 roll.append((step, keep))

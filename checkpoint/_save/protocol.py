@@ -30,10 +30,16 @@ name the first difference. Every rank raises alike. Then, in the background:
    checked, root last), or aborts the step;
 4. rank 0 tells every rank the outcome (broadcast): the step's totals, or the
    error.
+
+On a node tier, step 1 also sends every rank's files to its replica nodes,
+and in step 3 rank 0 checks the replicas and, instead of committing, sends
+the root manifest to every node, whose first rank commits there
+(``node_commit.py``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -56,6 +62,17 @@ from .node_commit import NodeCommit
 from .plan import PACK_OWNER, Plan, describe_leaves, make_plan
 from .share_plan import Layout, describe_layout, share_plan
 from .snapshot import Snapshot
+
+log = logging.getLogger("trainio.checkpoint._manager")
+
+
+def _retired(retire: Callable[[int], list[int]] | None, step: int) -> list[int]:
+    """The steps ``retire`` names once ``step`` is committed; none when it fails (retention is retried later)."""
+    try:
+        return retire(step) if retire is not None else []
+    except Exception as exc:  # noqa: BLE001 - retention never fails a save
+        log.warning("retention on the node tier, after step %d: %s", step, describe(exc))
+        return []
 
 
 class StepSaves:
@@ -273,8 +290,7 @@ class StepSaves:
             try:
                 Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")  # the root is whole
                 if self.nodes is not None:
-                    return {"totals": list(totals), "root": document,
-                            "retire": retire(step) if retire is not None else []}, manifest
+                    return {"totals": list(totals), "root": document, "retire": _retired(retire, step)}, manifest
                 writer.commit(document, {**root, **{part_key(r): p for r, p in enumerate(parts) if p is not None}})
                 return {"totals": list(totals)}, manifest
             except Exception as exc:  # noqa: BLE001 - becomes the step's failure on every rank

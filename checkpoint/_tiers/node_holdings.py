@@ -39,7 +39,7 @@ def node_groups(held: list[dict[int, list[Any]]], nodes: Nodes) -> dict[int, dic
     return best
 
 
-def settle(held: list[dict[int, list[Any]]], nodes: Nodes, further: set[int]) -> dict[int, list[Any] | None]:
+def settle(held: list[dict[int, list[Any]]], nodes: Nodes, further: set[int] | None) -> dict[int, list[Any] | None]:
     """Rank 0: for each step some node holds, the save every node keeps (``[run, root xxh3]``), or None: drop it.
 
     A crash between the commit decision and the last node's record leaves
@@ -51,13 +51,15 @@ def settle(held: list[dict[int, list[Any]]], nodes: Nodes, further: set[int]) ->
     never be restored and is dropped everywhere, so a retry of its number
     starts clean. Records of another save of a kept step are dropped. Steps
     that a job of another world size saved are left alone (this job may see
-    only some of their nodes).
+    only some of their nodes). With ``further`` None (the further tiers could
+    not be listed), no step is dropped for being incomplete.
     """
     verdict: dict[int, list[Any] | None] = {}
     for step, group in node_groups(held, nodes).items():
         if group["world"] != nodes.world:
             continue
-        verdict[step] = [group["run"], group["root"][1]] if group["whole"] or step in further else None
+        kept = group["whole"] or further is None or step in further
+        verdict[step] = [group["run"], group["root"][1]] if kept else None
     return verdict
 
 
