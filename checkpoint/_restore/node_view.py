@@ -6,7 +6,7 @@ from trainio.storage import CheckpointError, IntegrityError, NotFound, digest
 
 from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.parts import PARTS, StepFiles
-from .._tiers.commit import StepWriter, TierIO, size_error, step_name
+from .._tiers.commit import NotKeptHere, StepWriter, TierIO, size_error, step_name
 from .._tiers.node_tier import NodeTierIO
 
 ROOT_PART = -1
@@ -77,7 +77,7 @@ class NodeView(TierIO):
         data = self.fetched.get(key)
         if data is None:
             if not self.held_here(key):
-                raise NotFound(self.url, f"{step_name(step)}/{key}", "no node of the job holds it")
+                raise NotKeptHere(self.url, f"{step_name(step)}/{key}", "no node of the job holds it")
             return self.io.read(step, key, entry)
         full = f"{step_name(step)}/{key}"
         if len(data) != entry.size:
@@ -89,7 +89,7 @@ class NodeView(TierIO):
 
     def repair_file(self, step: int, key: str, data: bytes) -> None:
         if not self.held_here(key):
-            raise NotFound(self.url, f"{step_name(step)}/{key}", "this node does not keep it")
+            raise NotKeptHere(self.url, f"{step_name(step)}/{key}", "this node does not keep it")
         self.io.repair_file(step, key, data)
 
     def writer(self, step: int, shared: str | None = None) -> StepWriter:

@@ -21,7 +21,7 @@ from .._format.nodes import Node
 from .._format.per_rank import PerRank, for_rank
 from .._format.state_tree import array_paths, build, select
 from .._format.zarr_layout import PACK_PATH, ArraySpec, group_metadata_key, group_paths
-from .._tiers.commit import TierIO, describe
+from .._tiers.commit import NotKeptHere, TierIO, describe
 from .regions import Read, Region, region_finish, region_reads, shard_region, whole_region
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ class StepReader:
                 if own is None:
                     raise CheckpointError(f"its manifest of step {self.step} lists no file {key!r}")
             except (StoreError, OSError, CheckpointError) as exc:
-                failed.append((tier, exc if isinstance(exc, CheckpointError) else CheckpointError(describe(exc))))
+                failed.append((tier, exc if isinstance(exc, CheckpointError | NotKeptHere)
+                               else CheckpointError(describe(exc))))
                 continue  # its manifest or the part listing the file is unreadable: nothing to read or repair here
             try:
                 if target is None:
@@ -222,6 +223,7 @@ class StepReader:
 
     def _recover(self, key: str, entry: FileEntry, failed: list[tuple[TierIO, BaseException]],
                  good: TierIO, data: bytes | None, target: memoryview | None) -> None:
+        failed = [(tier, exc) for tier, exc in failed if not isinstance(exc, NotKeptHere)]  # not a fall-back
         for tier, exc in failed:
             name = f"{tier.label}:{MANIFEST if isinstance(exc, CheckpointError) else key}"
             if name not in self.report.fell_back:

@@ -39,6 +39,7 @@ from trainio.storage import (
     FormatError,
     Hasher,
     IntegrityError,
+    NotFound,
     Store,
     StoreError,
     load_sealed,
@@ -254,6 +255,13 @@ class TierIO(ABC):
         if self.is_committed(step):
             raise CheckpointError(f"{self.label}: step {step} is already committed; "
                                   "checkpoint steps are never overwritten (delete it first, or save another step)")
+
+
+class NotKeptHere(NotFound):
+    """The tier does not keep this file, by design: a node's directory holds only some parts of a step.
+
+    A restore reads such a file from the next tier without calling it a fall-back.
+    """
 
 
 def describe(exc: BaseException) -> str:
