@@ -71,7 +71,7 @@ class NodeJob:
         """
         source = io[0]
         assert isinstance(source, NodeTierIO)
-        held = {s: r.summary() for s, r in source.holdings().items()} if self.commits else {}
+        held = source.summaries() if self.commits else {}
         everyone = self.collective.gather("opening the node tier: what each node holds", held)
         verdict = None
         if everyone is not None:
@@ -120,7 +120,7 @@ class NodeJob:
         source = io[0]
         assert isinstance(source, NodeTierIO)
         try:
-            held = {s: r.summary() for s, r in source.holdings().items()} if self.commits else {}
+            held = source.summaries() if self.commits else {}
             everyone = self.collective.gather("promotion: what each node holds", held, background="promote")
             plan = self._promotion_plan(tierset, everyone) if everyone is not None else None
             plan = self.collective.broadcast("promotion: the steps the further tiers want", plan,

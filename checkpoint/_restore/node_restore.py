@@ -78,11 +78,6 @@ class NodeRestore:
         self.threads = threads
         self.rank = collective.rank
 
-    def _held(self) -> dict[int, list[Any]]:
-        if not self.nodes.is_leader(self.rank):
-            return {}
-        return {s: r.summary() for s, r in self.io.holdings().items()}
-
     def _holder(self, nodes: list[int]) -> int:
         """The rank to ask for a file held on ``nodes``: spread over the holders and their ranks."""
         node = nodes[self.rank % len(nodes)]
@@ -137,7 +132,8 @@ class NodeRestore:
         Raises:
             CheckpointError: no such step, or a file is damaged or missing everywhere (on every rank alike).
         """
-        held = self.collective.gather("restore: what each node holds", self._held())
+        held = self.collective.gather("restore: what each node holds",
+                                      self.io.summaries() if self.nodes.is_leader(self.rank) else {})
         decision = None
         if held is not None:
             decision = choose(held, further_steps(), step, self.nodes)
@@ -216,9 +212,7 @@ class NodeRestore:
             holders = group["parts"].get(part)
             if holders:
                 wants.setdefault(self._holder(holders), []).append(part_key(part))
-        fetched = self._fetch(f"restore of step {group['step']}: part manifests", group["step"], wants)
-        if view is not None:
-            view.fetched.update(fetched)
+        self._fetch_into(view, f"restore of step {group['step']}: part manifests", group["step"], wants)
 
     def _fetch_files(self, view: NodeView | None, group: dict[str, Any], keys: list[str]) -> None:
         wants: dict[int, list[str]] = {}
@@ -230,7 +224,10 @@ class NodeRestore:
             holders = group["root_nodes"] if part == ROOT_PART else group["parts"].get(part)
             if holders:
                 wants.setdefault(self._holder(holders), []).append(key)
-        fetched = self._fetch(f"restore of step {group['step']}: files", group["step"], wants)
+        self._fetch_into(view, f"restore of step {group['step']}: files", group["step"], wants)
+
+    def _fetch_into(self, view: NodeView | None, what: str, step: int, wants: dict[int, list[str]]) -> None:
+        fetched = self._fetch(what, step, wants)
         if view is not None:
             view.fetched.update(fetched)
 

@@ -131,6 +131,18 @@ def _unchanged(previous: Manifest, key: str, entry: FileEntry) -> bool:
         return False
 
 
+def copy_files(source: TierIO, writer: StepWriter, step: int, listed: dict[str, FileEntry],
+               previous: Manifest | None, pool: ThreadPoolExecutor, threads: int) -> dict[str, FileEntry]:
+    """Copy the files ``listed`` of committed ``step`` from ``source`` into ``writer``, each checked as it is
+    read (or linked where ``previous`` has it unchanged); each one's entry."""
+
+    def reader(key: str, entry: FileEntry) -> Callable[[], memoryview]:
+        return lambda: memoryview(source.read(step, key, entry))
+
+    files = [_File(key, entry.size, reader(key, entry)) for key, entry in listed.items()]
+    return put_files(writer, files, previous, pool, threads, {key: e.xxh3 for key, e in listed.items()})
+
+
 def copy_step(source: TierIO, target: TierIO, step: int, previous: Manifest | None,
               pool: ThreadPoolExecutor, threads: int) -> Manifest:
     """Copy committed ``step`` from ``source`` to ``target``, checking every file, manifest last.
@@ -143,14 +155,9 @@ def copy_step(source: TierIO, target: TierIO, step: int, previous: Manifest | No
     """
     manifest = source.manifest(step)
     listed = dict(manifest.files)  # every file: a version-3 step's parts are read (and checked) here
-
-    def reader(key: str, entry: FileEntry) -> Callable[[], memoryview]:
-        return lambda: memoryview(source.read(step, key, entry))
-
-    files = [_File(key, entry.size, reader(key, entry)) for key, entry in listed.items()]
     writer = target.writer(step)
     try:
-        written = put_files(writer, files, previous, pool, threads, {key: e.xxh3 for key, e in listed.items()})
+        written = copy_files(source, writer, step, listed, previous, pool, threads)
         copied = replace(manifest, files=manifest.own_files)
         writer.commit(copied.to_bytes(), written)
     except BaseException:

@@ -19,7 +19,6 @@ No byte of the step passes through another rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,7 +29,7 @@ from .._format.parts import part_key
 from .._tiers.commit import StepWriter, TierIO, describe, step_name
 from .._tiers.node_tier import NodeTierIO
 from .collective import Exchange
-from .files import _File, put_files
+from .files import copy_files
 
 
 def _files_of(manifest: Manifest, parts: list[int], root: bool) -> dict[str, FileEntry]:
@@ -52,13 +51,7 @@ def _upload(source: NodeTierIO, writer: StepWriter, step: int, parts: list[int],
     """Copy ``parts`` (and the root's files) of ``step`` from ``source`` into ``writer``; this rank's report."""
     manifest = source.manifest(step)
     report: dict[str, Any] = {"root": source.store.get(f"{step_name(step)}/{MANIFEST}")} if root else {}
-    listed = _files_of(manifest, parts, root)
-
-    def reader(key: str, entry: FileEntry) -> Callable[[], memoryview]:
-        return lambda: memoryview(source.read(step, key, entry))
-
-    files = [_File(key, entry.size, reader(key, entry)) for key, entry in listed.items()]
-    written = put_files(writer, files, previous, pool, threads, {key: e.xxh3 for key, e in listed.items()})
+    written = copy_files(source, writer, step, _files_of(manifest, parts, root), previous, pool, threads)
     writer.flush()
     writer.check(written)
     return report

@@ -135,13 +135,13 @@ class NodeTierIO(LocalTierIO):
             log.warning("%s: node record of step %d is unreadable, its files are not used: %s", self.label, step, exc)
             return None
 
-    def holdings(self) -> dict[int, NodeRecord]:
-        """Every committed step of this directory with a valid record."""
+    def summaries(self) -> dict[int, list[Any]]:
+        """What this directory holds, as its node reports it to rank 0: each step's :meth:`NodeRecord.summary`."""
         found = {}
         for step in self.steps():
             record = self.record(step)
             if record is not None:
-                found[step] = record
+                found[step] = record.summary()
         return found
 
     def is_pending(self, step: int, run: str) -> bool:

@@ -250,12 +250,13 @@ class TierSet:
         Raises:
             CheckpointError: another live job holds the tier's lease.
         """
-        if tier < len(self._keeper) and self._keeper.acquire(tier):
-            if before_cleaning is not None:
-                before_cleaning()
-            self._remove_debris(self._io[tier])
-        elif before_cleaning is not None and tier < len(self._keeper):
+        if tier >= len(self._keeper):
+            return
+        taken = self._keeper.acquire(tier)
+        if before_cleaning is not None:
             before_cleaning()
+        if taken:
+            self._remove_debris(self._io[tier])
 
     def _remove_debris(self, io: TierIO) -> None:
         try:
