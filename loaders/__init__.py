@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ._batch.collate import Collate
 from ._format.convert import infer_columns_schema, infer_schema
 from ._format.index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
+from ._order.partitions import PartitionError
 from ._order.resume_state import PositionUnknown, ResumeMismatch
 from ._read.dataset import Dataset
 from ._read.verify import Problem, VerifyReport, verify_dataset
@@ -56,6 +57,7 @@ __all__ = [
     "ShardSetWriter",
     "StreamingDataset",
     "ResumeMismatch",
+    "PartitionError",
     "PositionUnknown",
     "VerifyReport",
     "commit_dataset",

@@ -10,7 +10,7 @@ from trainio.storage import TrainioError
 
 from ._batch.device import resolve_device, staging_allocator, wait_on_device
 from ._batch.list_layout import Lists, check_lists
-from ._batch.pipeline import DONE, BatchSettings, EpochPipeline, KeptTables
+from ._batch.pipeline import DONE, BatchSettings, EpochPipeline, KeptTables, read_ahead
 from ._batch.staging import StagingRing
 from ._streaming import StreamingDataset
 
@@ -92,15 +92,27 @@ class Loader:
         group_batches = max(1, min(_MAX_GROUP_BATCHES, _GROUP_BYTES // (row_bytes * batch_size)))
         self._settings = BatchSettings(batch_size, group_batches, prefetch, threads, lists, pad_to, pad_value,
                                        drop_last, collate, torch, resolved)
+        self._lead_steps = read_ahead(self._settings) * group_batches * (batch_size // dealt)
+        dataset.warn_if_cache_below(self._lead_steps)
         self._ring = StagingRing(staging_allocator(torch, resolved))  # allocates nothing until an epoch reserves
         self._tables = KeptTables()
         self._metrics = {"samples": 0, "batches": 0, "bytes": 0, "wait_s": 0.0, "seconds": 0.0,
-                         "cache_hits": 0, "cache_misses": 0}
+                         "cache_hits": 0, "cache_misses": 0, "cache_downloaded_bytes": 0}
 
     @property
     def dataset(self) -> StreamingDataset:
         """The dataset the batches come from (call its ``set_epoch`` between epochs)."""
         return self._dataset
+
+    def cache_need(self) -> int:
+        """The smallest ``cache_limit`` with which this Loader reads the epoch downloading no shard twice.
+
+        The dataset's :meth:`~StreamingDataset.cache_need` widened by how far
+        this Loader reads ahead of the trainer (the node's ranks may be that
+        far apart). Below it the Loader still works, downloading some shards
+        again; it logs a warning with the figure when it is made.
+        """
+        return self._dataset.cache_need(self._lead_steps)
 
     def __len__(self) -> int:
         """Batches the rest of the current epoch holds for this rank."""
@@ -108,7 +120,8 @@ class Loader:
         return samples // size if self._settings.drop_last else -(-samples // size)
 
     def metrics(self) -> dict[str, float]:
-        """Counts of the last (or current) epoch: samples, batches, bytes, samples_per_s, bytes_per_s, wait_s, cache hits and misses."""
+        """Counts of the last (or current) epoch: samples, batches, bytes, samples_per_s, bytes_per_s, wait_s, and
+        the cache's hits, misses and bytes downloaded (``cache_downloaded_bytes``) by this rank."""
         m = dict(self._metrics)
         seconds = max(m["seconds"], 1e-9)
         m["samples_per_s"] = m["samples"] / seconds
@@ -116,7 +129,7 @@ class Loader:
         return m
 
     def __iter__(self) -> Iterator[Any]:
-        plan = self._dataset.plan()
+        plan = self._dataset.plan(lead_steps=self._lead_steps)
         run = EpochPipeline(plan, self._settings, self._ring, self._tables)
         started = time.perf_counter()
         self._metrics.update(samples=0, batches=0, bytes=0, wait_s=0.0, seconds=0.0)
@@ -150,4 +163,4 @@ class Loader:
         finally:
             run.stop()
             metrics["seconds"] = time.perf_counter() - started
-            metrics["cache_hits"], metrics["cache_misses"] = run.cache_counts()
+            metrics["cache_hits"], metrics["cache_misses"], metrics["cache_downloaded_bytes"] = run.cache_counts()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -16,23 +17,17 @@ from ._batch.collate import Collate
 from ._format.columns import Columns, sample_of
 from ._order.epoch_order import DEFAULT_WINDOW, EpochOrder, Layout, Uneven
 from ._order.epoch_plan import EpochPlan, Position
+from ._order.mixed_tape import PartitionedMixture
 from ._order.mixture import MixedOrder, MixedReader, apportion, mixture_sources
-from ._order.resume_state import (
-    HOW_TO_KNOW,
-    STATE_FORMAT,
-    STATE_VERSION,
-    PositionUnknown,
-    ResumeMismatch,
-    check_state,
-    check_worker_yielded,
-    state_differences,
-)
+from ._order.partitions import node_of, node_partitions
 from ._read.dataset import Dataset
-from ._read.shard_reader import ShardReader, shard_bytes_needed
+from ._read.shard_reader import ShardReader
+from ._resumable import Resumable
 from ._sizes import parse_size
 from ._workers import in_worker, rank_and_world, shared_flag, worker_count, worker_info
 
 _CHUNK = 8192
+log = logging.getLogger("trainio.loaders.streaming")
 _DECODED_BATCHES = 4096
 
 if TYPE_CHECKING:
@@ -48,7 +43,7 @@ else:
 Source = str | os.PathLike[str]
 
 
-class StreamingDataset(_Base):
+class StreamingDataset(Resumable, _Base):
     """The samples of a trainio dataset, one dict per sample, in a global order every layout agrees on.
 
     What to iterate: the dataset at ``url`` (local: memory-mapped in place;
@@ -70,6 +65,26 @@ class StreamingDataset(_Base):
     batch), ``"drop"`` (skipped this epoch) or ``"pad"`` (filled from the start
     of the epoch, every rank the same count).
 
+    Nodes: with ``partitions`` above 1, each epoch's shard-shuffled samples
+    are cut into that many consecutive ranges of nearly equal size, each
+    shuffled within itself in windows of ``shuffle_window // partitions``.
+    Every global batch (``world_size * batch_size`` samples, a multiple of
+    ``partitions``) takes the same number of samples from every partition,
+    in partition order, so rank ``r``'s batch holds only samples of the
+    partitions of its node (ranks ``r // ranks_per_node``), and each node
+    of ``nodes`` reads ``partitions / nodes`` whole partitions: about
+    ``1 / nodes`` of the shards, downloaded once into the node's shared
+    ``cache_dir``. A global batch still mixes all partitions; one rank's
+    batch does not. The default ``"auto"`` cuts each epoch into as many
+    partitions as the job has nodes when the epoch begins; a state taken
+    mid-epoch finishes its epoch with the partitions it was taken with, so
+    a job may resume it on any node count that divides them (and the same
+    global batch) and is refused otherwise, naming the node counts it can
+    run on; from the next epoch on the partitions follow the new node
+    count. ``partitions=1`` (or one node) is the unpartitioned order on
+    any layout. ``ranks_per_node`` defaults to ``LOCAL_WORLD_SIZE``
+    (torchrun sets it), else 1.
+
     Mixing: pass several datasets, as URLs or ``(URL, weight)`` pairs. Each
     epoch then holds ``epoch_size`` samples (default: as many as the
     datasets hold together), dataset ``d`` contributing exactly its weight's
@@ -79,6 +94,8 @@ class StreamingDataset(_Base):
     the datasets are interleaved evenly through the epoch (at random within
     blocks of 65536 samples when shuffling). See ``trainio.loaders._order.mixture.MixedOrder``. A
     single dataset with ``epoch_size`` is up- or down-sampled the same way.
+    Cut into partitions, each partition holds every dataset's share of it
+    (``trainio.loaders._order.mixed_tape.PartitionedMixture``).
 
     Rank and world size come from torch.distributed when it is initialized,
     else from ``RANK``/``WORLD_SIZE``, else 0 and 1 (or pass them).
@@ -86,6 +103,7 @@ class StreamingDataset(_Base):
 
     Raises:
         StoreError: ``cache_limit`` is below the smallest cache this order needs.
+        PartitionError: the nodes do not divide ``partitions``, or it does not divide the global batch.
     """
 
     def __init__(
@@ -103,6 +121,8 @@ class StreamingDataset(_Base):
         prefetch_shards: int = 2,
         rank: int | None = None,
         world_size: int | None = None,
+        partitions: int | Literal["auto"] = "auto",
+        ranks_per_node: int | None = None,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -110,6 +130,10 @@ class StreamingDataset(_Base):
             raise ValueError(f"uneven={uneven!r}: must be 'exact', 'drop' or 'pad'")
         if prefetch_shards < 0:
             raise ValueError(f"prefetch_shards={prefetch_shards}: must be >= 0")
+        if partitions != "auto" and (not isinstance(partitions, int) or partitions < 1):
+            raise ValueError(f"partitions={partitions!r}: must be 'auto' or an integer >= 1")
+        if ranks_per_node is not None and ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node={ranks_per_node}: must be >= 1")
         specs = mixture_sources(url)
         self._datasets = tuple(Dataset(source) for source, _ in specs)
         for dataset in self._datasets[1:]:
@@ -134,6 +158,7 @@ class StreamingDataset(_Base):
         self._uneven: Uneven = uneven
         self._prefetch = prefetch_shards
         self._rank, self._world = rank, world_size
+        self._partitions, self._ranks_per_node = partitions, ranks_per_node
         self._position = Position()
         self._sent_away = False  # pickled (to spawned DataLoader workers, say): the copies' progress never comes back
         self._worker_flag = shared_flag()  # set by any forked DataLoader worker that iterates this dataset
@@ -186,18 +211,39 @@ class StreamingDataset(_Base):
                        or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
         return Collate(lists=lists, pad_to=pad_to, pad_value=pad_value, list_fields=list_fields)
 
-    def order(self) -> EpochOrder | MixedOrder:
+    @property
+    def partitions(self) -> int:
+        """How many partitions the current epoch's order is cut into (see the class docstring)."""
+        if self._position.partitions is not None:
+            return self._position.partitions
+        return self._node()[0] if self._partitions == "auto" else self._partitions
+
+    def _node(self) -> tuple[int, int]:
+        """(nodes in the job, this process's node)."""
+        return node_of(*rank_and_world(self._rank, self._world), self._ranks_per_node)
+
+    def node_partitions(self) -> range:
+        """The partitions of the current epoch this process's node reads."""
+        return node_partitions(self.partitions, *self._node())
+
+    def order(self) -> EpochOrder | MixedOrder | PartitionedMixture:
         """The global order of the current epoch."""
         rows = tuple(tuple(s.rows for s in d.shards) for d in self._datasets)
+        epoch, parts, global_batch = self._position.epoch, self.partitions, self.layout().ranks * self._batch
         if len(rows) == 1 and self._counts[0] == len(self._datasets[0]):
-            return EpochOrder(rows[0], self._seed, self._position.epoch, self._shuffle, self._window)
-        return MixedOrder(rows, self._counts, self._seed, self._position.epoch, self._shuffle, self._window)
+            return EpochOrder(rows[0], self._seed, epoch, self._shuffle, self._window, parts, global_batch)
+        if parts == 1:
+            return MixedOrder(rows, self._counts, self._seed, epoch, self._shuffle, self._window)
+        return PartitionedMixture(rows, self._counts, self._seed, epoch, self._shuffle, self._window, parts,
+                                  global_batch)
 
-    def plan(self, workers: int = 1, worker: int = 0) -> EpochPlan:
+    def plan(self, workers: int = 1, worker: int = 0, *, lead_steps: int = 0) -> EpochPlan:
         """The current epoch as worker ``worker`` of ``workers`` of this rank reads it, from the resume position.
 
         What :class:`Loader` and this dataset's own iteration read; advance
-        its ``position`` by the samples handed to the trainer.
+        its ``position`` by the samples handed to the trainer. ``lead_steps``
+        is how many training steps the reader reads ahead of the trainer (so
+        the node's ranks may be that far apart: the cache keeps their span).
         """
         layout = self.layout(workers, worker)
         consumers = layout.ranks * layout.workers
@@ -205,7 +251,7 @@ class StreamingDataset(_Base):
         # chunk touch (those kept mapped) fit the cache that _check_cache_size asked for.
         chunk = max(1, min(_CHUNK, self._window // consumers)) if self._shuffle else _CHUNK
         return EpochPlan(self.order(), layout, self._uneven, chunk, self._shards, self._first_rows, self._position,
-                         self._open_reader)
+                         self._open_reader, self.node_partitions(), lead_steps * layout.ranks * layout.batch)
 
     def __len__(self) -> int:
         """Samples this rank reads in the rest of the current epoch (all its workers together)."""
@@ -272,123 +318,44 @@ class StreamingDataset(_Base):
         Whatever the job does before it iterates (build the model, say) then
         hides the check; the readers re-announce each epoch's order anyway.
         """
-        sequence = self.order().shard_sequence()
+        sequence = self.order().shard_sequence(self.node_partitions())
         for d, dataset in enumerate(self._datasets):
             if dataset.is_local:
                 low, high = int(self._shard_offsets[d]), int(self._shard_offsets[d + 1])
                 dataset.checker().expect([s - low for s in sequence.tolist() if low <= s < high])
 
-    def _check_cache_size(self) -> None:
-        """Fail now if the remote datasets' shards that two shuffle windows touch, plus the prefetch, exceed the cache."""
-        order = self.order()
-        need = 0
-        for d, dataset in enumerate(self._datasets):
-            if dataset.is_local:
-                continue
-            shards = dataset.shards
-            sequence = order.shard_sequence() if isinstance(order, EpochOrder) else order.stream(d, 0).shard_sequence()
-            need += shard_bytes_needed([s.rows for s in shards], [s.bytes for s in shards], sequence.tolist(),
-                                       self._window, self._shuffle, self._prefetch)
+    def cache_need(self, lead_steps: int = 0) -> int:
+        """The smallest ``cache_limit`` (bytes) with which this node reads the current epoch downloading no shard twice.
+
+        The remote shards that two adjacent shuffle windows of each of the
+        node's partitions touch (the partitions advance together), widened
+        by ``lead_steps`` steps that a rank's reader may run ahead of
+        another's (:class:`Loader` passes its read-ahead), plus the prefetch;
+        0 when every dataset is local.
+        """
+        remote = sum(1 for d in self._datasets if not d.is_local)
+        sizes = [0 if dataset.is_local else info.bytes for dataset, info in self._shards]
+        lag = lead_steps * self.layout().ranks * self._batch
+        return self.order().cache_need(self.node_partitions(), sizes, self._prefetch * remote, lag) if remote else 0
+
+    def warn_if_cache_below(self, lead_steps: int) -> None:
+        """Log a warning if the cache is below :meth:`cache_need` for a reader ``lead_steps`` ahead of the trainer.
+
+        It still works (the shards it must keep fit), downloading some shards again.
+        """
+        need = self.cache_need(lead_steps)
         if self._cache_limit < need:
-            urls = ", ".join(d.url for d in self._datasets if not d.is_local)
-            raise StoreError(urls, "", f"cache_limit={self._cache_limit} bytes is below the {need} bytes this order "
-                             f"needs (two shuffle windows of shards plus {self._prefetch} prefetched)",
+            log.warning("%s: cache_limit=%d bytes is below the %d bytes that reading %d steps ahead needs: some "
+                        "shards will be downloaded twice (raise cache_limit to avoid it)",
+                        ", ".join(d.url for d in self._datasets if not d.is_local), self._cache_limit, need, lead_steps)
+
+    def _check_cache_size(self) -> None:
+        """Fail now if :meth:`cache_need` exceeds the cache."""
+        need = self.cache_need()
+        if self._cache_limit < need:
+            parts = len(self.node_partitions())
+            windows = "two shuffle windows" if parts == 1 else f"two shuffle windows of each of its {parts} partitions"
+            raise StoreError(", ".join(d.url for d in self._datasets if not d.is_local), "",
+                             f"cache_limit={self._cache_limit} bytes is below the {need} bytes this node's order needs "
+                             f"({windows} of shards plus {self._prefetch} prefetched)",
                              f"raise cache_limit to at least {need}, or shrink shuffle_window or prefetch_shards")
-
-    # -- resumption -------------------------------------------------------------------
-
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """Where the epoch stands, as JSON-able data naming what it belongs to.
-
-        Three ways to take it:
-
-        - ``state_dict(consumed=steps * global_batch)`` anywhere: the samples
-          of the epoch's global sequence consumed so far, across all ranks.
-          Resumable under any layout.
-        - ``state_dict()`` in the process that iterates the dataset itself
-          (no DataLoader workers, or through :class:`Loader`): counted here,
-          in whole global batches. Resumable under any layout.
-        - ``state_dict()`` inside a DataLoader worker, as torchdata's
-          ``StatefulDataLoader`` calls it: this worker's own position, which
-          only the same worker of a DataLoader with as many workers can
-          resume (torchdata's convention).
-
-        Raises:
-            PositionUnknown: ``state_dict()`` without ``consumed`` in a process
-                that did not iterate the dataset while DataLoader workers (or
-                other copies) did, such as the main process of a stock
-                DataLoader with workers: its count would be wrong.
-            ValueError: ``consumed`` is not an integer within the epoch.
-        """
-        worker = None
-        size = sum(self._counts)
-        position = self._position
-        if consumed is not None:
-            step = self.layout().ranks * self._batch
-            if not isinstance(consumed, (int, np.integer)) or isinstance(consumed, bool) or not \
-                    0 <= consumed <= size + step:
-                raise ValueError(f"state_dict(consumed={consumed!r}): must be an integer from 0 to {size}, the "
-                                 "samples of the current epoch consumed by all ranks together")
-            consumed = min(int(consumed), size)  # beyond: the padded last global batch, the epoch is done
-        elif in_worker():
-            workers, worker_id = worker_info()
-            consumed = position.start
-            worker = {"id": worker_id, "workers": workers, "yielded": position.skip + position.delivered}
-        else:
-            self._check_position_known()
-            layout = self.layout()
-            consumed = min(size, position.start + (position.delivered // layout.batch) * layout.batch * layout.ranks)
-        state = {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "epoch": position.epoch, "consumed": int(consumed),
-            "seed": self._seed, "shuffle": self._shuffle, "shuffle_window": self._window,
-            "epoch_size": self._epoch_size,
-            "datasets": [{"url": d.url, "index_xxh3": d.index_xxh3, "weight": w}
-                         for d, w in zip(self._datasets, self._weights)],
-        }
-        if worker is not None:
-            state["worker"] = worker
-        return state
-
-    def _check_position_known(self) -> None:
-        """Raise :class:`PositionUnknown` if this process's count is not the position (see :meth:`state_dict`)."""
-        in_workers = self._worker_flag is not None and self._worker_flag[0] != 0
-        if in_workers or (self._sent_away and not self._position.counted_here):
-            where = "DataLoader workers iterated it" if in_workers else "it was sent to other processes"
-            raise PositionUnknown(f"{self.dataset.url}: state_dict() cannot know the position: {where}, and this "
-                                  f"process's copy never sees their progress (it would say epoch "
-                                  f"{self._position.epoch}, consumed {self._position.start}); {HOW_TO_KNOW}")
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume where ``state`` was taken, under this (possibly different) layout.
-
-        Every field is checked before anything changes.
-
-        Raises:
-            ResumeMismatch: the state is malformed (naming the field: a
-                negative or too large ``consumed``, a negative ``epoch``, a
-                ``worker.yielded`` beyond that worker's share), or belongs to
-                another dataset, seed or shuffle configuration (naming each
-                difference), or is one DataLoader worker's position and this
-                is not the same worker of as many.
-        """
-        size = sum(self._counts)
-        check_state(state, size)
-        differences = state_differences(state, self.state_dict(consumed=0))
-        if differences:
-            raise ResumeMismatch("cannot resume: " + "; ".join(differences) +
-                                 " (resuming would silently change the sample order)")
-        skip = self._worker_skip(state.get("worker"), size, state["consumed"])
-        self._position.resume(state["epoch"], state["consumed"], skip)
-
-    def _worker_skip(self, saved: dict[str, int] | None, size: int, start: int) -> int:
-        """How many of this worker's samples a per-worker state says were consumed (0 for a global state)."""
-        if saved is None:
-            return 0
-        workers, worker = worker_info()
-        if (saved["workers"], saved["id"]) != (workers, worker):
-            raise ResumeMismatch(f"this state is DataLoader worker {saved['id']} of {saved['workers']}'s "
-                                 f"own position; it cannot resume worker {worker} of {workers}: resume it with as "
-                                 "many workers, or save a global position with state_dict(consumed=steps * "
-                                 "global_batch)")
-        share = self.layout(workers, worker).positions(size, start, self._uneven).size
-        return check_worker_yielded(saved, share)

@@ -84,7 +84,7 @@ class EpochPipeline:
         # it takes a staging slot only when it starts, the one freed last and likeliest to be in the CPU's
         # cache. On the 2-core test VM each thread had waited 6-15 ms of a 150 ms epoch for its next group,
         # and now waits 1-5 ms (+1-3% on tokens in order in separate runs, +4-7% alternating in one process).
-        ahead = max(settings.threads, -(-settings.prefetch // settings.group_batches)) + settings.threads
+        ahead = _groups_ahead(settings)
         self.ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
         self.ring = ring
         self.ring.reserve(ahead + 2)
@@ -104,10 +104,10 @@ class EpochPipeline:
             self.reader.close()
             raise
 
-    def cache_counts(self) -> tuple[int, int]:
-        """The reader's cache hits and misses so far."""
+    def cache_counts(self) -> tuple[int, int, int]:
+        """The reader's cache hits, misses and bytes downloaded so far."""
         stats = self.reader.cache_stats()
-        return stats.get("hits", 0), stats.get("misses", 0)
+        return stats.get("hits", 0), stats.get("misses", 0), stats.get("downloaded_bytes", 0)
 
     def stop(self) -> None:
         """End every thread (the groups not yet taken are dropped) and close the reader."""
@@ -244,3 +244,11 @@ def _started_pool(threads: int) -> ThreadPoolExecutor:
     return pool
 
 
+def _groups_ahead(settings: BatchSettings) -> int:
+    """Groups the pipeline keeps ready ahead of the consumer."""
+    return max(settings.threads, -(-settings.prefetch // settings.group_batches)) + settings.threads
+
+
+def read_ahead(settings: BatchSettings) -> int:
+    """Groups of batches the pipeline may have read ahead of the consumer: ready, staged or being built."""
+    return _groups_ahead(settings) + 2 + settings.threads

@@ -6,18 +6,57 @@ property (exactly once, the same order under any layout) is testable alone.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from .partitions import PartitionedShuffle, TapeOrder, generator
+
 Uneven = Literal["exact", "drop", "pad"]
 DEFAULT_WINDOW = 1 << 18
 
+__all__ = ["DEFAULT_WINDOW", "EpochOrder", "Layout", "ShardStream", "Uneven", "generator"]
+
 
 @dataclass(frozen=True, slots=True)
-class EpochOrder:
+class ShardStream:
+    """One pass over a dataset's shards, permuted by ``(seed, epoch)`` (unless not shuffling), samples laid end to end."""
+
+    shard_rows: tuple[int, ...]
+    seed: int = 0
+    epoch: int = 0
+    shuffle: bool = True
+    sequence: np.ndarray = field(init=False, repr=False, compare=False)
+    starts: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        count = len(self.shard_rows)
+        sequence = generator(self.seed, self.epoch).permutation(count) if self.shuffle else np.arange(count)
+        rows = np.asarray(self.shard_rows, dtype=np.int64).reshape(-1)[sequence]
+        object.__setattr__(self, "sequence", sequence)
+        object.__setattr__(self, "starts", np.concatenate(([0], np.cumsum(rows))).astype(np.int64))
+
+    @property
+    def size(self) -> int:
+        """Samples in the pass."""
+        return int(self.starts[-1])
+
+    def samples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row within shard) of each index of the pass."""
+        slot = np.searchsorted(self.starts, indices, side="right") - 1
+        return self.sequence[slot], indices - self.starts[slot]
+
+    def shards_between(self, low: int, high: int) -> np.ndarray:
+        """The shards holding indices ``[low, high)``, in pass order."""
+        if high <= low:
+            return self.sequence[:0]
+        first = int(np.searchsorted(self.starts, low, side="right")) - 1
+        return self.sequence[max(first, 0):int(np.searchsorted(self.starts, high, side="left"))]
+
+
+@dataclass(frozen=True, slots=True)
+class EpochOrder(TapeOrder):
     """Which sample sits at each position of one epoch's global sequence.
 
     Shards are permuted with a generator seeded by ``(seed, epoch)``; their
@@ -26,11 +65,20 @@ class EpochOrder:
     With ``shuffle=False`` the order is the dataset's own. Nothing here
     depends on ranks or workers, which is what makes resumption elastic.
 
+    With ``partitions`` above 1 the laid-out samples are cut into that many
+    ranges instead, each shuffled in windows of ``window // partitions``,
+    and every step of ``global_batch`` positions takes the same number of
+    samples from each (see :class:`PartitionedShuffle`): the order then
+    depends on the global batch too, and a node of ``nodes`` (dividing
+    ``partitions``) reads only its partitions' shards.
+
     Attributes:
         shard_rows: Rows of every shard, in dataset order.
         seed, epoch: The shuffle's seed and the epoch number.
         shuffle: Whether to shuffle at all.
         window: Samples per shuffle window (default 2**18).
+        partitions: Partitions of the epoch (default 1).
+        global_batch: Samples per training step, all ranks together (a multiple of ``partitions``).
     """
 
     shard_rows: tuple[int, ...]
@@ -38,54 +86,19 @@ class EpochOrder:
     epoch: int = 0
     shuffle: bool = True
     window: int = DEFAULT_WINDOW
-    _sequence: np.ndarray = field(init=False, repr=False, compare=False)
-    _starts: np.ndarray = field(init=False, repr=False, compare=False)
+    partitions: int = 1
+    global_batch: int = 1
+    _stream: ShardStream = field(init=False, repr=False, compare=False)
+    _shuffle: PartitionedShuffle = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ValueError(f"shuffle window={self.window}: must be >= 1")
-        count = len(self.shard_rows)
-        sequence = generator(self.seed, self.epoch).permutation(count) if self.shuffle else np.arange(count)
-        rows = np.asarray(self.shard_rows, dtype=np.int64).reshape(-1)[sequence]
-        object.__setattr__(self, "_sequence", sequence)
-        object.__setattr__(self, "_starts", np.concatenate(([0], np.cumsum(rows))).astype(np.int64))
+        stream = ShardStream(self.shard_rows, self.seed, self.epoch, self.shuffle)
+        object.__setattr__(self, "_stream", stream)
+        object.__setattr__(self, "_shuffle", PartitionedShuffle(
+            stream.size, self.seed, self.epoch, self.shuffle, self.window, self.partitions, self.global_batch))
 
-    @property
-    def size(self) -> int:
-        """Samples in the epoch."""
-        return int(self._starts[-1])
-
-    def shard_sequence(self) -> np.ndarray:
-        """The shards in the order their samples are laid out this epoch."""
-        return self._sequence.copy()
-
-    def samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard, row within shard) of each global position (0 <= position < size)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        stream = self._stream_index(positions)
-        slot = np.searchsorted(self._starts, stream, side="right") - 1
-        return self._sequence[slot], stream - self._starts[slot]
-
-    def _stream_index(self, positions: np.ndarray) -> np.ndarray:
-        if not self.shuffle or positions.size == 0:
-            return positions
-        runs = positions // self.window
-        low, high = int(runs.min()), int(runs.max())
-        if low == high:  # the usual case: the positions lie in one window
-            return self._in_window(positions, low)
-        result = np.empty_like(positions)
-        for run in range(low, high + 1):
-            mask = runs == run
-            if mask.any():
-                result[mask] = self._in_window(positions[mask], run)
-        return result
-
-    def _in_window(self, positions: np.ndarray, run: int) -> np.ndarray:
-        """Where ``positions``, all in shuffle window ``run``, land in the shard stream."""
-        first = run * self.window
-        permutation = _window_permutation(self.seed, self.epoch, run, min(self.window, self.size - first))
-        placed: np.ndarray = first + permutation[positions - first]
-        return placed
+    def _geometry(self) -> tuple[ShardStream, PartitionedShuffle]:
+        return self._stream, self._shuffle
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +131,9 @@ class Layout:
         ranks cannot share equally: ``exact`` (every sample once; some ranks
         get a short or no last batch), ``drop`` (the partial global batch is
         skipped this epoch) or ``pad`` (it is filled with samples from the
-        start of the epoch's order, so every rank gets the same batch count).
+        start of the epoch's order, so every rank gets the same batch count:
+        such positions lie at or past ``size``, and the order says which
+        samples they repeat).
         """
         remaining = max(0, size - start)
         step = self.ranks * self.batch
@@ -135,7 +150,7 @@ class Layout:
             positions = (mine[:, None] * self.batch + np.arange(start, start + self.batch, dtype=np.int64)).ravel()
             if mine.size and (past := int(mine[-1] + 1) * self.batch - remaining) > 0:  # only the last batch is short
                 positions = positions[:positions.size - past]
-        return positions % size if uneven == "pad" and size else positions
+        return positions
 
     def count(self, size: int, start: int = 0, uneven: Uneven = "exact") -> int:
         """How many samples this rank (all its workers) reads."""
@@ -144,16 +159,3 @@ class Layout:
             layout = Layout(self.ranks, self.rank, self.workers, worker, self.batch)
             total += layout.positions(size, start, uneven).size
         return total
-
-
-@functools.lru_cache(maxsize=4)
-def _window_permutation(seed: int, epoch: int, run: int, length: int) -> np.ndarray:
-    """The order of one shuffle window (kept for the next few calls: consumers read a window in many chunks)."""
-    permutation = generator(seed, epoch, run).permutation(length)
-    permutation.flags.writeable = False
-    return permutation
-
-
-def generator(*key: int) -> np.random.Generator:
-    """A random generator determined by ``key`` alone (keys of different lengths never collide)."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([abs(k) for k in key] + [len(key)])))

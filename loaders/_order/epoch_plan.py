@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .._read.dataset import Dataset
     from .._read.shard_reader import ShardReader
     from .epoch_order import EpochOrder, Layout, Uneven
+    from .mixed_tape import PartitionedMixture
     from .mixture import MixedOrder, MixedReader
 
 
@@ -32,6 +33,8 @@ class Position:
             delivered before (a DataLoader worker's own saved position).
         delivered: Samples this process handed out since (:meth:`advance`).
         counted_here: Whether this process iterated, so ``delivered`` is the truth.
+        partitions: The partitions a resumed epoch was begun with (None: the
+            epoch begins here and takes the dataset's own setting).
     """
 
     def __init__(self) -> None:
@@ -40,14 +43,15 @@ class Position:
         self.skip = 0
         self.delivered = 0
         self.counted_here = False
+        self.partitions: int | None = None
 
     def restart(self, epoch: int) -> None:
         """Read ``epoch`` from its beginning."""
-        self.epoch, self.start, self.skip, self.delivered = epoch, 0, 0, 0
+        self.epoch, self.start, self.skip, self.delivered, self.partitions = epoch, 0, 0, 0, None
 
-    def resume(self, epoch: int, start: int, skip: int) -> None:
-        """Read ``epoch`` from ``start`` global samples on, this consumer's first ``skip`` of them left out."""
-        self.epoch, self.start, self.skip, self.delivered = epoch, start, skip, 0
+    def resume(self, epoch: int, start: int, skip: int, partitions: int) -> None:
+        """Read ``epoch``, cut into ``partitions``, from ``start`` global samples on, this consumer's first ``skip`` left out."""
+        self.epoch, self.start, self.skip, self.delivered, self.partitions = epoch, start, skip, 0, partitions
 
     def advance(self, samples: int) -> None:
         """Record that this process handed ``samples`` more samples to the trainer."""
@@ -69,9 +73,13 @@ class EpochPlan:
         first_rows: For each shard, the first row of each of its record batches.
         position: Where the consumer starts, and what it delivers (advance it).
         open_reader: Makes a new reader of the shards, numbered as ``shards`` (close it when done).
+        parts: The partitions of the order that this consumer's node reads
+            (with its other ranks and workers).
+        lag: Global positions by which the processes sharing this one's
+            cache may read ahead of or behind it (their read-ahead).
     """
 
-    order: EpochOrder | MixedOrder
+    order: EpochOrder | MixedOrder | PartitionedMixture
     layout: Layout
     uneven: Uneven
     chunk: int
@@ -79,6 +87,8 @@ class EpochPlan:
     first_rows: Sequence[np.ndarray]
     position: Position
     open_reader: Callable[[], ShardReader | MixedReader]
+    parts: range = range(1)
+    lag: int = 0
 
     def shard(self, shard: int) -> tuple[Dataset, ShardInfo]:
         """The dataset and index entry of shard number ``shard``."""
@@ -92,18 +102,26 @@ class EpochPlan:
     def chunks(self, reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The consumer's samples from its position on, in chunks of (shard, row within shard) arrays.
 
-        Plans ``reader`` ahead of each chunk (what to keep mapped, prefetch and evict).
+        Plans ``reader`` ahead of each chunk: what to keep mapped and
+        prefetch (this consumer's next shards), and what the cache keeps
+        (what the whole node reads over the same steps, so one rank's
+        downloads never evict another's next shards).
         """
         order = self.order
-        reader.expect(order.shard_sequence().tolist())
+        reader.expect(order.shard_sequence(self.parts).tolist())
         positions = self.layout.positions(order.size, self.position.start, self.uneven)[self.position.skip:]
         chunk = self.chunk
+        step = self.layout.ranks * self.layout.batch
         ahead: tuple[np.ndarray, np.ndarray, list[int]] | None = None
         for begin in range(0, positions.size, chunk):
             shards, rows, uses = ahead or _with_first_uses(order.samples(positions[begin:begin + chunk]))
             following = positions[begin + chunk:begin + 2 * chunk]
             ahead = _with_first_uses(order.samples(following)) if following.size else None
-            reader.plan(uses + ahead[2] if ahead is not None else uses)
+            mine = uses + ahead[2] if ahead is not None else uses
+            last = int((following if following.size else positions[begin:begin + chunk])[-1])
+            low, high = int(positions[begin]) // step * step - self.lag, (last // step + 1) * step + self.lag
+            node = order.touched(self.parts, max(low, 0), high)  # what lags behind comes first: it is read soonest
+            reader.plan(mine, list(dict.fromkeys(mine + node)))
             yield shards, rows
 
     def located(self, reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ class MixedOrder:
         """The first global shard number of each dataset."""
         return np.concatenate(([0], np.cumsum([len(rows) for rows in self.shard_rows])))
 
-    def shard_sequence(self) -> np.ndarray:
+    def shard_sequence(self, parts: range | None = None) -> np.ndarray:
         """Every dataset's shards (global numbers), in the order their first pass lays them out."""
         offsets = self.shard_offsets()
         return np.concatenate([offsets[d] + self.stream(d, 0).shard_sequence() for d in range(len(self.counts))])
@@ -97,8 +98,39 @@ class MixedOrder:
 
     def stream(self, dataset: int, epoch: int) -> EpochOrder:
         """The order of pass ``epoch`` over dataset ``dataset``."""
-        seed = int(np.random.SeedSequence([abs(self.seed), dataset]).generate_state(1)[0])
-        return EpochOrder(self.shard_rows[dataset], seed, epoch, self.shuffle, self.window)
+        return EpochOrder(self.shard_rows[dataset], dataset_seed(self.seed, dataset), epoch, self.shuffle, self.window)
+
+    @property
+    def partitions(self) -> int:
+        """One: a mixture cut into partitions is a :class:`~trainio.loaders._order.mixed_tape.PartitionedMixture`."""
+        return 1
+
+    def touched(self, parts: range, low: int, high: int) -> list[int]:
+        """Every shard that positions ``[low, high)`` may read: each dataset's whole shuffle windows they fall in."""
+        edges = self._taken(np.asarray([self._block_of(low), self._block_of(max(low, high - 1)) + 1]))
+        offsets = self.shard_offsets()
+        found: dict[int, None] = {}
+        for d, count in enumerate(self.counts):
+            size = sum(self.shard_rows[d])
+            first, last = self.epoch * count + int(edges[0, d]), self.epoch * count + int(edges[1, d])
+            for j in range(first // max(size, 1), -(-last // max(size, 1))):
+                low_in, high_in = max(first - j * size, 0), min(last - j * size, size)
+                shards = self.stream(d, j).touched(range(1), low_in, high_in)
+                found.update(dict.fromkeys(int(offsets[d]) + s for s in shards))
+        return list(found)
+
+    def _block_of(self, position: int) -> int:
+        starts = self._taken(np.arange(self._blocks + 1, dtype=np.int64)).sum(axis=1)
+        return min(int(np.searchsorted(starts, position, side="right")) - 1, self._blocks - 1)
+
+    def cache_need(self, parts: range, shard_bytes: Sequence[int], prefetch: int, lag: int = 0) -> int:
+        """Bytes of the shards two adjacent shuffle windows (and each dataset's share of ``lag`` positions) of each
+        dataset's stream touch, plus ``prefetch`` shards."""
+        offsets = self.shard_offsets()
+        windows = sum(self.stream(d, 0).cache_need(range(1), shard_bytes[offsets[d]:offsets[d + 1]], 0,
+                                                   -(-lag * count // max(self.size, 1)))
+                      for d, count in enumerate(self.counts))
+        return windows + max(shard_bytes, default=0) * prefetch
 
     def _sources(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The dataset of each position, and which of that dataset's samples of the epoch it is."""
@@ -126,9 +158,28 @@ class MixedOrder:
         if self.shuffle:
             layout = np.repeat(np.arange(quota.size), quota)
             return generator(self.seed, self.epoch, block, 1 << 30).permutation(layout)
-        keys = np.concatenate([(np.arange(q) + 0.5) / q for q in quota.tolist()])
-        owners = np.repeat(np.arange(quota.size), quota)
-        return owners[np.lexsort((owners, keys))]
+        return even_interleave(tuple(quota.tolist()))[0]
+
+
+@functools.lru_cache(maxsize=16)
+def even_interleave(quota: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Datasets interleaved evenly, ``quota[d]`` places for dataset ``d``: each place's dataset, its rank among that
+    dataset's places, and how many places of each dataset precede each place (shape ``(sum + 1, datasets)``)."""
+    keys = np.concatenate([(np.arange(q) + 0.5) / q for q in quota])
+    owners = np.repeat(np.arange(len(quota)), quota)
+    layout = owners[np.lexsort((owners, keys))]
+    before = np.zeros((layout.size + 1, len(quota)), dtype=np.int64)
+    before[1:][np.arange(layout.size), layout] = 1
+    np.cumsum(before, axis=0, out=before)
+    rank = before[np.arange(layout.size), layout]
+    for array in (layout, rank, before):
+        array.flags.writeable = False
+    return layout, rank, before
+
+
+def dataset_seed(seed: int, dataset: int) -> int:
+    """The seed of dataset ``dataset``'s own passes in a mixture seeded by ``seed``."""
+    return int(np.random.SeedSequence([abs(seed), dataset]).generate_state(1)[0])
 
 
 class MixedReader:
@@ -142,10 +193,11 @@ class MixedReader:
         d = int(np.searchsorted(self._offsets, shard, side="right")) - 1
         return self._readers[d], shard - int(self._offsets[d])
 
-    def plan(self, shards: Sequence[int]) -> None:
-        """Each dataset's reader plans its own shards, in the given order."""
-        for reader, mine in zip(self._readers, self._per_reader(shards)):
-            reader.plan(mine)
+    def plan(self, shards: Sequence[int], keep: Sequence[int] | None = None) -> None:
+        """Each dataset's reader plans its own shards, and what its cache keeps, in the given order."""
+        kept = self._per_reader(shards if keep is None else keep)
+        for reader, mine, cached in zip(self._readers, self._per_reader(shards), kept):
+            reader.plan(mine, cached)
 
     def expect(self, shards: Sequence[int]) -> None:
         """Each dataset's reader expects its own shards of the epoch, in the given order."""

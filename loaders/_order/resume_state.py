@@ -8,6 +8,8 @@ from typing import Any
 
 from trainio.storage import TrainioError
 
+from .partitions import PartitionError, node_partitions
+
 STATE_FORMAT = "trainio.streaming"
 STATE_VERSION = 1
 
@@ -78,6 +80,10 @@ def check_state(state: object, epoch_samples: int) -> Mapping[str, Any]:
                              f"{state.get('format')!r} v{state.get('version')!r}")
     _integer(state, "epoch", 0, None, "epochs count from 0")
     _integer(state, "consumed", 0, epoch_samples, f"samples of the epoch's {epoch_samples} consumed")
+    if "partitions" in state:
+        partitions = _integer(state, "partitions", 1, None, "partitions of the epoch's order")
+        if partitions > 1 and _integer(state, "global_batch", 1, None, "samples per step") % partitions:
+            raise _fail("global_batch", state["global_batch"], f"must be a multiple of the {partitions} partitions")
     datasets = state.get("datasets")
     if not isinstance(datasets, list) or not all(isinstance(d, Mapping) for d in datasets):
         raise _fail("datasets", datasets, "must be a list of {url, index_xxh3, weight} objects")
@@ -89,6 +95,33 @@ def check_state(state: object, epoch_samples: int) -> Mapping[str, Any]:
         _integer(worker, "id", 0, workers - 1, f"a worker of {workers}")
         _integer(worker, "yielded", 0, epoch_samples, "samples this worker delivered")
     return state
+
+
+def check_partitions(state: Mapping[str, Any], nodes: int, global_batch: int, epoch_samples: int) -> int:
+    """The partitions a checked ``state``'s epoch is cut into (1 if it does not say), if ``nodes`` can go on reading it.
+
+    Raises:
+        ResumeMismatch: ``nodes`` does not divide them (naming the node
+            counts that do), the state's global batch is not
+            ``global_batch``, or it stands between two steps.
+    """
+    partitions = int(state.get("partitions", 1))
+    if partitions == 1:
+        return 1
+    if state["global_batch"] != global_batch:
+        raise ResumeMismatch(f"cannot resume: the state's epoch is cut into {partitions} partitions for a global "
+                             f"batch of {state['global_batch']} samples, and this job's is {global_batch} (ranks x "
+                             "batch_size): resume with the same global batch, or from the start of an epoch")
+    consumed, size = state["consumed"], epoch_samples
+    if consumed % global_batch and consumed != size:
+        raise ResumeMismatch(f"cannot resume: the state's consumed is {consumed}, not a whole number of global batches "
+                             f"of {global_batch}: an epoch cut into partitions resumes at a step boundary (pass "
+                             "state_dict(consumed=steps * global_batch))")
+    try:
+        node_partitions(partitions, nodes, 0)
+    except PartitionError as exc:
+        raise ResumeMismatch(f"cannot resume: {exc}") from None
+    return partitions
 
 
 def check_worker_yielded(worker: Mapping[str, Any], share: int) -> int:

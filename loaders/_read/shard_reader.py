@@ -48,20 +48,23 @@ class ShardReader:
         self._upcoming: list[int] = []
         self._checker = dataset.checker() if cache is None else None
 
-    def plan(self, shards: Sequence[int]) -> None:
-        """Tell the reader which shards it needs next, in order of first use.
+    def plan(self, shards: Sequence[int], keep: Sequence[int] | None = None) -> None:
+        """Tell the reader which shards it needs next, in order of first use, and which the cache should keep.
 
-        Shards not listed are unmapped and unpinned, so the cache may evict
-        them; the listed ones are what the prefetch downloads ahead.
+        Shards not in ``shards`` are unmapped and unpinned, so the cache may
+        evict them; the listed ones are what the prefetch downloads ahead.
+        ``keep`` (default ``shards``) is the future the cache evicts by: what
+        every process sharing it reads next, in order of first use.
         """
         self._upcoming = list(dict.fromkeys(shards))
         if self._checker is not None:
             self._checker.plan(self._upcoming)
         if self._policy is not None:
-            self._policy.set_upcoming(self._dataset.shards[s].path for s in self._upcoming)
-        keep = set(self._upcoming)
+            future = self._upcoming if keep is None else keep
+            self._policy.set_upcoming(self._dataset.shards[s].path for s in future)
+        mapped = set(self._upcoming)
         with self._lock:
-            stale = [s for s in self._open if s not in keep]
+            stale = [s for s in self._open if s not in mapped]
             released = [self._open.pop(s)[1] for s in stale]
         for stack in released:
             stack.close()
@@ -133,31 +136,3 @@ class ShardReader:
             entries, self._open = list(self._open.values()), OrderedDict()
         for _, stack in entries:
             stack.close()
-
-
-def shard_bytes_needed(dataset_rows: Sequence[int], dataset_bytes: Sequence[int], order_sequence: Sequence[int],
-                       window: int, shuffle: bool, prefetch_shards: int) -> int:
-    """The smallest cache that holds every shard two adjacent shuffle windows touch, plus the prefetch.
-
-    Windows are runs of consecutive samples of the shard-shuffled stream, so
-    the shards a window touches follow from the shard sizes alone.
-    """
-    largest = max(dataset_bytes, default=0)
-    if not shuffle:
-        return largest * (1 + prefetch_shards)
-    starts, total = [], 0
-    for shard in order_sequence:
-        starts.append(total)
-        total += dataset_rows[shard]
-    need = 0
-    first = 0
-    for begin in range(0, max(total, 1), window):
-        end = min(total, begin + 2 * window)
-        while first + 1 < len(starts) and starts[first + 1] <= begin:
-            first += 1
-        size, i = 0, first
-        while i < len(starts) and starts[i] < end:
-            size += dataset_bytes[order_sequence[i]]
-            i += 1
-        need = max(need, size)
-    return need + largest * prefetch_shards

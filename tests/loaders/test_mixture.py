@@ -82,7 +82,7 @@ def test_every_layout_sees_the_same_steps(pair: tuple[Path, Path]) -> None:
         per_rank = []
         for rank in range(ranks):
             dataset = StreamingDataset([(pair[0], 2), (pair[1], 1)], seed=7, batch_size=10, rank=rank,
-                                       world_size=ranks)
+                                       world_size=ranks, partitions=1)
             per_rank.append([int(s["id"]) for s in dataset])
         batches = [[r[i:i + 10] for i in range(0, len(r), 10)] for r in per_rank]
         return [sorted(sum((b[step] for b in batches if step < len(b)), [])) for step in range(len(batches[0]))]

@@ -176,7 +176,7 @@ def test_a_loader_batch_that_is_a_multiple_of_the_dataset_batch_resumes_exactly(
     seen: list[int] = []
     states = []
     for rank in range(world):
-        ds = StreamingDataset(local, batch_size=16, seed=3, rank=rank, world_size=world)
+        ds = StreamingDataset(local, batch_size=16, seed=3, rank=rank, world_size=world, partitions=1)
         for step, batch in enumerate(Loader(ds, 32)):
             seen.extend(int(i) for i in batch["id"])
             if step == 4:

@@ -54,14 +54,16 @@ def test_one_epoch_is_a_permutation_fixed_by_seed_and_epoch(local: Path) -> None
 
 @pytest.mark.parametrize(("ranks", "batch"), [(1, 12), (2, 6), (4, 3), (3, 4)])
 def test_ranks_together_read_each_sample_once_in_the_same_global_order(local: Path, ranks: int, batch: int) -> None:
-    per_rank = [ids(StreamingDataset(local, batch_size=batch, seed=1, rank=r, world_size=ranks)) for r in range(ranks)]
+    per_rank = [ids(StreamingDataset(local, batch_size=batch, seed=1, rank=r, world_size=ranks, partitions=1))
+                for r in range(ranks)]
     assert sorted(i for r in per_rank for i in r) == list(range(ROWS))
     global_order = []
     for step in range(max(len(r) for r in per_rank) // batch + 1):
         for r in per_rank:
             global_order.extend(r[step * batch:(step + 1) * batch])
     assert global_order == ids(StreamingDataset(local, batch_size=12, seed=1))
-    assert [len(StreamingDataset(local, batch_size=batch, rank=r, world_size=ranks)) for r in range(ranks)] == \
+    assert [len(StreamingDataset(local, batch_size=batch, rank=r, world_size=ranks, partitions=1))
+            for r in range(ranks)] == \
         [len(r) for r in per_rank]
 
 
@@ -170,7 +172,7 @@ def test_the_loader_reads_a_remote_dataset_through_a_small_cache_mixed_with_a_lo
 
 def test_too_small_a_cache_fails_fast_with_the_figure(s3_store: S3Store, s3_url: str, tmp_path: Path) -> None:
     write_dataset(s3_store, shard_bytes=8_000)
-    with pytest.raises(StoreError, match=r"cache_limit=1000 bytes is below the \d+ bytes this order needs"):
+    with pytest.raises(StoreError, match=r"cache_limit=1000 bytes is below the \d+ bytes this node's order needs"):
         StreamingDataset(s3_url, cache_dir=tmp_path / "cache", cache_limit=1000)
 
 
@@ -207,8 +209,8 @@ def test_gloo_ranks_with_dataloader_workers_read_each_sample_once(local: Path, t
     port = free_ports(1)[0]
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",  # one node, as torchrun
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-c", _RANK, str(local), str(tmp_path)], env=env))
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
