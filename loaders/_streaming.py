@@ -27,8 +27,8 @@ from ._sizes import parse_size
 from ._workers import in_worker, rank_and_world, shared_flag, worker_count, worker_info
 
 _CHUNK = 8192
-log = logging.getLogger("trainio.loaders.streaming")
 _DECODED_BATCHES = 4096
+log = logging.getLogger("trainio.loaders.streaming")
 
 if TYPE_CHECKING:
     from ._batch.list_layout import Lists
@@ -63,7 +63,7 @@ class StreamingDataset(Resumable, _Base):
     what happens to a last global batch the ranks cannot share equally:
     ``"exact"`` (default: every sample once, some ranks get a short or no last
     batch), ``"drop"`` (skipped this epoch) or ``"pad"`` (filled from the start
-    of the epoch, every rank the same count).
+    of the epoch, or of the same partition, every rank the same count).
 
     Nodes: with ``partitions`` above 1, each epoch's shard-shuffled samples
     are cut into that many consecutive ranges of nearly equal size, each
@@ -71,7 +71,7 @@ class StreamingDataset(Resumable, _Base):
     Every global batch (``world_size * batch_size`` samples, a multiple of
     ``partitions``) takes the same number of samples from every partition,
     in partition order, so rank ``r``'s batch holds only samples of the
-    partitions of its node (ranks ``r // ranks_per_node``), and each node
+    partitions of its node (node ``r // ranks_per_node``), and each node
     of ``nodes`` reads ``partitions / nodes`` whole partitions: about
     ``1 / nodes`` of the shards, downloaded once into the node's shared
     ``cache_dir``. A global batch still mixes all partitions; one rank's

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .epoch_order import DEFAULT_WINDOW, ShardStream
-from .mixture import MIX_BLOCK, dataset_seed, even_interleave
+from .mixture import dataset_seed, even_interleave, mix_blocks, taken_before
 from .partitions import PartitionedShuffle, TapeOrder
 
 
@@ -47,12 +47,11 @@ class MixedTape:
 
     @property
     def _blocks(self) -> int:
-        return max(1, -(-self.size // MIX_BLOCK))
+        return mix_blocks(self.size)
 
     def _edges(self, blocks: np.ndarray) -> np.ndarray:
         """Samples of each dataset before each of ``blocks``: shape (len(blocks), datasets)."""
-        edges: np.ndarray = (np.asarray(self.counts, dtype=np.int64)[None, :] * blocks[:, None]) // self._blocks
-        return edges
+        return taken_before(self.counts, blocks)
 
     def _pass(self, dataset: int, number: int) -> ShardStream:
         found = self._passes.get((dataset, number))

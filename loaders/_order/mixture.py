@@ -59,13 +59,11 @@ class MixedOrder:
 
     @property
     def _blocks(self) -> int:
-        return max(1, -(-self.size // MIX_BLOCK))
+        return mix_blocks(self.size)
 
     def _taken(self, blocks: np.ndarray) -> np.ndarray:
         """Samples of each dataset in the first ``blocks`` blocks: shape (len(blocks), datasets)."""
-        counts = np.asarray(self.counts, dtype=np.int64)
-        taken: np.ndarray = (counts[None, :] * blocks[:, None]) // self._blocks
-        return taken
+        return taken_before(self.counts, blocks)
 
     def shard_offsets(self) -> np.ndarray:
         """The first global shard number of each dataset."""
@@ -159,6 +157,17 @@ class MixedOrder:
             layout = np.repeat(np.arange(quota.size), quota)
             return generator(self.seed, self.epoch, block, 1 << 30).permutation(layout)
         return even_interleave(tuple(quota.tolist()))[0]
+
+
+def mix_blocks(size: int) -> int:
+    """Blocks of about 65536 samples an epoch of a mixture of ``size`` samples is cut into."""
+    return max(1, -(-size // MIX_BLOCK))
+
+
+def taken_before(counts: Sequence[int], blocks: np.ndarray) -> np.ndarray:
+    """Samples of each dataset (``counts`` an epoch) in the first ``blocks`` blocks: shape (len(blocks), datasets)."""
+    taken: np.ndarray = (np.asarray(counts, dtype=np.int64)[None, :] * blocks[:, None]) // mix_blocks(sum(counts))
+    return taken
 
 
 @functools.lru_cache(maxsize=16)

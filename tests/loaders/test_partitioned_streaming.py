@@ -33,7 +33,7 @@ def shard_of(path: Path) -> np.ndarray:
     return np.repeat(np.arange(len(rows)), rows)
 
 
-def job(source: str | Path, nodes: int, per_node: int, batch: int, **options: Any) -> list[StreamingDataset]:
+def job(source: Any, nodes: int, per_node: int, batch: int, **options: Any) -> list[StreamingDataset]:
     return [StreamingDataset(source, batch_size=batch, rank=rank, world_size=nodes * per_node, ranks_per_node=per_node,
                              **options) for rank in range(nodes * per_node)]
 
@@ -186,3 +186,20 @@ def test_a_loader_reading_ahead_past_the_cache_says_so(s3_store: S3Store, s3_url
         loader = Loader(small, 8)
     assert f"is below the {loader.cache_need()} bytes that reading" in caplog.text
     assert sorted(i for b in loader for i in b["id"].tolist()) == list(range(ROWS)), "it still reads everything"
+
+
+def test_a_mixture_on_two_nodes_keeps_its_shares_and_each_node_its_part_of_each_dataset(tmp_path: Path) -> None:
+    write(tmp_path / "a", rows=2000)
+    with DatasetWriter(tmp_path / "b", shard_bytes=6_000, batch_rows=32) as writer:
+        writer.write_batch({"id": np.arange(10_000, 10_600), "tokens": np.zeros((600, 8), np.int32)})
+    sources = [(tmp_path / "a", 3.0), (tmp_path / "b", 1.0)]
+    ranks = job(sources, nodes=2, per_node=1, batch=8, seed=2, epoch_size=2400)
+    assert ranks[0].partitions == 2
+    per_node = [[int(s["id"]) for s in r] for r in ranks]
+    every = per_node[0] + per_node[1]
+    assert sum(i < 10_000 for i in every) == 1800 and sum(i >= 10_000 for i in every) == 600
+    assert len(set(every)) == len(every), "both datasets' shares are within one pass: no sample twice"
+    shards_a, shards_b = shard_of(tmp_path / "a"), shard_of(tmp_path / "b")
+    for dataset_shards, pick in ((shards_a, lambda i: i < 10_000), (shards_b, lambda i: i >= 10_000)):
+        nodes = [{int(dataset_shards[i % 10_000]) for i in ids if pick(i)} for ids in per_node]
+        assert len(nodes[0] & nodes[1]) <= 1, "each node reads its own part of each dataset"
