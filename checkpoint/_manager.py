@@ -23,7 +23,7 @@ from ._restore.step_reader import ReadReport
 from ._save.collective import Collective, Exchange, WorldOfOne, distributed_world
 from ._save.plan import Plan
 from ._save.protocol import StepSaves
-from ._save.snapshot import Snapshot, take_snapshot
+from ._save.snapshot import Snapshot, snapshot_into, staging_need
 from ._save.staging import StagingPool
 from ._threads import background_pool
 from ._tier import Tier
@@ -144,7 +144,7 @@ class CheckpointManager:
             problem = exc  # raised by plan() on every rank alike
         plan, name = self._saves.plan(step, skeleton, leaves, problem, self._io[0])
         mine, packed = self._saves.share(plan, leaves)
-        snapshot = self._snapshot(skeleton, mine, packed)
+        snapshot = snapshot_into(self._staging, skeleton, mine, self.options.pack_bytes, packed)
         handle = self._ledger.open(step)
         handle.blocked_s = time.perf_counter() - started
         future = self._saver.submit(self._write_first, step, snapshot, plan, name, handle)
@@ -153,13 +153,12 @@ class CheckpointManager:
             handle.wait()
         return handle
 
-    def _snapshot(self, skeleton: Node, leaves: list[ArrayLeaf], packed: frozenset[str]) -> Snapshot:
-        slot = self._staging.acquire()
-        try:
-            return take_snapshot(skeleton, leaves, slot, self.options.pack_bytes, packed)
-        except BaseException:
-            slot.release()
-            raise
+    def reserve_staging(self, state: Any) -> None:
+        """Allocate now the host memory a save of ``state`` copies into (``max_pending`` copies, pinned for GPU
+        tensors), so the first save blocks the job no longer than later ones. Optional: a save allocates it."""
+        self._check_open()
+        nbytes, pinned = staging_need(flatten(state, self._rank)[1])
+        self._staging.prepare(nbytes, pinned=pinned)
 
     def _write_first(self, step: int, snapshot: Snapshot, plan: Plan, name: str | None, handle: SaveHandle) -> None:
         io = self._io[0]

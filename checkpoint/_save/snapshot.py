@@ -9,7 +9,7 @@ import numpy as np
 
 from .._format.nodes import Node
 from .._format.state_tree import ArrayLeaf
-from .staging import Slot, aligned
+from .staging import Slot, StagingPool, aligned
 
 
 @dataclass
@@ -53,6 +53,22 @@ class Snapshot:
 def is_packable(leaf: ArrayLeaf, pack_bytes: int) -> bool:
     """Whether ``leaf`` belongs in a step's pack: small, and held whole."""
     return leaf.box is None and leaf.nbytes <= pack_bytes
+
+
+def snapshot_into(pool: StagingPool, skeleton: Node, leaves: list[ArrayLeaf], pack_bytes: int,
+                  packed: frozenset[str]) -> Snapshot:
+    """:func:`take_snapshot` into a slot of ``pool`` (waiting for a free one), the slot given back if it fails."""
+    slot = pool.acquire()
+    try:
+        return take_snapshot(skeleton, leaves, slot, pack_bytes, packed)
+    except BaseException:
+        slot.release()
+        raise
+
+
+def staging_need(leaves: list[ArrayLeaf]) -> tuple[int, bool]:
+    """(bytes, pinned): the staging a snapshot of all of ``leaves`` takes at most, pinned when any is on a GPU."""
+    return sum(aligned(leaf.nbytes) for leaf in leaves), any(leaf.kind == "torch" and leaf.value.device.type == "cuda" for leaf in leaves)
 
 
 def take_snapshot(skeleton: Node, leaves: list[ArrayLeaf], slot: Slot, pack_bytes: int = 0,

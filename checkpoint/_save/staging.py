@@ -72,7 +72,8 @@ class StagingPool:
     def __init__(self, slots: int) -> None:
         if slots < 1:
             raise ValueError(f"a staging pool needs at least one slot, not {slots}")
-        self._free = [Slot(self) for _ in range(slots)]
+        self._all = [Slot(self) for _ in range(slots)]
+        self._free = list(self._all)
         self._cond = threading.Condition()
 
     def acquire(self) -> Slot:
@@ -84,6 +85,16 @@ class StagingPool:
             slot = max(self._free, key=lambda s: s.capacity)
             self._free.remove(slot)
             return slot
+
+    def prepare(self, nbytes: int, *, pinned: bool) -> None:
+        """Make every slot hold at least ``nbytes`` now (pinned if asked), waiting for slots in use to come back."""
+        slots = [self.acquire() for _ in range(len(self._all))]
+        try:
+            for slot in slots:
+                slot.reserve(max(nbytes, 1), pinned=pinned)
+        finally:
+            for slot in slots:
+                slot.release()
 
     def _give_back(self, slot: Slot) -> None:
         with self._cond:

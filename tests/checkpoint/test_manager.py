@@ -67,6 +67,26 @@ def test_staging_memory_is_reused_not_grown(tmp_path: Path) -> None:
         assert sorted(id(s.array) for s in manager._staging._free) == sorted(arrays)
 
 
+def test_staging_reserved_ahead_is_what_the_first_save_copies_into(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    state = _state()
+    with CheckpointManager([tmp_path], max_pending=2) as manager:
+        with caplog.at_level("INFO", logger="trainio.checkpoint._save.staging"):
+            manager.reserve_staging(state)
+        assert caplog.text.count("allocated") == 2, "every slot a pending save may take"
+        arrays = sorted(id(s.array) for s in manager._staging._free)
+        assert all(s.capacity >= 512 * 256 * 4 + 128 * 2 for s in manager._staging._free)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="trainio.checkpoint._save.staging"):
+            manager.save(1, state).wait()
+            manager.save(2, _state(2)).wait()
+        assert "allocated" not in caplog.text, "the saves copied into the reserved memory"
+        assert sorted(id(s.array) for s in manager._staging._free) == arrays
+        with pytest.raises(CheckpointError, match="state: must be a dict"):
+            manager.reserve_staging(42)
+    assert torch.equal(CheckpointManager([tmp_path]).restore(1)["model"]["w"], state["model"]["w"])
+
+
 def test_back_pressure_holds_the_next_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trainio.checkpoint._save.protocol import StepSaves
 
