@@ -146,11 +146,17 @@ class SaveLedger:
         """Give every tier of ``handle`` still pending the final ``status``."""
         handle._settle_rest(status, why)
 
-    def settle_tier(self, tier: str, status: Status, why: str = "") -> None:
-        """Give ``tier``'s result of every finished save still pending there the final ``status``."""
+    def settle_tier(self, tier: str, status: Status, why: str = "", up_to: int | None = None) -> None:
+        """Give ``tier``'s result of every finished save (of a step up to ``up_to``) still pending there ``status``.
+
+        A pass that decided which steps a tier wants settles only the steps it
+        saw: a save committed meanwhile waits for the pass that sees it.
+        """
         with self._lock:
             handles = list(self._handles.values())
         for handle in handles:
+            if up_to is not None and handle.step > up_to:
+                continue
             if handle.tier_status(tier) == "pending" and handle.done():
                 handle._set(tier, TierResult(status, why))
 

@@ -105,6 +105,7 @@ class TierSet:
     def _promote_into(self, target: int) -> None:
         io = self._io[target]
         wanted = self._wanted(target)
+        seen = max((max(self._known[t], default=-1) for t in range(target + 1)), default=-1)
         if wanted:
             try:
                 self.hold(target)
@@ -133,7 +134,7 @@ class TierSet:
                 continue
             self.remember(target, manifest)
             self.promoted(target, step, manifest.nbytes)
-        self._ledger.settle_tier(io.label, "skipped")
+        self._ledger.settle_tier(io.label, "skipped", up_to=seen)
 
     def promoted(self, target: int, step: int, nbytes: int) -> None:
         """Record ``step`` committed on tier ``target`` by a promotion, and apply that tier's retention."""

@@ -87,6 +87,20 @@ def test_staging_reserved_ahead_is_what_the_first_save_copies_into(tmp_path: Pat
     assert torch.equal(CheckpointManager([tmp_path]).restore(1)["model"]["w"], state["model"]["w"])
 
 
+def test_a_promotion_pass_settles_only_the_steps_it_saw() -> None:
+    from trainio.checkpoint._handle import SaveLedger, TierResult
+
+    ledger = SaveLedger(["fast", "slow"])
+    seen, committed_meanwhile = ledger.open(1), ledger.open(2)
+    for handle in (seen, committed_meanwhile):
+        ledger.record(handle, "fast", TierResult("committed"))
+    ledger.settle_tier("slow", "skipped", up_to=1)  # a pass that listed the tiers before step 2 was committed
+    assert seen.tier_status("slow") == "skipped"
+    assert committed_meanwhile.tier_status("slow") == "pending", "step 2 waits for the pass that sees it"
+    ledger.record(committed_meanwhile, "slow", TierResult("committed"))
+    assert committed_meanwhile.result(timeout=1)["slow"].status == "committed"
+
+
 def test_back_pressure_holds_the_next_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trainio.checkpoint._save.protocol import StepSaves
 
