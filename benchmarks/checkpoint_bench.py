@@ -48,6 +48,7 @@ from _files import fsync_path  # noqa: E402
 from _report import best, machine, machine_lines, markdown_table, timed  # noqa: E402
 
 from trainio.checkpoint import CheckpointManager, Tier  # noqa: E402
+from trainio.tools._bench_limits import drop_from_page_cache  # noqa: E402
 from trainio.tools._bench_run import tensors_of, transformer_state  # noqa: E402
 from trainio.tools._bench_run import zeros_like as like  # noqa: E402
 
@@ -58,15 +59,8 @@ def state_of(gb: float) -> dict[str, Any]:
 
 
 def drop_cache(path: Path) -> None:
-    """Evict ``path``'s files from the page cache (after making them durable)."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for file in files:
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    """Evict ``path``'s files (a file, or every file under a directory) from the page cache."""
+    drop_from_page_cache([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()])
 
 
 def fresh(path: Path) -> None:

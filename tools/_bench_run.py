@@ -7,11 +7,14 @@ throughput over time and the checkpoint phase its timeline, for ``--plot``.
 
 from __future__ import annotations
 
-import math
+import itertools
 import os
+import shutil
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,9 @@ import pyarrow as pa
 from trainio.loaders import DatasetWriter, verify_dataset
 from trainio.storage import open_store
 
+from . import _bench_limits as limits
+from ._bench_limits import interleaved
+
 TOKENS = 2048
 """Tokens per sample of the ``tokens`` workload (int32)."""
 
@@ -29,6 +35,9 @@ IMAGE_BYTES = (8 << 10, 32 << 10)
 
 BATCH = 64
 """Samples per loader batch."""
+
+LOADER_THREADS = 2
+"""Threads of the Loader (its default); the limit that reads the same files runs one more, as the shard checker."""
 
 _ROWS_PER_BATCH = 256
 
@@ -52,19 +61,24 @@ def _column(workload: str, k: int, n: int) -> pa.Array:
 
 @dataclass
 class DataResult:
-    """The dataset phase: what was written and verified."""
+    """The dataset phase: what was written and verified, and the write against write+fsync of the same bytes."""
 
     url: str
     rows: int
     bytes: int
     shards: int
     write_s: float
+    write_limit_s: float
     verify_s: float
     verified: bool
 
 
-def make_dataset(out: Path, workload: str, size: int, progress: Callable[[int], None]) -> DataResult:
-    """Write a synthetic dataset of about ``size`` payload bytes to ``out`` with the dataset writer, sync, verify it.
+def make_dataset(work: Path, workload: str, size: int, rounds: int, progress: Callable[[int], None]) -> DataResult:
+    """Write a synthetic dataset of about ``size`` payload bytes to ``work/dataset`` with the dataset writer, verify it.
+
+    The write is timed ``rounds`` times, in turn with write+fsync of the
+    same number of bytes (the samples are made before the clock starts);
+    the first round's dataset is kept.
 
     Raises:
         ValueError: the size is too small for one batch of samples.
@@ -74,83 +88,107 @@ def make_dataset(out: Path, workload: str, size: int, progress: Callable[[int], 
     if rows < BATCH:
         raise ValueError(f"--size {size} bytes holds {rows} {workload} samples; give at least "
                          f"{BATCH * per_row / 1e6:.1f} MB")
+    columns = [_column(workload, k, n) for k, n in itertools.islice(_chunks(rows), 16)]  # reused, made untimed
+    name = "tokens" if workload == "tokens" else "image"
+    shard_bytes = max(1 << 20, min(256 << 20, size // 8))
+    written = [0]
+
+    def write() -> float:
+        target = work / ("dataset" if not written[0] else "dataset-again")
+        started = time.perf_counter()
+        with DatasetWriter(target, shard_bytes=shard_bytes, overwrite=True) as writer:
+            for k, n in _chunks(rows):
+                column = columns[k % len(columns)].slice(0, n)
+                writer.write_batch({name: column})
+                if not written[0]:
+                    progress(column.nbytes)
+        seconds = time.perf_counter() - started
+        written[0] += 1
+        if target.name != "dataset":
+            shutil.rmtree(target)
+            os.sync()  # the deleted blocks discarded now, not in the next run
+        return seconds
+
+    write()  # the dataset the later phases read: the limit writes bytes like its files
+    files = [pa.memory_map(str(p)) for p in sorted((work / "dataset").rglob("*.arrow"))]
+    like = [memoryview(f.read_buffer()) for f in files]
+    write_s, limit_s = interleaved(write, limits.DurableWrite(work, like, 1, shard_bytes), rounds)
+    del like
+    for f in files:
+        f.close()
     started = time.perf_counter()
-    with DatasetWriter(out, shard_bytes=max(1 << 20, min(256 << 20, size // 8))) as writer:
-        for k, n in _chunks(rows):
-            column = _column(workload, k, n)
-            writer.write_batch({"tokens" if workload == "tokens" else "image": column})
-            progress(column.nbytes)
-    os.sync()  # durable, like the limit it is compared with; and no write-back left to disturb the next phases
-    write_s = time.perf_counter() - started
-    started = time.perf_counter()
-    report = verify_dataset(open_store(out))
+    report = verify_dataset(open_store(work / "dataset"))
     verify_s = time.perf_counter() - started
-    return DataResult(str(out), report.rows, report.bytes, report.shards, write_s, verify_s, report.ok)
+    return DataResult(str(work / "dataset"), report.rows, report.bytes, report.shards, write_s, limit_s, verify_s,
+                      report.ok)
 
 
 @dataclass
 class StreamResult:
-    """The loader phase: one epoch through StreamingDataset + Loader."""
+    """One loader row: the first epoch of a new StreamingDataset + Loader against reading the same shard files."""
 
-    device: str
+    page_cache: str
     samples: int
     bytes: int
+    file_bytes: int
     seconds: float
+    limit_s: float
     wait_s: float
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, bytes so far)
-
-    @property
-    def samples_per_s(self) -> float:
-        """Samples delivered per second."""
-        return self.samples / self.seconds
 
     @property
     def bytes_per_s(self) -> float:
         """Payload bytes delivered per second."""
         return self.bytes / self.seconds
 
+    @property
+    def limit_bytes_per_s(self) -> float:
+        """The limit's read rate of the same files, in payload bytes per second (so the two compare)."""
+        return self.bytes / self.limit_s
 
-def stream_epoch(url: Path, device: str, progress: Callable[[int], None]) -> StreamResult:
-    """Stream one shuffled epoch of the dataset at ``url`` to ``device`` and measure it."""
+
+def stream_epochs(url: Path, device: str, rounds: int, cold: bool,
+                  progress: Callable[[int], None]) -> StreamResult:
+    """The first epoch (shuffled) of a new dataset and Loader per round, in turn with the limit.
+
+    The limit reads every byte of the shard files with as many threads as
+    the Loader reads them with (its threads and the shard checker's). Warm: the files are read once before each run. Cold:
+    their pages are dropped before each run (``posix_fadvise(DONTNEED)``),
+    for trainio and the limit alike. Every run checks every shard's hash,
+    as a training job's first epoch does.
+    """
     from trainio.loaders._loader import Loader
+    from trainio.loaders._read.shard_check import forget_verified
     from trainio.loaders._streaming import StreamingDataset
 
-    dataset = StreamingDataset(url, shuffle=True, seed=0)
-    loader = Loader(dataset, batch_size=BATCH, device=device)
-    timeline: list[tuple[float, int]] = []
-    started = time.perf_counter()
-    done = 0
-    for _ in loader:
-        metrics = loader.metrics()
-        progress(int(metrics["bytes"]) - done)
-        done = int(metrics["bytes"])
-        timeline.append((time.perf_counter() - started, done))
-    metrics = loader.metrics()
-    return StreamResult(device, int(metrics["samples"]), int(metrics["bytes"]), float(metrics["seconds"]),
-                        float(metrics["wait_s"]), timeline)
+    files = sorted(url.rglob("*.arrow"))
+    prepare = limits.drop_from_page_cache if cold else limits.read_into_page_cache
+    runs: list[tuple[float, float, int, int, list[tuple[float, int]]]] = []
 
-
-def read_seconds(files: list[Path], repeat: int = 2) -> float:
-    """Seconds to read ``files`` (from the page cache once warm) into one reused buffer: the streaming limit."""
-    buffer = bytearray(max(f.stat().st_size for f in files))
-
-    def read_all() -> None:
-        view = memoryview(buffer)
-        for file in files:
-            with open(file, "rb", buffering=0) as f:
-                f.readinto(view)
-
-    return best_of(read_all, repeat)
-
-
-def best_of(fn: Callable[[], Any], repeat: int) -> float:
-    """The shortest of ``repeat`` timed runs of ``fn``, in seconds."""
-    times = []
-    for _ in range(repeat):
+    def epoch() -> float:
+        prepare(files)
+        forget_verified()
         started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return max(min(times), 1e-9)
+        loader = Loader(StreamingDataset(url, shuffle=True, seed=len(runs)), batch_size=BATCH, device=device)
+        timeline: list[tuple[float, int]] = []
+        for _ in loader:
+            done = int(loader.metrics()["bytes"])
+            if not runs:
+                progress(done - (timeline[-1][1] if timeline else 0))
+            timeline.append((time.perf_counter() - started, done))
+        seconds = time.perf_counter() - started
+        metrics = loader.metrics()
+        runs.append((seconds, float(metrics["wait_s"]), int(metrics["samples"]), int(metrics["bytes"]), timeline))
+        return seconds
+
+    def limit() -> float:
+        prepare(files)
+        return limits.read_files(files, threads=LOADER_THREADS + 1)
+
+    seconds, limit_s = interleaved(epoch, limit, rounds)
+    median = min(runs, key=lambda r: abs(r[0] - seconds))
+    return StreamResult("cold" if cold else "warm", median[2], median[3], sum(f.stat().st_size for f in files),
+                        seconds, limit_s, median[1], median[4])
 
 
 def transformer_state(nbytes: float, *, width: int | None = None, full: bool = False) -> dict[str, Any]:
@@ -215,67 +253,110 @@ def checkpoint_bytes(size: int) -> int:
 
 @dataclass
 class CheckpointResult:
-    """The checkpoint phase: saves through two tiers, then a verified restore.
+    """The checkpoint phase: saves through two tiers, each figure the median of the rounds, with its limit.
 
-    The first save allocates and faults in the staging memory that later
-    saves reuse; the times are those of the second save, of a state in which
-    every tensor changed (so nothing is linked from the first).
+    ``first_blocked_s``: the first save of a manager that allocates its
+    staging memory then; ``reserve_s`` and ``reserved_first_blocked_s``: a
+    manager that reserves it first (``reserve_staging``), and its first save.
+    Every save changes every tensor first (so nothing is linked from the
+    step before). Limits, the disk's run in turn with its figure:
+    ``memcpy_s`` (the tensors copied into touched memory), ``write_fsync_s``
+    (the state's bytes written in files of the manager's chunk size with as
+    many threads as the manager, each fsynced), ``read_s`` (the step's files
+    read from the page cache with as many threads), ``copy_s`` (their sum:
+    a promotion reads tier 1 and writes tier 2; 0 when the last tier is
+    remote, as is ``read_s``).
     """
 
     bytes: int
     tensors: int
     first_blocked_s: float
+    reserve_s: float
+    reserved_first_blocked_s: float
     blocked_s: float
     commit_s: float
     promote_s: float
     restore_s: float
+    memcpy_s: float
+    write_fsync_s: float
+    copy_s: float
+    read_s: float
     bit_exact: bool
     tiers: list[str]
 
 
-def checkpoint_round(state: dict[str, Any], tiers: list[Any],
-                     progress: Callable[[str], None] = lambda _: None) -> CheckpointResult:
-    """Save ``state`` as step 1, change it, save step 2 and wait for its promotion, restore it and compare.
+def checkpoint_rounds(state: dict[str, Any], tiers: list[Any], work: Path, rounds: int,
+                      progress: Callable[[str], None] = lambda _: None) -> CheckpointResult:
+    """Save ``state`` as :class:`CheckpointResult` says (through ``tiers``), restore it and compare.
 
     ``progress`` is called with the name of each stage as it is done.
     """
     import torch
 
-    from trainio.checkpoint import CheckpointManager
+    from trainio.checkpoint import CheckpointManager, Tier
 
     tensors = tensors_of(state)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    with CheckpointManager([Tier(work / "ckpt-first", keep_last=1)]) as manager:
+        started = time.perf_counter()
+        handle = manager.save(1, state)
+        first_blocked = time.perf_counter() - started
+        handle.result()
+    shutil.rmtree(work / "ckpt-first", ignore_errors=True)
+    progress("first save")
     with CheckpointManager(tiers, promote_attempts=1) as manager:
         labels = [t.label for t in manager.tiers]
         started = time.perf_counter()
-        first = manager.save(1, state)
-        first_blocked = time.perf_counter() - started
-        first.result()
-        progress("first save")
-        with torch.no_grad():
-            for tensor in tensors:
-                tensor.neg_() if tensor.is_floating_point() else tensor.add_(1)  # a training step later
-        started = time.perf_counter()
-        handle = manager.save(2, state)
-        blocked = time.perf_counter() - started
-        handle.wait()
-        commit = time.perf_counter() - started
-        progress("commit")
-        results = handle.result()
-        progress("promote")
-        promote = results[labels[-1]].seconds - commit if len(labels) > 1 else 0.0
-        if any(r.status != "committed" for r in results.values()):
-            failed = {k: f"{r.status}: {r.error}" for k, r in results.items() if r.status != "committed"}
-            raise OSError(f"checkpoint: step 2 did not reach every tier: {failed}")
+        manager.reserve_staging(state)
+        reserve = time.perf_counter() - started
+        steps: dict[str, list[float]] = {"blocked": [], "commit": [], "promote": []}
+
+        def save() -> float:
+            with torch.no_grad():
+                for tensor in tensors:
+                    tensor.neg_() if tensor.is_floating_point() else tensor.add_(1)  # a training step later
+            step = len(steps["blocked"]) + 1
+            started = time.perf_counter()
+            handle = manager.save(step, state)
+            steps["blocked"].append(time.perf_counter() - started)
+            handle.wait()
+            steps["commit"].append(time.perf_counter() - started)
+            results = handle.result()
+            if any(r.status != "committed" for r in results.values()):
+                failed = {k: f"{r.status}: {r.error}" for k, r in results.items() if r.status != "committed"}
+                raise OSError(f"checkpoint: step {step} did not reach every tier: {failed}")
+            steps["promote"].append(max(results[labels[-1]].seconds - steps["commit"][-1], 0.0))
+            return steps["commit"][-1]
+
+        copy = limits.memcpy(tensors)
+        memcpy_s = min(copy() for _ in range(max(1, rounds)))
+        threads = manager.options.threads
+        views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in tensors]
+        durable = limits.DurableWrite(work, views, threads, manager.options.chunk_bytes)
+        commit, write_s = interleaved(save, durable, max(2, rounds + 1))
+        progress("saves")
+        last = len(steps["blocked"])
+        root = manager.tiers[-1].url
+        path = os.fspath(root) if isinstance(root, (str, os.PathLike)) else ""
+        files = [p for p in Path(path, f"{last:012d}").rglob("*") if p.is_file()] if path and "://" not in path else []
         target = zeros_like(state)
-        started = time.perf_counter()
-        restored = manager.restore(2, into=target, tiers=[labels[-1]])
-        restore = time.perf_counter() - started
+
+        def restore() -> float:
+            started = time.perf_counter()
+            manager.restore(last, into=target, tiers=[labels[-1]])
+            return time.perf_counter() - started
+
+        if files:
+            restore_s, read_s = interleaved(restore, partial(limits.read_files, files, threads), rounds)
+            copy_s = read_s + write_s
+        else:  # a remote tier: no local limit to read against
+            restore_s, read_s, copy_s = statistics.median(restore() for _ in range(max(1, rounds))), 0.0, 0.0
         progress("restore")
     same = all(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-               for a, b in zip(tensors_of(restored), tensors, strict=True))
-    return CheckpointResult(nbytes, len(tensors), first_blocked, blocked, commit, max(promote, 0.0), restore, same,
-                            labels)
+               for a, b in zip(tensors_of(target), tensors, strict=True))
+    return CheckpointResult(nbytes, len(tensors), first_blocked, reserve, steps["blocked"][0],
+                            statistics.median(steps["blocked"][1:]), commit, statistics.median(steps["promote"]),
+                            restore_s, memcpy_s, write_s, copy_s, read_s, same, labels)
 
 
 def zeros_like(state: Any) -> Any:
@@ -295,31 +376,3 @@ def zeros_like(state: Any) -> Any:
     if isinstance(state, list):
         return [zeros_like(v) for v in state]
     return state
-
-
-def memcpy_limit(tensors: list[Any]) -> float:
-    """Seconds to copy ``tensors`` into preallocated, touched buffers (the floor of a save's blocking time)."""
-    import torch
-
-    copies = [torch.zeros_like(t) for t in tensors]
-    return best_of(lambda: [c.copy_(t) for c, t in zip(copies, tensors, strict=True)], 2)
-
-
-def write_limit(directory: Path, nbytes: int) -> tuple[float, float]:
-    """Seconds to write+fsync ``nbytes`` to one file in ``directory``, and to read them back from the page cache."""
-    path = directory / "limit.bin"
-    block = np.random.default_rng(0).bytes(min(nbytes, 64 << 20))
-    blocks = math.ceil(nbytes / len(block))
-
-    def write() -> None:
-        with open(path, "wb", buffering=0) as f:
-            for _ in range(blocks):
-                f.write(block)
-            os.fsync(f.fileno())
-
-    try:
-        write_s = best_of(write, 2)
-        read_s = read_seconds([path])
-    finally:
-        path.unlink(missing_ok=True)
-    return write_s * nbytes / (blocks * len(block)), read_s * nbytes / (blocks * len(block))

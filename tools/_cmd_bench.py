@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import secrets
@@ -16,7 +17,7 @@ from typing import Any
 from trainio.storage import StoreError, open_store
 
 from . import _bench_run as bench
-from ._format import human_bytes, parse_size, print_json
+from ._format import human_bytes, parse_size
 from ._progress import byte_bar, stage_bar
 
 EXAMPLES = """\
@@ -44,7 +45,9 @@ def register(commands: Any) -> None:
     parser.add_argument("--workload", choices=("tokens", "images"), default="tokens",
                         help="tokens: 2048 int32 tokens a sample; images: 8-32 KB byte strings (default tokens)")
     parser.add_argument("--store", metavar="URL", help="put the second checkpoint tier here (e.g. s3://bucket/x)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document and no progress")
+    parser.add_argument("--rounds", type=int, default=3, metavar="N",
+                        help="runs of each figure and of its limit, in turn; the median is shown (default 3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document (one line) and no progress")
     parser.add_argument("--plot", metavar="FILE.png", help="write loader throughput and the checkpoint timeline "
                         "(needs matplotlib)")
     parser.add_argument("--keep", action="store_true", help="keep the dataset and checkpoints")
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             if remote is not None:
                 remote.delete_prefix("")
     if args.json:
-        print_json(results)
+        print(json.dumps(results, separators=(",", ":"), default=str))
     else:
         print(_table(results))
         if args.keep:
@@ -104,76 +107,92 @@ def _run_phases(args: argparse.Namespace, work: Path, second: str) -> dict[str, 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quiet = args.json
     with byte_bar("dataset", args.size, quiet=quiet) as advance:
-        data = bench.make_dataset(work / "dataset", args.workload, args.size, lambda n: advance(n))
-    with byte_bar("stream", data.bytes, quiet=quiet) as advance:
-        stream = bench.stream_epoch(work / "dataset", device, lambda n: advance(n))
-    shards = sorted((work / "dataset").rglob("*.arrow"))
-    read_s = bench.read_seconds(shards)
-    shard_bytes = sum(p.stat().st_size for p in shards)
+        data = bench.make_dataset(work, args.workload, args.size, args.rounds, lambda n: advance(n))
+    streams = {}
+    for cold in (False, True):
+        with byte_bar("stream " + ("cold" if cold else "warm"), data.bytes, quiet=quiet) as advance:
+            streams["cold" if cold else "warm"] = bench.stream_epochs(work / "dataset", device, args.rounds, cold,
+                                                                    lambda n: advance(n))
     state = bench.transformer_state(bench.checkpoint_bytes(args.size))
-    tensors = bench.tensors_of(state)
     tiers = [Tier(work / "ckpt-fast", keep_last=2), Tier(second, keep_last=2)]
     with stage_bar("checkpoint", 4, quiet=quiet) as stage:
-        ckpt = bench.checkpoint_round(state, tiers, stage)
-    memcpy_s = bench.memcpy_limit(tensors)
-    write_s, reread_s = bench.write_limit(work, ckpt.bytes)
-    limits = {"memcpy_s": memcpy_s, "write_fsync_s": write_s, "page_cache_read_s": reread_s,
-              "dataset_read_bytes_per_s": shard_bytes / read_s}
-    return {
+        ckpt = bench.checkpoint_rounds(state, tiers, work, args.rounds, stage)
+    loader = {name: {"device": device, "samples": r.samples, "bytes": r.bytes, "seconds": r.seconds,
+                     "samples_per_s": r.samples / r.seconds, "bytes_per_s": r.bytes_per_s, "wait_s": r.wait_s,
+                     "limit_s": r.limit_s, "limit_bytes_per_s": r.limit_bytes_per_s,
+                     "timeline": [[round(t, 4), b] for t, b in r.timeline]}
+              for name, r in streams.items()}
+    results = {
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "device": device, "dir": str(work)},
+                    "torch": torch.__version__, "device": device, "dir": str(work), "rounds": args.rounds},
         "workload": args.workload,
         "dataset": {**asdict(data), "write_bytes_per_s": data.bytes / data.write_s,
+                    "write_limit_bytes_per_s": data.bytes / data.write_limit_s,
                     "verify_bytes_per_s": data.bytes / data.verify_s},
-        "loader": {"device": stream.device, "samples": stream.samples, "bytes": stream.bytes,
-                   "seconds": stream.seconds, "samples_per_s": stream.samples_per_s,
-                   "bytes_per_s": stream.bytes_per_s, "wait_s": stream.wait_s,
-                   "timeline": [[round(t, 4), b] for t, b in stream.timeline]},
+        "loader": loader,
         "checkpoint": asdict(ckpt),
-        "limits": limits,
     }
+    results["ratios"] = {name: ratio for name, _, _, ratio in _rows(results) if ratio is not None}
+    return results
 
 
-def _ratio(ours: float, limit: float) -> str:
-    return f"{ours / limit:.2f}x" if limit > 0 else "-"
+def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, float | None]]:
+    """(measure, trainio, limit, trainio's share of the limit: 1 at the limit) of every row of the table."""
+    data, loader, ckpt = results["dataset"], results["loader"], results["checkpoint"]
+    rows: list[tuple[str, str, str, float | None]] = [
+        ("dataset write", f"{human_bytes(data['write_bytes_per_s'])}/s",
+         f"{human_bytes(data['write_limit_bytes_per_s'])}/s", data["write_limit_s"] / data["write_s"]),
+        ("dataset verify (hash)", f"{human_bytes(data['verify_bytes_per_s'])}/s", "", None),
+    ]
+    for name, run in loader.items():
+        rows.append((f"loader -> {run['device']}, first epoch, {name}", f"{human_bytes(run['bytes_per_s'])}/s",
+                     f"{human_bytes(run['limit_bytes_per_s'])}/s", run["limit_s"] / run["seconds"]))
+    warm = loader["warm"]
+    rows += [
+        ("loader samples/s (warm)", f"{warm['samples_per_s']:,.0f}", "", None),
+        ("consumer waited (warm)", f"{warm['wait_s']:.2f} s of {warm['seconds']:.2f} s", "", None),
+        ("first save blocked", f"{ckpt['first_blocked_s']:.3f} s", "", None),
+        ("staging reserved ahead", f"{ckpt['reserve_s']:.3f} s", "", None),
+        ("first save blocked, reserved", f"{ckpt['reserved_first_blocked_s']:.3f} s", f"{ckpt['memcpy_s']:.3f} s",
+         ckpt["memcpy_s"] / ckpt["reserved_first_blocked_s"]),
+        ("save blocked", f"{ckpt['blocked_s']:.3f} s", f"{ckpt['memcpy_s']:.3f} s",
+         ckpt["memcpy_s"] / ckpt["blocked_s"]),
+        ("committed (tier 1)", f"{ckpt['commit_s']:.3f} s", f"{ckpt['write_fsync_s']:.3f} s",
+         ckpt["write_fsync_s"] / ckpt["commit_s"]),
+    ]
+    remote = not ckpt["read_s"]
+    rows += [
+        ("promoted (tier 2)", f"{ckpt['promote_s']:.3f} s", "" if remote else f"{ckpt['copy_s']:.3f} s",
+         None if remote else ckpt["copy_s"] / ckpt["promote_s"]),
+        ("restore (tier 2)", f"{ckpt['restore_s']:.3f} s", "" if remote else f"{ckpt['read_s']:.3f} s",
+         None if remote else ckpt["read_s"] / ckpt["restore_s"]),
+        ("restore bit-exact", "yes" if ckpt["bit_exact"] else "NO", "", None),
+    ]
+    return rows
 
 
 def _table(results: dict[str, Any]) -> str:
-    data, loader, ckpt, limits = results["dataset"], results["loader"], results["checkpoint"], results["limits"]
-    rate = limits["dataset_read_bytes_per_s"]
-    write_rate = ckpt["bytes"] / limits["write_fsync_s"]
-    copy_s = limits["write_fsync_s"] + limits["page_cache_read_s"]  # a promotion reads tier 1 and writes tier 2
-    rows = [
-        ("dataset write", f"{human_bytes(data['write_bytes_per_s'])}/s", f"{human_bytes(write_rate)}/s",
-         _ratio(data["write_bytes_per_s"], write_rate)),
-        ("dataset verify (hash)", f"{human_bytes(data['verify_bytes_per_s'])}/s", "", ""),
-        (f"loader -> {loader['device']}", f"{human_bytes(loader['bytes_per_s'])}/s", f"{human_bytes(rate)}/s",
-         _ratio(loader["bytes_per_s"], rate)),
-        ("loader samples/s", f"{loader['samples_per_s']:,.0f}", "", ""),
-        ("consumer waited", f"{loader['wait_s']:.2f} s of {loader['seconds']:.2f} s", "", ""),
-        ("first save blocked", f"{ckpt['first_blocked_s']:.3f} s", "", ""),
-        ("save blocked", f"{ckpt['blocked_s']:.3f} s", f"{limits['memcpy_s']:.3f} s",
-         _ratio(limits["memcpy_s"], ckpt["blocked_s"])),
-        ("committed (tier 1)", f"{ckpt['commit_s']:.3f} s", f"{limits['write_fsync_s']:.3f} s",
-         _ratio(limits["write_fsync_s"], ckpt["commit_s"])),
-        ("promoted (tier 2)", f"{ckpt['promote_s']:.3f} s", f"{copy_s:.3f} s", _ratio(copy_s, ckpt["promote_s"])),
-        ("restore (tier 2)", f"{ckpt['restore_s']:.3f} s", f"{limits['page_cache_read_s']:.3f} s",
-         _ratio(limits["page_cache_read_s"], ckpt["restore_s"])),
-        ("restore bit-exact", "yes" if ckpt["bit_exact"] else "NO", "", ""),
-    ]
+    data, ckpt = results["dataset"], results["checkpoint"]
+    rows = [(name, ours, limit, "" if ratio is None else f"{ratio:.2f}x" + (" (!)" if ratio > 1.0 else ""))
+            for name, ours, limit, ratio in _rows(results)]
     work = results["machine"]["dir"]
     tiers = [t.removeprefix(work).lstrip("/") or t for t in ckpt["tiers"]]
     head = ("measure", "trainio", "limit", "vs limit")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(4)]
-    lines = [f"in {work}: {results['machine']['cpus']} CPUs, loader to {loader['device']}",
+    lines = [f"in {work}: {results['machine']['cpus']} CPUs, {results['machine']['rounds']} rounds a row",
              f"dataset: {data['rows']:,} {results['workload']} samples, {human_bytes(data['bytes'])} in "
              f"{data['shards']} shards, verified {'ok' if data['verified'] else 'FAILED'}; checkpoint: "
              f"{ckpt['tensors']} tensors, {human_bytes(ckpt['bytes'])}, tiers {' -> '.join(tiers)}",
              "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.append("limits, same run: write+fsync and page-cache read of the checkpoint's bytes (their sum for a "
-                 "promotion), memcpy of its tensors, page-cache read of the dataset's shards. The first save "
-                 "allocates the staging memory later saves reuse; the other checkpoint rows are the second save's.")
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append("Each figure is the median of its rounds, run in turn with its limit (the fastest of its rounds) on "
+                 "the same bytes: "
+                 "new files of the shard size (dataset) or of the chunk size with the manager's threads "
+                 "(checkpoint) written and made durable (fsync each, or one sync: the faster); the shard files read with the Loader's threads and its checker's, page cache warm "
+                 "(read just before) or cold (dropped just before with posix_fadvise DONTNEED, for both); memcpy "
+                 "of the tensors; the step's files read with the manager's threads (a promotion: read, then "
+                 "written+fsynced). 1.00x is the limit; (!) marks a figure past its limit, a defect of the "
+                 "measurement. A loader epoch is a new StreamingDataset + Loader, every shard hash-checked.")
     return "\n".join(lines)
 
 
@@ -193,12 +212,17 @@ def _plot(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timeline = results["loader"]["timeline"]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6))
-    times = [t for t, _ in timeline]
-    rates = [(b1 - b0) / max(t1 - t0, 1e-9) / 1e9 for (t0, b0), (t1, b1) in zip(timeline, timeline[1:])]
-    top.plot(times[1:], rates, linewidth=0.8)
-    top.set(title=f"loader throughput ({results['loader']['device']})", xlabel="s", ylabel="GB/s")
+    for name, run in results["loader"].items():
+        timeline = run["timeline"]
+        step = max(1, len(timeline) // 50)  # the rate over 50 stretches of the epoch, not batch by batch
+        points = timeline[::step] + ([timeline[-1]] if timeline and (len(timeline) - 1) % step else [])
+        times = [t for t, _ in points[1:]]
+        rates = [(b1 - b0) / max(t1 - t0, 1e-9) / 1e9 for (t0, b0), (t1, b1) in zip(points, points[1:])]
+        top.plot(times, rates, linewidth=0.8, label=f"{name} page cache")
+    top.set(title=f"loader, first epoch ({results['machine']['device']})", xlabel="s since the dataset was opened",
+            ylabel="GB/s delivered")
+    top.legend(fontsize=8)
     ckpt = results["checkpoint"]
     phases = [("save blocked", 0.0, ckpt["blocked_s"]), ("commit tier 1", 0.0, ckpt["commit_s"]),
               ("promote tier 2", ckpt["commit_s"], ckpt["promote_s"]),

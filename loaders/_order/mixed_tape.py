@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .epoch_order import DEFAULT_WINDOW, ShardStream
-from .mixture import dataset_seed, even_interleave, mix_blocks, taken_before
+from .mixture import MixBlocks, dataset_seed, even_interleave
 from .partitions import PartitionedShuffle, TapeOrder
 
 
 @dataclass(frozen=True)
-class MixedTape:
+class MixedTape(MixBlocks):
     """One epoch of a mixture laid end to end before any sample is shuffled.
 
     Dataset ``d`` contributes exactly ``counts[d]`` samples: the next ones
@@ -39,19 +39,6 @@ class MixedTape:
         object.__setattr__(self, "_offsets", np.concatenate(([0], np.cumsum([len(r) for r in self.shard_rows]))))
         object.__setattr__(self, "_starts", self._edges(blocks).sum(axis=1))
         object.__setattr__(self, "_passes", {})
-
-    @property
-    def size(self) -> int:
-        """Samples in the epoch."""
-        return sum(self.counts)
-
-    @property
-    def _blocks(self) -> int:
-        return mix_blocks(self.size)
-
-    def _edges(self, blocks: np.ndarray) -> np.ndarray:
-        """Samples of each dataset before each of ``blocks``: shape (len(blocks), datasets)."""
-        return taken_before(self.counts, blocks)
 
     def _pass(self, dataset: int, number: int) -> ShardStream:
         found = self._passes.get((dataset, number))

@@ -29,8 +29,28 @@ def apportion(weights: Sequence[float], total: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
+class MixBlocks:
+    """An epoch of a mixture, ``counts[d]`` samples of dataset ``d``, cut into blocks of about 65536 samples."""
+
+    __slots__ = ()
+    counts: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Samples in the epoch."""
+        return sum(self.counts)
+
+    @property
+    def _blocks(self) -> int:
+        return mix_blocks(self.size)
+
+    def _edges(self, blocks: np.ndarray) -> np.ndarray:
+        """Samples of each dataset before each of ``blocks``: shape (len(blocks), datasets)."""
+        return taken_before(self.counts, blocks)
+
+
 @dataclass(frozen=True, slots=True)
-class MixedOrder:
+class MixedOrder(MixBlocks):
     """Which sample of which dataset sits at each position of one epoch of a mixture.
 
     Dataset ``d`` contributes exactly ``counts[d]`` samples per epoch. Its
@@ -52,18 +72,6 @@ class MixedOrder:
     shuffle: bool = True
     window: int = DEFAULT_WINDOW
 
-    @property
-    def size(self) -> int:
-        """Samples in the epoch."""
-        return sum(self.counts)
-
-    @property
-    def _blocks(self) -> int:
-        return mix_blocks(self.size)
-
-    def _taken(self, blocks: np.ndarray) -> np.ndarray:
-        """Samples of each dataset in the first ``blocks`` blocks: shape (len(blocks), datasets)."""
-        return taken_before(self.counts, blocks)
 
     def shard_offsets(self) -> np.ndarray:
         """The first global shard number of each dataset."""
@@ -105,7 +113,7 @@ class MixedOrder:
 
     def touched(self, parts: range, low: int, high: int) -> list[int]:
         """Every shard that positions ``[low, high)`` may read: each dataset's whole shuffle windows they fall in."""
-        edges = self._taken(np.asarray([self._block_of(low), self._block_of(max(low, high - 1)) + 1]))
+        edges = self._edges(np.asarray([self._block_of(low), self._block_of(max(low, high - 1)) + 1]))
         offsets = self.shard_offsets()
         found: dict[int, None] = {}
         for d, count in enumerate(self.counts):
@@ -118,7 +126,7 @@ class MixedOrder:
         return list(found)
 
     def _block_of(self, position: int) -> int:
-        starts = self._taken(np.arange(self._blocks + 1, dtype=np.int64)).sum(axis=1)
+        starts = self._edges(np.arange(self._blocks + 1, dtype=np.int64)).sum(axis=1)
         return min(int(np.searchsorted(starts, position, side="right")) - 1, self._blocks - 1)
 
     def cache_need(self, parts: range, shard_bytes: Sequence[int], prefetch: int, lag: int = 0) -> int:
@@ -132,7 +140,7 @@ class MixedOrder:
 
     def _sources(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The dataset of each position, and which of that dataset's samples of the epoch it is."""
-        edges = self._taken(np.arange(self._blocks + 1, dtype=np.int64))
+        edges = self._edges(np.arange(self._blocks + 1, dtype=np.int64))
         starts = edges.sum(axis=1)
         block_of = np.searchsorted(starts, positions, side="right") - 1
         source = np.empty_like(positions)

@@ -1,0 +1,208 @@
+"""What ``trainio bench`` compares trainio with: this machine's limits, measured in turn with the figures they bound.
+
+A limit is the least work that any implementation of a step must do on the
+same bytes, done with the same parallelism as trainio: reading the files with
+as many threads, copying the tensors once, writing and fsyncing the bytes.
+:func:`interleaved` runs a figure and its limit in turn, several times, so
+that the machine's moods (other processes, write-back, frequency) fall on
+both alike, and keeps the medians.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+_READ_BLOCK = 8 << 20
+
+
+def interleaved(figure: Callable[[], float], limit: Callable[[], float], rounds: int) -> tuple[float, float]:
+    """(median seconds of ``figure``, fewest of ``limit``) over ``rounds`` runs of each, run in turn: A, B, A, B ...
+
+    The figure is what a run typically takes; the limit is the best the
+    machine did the least work in, in the same stretch of time. Each
+    callable does its own untimed preparation and returns the seconds of
+    its timed part. Before each run the file systems finish what the last
+    one left them (write-back, the blocks of deleted files), untimed, so
+    that no run pays for another's.
+    """
+    figures, limits = [], []
+    for _ in range(max(1, rounds)):
+        os.sync()
+        figures.append(figure())
+        os.sync()
+        limits.append(limit())
+    return statistics.median(figures), min(limits)
+
+
+def drop_from_page_cache(files: Sequence[Path]) -> None:
+    """Evict ``files``' pages from the page cache (pages still mapped stay: maps left for the collector go first)."""
+    gc.collect()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_into_page_cache(files: Sequence[Path]) -> None:
+    """Read ``files`` once, so that they are in the page cache."""
+    read_files(files, threads=1)
+
+
+def read_files(files: Sequence[Path], threads: int) -> float:
+    """Seconds for ``threads`` threads to read every byte of ``files`` (in blocks of 8 MiB, a buffer each).
+
+    The kernel is told at once that every file will be read (``WILLNEED``),
+    so what is not in the page cache is read ahead as fast as the device
+    takes requests.
+    """
+    started = _now()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    return _now() - started + _read_blocks(files, threads)
+
+
+def _read_blocks(files: Sequence[Path], threads: int) -> float:
+    blocks = [(path, offset) for path in files for offset in range(0, max(path.stat().st_size, 1), _READ_BLOCK)]
+    cursor = iter(range(len(blocks)))
+    lock = threading.Lock()
+
+    def reader() -> None:
+        buffer = memoryview(bytearray(_READ_BLOCK))
+        handles: dict[Path, int] = {}
+        try:
+            while True:
+                with lock:
+                    index = next(cursor, None)
+                if index is None:
+                    return
+                path, offset = blocks[index]
+                fd = handles.get(path)
+                if fd is None:
+                    fd = handles[path] = os.open(path, os.O_RDONLY)
+                os.preadv(fd, [buffer], offset)
+        finally:
+            for fd in handles.values():
+                os.close(fd)
+
+    return _timed_threads(reader, threads)
+
+
+class DurableWrite:
+    """A limit: ``threads`` threads write as many bytes as ``like`` holds, and bytes like them (a sample of
+    each: a disk under a compressing host writes some data faster), into new files of at most
+    ``file_bytes`` in ``directory``, and make them durable.
+
+    Calls take turns between the two cheapest ways to make them durable:
+    each file fsynced as soon as it is written (the device flushes one while
+    the next is written), and one ``sync`` after all (one flush); with
+    :func:`interleaved` keeping the fastest run, the limit is the better of
+    the two. Each call writes the files anew and deletes them afterwards,
+    untimed, waiting for the file system to finish with the deleted blocks
+    (this VM's ext4 discards them at the next journal commit), so no run
+    pays for one before it.
+    """
+
+    def __init__(self, directory: Path, like: Sequence[memoryview], threads: int = 1,
+                 file_bytes: int = 1 << 62) -> None:
+        nbytes = sum(view.nbytes for view in like)
+        self._block = sample_of(like, min(max(nbytes, 1), 64 << 20))
+        self._sizes = [min(file_bytes, nbytes - start) for start in range(0, max(nbytes, 1), file_bytes)]
+        self._paths = [directory / f"limit-{i}.bin" for i in range(len(self._sizes))]
+        self._threads = threads
+        self._calls = 0
+
+    def __call__(self) -> float:
+        """Seconds to write the bytes into new files and make them durable."""
+        each = self._calls % 2 == 0
+        self._calls += 1
+        cursor = iter(range(len(self._sizes)))
+        lock = threading.Lock()
+
+        def writer() -> None:
+            while True:
+                with lock:
+                    index = next(cursor, None)
+                if index is None:
+                    return
+                fd = os.open(self._paths[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    done, size = 0, self._sizes[index]
+                    while done < size:
+                        done += os.pwrite(fd, memoryview(self._block)[:min(size - done, len(self._block))], done)
+                    if each:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+        try:
+            started = _now()
+            _timed_threads(writer, self._threads)
+            if not each:
+                os.sync()
+            return _now() - started
+        finally:
+            for path in self._paths:
+                path.unlink(missing_ok=True)
+            os.sync()
+
+
+def sample_of(buffers: Sequence[memoryview], size: int) -> bytes:
+    """About ``size`` bytes made of a prefix of each of ``buffers``, each in proportion to its length."""
+    total = max(1, sum(b.nbytes for b in buffers))
+    parts = [bytes(b.cast("B")[:max(1, b.nbytes * size // total)]) for b in buffers if b.nbytes]
+    return b"".join(parts)[:size] or b"\0"
+
+
+def _timed_threads(work: Callable[[], None], threads: int) -> float:
+    """Seconds for ``threads`` threads each running ``work`` to all finish; the first failure is raised."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failures.append(exc)
+
+    workers = [threading.Thread(target=run, name=f"trainio-bench-{i}") for i in range(max(1, threads))]
+    started = _now()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    seconds = _now() - started
+    if failures:
+        raise failures[0]
+    return seconds
+
+
+def memcpy(tensors: list[Any]) -> Callable[[], float]:
+    """A limit that copies ``tensors`` into buffers allocated and touched once, now: the floor of a snapshot."""
+    import torch
+
+    copies = [torch.zeros_like(t) for t in tensors]
+
+    def copy() -> float:
+        started = _now()
+        for target, source in zip(copies, tensors, strict=True):
+            target.copy_(source)
+        return _now() - started
+
+    return copy
+
+
+def _now() -> float:
+    return time.perf_counter()
