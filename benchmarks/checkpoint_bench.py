@@ -36,7 +36,6 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _files import fsync_path  # noqa: E402
 from _report import best, machine, machine_lines, markdown_table, timed  # noqa: E402
 
-from trainio.checkpoint import CheckpointManager, Tier  # noqa: E402
-from trainio.tools._bench_limits import drop_from_page_cache  # noqa: E402
+from trainio.checkpoint import CheckpointManager, CheckpointOptions, Tier  # noqa: E402
+from trainio.tools._bench_limits import DurableWrite, drop_from_page_cache, read_files, sample_of  # noqa: E402
 from trainio.tools._bench_run import tensors_of, transformer_state  # noqa: E402
 from trainio.tools._bench_run import zeros_like as like  # noqa: E402
 
@@ -103,30 +102,28 @@ class Bench:
         self.add("blocking (memcpy floor)", "memcpy into preallocated", best(copy, self.repeat + 1))
 
     def raw(self) -> None:
-        flat = np.empty(self.nbytes, np.uint8)
-        flat.fill(1)
-        path = self.root / "raw.bin"
-
-        def blocks(op: Callable[[memoryview], int]) -> None:
-            view = memoryview(flat)
-            done = 0
-            while done < len(view):
-                done += op(view[done:done + (64 << 20)])
-
-        def write() -> None:
-            with open(path, "wb", buffering=0) as f:
-                blocks(f.write)
-                os.fsync(f.fileno())
-
-        self.add("durable save", "raw write+fsync, one file", best(write, self.repeat, lambda: path.unlink(True)))
-
-        def read() -> None:
-            with open(path, "rb", buffering=0) as f:
-                blocks(f.readinto)  # type: ignore[arg-type]
-
-        self.add("restore warm", "raw readinto", best(read, self.repeat))
-        self.add("restore cold", "raw readinto", best(read, self.repeat, lambda: drop_cache(path)))
-        path.unlink()
+        """The limits, with trainio's parallelism: its threads writing new files of its chunk size made durable
+        (the faster of fsync each and one sync), and reading them, warm and cold (dropped from the page cache)."""
+        options = CheckpointOptions()
+        views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in self.tensors]
+        write = DurableWrite(self.root, views, options.threads, options.chunk_bytes)
+        itself = lambda run: run()  # noqa: E731 - the limits time their own timed part
+        self.add("durable save", f"raw write+sync, {options.threads} threads",
+                 best(write, self.repeat + 1, timer=itself))
+        path = self.root / "raw"
+        path.mkdir(exist_ok=True)
+        flat = sample_of(views, 64 << 20)
+        files = []
+        for i, start in enumerate(range(0, self.nbytes, options.chunk_bytes)):
+            files.append(path / f"{i}.bin")
+            size = min(options.chunk_bytes, self.nbytes - start)
+            files[-1].write_bytes((flat * (size // len(flat) + 1))[:size])
+        os.sync()
+        self.add("restore warm", f"raw read, {options.threads} threads",
+                 best(lambda: read_files(files, options.threads), self.repeat, lambda: read_files(files, 1), itself))
+        self.add("restore cold", f"raw read, {options.threads} threads",
+                 best(lambda: read_files(files, options.threads), self.repeat, lambda: drop_cache(path), itself))
+        fresh(path)
 
     def trainio(self, compression: str | None = None) -> None:
         tier = self.root / "trainio"
