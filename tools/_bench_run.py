@@ -76,9 +76,9 @@ class DataResult:
 def make_dataset(work: Path, workload: str, size: int, rounds: int, progress: Callable[[int], None]) -> DataResult:
     """Write a synthetic dataset of about ``size`` payload bytes to ``work/dataset`` with the dataset writer, verify it.
 
-    The write is timed ``rounds`` times, in turn with write+fsync of the
-    same number of bytes (the samples are made before the clock starts);
-    the first round's dataset is kept.
+    The write is timed ``rounds`` times (the samples are made before the
+    clock starts), in turn with its limit: new files of the shards' size,
+    of bytes like the shards', made durable. The first write is kept.
 
     Raises:
         ValueError: the size is too small for one batch of samples.
@@ -91,7 +91,7 @@ def make_dataset(work: Path, workload: str, size: int, rounds: int, progress: Ca
     columns = [_column(workload, k, n) for k, n in itertools.islice(_chunks(rows), 16)]  # reused, made untimed
     name = "tokens" if workload == "tokens" else "image"
     shard_bytes = max(1 << 20, min(256 << 20, size // 8))
-    written = [0]
+    written = [0]  # runs so far
 
     def write() -> float:
         target = work / ("dataset" if not written[0] else "dataset-again")
@@ -127,10 +127,8 @@ def make_dataset(work: Path, workload: str, size: int, rounds: int, progress: Ca
 class StreamResult:
     """One loader row: the first epoch of a new StreamingDataset + Loader against reading the same shard files."""
 
-    page_cache: str
     samples: int
     bytes: int
-    file_bytes: int
     seconds: float
     limit_s: float
     wait_s: float
@@ -152,10 +150,11 @@ def stream_epochs(url: Path, device: str, rounds: int, cold: bool,
     """The first epoch (shuffled) of a new dataset and Loader per round, in turn with the limit.
 
     The limit reads every byte of the shard files with as many threads as
-    the Loader reads them with (its threads and the shard checker's). Warm: the files are read once before each run. Cold:
-    their pages are dropped before each run (``posix_fadvise(DONTNEED)``),
-    for trainio and the limit alike. Every run checks every shard's hash,
-    as a training job's first epoch does.
+    the Loader reads them with (its threads and the shard checker's). Warm:
+    the files are read once before each run. Cold: their pages are dropped
+    before each run (``posix_fadvise(DONTNEED)``), for trainio and the limit
+    alike. Every run checks every shard's hash, as a training job's first
+    epoch does.
     """
     from trainio.loaders._loader import Loader
     from trainio.loaders._read.shard_check import forget_verified
@@ -187,8 +186,7 @@ def stream_epochs(url: Path, device: str, rounds: int, cold: bool,
 
     seconds, limit_s = interleaved(epoch, limit, rounds)
     median = min(runs, key=lambda r: abs(r[0] - seconds))
-    return StreamResult("cold" if cold else "warm", median[2], median[3], sum(f.stat().st_size for f in files),
-                        seconds, limit_s, median[1], median[4])
+    return StreamResult(median[2], median[3], seconds, limit_s, median[1], median[4])
 
 
 def transformer_state(nbytes: float, *, width: int | None = None, full: bool = False) -> dict[str, Any]:
