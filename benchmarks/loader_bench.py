@@ -43,7 +43,9 @@ per order (in order, and shuffled where the contender can):
 - MosaicML Streaming (``MDSWriter``; its ``StreamingDataset(local=..., remote=None, batch_size=64)``),
   LitData (``optimize``; its ``StreamingDataset``) and WebDataset (``ShardWriter`` tar shards, raw ``.bin``
   members; ``WebDataset(urls, shardshuffle=...)``, ``.shuffle(1000)`` when shuffled): per sample in this
-  process, and in the same DataLoader (LitData's own ``StreamingDataLoader``) unless ``--no-peer-dataloader``.
+  process, and in the same DataLoader (LitData's own ``StreamingDataLoader``) unless ``--no-peer-dataloader``;
+  and each peer's first epoch from scratch ("fresh, first epoch per sample"): a new dataset per run, read per
+  sample, page cache warm and cold as trainio's fresh rows.
   A peer that does not import, write or read is skipped, with the reason in the table.
 
 All shards close at 256 MiB. Every DataLoader forks its workers (explicitly: LitData's ``optimize`` sets the
@@ -573,6 +575,7 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
 
 FRESH = "fresh dataset + Loader, first epoch"
 FRESH_SAMPLES = "fresh StreamingDataset, first epoch per sample"
+PEER_FRESH = "fresh, first epoch per sample"
 COLD = ", cold"  # the dataset's pages evicted from the page cache before every run
 
 
@@ -627,6 +630,23 @@ def fresh_contenders(work: Workload, path: Path, seed: int) -> list[Contender]:
     return found
 
 
+def peer_fresh(work: Workload, order: str, peer: str, make: Callable[[int], Iterable[Any]], path: Path,
+               skip: str) -> list[Contender]:
+    """A peer's first epoch from scratch, per sample: ``make(epoch)`` opens a new dataset each run, timed from
+    there to the epoch's end, page cache warm and cold (as trainio's "fresh" rows)."""
+    def run(epoch: int) -> Tally:
+        dataset = make(epoch)
+        try:
+            return per_sample(dataset, field_of(work.column))
+        finally:
+            del dataset
+            gc.collect()  # a peer that keeps shared state per directory must let the next run open anew
+
+    return [Contender(work.name, order, f"{peer} {PEER_FRESH}{COLD if cold else ''}", "fresh", run,
+                      None if cold else path, before=(lambda: evict(path)) if cold else (lambda: None), skip=skip)
+            for cold in (False, True)]
+
+
 def collating_loader(path: Path, shuffle: bool, seed: int) -> DataLoader[Any]:
     """A stock DataLoader over our StreamingDataset whose batches are built by the dataset's own collate."""
     dataset = StreamingDataset(path, shuffle=shuffle, seed=seed, batch_size=BATCH)
@@ -664,6 +684,8 @@ def mds_contenders(work: Workload, path: Path, dataset_class: Any, seed: int, sk
         found.append(Contender(work.name, order, "MosaicML StreamingDataset, per sample", "in-process",
                                lambda _, h=ds: per_sample(h.value, field_of(key)), path, ds.setup, ds.teardown,
                                skip=skip))
+        found += peer_fresh(work, order, "MosaicML StreamingDataset", lambda epoch, shuffle=shuffle: dataset_class(
+            local=str(path), remote=None, shuffle=shuffle, shuffle_seed=seed + epoch, batch_size=BATCH), path, skip)
         if with_loader:
             dl = Holder(lambda make=make: data_loader(make()), shutdown_loader)
             found.append(Contender(work.name, order, "MosaicML StreamingDataset in DataLoader", "DataLoader",
@@ -687,6 +709,8 @@ def litdata_contenders(work: Workload, path: Path, seed: int, skip: str, with_lo
 
         found.append(Contender(work.name, order, "LitData StreamingDataset, per sample", "in-process", sample_run,
                                path, ds.setup, ds.teardown, skip=skip))
+        found += peer_fresh(work, order, "LitData StreamingDataset", lambda epoch, shuffle=shuffle: importlib.import_module(
+            "litdata").StreamingDataset(str(path), shuffle=shuffle, seed=seed + epoch), path, skip)
         if with_loader:
             def make_loader(make: Callable[[], Any] = make) -> Any:
                 return importlib.import_module("litdata").StreamingDataLoader(
@@ -727,6 +751,8 @@ def wds_contenders(work: Workload, path: Path, seed: int, skip: str, with_loader
         found.append(Contender(work.name, order, "WebDataset, per sample", "in-process", sample_run, path,
                                urls.setup, urls.teardown,
                                note="tokens decoded with np.frombuffer" if work.name == "tokens" else "", skip=skip))
+        found += peer_fresh(work, order, "WebDataset", lambda epoch, shuffle=shuffle: wds_pipeline(
+            [str(p) for p in sorted(path.glob("*.tar"))], shuffle, seed + epoch, work.name), path, skip)
         if with_loader:
             def make_loader(shuffle: bool = shuffle) -> Any:
                 return data_loader(wds_pipeline([str(p) for p in sorted(path.glob("*.tar"))], shuffle, seed,
