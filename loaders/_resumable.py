@@ -43,19 +43,16 @@ class Resumable:
     _worker_flag: mmap.mmap | None
     _sent_away: bool
 
-    @property
-    def dataset(self) -> Dataset:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # what the dataset class this is mixed into provides
+        @property
+        def dataset(self) -> Dataset: ...
 
-    @property
-    def partitions(self) -> int:
-        raise NotImplementedError
+        @property
+        def partitions(self) -> int: ...
 
-    def layout(self, workers: int = 1, worker: int = 0) -> Layout:
-        raise NotImplementedError
+        def layout(self, workers: int = 1, worker: int = 0) -> Layout: ...
 
-    def _node(self) -> tuple[int, int]:
-        raise NotImplementedError
+        def _node(self) -> tuple[int, int]: ...
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """Where the epoch stands, as JSON-able data naming what it belongs to.

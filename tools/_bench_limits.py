@@ -5,7 +5,7 @@ same bytes, done with the same parallelism as trainio: reading the files with
 as many threads, copying the tensors once, writing and fsyncing the bytes.
 :func:`interleaved` runs a figure and its limit in turn, several times, so
 that the machine's moods (other processes, write-back, frequency) fall on
-both alike, and keeps the medians.
+both alike, and keeps the figure's median and the limit's fastest run.
 """
 
 from __future__ import annotations
@@ -65,14 +65,14 @@ def read_files(files: Sequence[Path], threads: int) -> float:
     so what is not in the page cache is read ahead as fast as the device
     takes requests.
     """
-    started = _now()
+    started = time.perf_counter()
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
-    return _now() - started + _read_blocks(files, threads)
+    return time.perf_counter() - started + _read_blocks(files, threads)
 
 
 def _read_blocks(files: Sequence[Path], threads: int) -> float:
@@ -149,11 +149,11 @@ class DurableWrite:
                     os.close(fd)
 
         try:
-            started = _now()
+            started = time.perf_counter()
             _timed_threads(writer, self._threads)
             if not each:
                 os.sync()
-            return _now() - started
+            return time.perf_counter() - started
         finally:
             for path in self._paths:
                 path.unlink(missing_ok=True)
@@ -178,12 +178,12 @@ def _timed_threads(work: Callable[[], None], threads: int) -> float:
             failures.append(exc)
 
     workers = [threading.Thread(target=run, name=f"trainio-bench-{i}") for i in range(max(1, threads))]
-    started = _now()
+    started = time.perf_counter()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    seconds = _now() - started
+    seconds = time.perf_counter() - started
     if failures:
         raise failures[0]
     return seconds
@@ -196,13 +196,9 @@ def memcpy(tensors: list[Any]) -> Callable[[], float]:
     copies = [torch.zeros_like(t) for t in tensors]
 
     def copy() -> float:
-        started = _now()
+        started = time.perf_counter()
         for target, source in zip(copies, tensors, strict=True):
             target.copy_(source)
-        return _now() - started
+        return time.perf_counter() - started
 
     return copy
-
-
-def _now() -> float:
-    return time.perf_counter()

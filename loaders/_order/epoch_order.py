@@ -88,17 +88,14 @@ class EpochOrder(TapeOrder):
     window: int = DEFAULT_WINDOW
     partitions: int = 1
     global_batch: int = 1
-    _stream: ShardStream = field(init=False, repr=False, compare=False)
+    _tape: ShardStream = field(init=False, repr=False, compare=False)
     _shuffle: PartitionedShuffle = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         stream = ShardStream(self.shard_rows, self.seed, self.epoch, self.shuffle)
-        object.__setattr__(self, "_stream", stream)
+        object.__setattr__(self, "_tape", stream)
         object.__setattr__(self, "_shuffle", PartitionedShuffle(
             stream.size, self.seed, self.epoch, self.shuffle, self.window, self.partitions, self.global_batch))
-
-    def _geometry(self) -> tuple[ShardStream, PartitionedShuffle]:
-        return self._stream, self._shuffle
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,6 +132,3 @@ class PartitionedMixture(TapeOrder):
         object.__setattr__(self, "_tape", tape)
         object.__setattr__(self, "_shuffle", PartitionedShuffle(
             tape.size, self.seed, self.epoch, self.shuffle, self.window, self.partitions, self.global_batch))
-
-    def _geometry(self) -> tuple[MixedTape, PartitionedShuffle]:
-        return self._tape, self._shuffle

@@ -113,7 +113,10 @@ class MixedOrder(MixBlocks):
 
     def touched(self, parts: range, low: int, high: int) -> list[int]:
         """Every shard that positions ``[low, high)`` may read: each dataset's whole shuffle windows they fall in."""
-        edges = self._edges(np.asarray([self._block_of(low), self._block_of(max(low, high - 1)) + 1]))
+        starts = self._edges(np.arange(self._blocks + 1, dtype=np.int64)).sum(axis=1)
+        first, last = (min(int(np.searchsorted(starts, p, side="right")) - 1, self._blocks - 1)
+                       for p in (low, max(low, high - 1)))
+        edges = self._edges(np.asarray([first, last + 1]))
         offsets = self.shard_offsets()
         found: dict[int, None] = {}
         for d, count in enumerate(self.counts):
@@ -124,10 +127,6 @@ class MixedOrder(MixBlocks):
                 shards = self.stream(d, j).touched(range(1), low_in, high_in)
                 found.update(dict.fromkeys(int(offsets[d]) + s for s in shards))
         return list(found)
-
-    def _block_of(self, position: int) -> int:
-        starts = self._edges(np.arange(self._blocks + 1, dtype=np.int64)).sum(axis=1)
-        return min(int(np.searchsorted(starts, position, side="right")) - 1, self._blocks - 1)
 
     def cache_need(self, parts: range, shard_bytes: Sequence[int], prefetch: int, lag: int = 0) -> int:
         """Bytes of the shards two adjacent shuffle windows (and each dataset's share of ``lag`` positions) of each

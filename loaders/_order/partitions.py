@@ -201,22 +201,21 @@ class Tape(Protocol):
 class TapeOrder:
     """An epoch order that is a :class:`Tape` read through a :class:`PartitionedShuffle`.
 
-    Subclasses say which by :meth:`_geometry`; the rest is shared.
+    Subclasses set ``_tape`` and ``_shuffle`` when they are made; the rest is shared.
     """
 
     __slots__ = ()
-
-    def _geometry(self) -> tuple[Tape, PartitionedShuffle]:
-        raise NotImplementedError
+    _tape: Tape
+    _shuffle: PartitionedShuffle
 
     @property
     def size(self) -> int:
         """Samples in the epoch."""
-        return self._geometry()[1].size
+        return self._shuffle.size
 
     def samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, row within shard) of each global position (``0 <= position``; past ``size`` is padding)."""
-        tape, shuffle = self._geometry()
+        tape, shuffle = self._tape, self._shuffle
         return tape.samples(shuffle.tape_index(np.asarray(positions, dtype=np.int64)))
 
     def touched(self, parts: range, low: int, high: int) -> list[int]:
@@ -226,7 +225,7 @@ class TapeOrder:
         partitions' shards taken in turn, so what every partition needs
         first comes first.
         """
-        tape, shuffle = self._geometry()
+        tape, shuffle = self._tape, self._shuffle
         lists = [tape.shards_between(*shuffle.windows(p, shuffle.before(p, low), shuffle.before(p, high))).tolist()
                  for p in parts]
         merged: dict[int, None] = {}
@@ -238,7 +237,7 @@ class TapeOrder:
 
     def shard_sequence(self, parts: range | None = None) -> np.ndarray:
         """The shards partitions ``parts`` (default: all) read this epoch, about in the order they first need them."""
-        tape, shuffle = self._geometry()
+        tape, shuffle = self._tape, self._shuffle
         parts = range(shuffle.partitions) if parts is None else parts
         longest = max((int(shuffle.lengths[p]) for p in parts), default=0)
         step = max(shuffle.part_window, -(-longest // 256))
@@ -258,7 +257,7 @@ class TapeOrder:
         held then grows by the partitions' share of ``lag``. Shards are
         numbered as ``shard_bytes`` is indexed.
         """
-        tape, shuffle = self._geometry()
+        tape, shuffle = self._tape, self._shuffle
         largest = max(shard_bytes, default=0)
         behind = -(-lag // shuffle.partitions)
         if not shuffle.shuffle and not behind:
