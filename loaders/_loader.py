@@ -101,7 +101,7 @@ class Loader:
 
     @property
     def dataset(self) -> StreamingDataset:
-        """The dataset the batches come from (call its ``set_epoch`` between epochs)."""
+        """The dataset the batches come from (each pass read to its end advances its epoch; see its ``set_epoch``)."""
         return self._dataset
 
     def cache_need(self) -> int:
@@ -129,6 +129,7 @@ class Loader:
         return m
 
     def __iter__(self) -> Iterator[Any]:
+        self._dataset._begin_pass()
         plan = self._dataset.plan(lead_steps=self._lead_steps)
         run = EpochPipeline(plan, self._settings, self._ring, self._tables)
         started = time.perf_counter()
@@ -144,6 +145,7 @@ class Loader:
                     metrics["wait_s"] += time.perf_counter() - waited
                     if run.failure is not None:
                         raise LoaderError(f"the loader's background work failed: {run.failure}") from run.failure
+                    self._dataset._end_pass()
                     return
                 try:
                     batches, counts, nbytes, event = item.result()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ._order.epoch_order import Layout, Uneven
     from ._order.epoch_plan import Position
     from ._read.dataset import Dataset
+    from ._workers import SharedEpochs
 
 
 class Resumable:
@@ -42,6 +43,8 @@ class Resumable:
     _weights: tuple[float, ...]
     _worker_flag: mmap.mmap | None
     _sent_away: bool
+    _epochs: SharedEpochs
+    _epoch_chosen: bool
 
     if TYPE_CHECKING:  # what the dataset class this is mixed into provides
         @property
@@ -53,6 +56,8 @@ class Resumable:
         def layout(self, workers: int = 1, worker: int = 0) -> Layout: ...
 
         def _node(self) -> tuple[int, int]: ...
+
+        def _sync_epoch(self) -> None: ...
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """Where the epoch stands, as JSON-able data naming what it belongs to.
@@ -79,6 +84,8 @@ class Resumable:
         """
         worker = None
         size = sum(self._counts)
+        if not in_worker():
+            self._sync_epoch()
         position = self._position
         if consumed is not None:
             step = self.layout().ranks * self._batch
@@ -139,6 +146,8 @@ class Resumable:
         partitions = check_partitions(state, self._node()[0], self.layout().ranks * self._batch, size)
         skip = self._worker_skip(state.get("worker"), size, state["consumed"])
         self._position.resume(state["epoch"], state["consumed"], skip, partitions)
+        self._epochs.set(state["epoch"])
+        self._epoch_chosen = True
 
     def _worker_skip(self, saved: dict[str, int] | None, size: int, start: int) -> int:
         """How many of this worker's samples a per-worker state says were consumed (0 for a global state)."""

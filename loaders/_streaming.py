@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,7 +25,7 @@ from ._read.dataset import Dataset
 from ._read.shard_reader import ShardReader
 from ._resumable import Resumable
 from ._sizes import parse_size
-from ._workers import in_worker, rank_and_world, shared_flag, worker_count, worker_info
+from ._workers import SharedEpochs, in_worker, rank_and_world, shared_flag, worker_count, worker_info
 
 _CHUNK = 8192
 _DECODED_BATCHES = 4096
@@ -162,6 +163,8 @@ class StreamingDataset(Resumable, _Base):
         self._position = Position()
         self._sent_away = False  # pickled (to spawned DataLoader workers, say): the copies' progress never comes back
         self._worker_flag = shared_flag()  # set by any forked DataLoader worker that iterates this dataset
+        self._epochs = SharedEpochs()
+        self._epoch_chosen = False  # set_epoch or load_state_dict was called: the epoch is the caller's choice
         self._cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self._cache_limit = parse_size(cache_limit)
         for dataset in self._datasets:
@@ -185,13 +188,54 @@ class StreamingDataset(Resumable, _Base):
 
     @property
     def epoch(self) -> int:
-        """The epoch the next iteration reads."""
+        """The epoch being read, or between epochs the one the next iteration reads (see :meth:`set_epoch`)."""
+        self._sync_epoch()
         return self._position.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Read epoch ``epoch`` next (from its start, unless a loaded state resumes inside it)."""
+        """Read epoch ``epoch`` next (from its start, unless a loaded state resumes inside it).
+
+        Without it the epoch advances by itself: a pass that reads an epoch
+        to its end (here, through :class:`Loader`, or in the DataLoader
+        workers forked from this process, persistent or not) makes the next
+        pass read the next epoch, each in its own order; a pass broken off
+        early leaves the next one to go on with the same epoch. A call wins
+        over that count, and a loaded state sets it. Workers started by
+        ``spawn`` (not persistent) cannot see each other's passes: they warn
+        that the epoch does not advance unless this is called before each.
+
+        Raises:
+            ValueError: ``epoch`` is not a non-negative integer.
+        """
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"set_epoch({epoch!r}): the epoch must be a non-negative integer")
+        epoch = int(epoch)
+        self._epochs.set(epoch)
+        self._epoch_chosen = True
         if epoch != self._position.epoch:
             self._position.restart(epoch)
+
+    def _sync_epoch(self) -> None:
+        """Move to the epoch the passes have reached: the next one after a pass here read its epoch to the end,
+        the one the latest pass began where copies in other processes iterate."""
+        epoch = self._epochs.upcoming if self._position.counted_here else self._epochs.current
+        if epoch != self._position.epoch:
+            self._position.restart(epoch)
+
+    def _begin_pass(self) -> None:
+        """A pass over the dataset starts here (this process, a worker, or a Loader): settle its epoch."""
+        if not self._epochs.shared and in_worker() and not self._epoch_chosen:
+            warnings.warn(f"{self.dataset.url}: this DataLoader worker was started by spawn and cannot see the "
+                          f"epochs other processes read, so it reads epoch {self._epochs.upcoming} again each "
+                          "epoch: call set_epoch(epoch) before each epoch, or use persistent_workers=True, the "
+                          "fork start method, or trainio's Loader", RuntimeWarning, stacklevel=3)
+        epoch = self._epochs.begin()
+        if epoch != self._position.epoch:
+            self._position.restart(epoch)
+
+    def _end_pass(self) -> None:
+        """The pass read its epoch to the end: the next one reads the next epoch."""
+        self._epochs.done(self._position.epoch)
 
     def layout(self, workers: int = 1, worker: int = 0) -> Layout:
         """This process's place in the job (rank, world size) for a given worker."""
@@ -255,6 +299,7 @@ class StreamingDataset(Resumable, _Base):
 
     def __len__(self) -> int:
         """Samples this rank reads in the rest of the current epoch (all its workers together)."""
+        self._sync_epoch()
         return self.layout(worker_count()).count(sum(self._counts), self._position.start, self._uneven)
 
     # -- iteration ----------------------------------------------------------------------
@@ -271,8 +316,9 @@ class StreamingDataset(Resumable, _Base):
         self._sent_away = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        plan = self.plan(*worker_info())
         self._note_iteration()
+        self._begin_pass()
+        plan = self.plan(*worker_info())
         position = plan.position
         reader = plan.open_reader()
         samplers: OrderedDict[int, Callable[[int], dict[str, Any]]] = OrderedDict()  # by shard << 32 | batch
@@ -290,6 +336,7 @@ class StreamingDataset(Resumable, _Base):
                     yield sample(row)
         finally:
             reader.close()
+        self._end_pass()
 
     def _note_iteration(self) -> None:
         """Mark who iterates: this process (its count is the position) or a DataLoader worker (the shared flag)."""

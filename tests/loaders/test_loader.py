@@ -267,6 +267,7 @@ def test_by_default_binary_is_packed_and_lists_of_numbers_padded(tmp_path: Path)
             writer.write({"id": i, "tokens": np.arange(i % 5 + 1, dtype=np.int32) + i, "blob": blob(i)})
     dataset = StreamingDataset(tmp_path / "mixed", seed=3, batch_size=16)
     ours = list(Loader(dataset, 16))
+    dataset.set_epoch(0)  # the same epoch again (a finished one advances by itself)
     theirs = list(DataLoader(dataset, batch_size=16, collate_fn=dataset.collate()))
     assert len(ours) == len(theirs) == 13
     for batch, collated in zip(ours, theirs):
