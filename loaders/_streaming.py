@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -185,57 +184,6 @@ class StreamingDataset(Resumable, _Base):
     def datasets(self) -> tuple[Dataset, ...]:
         """Every dataset of the mixture, in the order given."""
         return self._datasets
-
-    @property
-    def epoch(self) -> int:
-        """The epoch being read, or between epochs the one the next iteration reads (see :meth:`set_epoch`)."""
-        self._sync_epoch()
-        return self._position.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Read epoch ``epoch`` next (from its start, unless a loaded state resumes inside it).
-
-        Without it the epoch advances by itself: a pass that reads an epoch
-        to its end (here, through :class:`Loader`, or in the DataLoader
-        workers forked from this process, persistent or not) makes the next
-        pass read the next epoch, each in its own order; a pass broken off
-        early leaves the next one to go on with the same epoch. A call wins
-        over that count, and a loaded state sets it. Workers started by
-        ``spawn`` (not persistent) cannot see each other's passes: they warn
-        that the epoch does not advance unless this is called before each.
-
-        Raises:
-            ValueError: ``epoch`` is not a non-negative integer.
-        """
-        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"set_epoch({epoch!r}): the epoch must be a non-negative integer")
-        epoch = int(epoch)
-        self._epochs.set(epoch)
-        self._epoch_chosen = True
-        if epoch != self._position.epoch:
-            self._position.restart(epoch)
-
-    def _sync_epoch(self) -> None:
-        """Move to the epoch the passes have reached: the next one after a pass here read its epoch to the end,
-        the one the latest pass began where copies in other processes iterate."""
-        epoch = self._epochs.upcoming if self._position.counted_here else self._epochs.current
-        if epoch != self._position.epoch:
-            self._position.restart(epoch)
-
-    def _begin_pass(self) -> None:
-        """A pass over the dataset starts here (this process, a worker, or a Loader): settle its epoch."""
-        if not self._epochs.shared and in_worker() and not self._epoch_chosen:
-            warnings.warn(f"{self.dataset.url}: this DataLoader worker was started by spawn and cannot see the "
-                          f"epochs other processes read, so it reads epoch {self._epochs.upcoming} again each "
-                          "epoch: call set_epoch(epoch) before each epoch, or use persistent_workers=True, the "
-                          "fork start method, or trainio's Loader", RuntimeWarning, stacklevel=3)
-        epoch = self._epochs.begin()
-        if epoch != self._position.epoch:
-            self._position.restart(epoch)
-
-    def _end_pass(self) -> None:
-        """The pass read its epoch to the end: the next one reads the next epoch."""
-        self._epochs.done(self._position.epoch)
 
     def layout(self, workers: int = 1, worker: int = 0) -> Layout:
         """This process's place in the job (rank, world size) for a given worker."""
