@@ -59,7 +59,6 @@ class Resumable:
 
         def _node(self) -> tuple[int, int]: ...
 
-
     @property
     def epoch(self) -> int:
         """The epoch being read, or between epochs the one the next iteration reads (see :meth:`set_epoch`)."""
