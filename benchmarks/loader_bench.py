@@ -49,8 +49,7 @@ per order (in order, and shuffled where the contender can):
   A peer that does not import, write or read is skipped, with the reason in the table.
 
 All shards close at 256 MiB. Every DataLoader forks its workers (explicitly: LitData's ``optimize`` sets the
-global start method to spawn). Persistent workers keep the dataset they were forked with, so every timed
-DataLoader epoch repeats the warm-up epoch's order; their start-up is not timed. Contenders run one after
+global start method to spawn). Persistent workers' start-up is not timed. Contenders run one after
 another, each set up (and its buffers touched) untimed and torn down before the next, except trainio's
 DataLoader rows and their ceiling, which run interleaved (an epoch of each in turn, per order), so that a
 drift of the machine over their minutes of epochs hits them alike. ``--json`` prints every run; ``--only``
@@ -1056,7 +1055,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="with --dir and --keep: reuse copies an earlier run left there (same sizes!)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--transforms", action="store_true",
+                        help="run only the transform rows (benchmarks/_transform_rows.py): JPEG decode + crop + "
+                             "flip and the raw hand-off, trainio's workers against a DataLoader's")
+    parser.add_argument("--jpegs", type=int, default=4000, help="JPEG files of the transform rows (default 4000)")
+    parser.add_argument("--raw-size", type=parse_size, default=parse_size("1GB"),
+                        help="payload of the transform rows' raw hand-off workload (default 1GB)")
+    parser.add_argument("--workers", type=int, default=WORKERS, help=f"worker processes (default {WORKERS})")
+    parser.add_argument("--packing", action="store_true",
+                        help="run only the token packing rows (benchmarks/_packing_rows.py), on --size of documents")
     args = parser.parse_args(argv)
+    if args.transforms or args.packing:
+        return side_rows(args)
     names = [w for w in args.workloads.split(",") if w]
     if min(args.repeat, args.peer_repeat, args.size, args.image_size) < 1 or not names \
             or not set(names) <= {"tokens", "images"}:
@@ -1087,6 +1097,25 @@ def main(argv: list[str] | None = None) -> int:
                 "shard_bytes": SHARD_BYTES, "torch_threads": 1}
     report = {"machine": info, "settings": settings, "rows": summarize(found, works), "notes": notes}
     print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+def side_rows(args: argparse.Namespace) -> int:
+    """The transform rows or the packing rows alone (benchmarks/_transform_rows.py, _packing_rows.py)."""
+    import _packing_rows
+    import _transform_rows
+
+    root = Path(tempfile.mkdtemp(prefix="trainio-loader-bench-", dir=args.dir))
+    try:
+        if args.transforms:
+            found = _transform_rows.rows(root, args.workers, args.jpegs, args.raw_size, args.repeat)
+            table = _transform_rows.render(found)
+        else:
+            found = _packing_rows.rows(root, args.size, args.repeat)
+            table = _packing_rows.render(found)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(found, indent=1) if args.json else table)
     return 0
 
 

@@ -15,6 +15,7 @@ from ._format.convert import infer_columns_schema, infer_schema
 from ._format.index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
 from ._order.partitions import PartitionError
 from ._order.resume_state import PositionUnknown, ResumeMismatch
+from ._pack import PackedLoader, PackTokens, pack_documents
 from ._read.dataset import Dataset
 from ._read.verify import Problem, VerifyReport, verify_dataset
 from ._sizes import parse_size
@@ -53,6 +54,8 @@ __all__ = [
     "DatasetWriter",
     "Destination",
     "Problem",
+    "PackTokens",
+    "PackedLoader",
     "ShardInfo",
     "ShardSetWriter",
     "StreamingDataset",
@@ -63,6 +66,7 @@ __all__ = [
     "commit_dataset",
     "infer_columns_schema",
     "infer_schema",
+    "pack_documents",
     "parse_size",
     "prepare_destination",
     "verify_dataset",

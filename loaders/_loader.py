@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 from trainio.storage import TrainioError
 
@@ -12,6 +15,9 @@ from ._batch.device import resolve_device, staging_allocator, wait_on_device
 from ._batch.list_layout import Lists, check_lists
 from ._batch.pipeline import DONE, BatchSettings, EpochPipeline, KeptTables, read_ahead
 from ._batch.staging import StagingRing
+from ._batch.transform_pool import TransformPool, WorkerFailed
+from ._batch.transform_worker import Transform
+from ._sizes import parse_size
 from ._streaming import StreamingDataset
 
 _GROUP_BYTES = 16 << 20
@@ -60,6 +66,20 @@ class Loader:
     :class:`LoaderError` with the original as cause; leaving the loop early
     stops every thread and releases every shard. :meth:`metrics` gives
     samples/s, bytes/s, the time the consumer waited and cache hits and misses.
+
+    Per-sample Python work (decoding, augmenting) runs in ``workers``
+    processes instead: ``transform(sample) -> dict`` is applied to every
+    sample there, with Python's, numpy's and torch's global generators
+    seeded from (the dataset's seed, the epoch, the sample's position in the
+    epoch), so a resumed epoch gives the same augmented samples. Each
+    batch's fields must then be arrays (or tensors, or numbers) of one shape
+    per field, stacked into a slot of shared memory (``slot_bytes`` each, a
+    larger one made when a batch needs it) that the batch's tensors view, no
+    pickling; strings and bytes come as lists. Batches keep the epoch's
+    order and the resume position; a worker that raises is named with the
+    sample, one that dies with its exit code, and the workers (kept from
+    epoch to epoch) are then stopped. ``workers`` without ``transform`` hands
+    the samples over as they are.
     """
 
     def __init__(
@@ -75,9 +95,17 @@ class Loader:
         pad_value: int = 0,
         drop_last: bool = False,
         collate: Callable[[list[dict[str, Any]]], Any] | None = None,
+        transform: Transform | None = None,
+        workers: int = 0,
+        slot_bytes: int | str = "64MB",
+        start_method: str | None = None,
     ) -> None:
         if batch_size < 1 or prefetch < 1 or threads < 1:
             raise ValueError(f"batch_size={batch_size}, prefetch={prefetch}, threads={threads}: all must be >= 1")
+        if workers < 0 or (transform is not None and workers < 1):
+            raise ValueError(f"workers={workers}: a transform runs in worker processes, give workers >= 1")
+        if workers and collate is not None:
+            raise ValueError("collate and workers do not go together: the workers stack the batches themselves")
         check_lists(lists, pad_to)
         dealt = dataset.layout().batch
         if batch_size % dealt:
@@ -95,6 +123,9 @@ class Loader:
         self._lead_steps = read_ahead(self._settings) * group_batches * (batch_size // dealt)
         dataset.warn_if_cache_below(self._lead_steps)
         self._ring = StagingRing(staging_allocator(torch, resolved))  # allocates nothing until an epoch reserves
+        self._transform, self._workers, self._start_method = transform, workers, start_method
+        self._slot_bytes = parse_size(slot_bytes)
+        self._pool: TransformPool | None = None
         self._tables = KeptTables()
         self._metrics = {"samples": 0, "batches": 0, "bytes": 0, "wait_s": 0.0, "seconds": 0.0,
                          "cache_hits": 0, "cache_misses": 0, "cache_downloaded_bytes": 0}
@@ -129,6 +160,69 @@ class Loader:
         return m
 
     def __iter__(self) -> Iterator[Any]:
+        if self._workers:
+            return self._from_workers()
+        return self._from_threads()
+
+    def close(self) -> None:
+        """Stop the transform workers, if any (they stop with the loader anyway)."""
+        if self._pool is not None:
+            self._pool_stop()
+            self._pool = None
+
+    def _from_workers(self) -> Iterator[Any]:
+        self._dataset._begin_pass()
+        plan = self._dataset.plan(lead_steps=self._lead_steps)
+        if self._pool is None or not self._pool.alive:
+            self.close()
+            self._pool = TransformPool(self._dataset, self._transform, self._workers, self._slot_bytes,
+                                       self._start_method)
+            self._pool_stop = weakref.finalize(self, self._pool.close)
+        settings, metrics = self._settings, self._metrics
+        metrics.update(samples=0, batches=0, bytes=0, wait_s=0.0, seconds=0.0)
+        started = time.perf_counter()
+        in_flight = max(2 * self._workers, settings.prefetch)
+        batches = self._pool.epoch(plan, settings.batch_size, settings.drop_last, in_flight)
+        try:
+            while True:
+                waited = time.perf_counter()
+                try:
+                    item = next(batches, None)
+                except WorkerFailed as exc:
+                    self.close()
+                    raise LoaderError(str(exc)) from exc
+                metrics["wait_s"] += time.perf_counter() - waited
+                if item is None:
+                    break
+                batch, count, nbytes = item
+                batch = self._to_device(batch)
+                metrics["samples"] += count
+                metrics["batches"] += 1
+                metrics["bytes"] += nbytes
+                metrics["seconds"] = time.perf_counter() - started
+                plan.position.advance(count)
+                yield batch
+                del batch, item
+        finally:
+            batches.close()
+            metrics["seconds"] = time.perf_counter() - started
+        self._dataset._end_pass()
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The workers' arrays as tensors on the loader's device (as they are without torch)."""
+        torch, device = self._settings.torch, self._settings.device
+        if torch is None:
+            return batch
+        out = {}
+        for name, value in batch.items():
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value)
+                if str(device) != "cpu":
+                    value = value.to(device)
+            out[name] = value
+        return out
+
+    def _from_threads(self) -> Iterator[Any]:
         self._dataset._begin_pass()
         plan = self._dataset.plan(lead_steps=self._lead_steps)
         run = EpochPipeline(plan, self._settings, self._ring, self._tables)

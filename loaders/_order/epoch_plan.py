@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -107,6 +107,15 @@ class EpochPlan:
         (what the whole node reads over the same steps, so one rank's
         downloads never evict another's next shards).
         """
+        for _, shards, rows in self._chunks(reader):
+            yield shards, rows
+
+    def positioned(self, reader: Any) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Like :meth:`located`, with each sample's position in the epoch's global sequence first."""
+        for positions, shards, rows in self._chunks(reader):
+            yield (positions, shards, *self._within_batches(shards, rows))
+
+    def _chunks(self, reader: Any) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         order = self.order
         reader.expect(order.shard_sequence(self.parts).tolist())
         positions = self.layout.positions(order.size, self.position.start, self.uneven)[self.position.skip:]
@@ -122,19 +131,23 @@ class EpochPlan:
             low, high = int(positions[begin]) // step * step - self.lag, (last // step + 1) * step + self.lag
             node = order.touched(self.parts, max(low, 0), high)  # what lags behind comes first: it is read soonest
             reader.plan(mine, list(dict.fromkeys(mine + node)))
-            yield shards, rows
+            yield positions[begin:begin + chunk], shards, rows
 
     def located(self, reader: ShardReader | MixedReader) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Like :meth:`chunks`, with each row as (shard, record batch, row within that batch)."""
         for shards, rows in self.chunks(reader):
-            batches = np.empty_like(rows)
-            firsts = np.empty_like(rows)
-            for shard in np.unique(shards):
-                mask = shards == shard
-                found = np.searchsorted(self.first_rows[shard], rows[mask], side="right") - 1
-                batches[mask] = found
-                firsts[mask] = self.first_rows[shard][found]
-            yield shards, batches, rows - firsts
+            yield (shards, *self._within_batches(shards, rows))
+
+    def _within_batches(self, shards: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each (shard, row) as (record batch, row within it)."""
+        batches = np.empty_like(rows)
+        firsts = np.empty_like(rows)
+        for shard in np.unique(shards):
+            mask = shards == shard
+            found = np.searchsorted(self.first_rows[shard], rows[mask], side="right") - 1
+            batches[mask] = found
+            firsts[mask] = self.first_rows[shard][found]
+        return batches, rows - firsts
 
 
 def _with_first_uses(located: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[int]]:

@@ -1,0 +1,175 @@
+"""TransformPool: worker processes that read, transform and stack a Loader's batches into shared memory, in order."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import time
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .shared_slots import SharedRing, SharedSlot, remove_orphans
+from .transform_worker import Transform, work
+
+if TYPE_CHECKING:
+    from .._order.epoch_plan import EpochPlan
+    from .._streaming import StreamingDataset
+
+_POLL_S = 0.1
+_STOP_S = 5.0
+
+
+class WorkerFailed(RuntimeError):
+    """A transform worker raised, or died; the message names it, and the sample where it can."""
+
+
+class TransformPool:
+    """``workers`` processes serving one Loader from epoch to epoch; each batch is stacked into a shared slot.
+
+    Started by fork where the platform has it (the dataset and the
+    transform are inherited, not pickled), else by ``spawn`` (both must
+    pickle). Each batch's samples are read in the worker from the dataset
+    (checked as every read is), each transformed with Python's, numpy's and
+    torch's generators seeded by (seed, epoch, the sample's position in the
+    epoch), and stacked into a slot of shared memory the trainer's arrays
+    then view; the slot is reused once they have all died.
+    """
+
+    def __init__(self, dataset: StreamingDataset, transform: Transform | None, workers: int,
+                 slot_bytes: int, start_method: str | None = None) -> None:
+        remove_orphans()
+        methods = multiprocessing.get_all_start_methods()
+        context: Any = multiprocessing.get_context(start_method or ("fork" if "fork" in methods else "spawn"))
+        self._tasks: Any = context.Queue()
+        self._results: Any = context.Queue()
+        self.ring = SharedRing(slot_bytes)
+        self._token = 0
+        self._stale: dict[tuple[int, int], SharedSlot] = {}
+        self._processes = [context.Process(target=work, args=(dataset, transform, self._tasks, self._results, w,
+                                                              os.getpid()),
+                                           name=f"trainio-transform-{w}", daemon=True) for w in range(workers)]
+        try:
+            for process in self._processes:
+                process.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def epoch(self, plan: EpochPlan, batch_size: int, drop_last: bool, in_flight: int
+              ) -> Generator[tuple[dict[str, Any], int, int], None, None]:
+        """The batches of ``plan`` in order, each with its sample and byte count, ``in_flight`` of them prepared ahead.
+
+        Raises:
+            WorkerFailed: a worker raised (its error and traceback, and the sample) or died (its exit code).
+        """
+        self._token += 1
+        token = self._token
+        batches = _batch_tasks(plan, batch_size, drop_last)
+        pending: dict[int, SharedSlot] = {}
+        done: dict[int, tuple[dict[str, Any], int, int]] = {}
+        sent = wanted = 0
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) + len(done) < in_flight:
+                    task = next(batches, None)
+                    if task is None:
+                        exhausted = True
+                        break
+                    slot = self.ring.take()
+                    pending[sent] = slot
+                    self._tasks.put((token, sent, slot.name, plan.position.epoch, *task))
+                    sent += 1
+                if wanted in done:
+                    yield done.pop(wanted)
+                    wanted += 1
+                    continue
+                if exhausted and not pending:
+                    return
+                self._receive(token, pending, done)
+        finally:
+            for index, slot in pending.items():  # their results come later: the slots go back then
+                self._stale[(token, index)] = slot
+
+    def _receive(self, token: int, pending: dict[int, SharedSlot],
+                 done: dict[int, tuple[dict[str, Any], int, int]]) -> None:
+        try:
+            message = self._results.get(timeout=_POLL_S)
+        except queue.Empty:
+            self._check_alive()
+            return
+        kind, their_token, index = message[:3]
+        if their_token != token:
+            slot = self._stale.pop((their_token, index), None)
+            if slot is not None:
+                self.ring.give_back(self.ring.adopt(slot, message[3]) if kind == "ok" and message[3] else slot)
+            return
+        if kind == "error":
+            worker, where, error, trace = message[3:]
+            raise WorkerFailed(f"transform worker {worker} failed at {where}: {error}\n{trace}")
+        made, layout, others, count, nbytes = message[3:]
+        slot = pending.pop(index)
+        if made is not None:
+            slot = self.ring.adopt(slot, made)
+        batch: dict[str, Any] = self.ring.arrays(slot, layout)
+        batch.update(others)
+        done[index] = (batch, count, nbytes)
+
+    def _check_alive(self) -> None:
+        for number, process in enumerate(self._processes):
+            if process.exitcode is not None:
+                code = process.exitcode
+                how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                raise WorkerFailed(f"transform worker {number} (pid {process.pid}) died ({how}); the loader's "
+                                   "workers are stopped, and the next epoch starts new ones")
+
+    @property
+    def alive(self) -> bool:
+        """Whether every worker still runs."""
+        return all(p.exitcode is None for p in self._processes)
+
+    def close(self) -> None:
+        """Stop the workers (waiting a few seconds, then killing them) and remove every slot."""
+        for process in self._processes:
+            if process.is_alive():
+                self._tasks.put(None)
+        deadline = time.monotonic() + _STOP_S
+        for process in self._processes:
+            if process.pid is not None:
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        self._tasks.close()
+        self._results.close()
+        self.ring.close()
+
+
+def _batch_tasks(plan: EpochPlan, batch_size: int, drop_last: bool
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The plan's batches as (positions, shards, record batches, rows within them)."""
+    reader = _OrderOnly()
+    carry: list[np.ndarray] | None = None
+    for chunk in plan.positioned(reader):
+        parts = list(chunk) if carry is None else [np.concatenate((a, b)) for a, b in zip(carry, chunk)]
+        size = parts[0].size
+        whole = size - size % batch_size
+        for begin in range(0, whole, batch_size):
+            yield tuple(part[begin:begin + batch_size] for part in parts)  # type: ignore[misc]
+        carry = [part[whole:] for part in parts]
+    if carry is not None and carry[0].size and not drop_last:
+        yield tuple(carry)  # type: ignore[misc]
+
+
+class _OrderOnly:
+    """A reader that only hears the plan's order: the workers read the shards (and check them) themselves."""
+
+    def expect(self, shards: Any) -> None:
+        """Nothing to check here."""
+
+    def plan(self, shards: Any, keep: Any = None) -> None:
+        """Nothing to map here."""

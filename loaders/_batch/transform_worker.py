@@ -1,0 +1,131 @@
+"""What a transform worker process runs: read its batch's samples, transform each, stack them into a shared slot."""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import signal
+import sys
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._format.columns import Columns, sample_of
+from .shared_slots import SharedSlot, columns_bytes, write_columns
+
+if TYPE_CHECKING:
+    from .._streaming import StreamingDataset
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+Task = tuple[int, int, str, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""(pass token, batch index, slot name, epoch, positions, shards, record batches, rows within them)."""
+
+_KEPT_SAMPLERS = 1024
+_PARENT_CHECK_S = 1.0
+
+
+def seed_all(seed: int, epoch: int, position: int) -> None:
+    """Seed Python's, numpy's and (where imported) torch's global generators from (seed, epoch, sample position)."""
+    value = hash((seed, epoch, position)) & 0xFFFF_FFFF_FFFF_FFFF
+    random.seed(value)
+    np.random.seed(value & 0xFFFF_FFFF)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(value & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def stack(samples: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, list[Any]]]:
+    """The batch's fields: arrays stacked along a new first axis, and the fields that are not numbers as lists.
+
+    Raises:
+        ValueError: a field is an array of different shapes or dtypes in two samples (naming it and both).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    others: dict[str, list[Any]] = {}
+    for name in samples[0]:
+        values = [_as_array(sample[name]) for sample in samples]
+        first = values[0]
+        if first is None or any(v is None for v in values):
+            others[name] = [sample[name] for sample in samples]
+            continue
+        for value in values[1:]:
+            assert value is not None
+            if value.shape != first.shape or value.dtype != first.dtype:
+                raise ValueError(f"field {name!r} is {first.dtype}{list(first.shape)} in one sample and "
+                                 f"{value.dtype}{list(value.shape)} in another of the same batch: a transform "
+                                 "must return arrays of one shape and dtype per field (crop or pad them)")
+        arrays[name] = np.stack(values)  # type: ignore[arg-type]
+    return arrays, others
+
+
+def _as_array(value: Any) -> np.ndarray | None:
+    """``value`` as a numpy array if it is numbers (an array, a tensor, a scalar), else None."""
+    if isinstance(value, np.ndarray):
+        return value if value.dtype != object else None
+    if hasattr(value, "numpy") and hasattr(value, "detach"):  # a torch tensor
+        return np.asarray(value.detach().cpu().numpy())
+    if isinstance(value, (bool, int, float, np.generic)):
+        return np.asarray(value)
+    return None
+
+
+def work(dataset: StreamingDataset, transform: Transform | None, tasks: Any, results: Any, worker: int,
+         parent: int) -> None:
+    """Serve tasks until told to stop (None) or the parent process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it stops the workers
+    reader = dataset._open_reader()
+    slots: dict[str, SharedSlot] = {}
+    samplers: OrderedDict[tuple[int, int], Callable[[int], dict[str, Any]]] = OrderedDict()
+    seed = dataset._seed
+    try:
+        while True:
+            try:
+                task = tasks.get(timeout=_PARENT_CHECK_S)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return
+                continue
+            if task is None:
+                return
+            token, index, slot_name, epoch, positions, shards, batches, rows = task
+            where = ""
+            try:
+                samples = []
+                for position, shard, batch, row in zip(positions.tolist(), shards.tolist(), batches.tolist(),
+                                                        rows.tolist()):
+                    source, info = dataset._shards[shard]
+                    where = f"{source.url}: {info.path}, record batch {batch}, row {row}"
+                    sampler = samplers.get((shard, batch))
+                    if sampler is None:
+                        columns = Columns.of(reader.batch(shard, batch), source=(source.url, info.path))
+                        sampler = samplers[(shard, batch)] = sample_of(columns)
+                        if len(samplers) > _KEPT_SAMPLERS:
+                            samplers.popitem(last=False)
+                    sample = sampler(row)
+                    if transform is not None:
+                        seed_all(seed, epoch, position)
+                        sample = transform(sample)
+                    samples.append(sample)
+                where = "stacking the batch"
+                arrays, others = stack(samples)
+                slot = slots.get(slot_name) or slots.setdefault(slot_name, SharedSlot(name=slot_name))
+                need = columns_bytes(arrays)
+                made = None
+                if need > slot.nbytes:
+                    slot = SharedSlot(need + need // 4)
+                    slot.owner = False  # the trainer adopts it and removes it
+                    made = slots.setdefault(slot.name, slot).name
+                layout = write_columns(slot, arrays)
+                results.put(("ok", token, index, made, layout, others, len(samples), need))
+            except BaseException as exc:  # noqa: BLE001 - reported to the trainer, which raises it
+                results.put(("error", token, index, worker, where, f"{type(exc).__name__}: {exc}",
+                             traceback.format_exc()))
+    finally:
+        reader.close()
+        for slot in slots.values():
+            slot.close()
