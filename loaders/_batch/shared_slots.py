@@ -81,31 +81,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_columns(slot: SharedSlot, columns: dict[str, np.ndarray]) -> list[tuple[str, str, tuple[int, ...], int]]:
-    """Copy each column into ``slot`` end to end (64-byte aligned); where each lies: (name, dtype, shape, offset).
+def write_columns(slot: SharedSlot, columns: dict[str, list[np.ndarray]]) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """Stack each column's arrays (one shape and dtype each) into ``slot``, the columns end to end (64-byte
+    aligned); where each lies: (name, dtype, shape, offset).
 
     Raises:
         ValueError: they do not fit (the caller makes a larger slot).
     """
     layout = []
     offset = 0
-    for name, column in columns.items():
+    for name, arrays in columns.items():
+        shape, dtype = (len(arrays), *arrays[0].shape), arrays[0].dtype
         offset = aligned(offset)
-        end = offset + column.nbytes
+        end = offset + len(arrays) * arrays[0].nbytes
         if end > slot.nbytes:
             raise ValueError(f"{end} bytes do not fit the slot's {slot.nbytes}")
-        target = slot.array[offset:end].view(column.dtype).reshape(column.shape)
-        np.copyto(target, column, casting="no")
-        layout.append((name, column.dtype.str, tuple(column.shape), offset))
+        np.stack(arrays, out=slot.array[offset:end].view(dtype).reshape(shape))
+        layout.append((name, dtype.str, shape, offset))
         offset = end
     return layout
 
 
-def columns_bytes(columns: dict[str, np.ndarray]) -> int:
+def columns_bytes(columns: dict[str, list[np.ndarray]]) -> int:
     """The slot size :func:`write_columns` needs for ``columns``."""
     offset = 0
-    for column in columns.values():
-        offset = aligned(offset) + column.nbytes
+    for arrays in columns.values():
+        offset = aligned(offset) + len(arrays) * arrays[0].nbytes
     return offset
 
 
