@@ -148,10 +148,47 @@ def _read_parquet(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.Recor
             yield batch, source.size * done // total
 
 
+_JSON_BLOCK = 1 << 20  # pyarrow's default block: a line longer than a block needs a larger one
+_JSON_MAX_BLOCK = 1 << 30
+
+
 def _read_jsonl(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """JSON lines of any length: a line longer than pyarrow's block starts the read again with a block four times
+    larger, skipping the rows already given (parsed with the schema they were given in)."""
+    block, delivered = _JSON_BLOCK, 0
+    schema: pa.Schema | None = None
+    while True:
+        skip = delivered
+        try:
+            with _open(source.store, source.key) as f:
+                reader = pajson.open_json(f, read_options=pajson.ReadOptions(block_size=block),
+                                          parse_options=pajson.ParseOptions(explicit_schema=schema))
+                for batch in reader:
+                    if skip >= batch.num_rows:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
+                    schema = batch.schema
+                    delivered += batch.num_rows
+                    yield batch, min(source.size, f.tell())
+            return
+        except pa.ArrowInvalid as exc:
+            if "straddl" in str(exc) and block < _JSON_MAX_BLOCK:
+                block *= 4
+                continue
+            raise FormatError(source.label, "", _json_problem(source, exc)) from exc
+
+
+def _json_problem(source: InputFile, exc: Exception) -> str:
+    """pyarrow's complaint about a JSON lines input, with the line it is about where Python's parser finds one."""
     with _open(source.store, source.key) as f:
-        for batch in pajson.open_json(f):
-            yield batch, min(source.size, f.tell())
+        for number, line in enumerate(io.BufferedReader(f, 1 << 20), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as error:
+                    return f"line {number}: not JSON ({error}); pyarrow said: {exc}"
+    return f"cannot read it as jsonl: {exc}"
 
 
 def _read_csv(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:

@@ -7,6 +7,7 @@ import importlib.util
 import multiprocessing
 import os
 import queue
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from trainio.loaders import (
     infer_columns_schema,
     prepare_destination,
 )
-from trainio.storage import FormatError, Store, open_store
+from trainio.storage import FormatError, SchemaMismatch, Store, open_store
 
 from ._inputs import InputFile, InputFormat, find_inputs, read_batches
 
@@ -76,8 +77,8 @@ def shard(
 
     Raises:
         NotFound: an input does not exist.
-        FormatError: an input cannot be read in its format, or the inputs disagree on the schema.
-        SchemaMismatch: a mapped batch does not fit the schema of the first one.
+        FormatError: an input cannot be read in its format (naming it, and the line of a JSON lines
+            input), or its (mapped) rows do not fit the schema the first input's rows set (naming it).
         AlreadyExists: a dataset is at ``out`` and ``options.overwrite`` is False.
     """
     return shard_files(find_inputs(inputs, format), out, options=options, progress=progress)
@@ -116,6 +117,8 @@ def load_map(spec: str | None) -> BatchMap | None:
     module_name, _, function = spec.rpartition(":")
     if not module_name or not function:
         raise FormatError(spec, "", "a map must be given as module:function or path/to/file.py:function")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: a module beside the command's working directory
     try:
         if module_name.endswith(".py"):
             loader_spec = importlib.util.spec_from_file_location("_trainio_map", module_name)
@@ -159,6 +162,11 @@ def _first_schema(files: Sequence[InputFile], batch_rows: int, mapper: BatchMap 
     raise FormatError(files[0].label, "", "the inputs hold no rows", "nothing to shard")
 
 
+def _schema_text(schema: pa.Schema) -> str:
+    """``name: type`` of every field, for messages."""
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
 def _partition(files: Sequence[InputFile], parts: int) -> list[list[InputFile]]:
     """Contiguous runs of ``files`` of about equal total size."""
     total = sum(max(f.size, 1) for f in files)
@@ -191,10 +199,16 @@ def _convert(files: Sequence[InputFile], store: Store, schema: pa.Schema, option
                 if stop is not None and stop.is_set():
                     raise _Stopped()
                 data = _mapped(batch, mapper, source)
-                if isinstance(data, pa.Table):
-                    writer.write_table(data)
-                else:
-                    writer.write_batch(data)
+                try:
+                    if isinstance(data, pa.Table):
+                        writer.write_table(data)
+                    else:
+                        writer.write_batch(data)
+                except SchemaMismatch as exc:
+                    raise FormatError(source.label, "", f"its rows do not fit the dataset's schema, which the first "
+                                      f"input's rows set ({_schema_text(schema)}): field {exc.field!r}: expected "
+                                      f"{exc.expected}, got {exc.got}",
+                                      "give inputs with the same columns, or a --map that makes them alike") from exc
                 if progress is not None:
                     rows = len(next(iter(data.values()), ())) if isinstance(data, dict) else data.num_rows
                     progress(consumed - reported, rows)

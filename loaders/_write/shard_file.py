@@ -50,7 +50,8 @@ class ShardSequenceWriter:
     """Writes record batches into shard files ``shards/<prefix><NNNNN>.arrow`` of one store, in order.
 
     A shard is closed once it reaches ``shard_bytes`` (so it may exceed it by
-    up to one batch). Each shard is written through :meth:`Store.open_writer`:
+    up to one batch: a caller that cuts batches to :meth:`room` keeps it
+    within about a row). Each shard is written through :meth:`Store.open_writer`:
     hashed as it is written, visible under its key only when complete. It
     writes no index: :meth:`close` returns the shards for the caller to record.
     """
@@ -76,6 +77,10 @@ class ShardSequenceWriter:
     def shards(self) -> list[ShardInfo]:
         """The shards finished so far."""
         return list(self._done)
+
+    def room(self) -> int:
+        """Bytes the current shard may still take before it closes (a new shard's whole size when none is open)."""
+        return self._shard_bytes - (self._open.sink.position if self._open is not None else 0)
 
     def write(self, batch: pa.RecordBatch) -> None:
         """Append one record batch (of this writer's schema) to the current shard."""

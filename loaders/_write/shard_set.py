@@ -137,7 +137,7 @@ class ShardSetWriter:
         """
         self._check_open()
         self._flush_rows()
-        if self._pending_rows:
+        while self._pending_rows:
             self._write_pending()
 
     @property
@@ -151,7 +151,7 @@ class ShardSetWriter:
         self._flush_rows()
         if self._schema is None:
             raise SchemaMismatch("(any)", "at least one row or a schema", -1, "no rows and no schema")
-        if self._pending_rows:
+        while self._pending_rows:
             self._write_pending()
         self._closed = True
         return self._shard_writer().close()
@@ -218,11 +218,14 @@ class ShardSetWriter:
             self._write_pending(limit=self._batch_rows)
 
     def _write_pending(self, limit: int | None = None) -> None:
+        """Write the first pending rows as one record batch: at most ``limit`` rows, 16 MiB, and what the current
+        shard has room for (so a shard ends within about a row of its size, whatever the batches)."""
         table = pa.Table.from_batches(self._pending, schema=self._schema)
         take = table.num_rows if limit is None else min(limit, table.num_rows)
+        average = max(1, self._pending_bytes // max(1, table.num_rows))
         if self._pending_bytes >= _BATCH_BYTES and limit is not None:
-            average = max(1, self._pending_bytes // max(1, table.num_rows))
             take = max(1, min(take, _BATCH_BYTES // average))
+        take = max(1, min(take, self._shard_writer().room() // average))
         head, rest = table.slice(0, take), table.slice(take)
         self._shard_writer().write(head.combine_chunks().to_batches()[0] if head.num_rows else head.to_batches()[0])
         self._written += take

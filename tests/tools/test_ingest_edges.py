@@ -1,0 +1,74 @@
+"""``trainio shard`` on real-world inputs: JSON lines of any length, bad lines, inputs that disagree, a --map module
+beside the working directory, and shards that keep to the size asked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainio.loaders import Dataset, DatasetWriter
+
+TRAINIO = str(Path(sys.executable).parent / "trainio")
+
+
+def shard(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TRAINIO, "shard", *argv], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_a_json_line_longer_than_pyarrows_block_is_read(tmp_path: Path) -> None:
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"i": i, "text": "x" * (3_000_000 if i in (1, 4) else 10)}) + "\n")
+    result = shard("docs.jsonl", "--out", "ds", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ds = Dataset(tmp_path / "ds")
+    assert [int(ds[i]["i"]) for i in range(len(ds))] == list(range(6))
+    assert [len(ds[i]["text"]) for i in range(6)] == [10, 3_000_000, 10, 10, 3_000_000, 10]
+
+
+def test_a_bad_json_line_is_named(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3,}\n')
+    result = shard("docs.jsonl", "--out", "ds", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "docs.jsonl: line 4: not JSON" in result.stderr
+
+
+def test_an_input_with_other_columns_is_named(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"text": "a", "n": 1}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "b", "label": 2}\n')
+    result = shard("a.jsonl", "b.jsonl", "--out", "ds", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "b.jsonl: its rows do not fit the dataset's schema" in result.stderr and "field 'n'" in result.stderr
+    assert not (tmp_path / "ds" / "index.json").exists()
+
+
+def test_a_map_module_in_the_working_directory_is_imported(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_text('{"text": "ab"}\n{"text": "cde"}\n')
+    (tmp_path / "tokenize_here.py").write_text(textwrap.dedent("""
+        import pyarrow as pa
+        def lengths(batch):
+            return {"length": [len(t) for t in batch.column("text").to_pylist()]}
+    """))
+    for workers in ("1", "2"):
+        result = shard("docs.jsonl", "docs.jsonl", "--out", f"ds{workers}", "--map", "tokenize_here:lengths",
+                       "--workers", workers, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        ds = Dataset(tmp_path / f"ds{workers}")
+        assert [int(ds[i]["length"]) for i in range(len(ds))] == [2, 3, 2, 3]
+
+
+@pytest.mark.parametrize("batch_rows", [10, 100_000])
+def test_shards_keep_within_a_tenth_of_the_size_asked_whatever_the_batches(tmp_path: Path, batch_rows: int) -> None:
+    with DatasetWriter(tmp_path / "ds", shard_bytes=2 << 20, batch_rows=batch_rows) as writer:
+        for _ in range(6):
+            writer.write_batch({"x": np.zeros((2000, 1000), dtype=np.uint8)})  # 2 MB a call, 1 KB a row
+    shards = Dataset(tmp_path / "ds").shards
+    assert len(Dataset(tmp_path / "ds")) == 12_000
+    assert all(s.bytes <= 1.1 * (2 << 20) for s in shards), [s.bytes for s in shards]
+    assert all(s.bytes >= 0.9 * (2 << 20) for s in shards[:-1])
