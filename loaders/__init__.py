@@ -19,6 +19,7 @@ from ._pack import PackedLoader, PackTokens, pack_documents
 from ._read.dataset import Dataset
 from ._read.verify import Problem, VerifyReport, verify_dataset
 from ._sizes import parse_size
+from ._write.build import build_dataset
 from ._write.dataset_writer import DatasetWriter, Destination, commit_dataset, prepare_destination
 from ._write.shard_file import Compression
 from ._write.shard_set import ShardSetWriter
@@ -63,6 +64,7 @@ __all__ = [
     "PartitionError",
     "PositionUnknown",
     "VerifyReport",
+    "build_dataset",
     "commit_dataset",
     "infer_columns_schema",
     "infer_schema",

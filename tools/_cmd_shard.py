@@ -16,6 +16,7 @@ examples:
   trainio shard data/*.parquet --out /nvme/datasets/c4 --shard-size 256MB --workers 2
   trainio shard s3://corpus/raw/ --format jsonl --out s3://corpus/trainio/v1 --compression zstd
   trainio shard images/ --format files --out ./images-ds
+  trainio shard train/ --format imagefolder --out ./train-ds       # train/<class>/<image>: label from the folder
   trainio shard text.jsonl --out ./ds --map mymodule:tokenize
   trainio shard s3://corpus/raw/ --out s3://corpus/ds --engine ray --ray-address auto
 """

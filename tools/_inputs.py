@@ -19,8 +19,12 @@ import pyarrow.parquet as pq
 
 from trainio.storage import FormatError, NotFound, Store, StoreError, open_store
 
-InputFormat = Literal["parquet", "jsonl", "csv", "arrow", "files", "hf"]
-FORMATS: tuple[InputFormat, ...] = ("parquet", "jsonl", "csv", "arrow", "files", "hf")
+InputFormat = Literal["parquet", "jsonl", "csv", "arrow", "files", "imagefolder", "hf"]
+FORMATS: tuple[InputFormat, ...] = ("parquet", "jsonl", "csv", "arrow", "files", "imagefolder", "hf")
+SMALL_FILE_FORMATS = ("files", "imagefolder")
+"""Formats of one row per file: their rows are gathered into record batches across files."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+"""The files an image folder's class folders contribute (as torchvision's ImageFolder takes them)."""
 _EXTENSIONS: dict[str, InputFormat] = {
     ".parquet": "parquet", ".pq": "parquet",
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
@@ -32,7 +36,12 @@ _GLOB_CHARS = "*?["
 
 @dataclass(frozen=True, slots=True)
 class InputFile:
-    """One input: the store it is in, its key there, its size and its format."""
+    """One input: the store it is in, its key there, its size and its format.
+
+    ``label`` names it in messages; ``relative`` is its path under the
+    directory given; in an image folder, ``classes`` are every class
+    folder's name, sorted, and the file's class is ``relative``'s first part.
+    """
 
     store: Store
     key: str
@@ -40,6 +49,7 @@ class InputFile:
     format: InputFormat
     label: str
     relative: str = ""
+    classes: tuple[str, ...] = ()
 
 
 def find_inputs(specs: Sequence[str], fmt: InputFormat | None) -> list[InputFile]:
@@ -76,6 +86,9 @@ def _split(spec: str) -> tuple[Store, str]:
 
 def _expand(spec: str, fmt: InputFormat | None) -> list[InputFile]:
     store, key = _split(spec)
+    if fmt == "imagefolder" and (any(c in key for c in _GLOB_CHARS) or store.exists(key)):
+        raise FormatError(spec, "", "is not a directory: --format imagefolder takes the folder holding one "
+                                    "folder per class")
     if any(c in key for c in _GLOB_CHARS):
         base = key[: min(key.find(c) for c in _GLOB_CHARS if c in key)].rpartition("/")[0]
         keys = [k for k in store.list(base) if fnmatch.fnmatchcase(k, key)]
@@ -89,11 +102,28 @@ def _expand(spec: str, fmt: InputFormat | None) -> list[InputFile]:
         raise NotFound(spec, "", "no such file or directory")
     if fmt == "files":
         return [InputFile(store, k, store.size(k), "files", spec, k[len(key) + 1:]) for k in keys]
+    if fmt == "imagefolder":
+        return _image_folder(store, key, keys, spec)
     matching = [k for k in keys if _format_of(k, fmt) is not None]
     if not matching:
         raise FormatError(spec, "", "holds no files of a format trainio reads",
                           f"pass --format (one of {', '.join(FORMATS)}); --format files takes every file")
     return [_file(store, k, fmt, spec) for k in matching]
+
+
+def _image_folder(store: Store, root: str, keys: list[str], spec: str) -> list[InputFile]:
+    """The images of an ImageFolder layout (``root/<class>/.../<image>``), each knowing every class."""
+    relative = [k[len(root) + 1:] for k in keys]
+    images = [(k, r) for k, r in zip(keys, relative)
+              if os.path.splitext(r)[1].lower() in IMAGE_EXTENSIONS and not os.path.basename(r).startswith(".")]
+    loose = [r for _, r in images if "/" not in r]
+    if loose:
+        raise FormatError(spec, loose[0], "is an image outside any class folder: an image folder holds "
+                                          "<class>/<image> files", "move it into its class's folder")
+    if not images:
+        raise FormatError(spec, "", f"holds no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders")
+    classes = tuple(sorted({r.split("/", 1)[0] for _, r in images}))
+    return [InputFile(store, k, store.size(k), "imagefolder", spec, r, classes) for k, r in images]
 
 
 def _format_of(key: str, fmt: InputFormat | None) -> InputFormat | None:
@@ -212,14 +242,32 @@ def _read_arrow(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordB
 
 
 def _read_hf(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """A saved Hugging Face dataset's rows, its features (``ClassLabel`` names and the like) kept in the schema's
+    ``huggingface`` metadata, from ``dataset_info.json`` where its files do not carry them."""
     state = json.loads(source.store.get(f"{source.key}/state.json"))
+    metadata = _hf_metadata(source)
     done = 0
     for entry in state["_data_files"]:
         key = f"{source.key}/{entry['filename']}"
         with _open(source.store, key) as f:
             for batch in ipc.open_stream(f):
+                if metadata and b"huggingface" not in (batch.schema.metadata or {}):
+                    batch = batch.replace_schema_metadata({**(batch.schema.metadata or {}), **metadata})
                 yield batch, min(source.size, done + f.tell())
         done += source.store.size(key)
+
+
+def _hf_metadata(source: InputFile) -> dict[bytes, bytes]:
+    """The ``huggingface`` schema metadata ``datasets`` writes, made from ``dataset_info.json`` (empty without it)."""
+    try:
+        info = json.loads(source.store.get(f"{source.key}/dataset_info.json"))
+    except NotFound:
+        return {}
+    except ValueError as exc:
+        raise FormatError(source.label, "dataset_info.json", f"is not JSON: {exc}") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
+        return {}
+    return {b"huggingface": json.dumps({"info": {"features": info["features"]}}).encode()}
 
 
 def _read_files(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
@@ -227,8 +275,19 @@ def _read_files(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordB
     yield pa.record_batch({"path": pa.array([source.relative], pa.string()), "data": data}), source.size
 
 
+def _read_image(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """One image of an image folder: its path, bytes, class number (its folder's place among the sorted class
+    folders, as torchvision's ImageFolder numbers them) and class name; the class names in the schema's metadata."""
+    name = source.relative.split("/", 1)[0]
+    batch = pa.record_batch({"path": pa.array([source.relative], pa.string()),
+                             "image": pa.array([source.store.get(source.key)], pa.binary()),
+                             "label": pa.array([source.classes.index(name)], pa.int64()),
+                             "class": pa.array([name], pa.string())})
+    yield batch.replace_schema_metadata({"classes": json.dumps(list(source.classes))}), source.size
+
+
 _READERS = {"parquet": _read_parquet, "jsonl": _read_jsonl, "csv": _read_csv, "arrow": _read_arrow,
-            "hf": _read_hf, "files": _read_files}
+            "hf": _read_hf, "files": _read_files, "imagefolder": _read_image}
 
 
 class _StoreFile(io.RawIOBase):

@@ -26,7 +26,7 @@ from trainio.loaders import (
 )
 from trainio.storage import FormatError, SchemaMismatch, Store, open_store
 
-from ._inputs import InputFile, InputFormat, find_inputs, read_batches
+from ._inputs import SMALL_FILE_FORMATS, InputFile, InputFormat, find_inputs, read_batches
 
 BatchMap = Callable[[pa.RecordBatch], Any]
 Progress = Callable[[int, int], None]
@@ -213,7 +213,8 @@ def _convert(files: Sequence[InputFile], store: Store, schema: pa.Schema, option
                     rows = len(next(iter(data.values()), ())) if isinstance(data, dict) else data.num_rows
                     progress(consumed - reported, rows)
                 reported = consumed
-            writer.end_batch()  # the next input's batches start aligned: no straddling batch to copy
+            if source.format not in SMALL_FILE_FORMATS:
+                writer.end_batch()  # the next input's batches start aligned: no straddling batch to copy
             if progress is not None and source.size > reported:
                 progress(source.size - reported, 0)
         return writer.finish()

@@ -72,3 +72,40 @@ def test_shards_keep_within_a_tenth_of_the_size_asked_whatever_the_batches(tmp_p
     assert len(Dataset(tmp_path / "ds")) == 12_000
     assert all(s.bytes <= 1.1 * (2 << 20) for s in shards), [s.bytes for s in shards]
     assert all(s.bytes >= 0.9 * (2 << 20) for s in shards[:-1])
+
+
+def test_a_saved_hugging_face_datasets_features_are_kept(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    features = {"label": {"names": ["cat", "dog"], "_type": "ClassLabel"}, "text": {"dtype": "string", "_type": "Value"}}
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    table = pa.table({"text": ["a", "b", "c"], "label": [0, 1, 0]})  # files without the features: info has them
+    with ipc.new_stream(folder / "data-00000-of-00001.arrow", table.schema) as writer:
+        writer.write_table(table)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (folder / "dataset_info.json").write_text(json.dumps({"features": features}))
+    result = shard("hf", "--out", "ds", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    kept = json.loads(Dataset(tmp_path / "ds").schema.metadata[b"huggingface"])
+    assert kept["info"]["features"]["label"]["names"] == ["cat", "dog"]
+
+
+def test_an_image_folder_gets_labels_from_its_class_folders_in_batches(tmp_path: Path) -> None:
+    for cls, count in (("dog", 4), ("cat", 3)):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(count):
+            (tmp_path / "train" / cls / f"{i}.jpg").write_bytes(f"{cls}-{i}".encode())
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    result = shard("train", "--format", "imagefolder", "--out", "ds", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ds = Dataset(tmp_path / "ds")
+    rows = [ds[i] for i in range(len(ds))]
+    assert [(r["class"], int(r["label"])) for r in rows] == [("cat", 0)] * 3 + [("dog", 1)] * 4
+    assert rows[0]["image"] == b"cat-0" and rows[0]["path"] == "cat/0.jpg"
+    assert json.loads(ds.schema.metadata[b"classes"]) == ["cat", "dog"]
+    assert sum(len(s.batches) for s in ds.shards) == 1  # seven files, one record batch
+    (tmp_path / "train" / "loose.jpg").write_bytes(b"x")
+    result = shard("train", "--format", "imagefolder", "--out", "ds2", cwd=tmp_path)
+    assert result.returncode != 0 and "loose.jpg" in result.stderr and "outside any class folder" in result.stderr
