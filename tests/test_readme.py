@@ -34,7 +34,7 @@ def test_the_readme_has_runnable_blocks(repo_root: Path) -> None:
 
 def test_every_runnable_readme_block_runs(repo_root: Path, tmp_path: Path, seaweedfs: SeaweedFS,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    seaweedfs.client().create_bucket(Bucket=_BUCKET)  # type: ignore[attr-defined]
+    assert _BUCKET not in [b["Name"] for b in seaweedfs.client().list_buckets()["Buckets"]]  # the README makes it
     for name, value in {"AWS_ENDPOINT_URL": seaweedfs.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                         "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION}.items():
         monkeypatch.setenv(name, value)

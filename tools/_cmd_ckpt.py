@@ -23,7 +23,7 @@ from ._progress import byte_bar
 EXAMPLES = """\
 examples:
   trainio ckpt ls /nvme/ckpt /lustre/ckpt s3://bucket/run
-  trainio ckpt verify /lustre/ckpt --step 12000
+  trainio ckpt verify /lustre/ckpt --step 12000 --workers 8
   trainio ckpt promote /nvme/ckpt s3://bucket/run --step 12000
   trainio ckpt gc /nvme/ckpt --keep-last 2
   trainio ckpt show s3://bucket/run --step 12000
@@ -38,32 +38,47 @@ def register(commands: Any) -> None:
         description="Work on the checkpoint steps of a tier (a local directory or s3:// URL).")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    ls = actions.add_parser("ls", help="the committed steps of one or more tiers")
-    ls.add_argument("urls", nargs="+", metavar="URL", help="tiers, fastest first")
+    ls = actions.add_parser(
+        "ls", help="the committed steps of one or more tiers",
+        description="List the committed steps of each tier: step, save time, size, files, and whether the step was "
+                    "verified. Exits 1 if a step is damaged, or if no tier holds a committed step.")
+    ls.add_argument("urls", nargs="+", metavar="URL", help="tiers (directories or s3:// URLs), fastest first")
     ls.set_defaults(run=_ls)
 
-    verify = actions.add_parser("verify", help="re-hash every file of the steps; exit 1 on any damage")
-    verify.add_argument("url", metavar="URL")
+    verify = actions.add_parser(
+        "verify", help="re-hash every file of the steps; exit 1 on any damage",
+        description="Check every file of the tier's committed steps (or of --step) against its manifest: size and "
+                    "xxh3-128. Reads only; exits 1 naming each damaged file.")
+    verify.add_argument("url", metavar="URL", help="the tier (a directory or s3:// URL)")
     verify.add_argument("--step", type=int, action="append", metavar="N", help="check only this step (repeatable)")
-    verify.add_argument("--threads", type=int, default=4, metavar="N", help="files checked in parallel (4)")
+    verify.add_argument("--workers", type=int, default=4, metavar="N", help="files checked in parallel (4)")
     verify.set_defaults(run=_verify)
 
-    promote = actions.add_parser("promote", help="copy a step to another tier, checking every file")
-    promote.add_argument("source", metavar="SRC")
-    promote.add_argument("target", metavar="DST")
+    promote = actions.add_parser(
+        "promote", help="copy a step to another tier, checking every file",
+        description="Copy a committed step from SRC to DST, checking every file on the way, and commit it on DST "
+                    "(its manifest last).")
+    promote.add_argument("source", metavar="SRC", help="the tier to copy from")
+    promote.add_argument("target", metavar="DST", help="the tier to copy to")
     promote.add_argument("--step", type=int, metavar="N", help="the step (default: the newest on SRC)")
-    promote.add_argument("--threads", type=int, default=4, metavar="N", help="files copied in parallel (4)")
+    promote.add_argument("--workers", type=int, default=4, metavar="N", help="files copied in parallel (4)")
     promote.set_defaults(run=_promote)
 
-    gc = actions.add_parser("gc", help="delete old steps by a retention rule, and leftovers of dead writers")
-    gc.add_argument("url", metavar="URL")
+    gc = actions.add_parser(
+        "gc", help="delete old steps by a retention rule, and leftovers of dead writers",
+        description="Delete the steps a retention rule does not keep (--keep-last, --keep-every), and the "
+                    "leftovers of writers whose lease has expired. --dry-run only says what it would delete.")
+    gc.add_argument("url", metavar="URL", help="the tier (a directory or s3:// URL)")
     gc.add_argument("--keep-last", type=int, metavar="K", help="keep the newest K steps")
     gc.add_argument("--keep-every", type=int, metavar="M", help="keep every step that is a multiple of M")
     gc.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     gc.set_defaults(run=_gc)
 
-    show = actions.add_parser("show", help="the tree of a step: arrays with shapes and dtypes, JSON values")
-    show.add_argument("url", metavar="URL")
+    show = actions.add_parser(
+        "show", help="the tree of a step: arrays with shapes and dtypes, JSON values",
+        description="Print the state tree of a step from its manifest: each array's dtype, shape, size and "
+                    "layout, each JSON value, each object's type.")
+    show.add_argument("url", metavar="URL", help="the tier (a directory or s3:// URL)")
     show.add_argument("--step", type=int, metavar="N", help="the step (default: the newest)")
     show.set_defaults(run=_show)
 
@@ -77,6 +92,11 @@ def _when(seconds: float) -> str:
 
 def _ls(args: argparse.Namespace) -> int:
     tiers = {url: list_steps(url) for url in args.urls}
+    if not any(tiers.values()):
+        if args.json:
+            print_json([])
+        print(f"trainio: error: no committed checkpoint step in {', '.join(args.urls)}", file=sys.stderr)
+        return 1
     if args.json:
         print_json([{"tier": url, "step": s.step, "time": s.time, "bytes": s.nbytes, "files": s.files,
                      "arrays": s.arrays, "verified": s.verified, "error": s.error}
@@ -95,7 +115,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     with byte_bar("verify", None, quiet=args.json) as advance:
-        report = verify_checkpoint(args.url, args.step, threads=args.threads, progress=advance)
+        report = verify_checkpoint(args.url, args.step, threads=args.workers, progress=advance)
     if not report.steps:
         raise ValueError(f"{report.url}: no committed step to verify")
     if args.json:
@@ -114,7 +134,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    manifest = promote_step(args.source, args.target, args.step, threads=args.threads)
+    manifest = promote_step(args.source, args.target, args.step, threads=args.workers)
     if args.json:
         print_json({"step": manifest.step, "source": args.source, "target": args.target, "bytes": manifest.nbytes,
                     "files": len(manifest.files) + 1})
