@@ -11,15 +11,16 @@ from contextlib import nullcontext
 from functools import partial
 from typing import Any, Self
 
-from trainio.storage import CheckpointError, Store, open_store
+from trainio.storage import CheckpointError, Store
 
 from ._format.nodes import Node
 from ._format.state_tree import ArrayLeaf, flatten
 from ._handle import SaveHandle, SaveLedger, TierResult
 from ._node_job import NodeJob
 from ._options import CheckpointOptions
+from ._policy import SavePolicy
 from ._promotions import Promotions
-from ._restore.step_reader import ReadReport
+from ._restore.step_reader import Casting, ReadReport
 from ._save.collective import Collective, Exchange, WorldOfOne, distributed_world
 from ._save.plan import Plan
 from ._save.protocol import StepSaves
@@ -35,7 +36,7 @@ from ._tiers.tier_set import TierSet
 log = logging.getLogger(__name__)
 
 
-class CheckpointManager:
+class CheckpointManager(SavePolicy):
     """Saves training state to a list of tiers, fastest first, and restores it.
 
     ``save`` returns once the state's tensors are copied to host memory; a
@@ -76,7 +77,7 @@ class CheckpointManager:
         self._rank = exchange.rank
         self._nodes = NodeJob.of(self.tiers, opts.ranks_per_node, exchange)
         self._io: list[TierIO] = [self._nodes.open() if self._nodes is not None and t.node_scoped
-                                  else open_tier_io(self._store(t), t.label) for t in self.tiers]
+                                  else open_tier_io(t.store(), t.label) for t in self.tiers]
         self._staging = StagingPool(opts.max_pending)
         self._pool = background_pool(opts.threads, "io")
         self._saver = background_pool(1, "save")
@@ -91,6 +92,7 @@ class CheckpointManager:
                                 threads=opts.threads, attempts=opts.promote_attempts,
                                 backoff_s=opts.retry_backoff_s)
         self._promotions = Promotions(self._tierset, self._io, self._nodes, self._pool, opts.threads)
+        self._start_policy(exchange)
         if self._nodes is not None:
             self._nodes.settle(self._io, self._tierset)
 
@@ -106,14 +108,10 @@ class CheckpointManager:
             raise ValueError("the checkpoint config needs a 'tiers' list")
         return cls(tiers, CheckpointOptions.from_settings(options))
 
-    @staticmethod
-    def _store(tier: Tier) -> Store:
-        return tier.url if isinstance(tier.url, Store) else open_store(tier.url, options=tier.options)
-
     # -- saving ---------------------------------------------------------------------
 
-    def save(self, step: int, state: Any) -> SaveHandle:
-        """Snapshot ``state`` as ``step`` and write it in the background.
+    def save(self, step: int, state: Any, *, rollback: bool = False) -> SaveHandle:
+        """Snapshot ``state`` as ``step`` and write it in the background (``rollback``: even if older than the newest).
 
         Returns once every array is copied to host memory (waiting first if
         ``max_pending`` saves are in flight); the caller may then change its
@@ -126,8 +124,9 @@ class CheckpointManager:
 
         Raises:
             CheckpointError: an earlier save failed and was not yet reported,
-                ``state`` holds something that cannot be saved, or the ranks'
-                states differ outside PerRank values.
+                ``state`` holds something that cannot be saved, the ranks'
+                states differ outside PerRank values, the step is older than
+                the newest committed one, or the manager is read-only.
         """
         self._check_open()
         if type(step) is not int or step < 0:
@@ -135,7 +134,7 @@ class CheckpointManager:
         started = time.perf_counter()
         skeleton: Node = {}
         leaves: list[ArrayLeaf] = []
-        problem: BaseException | None = None
+        problem: BaseException | None = self._refusal(step, rollback)
         try:
             self._ledger.raise_unreported()
             self._tierset.hold(0)
@@ -204,6 +203,7 @@ class CheckpointManager:
             CheckpointError: a promotion failed after every retry (on rank 0).
         """
         self._check_open()
+        self._check_writes("promote")
         self._saver.submit(lambda: None).result()
         if self._rank == 0 or self._nodes is not None:
             self._promotions.now().result()
@@ -221,23 +221,25 @@ class CheckpointManager:
         return self._tierset.latest(self._tierset.select(tiers))
 
     def restore(self, step: int | None = None, *, into: Any = None, keys: Sequence[str] | None = None,
-                tiers: Sequence[str | int] | None = None, repair: bool = False) -> Any:
+                tiers: Sequence[str | int] | None = None, repair: bool = False, cast: bool = False) -> Any:
         """The saved state of ``step`` (default: the newest committed on any tier).
 
         Reads each file from the fastest tier holding the step and checks its
         size and xxh3-128; a missing or damaged file is read from the next
         tier instead (and rewritten on the faster one with ``repair=True``).
         Returns the state type for type. With ``into``, tensors and arrays
-        at the same places are filled in place and objects get
-        ``load_state_dict``. ``keys`` restores only those sub-trees
+        at the same places are filled in place (of the saved dtype, or any
+        with ``cast``) and objects get ``load_state_dict``. ``keys`` restores only those sub-trees
         ("model", "optimizer/state"). A :class:`PerRank` comes back as this
         rank's own value, still wrapped.
 
         Raises:
-            CheckpointError: no such step, a file is damaged on every tier, or
-                the step holds PerRank values saved by another world size.
+            CheckpointError: no such step, a file is damaged on every tier, the
+                step holds PerRank values saved by another world size, or a
+                target has another dtype (without ``cast``).
         """
-        state, _ = self.restore_with_report(step, into=into, keys=keys, tiers=tiers, repair=repair)
+        state, _ = self.restore_with_report(step, into=Casting(into) if cast else into, keys=keys, tiers=tiers,
+                                            repair=repair)
         return state
 
     def restore_with_report(self, step: int | None = None, *, into: Any = None, keys: Sequence[str] | None = None,

@@ -47,6 +47,19 @@ class CheckpointOptions:
             a lease left unrenewed this long (its job died) is taken over. Only
             then are a dead writer's leftovers removed. Restoring never needs
             the lease.
+        save_interval_steps: :meth:`CheckpointManager.should_save` says yes
+            at every multiple of it (None: only on preemption).
+        save_on_preemption: Catch SIGTERM (what Kubernetes and Slurm send
+            before a kill): :meth:`CheckpointManager.should_save` then says
+            yes at the next step every rank reaches, and ``preempted`` turns
+            True so the loop can save and leave. The manager must be made in
+            the main thread.
+        preemption_grace_s: How long after SIGTERM the job may take to save
+            and exit before it is ended as SIGTERM would have ended it (the
+            orchestrator's grace period, less a margin).
+        read_only: Open the tiers only to read (an evaluation job): no write
+            access needed, ``save`` and ``promote`` are refused. Otherwise
+            every tier must be writable when the manager is made.
     """
 
     async_save: bool = True
@@ -61,23 +74,28 @@ class CheckpointOptions:
     ranks_per_node: int | None = None
     timeout_s: float = 600.0
     lease_s: float = 60.0
+    save_interval_steps: int | None = None
+    save_on_preemption: bool = False
+    preemption_grace_s: float = 25.0
+    read_only: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_pending", "threads", "promote_attempts", "chunk_bytes"):
             _check_int(name, getattr(self, name), 1)
         _check_int("pack_bytes", self.pack_bytes, 0)
-        for name in ("retry_backoff_s", "timeout_s", "lease_s"):
+        for name in ("retry_backoff_s", "timeout_s", "lease_s", "preemption_grace_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"CheckpointOptions.{name} must be a non-negative number of seconds, not {value!r}")
         if not self.lease_s > 0 or not self.timeout_s > 0:
             raise ValueError("CheckpointOptions.lease_s and timeout_s must be more than 0 seconds")
-        for name in ("async_save", "distributed"):
+        for name in ("async_save", "distributed", "save_on_preemption", "read_only"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "distributed" and value is None):
                 raise ValueError(f"CheckpointOptions.{name} must be True or False, not {value!r}")
-        if self.ranks_per_node is not None:
-            _check_int("ranks_per_node", self.ranks_per_node, 1)
+        for name in ("ranks_per_node", "save_interval_steps"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
         parse_compression(self.compression)  # raises ValueError naming what is accepted
 
     @property

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trainio.storage import LocalOptions, S3Options, Store
+from trainio.storage import LocalOptions, S3Options, Store, open_store
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ class Tier:
     def node_scoped(self) -> bool:
         """Whether this is a node tier (each node keeps its own directory)."""
         return self.scope == "node"
+
+    def store(self) -> Store:
+        """The tier's store: the one given, or opened from its URL with its options."""
+        return self.url if isinstance(self.url, Store) else open_store(self.url, options=self.options)
 
     def node_url(self, node: int) -> str:
         """The URL of node ``node``'s directory of a node tier (``{node}`` replaced)."""

@@ -91,6 +91,24 @@ def _host_array(spec: ArraySpec, target: Any) -> tuple[Any, np.ndarray[Any, Any]
     return array, array.reshape(-1).view(np.uint8)
 
 
+class Casting:
+    """``into`` whose tensors and arrays may have other dtypes than the saved ones: the values are converted."""
+
+    def __init__(self, into: Any) -> None:
+        self.into = into
+
+
+def _check_dtype(spec: ArraySpec, target: Any, where: str) -> None:
+    """Raise :class:`CheckpointError` if ``target`` (a tensor or array) has another dtype than ``spec``'s."""
+    found = getattr(target, "dtype", None)
+    if found is None or spec.kind == "numpy_scalar":
+        return
+    got = str(found).removeprefix("torch.")
+    if got != spec.dtype:
+        raise CheckpointError(f"{where}: the checkpoint holds {spec.dtype}, the target is {got}: restoring would "
+                              "convert the values; pass restore(..., cast=True) if that is meant")
+
+
 def _finish(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
     """The value restore returns for an array: ``target`` filled in place when one was given."""
     if spec.kind == "numpy_scalar":
@@ -255,7 +273,15 @@ class StepReader:
         return self.finish(self.prepare(keys, into))
 
     def prepare(self, keys: list[str] | None, into: Any) -> Load:
-        """What :meth:`load` reads for ``keys`` and ``into`` (its ``reads`` name every file), before it reads."""
+        """What :meth:`load` reads for ``keys`` and ``into`` (its ``reads`` name every file), before it reads.
+
+        Raises:
+            CheckpointError: a tensor or array of ``into`` has another dtype
+                than the one saved at its place, and ``into`` is not
+                :class:`Casting` (naming the place and both dtypes).
+        """
+        cast = isinstance(into, Casting)
+        into = into.into if isinstance(into, Casting) else into
         node: Node = self.manifest.tree if not keys else select(self.manifest.tree, keys)
         node = for_rank(node, self.rank, self.world, self.manifest.world_size, f"step {self.step}: state")
         specs = {path: self.manifest.arrays[path] for path in array_paths(node)}
@@ -265,6 +291,8 @@ class StepReader:
         members: dict[str, tuple[Any, np.ndarray[Any, Any]]] = {}  # packed arrays
         for path, spec in specs.items():
             target = targets.get(path)
+            if target is not None and not cast:
+                _check_dtype(spec, target, self._where(path))
             if spec.packed is None and is_dtensor(target):
                 regions[path] = shard_region(spec, target, self._where(path))
                 continue

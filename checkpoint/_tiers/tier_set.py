@@ -291,8 +291,16 @@ class TierSet:
         return {io.label: io.steps() for io in self._io}
 
     def latest(self, chosen: list[int]) -> int | None:
-        """The newest step committed on any of the ``chosen`` tiers, or None."""
-        found = [max(s) for s in (self._io[i].steps() for i in chosen) if s]
+        """The newest step committed on any of the ``chosen`` tiers that can be listed (the others are logged), or
+        None."""
+        found = []
+        for i in chosen:
+            try:
+                steps = self._io[i].steps()
+            except OSError as exc:  # a tier that cannot be read holds nothing to restore
+                log.warning("%s: cannot list its steps: %s", self._io[i].label, describe(exc))
+                continue
+            found.extend(steps[-1:])
         return max(found) if found else None
 
     def read(self, step: int, chosen: list[int], keys: list[str] | None, into: Any, *, repair: bool, rank: int,
