@@ -279,6 +279,7 @@ class CheckpointManager(SavePolicy):
             self.wait()
         finally:
             self._closed = True
+            self._stop_policy()
             self._saver.shutdown(wait=True)
             self._promotions.close()
             self._pool.shutdown(wait=True)

@@ -21,6 +21,7 @@ _MAIN_THREAD_WAIT_S = 2.0
 if TYPE_CHECKING:
     from ._options import CheckpointOptions
     from ._save.collective import Exchange
+    from ._tier import Tier
     from ._tiers.tier_set import TierSet
 
 
@@ -29,19 +30,28 @@ class SavePolicy:
     saves that would go back in time or into a read-only manager."""
 
     options: CheckpointOptions
+    tiers: list[Tier]
     _tierset: TierSet
     _io: list[TierIO]
 
     def _start_policy(self, exchange: Exchange) -> None:
         """Check that every tier can be written (unless read-only) and catch SIGTERM if asked to.
 
+        Shared tiers are checked by rank 0 and a node tier by every rank;
+        every rank raises if any check failed.
+
         Raises:
             CheckpointError: a tier cannot be written, naming it and why.
             ValueError: ``save_on_preemption`` outside the main thread.
         """
         if not self.options.read_only:
-            for io in self._io:
-                _check_writable(io)
+            problems = [_unwritable(io) for tier, io in zip(self.tiers, self._io)
+                        if exchange.rank == 0 or tier.node_scoped]
+            found = [p for p in problems if p is not None]
+            everyone = exchange.all_gather("checking that the tiers can be written", found[:1]) \
+                if exchange.world > 1 else [found[:1]]
+            for problem in (p for rank_problems in everyone for p in rank_problems):
+                raise CheckpointError(problem)
         self._exchange_of_policy = exchange
         self._newest_step: int | None = None  # the newest step committed or being saved (rank 0), listed once
         self._notice: float | None = None  # when SIGTERM came
@@ -53,6 +63,12 @@ class SavePolicy:
                 raise ValueError("save_on_preemption: make the CheckpointManager in the main thread (only it may "
                                  "catch SIGTERM)")
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _stop_policy(self) -> None:
+        """Give SIGTERM back to the handler it had before (the manager is closing)."""
+        if self.options.save_on_preemption and threading.current_thread() is threading.main_thread():
+            previous = self._previous_handler
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         if self._grace_over:  # sent by the timer below: the job had its time
@@ -127,13 +143,10 @@ def _newest(io: TierIO) -> int:
         return -1
 
 
-def _check_writable(io: TierIO) -> None:
-    """Write and delete a small file on the tier. A tier that is down for now (an S3 outage) is only logged:
-    saves wait for it and promotions retry, as they would have.
-
-    Raises:
-        CheckpointError: it cannot be written (a file in the way, no permission, a missing bucket).
-    """
+def _unwritable(io: TierIO) -> str | None:
+    """Why the tier cannot be written (a file in the way, no permission, a missing bucket), found by writing and
+    deleting a small file; None if it can. A tier that is down for now (an S3 outage) is only logged: saves wait
+    for it and promotions retry, as they would have."""
     probe = f"trainio-write-check-{secrets.token_hex(6)}"
     try:
         io.store.put(probe, b"")
@@ -141,5 +154,6 @@ def _check_writable(io: TierIO) -> None:
     except StoreUnavailable as exc:
         log.warning("%s: could not check that the tier can be written: %s", io.label, describe(exc))
     except (OSError, TrainioError) as exc:
-        raise CheckpointError(f"{io.label}: the tier cannot be written ({describe(exc)}): fix its path or "
-                              "permissions, or open the manager with read_only=True to only restore") from exc
+        return (f"{io.label}: the tier cannot be written ({describe(exc)}): fix its path or permissions, or open "
+                "the manager with read_only=True to only restore")
+    return None

@@ -144,3 +144,11 @@ def test_restoring_into_another_dtype_is_refused_unless_asked(tmp_path: Path) ->
             manager.restore(into={"w": torch.zeros(6), "a": np.zeros(4, dtype=np.float32)})
         manager.restore(into=target, cast=True)
         assert torch.equal(target["w"], (torch.arange(6, dtype=torch.float32) / 3).bfloat16())
+
+
+def test_closing_the_manager_gives_sigterm_back(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    manager = CheckpointManager([tmp_path], save_on_preemption=True)
+    assert signal.getsignal(signal.SIGTERM) != before
+    manager.close()
+    assert signal.getsignal(signal.SIGTERM) == before
