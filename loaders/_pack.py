@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from ._format.columns import Columns
 from ._order.resume_state import ResumeMismatch
@@ -121,8 +122,10 @@ class PackedLoader:
     def __init__(self, dataset: StreamingDataset, batch_size: int, pack: PackTokens) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
-        field = dataset.dataset.schema.field(pack.field) if pack.field in dataset.dataset.schema.names else None
-        if field is None or not hasattr(field.type, "value_type"):
+        schema = dataset.dataset.schema
+        kind = schema.field(pack.field).type if pack.field in schema.names else None
+        if kind is None or not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) \
+                or not pa.types.is_integer(kind.value_type):
             raise ValueError(f"{dataset.dataset.url}: PackTokens(field={pack.field!r}) must name a list field of "
                              f"token ids; the schema has {dataset.dataset.schema.names}")
         self._dataset, self._batch, self._pack = dataset, batch_size, pack
