@@ -77,8 +77,9 @@ class Loader:
     larger one made when a batch needs it) that the batch's tensors view, no
     pickling; strings and bytes come as lists. Batches keep the epoch's
     order and the resume position; a worker that raises is named with the
-    sample, one that dies with its exit code, and the workers (kept from
-    epoch to epoch) are then stopped. ``workers`` without ``transform`` hands
+    sample, one that dies with its exit code, one that sends no batch for
+    ``timeout_s`` seconds (default: no limit) as stuck, and the workers
+    (kept from epoch to epoch) are then stopped. ``workers`` without ``transform`` hands
     the samples over as they are.
     """
 
@@ -99,6 +100,7 @@ class Loader:
         workers: int = 0,
         slot_bytes: int | str = "64MB",
         start_method: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         if batch_size < 1 or prefetch < 1 or threads < 1:
             raise ValueError(f"batch_size={batch_size}, prefetch={prefetch}, threads={threads}: all must be >= 1")
@@ -124,6 +126,7 @@ class Loader:
         dataset.warn_if_cache_below(self._lead_steps)
         self._ring = StagingRing(staging_allocator(torch, resolved))  # allocates nothing until an epoch reserves
         self._transform, self._workers, self._start_method = transform, workers, start_method
+        self._timeout_s = timeout_s
         self._slot_bytes = parse_size(slot_bytes)
         self._pool: TransformPool | None = None
         self._tables = KeptTables()
@@ -182,7 +185,7 @@ class Loader:
         metrics.update(samples=0, batches=0, bytes=0, wait_s=0.0, seconds=0.0)
         started = time.perf_counter()
         in_flight = max(2 * self._workers, settings.prefetch)
-        batches = self._pool.epoch(plan, settings.batch_size, settings.drop_last, in_flight)
+        batches = self._pool.epoch(plan, settings.batch_size, settings.drop_last, in_flight, self._timeout_s)
         try:
             while True:
                 waited = time.perf_counter()

@@ -59,12 +59,13 @@ class TransformPool:
             self.close()
             raise
 
-    def epoch(self, plan: EpochPlan, batch_size: int, drop_last: bool, in_flight: int
-              ) -> Generator[tuple[dict[str, Any], int, int], None, None]:
+    def epoch(self, plan: EpochPlan, batch_size: int, drop_last: bool, in_flight: int,
+              timeout_s: float | None = None) -> Generator[tuple[dict[str, Any], int, int], None, None]:
         """The batches of ``plan`` in order, each with its sample and byte count, ``in_flight`` of them prepared ahead.
 
         Raises:
-            WorkerFailed: a worker raised (its error and traceback, and the sample) or died (its exit code).
+            WorkerFailed: a worker raised (its error and traceback, and the sample) or died (its exit code), or
+                no batch came for ``timeout_s`` seconds while some were awaited.
         """
         self._token += 1
         token = self._token
@@ -90,24 +91,29 @@ class TransformPool:
                     continue
                 if exhausted and not pending:
                     return
-                self._receive(token, pending, done)
+                waiting = time.monotonic()
+                while not self._receive(token, pending, done):
+                    if timeout_s is not None and time.monotonic() - waiting > timeout_s:
+                        raise WorkerFailed(f"no batch from the transform workers for {timeout_s:g} s (timeout_s): "
+                                           f"{len(pending)} batches awaited; a transform may be stuck")
         finally:
             for index, slot in pending.items():  # their results come later: the slots go back then
                 self._stale[(token, index)] = slot
 
     def _receive(self, token: int, pending: dict[int, SharedSlot],
-                 done: dict[int, tuple[dict[str, Any], int, int]]) -> None:
+                 done: dict[int, tuple[dict[str, Any], int, int]]) -> bool:
+        """Take one message from the workers, if one comes soon; whether one did."""
         try:
             message = self._results.get(timeout=_POLL_S)
         except queue.Empty:
             self._check_alive()
-            return
+            return False
         kind, their_token, index = message[:3]
         if their_token != token:
             slot = self._stale.pop((their_token, index), None)
             if slot is not None:
                 self.ring.give_back(self.ring.adopt(slot, message[3]) if kind == "ok" and message[3] else slot)
-            return
+            return True
         if kind == "error":
             worker, where, error, trace = message[3:]
             raise WorkerFailed(f"transform worker {worker} failed at {where}: {error}\n{trace}")
@@ -118,6 +124,7 @@ class TransformPool:
         batch: dict[str, Any] = self.ring.arrays(slot, layout)
         batch.update(others)
         done[index] = (batch, count, nbytes)
+        return True
 
     def _check_alive(self) -> None:
         for number, process in enumerate(self._processes):

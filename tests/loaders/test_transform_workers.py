@@ -131,3 +131,20 @@ def test_settings_that_cannot_work_are_refused(local: Path) -> None:
         Loader(dataset, 16, transform=noisy)
     with pytest.raises(ValueError, match="collate and workers"):
         Loader(dataset, 16, workers=2, collate=list)
+
+
+def stuck_at_123(sample: dict[str, Any]) -> dict[str, Any]:
+    if int(sample["id"]) == 123:
+        import time
+
+        time.sleep(3600)
+    return sample
+
+
+def test_a_stuck_worker_is_reported_after_the_timeout(local: Path) -> None:
+    loader = Loader(StreamingDataset(local, seed=3, batch_size=16, shuffle=False), 16, transform=stuck_at_123,
+                    workers=2, timeout_s=2)
+    with pytest.raises(LoaderError, match=r"no batch from the transform workers for 2 s"):
+        for _ in loader:
+            pass
+    loader.close()
