@@ -31,13 +31,19 @@ class SharedSlot:
         if name is None:
             assert nbytes is not None
             name = f"{_PREFIX}{os.getpid()}-{next(_numbers)}"
-            fd = os.open(os.path.join(_DIRECTORY, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            path = os.path.join(_DIRECTORY, name)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
-                os.ftruncate(fd, max(1, nbytes))
-            except BaseException:
+                if hasattr(os, "posix_fallocate"):  # claimed now: a full /dev/shm is an error here, not a SIGBUS later
+                    os.posix_fallocate(fd, 0, max(1, nbytes))
+                else:
+                    os.ftruncate(fd, max(1, nbytes))
+            except OSError as exc:
                 os.close(fd)
-                os.unlink(os.path.join(_DIRECTORY, name))
-                raise
+                os.unlink(path)
+                raise OSError(exc.errno, f"cannot make a shared-memory slot of {nbytes} bytes in {_DIRECTORY} "
+                                         f"({exc.strerror}): give the container more shared memory (docker "
+                                         "--shm-size), or lower the Loader's slot_bytes") from exc
             self.owner = True
         else:
             fd = os.open(os.path.join(_DIRECTORY, name), os.O_RDWR)

@@ -148,3 +148,17 @@ def test_a_stuck_worker_is_reported_after_the_timeout(local: Path) -> None:
         for _ in loader:
             pass
     loader.close()
+
+
+def test_a_full_dev_shm_is_a_clear_error_not_a_bus_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from trainio.loaders._batch import shared_slots
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shared_slots.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"cannot make a shared-memory slot of 1000 bytes .*--shm-size"):
+        shared_slots.SharedSlot(1000)
+    assert not glob.glob(f"/dev/shm/trainio-slot-{os.getpid()}-*")
