@@ -79,8 +79,10 @@ class Loader:
     order and the resume position; a worker that raises is named with the
     sample, one that dies with its exit code, one that sends no batch for
     ``timeout_s`` seconds (default: no limit) as stuck, and the workers
-    (kept from epoch to epoch) are then stopped. ``workers`` without ``transform`` hands
-    the samples over as they are.
+    (kept from epoch to epoch) are then stopped. ``workers`` without
+    ``transform`` hands the samples over as they are. Workers start by fork
+    where the platform has it (``start_method`` to choose); :meth:`close`
+    stops them (so does the loader's collection).
     """
 
     def __init__(
