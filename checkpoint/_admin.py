@@ -57,6 +57,7 @@ class StepInfo:
         arrays: How many arrays it holds.
         verified: Whether it is the tier's last known good step.
         error: Why its manifest could not be read ("" when it could).
+        metrics: The numbers saved with it (``save(..., metrics=)``).
     """
 
     step: int
@@ -66,6 +67,7 @@ class StepInfo:
     arrays: int
     verified: bool
     error: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def list_steps(where: Where) -> list[StepInfo]:
@@ -79,7 +81,8 @@ def list_steps(where: Where) -> list[StepInfo]:
         except (StoreError, FormatError, CheckpointError) as exc:
             infos.append(StepInfo(step, 0.0, 0, 0, 0, False, describe(exc)))
             continue
-        infos.append(StepInfo(step, m.time, m.nbytes, len(m.files) + 1, len(m.arrays), step == known_good))
+        infos.append(StepInfo(step, m.time, m.nbytes, len(m.files) + 1, len(m.arrays), step == known_good,
+                              metrics=dict(m.metrics)))
     return infos
 
 

@@ -102,16 +102,14 @@ class CheckpointManager(SavePolicy):
 
             {"tiers": [{"url": "/nvme/ckpt", "keep_last": 2}, "s3://bucket/run"], "max_pending": 1}
         """
-        options = dict(config)
-        tiers = options.pop("tiers", None)
-        if not isinstance(tiers, Sequence) or isinstance(tiers, str):
-            raise ValueError("the checkpoint config needs a 'tiers' list")
-        return cls(tiers, CheckpointOptions.from_settings(options))
+        return cls(*CheckpointOptions.split_config(config))
 
     # -- saving ---------------------------------------------------------------------
 
-    def save(self, step: int, state: Any, *, rollback: bool = False) -> SaveHandle:
-        """Snapshot ``state`` as ``step`` and write it in the background (``rollback``: even if older than the newest).
+    def save(self, step: int, state: Any, *, rollback: bool = False,
+             metrics: Mapping[str, float] | None = None) -> SaveHandle:
+        """Snapshot ``state`` as ``step`` and write it in the background (``rollback``: even if older than the newest;
+        ``metrics``: numbers recorded in the manifest, such as ``{"val_loss": 0.31}``, for retention by metric).
 
         Returns once every array is copied to host memory (waiting first if
         ``max_pending`` saves are in flight); the caller may then change its
@@ -134,7 +132,7 @@ class CheckpointManager(SavePolicy):
         started = time.perf_counter()
         skeleton: Node = {}
         leaves: list[ArrayLeaf] = []
-        problem: BaseException | None = self._refusal(step, rollback)
+        problem: BaseException | None = self._refusal(step, rollback, metrics)
         try:
             self._ledger.raise_unreported()
             self._tierset.hold(0)
@@ -142,6 +140,7 @@ class CheckpointManager(SavePolicy):
         except CheckpointError as exc:
             problem = exc  # raised by plan() on every rank alike
         plan, name = self._saves.plan(step, skeleton, leaves, problem, self._io[0])
+        plan.metrics = dict(metrics or {})
         mine, packed = self._saves.share(plan, leaves)
         snapshot = snapshot_into(self._staging, skeleton, mine, self.options.pack_bytes, packed)
         handle = self._ledger.open(step)

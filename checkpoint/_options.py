@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -102,6 +103,20 @@ class CheckpointOptions:
     def codec(self) -> str | None:
         """The zarr codec of ``compression`` (None for raw chunks)."""
         return parse_compression(self.compression)
+
+    @classmethod
+    def split_config(cls, config: Mapping[str, Any]) -> tuple[Sequence[Any], CheckpointOptions]:
+        """A config mapping's ``tiers`` list, and the options its other keys give.
+
+        Raises:
+            ValueError: there is no ``tiers`` list.
+            TypeError: a key is no option's name.
+        """
+        options = dict(config)
+        tiers = options.pop("tiers", None)
+        if not isinstance(tiers, Sequence) or isinstance(tiers, str):
+            raise ValueError("the checkpoint config needs a 'tiers' list")
+        return tiers, cls.from_settings(options)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> CheckpointOptions:

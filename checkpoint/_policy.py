@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -116,13 +118,18 @@ class SavePolicy:
         if self.options.read_only:
             raise CheckpointError(f"this CheckpointManager is read-only (read_only=True): it does not {what}")
 
-    def _refusal(self, step: int, rollback: bool) -> CheckpointError | None:
-        """Why ``save(step)`` must not happen: a read-only manager, or a step older than the newest committed
-        one (unless ``rollback``, a deliberate return after a loss spike, say); checked on rank 0."""
+    def _refusal(self, step: int, rollback: bool, metrics: Mapping[str, float] | None = None) -> CheckpointError | None:
+        """Why ``save(step)`` must not happen: a read-only manager, metrics that are not names and finite numbers,
+        or a step older than the newest committed one (unless ``rollback``, a deliberate return after a loss spike,
+        say; checked on rank 0)."""
         try:
             self._check_writes("save")
         except CheckpointError as exc:
             return exc
+        if not isinstance(metrics, Mapping | None) or any(
+                not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                for k, v in (metrics or {}).items()):
+            return CheckpointError(f"save(metrics=...) takes names and finite numbers; not {metrics!r}")
         if self._exchange_of_policy.rank != 0:
             return None
         if self._newest_step is None:

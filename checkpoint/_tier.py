@@ -30,6 +30,12 @@ class Tier:
         replicas: For a node tier, on how many other nodes each node's files
             are also kept (node ``n``'s copies go to nodes ``n+1 .. n+replicas``,
             modulo the node count), so a lost node's part survives.
+        keep_best: Keep also the this many steps whose ``metric`` (given at
+            ``save(..., metrics={...})``) is best: lowest with ``mode="min"``,
+            highest with ``"max"``. A tier with it receives by promotion the
+            steps its retention would keep among those it has and is offered.
+        metric: The name of the metric ``keep_best`` ranks by.
+        mode: ``"min"`` (default) or ``"max"``.
     """
 
     url: str | os.PathLike[str] | Store
@@ -39,6 +45,9 @@ class Tier:
     options: LocalOptions | S3Options | None = None
     scope: str = "shared"
     replicas: int = 0
+    keep_best: int | None = None
+    metric: str | None = None
+    mode: str = "min"
 
     def __post_init__(self) -> None:
         if self.scope not in ("shared", "node"):
@@ -52,7 +61,10 @@ class Tier:
                                      and not os.fspath(self.url).startswith("file://")):
             raise ValueError(f"Tier {self.label}: a node tier is a local directory path (with {{node}} for "
                              "simulated nodes), not a store or an object-store URL")
-        for rule in ("keep_last", "keep_every"):
+        if (self.keep_best is None) != (self.metric is None) or self.mode not in ("min", "max"):
+            raise ValueError(f"Tier {self.label}: keep_best and metric go together (keep_best={self.keep_best!r}, "
+                             f"metric={self.metric!r}), and mode is 'min' or 'max' (not {self.mode!r})")
+        for rule in ("keep_last", "keep_every", "keep_best"):
             value = getattr(self, rule)
             if value is not None and (type(value) is not int or value < 1):
                 raise ValueError(f"Tier {self.label}: {rule} must be a positive int or None, not {value!r}")
@@ -92,15 +104,22 @@ class Tier:
         return os.fspath(self.url).replace("{node}", str(node))
 
     def wants(self, step: int, newer_steps: int) -> bool:
-        """Whether retention keeps ``step`` when ``newer_steps`` committed steps are newer than it."""
-        if self.keep_last is None and self.keep_every is None:
+        """Whether the step-count rules keep ``step`` when ``newer_steps`` committed steps are newer than it
+        (``keep_last``, ``keep_every``; with no rule at all, every step; ``keep_best`` is :meth:`doomed`'s)."""
+        if self.keep_last is None and self.keep_every is None and self.keep_best is None:
             return True
         if self.keep_every is not None and step % self.keep_every == 0:
             return True
         return self.keep_last is not None and newer_steps < self.keep_last
 
-    def doomed(self, steps: Iterable[int], protected: Iterable[int] = ()) -> list[int]:
-        """The steps retention deletes from ``steps``: never the newest, never a protected one."""
+    def doomed(self, steps: Iterable[int], protected: Iterable[int] = (),
+               metrics: Mapping[int, float] | None = None) -> list[int]:
+        """The steps retention deletes from ``steps``: never the newest, never a protected one, never one of the
+        ``keep_best`` best by ``metrics`` (each step's value of ``metric``; steps without one are not ranked)."""
         ordered = sorted(set(steps), reverse=True)
         keep = set(protected) | set(ordered[:1])
+        if self.keep_best is not None and metrics:
+            sign = 1.0 if self.mode == "min" else -1.0
+            ranked = sorted((sign * value, step) for step, value in metrics.items() if step in ordered)
+            keep |= {step for _, step in ranked[:self.keep_best]}
         return sorted(s for i, s in enumerate(ordered) if s not in keep and not self.wants(s, i))

@@ -40,8 +40,9 @@ def register(commands: Any) -> None:
 
     ls = actions.add_parser(
         "ls", help="the committed steps of one or more tiers",
-        description="List the committed steps of each tier: step, save time, size, files, and whether the step was "
-                    "verified. Exits 1 if a step is damaged, or if no tier holds a committed step.")
+        description="List the committed steps of each tier: step, save time, size, files, whether the step was "
+                    "verified, and the metrics saved with it. Exits 1 if a step is damaged, or if no tier holds a "
+                    "committed step.")
     ls.add_argument("urls", nargs="+", metavar="URL", help="tiers (directories or s3:// URLs), fastest first")
     ls.set_defaults(run=_ls)
 
@@ -99,15 +100,17 @@ def _ls(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print_json([{"tier": url, "step": s.step, "time": s.time, "bytes": s.nbytes, "files": s.files,
-                     "arrays": s.arrays, "verified": s.verified, "error": s.error}
+                     "arrays": s.arrays, "verified": s.verified, "error": s.error, "metrics": s.metrics}
                     for url, infos in tiers.items() for s in infos])
         return 0
-    print(f"{'step':>12}  {'saved':19}  {'size':>9}  {'files':>6}  status      tier")
+    print(f"{'step':>12}  {'saved':19}  {'size':>9}  {'files':>6}  status      tier  metrics")
     for url, infos in tiers.items():
         for s in infos:
             status = "damaged" if s.error else "verified" if s.verified else "committed"
             when = _when(s.time) if not s.error else "-"
-            print(f"{s.step:>12}  {when:19}  {human_bytes(s.nbytes):>9}  {s.files:>6}  {status:10}  {url}")
+            metrics = " ".join(f"{name}={value:g}" for name, value in sorted(s.metrics.items()))
+            print(f"{s.step:>12}  {when:19}  {human_bytes(s.nbytes):>9}  {s.files:>6}  {status:10}  {url}  {metrics}"
+                  .rstrip())
             if s.error:
                 print(f"{'':>14}{s.error}", file=sys.stderr)
     return 1 if any(s.error for infos in tiers.values() for s in infos) else 0

@@ -65,6 +65,8 @@ class Manifest:
         time: When the step was saved (seconds since the epoch).
         world_size: How many ranks saved it.
         pack: The array holding the small arrays (those with ``packed`` set), or None.
+        metrics: Numbers the job gave with the step (``save(..., metrics=)``),
+            such as a validation loss; retention by metric reads them.
     """
 
     step: int
@@ -78,6 +80,7 @@ class Manifest:
     writers: dict[str, Any] = field(default_factory=dict)
     meshes: list[Mesh] = field(default_factory=list)
     totals: tuple[int, int] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -119,7 +122,8 @@ class Manifest:
                 "meshes": [mesh.to_json() for mesh in self.meshes],
                 "writers": self.writers,
                 "parts": [None if e is None else {"size": e.size, "xxh3": e.xxh3} for e in self.parts],
-                "bytes": self.nbytes, "file_count": self.totals[1] if self.totals else len(files)})
+                "bytes": self.nbytes, "file_count": self.totals[1] if self.totals else len(files),
+                **({"metrics": self.metrics} if self.metrics else {})})
         document = {
             "format": FORMAT,
             "version": WHOLE_VERSION,
@@ -213,7 +217,15 @@ class _Validator(Checks):
                    f"parts must list {world_size} entries, one per rank")
         parts = [None if e is None else self.file_entry(f"parts[{r}]", e) for r, e in enumerate(parts_doc)]
         totals = (self.integer(doc.get("bytes"), "bytes"), self.integer(doc.get("file_count"), "file_count"))
-        return Manifest(step, tree, arrays, files, float(wall), world_size, pack, parts, writers, meshes, totals)
+        return Manifest(step, tree, arrays, files, float(wall), world_size, pack, parts, writers, meshes, totals,
+                        self.metrics(doc.get("metrics", {})))
+
+    def metrics(self, doc: Any) -> dict[str, float]:
+        self.check(isinstance(doc, dict) and all(isinstance(k, str) and isinstance(v, (int, float))
+                                                 and not isinstance(v, bool) and math.isfinite(v)
+                                                 for k, v in doc.items()),
+                   "metrics must be an object of finite numbers")
+        return {k: float(v) for k, v in doc.items()}
 
     def pack(self, doc: Any, arrays: dict[str, ArraySpec]) -> ArraySpec | None:
         members = [spec for spec in arrays.values() if spec.packed is not None]

@@ -65,6 +65,7 @@ class Plan:
     units: list[Unit]
     writers: dict[str, Any] = field(default_factory=dict)
     meshes: list[Mesh] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # rank 0's, recorded in the manifest
 
     def owned(self, rank: int) -> list[Unit]:
         """The boxes ``rank`` writes."""

@@ -285,7 +285,7 @@ class StepSaves:
             totals = (sum(r["bytes"] for r in reports) + sum(e.size for e in root.values()),
                       sum(r["files"] for r in reports) + len(root) + sum(p is not None for p in parts))
             manifest = Manifest(step, skeleton, plan.arrays, root, world_size=self.world, pack=plan.pack, parts=parts,
-                                writers=plan.writers, meshes=plan.meshes, totals=totals)
+                                writers=plan.writers, meshes=plan.meshes, totals=totals, metrics=plan.metrics)
             document = manifest.to_bytes()
             try:
                 Manifest.from_bytes(document, tier.url, f"{step_name(step)}/{MANIFEST}")  # the root is whole

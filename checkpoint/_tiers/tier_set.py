@@ -49,6 +49,7 @@ class TierSet:
         self._newest: list[Manifest | None] = [None] * len(io)  # the last manifest each tier committed
         self._known: list[set[int]] = [set() for _ in io]
         self._tier_locks = [threading.RLock() for _ in io]
+        self._metric_values: dict[tuple[int, int], dict[str, float]] = {}  # (tier, step): its manifest's metrics
 
     def previous(self, tier: int, step: int) -> Manifest | None:
         """The manifest of the newest committed step before ``step`` on a tier (incremental saves).
@@ -70,6 +71,7 @@ class TierSet:
 
     def remember(self, tier: int, manifest: Manifest) -> None:
         """Keep ``manifest`` as the newest one committed on ``tier`` (for the next incremental save)."""
+        self._metric_values[(tier, manifest.step)] = dict(manifest.metrics)
         newest = self._newest[tier]
         if newest is None or manifest.step > newest.step:
             self._newest[tier] = manifest
@@ -99,8 +101,17 @@ class TierSet:
             offered.update(self._listed(tier))
         candidates = sorted(offered - have)
         ranked = sorted(have | set(candidates), reverse=True)
+        rule = self._tiers[target]
+        if rule.metric is not None:  # what its retention would keep of all of them, by their metric
+            metrics = self._metrics(target, have) or {}
+            for step in candidates:
+                source = next((t for t in range(target) if step in self._listed(t)), None)
+                if source is not None:
+                    metrics.update(self._metrics(source, {step}, rule.metric) or {})
+            doomed = set(rule.doomed(ranked, (), metrics))
+            return [s for s in candidates if s not in doomed]
         newer = {s: i for i, s in enumerate(ranked)}
-        return [s for s in candidates if self._tiers[target].wants(s, newer[s])]
+        return [s for s in candidates if rule.wants(s, newer[s])]
 
     def _promote_into(self, target: int) -> None:
         io = self._io[target]
@@ -210,6 +221,7 @@ class TierSet:
             with self._tier_locks[tier]:  # nobody starts reading a step of this tier meanwhile
                 for step in self.doomed(tier):
                     io.delete(step)
+                    self._metric_values.pop((tier, step), None)
                     log.info("%s: retention deleted step %d", io.label, step)
         except Exception as exc:  # noqa: BLE001 - retention is retried after the next commit
             log.warning("%s: retention failed: %s", io.label, describe(exc))
@@ -226,7 +238,29 @@ class TierSet:
             protected.add(known_good)
         for slower in range(tier + 1, len(self._io)):
             protected.update(self._wanted(slower))
-        return self._tiers[tier].doomed(steps, protected)
+        return self._tiers[tier].doomed(steps, protected, self._metrics(tier, steps))
+
+    def _metrics(self, tier: int, steps: set[int], metric: str | None = None) -> dict[int, float] | None:
+        """Each step's value of ``metric`` (default: the one ``tier`` keeps its best steps by), read from the
+        tier's manifests (and kept); steps whose manifest cannot be read or lacks it are left out. None when there is
+        no metric to rank by."""
+        metric = metric or self._tiers[tier].metric
+        if metric is None:
+            return None
+        found = {}
+        for step in steps:
+            if (tier, step) not in self._metric_values:
+                try:
+                    values = self._io[tier].manifest(step).metrics
+                except Exception as exc:  # noqa: BLE001 - an unreadable step is not ranked, not lost
+                    log.warning("%s: step %d is not ranked by %s: %s", self._io[tier].label, step, metric,
+                                describe(exc))
+                    continue
+                self._metric_values[(tier, step)] = values
+            value = self._metric_values[(tier, step)].get(metric)
+            if value is not None:
+                found[step] = value
+        return found
 
     @contextmanager
     def using(self, tier: int, step: int) -> Iterator[None]:

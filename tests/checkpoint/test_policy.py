@@ -152,3 +152,21 @@ def test_closing_the_manager_gives_sigterm_back(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) != before
     manager.close()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_tier_keeps_the_best_steps_by_a_metric_and_ls_shows_it(tmp_path: Path) -> None:
+    losses = {10: 0.9, 20: 0.4, 30: 0.7, 40: 0.2, 50: 0.8, 60: 0.95}
+    tiers = [Tier(tmp_path / "fast", keep_last=1), Tier(tmp_path / "best", keep_best=2, metric="val_loss")]
+    with CheckpointManager(tiers) as manager:
+        for step, loss in losses.items():
+            manager.save(step, _state(step), metrics={"val_loss": loss, "tokens": step * 1000}).wait()
+            manager.promote()
+        assert manager.steps()[str(tmp_path / "best")] == [20, 40, 60]  # the two lowest losses, and the newest
+        assert manager.steps()[str(tmp_path / "fast")] == [60]
+        with pytest.raises(CheckpointError, match="finite numbers"):
+            manager.save(70, _state(70), metrics={"val_loss": float("nan")})
+    result = subprocess.run([str(Path(sys.executable).parent / "trainio"), "ckpt", "ls", str(tmp_path / "best")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "tokens=40000 val_loss=0.2" in result.stdout
+    with pytest.raises(ValueError, match="keep_best and metric go together"):
+        Tier(tmp_path / "x", keep_best=2)
