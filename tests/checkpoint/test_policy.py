@@ -170,3 +170,20 @@ def test_a_tier_keeps_the_best_steps_by_a_metric_and_ls_shows_it(tmp_path: Path)
     assert result.returncode == 0 and "tokens=40000 val_loss=0.2" in result.stdout
     with pytest.raises(ValueError, match="keep_best and metric go together"):
         Tier(tmp_path / "x", keep_best=2)
+
+
+def test_a_flipped_bit_in_a_steps_metrics_is_refused(tmp_path: Path) -> None:
+    from trainio.checkpoint import list_steps, read_manifest
+    from trainio.storage import FormatError
+
+    with CheckpointManager([tmp_path]) as manager:
+        manager.save(5, _state(5), metrics={"val_loss": 0.25}).wait()
+    assert read_manifest(tmp_path, 5).metrics == {"val_loss": 0.25}
+    path = next(tmp_path.rglob("manifest.json"))
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(b"0.25")
+    data[at + 2] ^= 0x01  # 0.25 -> 0.35: still a number, no longer what was saved
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError):
+        read_manifest(tmp_path, 5)
+    assert list_steps(tmp_path)[0].error and not list_steps(tmp_path)[0].metrics
