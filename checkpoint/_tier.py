@@ -30,7 +30,7 @@ class Tier:
         replicas: For a node tier, on how many other nodes each node's files
             are also kept (node ``n``'s copies go to nodes ``n+1 .. n+replicas``,
             modulo the node count), so a lost node's part survives.
-        keep_best: Keep also the this many steps whose ``metric`` (given at
+        keep_best: Also keep this many steps whose ``metric`` (given at
             ``save(..., metrics={...})``) is best: lowest with ``mode="min"``,
             highest with ``"max"``. A tier with it receives by promotion the
             steps its retention would keep among those it has and is offered.
