@@ -574,6 +574,8 @@ def trainio_contenders(work: Workload, path: Path, seed: int) -> list[Contender]
 
 FRESH = "fresh dataset + Loader, first epoch"
 FRESH_SAMPLES = "fresh StreamingDataset, first epoch per sample"
+FRESH_DATALOADER = f"fresh StreamingDataset in DataLoader ({WORKERS} workers), first epoch"
+FRESH_WORKERS = f"fresh dataset + Loader(workers={WORKERS}), first epoch"
 PEER_FRESH = "fresh, first epoch per sample"
 COLD = ", cold"  # the dataset's pages evicted from the page cache before every run
 
@@ -617,9 +619,34 @@ def fresh_contenders(work: Workload, path: Path, seed: int) -> list[Contender]:
         finally:
             _shard_check.CHECK_LOCAL_SHARDS = True
 
+    def fresh_dataloader(epoch: int, shuffle: bool, checked: bool) -> Tally:
+        """A new dataset in a new stock DataLoader (workers forked for it, not persistent)."""
+        _shard_check.forget_verified()
+        _shard_check.CHECK_LOCAL_SHARDS = checked  # the forked workers inherit the switch
+        try:
+            dataset = StreamingDataset(path, shuffle=shuffle, seed=seed + epoch, batch_size=BATCH)
+            loader = DataLoader(dataset, batch_size=BATCH, num_workers=WORKERS, worker_init_fn=one_thread,
+                                multiprocessing_context=FORK)
+            return per_batch(loader, lambda batch: count(batch[key]))
+        finally:
+            _shard_check.CHECK_LOCAL_SHARDS = True
+
+    def fresh_workers(epoch: int, shuffle: bool, checked: bool) -> Tally:
+        """A new dataset and a new Loader handing batches over from worker processes (no transform)."""
+        _shard_check.forget_verified()
+        _shard_check.CHECK_LOCAL_SHARDS = checked
+        loader = Loader(StreamingDataset(path, shuffle=shuffle, seed=seed + epoch), batch_size=BATCH,
+                        workers=WORKERS)
+        try:
+            return per_batch(loader, lambda batch: loader_count(batch, key))
+        finally:
+            loader.close()
+            _shard_check.CHECK_LOCAL_SHARDS = True
+
     for cold in (False, True):
         for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
-            for name, run in ((FRESH, fresh_loader), (FRESH_SAMPLES, fresh_samples)):
+            for name, run in ((FRESH, fresh_loader), (FRESH_SAMPLES, fresh_samples), (FRESH_WORKERS, fresh_workers),
+                              (FRESH_DATALOADER, fresh_dataloader)):
                 for checked in (True, False):
                     label = (COLD if cold else "") + (", checked" if checked else ", unchecked")
                     found.append(Contender(work.name, order, f"trainio {name}{label}", "fresh",

@@ -9,6 +9,7 @@ import os
 import tempfile
 import threading
 import weakref
+from typing import Any
 
 import numpy as np
 
@@ -87,32 +88,47 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_columns(slot: SharedSlot, columns: dict[str, list[np.ndarray]]) -> list[tuple[str, str, tuple[int, ...], int]]:
-    """Stack each column's arrays (one shape and dtype each) into ``slot``, the columns end to end (64-byte
-    aligned); where each lies: (name, dtype, shape, offset).
+Column = list[np.ndarray] | np.ndarray
+"""A batch's field: the samples' arrays (one shape and dtype), to be stacked, or one array, copied as it is."""
+
+
+def _shape(column: Column) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """The shape, dtype and bytes of ``column`` once in the slot."""
+    if isinstance(column, np.ndarray):
+        return column.shape, column.dtype, column.nbytes
+    return (len(column), *column[0].shape), column[0].dtype, len(column) * column[0].nbytes
+
+
+def write_columns(slot: SharedSlot, columns: dict[str, Column]) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """Stack (or copy) each column into ``slot``, the columns end to end (64-byte aligned); where each lies:
+    (name, dtype, shape, offset).
 
     Raises:
         ValueError: they do not fit (the caller makes a larger slot).
     """
     layout = []
     offset = 0
-    for name, arrays in columns.items():
-        shape, dtype = (len(arrays), *arrays[0].shape), arrays[0].dtype
+    for name, column in columns.items():
+        shape, dtype, size = _shape(column)
         offset = aligned(offset)
-        end = offset + len(arrays) * arrays[0].nbytes
+        end = offset + size
         if end > slot.nbytes:
             raise ValueError(f"{end} bytes do not fit the slot's {slot.nbytes}")
-        np.stack(arrays, out=slot.array[offset:end].view(dtype).reshape(shape))
+        target = slot.array[offset:end].view(dtype).reshape(shape)
+        if isinstance(column, np.ndarray):
+            np.copyto(target, column, casting="no")
+        else:
+            np.stack(column, out=target)
         layout.append((name, dtype.str, shape, offset))
         offset = end
     return layout
 
 
-def columns_bytes(columns: dict[str, list[np.ndarray]]) -> int:
+def columns_bytes(columns: dict[str, Column]) -> int:
     """The slot size :func:`write_columns` needs for ``columns``."""
     offset = 0
-    for arrays in columns.values():
-        offset = aligned(offset) + len(arrays) * arrays[0].nbytes
+    for column in columns.values():
+        offset = aligned(offset) + _shape(column)[2]
     return offset
 
 

@@ -39,17 +39,25 @@ def seed_all(seed: int, epoch: int, position: int) -> None:
         torch.default_generator.manual_seed(value & 0x7FFF_FFFF_FFFF_FFFF)  # the CPU generator: torch.manual_seed costs 80 us
 
 
-def fields_of(samples: list[dict[str, Any]]) -> tuple[dict[str, list[np.ndarray]], dict[str, list[Any]]]:
-    """The batch's fields: the numeric ones as each sample's array (one shape and dtype per field), the others as
-    lists.
+def fields_of(samples: list[dict[str, Any]]) -> tuple[dict[str, list[np.ndarray] | np.ndarray],
+                                                      dict[str, list[Any]]]:
+    """The batch's fields: the numeric ones as each sample's array (one shape and dtype per field), byte strings
+    packed end to end (a uint8 array, and ``<name>_offsets``: batch + 1 int64, as :class:`Loader` packs binary),
+    the others as lists.
 
     Raises:
         ValueError: a field is an array of different shapes or dtypes in two samples (naming it and both).
     """
-    arrays: dict[str, list[np.ndarray]] = {}
+    arrays: dict[str, list[np.ndarray] | np.ndarray] = {}
     others: dict[str, list[Any]] = {}
     for name in samples[0]:
-        values = [_as_array(sample[name]) for sample in samples]
+        raw = [sample[name] for sample in samples]
+        if all(isinstance(v, (bytes, bytearray, memoryview)) for v in raw):
+            lengths = np.fromiter((len(v) for v in raw), dtype=np.int64, count=len(raw))
+            arrays[name] = np.frombuffer(b"".join(raw), dtype=np.uint8)
+            arrays[f"{name}_offsets"] = np.concatenate(([0], np.cumsum(lengths)))
+            continue
+        values = [_as_array(v) for v in raw]
         first = values[0]
         if first is None or any(v is None for v in values):
             others[name] = [sample[name] for sample in samples]

@@ -162,3 +162,15 @@ def test_a_full_dev_shm_is_a_clear_error_not_a_bus_error(monkeypatch: pytest.Mon
     with pytest.raises(OSError, match=r"cannot make a shared-memory slot of 1000 bytes .*--shm-size"):
         shared_slots.SharedSlot(1000)
     assert not glob.glob(f"/dev/shm/trainio-slot-{os.getpid()}-*")
+
+
+def test_byte_strings_come_packed_as_the_in_process_loader_packs_them(tmp_path: Path) -> None:
+    with DatasetWriter(tmp_path / "blobs", shard_bytes=4_000, batch_rows=10) as writer:
+        for i in range(100):
+            writer.write({"id": i, "blob": bytes([i % 251]) * (i % 17)})
+    ours = list(Loader(StreamingDataset(tmp_path / "blobs", seed=1, batch_size=8), 8, workers=2))
+    threads = list(Loader(StreamingDataset(tmp_path / "blobs", seed=1, batch_size=8), 8))
+    assert len(ours) == len(threads)
+    for a, b in zip(ours, threads):
+        assert torch.equal(a["id"], b["id"]) and torch.equal(a["blob_offsets"], b["blob_offsets"].long())
+        assert torch.equal(a["blob"], b["blob"])
