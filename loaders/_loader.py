@@ -75,7 +75,9 @@ class Loader:
     batch's fields must then be arrays (or tensors, or numbers) of one shape
     per field, stacked into a slot of shared memory (``slot_bytes`` each, a
     larger one made when a batch needs it) that the batch's tensors view, no
-    pickling; strings and bytes come as lists. Batches keep the epoch's
+    pickling; byte strings are packed end to end (``<name>`` uint8 and
+    ``<name>_offsets``, as this loader packs binary), strings and other
+    values come as lists. Batches keep the epoch's
     order and the resume position; a worker that raises is named with the
     sample, one that dies with its exit code, one that sends no batch for
     ``timeout_s`` seconds (default: no limit) as stuck, and the workers
