@@ -122,10 +122,8 @@ class SavePolicy:
         """Why ``save(step)`` must not happen: a read-only manager, metrics that are not names and finite numbers,
         or a step older than the newest committed one (unless ``rollback``, a deliberate return after a loss spike,
         say; checked on rank 0)."""
-        try:
-            self._check_writes("save")
-        except CheckpointError as exc:
-            return exc
+        if self.options.read_only:
+            return CheckpointError("this CheckpointManager is read-only (read_only=True): it does not save")
         if not isinstance(metrics, Mapping | None) or any(
                 not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                 for k, v in (metrics or {}).items()):

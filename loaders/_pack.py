@@ -129,7 +129,7 @@ class PackedLoader:
             raise ValueError(f"{dataset.dataset.url}: PackTokens(field={pack.field!r}) must name a list field of "
                              f"token ids; the schema has {dataset.dataset.schema.names}")
         self._dataset, self._batch, self._pack = dataset, batch_size, pack
-        self._state: dict[str, Any] | None = None
+        self._state: tuple[int, int, int, int, int, int] | None = None  # _describe's arguments after the last batch
         self._offset = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -145,7 +145,7 @@ class PackedLoader:
         try:
             for batch, finished, into in pack_documents(self._documents(plan, reader), self._pack, self._batch,
                                                         resumed_at):
-                self._state = self._describe(epoch, start, skipped + finished, into, layout.rank, layout.ranks)
+                self._state = (epoch, start, skipped + finished, into, layout.rank, layout.ranks)  # described on demand
                 position.advance(0)
                 yield _tensors(batch)
         finally:
@@ -179,7 +179,7 @@ class PackedLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where this rank's packing stands: after the last batch delivered, or at the start of the next epoch."""
         if self._state is not None:
-            return dict(self._state)
+            return self._describe(*self._state)
         layout = self._dataset.layout()
         position = self._dataset._position
         return self._describe(self._dataset.epoch, position.start, position.skip, self._offset, layout.rank,
