@@ -20,7 +20,8 @@ from ._node_job import NodeJob
 from ._options import CheckpointOptions
 from ._policy import SavePolicy
 from ._promotions import Promotions
-from ._restore.step_reader import Casting, ReadReport
+from ._restore.step_reader import ReadReport
+from ._restore.targets import Casting
 from ._save.collective import Collective, Exchange, WorldOfOne, distributed_world
 from ._save.plan import Plan
 from ._save.protocol import StepSaves
@@ -90,7 +91,7 @@ class CheckpointManager(SavePolicy):
         self._keeper = LeaseKeeper.for_tiers(self._io[:committing], opts.lease_s)  # the tiers this rank commits on
         self._tierset = TierSet(self.tiers, self._io, self._ledger, self._keeper, rank=self._rank, pool=self._pool,
                                 threads=opts.threads, attempts=opts.promote_attempts,
-                                backoff_s=opts.retry_backoff_s)
+                                backoff_s=opts.retry_backoff_s, gpu_direct=opts.gpu_direct)
         self._promotions = Promotions(self._tierset, self._io, self._nodes, self._pool, opts.threads)
         self._start_policy(exchange)
         if self._nodes is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ._format.zarr_layout import CHUNK_BYTES, PACK_BYTES, parse_compression
+from ._restore.device_reads import GPU_DIRECT_MODES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +62,13 @@ class CheckpointOptions:
         read_only: Open the tiers only to read (an evaluation job): no write
             access needed, ``save`` and ``promote`` are refused. Otherwise
             every tier must be writable when the manager is made.
+        gpu_direct: How a restore reads files into CUDA tensors in place.
+            ``"auto"`` (default): with kvikio (``pip install 'trainio[gds]'``)
+            straight into device memory where cuFile runs GPUDirect Storage,
+            else through reused pinned host buffers copied on a side stream;
+            ``"off"``: always the pinned buffers; ``"always"``: kvikio even in
+            its or cuFile's compatibility mode. What ran is
+            :attr:`ReadReport.to_device`. Every file is checked either way.
     """
 
     async_save: bool = True
@@ -79,6 +87,7 @@ class CheckpointOptions:
     save_on_preemption: bool = False
     preemption_grace_s: float = 25.0
     read_only: bool = False
+    gpu_direct: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_pending", "threads", "promote_attempts", "chunk_bytes"):
@@ -98,6 +107,9 @@ class CheckpointOptions:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         parse_compression(self.compression)  # raises ValueError naming what is accepted
+        if self.gpu_direct not in GPU_DIRECT_MODES:
+            raise ValueError(f"CheckpointOptions.gpu_direct must be one of {', '.join(GPU_DIRECT_MODES)}, "
+                             f"not {self.gpu_direct!r}")
 
     @property
     def codec(self) -> str | None:

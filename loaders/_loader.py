@@ -11,7 +11,7 @@ import numpy as np
 
 from trainio.storage import TrainioError
 
-from ._batch.device import resolve_device, staging_allocator, wait_on_device
+from ._batch.device import is_cuda, resolve_device, staging_allocator, wait_on_device
 from ._batch.list_layout import Lists, check_lists
 from ._batch.pipeline import DONE, BatchSettings, EpochPipeline, KeptTables, read_ahead
 from ._batch.staging import StagingRing
@@ -157,13 +157,19 @@ class Loader:
         samples, size = len(self._dataset), self._settings.batch_size
         return samples // size if self._settings.drop_last else -(-samples // size)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, Any]:
         """Counts of the last (or current) epoch: samples, batches, bytes, samples_per_s, bytes_per_s, wait_s, and
-        the cache's hits, misses and bytes downloaded (``cache_downloaded_bytes``) by this rank."""
-        m = dict(self._metrics)
+        the cache's hits, misses and bytes downloaded (``cache_downloaded_bytes``) by this rank; and ``to_device``,
+        how batches reach a CUDA device: ``"pinned-host"`` (assembled in pinned staging, copied on a side stream the
+        trainer's stream waits on by event), ``"host"`` (from the workers' shared memory, a copy the trainer waits
+        for) or ``""`` (no CUDA device). Shards are never read by GPUDirect Storage: a batch's rows are gathered
+        from many record batches, which host memory does at its own speed and the device copy then moves whole."""
+        m: dict[str, Any] = dict(self._metrics)
         seconds = max(m["seconds"], 1e-9)
         m["samples_per_s"] = m["samples"] / seconds
         m["bytes_per_s"] = m["bytes"] / seconds
+        m["to_device"] = "" if not is_cuda(self._settings.torch, self._settings.device) else (
+            "host" if self._workers else "pinned-host")
         return m
 
     def __iter__(self) -> Iterator[Any]:

@@ -20,9 +20,11 @@ from .._format.boxes import Box, chunk_box, chunk_indices, chunk_origin, contigu
 from .._format.dtensor import dtensor_box
 from .._format.dtypes import storage_numpy_dtype, torch_dtype
 from .._format.zarr_layout import ArraySpec, chunk_key
+from .device_reads import DeviceRun
 
-Read = tuple[str, memoryview | None, Callable[[bytes], None] | None]
-"""A file to read: its key, memory to read it into (or None), and what to do with its bytes (or None: keep them)."""
+Read = tuple[str, memoryview | DeviceRun | None, Callable[[bytes], None] | None]
+"""A file to read: its key, memory to read it into (host memory, a CUDA tensor's, or None), and what to do with its
+bytes (or None: keep them)."""
 
 
 @dataclass

@@ -14,15 +14,17 @@ import numpy as np
 from trainio.storage import CheckpointError, FormatError, StoreError, batched, run_all
 
 from .._format.boxes import Box
-from .._format.dtensor import dtensor_box, is_dtensor
-from .._format.dtypes import storage_numpy_dtype, torch_dtype
+from .._format.dtensor import is_dtensor
+from .._format.dtypes import storage_numpy_dtype
 from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.nodes import Node
 from .._format.per_rank import PerRank, for_rank
 from .._format.state_tree import array_paths, build, select
 from .._format.zarr_layout import PACK_PATH, ArraySpec, group_metadata_key, group_paths
-from .._tiers.commit import NotKeptHere, TierIO, describe
+from .._tiers.commit import NotKeptHere, TierIO, describe, step_name
+from .device_reads import PINNED_HOST, DeviceReads, DeviceRun, device_bytes, device_reads
 from .regions import Read, Region, region_finish, region_reads, shard_region, whole_region
+from .targets import Casting, check_dtype, finish_array, host_array
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ class ReadReport:
     """Bytes read from this rank's own node's directory of a node tier."""
     from_peers: int = 0
     """Bytes of a node tier that other nodes sent (their own files or their replicas)."""
+    to_device: str = ""
+    """How files were read into CUDA tensors in place: "pinned-host", or kvikio's "gds", "cufile-compat" or
+    "kvikio-posix" (see :data:`~trainio.checkpoint.CheckpointOptions.gpu_direct`); "" when none was."""
+    to_device_bytes: int = 0
+    """Bytes read that way."""
 
     def count(self, source: str, nbytes: int) -> None:
         """Add ``nbytes`` read from ``source`` ("node", "peers", or a tier's name)."""
@@ -68,82 +75,6 @@ def _same_state(a: Manifest, b: Manifest) -> bool:
     return a.tree == b.tree and a.arrays == b.arrays and a.pack == b.pack
 
 
-def _host_array(spec: ArraySpec, target: Any) -> tuple[Any, np.ndarray[Any, Any]]:
-    """A host array to read ``spec`` into (``target`` itself when it fits) and its bytes."""
-    if spec.kind == "torch":
-        import torch
-
-        torch_type = torch_dtype(spec.dtype)
-        if (isinstance(target, torch.Tensor) and target.device.type == "cpu" and target.dtype == torch_type
-                and tuple(target.shape) == spec.shape and target.is_contiguous()):
-            tensor = target
-        else:
-            tensor = torch.empty(spec.shape, dtype=torch_type)
-        flat = tensor.detach().reshape(-1)
-        raw = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
-        return tensor, raw
-    dtype = storage_numpy_dtype(spec.dtype)
-    if (isinstance(target, np.ndarray) and target.dtype == dtype and target.shape == spec.shape
-            and target.flags.c_contiguous and target.flags.writeable):
-        array = target
-    else:
-        array = np.empty(spec.shape, dtype)
-    return array, array.reshape(-1).view(np.uint8)
-
-
-class Casting:
-    """``into`` whose tensors and arrays may have other dtypes than the saved ones: the values are converted."""
-
-    def __init__(self, into: Any) -> None:
-        self.into = into
-
-
-def _check_dtype(spec: ArraySpec, target: Any, where: str) -> None:
-    """Raise :class:`CheckpointError` if ``target`` (a tensor or array) has another dtype than ``spec``'s."""
-    found = getattr(target, "dtype", None)
-    if found is None or spec.kind == "numpy_scalar":
-        return
-    got = str(found).removeprefix("torch.")
-    if got != spec.dtype:
-        raise CheckpointError(f"{where}: the checkpoint holds {spec.dtype}, the target is {got}: restoring would "
-                              "convert the values; pass restore(..., cast=True) if that is meant")
-
-
-def _finish(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
-    """The value restore returns for an array: ``target`` filled in place when one was given."""
-    if spec.kind == "numpy_scalar":
-        return array[()]
-    if target is None or target is array:
-        return array
-    if is_dtensor(target):
-        return _fill_shard(spec, array, target, where)
-    shape = tuple(target.shape) if hasattr(target, "shape") else None
-    if shape != spec.shape:
-        raise CheckpointError(f"{where}: the checkpoint holds shape {list(spec.shape)}, the target has "
-                              f"{list(shape) if shape is not None else type(target).__name__}")
-    if spec.kind == "torch" and not isinstance(target, np.ndarray):
-        import torch
-
-        with torch.no_grad():
-            target.copy_(array, non_blocking=False)
-        return target
-    np.copyto(target, array, casting="same_kind")
-    return target
-
-
-def _fill_shard(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
-    """Copy this rank's shard of a whole restored ``array`` into the DTensor ``target``."""
-    import torch
-
-    if tuple(target.shape) != spec.shape:
-        raise CheckpointError(f"{where}: the checkpoint holds shape {list(spec.shape)}, the target DTensor has "
-                              f"{list(target.shape)}")
-    box = dtensor_box(target, where) or Box.whole(spec.shape)
-    with torch.no_grad():
-        target.to_local().copy_(array[box.relative_to(Box.whole(spec.shape))])
-    return target
-
-
 @dataclass
 class Load:
     """A restore's reads, prepared (:meth:`StepReader.prepare`): the files to read and where they go."""
@@ -155,19 +86,22 @@ class Load:
     members: dict[str, tuple[Any, np.ndarray[Any, Any]]]
     reads: list[Read]
     wanted: dict[str, list[str]]
+    on_device: dict[str, Any]
+    """The CUDA tensors read into in place (see :class:`DeviceReads`), by path."""
 
 
 class StepReader:
     """Reads one step from the tiers that hold it, fastest first."""
 
     def __init__(self, tiers: list[TierIO], step: int, pool: ThreadPoolExecutor, threads: int,
-                 *, repair: bool = False, rank: int = 0, world: int = 1) -> None:
+                 *, repair: bool = False, rank: int = 0, world: int = 1, device: DeviceReads | None = None) -> None:
         self.tiers = tiers
         self.rank, self.world = rank, world  # which rank's PerRank values a load restores
         self.step = step
         self.pool = pool
         self.threads = threads
         self.repair = repair
+        self.device = device
         self.source, self.manifest = first_manifest(tiers, step)
         self.report = ReadReport(step)
         self._manifests: dict[int, Manifest | CheckpointError] = {id(self.source): self.manifest}
@@ -289,14 +223,24 @@ class StepReader:
         _collect_targets(node, into, targets)
         regions: dict[str, Region] = {}
         members: dict[str, tuple[Any, np.ndarray[Any, Any]]] = {}  # packed arrays
+        on_device: dict[str, Any] = {}
+        reads: list[Read] = []
+        wanted: dict[str, list[str]] = {}
         for path, spec in specs.items():
             target = targets.get(path)
             if target is not None and not cast:
-                _check_dtype(spec, target, self._where(path))
+                check_dtype(spec, target, self._where(path))
+            memory = device_bytes(spec, target) if self.device is not None and not is_dtensor(target) else None
+            direct = device_reads(spec, memory) if memory is not None else None
+            if direct is not None:
+                on_device[path] = target
+                reads.extend([(spec.metadata_key, None, None), *direct])
+                wanted[path] = [spec.metadata_key, *(key for key, _, _ in direct)]
+                continue
             if spec.packed is None and is_dtensor(target):
                 regions[path] = shard_region(spec, target, self._where(path))
                 continue
-            result, raw = _host_array(spec, None if is_dtensor(target) else target)
+            result, raw = host_array(spec, None if is_dtensor(target) else target)
             if spec.packed is None:
                 regions[path] = whole_region(spec, result, raw)
             else:
@@ -304,14 +248,13 @@ class StepReader:
         pack = self.manifest.pack
         if pack is not None and members:
             regions[pack.path] = whole_region(pack, None, np.empty(pack.nbytes, np.uint8))
-        groups = group_paths([path for path in regions if path != PACK_PATH])
-        reads: list[Read] = [(group_metadata_key(g), None, None) for g in groups]
-        wanted: dict[str, list[str]] = {}
+        groups = group_paths([path for path in [*regions, *on_device] if path != PACK_PATH])
+        reads[:0] = [(group_metadata_key(g), None, None) for g in groups]
         for path, region in regions.items():
             files: list[Read] = [(region.spec.metadata_key, None, None), *region_reads(region)]
             wanted[path] = [key for key, _, _ in files]
             reads.extend(files)
-        return Load(node, into, specs, regions, members, reads, wanted)
+        return Load(node, into, specs, regions, members, reads, wanted, on_device)
 
     def finish(self, load: Load) -> Any:
         """Read what ``load`` names and build the state from it."""
@@ -319,8 +262,16 @@ class StepReader:
         contents: dict[str, bytes | None] = {}
         sizes = {key: self._entry(key).size for key, _, _ in reads}
         jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]]))
-        for done in run_all(self.pool, jobs, self.threads):
-            contents.update(done)
+        if load.on_device:
+            assert self.device is not None
+            self.device.begin(load.on_device.values())
+        try:
+            for done in run_all(self.pool, jobs, self.threads):
+                contents.update(done)
+        finally:
+            if load.on_device:
+                assert self.device is not None
+                self.device.finish()
         for path, region in regions.items():
             if region.spec.codec is not None:
                 region.host[...] = _decode(region.spec, {k: contents[k] for k in load.wanted[path]}, region.box)
@@ -335,22 +286,64 @@ class StepReader:
         self.report.bytes = sum(sizes.values())
 
         def load_array(path: str, target: Any) -> Any:
+            if path in load.on_device:
+                return load.on_device[path]
             if path in members:
-                return _finish(specs[path], members[path][0], target, self._where(path))
+                return finish_array(specs[path], members[path][0], target, self._where(path))
             value = region_finish(regions[path])
-            return value if is_dtensor(value) else _finish(specs[path], value, target, self._where(path))
+            return value if is_dtensor(value) else finish_array(specs[path], value, target, self._where(path))
 
         return build(load.node, load_array, load.into)
 
     def _read_batch(self, batch: list[Read]) -> list[tuple[str, bytes | None]]:
-        done = []
+        done: list[tuple[str, bytes | None]] = []
         for key, target, sink in batch:
+            if isinstance(target, DeviceRun):
+                self._read_to_device(key, target)
+                done.append((key, None))
+                continue
             data = self.read_file(key, target)
             if sink is not None and data is not None:
                 sink(data)  # copied where it belongs now, so a restore holds one chunk per thread, not all
                 data = None
             done.append((key, data))
         return done
+
+    def _read_to_device(self, key: str, run: DeviceRun) -> None:
+        """Fill ``run`` with the checked file ``key``: by kvikio from the first tier where that is how this restore
+        reads and the tier keeps local files, else through a pinned buffer from the first tier that has it whole."""
+        device = self.device
+        assert device is not None
+        tier = self.tiers[0]
+        file = tier.local_file(self.step, key) if device.direct else None
+        try:
+            entry = self._own_manifest(tier).files.get(key) if file is not None else None
+        except CheckpointError:
+            entry = None
+        if file is not None and entry is not None and entry.size == run.nbytes:  # not a padded edge chunk
+            try:
+                device.read_direct(file, entry, run, tier.url, f"{step_name(self.step)}/{key}")
+                with self._manifest_lock:
+                    self.report.count(tier.source_of(key), entry.size)
+                    self.report.to_device = device.path
+                    self.report.to_device_bytes += entry.size
+                return
+            except (OSError, CheckpointError) as exc:  # read again below, from the first tier with it whole
+                with self._manifest_lock:
+                    self.report.fell_back[f"{tier.label}:{key} ({device.path})"] = describe(exc)
+                log.warning("checkpoint step %d: %s on %s through %s: %s; read through host memory", self.step, key,
+                            tier.label, device.path, describe(exc))
+        buffer = device.take(run.nbytes)
+        try:
+            self.read_file(key, buffer[:run.nbytes].numpy().data)
+        except BaseException:
+            device.release(buffer)
+            raise
+        device.upload(buffer, run)
+        with self._manifest_lock:
+            if self.report.to_device in ("", PINNED_HOST):
+                self.report.to_device = PINNED_HOST
+            self.report.to_device_bytes += run.nbytes
 
     def _where(self, path: str) -> str:
         return f"step {self.step}: {path}"

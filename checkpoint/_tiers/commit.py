@@ -185,6 +185,10 @@ class TierIO(ABC):
         data = self.read(step, key, entry)
         target[:] = memoryview(data)[:target.nbytes]
 
+    def local_file(self, step: int, key: str) -> str | None:
+        """The path of the local file holding ``key`` of ``step`` where this tier keeps local files, else None."""
+        return None
+
     def source_of(self, key: str) -> str:
         """Where a read of ``key`` comes from, as a restore's report counts it (a tier: its name)."""
         return self.label

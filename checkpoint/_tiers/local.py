@@ -212,6 +212,10 @@ class LocalTierIO(TierIO):
         if actual != entry.xxh3:
             raise IntegrityError(self.url, full, entry.xxh3, actual)
 
+    def local_file(self, step: int, key: str) -> str | None:
+        path = self.store.local_path(f"{step_name(step)}/{key}")
+        return None if path is None else str(path)
+
     def read(self, step: int, key: str, entry: FileEntry) -> bytes:
         full = f"{step_name(step)}/{key}"
         fd = self._open_checked(full, entry)  # the size is checked before memory is given to it

@@ -21,6 +21,7 @@ from trainio.storage import CheckpointError
 
 from .._format.manifest import Manifest
 from .._handle import SaveLedger, TierResult
+from .._restore.device_reads import DeviceReads
 from .._restore.step_reader import ReadReport, StepReader
 from .._save.files import copy_step
 from .._tier import Tier
@@ -34,7 +35,8 @@ class TierSet:
     """The tiers of one manager, fastest first, and the bookkeeping that spans them."""
 
     def __init__(self, tiers: list[Tier], io: list[TierIO], ledger: SaveLedger, keeper: LeaseKeeper, *,
-                 rank: int, pool: ThreadPoolExecutor, threads: int, attempts: int, backoff_s: float) -> None:
+                 rank: int, pool: ThreadPoolExecutor, threads: int, attempts: int, backoff_s: float,
+                 gpu_direct: str = "auto") -> None:
         self._tiers = tiers
         self._io = io
         self._ledger = ledger
@@ -44,6 +46,7 @@ class TierSet:
         self._threads = threads
         self._attempts = attempts
         self._backoff = backoff_s
+        self._device = DeviceReads(gpu_direct, buffers=threads + 2)  # restores into CUDA tensors; pins memory lazily
         self._lock = threading.Lock()
         self._in_use: Counter[tuple[int, int]] = Counter()
         self._newest: list[Manifest | None] = [None] * len(io)  # the last manifest each tier committed
@@ -359,7 +362,7 @@ class TierSet:
             if not holders:
                 raise CheckpointError(f"step {step} was deleted by retention while the restore began")
             reader = StepReader([self._io[i] for i in holders], step, self._pool, self._threads, repair=repair,
-                                rank=rank, world=world)
+                                rank=rank, world=world, device=self._device)
             state = reader.load(keys, into)
         whole = not keys and world == 1  # a rank of a multi-rank job may read only its shards
         if whole and not any(k.startswith(f"{reader.source.label}:") for k in reader.report.fell_back):
