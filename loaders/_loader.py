@@ -11,7 +11,7 @@ import numpy as np
 
 from trainio.storage import TrainioError
 
-from ._batch.device import is_cuda, resolve_device, staging_allocator, wait_on_device
+from ._batch.device import is_cuda, resolve_device, staging_allocator
 from ._batch.list_layout import Lists, check_lists
 from ._batch.pipeline import DONE, BatchSettings, EpochPipeline, KeptTables, read_ahead
 from ._batch.staging import StagingRing
@@ -255,13 +255,13 @@ class Loader:
                     self._dataset._end_pass()
                     return
                 try:
-                    batches, counts, nbytes, event = item.result()
+                    batches, counts, nbytes, copy = item.result()
                 except BaseException as exc:
                     raise LoaderError(f"the loader's background work failed: {exc}") from exc
                 metrics["wait_s"] += time.perf_counter() - waited
                 for batch, count, size in zip(batches, counts, nbytes):
-                    if event is not None:
-                        wait_on_device(torch, device, batch, event)
+                    if copy is not None:
+                        copy.wait(torch, device)
                     metrics["samples"] += count
                     metrics["batches"] += 1
                     metrics["bytes"] += size

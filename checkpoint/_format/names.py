@@ -16,6 +16,8 @@ _NAME = re.compile(r"(?:[A-Za-z0-9._-]|%[0-9A-F]{2})+|%")
 
 
 def _encode(text: str) -> str:
+    if _SAFE.fullmatch(text):  # most keys: nothing to encode
+        return text
     return "".join(c if _SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in text)
 
 

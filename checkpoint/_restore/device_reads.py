@@ -18,9 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from trainio.storage import Hasher, IntegrityError
 
 from .._format.boxes import Box, chunk_box, chunk_indices, chunk_origin, contiguous_run
+from .._format.dtensor import is_dtensor
 from .._format.dtypes import torch_dtype
 from .._format.manifest import FileEntry
 from .._format.zarr_layout import ArraySpec, chunk_key
@@ -45,20 +48,42 @@ class DeviceRun:
         return int(self.memory.numel())
 
 
-def device_bytes(spec: ArraySpec, target: Any) -> Any | None:
-    """``target``'s bytes as a 1-D uint8 CUDA tensor, when ``spec`` can be read straight into it; else None.
+def is_cuda_target(spec: ArraySpec, target: Any) -> bool:
+    """Whether ``target`` is a CUDA tensor (not a DTensor) of ``spec``'s dtype and shape, to be filled in place."""
+    if spec.kind != "torch" or target is None or is_dtensor(target):
+        return False
+    import torch
 
-    That takes a contiguous CUDA tensor of the saved dtype and shape, and an
-    array saved on its own (not in the step's pack) and uncompressed.
-    """
-    if spec.kind != "torch" or spec.packed is not None or spec.codec is not None:
+    return (isinstance(target, torch.Tensor) and target.device.type == "cuda"
+            and target.dtype == torch_dtype(spec.dtype) and tuple(target.shape) == spec.shape)
+
+
+def device_bytes(spec: ArraySpec, target: Any) -> Any | None:
+    """The bytes of ``target`` (a CUDA tensor of ``spec``, see :func:`is_cuda_target`) as a 1-D uint8 tensor, when
+    its chunk files can be read straight into it (contiguous, uncompressed, not in the pack); else None."""
+    if spec.packed is not None or spec.codec is not None or not target.is_contiguous():
         return None
     import torch
 
-    if (not isinstance(target, torch.Tensor) or target.device.type != "cuda" or not target.is_contiguous()
-            or target.dtype != torch_dtype(spec.dtype) or tuple(target.shape) != spec.shape):
-        return None
     return target.detach().reshape(-1).view(torch.uint8)
+
+
+def fill_from_pack(pack: np.ndarray[Any, Any], members: dict[str, tuple[ArraySpec, Any]]) -> None:
+    """Fill CUDA tensors of the step's pack (``pack``: its checked bytes in host memory) on the caller's stream:
+    the pack is copied up once, each tensor copied from its place in it on the device."""
+    if not members:
+        return
+    import torch
+
+    on_device: dict[Any, Any] = {}
+    with torch.no_grad():
+        for spec, target in members.values():
+            packed = on_device.get(target.device)
+            if packed is None:
+                packed = on_device[target.device] = torch.from_numpy(pack).to(target.device)
+            assert spec.packed is not None
+            start = spec.packed
+            target.copy_(packed[start:start + spec.nbytes].view(torch_dtype(spec.dtype)).view(spec.shape))
 
 
 def device_reads(spec: ArraySpec, memory: Any) -> list[tuple[str, DeviceRun, None]] | None:

@@ -18,13 +18,21 @@ from .._format.dtensor import is_dtensor
 from .._format.dtypes import storage_numpy_dtype
 from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.nodes import Node
-from .._format.per_rank import PerRank, for_rank
+from .._format.per_rank import for_rank
 from .._format.state_tree import array_paths, build, select
 from .._format.zarr_layout import PACK_PATH, ArraySpec, group_metadata_key, group_paths
 from .._tiers.commit import NotKeptHere, TierIO, describe, step_name
-from .device_reads import PINNED_HOST, DeviceReads, DeviceRun, device_bytes, device_reads
+from .device_reads import (
+    PINNED_HOST,
+    DeviceReads,
+    DeviceRun,
+    device_bytes,
+    device_reads,
+    fill_from_pack,
+    is_cuda_target,
+)
 from .regions import Read, Region, region_finish, region_reads, shard_region, whole_region
-from .targets import Casting, check_dtype, finish_array, host_array
+from .targets import Casting, check_dtype, collect_targets, finish_array, host_array
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +228,7 @@ class StepReader:
         node = for_rank(node, self.rank, self.world, self.manifest.world_size, f"step {self.step}: state")
         specs = {path: self.manifest.arrays[path] for path in array_paths(node)}
         targets: dict[str, Any] = {}
-        _collect_targets(node, into, targets)
+        collect_targets(node, into, targets)
         regions: dict[str, Region] = {}
         members: dict[str, tuple[Any, np.ndarray[Any, Any]]] = {}  # packed arrays
         on_device: dict[str, Any] = {}
@@ -230,8 +238,11 @@ class StepReader:
             target = targets.get(path)
             if target is not None and not cast:
                 check_dtype(spec, target, self._where(path))
-            memory = device_bytes(spec, target) if self.device is not None and not is_dtensor(target) else None
-            direct = device_reads(spec, memory) if memory is not None else None
+            on_cuda = self.device is not None and is_cuda_target(spec, target)
+            if on_cuda and spec.packed is not None:  # filled from the pack, copied up once (see finish)
+                on_device[path] = target
+                continue
+            direct = device_reads(spec, device_bytes(spec, target)) if on_cuda else None
             if direct is not None:
                 on_device[path] = target
                 reads.extend([(spec.metadata_key, None, None), *direct])
@@ -246,7 +257,7 @@ class StepReader:
             else:
                 members[path] = (result, raw)
         pack = self.manifest.pack
-        if pack is not None and members:
+        if pack is not None and (members or any(specs[path].packed is not None for path in on_device)):
             regions[pack.path] = whole_region(pack, None, np.empty(pack.nbytes, np.uint8))
         groups = group_paths([path for path in [*regions, *on_device] if path != PACK_PATH])
         reads[:0] = [(group_metadata_key(g), None, None) for g in groups]
@@ -276,12 +287,14 @@ class StepReader:
             if region.spec.codec is not None:
                 region.host[...] = _decode(region.spec, {k: contents[k] for k in load.wanted[path]}, region.box)
         pack = self.manifest.pack
-        if pack is not None and members:
+        if pack is not None and pack.path in regions:
             pack_bytes = regions[pack.path].host
             for path, (_, raw) in members.items():
                 offset = specs[path].packed
                 assert offset is not None
                 raw[:] = pack_bytes[offset:offset + specs[path].nbytes]
+            fill_from_pack(pack_bytes, {path: (specs[path], target) for path, target in load.on_device.items()
+                                        if specs[path].packed is not None})
         self.report.files = len(reads)
         self.report.bytes = sum(sizes.values())
 
@@ -364,23 +377,3 @@ def _decode(spec: ArraySpec, contents: dict[str, bytes | None], box: Box | None 
                           f"says {spec.stored}{list(spec.shape)}")
     selection = (box or Box.whole(spec.shape)).relative_to(Box.whole(spec.shape))
     return np.ascontiguousarray(array[selection])
-
-
-def _collect_targets(node: Node, into: Any, found: dict[str, Any]) -> None:
-    """Map each array path of ``node`` to the object at the same place in ``into``."""
-    if into is None:
-        return
-    kind = node["t"]
-    if kind == "array":
-        found[node["path"]] = into
-    elif kind == "object":
-        if callable(getattr(into, "state_dict", None)):
-            _collect_targets(node["state"], into.state_dict(), found)
-    elif kind == "dict" and hasattr(into, "get"):
-        for key, child in node["items"]:
-            _collect_targets(child, into.get(key), found)
-    elif kind in ("list", "tuple") and isinstance(into, (list, tuple)):
-        for child, value in zip(node["items"], into, strict=False):
-            _collect_targets(child, value, found)
-    elif kind == "per_rank":  # cut to this rank's sub-tree by for_rank
-        _collect_targets(node["ranks"][0], into.value if isinstance(into, PerRank) else into, found)

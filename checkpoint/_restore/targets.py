@@ -12,6 +12,8 @@ from trainio.storage import CheckpointError
 from .._format.boxes import Box
 from .._format.dtensor import dtensor_box, is_dtensor
 from .._format.dtypes import storage_numpy_dtype, torch_dtype
+from .._format.nodes import Node
+from .._format.per_rank import PerRank
 from .._format.zarr_layout import ArraySpec
 
 
@@ -89,3 +91,23 @@ def fill_shard(spec: ArraySpec, array: Any, target: Any, where: str) -> Any:
     with torch.no_grad():
         target.to_local().copy_(array[box.relative_to(Box.whole(spec.shape))])
     return target
+
+
+def collect_targets(node: Node, into: Any, found: dict[str, Any]) -> None:
+    """Map each array path of ``node`` to the object at the same place in ``into``."""
+    if into is None:
+        return
+    kind = node["t"]
+    if kind == "array":
+        found[node["path"]] = into
+    elif kind == "object":
+        if callable(getattr(into, "state_dict", None)):
+            collect_targets(node["state"], into.state_dict(), found)
+    elif kind == "dict" and hasattr(into, "get"):
+        for key, child in node["items"]:
+            collect_targets(child, into.get(key), found)
+    elif kind in ("list", "tuple") and isinstance(into, (list, tuple)):
+        for child, value in zip(node["items"], into, strict=False):
+            collect_targets(child, value, found)
+    elif kind == "per_rank":  # cut to this rank's sub-tree by for_rank
+        collect_targets(node["ranks"][0], into.value if isinstance(into, PerRank) else into, found)

@@ -28,13 +28,24 @@ def cut(torch: Any, value: Any, sizes: tuple[int, ...]) -> list[Any] | tuple[Any
     return value.split(sizes)  # type: ignore[no-any-return]
 
 
-def wait_on_device(torch: Any, device: Any, batch: dict[str, Any], event: Any) -> None:
-    """Make the consumer's current stream wait for the batch's copy, and tell the allocator it uses the tensors."""
-    stream = torch.cuda.current_stream(device)
-    stream.wait_event(event)
-    for value in batch.values():
-        if isinstance(value, torch.Tensor):
-            value.record_stream(stream)
+class DeviceCopy:
+    """A group's copy to the device: its event, and the device tensors the group's batches are views of."""
+
+    def __init__(self, event: Any, tensors: list[Any]) -> None:
+        self.event = event
+        self.tensors = tensors
+        self._waited: Any = None
+
+    def wait(self, torch: Any, device: Any) -> None:
+        """Make the consumer's current stream wait for the copy, and tell the allocator that stream uses the
+        tensors; once per stream, so a group's later batches cost nothing."""
+        stream = torch.cuda.current_stream(device)
+        if stream == self._waited:
+            return
+        stream.wait_event(self.event)
+        for tensor in self.tensors:
+            tensor.record_stream(stream)
+        self._waited = stream
 
 
 def staging_allocator(torch: Any, device: Any) -> Callable[[int], np.ndarray]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .assemble import Columns, Group, assemble_group, shards_in
-from .device import cut, is_cuda, to_device
+from .device import DeviceCopy, cut, is_cuda, to_device
 from .list_layout import Lists
 from .row_numbers import Book
 from .row_tables import ShardRows
@@ -72,7 +72,7 @@ class EpochPipeline:
     """One epoch of a Loader: the feeder thread, the assembling threads, and what they hand to the consumer.
 
     :attr:`ready` yields, in order, futures of assembled groups (each a list
-    of batches, their sample and byte counts, and the device copy's event),
+    of batches, their sample and byte counts, and its copy to the device),
     then :data:`DONE`. :meth:`stop` ends every thread and releases the reader.
     """
 
@@ -201,7 +201,7 @@ class EpochPipeline:
         return self._hand_over(columns, group, nbytes, slot)
 
     def _hand_over(self, columns: Columns, group: Group, nbytes: list[int], slot: Staging) -> Assembled:
-        """The batches as the consumer gets them, their sample and byte counts, and the copy's event.
+        """The batches as the consumer gets them, their sample and byte counts, and their copy to the device.
 
         A column that holds the whole group is converted (and copied to the
         device) once, then cut into the batches' views. ``slot`` goes back to
@@ -209,23 +209,26 @@ class EpochPipeline:
         """
         torch = self.settings.torch
         sizes = group.sizes
-        event = None
+        copy = None
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
                 device = self.settings.device
-                parts = [cut(torch, to_device(torch, value, device), sizes) for value in columns.values()]
+                moved = [to_device(torch, value, device) for value in columns.values()]
                 event = torch.cuda.Event()
                 event.record(self.stream)
             self.ring.free_after(event, slot)
+            copy = DeviceCopy(event, [t for v in moved for t in (v if isinstance(v, list) else [v])
+                                      if isinstance(t, torch.Tensor)])
+            parts = [cut(torch, value, sizes) for value in moved]
         else:
             self.ring.free_when_released(slot)
             parts = [cut(torch, value, sizes) for value in columns.values()]
         names = list(columns)
-        return [dict(zip(names, values)) for values in zip(*parts)], sizes, nbytes, event
+        return [dict(zip(names, values)) for values in zip(*parts)], sizes, nbytes, copy
 
 
-Assembled = tuple[list[Any], tuple[int, ...], "list[int] | tuple[int, ...]", Any]
-"""An assembled group: its batches, their sample counts, their byte counts, and the device copy's event (or None)."""
+Assembled = tuple[list[Any], tuple[int, ...], "list[int] | tuple[int, ...]", DeviceCopy | None]
+"""An assembled group: its batches, their sample counts, their byte counts, and its copy to the device (or None)."""
 
 
 def _started_pool(threads: int) -> ThreadPoolExecutor:

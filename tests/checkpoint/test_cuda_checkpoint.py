@@ -29,7 +29,8 @@ def _state(seed: int = 0) -> dict[str, Any]:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     return {"model": {"w": torch.randn(1000, 3001, device="cuda", generator=gen),
                       "e": torch.randn(4097, 257, device="cuda", generator=gen).bfloat16(),
-                      "b": torch.randn(7, device="cuda", generator=gen).bfloat16()},
+                      "b": torch.randn(7, device="cuda", generator=gen).bfloat16(),  # these two in the pack
+                      "scale": torch.tensor(3.5, device="cuda") + seed},
             "step": seed}
 
 
