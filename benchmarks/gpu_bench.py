@@ -11,10 +11,11 @@ the best of ``--repeat`` epochs. GB/s counts payload bytes (10**9).
   >= 0.8 x min(H2D limit, host gather);
 - stock ``DataLoader(pin_memory=True)``, 4 workers, over the same Arrow shards cut into batches by the workers
   (``loader_bench``'s DataLoader ceiling), each batch ``.to("cuda", non_blocking=True)``;
-- trainer with compute: the Loader feeding a loop whose per-batch GPU work (bf16 matmuls) is sized to take 1.25x
-  the batch's share of the Loader's own epoch time; "stream stall" is the wall time beyond that work alone, as
-  a share of the wall time (0 % when the trainer's stream never waits on the loader), timed after the epoch's
-  first tenth of batches; "host wait" is the Loader's ``metrics()["wait_s"]`` over the whole epoch.
+- trainer with compute: a Loader of batch 1024 feeding a loop whose per-batch GPU work (2048^3 bf16 matmuls) is
+  sized to take 1.25x the batch's share of that Loader's own epoch time; "stream stall" is the wall time beyond
+  that work alone, as a share of the wall time (0 % when the trainer's stream never waits on the loader), timed
+  after the epoch's first tenth of batches; with the Loader's ``metrics()``: ``device_waits`` (groups whose copy
+  was unfinished when the trainer took their first batch) and ``wait_s`` (host wait over the whole epoch).
 
 Checkpoint rows (a transformer-shaped state of ``--state-gb`` on the GPU: bf16 weights, fp32 master and moments):
 
@@ -54,6 +55,7 @@ from trainio.tools._bench_limits import drop_from_page_cache
 from trainio.tools._bench_run import tensors_of, transformer_state
 
 GB = 1e9
+STALL_BATCH = 1024  # the stall rows' batch: GPU work per batch well above Python's cost of launching it
 Rows = list[tuple[str, str, str, str]]  # contender, GB/s or seconds, vs limit, target met
 
 
@@ -100,9 +102,9 @@ def touch(batch: dict[str, Any]) -> None:
     (batch["tokens"] if "tokens" in batch else batch["image"]).sum()
 
 
-def trainer_stall(loader: Loader, epoch_s: float, batches: int) -> tuple[float, float]:
-    """(stream stall share, host wait s) of an epoch whose per-batch GPU work takes 1.25x a batch's share of the
-    loader's epoch, timed after its first tenth (the pipeline's start is not what a long epoch sees)."""
+def trainer_stall(loader: Loader, epoch_s: float, batches: int) -> tuple[float, int, float]:
+    """(stream stall share, device waits, host wait s) of an epoch whose per-batch GPU work takes 1.25x a batch's
+    share of the loader's epoch, timed after its first tenth (the pipeline's start is not what a long epoch sees)."""
     a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
     per_matmul = harness.best(lambda: _synced(lambda: [a @ a for _ in range(50)]), 3) / 50
     matmuls = max(1, round(1.25 * epoch_s / batches / per_matmul))
@@ -121,7 +123,8 @@ def trainer_stall(loader: Loader, epoch_s: float, batches: int) -> tuple[float, 
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
     alone = harness.best(lambda: _synced(lambda: [a @ a for _ in range(matmuls * counted)]), 2)
-    return max(0.0, (wall - alone) / wall), float(loader.metrics()["wait_s"])
+    metrics = loader.metrics()
+    return max(0.0, (wall - alone) / wall), int(metrics["device_waits"]), float(metrics["wait_s"])
 
 
 def loader_rows(work: Any, path: Path, shuffle: bool, repeat: int, limit: float) -> Rows:
@@ -142,9 +145,13 @@ def loader_rows(work: Any, path: Path, shuffle: bool, repeat: int, limit: float)
     rows.append((f"{work.name}, {order}: host gather (Loader, cpu)", f"{gather:.2f}", "", ""))
     rows.append((f"{work.name}, {order}: trainio Loader -> cuda ({cuda.metrics()['to_device']})", f"{rate:.2f}",
                  f"{rate / ceiling:.2f} x min(H2D, gather)", harness.yes_no(rate >= 0.8 * ceiling)))
-    stall, waited = trainer_stall(cuda, cuda_s, int(cuda.metrics()["batches"]))
-    rows.append((f"{work.name}, {order}: trainer with compute: stream stall", f"{stall:.1%}",
-                 f"host wait {waited * 1e3:.0f} ms", harness.yes_no(stall < 0.05)))
+    big = Loader(StreamingDataset(path, shuffle=shuffle, seed=0, batch_size=STALL_BATCH), STALL_BATCH,
+                 device="cuda", lists="pack" if work.column == "image" else "pad")
+    big_s = epoch_seconds(big, work.column, expected, touch, 1)
+    stall, waits, waited = trainer_stall(big, big_s, int(big.metrics()["batches"]))
+    rows.append((f"{work.name}, {order}: trainer with compute, batch {STALL_BATCH}: stream stall", f"{stall:.1%}",
+                 f"{waits} copies unfinished at hand-over; host wait {waited * 1e3:.0f} ms",
+                 harness.yes_no(stall < 0.05)))
     dataset = lb.ArrowBatches(path, work.name, lb.BATCH, shuffle, 0)
     stock = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=4, persistent_workers=True,
                                         pin_memory=True, worker_init_fn=lb.one_thread, multiprocessing_context="fork")
@@ -242,6 +249,8 @@ def checkpoint_rows(root: Path, gb: float, repeat: int, limit: float) -> Rows:
     blocking = []
     with CheckpointManager([Tier(tier, keep_last=1)]) as manager:
         for step in range(1, 4):
+            manager.wait()  # the last save's promotion and retention done, as minutes of training would leave them
+            time.sleep(1)
             torch.cuda.synchronize()
             start = time.perf_counter()
             handle = manager.save(step, state)

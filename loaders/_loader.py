@@ -134,7 +134,7 @@ class Loader:
         self._slot_bytes = parse_size(slot_bytes)
         self._pool: TransformPool | None = None
         self._tables = KeptTables()
-        self._metrics = {"samples": 0, "batches": 0, "bytes": 0, "wait_s": 0.0, "seconds": 0.0,
+        self._metrics = {"samples": 0, "batches": 0, "bytes": 0, "wait_s": 0.0, "seconds": 0.0, "device_waits": 0,
                          "cache_hits": 0, "cache_misses": 0, "cache_downloaded_bytes": 0}
 
     @property
@@ -162,8 +162,10 @@ class Loader:
         the cache's hits, misses and bytes downloaded (``cache_downloaded_bytes``) by this rank; and ``to_device``,
         how batches reach a CUDA device: ``"pinned-host"`` (assembled in pinned staging, copied on a side stream the
         trainer's stream waits on by event), ``"host"`` (from the workers' shared memory, a copy the trainer waits
-        for) or ``""`` (no CUDA device). Shards are never read by GPUDirect Storage: a batch's rows are gathered
-        from many record batches, which host memory does at its own speed and the device copy then moves whole."""
+        for) or ``""`` (no CUDA device), and ``device_waits``, how many groups of batches were still being copied
+        to the device when the trainer took their first batch (its stream may then have waited; 0: it never did).
+        Shards are never read by GPUDirect Storage: a batch's rows are gathered from many record batches, which
+        host memory does at its own speed and the device copy then moves whole."""
         m: dict[str, Any] = dict(self._metrics)
         seconds = max(m["seconds"], 1e-9)
         m["samples_per_s"] = m["samples"] / seconds
@@ -240,7 +242,7 @@ class Loader:
         plan = self._dataset.plan(lead_steps=self._lead_steps)
         run = EpochPipeline(plan, self._settings, self._ring, self._tables)
         started = time.perf_counter()
-        self._metrics.update(samples=0, batches=0, bytes=0, wait_s=0.0, seconds=0.0)
+        self._metrics.update(samples=0, batches=0, bytes=0, wait_s=0.0, seconds=0.0, device_waits=0)
         metrics = self._metrics
         consumed = plan.position.advance
         torch, device = self._settings.torch, self._settings.device
@@ -260,8 +262,8 @@ class Loader:
                     raise LoaderError(f"the loader's background work failed: {exc}") from exc
                 metrics["wait_s"] += time.perf_counter() - waited
                 for batch, count, size in zip(batches, counts, nbytes):
-                    if copy is not None:
-                        copy.wait(torch, device)
+                    if copy is not None and copy.wait(torch, device):
+                        metrics["device_waits"] += 1
                     metrics["samples"] += count
                     metrics["batches"] += 1
                     metrics["bytes"] += size

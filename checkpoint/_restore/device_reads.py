@@ -160,7 +160,7 @@ class DeviceReads:
         """Before reading into ``targets``: wait for the work the caller's stream has queued on them."""
         import torch
 
-        for device in {t.device for t in targets}:
+        for device in {t.device for t in targets if t.device.type == "cuda"}:
             torch.cuda.current_stream(device).synchronize()
 
     def read_direct(self, file: str, entry: FileEntry, run: DeviceRun, url: str, key: str) -> None:

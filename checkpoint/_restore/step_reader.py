@@ -259,7 +259,7 @@ class StepReader:
         pack = self.manifest.pack
         if pack is not None and (members or any(specs[path].packed is not None for path in on_device)):
             regions[pack.path] = whole_region(pack, None, np.empty(pack.nbytes, np.uint8))
-        groups = group_paths([path for path in [*regions, *on_device] if path != PACK_PATH])
+        groups = group_paths([p for p in [*regions, *on_device] if p != PACK_PATH and specs[p].packed is None])
         reads[:0] = [(group_metadata_key(g), None, None) for g in groups]
         for path, region in regions.items():
             files: list[Read] = [(region.spec.metadata_key, None, None), *region_reads(region)]

@@ -36,16 +36,19 @@ class DeviceCopy:
         self.tensors = tensors
         self._waited: Any = None
 
-    def wait(self, torch: Any, device: Any) -> None:
+    def wait(self, torch: Any, device: Any) -> bool:
         """Make the consumer's current stream wait for the copy, and tell the allocator that stream uses the
-        tensors; once per stream, so a group's later batches cost nothing."""
+        tensors; once per stream, so a group's later batches cost nothing. Whether the copy was still running
+        (the stream may then wait for it), the first time."""
         stream = torch.cuda.current_stream(device)
         if stream == self._waited:
-            return
+            return False
+        running = self._waited is None and not self.event.query()
         stream.wait_event(self.event)
         for tensor in self.tensors:
             tensor.record_stream(stream)
         self._waited = stream
+        return running
 
 
 def staging_allocator(torch: Any, device: Any) -> Callable[[int], np.ndarray]:

@@ -31,17 +31,20 @@ def _state(seed: int = 0) -> dict[str, Any]:
                       "e": torch.randn(4097, 257, device="cuda", generator=gen).bfloat16(),
                       "b": torch.randn(7, device="cuda", generator=gen).bfloat16(),  # these two in the pack
                       "scale": torch.tensor(3.5, device="cuda") + seed},
+            "optim": {"step": torch.tensor(7.0, device="cuda") + seed},  # a group of packed tensors only
             "step": seed}
 
 
 def _zeros(state: dict[str, Any]) -> dict[str, Any]:
-    return {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}, "step": 0}
+    return {**{group: {k: torch.zeros_like(v) for k, v in state[group].items()} for group in ("model", "optim")},
+            "step": 0}
 
 
 def _assert_restored(target: dict[str, Any], expected: dict[str, Any]) -> None:
-    for name, value in target["model"].items():
-        assert value.is_cuda, name
-        assert torch.equal(value.cpu(), expected["model"][name].cpu()), name
+    for group in ("model", "optim"):
+        for name, value in target[group].items():
+            assert value.is_cuda, name
+            assert torch.equal(value.cpu(), expected[group][name].cpu()), name
 
 
 @pytest.mark.parametrize("mode", ["auto", "off", pytest.param("always", marks=KVIKIO)])
@@ -96,11 +99,11 @@ def test_a_save_blocks_only_for_its_snapshot(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(LocalStepWriter, "write", held)
     state = _state(4)
-    expected = {"model": {k: v.clone() for k, v in state["model"].items()}}
+    expected = {group: {k: v.clone() for k, v in state[group].items()} for group in ("model", "optim")}
     with CheckpointManager([tmp_path], chunk_bytes=CHUNK) as manager:
         handle = manager.save(4, state)
         assert not handle.done() and not any(manager.steps().values())
-        for value in state["model"].values():
+        for value in [*state["model"].values(), *state["optim"].values()]:
             value.add_(1)  # the caller's tensors are its own again once save returns
         release.set()
         handle.wait()

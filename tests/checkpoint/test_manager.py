@@ -394,3 +394,23 @@ def test_gpu_tensors_go_through_pinned_staging(tmp_path: Path) -> None:
         manager.restore(into=target)
     assert target["w"].device.type == "cuda"
     assert torch.equal(target["w"].cpu(), expected["w"]) and torch.equal(target["b"].cpu(), expected["b"])
+
+
+def test_tensors_filled_from_the_pack_on_their_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path CUDA targets of packed arrays take (the pack copied to their device once, each filled from it),
+    run here on CPU tensors: groups that hold only packed arrays among them."""
+    from trainio.checkpoint._restore import step_reader
+
+    monkeypatch.setattr(step_reader, "is_cuda_target", lambda spec, target: spec.packed is not None and
+                        isinstance(target, torch.Tensor) and tuple(target.shape) == spec.shape)
+    state = {"model": {"w": torch.randn(300, 300), "b": torch.randn(7).bfloat16()},
+             "optim": {"step": torch.tensor(7.0), "lr": torch.tensor([3e-4], dtype=torch.float64)}, "step": 2}
+    with CheckpointManager([tmp_path]) as manager:
+        manager.save(2, state).wait()
+        target = {"model": {"w": torch.zeros(300, 300), "b": torch.zeros(7).bfloat16()},
+                  "optim": {"step": torch.tensor(0.0), "lr": torch.zeros(1, dtype=torch.float64)}, "step": 0}
+        restored = manager.restore(into=target)
+    assert restored["optim"]["step"] is target["optim"]["step"]
+    for group in ("model", "optim"):
+        for name, value in state[group].items():
+            assert torch.equal(target[group][name], value), name

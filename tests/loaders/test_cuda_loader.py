@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,15 @@ def test_early_break_leaves_no_thread_or_pinned_slot_behind(tokens: Path) -> Non
         while _loader_threads() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not _loader_threads(), "the loader's threads outlived the break"
+        ring = loader._ring
+        ring._reap()
+        assert ring._count == len(ring._free) + len(ring._copies), "a staging slot is still lent to a dropped group"
         active = _active_pinned_bytes()
-        if first is None:
-            first = active
+        first = first or active
         assert active <= first + first // 4, f"break {attempt}: pinned staging grew from {first} to {active} bytes"
     assert first is not None and first > before, "the loader staged nothing in pinned memory"
-    del loader
-    assert _active_pinned_bytes() == before, "pinned staging outlived the loader"
+    slots = [weakref.ref(slot) for slot in [*ring._free, *(slot for _, slot in ring._copies)]]
+    assert slots
+    del loader, ring
+    gc.collect()
+    assert all(slot() is None for slot in slots), "a pinned staging slot outlived the loader"
