@@ -4,9 +4,11 @@ Every rank holds its Shard(0) slice of each parameter and optimizer tensor
 (DTensors on a 1-D mesh) and the scalars whole. Rows, timed from before a
 barrier to after one (so a row is the slowest rank's time):
 - memcpy: each rank copies its shards into preallocated tensors;
-- raw write+fsync / read: each rank writes one file of its shards' bytes, and reads it back;
+- raw write+sync / read: each rank writes its shards' bytes as new files of trainio's chunk size with trainio's
+  threads and makes them durable, then reads them with as many threads;
 - trainio: ``save`` blocking (the slowest rank's), to committed on every
-  rank, ``restore(into=)`` warm and cold;
+  rank, ``restore(into=)`` warm and cold, each run in turn with a run of the raw read (cold: every rank's raw
+  files and the whole tier dropped from the page cache, ``sync``, half a second to settle);
 - dcp.save, dcp.async_save (blocking, and to done), dcp.load warm and cold;
 - with ``nodes``, a node tier (``ranks // nodes`` ranks a node, ``{node}`` in
   its path, one replica) before a shared tier: ``save`` blocking, to committed
@@ -32,6 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainio.checkpoint import CheckpointManager, Tier
+from trainio.tools._bench_limits import read_files
 
 
 def _sharded(state: Any, mesh: Any) -> Any:
@@ -104,6 +107,53 @@ def _async_rounds(start: Callable[[], Any], finish: Callable[[Any], Any], before
 def _restore_rows(who: str, restore: Callable[[], Any], path: Path, repeat: int) -> list[tuple[str, str, float]]:
     return [("restore warm", who, _best(restore, repeat)),
             ("restore cold", who, _best(restore, repeat, lambda: _drop(path)))]
+
+
+def _raw_files(root: Path, buffer: torch.Tensor, repeat: int) -> tuple[tuple[str, str, float], list[Path]]:
+    """The write limit with trainio's parallelism on every rank (its threads writing this rank's bytes as new
+    files of its chunk size, made durable), and such files left for the read limit."""
+    from trainio.checkpoint import CheckpointOptions
+    from trainio.tools._bench_limits import DurableWrite
+
+    options = CheckpointOptions()
+    mine = root / str(dist.get_rank())
+    mine.mkdir(parents=True, exist_ok=True)
+    view = memoryview(buffer.numpy())
+    write = DurableWrite(mine, [view], options.threads, options.chunk_bytes)
+    row = ("durable save", f"raw write+sync, {options.threads} threads a rank", _best(write, repeat))
+    files = []
+    for i, start in enumerate(range(0, view.nbytes, options.chunk_bytes)):
+        files.append(mine / f"{i}.bin")
+        files[-1].write_bytes(view[start:start + options.chunk_bytes])
+    os.sync()
+    return row, files
+
+
+def _restores_in_turn(raw: Callable[[], Any], restore: Callable[[], Any], paths: list[Path],
+                      repeat: int) -> list[tuple[str, str, float]]:
+    """Warm and cold rows of the read limit and of trainio's restore, measured in turn (limit, trainio, limit, ...)
+    so that the disk's drift hits both; a warm run follows an untimed run of the same reads, a cold one a drop of
+    every rank's files of both from the page cache and a pause for the disk to settle."""
+    from trainio.checkpoint import CheckpointOptions
+
+    threads = CheckpointOptions().threads
+    names = (f"raw read, {threads} threads a rank", "trainio restore(into=)")
+    best: dict[tuple[str, str], float] = {}
+
+    def cold() -> None:
+        for path in paths:
+            _drop(path)
+        os.sync()
+        time.sleep(0.5)
+        dist.barrier()
+
+    for _ in range(repeat):
+        for measure, cooled in (("restore warm", False), ("restore cold", True)):
+            for who, fn in zip(names, (raw, restore), strict=True):
+                cold() if cooled else fn()  # a warm run follows a run of the same reads
+                seconds = _all(fn)
+                best[(measure, who)] = min(best.get((measure, who), seconds), seconds)
+    return [(measure, who, seconds) for (measure, who), seconds in sorted(best.items(), key=lambda kv: kv[0][1])]
 
 
 def _fresh(path: Path) -> None:
@@ -205,23 +255,10 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
     rows.append(("blocking (memcpy floor)", "memcpy of each rank's shards", _best(
         lambda: [c.copy_(t) for c, t in zip(copies, shards, strict=True)], repeat)))
 
-    raw = base / f"raw-{rank}.bin"
     buffer = torch.cat([t.reshape(-1).view(torch.uint8) for t in shards])
-
-    def write() -> None:
-        with open(raw, "wb") as f:
-            f.write(buffer.numpy().data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def read() -> None:
-        with open(raw, "rb") as f:
-            f.readinto(buffer.numpy().data)
-
     base.mkdir(parents=True, exist_ok=True)
-    rows.append(("durable save", "raw write+fsync, a file per rank", _best(write, repeat)))
-    rows += _restore_rows("raw readinto, a file per rank", read, raw, repeat)
-    raw.unlink()
+    row, files = _raw_files(base / "raw", buffer, repeat)
+    rows.append(row)
 
     tier = base / "trainio"
     with CheckpointManager([Tier(tier, keep_last=1)], timeout_s=600) as manager:
@@ -232,9 +269,11 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
                                        lambda: _fresh_steps(tier), repeat)
         rows += [("blocking", "trainio save()", blocked), ("durable save", "trainio save() to committed", total)]
         target = like(state)
-        rows += _restore_rows("trainio restore(into=)", lambda: manager.restore(into=target), tier, repeat)
+        rows += _restores_in_turn(lambda: read_files(files, manager.options.threads),
+                                  lambda: manager.restore(into=target), [base / "raw", tier], repeat)
         assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
     _fresh(tier)
+    _fresh(base / "raw")
     if nodes:
         rows += _node_rows(base, state, shards, buffer, nodes, repeat)
 
