@@ -20,7 +20,7 @@ from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.nodes import Node
 from .._format.per_rank import for_rank
 from .._format.state_tree import array_paths, build, select
-from .._format.zarr_layout import PACK_PATH, ArraySpec, group_metadata_key, group_paths
+from .._format.zarr_layout import ArraySpec
 from .._tiers.commit import NotKeptHere, TierIO, describe, step_name
 from .device_reads import (
     PINNED_HOST,
@@ -245,8 +245,8 @@ class StepReader:
             direct = device_reads(spec, device_bytes(spec, target)) if on_cuda else None
             if direct is not None:
                 on_device[path] = target
-                reads.extend([(spec.metadata_key, None, None), *direct])
-                wanted[path] = [spec.metadata_key, *(key for key, _, _ in direct)]
+                reads.extend(direct)
+                wanted[path] = [key for key, _, _ in direct]
                 continue
             if spec.packed is None and is_dtensor(target):
                 regions[path] = shard_region(spec, target, self._where(path))
@@ -259,10 +259,10 @@ class StepReader:
         pack = self.manifest.pack
         if pack is not None and (members or any(specs[path].packed is not None for path in on_device)):
             regions[pack.path] = whole_region(pack, None, np.empty(pack.nbytes, np.uint8))
-        groups = group_paths([p for p in [*regions, *on_device] if p != PACK_PATH and specs[p].packed is None])
-        reads[:0] = [(group_metadata_key(g), None, None) for g in groups]
         for path, region in regions.items():
-            files: list[Read] = [(region.spec.metadata_key, None, None), *region_reads(region)]
+            # The manifest says all a raw array's bytes mean; only zarr decodes a compressed one from its zarr.json.
+            metadata: list[Read] = [(region.spec.metadata_key, None, None)] if region.spec.codec is not None else []
+            files: list[Read] = [*metadata, *region_reads(region)]
             wanted[path] = [key for key, _, _ in files]
             reads.extend(files)
         return Load(node, into, specs, regions, members, reads, wanted, on_device)

@@ -68,8 +68,25 @@ def test_a_fifo_in_a_step_falls_back_to_the_next_tier(saved: Path, which: str) -
     if which == "manifest.json":  # no regular manifest: the step is not committed on that tier at all
         assert checked.steps == [] and list_steps(saved / "fast") == []
         return
-    assert any("not a regular file" in problem for problem in report.fell_back.values())
+    if which == "zarr.json":  # a raw array's: the manifest says all its bytes mean, restore never opens it
+        assert not report.fell_back
+    else:
+        assert any("not a regular file" in problem for problem in report.fell_back.values())
     assert not checked.ok and "not a regular file" in checked.problems[0][2]
+
+
+def test_a_damaged_zarr_json_of_a_compressed_array_is_read_from_the_next_tier(tmp_path: Path) -> None:
+    """zarr decodes a compressed array from its zarr.json, so restore reads and checks that one."""
+    with CheckpointManager([Tier(tmp_path / "fast"), Tier(tmp_path / "slow")], compression="zstd") as manager:
+        manager.save(5, _state())
+        manager.promote()
+    metadata = tmp_path / "fast" / STEP / "state.zarr" / "w" / "zarr.json"
+    data = bytearray(metadata.read_bytes())
+    data[10] ^= 1
+    metadata.write_bytes(bytes(data))
+    state, report = _restore(tmp_path)
+    _assert_state(state)
+    assert any("w/zarr.json" in key for key in report.fell_back), report.fell_back
 
 
 def test_a_fifo_stops_promote_with_a_clean_error(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
