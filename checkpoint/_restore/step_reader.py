@@ -242,7 +242,8 @@ class StepReader:
             if on_cuda and spec.packed is not None:  # filled from the pack, copied up once (see finish)
                 on_device[path] = target
                 continue
-            direct = device_reads(spec, device_bytes(spec, target)) if on_cuda else None
+            memory = device_bytes(spec, target) if on_cuda else None  # None: compressed, or not contiguous
+            direct = device_reads(spec, memory) if memory is not None else None
             if direct is not None:
                 on_device[path] = target
                 reads.extend(direct)

@@ -414,3 +414,18 @@ def test_tensors_filled_from_the_pack_on_their_device(tmp_path: Path, monkeypatc
     for group in ("model", "optim"):
         for name, value in state[group].items():
             assert torch.equal(target[group][name], value), name
+
+
+def test_compressed_arrays_for_device_targets_go_through_host_memory(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Targets taken for CUDA tensors (here CPU ones, as that path sees them) of compressed arrays are decoded in
+    host memory and copied in: their files cannot be read straight into the tensor."""
+    from trainio.checkpoint._restore import step_reader
+
+    monkeypatch.setattr(step_reader, "is_cuda_target", lambda spec, target: isinstance(target, torch.Tensor))
+    state = {"w": torch.randn(300, 300), "b": torch.randn(7)}
+    with CheckpointManager([tmp_path], compression="zstd") as manager:
+        manager.save(1, state).wait()
+        target = {"w": torch.zeros(300, 300), "b": torch.zeros(7)}
+        manager.restore(into=target)
+    assert torch.equal(target["w"], state["w"]) and torch.equal(target["b"], state["b"])
