@@ -214,7 +214,10 @@ class LocalTierIO(TierIO):
 
     def local_file(self, step: int, key: str) -> str | None:
         path = self.store.local_path(f"{step_name(step)}/{key}")
-        return None if path is None else str(path)
+        if path is None:
+            return None
+        real, root = os.path.realpath(path), os.path.realpath(self.root)
+        return real if real.startswith(root + os.sep) else None  # no link is followed out of the tier
 
     def read(self, step: int, key: str, entry: FileEntry) -> bytes:
         full = f"{step_name(step)}/{key}"

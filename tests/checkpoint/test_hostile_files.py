@@ -189,3 +189,17 @@ def test_last_known_good_that_is_deep_or_a_fifo_is_ignored(saved: Path) -> None:
     os.mkfifo(marker)
     assert list_steps(saved / "fast")[0].verified is False
     assert json.loads((saved / "slow" / STEP / "manifest.json").read_bytes())["version"] == 3
+
+
+def test_a_local_tier_names_no_file_through_a_link_out_of_it(tmp_path: Path) -> None:
+    """What kvikio would open by path: a file of the tier, never one reached through a link out of it."""
+    tier = tmp_path / "tier"
+    with CheckpointManager([tier]) as manager:
+        manager.save(1, _state()).wait()
+        io = manager._io[0]
+        key = next(p for p in (tier / "000000000001" / "state.zarr" / "w").iterdir() if p.name != "zarr.json")
+        relative = key.relative_to(tier / "000000000001").as_posix()
+        assert io.local_file(1, relative) == os.path.realpath(key)
+        shutil.move(tier / "000000000001", tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", tier / "000000000001")
+        assert io.local_file(1, relative) is None
