@@ -131,29 +131,18 @@ def _raw_files(root: Path, buffer: torch.Tensor, repeat: int) -> tuple[tuple[str
 
 def _restores_in_turn(raw: Callable[[], Any], restore: Callable[[], Any], paths: list[Path],
                       repeat: int) -> list[tuple[str, str, float]]:
-    """Warm and cold rows of the read limit and of trainio's restore, measured in turn (limit, trainio, limit, ...)
-    so that the disk's drift hits both; a warm run follows an untimed run of the same reads, a cold one a drop of
-    every rank's files of both from the page cache and a pause for the disk to settle."""
+    """Warm and cold rows of the read limit and of trainio's restore, measured in turn on every rank
+    (``checkpoint_bench.in_turn``); a cold run follows a drop of every rank's files of both."""
+    from checkpoint_bench import in_turn
+
     from trainio.checkpoint import CheckpointOptions
 
-    threads = CheckpointOptions().threads
-    names = (f"raw read, {threads} threads a rank", "trainio restore(into=)")
-    best: dict[tuple[str, str], float] = {}
-
-    def cold() -> None:
+    def cool() -> None:
         for path in paths:
             _drop(path)
-        os.sync()
-        time.sleep(0.5)
-        dist.barrier()
 
-    for _ in range(repeat):
-        for measure, cooled in (("restore warm", False), ("restore cold", True)):
-            for who, fn in zip(names, (raw, restore), strict=True):
-                cold() if cooled else fn()  # a warm run follows a run of the same reads
-                seconds = _all(fn)
-                best[(measure, who)] = min(best.get((measure, who), seconds), seconds)
-    return [(measure, who, seconds) for (measure, who), seconds in sorted(best.items(), key=lambda kv: kv[0][1])]
+    contenders = ((f"raw read, {CheckpointOptions().threads} threads a rank", raw), ("trainio restore(into=)", restore))
+    return in_turn(contenders, repeat, cool, _all)
 
 
 def _fresh(path: Path) -> None:

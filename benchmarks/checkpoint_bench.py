@@ -38,7 +38,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,28 +161,19 @@ class Bench:
 
 
     def restores_in_turn(self, restore: Callable[[], Any], tier: Path) -> None:
-        """The read limit's rows and trainio's restore rows, warm and cold, measured in turn (limit, trainio,
-        limit, ...) so that the disk's drift hits both: a warm run follows an untimed run of the same reads, a cold
-        one a drop of both's files from the page cache, a ``sync`` and half a second for the disk to settle."""
+        """The read limit's rows and trainio's restore rows, warm and cold, measured in turn (see
+        :func:`in_turn`); a cold run follows a drop of both's files from the page cache."""
         threads = CheckpointOptions().threads
         files = self.raw_files
+
+        def cool() -> None:
+            drop_cache(tier)
+            drop_cache(files[0].parent)
+
         contenders = ((f"raw read, {threads} threads", lambda: read_files(files, threads)),
                       ("trainio restore(into=)", restore))
-        shortest: dict[tuple[str, str], float] = {}
-        for _ in range(self.repeat):
-            for measure, cold in (("restore warm", False), ("restore cold", True)):
-                for who, fn in contenders:
-                    if cold:
-                        drop_cache(tier)
-                        drop_cache(files[0].parent)
-                        os.sync()
-                        time.sleep(0.5)
-                    else:
-                        fn()
-                    seconds = timed(fn)
-                    shortest[(measure, who)] = min(shortest.get((measure, who), seconds), seconds)
-        for (measure, who), seconds in sorted(shortest.items(), key=lambda kv: kv[0][1]):
-            self.add(measure, who, seconds)
+        for row in in_turn(contenders, self.repeat, cool, timed):
+            self.add(*row)
         fresh(files[0].parent)
 
     def torch_save(self) -> None:
@@ -231,6 +222,27 @@ class Bench:
 
     def table(self) -> list[str]:
         return rows_table(self.rows, self.nbytes)
+
+
+def in_turn(contenders: Sequence[tuple[str, Callable[[], Any]]], repeat: int, cool: Callable[[], None],
+            timer: Callable[[Callable[[], Any]], float]) -> list[tuple[str, str, float]]:
+    """Warm and cold rows (measure, who, best seconds) of ``contenders``, measured in turn (one, the other, one,
+    ...) so that the disk's drift hits them alike: a warm run follows an untimed run of the same reads, a cold one
+    ``cool()``, a ``sync`` and half a second for the disk to settle; rows in the order of ``contenders``."""
+    shortest: dict[tuple[str, str], float] = {}
+    for _ in range(repeat):
+        for measure, cold in (("restore warm", False), ("restore cold", True)):
+            for who, fn in contenders:
+                if cold:
+                    cool()
+                    os.sync()
+                    time.sleep(0.5)
+                else:
+                    fn()
+                seconds = timer(fn)
+                shortest[(measure, who)] = min(shortest.get((measure, who), seconds), seconds)
+    return [(measure, who, shortest[(measure, who)]) for who, _ in contenders
+            for measure in ("restore warm", "restore cold")]
 
 
 def rows_table(measured: list[tuple[str, str, float]], nbytes: int) -> list[str]:

@@ -52,7 +52,7 @@ from trainio.checkpoint import CheckpointManager, Tier
 from trainio.checkpoint._restore.device_reads import kvikio_path
 from trainio.loaders import Loader, StreamingDataset, parse_size
 from trainio.tools._bench_limits import drop_from_page_cache
-from trainio.tools._bench_run import tensors_of, transformer_state
+from trainio.tools._bench_run import tensors_of, transformer_state, zeros_like
 
 GB = 1e9
 STALL_BATCH = 1024  # the stall rows' batch: GPU work per batch well above Python's cost of launching it
@@ -190,16 +190,6 @@ def cuda_state(gb: float) -> dict[str, Any]:
     return moved(state)  # type: ignore[no-any-return]
 
 
-def zeros_like_state(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return torch.zeros_like(state)
-    if isinstance(state, dict):
-        return {k: zeros_like_state(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [zeros_like_state(v) for v in state]
-    return state
-
-
 def read_limit(files: list[Path], threads: int = 8) -> float:
     """Seconds to read ``files`` into pinned memory with ``threads`` threads, unhashed."""
     buffers = [torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True).numpy() for _ in range(threads)]
@@ -263,7 +253,7 @@ def checkpoint_rows(root: Path, gb: float, repeat: int, limit: float) -> Rows:
                  harness.yes_no(steady <= 1.2 * d2h_s)))
     files = [p for p in (tier / f"{3:012d}").rglob("*") if p.is_file()]
     on_disk = sum(p.stat().st_size for p in files)
-    target = zeros_like_state(state)
+    target = zeros_like(state)
     h2d_s = nbytes / (limit * GB)
     path_name = kvikio_path() or "kvikio not installed"
     for cold in (False, True):

@@ -355,7 +355,7 @@ class StepReader:
             raise
         device.upload(buffer, run)
         with self._manifest_lock:
-            if self.report.to_device in ("", PINNED_HOST):
+            if not self.report.to_device:  # a kvikio read that fell back here keeps its path's name
                 self.report.to_device = PINNED_HOST
             self.report.to_device_bytes += run.nbytes
 
