@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
-import mmap
 import os
 import threading
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._atomic import fsync_dir, make_dirs, temp_name
+from ._cache_reuse import checked_here, still_good
 from ._eviction import CacheEntry, EvictionPolicy, LeastRecentlyUsed
 from ._hashing import check_digest, digest
 from ._keys import check_key
@@ -34,14 +34,17 @@ class CacheOptions:
 
     Attributes:
         durable: fsync each downloaded file before it becomes visible, so a
-            cached file is whole even after a power loss (default True).
+            power loss cannot damage it (default False: a process checks
+            every cached file against its digest before its first use, so a
+            file damaged by a power loss, or on disk since, is found and
+            downloaded again instead).
         full_wait_s: How long a fetch waits for pinned files to be released
             when the cache is full of them, before it fails (default 10 s).
         lock_stripes: Number of lock files that serialise downloads of the
             same key across threads and processes (default 256).
     """
 
-    durable: bool = True
+    durable: bool = False
     full_wait_s: float = 10.0
     lock_stripes: int = 256
 
@@ -60,6 +63,10 @@ class ShardCache:
     - ``fetch`` downloads a key at most once however many threads and
       processes ask for it at the same time; the file appears complete and,
       when ``expected_xxh3`` is given, verified, or not at all.
+    - A file fetched with ``expected_xxh3`` is checked against it before this
+      process first uses it, whoever downloaded it and whenever: a file that
+      no longer matches (damaged on disk, or by a power loss before it was
+      written back) is deleted and downloaded again.
     - Bytes of finished files plus downloads in flight never exceed
       ``max_bytes``; space is made by evicting files in the ``policy``'s order
       (least recently used by default), skipping pinned ones.
@@ -124,8 +131,12 @@ class ShardCache:
         """Where ``key`` is (or would be) cached; the file may not exist."""
         return Path(self._content_path(check_key(self._store.url, key), expected_xxh3))
 
-    def fetch(self, key: str, *, expected_xxh3: str | None = None) -> Path:
+    def fetch(self, key: str, *, expected_xxh3: str | None = None, size: int | None = None) -> Path:
         """The local path of ``key``, downloading it first if it is not cached.
+
+        ``size``, the key's size where the caller knows it (an index records
+        it), spares asking the store; it is used only with ``expected_xxh3``,
+        which then also checks it.
 
         The file may be evicted by a later fetch (of this or another process)
         unless it is pinned: read it inside :meth:`pinned` instead.
@@ -138,22 +149,22 @@ class ShardCache:
         """
         key = check_key(self._store.url, key)
         path = self._content_path(key, expected_xxh3)
-        if _touch(path):
+        if _touch(path) and still_good(key, path, expected_xxh3):
             self._count("hits")
             return Path(path)
         with self._flock(self._stripe_path(key), fcntl.LOCK_EX):
-            if _touch(path):
+            if _touch(path) and still_good(key, path, expected_xxh3):
                 self._count("hits")
                 return Path(path)
             self._count("misses")
-            self._download(key, expected_xxh3, path)
+            self._download(key, expected_xxh3, path, size if expected_xxh3 is not None else None)
         return Path(path)
 
     @contextmanager
-    def pinned(self, key: str, *, expected_xxh3: str | None = None) -> Iterator[Path]:
-        """Fetch ``key`` and keep it from eviction, in every process, until the block ends."""
+    def pinned(self, key: str, *, expected_xxh3: str | None = None, size: int | None = None) -> Iterator[Path]:
+        """Fetch ``key`` (as :meth:`fetch` does) and keep it from eviction, in every process, until the block ends."""
         for _ in range(_PIN_RETRIES):
-            path = self.fetch(key, expected_xxh3=expected_xxh3)
+            path = self.fetch(key, expected_xxh3=expected_xxh3, size=size)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
@@ -191,8 +202,9 @@ class ShardCache:
 
     # -- download and space ------------------------------------------------------
 
-    def _download(self, key: str, expected: str | None, path: str) -> None:
-        size = self._store.size(key)
+    def _download(self, key: str, expected: str | None, path: str, size: int | None) -> None:
+        if size is None:
+            size = self._store.size(key)
         if size > self._max_bytes:
             raise StoreError(self._store.url, key, f"is {size} bytes, more than the cache's whole budget "
                              f"of {self._max_bytes} bytes at {self._root}", "raise the cache's max_bytes")
@@ -208,6 +220,7 @@ class ShardCache:
                 os.replace(tmp_path, path)
             if self._options.durable:
                 fsync_dir(os.path.dirname(path))
+            checked_here(path, os.fstat(tmp_fd))
             self._count("downloaded_bytes", size)
         finally:
             os.close(tmp_fd)
@@ -217,15 +230,11 @@ class ShardCache:
                 pass
 
     def _fill(self, key: str, fd: int, size: int) -> str:
+        """Download ``key``'s first ``size`` bytes into the empty file ``fd``; their xxh3-128."""
         if size == 0:
             return digest(b"")
-        with mmap.mmap(fd, size) as mapped:
-            view = memoryview(mapped)
-            try:
-                self._store.get_into(key, view)
-                return digest(view)
-            finally:
-                view.release()
+        with open(fd, "wb", buffering=0, closefd=False) as file:  # written, never mapped: a write fault on a
+            return self._store.read_to(key, file, size=size)       # mapped hole zeroes the page first
 
     def _reserve(self, key: str, size: int) -> tuple[int, str]:
         """Make room for ``size`` bytes and return a locked temp file of that size holding the room."""

@@ -250,11 +250,12 @@ class LocalStore(Store):
                 while n := source.readinto(block):
                     write_all(f, block[:n])
 
-    def _read_stream(self, key: str, sink: HashingWriter) -> None:
+    def _read_stream(self, key: str, sink: HashingWriter, size: int | None) -> None:
         with self._errors(key, "read"):
             fd = self._open_regular(key)
             try:
-                size = os.fstat(fd).st_size
+                if size is None:
+                    size = os.fstat(fd).st_size
                 block = memoryview(bytearray(min(max(size, 1), self._options.block_bytes)))
                 if kernel_copy(fd, sink.fileno(), size, sink.hasher, block):
                     return

@@ -36,6 +36,15 @@ def pread_exact(fd: int, offset: int, size: int, url: str, key: str) -> bytes:
     return bytes(buffer)
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """Write all of ``data`` at ``offset`` of ``fd``, however many writes it takes; the bytes written."""
+    view = memoryview(data)
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
 def preadv_exact(fd: int, buffer: memoryview, offset: int, url: str, key: str) -> None:
     """Fill ``buffer`` from ``fd`` at ``offset``, however many reads it takes.
 

@@ -149,9 +149,9 @@ def test_each_node_downloads_about_its_share_through_a_cache_near_its_minimum(
     downloads: list[tuple[str, str]] = []  # (cache directory, key) of every download the caches make
     download = ShardCache._download
 
-    def counted(cache: ShardCache, key: str, expected: str | None, path: str) -> None:
+    def counted(cache: ShardCache, key: str, expected: str | None, path: str, size: int | None) -> None:
         downloads.append((str(cache._root), key))
-        download(cache, key, expected, path)
+        download(cache, key, expected, path, size)
 
     monkeypatch.setattr(ShardCache, "_download", counted)
     seen: list[int] = []

@@ -198,8 +198,8 @@ _KILLED_DOWNLOADER = textwrap.dedent("""
     from trainio.storage import LocalStore, ShardCache
 
     class SlowStore(LocalStore):
-        def _get_into(self, key, buffer, offset):
-            buffer[: len(buffer) // 2] = b"G" * (len(buffer) // 2)
+        def _read_stream(self, key, sink, size):
+            sink.write(b"G" * (size // 2))
             print("halfway", flush=True)
             time.sleep(60)
 
@@ -245,6 +245,42 @@ def test_remote_s3_store(s3_store: S3Store, tmp_path: Path) -> None:
     with cache.pinned("shards/big.arrow", expected_xxh3=digest) as path:
         assert path.read_bytes() == data
     assert cache.stats()["downloaded_bytes"] == 11 * MIB
+
+
+_REUSER = textwrap.dedent("""
+    import sys
+    from trainio.storage import LocalStore, ShardCache
+
+    cache = ShardCache(LocalStore(sys.argv[1]), sys.argv[2], 64 << 20)
+    with cache.pinned("shards/shard-00000.arrow", expected_xxh3=sys.argv[3]) as path:
+        sys.stdout.buffer.write(path.read_bytes())
+    print(cache.stats(), file=sys.stderr)
+""")
+
+
+def test_a_cached_file_damaged_after_its_download_is_found_by_the_next_process(remote: LocalStore,
+                                                                                tmp_path: Path) -> None:
+    """Downloads are not fsynced: a file damaged later (by a power loss before write-back, or on disk) is checked
+    by each process before its first use, and downloaded again rather than read."""
+    [(key, data)] = fill(remote, 1, 3 * MIB).items()
+    digest = xxh(data)
+    cache = ShardCache(remote, tmp_path / "cache", 64 * MIB)
+    path = cache.fetch(key, expected_xxh3=digest)
+    assert cache.fetch(key, expected_xxh3=digest) == path and cache.stats()["misses"] == 1
+
+    def reuse() -> tuple[bytes, str]:
+        run = subprocess.run([sys.executable, "-c", _REUSER, str(remote.root), str(tmp_path / "cache"), digest],
+                             capture_output=True, check=True)
+        return run.stdout, run.stderr.decode()
+
+    assert reuse() == (data, "{'hits': 1, 'misses': 0, 'downloaded_bytes': 0, 'evictions': 0}\n")
+    with open(path, "r+b") as f:
+        f.seek(2 * MIB + 3)
+        f.write(b"\x55")
+    got, log_and_stats = reuse()
+    assert got == data
+    assert "no longer matches its digest" in log_and_stats and "'misses': 1" in log_and_stats
+    assert path.read_bytes() == data  # replaced by the good download
 
 
 def test_caches_of_different_stores_share_a_directory(tmp_path: Path) -> None:

@@ -252,7 +252,8 @@ def test_multipart_upload_survives_faults(
     assert raw_uploads(seaweedfs, faulty_store.bucket) == []
 
 
-@pytest.mark.parametrize("how", ["get", "get_range", "get_into_offset", "get_file"])
+@pytest.mark.parametrize("how", ["get", "get_range", "get_into_offset", "get_file", "read_to_in_place",
+                                 "read_to_sized"])
 def test_parallel_reads_survive_faults(
     how: str, faulty_store: S3Store, proxy: FaultyProxy, seaweedfs: SeaweedFS, tmp_path: Path
 ) -> None:
@@ -272,6 +273,11 @@ def test_parallel_reads_survive_faults(
         buffer = bytearray(12 * MIB)
         assert faulty_store.get_into("big", buffer, offset) == len(buffer)
         assert buffer == data[offset:offset + len(buffer)]
+    elif how.startswith("read_to"):  # a file open for reading too: parts written where they go, hashed read back
+        size = len(data) if how == "read_to_sized" else None
+        with open(tmp_path / "big", "w+b", buffering=0) as file:
+            assert faulty_store.read_to("big", file, size=size) == digest(data)
+        assert (tmp_path / "big").read_bytes() == data
     else:
         target = tmp_path / "out" / "big"
         target.parent.mkdir()

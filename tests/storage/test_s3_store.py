@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from xxhash import xxh3_128_hexdigest
 
 from trainio.storage import S3Options, S3Store, Store, StoreError, open_store
 
@@ -92,3 +94,19 @@ def test_open_store_s3_urls(s3_options: S3Options, monkeypatch: pytest.MonkeyPat
         from trainio.storage import LocalOptions
 
         open_store("s3://test-bucket", options=LocalOptions())
+
+
+@pytest.mark.slow
+def test_read_to_fills_a_file_in_place_or_in_order(s3_store: S3Store, tmp_path: Path) -> None:
+    """Parts land at their offsets in a file open for reading and writing, in order in a write-only one; the
+    digest is the same either way, with the size given (one request fewer) or asked."""
+    data = os.urandom(2 * s3_store.options.part_size_bytes + 12345)
+    expected = s3_store.put("big", data)
+    for mode, size in (("w+b", None), ("w+b", len(data)), ("wb", None), ("wb", len(data))):
+        with open(tmp_path / "out", mode, buffering=0) as file:
+            assert s3_store.read_to("big", file, size=size) == expected, (mode, size)
+        assert (tmp_path / "out").read_bytes() == data, (mode, size)
+    with open(tmp_path / "prefix", "w+b", buffering=0) as file:  # a size below the object's: exactly that prefix
+        assert s3_store.read_to("big", file, size=1000) == xxh3_128_hexdigest(data[:1000])
+    with open(tmp_path / "past", "w+b", buffering=0) as file, pytest.raises(StoreError, match="'big'"):
+        s3_store.read_to("big", file, size=len(data) + 1)
