@@ -37,7 +37,9 @@ per order (in order, and shuffled where the contender can):
   index before its first sample is delivered ("checked", as in training) and without ("unchecked", the
   benchmark-only switch ``trainio.loaders._read.shard_check.CHECK_LOCAL_SHARDS``); the process forgets the shards it
   has checked before every run, so each one pays the whole check. Checked and unchecked run in turn, an epoch
-  of each, per order; the target is checked <= 1.10 x the unchecked time. Page-cache warm (the dataset read
+  of each, per order; the target is checked <= 1.10 x the unchecked time. The warm fresh Loader rows also run in
+  turn with the pyarrow pass above with its shards opened (mapped) inside each run, as the Loader's are: the
+  checked Loader's target adds >= 0.9 x that pass (issue 23 point 1). Page-cache warm (the dataset read
   before), and cold (", cold": the dataset's pages evicted with ``posix_fadvise(DONTNEED)`` before every run,
   untimed: a first epoch of data read once, as pretraining reads it);
 - MosaicML Streaming (``MDSWriter``; its ``StreamingDataset(local=..., remote=None, batch_size=64)``),
@@ -502,6 +504,7 @@ class Contender(harness.Contender):
     setup: Callable[[], None] = lambda: None
     teardown: Callable[[], None] = lambda: None
     before: Callable[[], None] = lambda: None  # untimed, before every run (the cold rows evict the files)
+    together: str = ""                         # a "fresh" row measured in turn with the rows of this name
     tallies: list[Tally] = field(default_factory=list)
 
 
@@ -577,6 +580,7 @@ FRESH_SAMPLES = "fresh StreamingDataset, first epoch per sample"
 FRESH_DATALOADER = f"fresh StreamingDataset in DataLoader ({WORKERS} workers), first epoch"
 FRESH_WORKERS = f"fresh dataset + Loader(workers={WORKERS}), first epoch"
 PEER_FRESH = "fresh, first epoch per sample"
+PYARROW_FRESH = "pyarrow IPC batch read, shards opened in the run"
 COLD = ", cold"  # the dataset's pages evicted from the page cache before every run
 
 
@@ -643,6 +647,13 @@ def fresh_contenders(work: Workload, path: Path, seed: int) -> list[Contender]:
             loader.close()
             _shard_check.CHECK_LOCAL_SHARDS = True
 
+    buffer = Holder(lambda: np.full(work.payload, 0, dtype=np.uint8))
+    for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):  # issue 23's reference: maps opened in the run too
+        found.append(Contender(work.name, order, PYARROW_FRESH, "fresh",
+                               lambda epoch, shuffle=shuffle: pyarrow_read(open_shards(path), work.name, buffer.value,
+                                                                           shuffle, seed + epoch),
+                               path, buffer.setup, buffer.teardown, note="the practical limit, fresh maps",
+                               together=f"trainio {FRESH}"))
     for cold in (False, True):
         for order, shuffle in ((IN_ORDER, False), (SHUFFLED, True)):
             for name, run in ((FRESH, fresh_loader), (FRESH_SAMPLES, fresh_samples), (FRESH_WORKERS, fresh_workers),
@@ -874,8 +885,8 @@ def measured_together(found: list[Contender]) -> list[list[Contender]]:
     for c in found:
         if c.mode == "DataLoader" and c.name.startswith(("trainio", "DataLoader ceiling")):
             together = (c.mode, c.order)
-        elif c.mode == "fresh":  # checked and unchecked in turn, a run of each per round
-            together = (c.name.rsplit(", ", 1)[0], c.order)
+        elif c.mode == "fresh":  # checked and unchecked (and the fresh pyarrow pass) in turn, a run of each per round
+            together = (c.together or c.name.rsplit(", ", 1)[0], c.order)
         else:
             groups.append([c])
             continue
@@ -963,6 +974,8 @@ def target_of(c: Contender) -> tuple[str, str]:
         return "sps", "500000" if c.order == IN_ORDER else "400000"
     if c.name.startswith("trainio StreamingDataset in DataLoader"):
         return "ceiling", "0.9"
+    if c.name == f"trainio {FRESH}, checked":
+        return "unchecked+pyarrow", "1.10"
     if c.mode == "fresh" and c.name.endswith(", checked"):
         return "unchecked", "1.10"
     return "", ""
@@ -977,6 +990,8 @@ def target_text(kind: str, threshold: str) -> str | None:
         return f">= {threshold} x ceiling"
     if kind == "unchecked":
         return f"<= {threshold} x unchecked time"
+    if kind == "unchecked+pyarrow":
+        return f"<= {threshold} x unchecked time, >= 0.9 x fresh pyarrow"
     return None
 
 
@@ -1011,12 +1026,17 @@ def summarize(found: list[Contender], works: dict[str, Workload]) -> list[dict[s
                     row["vs_litdata"] = factor
                     notes.append(f"{factor:.2f}x LitData")
                     met = met and factor >= 4
-            elif kind == "unchecked":
+            elif kind.startswith("unchecked"):
                 unchecked = rates.get((c.workload, c.order, c.name.replace(", checked", ", unchecked")))
                 if unchecked:
                     row["vs_unchecked"] = median / unchecked
                     met = row["vs_unchecked"] <= float(threshold)
                     notes.append(f"{row['vs_unchecked']:.3f} x unchecked time")
+                pyarrow = rates.get((c.workload, c.order, PYARROW_FRESH))
+                if kind == "unchecked+pyarrow" and pyarrow:  # issue 23 point 1: >= 0.9 x the pass, both fresh
+                    row["vs_pyarrow_fresh"] = pyarrow / median
+                    met = bool(met) and row["vs_pyarrow_fresh"] >= 0.9
+                    notes.append(f"{row['vs_pyarrow_fresh']:.2f} x fresh pyarrow")
             elif kind == "ceiling":
                 ceiling = rates.get((c.workload, c.order, "DataLoader ceiling: raw Arrow batches"))
                 if ceiling:
