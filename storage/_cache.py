@@ -233,8 +233,9 @@ class ShardCache:
         """Download ``key``'s first ``size`` bytes into the empty file ``fd``; their xxh3-128."""
         if size == 0:
             return digest(b"")
-        with open(fd, "wb", buffering=0, closefd=False) as file:  # written, never mapped: a write fault on a
-            return self._store.read_to(key, file, size=size)       # mapped hole zeroes the page first
+        # Written, never mapped: a write fault on a mapped hole zeroes the page before the copy into it.
+        with open(fd, "wb", buffering=0, closefd=False) as file:
+            return self._store.read_to(key, file, size=size)
 
     def _reserve(self, key: str, size: int) -> tuple[int, str]:
         """Make room for ``size`` bytes and return a locked temp file of that size holding the room."""

@@ -99,8 +99,7 @@ class ShardReader:
         assert self._cache is not None
         stack = ExitStack()
         try:
-            path = stack.enter_context(self._cache.pinned(info.path, expected_xxh3=info.xxh3_128,
-                                                                size=info.bytes))
+            path = stack.enter_context(self._cache.pinned(info.path, expected_xxh3=info.xxh3_128, size=info.bytes))
             mapped = map_file(path)
         except BaseException:
             stack.close()
@@ -119,8 +118,8 @@ class ShardReader:
             if shard not in self._downloads and shard not in self._open:
                 info = self._dataset.shards[shard]
                 assert self._cache is not None
-                self._downloads[shard] = self._pool.submit(self._cache.fetch, info.path, expected_xxh3=info.xxh3_128,
-                                                        size=info.bytes)
+                self._downloads[shard] = self._pool.submit(
+                    self._cache.fetch, info.path, expected_xxh3=info.xxh3_128, size=info.bytes)
 
     def cache_stats(self) -> dict[str, int]:
         """The cache's hit and miss counts ({} for a local dataset)."""
