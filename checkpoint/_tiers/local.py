@@ -29,6 +29,9 @@ FSYNC_EACH_BYTES = 1 << 20
 """Files at least this big are fsync'd by their writer, overlapping write-back with other writes."""
 
 _READ_BLOCK = 8 << 20
+_READ_PIECE = 1 << 20  # a file is read this much a call: each sequential call lets the kernel read ahead of the
+#                        next, while a whole chunk read in one call leaves the disk idle while its thread hashes it
+#                        and opens the next (a cold 1.2 GB restore, 4 threads: 0.59 s against 0.64 s, medians of 6)
 _write = os.write  # one name for every data write, so tests can make the disk run full
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
 
@@ -195,7 +198,7 @@ class LocalTierIO(TierIO):
         hasher = Hasher()
         done = 0
         while done < target.nbytes:
-            n = os.preadv(fd, [target[done:]], done)
+            n = os.preadv(fd, [target[done:done + _READ_PIECE]], done)
             if n == 0:
                 raise size_error(self.url, full, entry, done)
             done += n

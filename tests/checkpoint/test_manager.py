@@ -292,6 +292,34 @@ def test_a_truncated_file_is_detected(tmp_path: Path) -> None:
             manager.restore()
 
 
+def _evict(root: Path) -> None:
+    """Drop every file under ``root`` from the page cache (written back first), as after a restart on a new node."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def test_files_not_in_the_page_cache_are_read_in_pieces_and_checked(tmp_path: Path) -> None:
+    """A chunk of several read pieces, not in the page cache, comes back whole, and a flipped byte is still found."""
+    g = torch.Generator().manual_seed(5)
+    state = {"w": torch.randn(1024, 1024 + 7, generator=g), "b": torch.randn(64, generator=g)}  # 4 MiB and more
+    with CheckpointManager([tmp_path]) as manager:
+        manager.save(1, state).wait()
+        _evict(tmp_path)
+        target = {"w": torch.zeros_like(state["w"]), "b": torch.zeros_like(state["b"])}
+        manager.restore(into=target)
+        assert torch.equal(target["w"], state["w"]) and torch.equal(target["b"], state["b"])
+        _flip_byte(_chunk(tmp_path, 1, "w"))
+        _evict(tmp_path)
+        with pytest.raises(CheckpointError, match=r"w/c\.0\.0.*damaged or missing on every tier"):
+            manager.restore(into=target)
+
+
 def test_partial_restore_of_a_sub_tree(tmp_path: Path) -> None:
     state = {"model": {"a": torch.ones(3), "b": {"c": torch.zeros(2)}}, "optim": {"lr": 0.1}, "step": 4}
     with CheckpointManager([tmp_path]) as manager:
