@@ -12,6 +12,7 @@ import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier
 from trainio.storage import CheckpointError
+from trainio.tools._bench_limits import drop_from_page_cache
 
 torch = pytest.importorskip("torch")
 
@@ -293,15 +294,8 @@ def test_a_truncated_file_is_detected(tmp_path: Path) -> None:
 
 
 def _evict(root: Path) -> None:
-    """Drop every file under ``root`` from the page cache (written back first), as after a restart on a new node."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    """Drop every file under ``root`` from the page cache, as after a restart on a new node."""
+    drop_from_page_cache([path for path in root.rglob("*") if path.is_file()])
 
 
 def test_files_not_in_the_page_cache_are_read_in_pieces_and_checked(tmp_path: Path) -> None:
