@@ -34,6 +34,7 @@ from trainio.storage import (
     RetryPolicy,
     S3Options,
     S3Store,
+    ShardCache,
     StoreError,
     StoreUnavailable,
     digest,
@@ -392,25 +393,31 @@ def is_range_from(offset: int) -> Callable[[Request], bool]:
     return lambda request: request.method == "GET" and (request.header("Range") or "").startswith(f"bytes={offset}-")
 
 
-@pytest.mark.parametrize("how", ["get", "get_file"])
+@pytest.mark.parametrize("how", ["get", "get_file", "cache"])
 def test_failed_download_leaves_nothing_behind(
     how: str, faulty_store: S3Store, proxy: FaultyProxy, seaweedfs: SeaweedFS, tmp_path: Path
 ) -> None:
-    """A download whose second part is always cut off midway raises StoreUnavailable; no file, not even a temp one."""
+    """A download whose second part is always cut off midway raises StoreUnavailable; no file, not even a temp one
+    (the cache's too, which writes the parts in place)."""
     client: Any = seaweedfs.client()
-    client.put_object(Bucket=faulty_store.bucket, Key="data/big", Body=payload(BIG))
+    data = payload(BIG)
+    client.put_object(Bucket=faulty_store.bucket, Key="data/big", Body=data)
     proxy.configure(fault_rate=1.0, faults=[Fault.CUT_BODY], match=is_range_from(5 * MIB))
     target = tmp_path / "out" / "big"
     target.parent.mkdir()
+    cache = ShardCache(faulty_store, tmp_path / "cache", 4 * BIG)
     with pytest.raises(StoreUnavailable) as caught:
         if how == "get":
             faulty_store.get("big")
-        else:
+        elif how == "get_file":
             faulty_store.get_file("big", target)
+        else:
+            cache.fetch("big", expected_xxh3=digest(data), size=len(data))
 
     assert proxy.injected[Fault.CUT_BODY] == PATIENT.max_attempts
     assert "'big'" in str(caught.value)
-    assert os.listdir(target.parent) == []
+    assert os.listdir(target.parent) == [] and os.listdir(tmp_path / "cache" / "tmp") == []
+    assert cache.used_bytes() == 0 and not cache.contains("big", expected_xxh3=digest(data))
 
 
 @pytest.mark.parametrize("kind", [Fault.SLOW_DOWN, Fault.DROP])
