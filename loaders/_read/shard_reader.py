@@ -46,6 +46,8 @@ class ShardReader:
             if cache is not None and prefetch_shards else None
         self._downloads: dict[int, Future[object]] = {}
         self._upcoming: list[int] = []
+        self._order: list[int] = []  # the epoch's shards in order of first use (expect)
+        self._place: dict[int, int] = {}  # each one's place in that order
         self._checker = dataset.checker() if cache is None else None
 
     def plan(self, shards: Sequence[int], keep: Sequence[int] | None = None) -> None:
@@ -59,9 +61,9 @@ class ShardReader:
         self._upcoming = list(dict.fromkeys(shards))
         if self._checker is not None:
             self._checker.plan(self._upcoming)
-        if self._policy is not None:
-            future = self._upcoming if keep is None else keep
-            self._policy.set_upcoming(self._dataset.shards[s].path for s in future)
+        if self._policy is not None:  # the shards prefetched past the plan are kept too, after it
+            future = [*(self._upcoming if keep is None else keep), *self._beyond(self._upcoming)]
+            self._policy.set_upcoming(self._dataset.shards[s].path for s in dict.fromkeys(future))
         mapped = set(self._upcoming)
         with self._lock:
             stale = [s for s in self._open if s not in mapped]
@@ -70,7 +72,10 @@ class ShardReader:
             stack.close()
 
     def expect(self, shards: Sequence[int]) -> None:
-        """The shards of the whole epoch, in order of first use: a local dataset's are checked that far ahead."""
+        """The shards of the whole epoch, in order of first use: a local dataset's are checked that far ahead, a
+        remote one's prefetched past the plan in that order."""
+        self._order = list(dict.fromkeys(shards))
+        self._place = {shard: place for place, shard in enumerate(self._order)}
         if self._checker is not None:
             self._checker.expect(shards)
 
@@ -94,7 +99,10 @@ class ShardReader:
         self._start_prefetch(after=shard)
         pending = self._downloads.pop(shard, None)
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            except Exception:  # noqa: BLE001 - fetched again below, which raises what persists
+                log.debug("[shard=%d] its download failed; fetching it again", shard, exc_info=True)
         info = self._dataset.shards[shard]
         assert self._cache is not None
         stack = ExitStack()
@@ -110,16 +118,28 @@ class ShardReader:
                 self._open.popitem(last=False)[1][1].close()
         return mapped
 
+    def _beyond(self, shards: Sequence[int]) -> list[int]:
+        """The ``prefetch_shards`` shards the epoch reads next after all of ``shards``."""
+        last = max((self._place[s] for s in shards if s in self._place), default=-1)
+        return [s for s in self._order[last + 1:last + 1 + self._prefetch] if s not in shards]
+
     def _start_prefetch(self, after: int) -> None:
-        if self._pool is None or after not in self._upcoming:
+        """Download the ``prefetch_shards`` shards read next after ``after``: the rest of the plan, then the epoch's
+        next ones (a chunk's plan may hold only the shard being read, when shards are larger than two chunks)."""
+        if self._pool is None:
             return
-        position = self._upcoming.index(after)
-        for shard in self._upcoming[position + 1: position + 1 + self._prefetch]:
-            if shard not in self._downloads and shard not in self._open:
-                info = self._dataset.shards[shard]
-                assert self._cache is not None
-                self._downloads[shard] = self._pool.submit(
-                    self._cache.fetch, info.path, expected_xxh3=info.xxh3_128, size=info.bytes)
+        rest = self._upcoming[self._upcoming.index(after) + 1:] if after in self._upcoming else []
+        for shard in [*rest, *self._beyond([*self._upcoming, after])][:self._prefetch]:
+            self._download(shard)
+
+    def _download(self, shard: int) -> None:
+        """Queue ``shard``'s download, unless it is cached, mapped or queued already."""
+        info = self._dataset.shards[shard]
+        if self._pool is None or shard in self._downloads or shard in self._open or self._cache is None \
+                or self._cache.contains(info.path, expected_xxh3=info.xxh3_128):
+            return
+        self._downloads[shard] = self._pool.submit(self._cache.fetch, info.path, expected_xxh3=info.xxh3_128,
+                                                   size=info.bytes)
 
     def cache_stats(self) -> dict[str, int]:
         """The cache's hit and miss counts ({} for a local dataset)."""

@@ -140,6 +140,27 @@ def test_early_break_leaks_no_threads_or_pins(s3_store: S3Store, s3_url: str, tm
     assert cache.used_bytes() == 0, "a shard stayed pinned after the loop ended"
 
 
+def test_shards_larger_than_the_plan_are_prefetched_in_the_epochs_order(
+    s3_store: S3Store, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In order, a chunk's plan holds only the shard being read when shards hold more than two chunks of samples;
+    the shards after it still download ahead, in the prefetch threads."""
+    write_dataset(s3_store, rows=60_000, shard_bytes=800_000)
+    by: dict[str, str] = {}  # key -> the thread that downloaded it
+    download = ShardCache._download
+
+    def recorded(cache: ShardCache, key: str, expected: str | None, path: str, size: int | None) -> None:
+        by[key] = threading.current_thread().name
+        download(cache, key, expected, path, size)
+
+    monkeypatch.setattr(ShardCache, "_download", recorded)
+    dataset = StreamingDataset(s3_url, cache_dir=tmp_path / "cache", shuffle=False, prefetch_shards=2)
+    assert ids(dataset) == list(range(60_000))
+    first, *rest = sorted(by)
+    assert len(rest) >= 2 and not by[first].startswith("trainio-prefetch")
+    assert all(by[key].startswith("trainio-prefetch") for key in rest), by
+
+
 def test_remote_dataset_through_a_cache_smaller_than_the_dataset(
     s3_store: S3Store, s3_url: str, tmp_path: Path
 ) -> None:
