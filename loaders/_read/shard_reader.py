@@ -133,11 +133,10 @@ class ShardReader:
             self._download(shard)
 
     def _download(self, shard: int) -> None:
-        """Queue ``shard``'s download, unless it is cached, mapped or queued already."""
-        info = self._dataset.shards[shard]
-        if self._pool is None or shard in self._downloads or shard in self._open or self._cache is None \
-                or self._cache.contains(info.path, expected_xxh3=info.xxh3_128):
+        """Queue ``shard``'s fetch (a download, or the check of a cached copy), unless it is mapped or queued."""
+        if self._pool is None or self._cache is None or shard in self._downloads or shard in self._open:
             return
+        info = self._dataset.shards[shard]
         self._downloads[shard] = self._pool.submit(self._cache.fetch, info.path, expected_xxh3=info.xxh3_128,
                                                    size=info.bytes)
 
