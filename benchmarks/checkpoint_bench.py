@@ -159,7 +159,6 @@ class Bench:
             assert all(torch.equal(a, b) for a, b in zip(tensors_of(target), self.tensors, strict=True))
         fresh(tier)
 
-
     def restores_in_turn(self, restore: Callable[[], Any], tier: Path) -> None:
         """The read limit's rows and trainio's restore rows, warm and cold, measured in turn (see
         :func:`in_turn`); a cold run follows a drop of both's files from the page cache."""

@@ -161,12 +161,7 @@ class S3Store(S3Base):
             self._read_in_place(key, sink.fileno(), sink.hasher, size)
             return
         part = self._options.part_size_bytes
-        if size is None:
-            first, total = self._read_head(key, 0, part)
-            sink.write(first)
-            start = len(first)
-        else:
-            total, start = size, 0
+        start, total = self._stream_start(key, size, sink.write)
         # A sliding window of parts in flight, each landing in one of a fixed set of reused buffers.
         free = [memoryview(bytearray(part)) for _ in range(min(self._options.max_concurrency,
                                                                 -(-(total - start) // part)))]
@@ -193,6 +188,15 @@ class S3Store(S3Base):
                 future.cancel()
             wait([future for future, _ in pending])
 
+    def _stream_start(self, key: str, size: int | None, write_first: Callable[[bytes], object]) -> tuple[int, int]:
+        """Where a whole-key read goes on, and its total size: with ``size`` unknown, the first part and the size
+        come in one request, and the part goes to ``write_first``."""
+        if size is not None:
+            return 0, size
+        first, total = self._read_head(key, 0, self._options.part_size_bytes)
+        write_first(first)
+        return len(first), total
+
     def _read_in_place(self, key: str, fd: int, hasher: Hasher, size: int | None) -> None:
         """Each part written at its offset of the file ``fd`` as it arrives, then all hashed read back.
 
@@ -201,12 +205,7 @@ class S3Store(S3Base):
         buffers had cost as much CPU as the download's copies).
         """
         part = self._options.part_size_bytes
-        if size is None:
-            first, total = self._read_head(key, 0, part)
-            pwrite_all(fd, first, 0)
-            start = len(first)
-        else:
-            total, start = size, 0
+        start, total = self._stream_start(key, size, lambda first: pwrite_all(fd, first, 0))
         jobs = (partial(self._read_range_to, key, fd, pos, min(pos + part, total)) for pos in range(start, total, part))
         run_all(self._transfer_pool(), jobs, self._options.max_concurrency)
         if total:
