@@ -21,6 +21,7 @@ from ._order.mixed_tape import PartitionedMixture
 from ._order.mixture import MixedOrder, MixedReader, apportion, mixture_sources
 from ._order.partitions import node_of, node_partitions
 from ._read.dataset import Dataset
+from ._read.shard_check import DEFAULT_READ_AHEAD
 from ._read.shard_reader import ShardReader
 from ._resumable import Resumable
 from ._sizes import parse_size
@@ -46,8 +47,9 @@ Source = str | os.PathLike[str]
 class StreamingDataset(Resumable, _Base):
     """The samples of a trainio dataset, one dict per sample, in a global order every layout agrees on.
 
-    What to iterate: the dataset at ``url`` (local: memory-mapped in place;
-    remote: through a :class:`ShardCache` in ``cache_dir``, at most
+    What to iterate: the dataset at ``url`` (local: memory-mapped in place,
+    each shard hash-checked before its first sample by threads that read at
+    most ``read_ahead_bytes`` past the shards the next samples need; remote: through a :class:`ShardCache` in ``cache_dir``, at most
     ``cache_limit`` bytes, the next ``prefetch_shards`` shards downloading
     while the current one is read, the shard needed furthest in the future
     evicted first).
@@ -119,6 +121,7 @@ class StreamingDataset(Resumable, _Base):
         cache_dir: str | os.PathLike[str] | None = None,
         cache_limit: int | str = 50 * 10**9,
         prefetch_shards: int = 2,
+        read_ahead_bytes: int | str = DEFAULT_READ_AHEAD,
         rank: int | None = None,
         world_size: int | None = None,
         partitions: int | Literal["auto"] = "auto",
@@ -130,6 +133,7 @@ class StreamingDataset(Resumable, _Base):
             raise ValueError(f"uneven={uneven!r}: must be 'exact', 'drop' or 'pad'")
         if prefetch_shards < 0:
             raise ValueError(f"prefetch_shards={prefetch_shards}: must be >= 0")
+        self._read_ahead = 0 if read_ahead_bytes == 0 else parse_size(read_ahead_bytes)
         if partitions != "auto" and (not isinstance(partitions, int) or partitions < 1):
             raise ValueError(f"partitions={partitions!r}: must be 'auto' or an integer >= 1")
         if ranks_per_node is not None and ranks_per_node < 1:
@@ -301,7 +305,7 @@ class StreamingDataset(Resumable, _Base):
 
     def _reader(self, dataset: Dataset) -> ShardReader:
         if dataset.is_local:
-            return ShardReader(dataset, None, None, prefetch_shards=0)
+            return ShardReader(dataset, None, None, prefetch_shards=0, read_ahead=self._read_ahead)
         policy = FurthestInFuture()
         assert self._cache_dir is not None
         cache = ShardCache(dataset.store, self._cache_dir, self._cache_limit, policy=policy)
@@ -317,6 +321,7 @@ class StreamingDataset(Resumable, _Base):
         for d, dataset in enumerate(self._datasets):
             if dataset.is_local:
                 low, high = int(self._shard_offsets[d]), int(self._shard_offsets[d + 1])
+                dataset.checker().read_ahead = self._read_ahead
                 dataset.checker().expect([s - low for s in sequence.tolist() if low <= s < high])
 
     def cache_need(self, lead_steps: int = 0) -> int:

@@ -7,7 +7,7 @@ import os
 import queue
 import signal
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +17,8 @@ from .transform_worker import Transform, work
 
 if TYPE_CHECKING:
     from .._order.epoch_plan import EpochPlan
+    from .._order.mixture import MixedReader
+    from .._read.shard_reader import ShardReader
     from .._streaming import StreamingDataset
 
 _POLL_S = 0.1
@@ -69,7 +71,8 @@ class TransformPool:
         """
         self._token += 1
         token = self._token
-        batches = _batch_tasks(plan, batch_size, drop_last)
+        reader = plan.open_reader()  # hears the plan here: a local dataset's shards are read (and checked) ahead
+        batches = _batch_tasks(plan, reader, batch_size, drop_last)
         pending: dict[int, SharedSlot] = {}
         done: dict[int, tuple[dict[str, Any], int, int]] = {}
         sent = wanted = 0
@@ -97,6 +100,8 @@ class TransformPool:
                         raise WorkerFailed(f"no batch from the transform workers for {timeout_s:g} s (timeout_s): "
                                            f"{len(pending)} batches awaited; a transform may be stuck")
         finally:
+            batches.close()
+            reader.close()
             for index, slot in pending.items():  # their results come later: the slots go back then
                 self._stale[(token, index)] = slot
 
@@ -156,10 +161,12 @@ class TransformPool:
         self.ring.close()
 
 
-def _batch_tasks(plan: EpochPlan, batch_size: int, drop_last: bool
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """The plan's batches as (positions, shards, record batches, rows within them)."""
-    reader = _OrderOnly()
+def _batch_tasks(plan: EpochPlan, reader: ShardReader | MixedReader, batch_size: int, drop_last: bool
+                 ) -> Generator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None, None]:
+    """The plan's batches as (positions, shards, record batches, rows within them), planning ``reader`` ahead of
+    them. The reader reads no batch: the workers read the shards, and check each before they use it, themselves;
+    a local dataset's checker in this process reads the shards ahead of them (within its read-ahead bound), so
+    theirs find the pages in memory; a remote one's cache here downloads nothing."""
     carry: list[np.ndarray] | None = None
     for chunk in plan.positioned(reader):
         parts = list(chunk) if carry is None else [np.concatenate((a, b)) for a, b in zip(carry, chunk)]
@@ -170,13 +177,3 @@ def _batch_tasks(plan: EpochPlan, batch_size: int, drop_last: bool
         carry = [part[whole:] for part in parts]
     if carry is not None and carry[0].size and not drop_last:
         yield tuple(carry)  # type: ignore[misc]
-
-
-class _OrderOnly:
-    """A reader that only hears the plan's order: the workers read the shards (and check them) themselves."""
-
-    def expect(self, shards: Any) -> None:
-        """Nothing to check here."""
-
-    def plan(self, shards: Any, keep: Any = None) -> None:
-        """Nothing to map here."""

@@ -10,6 +10,13 @@ its bytes have matched the index's xxh3-128; a reader that needs a shard
 nobody has started on hashes it itself. A shard checked once is not hashed
 again in this process while its file stays the same (device, inode, size,
 modification time).
+
+The threads read no further ahead than ``read_ahead`` bytes past the shards
+the readers have planned: a shard beyond them is hashed up to that bound
+and the hash resumes where it paused once the readers' plan moves on, so a
+dataset larger than memory is never read far ahead of its readers (which
+would evict what they need first), and a cold one streams in at most that
+far ahead of them.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import itertools
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from trainio.storage import Hasher, IntegrityError
@@ -32,7 +40,8 @@ CHECK_LOCAL_SHARDS = True
 _PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
 #                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
 
-_AHEAD_BYTES = 4 << 30  # how far past the shards in use the threads hash ahead
+DEFAULT_READ_AHEAD = 256 * 10**6
+"""Bytes of shards read and checked ahead of the shards the readers have planned, unless told otherwise."""
 _THREADS = min(2, os.cpu_count() or 1)  # background hashing threads per dataset (each hashes a shard at a time)
 
 _verified: set[tuple[tuple[int, int, int, int], str]] = set()  # (file identity, xxh3-128) checked in this process
@@ -62,6 +71,19 @@ class _Closed(Exception):
     """The checker was closed while a shard was being hashed."""
 
 
+class _Paused(Exception):
+    """The shard's hash reached the read-ahead bound: its state is kept for whoever goes on with it."""
+
+
+@dataclass(slots=True)
+class _PartialHash:
+    """A shard hashed up to ``done`` bytes, paused at the read-ahead bound."""
+
+    mapped: MappedFile
+    hasher: Hasher
+    done: int
+
+
 _Identity = tuple[int, int, int, int]
 
 
@@ -74,29 +96,57 @@ class ShardChecker:
     Two background threads (one on a single core) hash them in that order
     while there are any left, and end when there are none (the sooner the
     first shards are checked, the less the readers wait); :meth:`wait` for a
-    shard nobody hashes yet hashes it in the waiting thread. Thread-safe.
+    shard nobody hashes yet hashes it in the waiting thread. Of the shards
+    past the furthest one planned, the threads read at most
+    :attr:`read_ahead` bytes (:attr:`ahead_peak` says how many they did);
+    a shard a reader waits for is hashed whole. Thread-safe.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, read_ahead: int = DEFAULT_READ_AHEAD) -> None:
         self._dataset = dataset
         self._cond = threading.Condition()
         self._planned: list[int] = []
         self._expected: list[int] = []
+        self._place: dict[int, int] = {}  # each expected shard's place in that order
         self._next_expected = 0
         self._ends: list[int] = []  # bytes of the expected shards up to and including each
-        self._reached = 0  # how far through the expected shards the readers have planned
+        self._frontier = -1  # the place of the furthest shard the readers have planned (-1: none yet)
+        self._read_ahead = read_ahead
+        self._hashed: dict[int, int] = {}  # bytes hashed of each expected shard this epoch
+        self._ahead_peak = 0
+        self._asked: set[int] = set()  # shards a reader waited for this epoch: in use, hashed whole
+        self._paused: dict[int, _PartialHash] = {}  # shards whose hash stopped at the bound, nobody's now
         self._results: dict[int, tuple[_Identity | None, BaseException | None]] = {}  # None: whatever the file
         self._busy: set[int] = set()
         self._confirmed: set[int] = set()
         self._closed = False
         self._threads: list[threading.Thread] = []
+        self._hashing = 0  # background threads on a shard now (the others are about to look for one)
+
+    @property
+    def read_ahead(self) -> int:
+        """Bytes of shards past the furthest planned one that the threads may read and hash ahead of the readers."""
+        return self._read_ahead
+
+    @read_ahead.setter
+    def read_ahead(self, nbytes: int) -> None:
+        if nbytes < 0:
+            raise ValueError(f"read_ahead={nbytes}: must be >= 0")
+        with self._cond:
+            self._read_ahead = nbytes
+            self._start()
+
+    @property
+    def ahead_peak(self) -> int:
+        """The most bytes this checker has read and hashed ahead of the readers at once: of shards past the furthest
+        planned one that no reader had asked for yet."""
+        return self._ahead_peak
 
     def plan(self, shards: Sequence[int]) -> None:
         """Check these shards next, in this order (before the rest of :meth:`expect`'s)."""
         with self._cond:
             self._planned = [s for s in shards if s not in self._results]
-            where = {shard: i for i, shard in enumerate(self._expected)}
-            self._reached = max([self._reached] + [where[s] for s in shards if s in where])
+            self._frontier = max([self._frontier] + [self._place[s] for s in shards if s in self._place])
             self._start()
 
     def expect(self, shards: Sequence[int]) -> None:
@@ -108,10 +158,12 @@ class ShardChecker:
         """
         with self._cond:
             self._expected = list(dict.fromkeys(shards))
+            self._place = {shard: place for place, shard in enumerate(self._expected)}
             self._next_expected = 0
-            self._reached = 0
-            sizes = [self._dataset.shards[s].bytes for s in self._expected]
-            self._ends = list(itertools.accumulate(sizes))
+            self._frontier = -1
+            self._ends = list(itertools.accumulate(self._dataset.shards[s].bytes for s in self._expected))
+            self._hashed = {}
+            self._asked.clear()
             self._confirmed.clear()
             self._results = {k: v for k, v in self._results.items() if v[1] is None}  # failures are retried
             self._start()
@@ -140,6 +192,9 @@ class ShardChecker:
                     return mapped
                 if self._closed:
                     raise RuntimeError(f"{self._dataset.url}: the shard checker is closed")
+                if shard not in self._asked:  # in use: a thread paused at the read-ahead bound goes on
+                    self._asked.add(shard)
+                    self._cond.notify_all()
                 if shard in self._busy:  # being hashed: done sooner than anything this thread could start
                     self._cond.wait()
                     continue
@@ -162,15 +217,15 @@ class ShardChecker:
         if self._closed or not CHECK_LOCAL_SHARDS:
             return
         self._threads = [t for t in self._threads if t.is_alive()]
-        while len(self._threads) < _THREADS and self._has_work(len(self._threads)):
+        while len(self._threads) < _THREADS and self._has_work(len(self._threads) - self._hashing):
             thread = threading.Thread(target=self._run, name="trainio-shard-check", daemon=True)
             thread.start()
             self._threads.append(thread)
-        self._cond.notify_all()
+        self._cond.notify_all()  # and threads paused at the bound look again
 
     def _has_work(self, beyond: int) -> bool:
-        """Whether more than ``beyond`` shards wait for a thread."""
-        todo = dict.fromkeys(self._planned + self._expected[self._next_expected:self._horizon()])
+        """Whether more than ``beyond`` shards (as many as threads are free) wait for a thread."""
+        todo = dict.fromkeys(self._planned + self._resumable() + self._expected[self._next_expected:self._horizon()])
         return sum(s not in self._results and s not in self._busy for s in todo) > beyond
 
     def _next(self) -> int | None:
@@ -179,6 +234,9 @@ class ShardChecker:
             shard = self._planned.pop(0)
             if shard not in self._results and shard not in self._busy:
                 return shard
+        resumable = self._resumable()
+        if resumable:
+            return resumable[0]
         while self._next_expected < self._horizon():
             shard = self._expected[self._next_expected]
             self._next_expected += 1
@@ -186,14 +244,50 @@ class ShardChecker:
                 return shard
         return None
 
+    def _resumable(self) -> list[int]:
+        """The paused shards the bound now lets go on, in the epoch's order (the lock held)."""
+        ready = [s for s, partial in self._paused.items() if self._allowed(s) > partial.done]
+        return sorted(ready, key=lambda s: self._place.get(s, -1))
+
+    def _base(self) -> int:
+        """Where, in bytes of the expected shards, the furthest planned one ends (the lock held)."""
+        return self._ends[self._frontier] if self._frontier >= 0 else 0
+
     def _horizon(self) -> int:
-        """How many of the expected shards may be hashed by now: those within :data:`_AHEAD_BYTES` past the
-        furthest one planned, and the one after it (so a dataset larger than memory is not read far ahead of
-        its readers, evicting what they need first)."""
-        if not self._expected:
-            return 0
-        base = self._ends[self._reached - 1] if self._reached else 0
-        return min(len(self._expected), max(self._reached + 2, bisect.bisect_right(self._ends, base + _AHEAD_BYTES)))
+        """How many of the expected shards may be started by now: those up to the furthest planned one, and those
+        beginning less than :attr:`read_ahead` bytes past it (the lock held)."""
+        limit = bisect.bisect_left(self._ends, self._base() + self._read_ahead) + 1 if self._read_ahead else 0
+        return min(len(self._expected), max(self._frontier + 1, limit))
+
+    def _allowed(self, shard: int) -> int:
+        """How many bytes of ``shard`` may be hashed by now (the lock held): all of one planned, passed or waited
+        for, or not expected; of one further ahead, what the read-ahead bound leaves."""
+        size = self._dataset.shards[shard].bytes
+        place = self._place.get(shard)
+        if place is None or place <= self._frontier or shard in self._asked:
+            return size
+        start = self._ends[place - 1] if place else 0
+        return max(0, min(size, self._read_ahead - (start - self._base())))
+
+    def _allowance(self, shard: int, partial: _PartialHash) -> int:
+        """The byte ``shard`` may be hashed up to now; at the bound, its hash is kept in :attr:`_paused` and the
+        thread lets it go (:class:`_Paused`), so no thread waits on a reader that may never come."""
+        with self._cond:
+            if self._closed:
+                raise _Closed
+            allowed = self._allowed(shard)
+            if allowed > partial.done:
+                return allowed
+            self._paused[shard] = partial
+            raise _Paused
+
+    def _note_hashed(self, shard: int, done: int) -> None:
+        """``done`` bytes of ``shard`` are hashed: how far the threads are ahead of the readers' plan."""
+        with self._cond:
+            self._hashed[shard] = done
+            ahead = sum(n for s, n in self._hashed.items()
+                        if self._place.get(s, -1) > self._frontier and s not in self._asked)
+            self._ahead_peak = max(self._ahead_peak, ahead)
 
     def _run(self) -> None:
         while True:
@@ -202,13 +296,18 @@ class ShardChecker:
                 if shard is None:
                     return  # nothing left: ends; plan(), expect() or wait() start another when there is
                 self._busy.add(shard)
-            self._check_and_record(shard)
+                self._hashing += 1
+            try:
+                self._check_and_record(shard)
+            finally:
+                with self._cond:
+                    self._hashing -= 1
 
     def _check_and_record(self, shard: int) -> None:
         """Hash ``shard`` (claimed in ``_busy``) and record the outcome for its waiters."""
         try:
             identity, error = self._check(shard)
-        except _Closed:
+        except (_Closed, _Paused):
             with self._cond:
                 self._busy.discard(shard)
                 self._cond.notify_all()
@@ -222,20 +321,25 @@ class ShardChecker:
 
     def _check(self, shard: int) -> tuple[_Identity | None, BaseException | None]:
         info = self._dataset.shards[shard]
-        try:
-            # The mapping kept, if any, not re-confirmed here: wait() confirms the file once an epoch, and every
-            # system call here gives up the GIL, which can take a switch interval (5 ms) to get back.
-            mapped = self._dataset.mapped(shard)
-        except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this shard
-            return None, exc
-        if _known_good(mapped, info.xxh3_128):
-            return mapped.identity, None
-        hasher = Hasher()
+        with self._cond:
+            partial = self._paused.pop(shard, None)
+        if partial is None:
+            try:
+                # The mapping kept, if any, not re-confirmed here: wait() confirms the file once an epoch, and every
+                # system call here gives up the GIL, which can take a switch interval (5 ms) to get back.
+                mapped = self._dataset.mapped(shard)
+            except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this shard
+                return None, exc
+            if _known_good(mapped, info.xxh3_128):
+                return mapped.identity, None
+            partial = _PartialHash(mapped, Hasher(), 0)
+        mapped, hasher = partial.mapped, partial.hasher
         view = memoryview(mapped.buffer)
-        for start in range(0, view.nbytes, _PIECE):
-            if self._closed:
-                raise _Closed
-            hasher.update(view[start:start + _PIECE])
+        while partial.done < view.nbytes:  # paused where the read-ahead bound stops it, until the readers move on
+            end = min(self._allowance(shard, partial), partial.done + _PIECE)
+            hasher.update(view[partial.done:end])
+            partial.done = end
+            self._note_hashed(shard, end)
         actual = hasher.hexdigest()
         if actual != info.xxh3_128:
             return mapped.identity, IntegrityError(
@@ -245,4 +349,3 @@ class ShardChecker:
         with _verified_lock:
             _verified.add((mapped.identity, info.xxh3_128))
         return mapped.identity, None
-

@@ -14,6 +14,7 @@ import pyarrow as pa
 from trainio.storage import FurthestInFuture, ShardCache
 
 from .dataset import Dataset, map_file
+from .shard_check import DEFAULT_READ_AHEAD
 
 log = logging.getLogger("trainio.loaders.reader")
 
@@ -23,7 +24,8 @@ class ShardReader:
 
     Local datasets are memory-mapped where they are, and each shard is
     hashed against the index before any batch of it is returned (ahead of
-    the reader, by a :class:`ShardChecker`). Remote ones go through
+    the reader, by a :class:`ShardChecker`, at most ``read_ahead`` bytes past
+    the shards of the current plan). Remote ones go through
     ``cache``, which checks each download: the shards of the current plan
     stay mapped and pinned, the next ``prefetch_shards`` shards of the plan
     download in the background, and the cache evicts the shard needed
@@ -32,7 +34,7 @@ class ShardReader:
     """
 
     def __init__(self, dataset: Dataset, cache: ShardCache | None, policy: FurthestInFuture | None,
-                 *, prefetch_shards: int, open_shards: int = 1024) -> None:
+                 *, prefetch_shards: int, open_shards: int = 1024, read_ahead: int = DEFAULT_READ_AHEAD) -> None:
         if not dataset.is_local and cache is None:
             raise ValueError(f"{dataset.url}: a remote dataset needs a ShardCache")
         self._dataset = dataset
@@ -49,6 +51,8 @@ class ShardReader:
         self._order: list[int] = []  # the epoch's shards in order of first use (expect)
         self._place: dict[int, int] = {}  # each one's place in that order
         self._checker = dataset.checker() if cache is None else None
+        if self._checker is not None:
+            self._checker.read_ahead = read_ahead
 
     def plan(self, shards: Sequence[int], keep: Sequence[int] | None = None) -> None:
         """Tell the reader which shards it needs next, in order of first use, and which the cache should keep.

@@ -1,0 +1,161 @@
+"""How far ahead of its readers a local dataset is read: the shard checker's bound in bytes, kept whatever the
+shard size, and never at the cost of a check."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainio.loaders import Dataset, DatasetWriter, Loader, StreamingDataset
+from trainio.loaders._read import shard_check
+from trainio.storage import IntegrityError
+
+from ._damage import flip_bit
+
+pytestmark = pytest.mark.timeout(120)  # a checker paused at its bound must never hang a reader or a close
+
+ROWS = 48_000
+ROW_INTS = 12
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """About 3 MB in shards of about 240 KB (4,000 rows: half of what a reader plans at a time in order)."""
+    path = tmp_path / "ds"
+    with DatasetWriter(path, batch_rows=1000, shard_bytes=240_000) as writer:
+        writer.write_batch({"id": np.arange(ROWS, dtype=np.int64),
+                            "payload": list(np.arange(ROWS * ROW_INTS, dtype=np.int32).reshape(ROWS, -1))})
+    assert len(Dataset(path).shards) >= 10
+    return path
+
+
+@pytest.fixture(autouse=True)
+def nothing_checked_yet() -> Iterator[None]:
+    """Every test starts as a new process would: no shard known good."""
+    shard_check.forget_verified()
+    yield
+    shard_check.forget_verified()
+
+
+def reaches(read: Callable[[], int], value: int, seconds: float = 30.0) -> int:
+    """``read()`` once it equals ``value`` (or once it is past it, or at the deadline), and then a while later."""
+    deadline = time.monotonic() + seconds
+    while read() < value and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # time enough for a thread that would not stop to go on
+    return read()
+
+
+def test_the_threads_stop_at_the_bound_in_the_middle_of_a_shard(root: Path) -> None:
+    dataset = Dataset(root)
+    sizes = [info.bytes for info in dataset.shards]
+    bound = sizes[0] + sizes[1] + sizes[2] // 2  # two shards and half of the third
+    checker = dataset.checker()
+    checker.read_ahead = bound
+    checker.expect(range(len(dataset.shards)))
+    assert reaches(lambda: checker.ahead_peak, bound) == bound
+    checker.plan([0])  # a reader starts on shard 0: the bound moves one shard on, and the third is finished
+    assert reaches(lambda: sum(checker._hashed.values()), bound + sizes[0]) == bound + sizes[0]
+    assert checker.ahead_peak == bound
+    assert shard_check._known_good(dataset.mapped(2), dataset.shards[2].xxh3_128)
+    assert not shard_check._known_good(dataset.mapped(4), dataset.shards[4].xxh3_128)
+    checker.close()
+
+
+def test_a_reader_waiting_for_a_shard_paused_at_the_bound_gets_it_checked_whole(root: Path) -> None:
+    dataset = Dataset(root)
+    checker = dataset.checker()
+    checker.read_ahead = dataset.shards[0].bytes // 2
+    checker.expect(range(len(dataset.shards)))
+    assert reaches(lambda: checker.ahead_peak, checker.read_ahead) == checker.read_ahead
+    assert checker.wait(0).buffer.size == dataset.shards[0].bytes  # the paused thread goes on for the reader
+    assert checker.wait(7).buffer.size == dataset.shards[7].bytes  # nobody's: the reader hashes it itself
+    checker.close()
+
+
+def test_a_checker_paused_at_the_bound_closes_at_once(root: Path) -> None:
+    dataset = Dataset(root)
+    checker = dataset.checker()
+    checker.read_ahead = 1000
+    checker.expect(range(len(dataset.shards)))
+    assert reaches(lambda: checker.ahead_peak, 1000) == 1000
+    closer = threading.Thread(target=checker.close)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive()
+
+
+def test_no_thread_stays_behind_at_the_bound(root: Path) -> None:
+    ds = StreamingDataset(root, read_ahead_bytes=Dataset(root).shards[0].bytes // 2)
+    checker = ds.dataset.checker()
+    assert reaches(lambda: checker.ahead_peak, checker.read_ahead) == checker.read_ahead
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in checker._threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.is_alive() for t in checker._threads)  # the paused hash is kept, not a thread waiting on it
+    assert len(list(ds)) == ROWS  # and goes on from where it paused
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_loader_reads_ahead_within_the_bound(root: Path, shuffle: bool) -> None:
+    bound = 3 * Dataset(root).shards[0].bytes // 2
+    ds = StreamingDataset(root, shuffle=shuffle, shuffle_window=4000, read_ahead_bytes=bound)
+    seen = []
+    for batch in Loader(ds, 500):
+        seen.extend(batch["id"].tolist())
+        time.sleep(0.01)  # a slow trainer: the threads get as far ahead as they may
+    assert sorted(seen) == list(range(ROWS))
+    peak = ds.dataset.checker().ahead_peak
+    assert bound // 2 < peak <= bound
+
+
+def test_the_trainer_process_reads_ahead_of_transform_workers(root: Path) -> None:
+    dataset = Dataset(root)
+    ds = StreamingDataset(root, shuffle=False, batch_size=500, read_ahead_bytes=dataset.shards[0].bytes)
+    loader = Loader(ds, 500, workers=2)
+    try:
+        assert sum(len(batch["id"]) for batch in loader) == ROWS
+    finally:
+        loader.close()
+    checker = ds.dataset.checker()  # this process's: the workers check every shard again themselves
+    assert all(shard_check._known_good(ds.dataset.mapped(s), info.xxh3_128) for s, info in enumerate(dataset.shards))
+    assert 0 < checker.ahead_peak <= checker.read_ahead
+
+
+def test_the_bound_applies_per_epoch_and_to_the_per_sample_path(root: Path) -> None:
+    bound = Dataset(root).shards[0].bytes
+    ds = StreamingDataset(root, shuffle=False, read_ahead_bytes=bound)
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        shard_check.forget_verified()
+        count = 0
+        for _ in ds:
+            count += 1
+            if count % 2000 == 0:
+                time.sleep(0.01)
+        assert count == ROWS
+    assert 0 < ds.dataset.checker().ahead_peak <= bound
+
+
+def test_without_read_ahead_every_shard_is_still_checked_before_use(root: Path) -> None:
+    dataset = Dataset(root)
+    flip_bit(root / dataset.shards[7].path, dataset.shards[7].bytes // 2)
+    first_damaged = dataset.index.shard_offsets[7]
+    delivered: list[int] = []
+    with pytest.raises(IntegrityError, match=dataset.shards[7].path):
+        for sample in StreamingDataset(root, shuffle=False, read_ahead_bytes=0):
+            delivered.append(int(sample["id"]))
+    assert delivered == list(range(first_damaged))
+    assert StreamingDataset(root, read_ahead_bytes=0).dataset.checker().ahead_peak == 0
+
+
+def test_a_bound_that_is_not_a_size_is_refused(root: Path) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        StreamingDataset(root, read_ahead_bytes="lots")
+    with pytest.raises(ValueError, match="must be positive"):
+        StreamingDataset(root, read_ahead_bytes=-1)
