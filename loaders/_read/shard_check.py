@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 from trainio.storage import Hasher, IntegrityError
 
+from .cold_hash import hash_by_reads, resident
+
 if TYPE_CHECKING:  # a Dataset makes its checker (Dataset.checker)
     from .dataset import Dataset, MappedFile
 
@@ -319,6 +321,17 @@ class ShardChecker:
             self._busy.discard(shard)
             self._cond.notify_all()
 
+    def _open_same(self, key: str, mapped: MappedFile) -> int:
+        """``key`` opened for reading if it is still the file ``mapped`` maps, else -1 (hashed from the mapping)."""
+        fd = self._dataset.store.open_local(key)
+        if fd is None:
+            return -1
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != mapped.identity:
+            os.close(fd)
+            return -1
+        return fd
+
     def _check(self, shard: int) -> tuple[_Identity | None, BaseException | None]:
         info = self._dataset.shards[shard]
         with self._cond:
@@ -335,11 +348,22 @@ class ShardChecker:
             partial = _PartialHash(mapped, Hasher(), 0)
         mapped, hasher = partial.mapped, partial.hasher
         view = memoryview(mapped.buffer)
-        while partial.done < view.nbytes:  # paused where the read-ahead bound stops it, until the readers move on
-            end = min(self._allowance(shard, partial), partial.done + _PIECE)
-            hasher.update(view[partial.done:end])
-            partial.done = end
-            self._note_hashed(shard, end)
+        fd: int | None = None  # the same file opened for reads, once a range of it is found not in memory
+        try:
+            while partial.done < view.nbytes:  # paused where the read-ahead bound stops it, until readers move on
+                end = min(self._allowance(shard, partial), partial.done + _PIECE)
+                if fd is None and not resident(mapped.buffer, partial.done, end):
+                    fd = self._open_same(info.path, mapped)
+                if fd is not None and fd >= 0:
+                    if not hash_by_reads(fd, hasher, partial.done, end, lambda: self._closed):
+                        raise _Closed
+                else:
+                    hasher.update(view[partial.done:end])
+                partial.done = end
+                self._note_hashed(shard, end)
+        finally:
+            if fd is not None and fd >= 0:
+                os.close(fd)
         actual = hasher.hexdigest()
         if actual != info.xxh3_128:
             return mapped.identity, IntegrityError(

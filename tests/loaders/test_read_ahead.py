@@ -3,6 +3,7 @@ shard size, and never at the cost of a check."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from trainio.loaders import Dataset, DatasetWriter, Loader, StreamingDataset
-from trainio.loaders._read import shard_check
-from trainio.storage import IntegrityError
+from trainio.loaders._read import cold_hash, shard_check
+from trainio.loaders._read.dataset import map_file
+from trainio.storage import Hasher, IntegrityError, digest
 
 from ._damage import flip_bit
 
@@ -159,3 +161,57 @@ def test_a_bound_that_is_not_a_size_is_refused(root: Path) -> None:
         StreamingDataset(root, read_ahead_bytes="lots")
     with pytest.raises(ValueError, match="must be positive"):
         StreamingDataset(root, read_ahead_bytes=-1)
+
+
+# -- cold shards: hashed through reads of the file --------------------------------------------------------------
+
+
+def evicted(path: Path) -> bool:
+    """Drop ``path`` from the page cache; whether it left (a file system may keep it: then the test cannot tell)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    mapped = map_file(path)
+    return not cold_hash.resident(mapped, 0, mapped.size)
+
+
+def test_residency_and_reads_give_the_mapping_s_bytes(tmp_path: Path) -> None:
+    data = np.random.default_rng(5).integers(0, 256, size=3 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    mapped = map_file(path)
+    _ = bytes(memoryview(mapped))  # every page touched
+    assert cold_hash.resident(mapped, 0, mapped.size) and cold_hash.resident(mapped, 5, 7)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hasher = Hasher()
+        assert cold_hash.hash_by_reads(fd, hasher, 1000, len(data) - 3, lambda: False)
+        assert hasher.hexdigest() == digest(data[1000:-3])
+        assert not cold_hash.hash_by_reads(fd, Hasher(), 0, len(data), lambda: True)
+        with pytest.raises(OSError, match="ended"):
+            cold_hash.hash_by_reads(fd, Hasher(), 0, len(data) + 10, lambda: False)
+    finally:
+        os.close(fd)
+
+
+def test_a_cold_shard_is_hashed_through_reads_and_a_flipped_bit_still_stops_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = Dataset(root)
+    shard = dataset.shards[3]
+    flip_bit(root / shard.path, shard.bytes // 3)
+    if not evicted(root / shard.path):
+        pytest.skip("this file system kept the shard's pages in memory")
+    reads: list[int] = []
+    real = shard_check.hash_by_reads
+    monkeypatch.setattr(shard_check, "hash_by_reads", lambda fd, h, a, b, s: reads.append(b - a) or real(fd, h, a, b, s))
+    with pytest.raises(IntegrityError, match=shard.path):
+        Dataset(root).checker().wait(3)
+    assert sum(reads) == shard.bytes  # the whole shard went through reads, not page faults
+    flip_bit(root / shard.path, shard.bytes // 3)  # repaired: the same bytes as written
+    if not evicted(root / shard.path):
+        pytest.skip("this file system kept the shard's pages in memory")
+    assert Dataset(root).checker().wait(3).buffer.size == shard.bytes
