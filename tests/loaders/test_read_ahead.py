@@ -16,6 +16,7 @@ from trainio.loaders import Dataset, DatasetWriter, Loader, StreamingDataset
 from trainio.loaders._read import cold_hash, shard_check
 from trainio.loaders._read.dataset import map_file
 from trainio.storage import Hasher, IntegrityError, digest
+from trainio.tools._bench_limits import drop_from_page_cache
 
 from ._damage import flip_bit
 
@@ -168,12 +169,7 @@ def test_a_bound_that_is_not_a_size_is_refused(root: Path) -> None:
 
 def evicted(path: Path) -> bool:
     """Drop ``path`` from the page cache; whether it left (a file system may keep it: then the test cannot tell)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_from_page_cache([path])
     mapped = map_file(path)
     return not cold_hash.resident(mapped, 0, mapped.size)
 
