@@ -49,10 +49,11 @@ class StreamingDataset(Resumable, _Base):
 
     What to iterate: the dataset at ``url`` (local: memory-mapped in place,
     each shard hash-checked before its first sample by threads that read at
-    most ``read_ahead_bytes`` past the shards the next samples need; remote: through a :class:`ShardCache` in ``cache_dir``, at most
-    ``cache_limit`` bytes, the next ``prefetch_shards`` shards downloading
-    while the current one is read, the shard needed furthest in the future
-    evicted first).
+    most ``read_ahead_bytes`` past the shards the next samples need, per
+    dataset of a mixture; remote: through a :class:`ShardCache` in
+    ``cache_dir``, at most ``cache_limit`` bytes, the next ``prefetch_shards``
+    shards downloading while the current one is read, the shard needed
+    furthest in the future evicted first).
 
     How to iterate: each epoch's order is fixed by ``(seed, epoch)``: shards
     are shuffled, then samples within windows of ``shuffle_window`` samples
