@@ -41,15 +41,27 @@ def resident(buffer: pa.Buffer, start: int, end: int) -> bool:
 
     True where the system cannot tell (no ``mincore``, or it fails).
     """
+    pages = _pages_in_memory(buffer, start, end)
+    return pages is None or bool(pages.all())
+
+
+def resident_share(buffer: pa.Buffer) -> float:
+    """The share of the pages of ``buffer`` (a whole memory-mapped file) in memory now; 1.0 where it cannot tell."""
+    pages = _pages_in_memory(buffer, 0, buffer.size)
+    return 1.0 if pages is None or not pages.size else float(pages.mean())
+
+
+def _pages_in_memory(buffer: pa.Buffer, start: int, end: int) -> np.ndarray | None:
+    """One bool per page of ``buffer[start:end]``: whether it is in memory; None where the system cannot tell."""
     if _mincore is None or end <= start:
-        return True
+        return None
     page = mmap.PAGESIZE
     low = (buffer.address + start) // page * page
     length = buffer.address + end - low
     vector = (ctypes.c_ubyte * (-(-length // page)))()
     if _mincore(low, length, vector) != 0:
-        return True
-    return bool((np.frombuffer(vector, dtype=np.uint8) & 1).all())
+        return None
+    return (np.frombuffer(vector, dtype=np.uint8) & 1).astype(bool)
 
 
 def hash_by_reads(fd: int, hasher: Hasher, start: int, end: int, stopped: Callable[[], bool]) -> bool:

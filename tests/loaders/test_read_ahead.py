@@ -171,7 +171,9 @@ def evicted(path: Path) -> bool:
     """Drop ``path`` from the page cache; whether it left (a file system may keep it: then the test cannot tell)."""
     drop_from_page_cache([path])
     mapped = map_file(path)
-    return not cold_hash.resident(mapped, 0, mapped.size)
+    gone = not cold_hash.resident(mapped, 0, mapped.size)
+    assert not gone or cold_hash.resident_share(mapped) < 1.0
+    return gone
 
 
 def test_residency_and_reads_give_the_mapping_s_bytes(tmp_path: Path) -> None:
@@ -181,6 +183,7 @@ def test_residency_and_reads_give_the_mapping_s_bytes(tmp_path: Path) -> None:
     mapped = map_file(path)
     _ = bytes(memoryview(mapped))  # every page touched
     assert cold_hash.resident(mapped, 0, mapped.size) and cold_hash.resident(mapped, 5, 7)
+    assert cold_hash.resident_share(mapped) == 1.0
     fd = os.open(path, os.O_RDONLY)
     try:
         hasher = Hasher()
