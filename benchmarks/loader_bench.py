@@ -593,7 +593,6 @@ PYARROW_FRESH = "pyarrow IPC batch read, shards opened in the run"
 COLD = ", cold"  # the dataset's pages evicted from the page cache before every run
 SEQUENTIAL_READ = "sequential read() of the shard files, cold"
 PARALLEL_READ = f"read of the shard files, {LOADER_THREADS + 1} threads, WILLNEED first, cold"
-_READ_BLOCK = 8 << 20
 
 
 def evict(path: Path) -> None:
@@ -609,13 +608,9 @@ def evict(path: Path) -> None:
 
 
 def sequential_read(work: Workload, path: Path) -> Tally:
-    """Every shard file read once, one after the other, in 8 MiB ``read()`` calls into one buffer (issue 23's limit
-    for a cold first epoch): the bytes that hold the workload's samples."""
-    buffer = memoryview(bytearray(_READ_BLOCK))
-    for file in sorted((path / "shards").glob("*.arrow")):
-        with open(file, "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
+    """Every shard file read once, one after the other, in 8 MiB ``read()`` calls (issue 23's limit for a cold
+    first epoch): the bytes that hold the workload's samples."""
+    read_files(sorted((path / "shards").glob("*.arrow")), 1, advise=False)
     return Tally(work.samples, work.payload)
 
 

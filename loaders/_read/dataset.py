@@ -262,6 +262,15 @@ class Dataset:
                 self._maps.popitem(last=False)
         return mapped
 
+    def open_same(self, shard: int, mapped: MappedFile) -> int | None:
+        """Shard ``shard``'s file of a local dataset opened for reading, if it is still the file ``mapped`` maps;
+        None if it was replaced since (close the descriptor when done)."""
+        fd = _open_local(self._store, self._index.shards[shard].path)
+        if identity_of(os.fstat(fd)) == mapped.identity:
+            return fd
+        os.close(fd)
+        return None
+
 
 _open_datasets: weakref.WeakSet[Dataset] = weakref.WeakSet()
 
@@ -301,9 +310,13 @@ def file_identity(store: Store, key: str) -> tuple[int, int, int, int]:
     """``(st_dev, st_ino, st_size, st_mtime_ns)`` of the local regular file ``key`` (errors as :meth:`Store.open_local`)."""
     fd = _open_local(store, key)
     try:
-        st = os.fstat(fd)
+        return identity_of(os.fstat(fd))
     finally:
         os.close(fd)
+
+
+def identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    """``(st_dev, st_ino, st_size, st_mtime_ns)``: which file it is, and whether it was rewritten since."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
@@ -323,7 +336,7 @@ def map_local(store: Store, key: str) -> MappedFile:
         data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""
     finally:
         os.close(fd)
-    return MappedFile(pa.py_buffer(data), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return MappedFile(pa.py_buffer(data), identity_of(st))
 
 
 def map_file(path: str | os.PathLike[str]) -> pa.Buffer:

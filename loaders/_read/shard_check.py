@@ -116,11 +116,10 @@ class ShardChecker:
         self._read_ahead = read_ahead
         self._hashed: dict[int, int] = {}  # bytes hashed of each expected shard this epoch
         self._ahead_peak = 0
-        self._asked: set[int] = set()  # shards a reader waited for this epoch: in use, hashed whole
         self._paused: dict[int, _PartialHash] = {}  # shards whose hash stopped at the bound, nobody's now
         self._results: dict[int, tuple[_Identity | None, BaseException | None]] = {}  # None: whatever the file
         self._busy: set[int] = set()
-        self._confirmed: set[int] = set()
+        self._confirmed: set[int] = set()  # shards a reader asked for this epoch: file confirmed, in use, hashed whole
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._hashing = 0  # background threads on a shard now (the others are about to look for one)
@@ -165,7 +164,6 @@ class ShardChecker:
             self._frontier = -1
             self._ends = list(itertools.accumulate(self._dataset.shards[s].bytes for s in self._expected))
             self._hashed = {}
-            self._asked.clear()
             self._confirmed.clear()
             self._results = {k: v for k, v in self._results.items() if v[1] is None}  # failures are retried
             self._start()
@@ -194,9 +192,6 @@ class ShardChecker:
                     return mapped
                 if self._closed:
                     raise RuntimeError(f"{self._dataset.url}: the shard checker is closed")
-                if shard not in self._asked:  # in use: a thread paused at the read-ahead bound goes on
-                    self._asked.add(shard)
-                    self._cond.notify_all()
                 if shard in self._busy:  # being hashed: done sooner than anything this thread could start
                     self._cond.wait()
                     continue
@@ -266,7 +261,7 @@ class ShardChecker:
         for, or not expected; of one further ahead, what the read-ahead bound leaves."""
         size = self._dataset.shards[shard].bytes
         place = self._place.get(shard)
-        if place is None or place <= self._frontier or shard in self._asked:
+        if place is None or place <= self._frontier or shard in self._confirmed:
             return size
         start = self._ends[place - 1] if place else 0
         return max(0, min(size, self._read_ahead - (start - self._base())))
@@ -288,7 +283,7 @@ class ShardChecker:
         with self._cond:
             self._hashed[shard] = done
             ahead = sum(n for s, n in self._hashed.items()
-                        if self._place.get(s, -1) > self._frontier and s not in self._asked)
+                        if self._place.get(s, -1) > self._frontier and s not in self._confirmed)
             self._ahead_peak = max(self._ahead_peak, ahead)
 
     def _run(self) -> None:
@@ -321,17 +316,6 @@ class ShardChecker:
             self._busy.discard(shard)
             self._cond.notify_all()
 
-    def _open_same(self, key: str, mapped: MappedFile) -> int:
-        """``key`` opened for reading if it is still the file ``mapped`` maps, else -1 (hashed from the mapping)."""
-        fd = self._dataset.store.open_local(key)
-        if fd is None:
-            return -1
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != mapped.identity:
-            os.close(fd)
-            return -1
-        return fd
-
     def _check(self, shard: int) -> tuple[_Identity | None, BaseException | None]:
         info = self._dataset.shards[shard]
         with self._cond:
@@ -349,12 +333,14 @@ class ShardChecker:
         mapped, hasher = partial.mapped, partial.hasher
         view = memoryview(mapped.buffer)
         fd: int | None = None  # the same file opened for reads, once a range of it is found not in memory
+        replaced = False  # the file is no longer the one mapped: hashed from the mapping
         try:
             while partial.done < view.nbytes:  # paused where the read-ahead bound stops it, until readers move on
                 end = min(self._allowance(shard, partial), partial.done + _PIECE)
-                if fd is None and not resident(mapped.buffer, partial.done, end):
-                    fd = self._open_same(info.path, mapped)
-                if fd is not None and fd >= 0:
+                if fd is None and not replaced and not resident(mapped.buffer, partial.done, end):
+                    fd = self._dataset.open_same(shard, mapped)
+                    replaced = fd is None
+                if fd is not None:
                     if not hash_by_reads(fd, hasher, partial.done, end, lambda: self._closed):
                         raise _Closed
                 else:
@@ -362,7 +348,7 @@ class ShardChecker:
                 partial.done = end
                 self._note_hashed(shard, end)
         finally:
-            if fd is not None and fd >= 0:
+            if fd is not None:
                 os.close(fd)
         actual = hasher.hexdigest()
         if actual != info.xxh3_128:
