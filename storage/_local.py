@@ -7,14 +7,14 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._atomic import atomic_file, fsync_dir, make_dirs, open_temp, publish, temp_name, write_all
 from ._keys import TEMP_MARKER, check_bounds, check_key
-from ._local_io import kernel_copy, opened_path, pread_exact, preadv_exact
+from ._local_io import kernel_copy, opened_path, pread_exact, preadv_exact, start_writeback
 from ._store import Store
 from ._streams import HashingReader, HashingWriter
 from ._writer import StoreWriter
@@ -95,26 +95,28 @@ class LocalStore(Store):
         """The local file that holds ``key`` (which need not exist yet)."""
         return self.path_of(key)
 
-    def open_writer(self, key: str, *, overwrite: bool = True) -> StoreWriter:
+    def open_writer(self, key: str, *, overwrite: bool = True, sync: bool = True) -> StoreWriter:
         """A :class:`StoreWriter` writing a temp file beside ``key``'s, renamed over it on commit.
 
-        The temp file (and, when the store is durable, the directory) is
-        fsync'd before the rename; a crash leaves only a temp name that
-        listings skip.
+        When durable, the temp file is fsync'd before the rename and the directory after it, unless ``sync=False``
+        leaves both to :meth:`sync` (and starts the write-back). A crash leaves a temp name that listings skip.
         """
         check_key(self.url, key)
         with self._errors(key, "write"):
             path = self._writable_path(key)
             tmp, file = open_temp(os.path.dirname(path), durable=self._options.durable)
+        flush = self._options.durable and sync
 
         def publish_file(_: str) -> None:
             with self._errors(key, "write"):
                 try:
-                    if self._options.durable:
+                    if flush:
                         os.fsync(file.fileno())
+                    elif self._options.durable:
+                        start_writeback(file.fileno())
                 finally:
                     file.close()
-                publish(tmp, path, overwrite=overwrite, durable=self._options.durable)
+                publish(tmp, path, overwrite=overwrite, durable=flush)
 
         def discard() -> None:
             file.close()
@@ -122,6 +124,22 @@ class LocalStore(Store):
                 os.unlink(tmp)
 
         return StoreWriter(key, file, publish_file, discard)
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """fsync each key's file, then each directory holding one (nothing when the store is not durable)."""
+        directories = set()
+        for key in keys:
+            check_key(self.url, key)
+            if self._options.durable:
+                with self._errors(key, "sync"):
+                    fd = self._open_regular(key)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                directories.add(os.path.dirname(self._path(key)))
+        for directory in sorted(directories):
+            fsync_dir(directory)
 
     def open_local(self, key: str) -> int:
         """A file descriptor open for reading on the regular file ``key``; the caller closes it.

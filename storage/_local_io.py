@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import sys
+from typing import Any
 
 from ._hashing import Hasher
 from .errors import StoreError
@@ -90,3 +93,26 @@ def kernel_copy(src: int, dst: int, size: int, hasher: Hasher, block: memoryview
         hasher.update(view)
         offset += n
     return True
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages to the device now, without waiting (Linux; elsewhere
+    nothing): a later fsync then has less to wait for."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def _libc_sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = _libc_sync_file_range()

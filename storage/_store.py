@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import builtins
-import contextlib
-import io
 import os
-import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Self, TypeVar
 
@@ -18,8 +15,8 @@ from ._atomic import atomic_file
 from ._hashing import check_digest, digest
 from ._keys import check_key, check_prefix, check_range
 from ._streams import HashingReader, HashingWriter
-from ._writer import StoreWriter
-from .errors import NotFound, StoreError
+from ._writer import StoreWriter, spooled_writer
+from .errors import NotFound
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -201,7 +198,7 @@ class Store(ABC):
             self._write_stream(key, source, size, overwrite)
         return source.hasher.hexdigest()
 
-    def open_writer(self, key: str, *, overwrite: bool = True) -> StoreWriter:
+    def open_writer(self, key: str, *, overwrite: bool = True, sync: bool = True) -> StoreWriter:
         """A :class:`StoreWriter` for a new value of ``key``, written in pieces.
 
         Its bytes are hashed as they are written and appear under ``key``,
@@ -209,26 +206,13 @@ class Store(ABC):
         Memory stays bounded whatever the value's size: a backend that cannot
         append spools it to a local temp file and uploads it on commit.
         With ``overwrite=False`` the commit fails with ``AlreadyExists`` if
-        ``key`` exists by then.
+        ``key`` exists by then. With ``sync=False`` a store made durable by
+        flushing (local files) publishes the value without flushing it, and
+        it may not survive a crash until :meth:`sync` names its key; an
+        object store's upload is durable either way.
         """
         key = check_key(self.url, key)
-        fd, spool = tempfile.mkstemp(prefix="trainio-upload-")
-        file = io.FileIO(fd, "wb")
-
-        def publish(digest: str) -> None:
-            file.close()
-            uploaded = self.put_file(key, spool, overwrite=overwrite)
-            if uploaded != digest:
-                raise StoreError(self.url, key, f"uploaded bytes hash to {uploaded}, written ones to {digest}",
-                                 "the local spool file changed during the upload")
-            os.unlink(spool)
-
-        def discard() -> None:
-            file.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(spool)
-
-        return StoreWriter(key, file, publish, discard)
+        return spooled_writer(key, lambda spool: self.put_file(key, spool, overwrite=overwrite), self.url)
 
     def local_path(self, key: str) -> Path | None:
         """The local file that holds ``key`` where this store keeps keys as local files, else None.
@@ -340,6 +324,15 @@ class Store(ABC):
     def _list_dirs(self, prefix: str) -> builtins.list[str]:
         cut = len(prefix) + 1 if prefix else 0
         return list({key[cut:].split("/", 1)[0] for key in self._list(prefix) if "/" in key[cut:]})
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """Make the values of ``keys``, written with ``open_writer(sync=False)``, as durable as a synced write.
+
+        Where an acknowledged write is durable, there is nothing to do. A local
+        store raises ``NotFound`` for a missing key.
+        """
+        for key in keys:
+            check_key(self.url, key)
 
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""

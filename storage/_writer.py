@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
 from ._atomic import write_all
 from ._hashing import Hasher
+from .errors import StoreError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -95,3 +99,29 @@ class StoreWriter(io.RawIOBase):
             self.commit()
         else:
             self.abort()
+
+
+def spooled_writer(key: str, upload: Callable[[str], str], url: str) -> StoreWriter:
+    """A writer for a store that cannot append: bytes go to a local temp file, which ``commit`` hands to
+    ``upload`` (it returns the uploaded bytes' xxh3-128) and then removes.
+
+    Raises (from ``commit``):
+        StoreError: the uploaded bytes are not the written ones (the spool file changed meanwhile).
+    """
+    fd, spool = tempfile.mkstemp(prefix="trainio-upload-")
+    file = io.FileIO(fd, "wb")
+
+    def publish(digest: str) -> None:
+        file.close()
+        uploaded = upload(spool)
+        if uploaded != digest:
+            raise StoreError(url, key, f"uploaded bytes hash to {uploaded}, written ones to {digest}",
+                             "the local spool file changed during the upload")
+        os.unlink(spool)
+
+    def discard() -> None:
+        file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spool)
+
+    return StoreWriter(key, file, publish, discard)

@@ -107,15 +107,19 @@ class DurableWrite:
     each: a disk under a compressing host writes some data faster), into new files of at most
     ``file_bytes`` in ``directory``, and make them durable.
 
-    Calls take turns between the two cheapest ways to make them durable:
-    each file fsynced as soon as it is written (the device flushes one while
-    the next is written), and one ``sync`` after all (one flush); with
-    :func:`interleaved` keeping the fastest run, the limit is the better of
-    the two. Each call writes the files anew and deletes them afterwards,
+    Calls take turns between three ways to make them durable, each the
+    cheapest somewhere: each file fsynced as soon as it is written; each
+    file's write-back started as soon as it is written (``posix_fadvise``
+    ``DONTNEED`` starts it on Linux, as trainio's dataset writer does) and
+    every file fsynced after the last; and one ``sync`` after all. With
+    :func:`interleaved` keeping the fastest run, the limit is the best of
+    them. Each call writes the files anew and deletes them afterwards,
     untimed, waiting for the file system to finish with the deleted blocks
     (this VM's ext4 discards them at the next journal commit), so no run
     pays for one before it.
     """
+
+    _WAYS = ("each", "started", "one")
 
     def __init__(self, directory: Path, like: Sequence[memoryview], threads: int = 1,
                  file_bytes: int = 1 << 62) -> None:
@@ -128,10 +132,11 @@ class DurableWrite:
 
     def __call__(self) -> float:
         """Seconds to write the bytes into new files and make them durable."""
-        each = self._calls % 2 == 0
+        way = self._WAYS[self._calls % len(self._WAYS)]
         self._calls += 1
         cursor = iter(range(len(self._sizes)))
         lock = threading.Lock()
+        unsynced: list[int] = []
 
         def writer() -> None:
             while True:
@@ -144,18 +149,26 @@ class DurableWrite:
                     done, size = 0, self._sizes[index]
                     while done < size:
                         done += os.pwrite(fd, memoryview(self._block)[:min(size - done, len(self._block))], done)
-                    if each:
+                    if way == "each":
                         os.fsync(fd)
+                    elif way == "started":
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        with lock:
+                            unsynced.append(os.dup(fd))
                 finally:
                     os.close(fd)
 
         try:
             started = time.perf_counter()
             _timed_threads(writer, self._threads)
-            if not each:
+            for fd in unsynced:
+                os.fsync(fd)
+            if way == "one":
                 os.sync()
             return time.perf_counter() - started
         finally:
+            for fd in unsynced:
+                os.close(fd)
             for path in self._paths:
                 path.unlink(missing_ok=True)
             os.sync()

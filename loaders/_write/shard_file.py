@@ -20,7 +20,7 @@ class _OpenShard:
 
     def __init__(self, store: Store, key: str, schema: pa.Schema, compression: Compression) -> None:
         self.key = key
-        self.sink = store.open_writer(key)
+        self.sink = store.open_writer(key, sync=False)  # the sequence syncs its shards together on close
         self.writer = ipc.new_file(pa.PythonFile(self.sink, mode="w"), schema,
                                    options=ipc.IpcWriteOptions(compression=compression))
         self.batches: list[BatchInfo] = []
@@ -36,7 +36,7 @@ class _OpenShard:
         self.rows += batch.num_rows
 
     def finish(self) -> ShardInfo:
-        """Close the IPC file and publish it under its key, durably where the store is."""
+        """Close the IPC file and publish it under its key (not yet durably: see :meth:`Store.sync`)."""
         self.writer.close()
         digest = self.sink.commit()
         return ShardInfo(path=self.key, rows=self.rows, bytes=self.sink.position, xxh3_128=digest,
@@ -52,8 +52,10 @@ class ShardSequenceWriter:
     A shard is closed once it reaches ``shard_bytes`` (so it may exceed it by
     up to one batch: a caller that cuts batches to :meth:`room` keeps it
     within about a row). Each shard is written through :meth:`Store.open_writer`:
-    hashed as it is written, visible under its key only when complete. It
-    writes no index: :meth:`close` returns the shards for the caller to record.
+    hashed as it is written, visible under its key only when complete, and
+    made durable, all together, by :meth:`close` (a disk flushes many files
+    at once faster than one after another). It writes no index:
+    :meth:`close` returns the shards for the caller to record.
     """
 
     def __init__(
@@ -92,9 +94,10 @@ class ShardSequenceWriter:
             self._finish()
 
     def close(self) -> list[ShardInfo]:
-        """Finish the last shard and return every shard written, in order."""
+        """Finish the last shard, make every shard durable where the store is, and return them in order."""
         if self._open is not None:
             self._finish()
+        self._store.sync(shard.path for shard in self._done)
         return list(self._done)
 
     def abort(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +203,30 @@ def test_a_killed_writer_leaves_no_dataset_and_the_next_one_cleans_up(tmp_path: 
     with DatasetWriter(store) as writer:
         writer.write({"id": 1})
     assert store.list() == ["index.json", "shards/shard-00000.arrow"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_every_shard_is_made_durable_before_the_index_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), tmp_path / "ds"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with DatasetWriter(tmp_path / "ds", shard_bytes=64 << 10, batch_rows=8) as writer:
+        for _ in range(4):
+            writer.write_batch({"tokens": pa.array([np.arange(4096, dtype=np.int32)] * 8)})
+        finished = writer.store.list("shards")
+        assert len(finished) >= 3 and not any(e.startswith("fsync shards/") for e in events), (
+            "finished shards are flushed together at the end, not one by one")
+        events.append("closing")
+    shards = [e for e in events if e.startswith("fsync shards/shard-")]
+    index = events.index(next(e for e in events if e.startswith("fsync .trainio-tmp.") or e == "fsync index.json"))
+    assert sorted(shards) == [f"fsync {key}" for key in LocalStore(tmp_path / "ds").list("shards")]
+    assert events.index("closing") < min(events.index(e) for e in shards)
+    assert max(events.index(e) for e in shards) < events.index("fsync shards") < index
 
 
 def _write_small(path: Path) -> Dataset:

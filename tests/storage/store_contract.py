@@ -230,6 +230,16 @@ class StoreContract(ABC):
             writer.commit()
         assert self.raw_get(store, "w") == data
 
+    def test_unsynced_writer_publishes_on_commit_and_sync_accepts_its_key(self, store: Store) -> None:
+        data = os.urandom(3 << 20)
+        with store.open_writer("unsynced/a", sync=False) as writer:
+            writer.write(data)
+        assert self.raw_get(store, "unsynced/a") == data
+        store.sync(["unsynced/a"])
+        store.sync([])
+        with pytest.raises(InvalidKey):
+            store.sync(["../outside"])
+
     def test_small_and_empty_files(self, store: Store, tmp_path: Path) -> None:
         for name, data in (("small", b"abc"), ("empty", b"")):
             (tmp_path / name).write_bytes(data)

@@ -72,6 +72,54 @@ def test_writes_are_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert synced == []
 
 
+def _fsynced_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path os.fsync is called on from now on, in order (the calls still happen)."""
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return paths
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_an_unsynced_write_is_flushed_by_sync_not_by_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path)
+    store.put("dir/other", b"o")
+    synced = _fsynced_paths(monkeypatch)
+    for key in ("dir/a", "dir/b"):
+        with store.open_writer(key, sync=False) as writer:
+            writer.write(b"x" * 100_000)
+    assert synced == [], "a sync=False commit must leave the flush to sync()"
+    assert store.get("dir/a") == b"x" * 100_000
+    store.sync(["dir/a", "dir/b"])
+    assert synced == [str(tmp_path / "dir" / "a"), str(tmp_path / "dir" / "b"), str(tmp_path / "dir")]
+    synced.clear()
+    with store.open_writer("dir/c") as writer:  # the default still flushes on commit
+        writer.write(b"y")
+    assert len(synced) >= 2
+    synced.clear()
+    LocalStore(tmp_path, options=LocalOptions(durable=False)).sync(["dir/a"])
+    assert synced == []
+
+
+def test_sync_refuses_missing_keys_fifos_and_links_out_of_the_root(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    store = LocalStore(tmp_path / "root")
+    with pytest.raises(NotFound, match="'gone'.*cannot sync"):
+        store.sync(["gone"])
+    os.mkfifo(tmp_path / "root" / "fifo")
+    with pytest.raises(NotFound, match="not a regular file"):
+        store.sync(["fifo"])  # refused at once, not blocked waiting for a writer
+    (tmp_path / "outside").write_bytes(b"x")
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(StoreError, match="link"):
+        store.sync(["link"])
+
+
 def test_delete_prunes_empty_directories(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     store.put("a/b/c/d", b"x")
