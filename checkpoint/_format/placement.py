@@ -108,12 +108,30 @@ def writer_of(placement: Placement, coordinate: int, turn: int) -> int:
     order over the sharding mesh dimensions.
     """
     mesh = placement.mesh.shape
-    where = [int(i) for i in np.unravel_index(coordinate, mesh)] if mesh else []
+    where = unravel(coordinate, mesh)
     sharding = [i for i, d in enumerate(placement.shards) if d is not None]
     replicating = [i for i, d in enumerate(placement.shards) if d is None]
-    piece = int(np.ravel_multi_index([where[i] for i in sharding], [mesh[i] for i in sharding])) if sharding else 0
-    holders = int(np.prod([mesh[i] for i in replicating], dtype=np.int64))
-    pick = np.unravel_index((turn + piece) % holders, [mesh[i] for i in replicating]) if replicating else ()
+    piece = ravel([where[i] for i in sharding], [mesh[i] for i in sharding])
+    holders = 1
+    for i in replicating:
+        holders *= mesh[i]
+    pick = unravel((turn + piece) % holders, [mesh[i] for i in replicating])
     for i, value in zip(replicating, pick, strict=True):
-        where[i] = int(value)
-    return placement.mesh.ranks[int(np.ravel_multi_index(where, mesh)) if mesh else 0]
+        where[i] = value
+    return placement.mesh.ranks[ravel(where, mesh)]
+
+
+def ravel(where: list[int], shape: tuple[int, ...] | list[int]) -> int:
+    """The flat C-order index of coordinate ``where`` in a grid of ``shape`` (0 for an empty shape)."""
+    flat = 0
+    for i, n in zip(where, shape, strict=True):
+        flat = flat * n + i
+    return flat
+
+
+def unravel(flat: int, shape: tuple[int, ...] | list[int]) -> list[int]:
+    """The coordinate of C-order index ``flat`` in a grid of ``shape``."""
+    where = [0] * len(shape)
+    for dim in range(len(shape) - 1, -1, -1):
+        flat, where[dim] = divmod(flat, shape[dim])
+    return where

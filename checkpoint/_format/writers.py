@@ -16,10 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from .boxes import Box
-from .placement import Mesh, Placement, writer_of
+from .placement import Mesh, Placement, ravel, writer_of
 
 
 def _coordinate(shape: tuple[int, ...], placement: Placement, point: tuple[int, ...]) -> int:
@@ -37,7 +35,7 @@ def _coordinate(shape: tuple[int, ...], placement: Placement, point: tuple[int, 
             start = min(current, full * piece)
             offset += start
             current = max(0, min(current, full * piece + full) - start)
-    return int(np.ravel_multi_index(where, mesh)) if mesh else 0
+    return ravel(where, mesh)
 
 
 def chunk_writer(writers: dict[str, Any], meshes: list[Mesh], shape: tuple[int, ...],

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from trainio.checkpoint._format.boxes import Box, chunk_indices, grid_chunks
-from trainio.checkpoint._format.placement import Mesh, Placement, mesh_boxes
+from trainio.checkpoint._format.placement import Mesh, Placement, mesh_boxes, ravel, unravel
 from trainio.checkpoint._format.state_tree import ArrayLeaf
 from trainio.checkpoint._format.writers import chunk_writer
 from trainio.checkpoint._save.plan import make_plan
@@ -54,6 +55,14 @@ def test_the_rule_puts_every_coordinate_where_torch_does(shape: tuple[int, ...],
         expected = _torch_box(shape, mesh, shards, list(coordinate))
         assert boxes.box(flat) == expected, (flat, coordinate)
         assert mesh_boxes(shape, placement, only=flat).box(0) == expected
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (4,), (3, 1, 5), (2, 7, 3, 2)])
+def test_ravel_and_unravel_agree_with_numpy(shape: tuple[int, ...]) -> None:
+    for flat in range(math.prod(shape)):
+        where = [int(i) for i in np.unravel_index(flat, shape)] if shape else []
+        assert unravel(flat, shape) == where
+        assert ravel(where, shape) == flat
 
 
 def _leaf(path: str, shape: tuple[int, ...], placement: Placement | None, rank: int) -> ArrayLeaf:
