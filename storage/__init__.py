@@ -25,6 +25,7 @@ from ._eviction import CacheEntry, EvictionPolicy, FurthestInFuture, LeastRecent
 from ._hashing import DIGEST_NAME, Hasher, check_digest, digest
 from ._keys import TEMP_MARKER, check_key
 from ._local import LocalOptions, LocalStore
+from ._local_io import start_writeback
 from ._open import open_store
 from ._parallel import batched, run_all
 from ._retry import RetryPolicy
@@ -82,6 +83,7 @@ __all__ = [
     "check_seal",
     "digest",
     "fsync_dir",
+    "start_writeback",
     "is_sealed",
     "batched",
     "load_sealed",

@@ -96,8 +96,9 @@ def kernel_copy(src: int, dst: int, size: int, hasher: Hasher, block: memoryview
 
 
 def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing ``fd``'s dirty pages to the device now, without waiting (Linux; elsewhere
-    nothing): a later fsync then has less to wait for."""
+    """Have the kernel start writing ``fd``'s dirty pages to the device now, without waiting for them (Linux;
+    elsewhere nothing), so that a later fsync finds less left to write. It makes nothing durable and reports
+    no error: the fsync does both."""
     if _sync_file_range is not None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 

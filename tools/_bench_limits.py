@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from trainio.storage import start_writeback
+
 _READ_BLOCK = 8 << 20
 
 
@@ -109,9 +111,9 @@ class DurableWrite:
 
     Calls take turns between three ways to make them durable, each the
     cheapest somewhere: each file fsynced as soon as it is written; each
-    file's write-back started as soon as it is written (``posix_fadvise``
-    ``DONTNEED`` starts it on Linux, as trainio's dataset writer does) and
-    every file fsynced after the last; and one ``sync`` after all. With
+    file's write-back started as soon as it is written (as trainio's writers
+    do, :func:`trainio.storage.start_writeback`) and every file fsynced
+    after the last; and one ``sync`` after all. With
     :func:`interleaved` keeping the fastest run, the limit is the best of
     them. Each call writes the files anew and deletes them afterwards,
     untimed, waiting for the file system to finish with the deleted blocks
@@ -152,7 +154,7 @@ class DurableWrite:
                     if way == "each":
                         os.fsync(fd)
                     elif way == "started":
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        start_writeback(fd)
                         with lock:
                             unsynced.append(os.dup(fd))
                 finally:

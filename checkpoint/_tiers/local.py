@@ -17,6 +17,7 @@ from trainio.storage import (
     Store,
     StoreError,
     fsync_dir,
+    start_writeback,
     temp_name,
     temp_owner_is_dead,
 )
@@ -25,8 +26,9 @@ from .._format.manifest import MANIFEST, FileEntry
 from .commit import StepWriter, TierIO, size_error, step_name
 from .fsync import sync_files
 
-FSYNC_EACH_BYTES = 1 << 20
-"""Files at least this big are fsync'd by their writer, overlapping write-back with other writes."""
+WRITEBACK_BYTES = 1 << 20
+"""Files at least this big have their write-back started as soon as they are written (the disk writes them while
+the next ones are made); every file is made durable at the commit, all together."""
 
 _READ_BLOCK = 8 << 20
 _READ_PIECE = 1 << 20  # a file is read this much a call: each sequential call lets the kernel read ahead of the
@@ -57,7 +59,7 @@ class LocalStepWriter(StepWriter):
                 raise CheckpointError(f"{tier.label}: {shared!r} is not a temp directory name of step {step}")
             self._dir = os.path.join(tier.root, shared)
             os.makedirs(self._dir, exist_ok=True)
-        self._small: list[str] = []
+        self._unsynced: list[str] = []
 
     @property
     def directory(self) -> str:
@@ -66,8 +68,8 @@ class LocalStepWriter(StepWriter):
 
     def flush(self) -> None:
         if self.tier.durable:
-            sync_files(self._dir, self._small)
-            self._small = []
+            sync_files(self._dir, self._unsynced)
+            self._unsynced = []
 
     def prepare(self, keys: list[str]) -> None:
         for directory in sorted({os.path.dirname(k) for k in keys} - {""}):
@@ -90,12 +92,11 @@ class LocalStepWriter(StepWriter):
                 written += _write(fd, data[written:])
             if size > data.nbytes:
                 os.ftruncate(fd, size)
-            if self.tier.durable and size >= FSYNC_EACH_BYTES:
-                os.fsync(fd)
+            if self.tier.durable and size >= WRITEBACK_BYTES:
+                start_writeback(fd)
         finally:
             os.close(fd)
-        if size < FSYNC_EACH_BYTES:
-            self._small.append(path)
+        self._unsynced.append(path)
 
     def link(self, step: int, key: str) -> None:
         source = os.path.join(self.tier.root, step_name(step), key)
@@ -106,7 +107,7 @@ class LocalStepWriter(StepWriter):
             if exc.errno not in _NO_LINK:
                 raise
             shutil.copyfile(source, target)
-            self._small.append(target)
+            self._unsynced.append(target)
 
     def _misplaced(self, files: Mapping[str, FileEntry]) -> list[str]:
         wrong = []
