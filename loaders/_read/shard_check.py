@@ -8,8 +8,9 @@ them, through the same mapping they decode from (so the hashing also brings
 the pages in). :meth:`ShardChecker.wait` returns a shard's mapping only once
 its bytes have matched the index's xxh3-128; a reader that needs a shard
 nobody has started on hashes it itself. A shard checked once is not hashed
-again in this process while its file stays the same (device, inode, size,
-modification time).
+again while its file stays the same (device, inode, size, modification
+time), in this process or in those forked from the same parent
+(``verified.py``).
 
 The threads read no further ahead than ``read_ahead`` bytes past the shards
 the readers have planned: a shard beyond them is hashed up to that bound
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from trainio.storage import Hasher, IntegrityError
 
+from . import verified
 from .cold_hash import hash_by_reads, resident
 
 if TYPE_CHECKING:  # a Dataset makes its checker (Dataset.checker)
@@ -46,27 +48,14 @@ DEFAULT_READ_AHEAD = 256 * 10**6
 """Bytes of shards read and checked ahead of the shards the readers have planned, unless told otherwise."""
 _THREADS = min(2, os.cpu_count() or 1)  # background hashing threads per dataset (each hashes a shard at a time)
 
-_verified: set[tuple[tuple[int, int, int, int], str]] = set()  # (file identity, xxh3-128) checked in this process
-_verified_lock = threading.Lock()
-
-
-def _after_fork() -> None:
-    global _verified_lock
-    _verified_lock = threading.Lock()  # a thread of the parent may have held it at the fork
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
 def forget_verified() -> None:
-    """Forget which shards this process has checked (benchmarks of a first epoch, tests)."""
-    with _verified_lock:
-        _verified.clear()
+    """Forget which shards have been checked, here and in the processes sharing the record (benchmarks of a first
+    epoch, tests)."""
+    verified.forget()
 
 
 def _known_good(mapped: MappedFile, xxh3: str) -> bool:
-    with _verified_lock:
-        return (mapped.identity, xxh3) in _verified
+    return verified.known(mapped.identity, xxh3)
 
 
 class _Closed(Exception):
@@ -356,6 +345,5 @@ class ShardChecker:
                 self._dataset.url, info.path, info.xxh3_128, actual,
                 "the shard is damaged and none of its samples was delivered: run trainio verify, then restore "
                 "or re-shard it")
-        with _verified_lock:
-            _verified.add((mapped.identity, info.xxh3_128))
+        verified.remember(mapped.identity, info.xxh3_128)
         return mapped.identity, None

@@ -1,0 +1,105 @@
+"""Which shard files have been checked: by this process, or by its parent or siblings since they forked.
+
+A shard whose bytes matched the index once is not hashed again while its
+file stays the same (device, inode, size, modification time). The record
+lives in memory shared with every process forked from the one that
+imported trainio (``Loader(workers=n)`` and ``DataLoader(num_workers=n)``
+workers under ``fork``), so a shard the trainer's checker has read ahead and
+checked is not hashed again by each worker. A process started by ``spawn``
+keeps a record of its own.
+
+The shared record is a fixed table of slots, written without locks: each
+entry carries a checksum of itself, so an entry torn by a concurrent write
+reads as absent (its shard is hashed again), never as another file's. A
+full neighbourhood overwrites an old entry, which costs only a hash.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+
+import xxhash
+
+_Identity = tuple[int, int, int, int]
+
+_SLOTS = 1 << 14
+_PROBES = 8
+_FIELDS = struct.Struct("<4q16s")  # the file's identity and its xxh3-128
+_ENTRY = struct.Struct("<4q16sQ")  # ... and the entry's own checksum (0: empty)
+_SLOT_BYTES = 64
+
+
+def _shared_table() -> mmap.mmap | bytearray:
+    try:
+        return mmap.mmap(-1, _SLOTS * _SLOT_BYTES)  # anonymous and MAP_SHARED: forked processes see one table
+    except OSError:
+        return bytearray(_SLOTS * _SLOT_BYTES)
+
+
+_table = _shared_table()
+_local: set[tuple[_Identity, str]] = set()  # what this process found good: no table lookup the next time
+_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _fields(identity: _Identity, xxh3: str) -> bytes:
+    return _FIELDS.pack(*identity, bytes.fromhex(xxh3))
+
+
+def _checksum(fields: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(fields) or 1
+
+
+def _slots(fields: bytes) -> list[int]:
+    home = xxhash.xxh3_64_intdigest(fields, seed=1) % _SLOTS
+    return [(home + i) % _SLOTS * _SLOT_BYTES for i in range(_PROBES)]
+
+
+def remember(identity: _Identity, xxh3: str) -> None:
+    """Record that the file ``identity`` was hashed whole and matched ``xxh3`` (an xxh3-128, 32 hex digits)."""
+    fields = _fields(identity, xxh3)
+    entry = _ENTRY.pack(*_FIELDS.unpack(fields), _checksum(fields))
+    with _lock:
+        _local.add((identity, xxh3))
+        slots = _slots(fields)
+        free = None
+        for at in slots:
+            current = bytes(_table[at:at + _ENTRY.size])
+            if current == entry:
+                return
+            if free is None and _checksum(current[:_FIELDS.size]) != _ENTRY.unpack(current)[-1]:
+                free = at  # empty, or torn: free to take
+        at = slots[0] if free is None else free
+        _table[at:at + _ENTRY.size] = entry
+
+
+def known(identity: _Identity, xxh3: str) -> bool:
+    """Whether a file with this identity was found to match ``xxh3``, here or in a process sharing the record."""
+    key = (identity, xxh3)
+    if key in _local:
+        return True
+    fields = _fields(identity, xxh3)
+    for at in _slots(fields):
+        current = bytes(_table[at:at + _ENTRY.size])
+        if current[:_FIELDS.size] == fields and _ENTRY.unpack(current)[-1] == _checksum(fields):
+            with _lock:
+                _local.add(key)
+            return True
+    return False
+
+
+def forget() -> None:
+    """Forget every check, in this process and in those sharing the record (benchmarks of a first epoch, tests)."""
+    with _lock:
+        _local.clear()
+        _table[:] = bytes(len(_table))
