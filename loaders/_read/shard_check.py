@@ -26,6 +26,7 @@ import bisect
 import itertools
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,6 +44,8 @@ CHECK_LOCAL_SHARDS = True
 
 _PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
 #                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
+
+_POLL_S = 0.001  # how often a shard another process is hashing is looked at again
 
 DEFAULT_READ_AHEAD = 256 * 10**6
 """Bytes of shards read and checked ahead of the shards the readers have planned, unless told otherwise."""
@@ -305,6 +308,14 @@ class ShardChecker:
             self._busy.discard(shard)
             self._cond.notify_all()
 
+    def _checked_elsewhere(self, mapped: MappedFile, xxh3: str) -> bool:
+        """Whether another process (the trainer, or a worker forked from it) is hashing this file now and finds it
+        good: waited for, while it hashes (at most long enough to hash it at 50 MB/s), instead of hashing it too."""
+        deadline = time.monotonic() + max(5.0, len(mapped.buffer) / 50e6)
+        while verified.hashing(mapped.identity, xxh3) and not self._closed and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        return verified.known(mapped.identity, xxh3)
+
     def _check(self, shard: int) -> tuple[_Identity | None, BaseException | None]:
         info = self._dataset.shards[shard]
         with self._cond:
@@ -316,13 +327,14 @@ class ShardChecker:
                 mapped = self._dataset.mapped(shard)
             except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this shard
                 return None, exc
-            if _known_good(mapped, info.xxh3_128):
+            if _known_good(mapped, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
                 return mapped.identity, None
             partial = _PartialHash(mapped, Hasher(), 0)
         mapped, hasher = partial.mapped, partial.hasher
         view = memoryview(mapped.buffer)
         fd: int | None = None  # the same file opened for reads, once a range of it is found not in memory
         replaced = False  # the file is no longer the one mapped: hashed from the mapping
+        verified.claim(mapped.identity, info.xxh3_128)
         try:
             while partial.done < view.nbytes:  # paused where the read-ahead bound stops it, until readers move on
                 end = min(self._allowance(shard, partial), partial.done + _PIECE)
@@ -337,6 +349,7 @@ class ShardChecker:
                 partial.done = end
                 self._note_hashed(shard, end)
         finally:
+            verified.release(mapped.identity, info.xxh3_128)
             if fd is not None:
                 os.close(fd)
         actual = hasher.hexdigest()

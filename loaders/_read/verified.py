@@ -11,7 +11,10 @@ keeps a record of its own.
 The shared record is a fixed table of slots, written without locks: each
 entry carries a checksum of itself, so an entry torn by a concurrent write
 reads as absent (its shard is hashed again), never as another file's. A
-full neighbourhood overwrites an old entry, which costs only a hash.
+full neighbourhood overwrites an old entry, which costs only a hash. A
+second table says which files a process is hashing now (:func:`hashing`),
+so that a worker waits for the trainer's result instead of reading and
+hashing the same file at the same time.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def _shared_table() -> mmap.mmap | bytearray:
 
 
 _table = _shared_table()
+_claims = _shared_table()  # the files being hashed now: the same entries, the hashing process's pid for checksum
 _local: set[tuple[_Identity, str]] = set()  # what this process found good: no table lookup the next time
 _lock = threading.Lock()
 
@@ -98,8 +102,47 @@ def known(identity: _Identity, xxh3: str) -> bool:
     return False
 
 
+def _claim_entry(fields: bytes, pid: int) -> bytes:
+    return _ENTRY.pack(*_FIELDS.unpack(fields), pid)
+
+
+def claim(identity: _Identity, xxh3: str) -> None:
+    """Say that this process is hashing the file ``identity`` now (until :func:`release`)."""
+    fields = _fields(identity, xxh3)
+    at = _slots(fields)[0]
+    _claims[at:at + _ENTRY.size] = _claim_entry(fields, os.getpid())
+
+
+def release(identity: _Identity, xxh3: str) -> None:
+    """This process has stopped hashing the file ``identity`` (done, failed or paused)."""
+    fields = _fields(identity, xxh3)
+    at = _slots(fields)[0]
+    if bytes(_claims[at:at + _ENTRY.size]) == _claim_entry(fields, os.getpid()):
+        _claims[at:at + _ENTRY.size] = bytes(_ENTRY.size)
+
+
+def hashing(identity: _Identity, xxh3: str) -> bool:
+    """Whether another live process sharing the record is hashing the file ``identity`` now."""
+    fields = _fields(identity, xxh3)
+    at = _slots(fields)[0]
+    current = bytes(_claims[at:at + _ENTRY.size])
+    if current[:_FIELDS.size] != fields:
+        return False
+    pid = _ENTRY.unpack(current)[-1]
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False  # it died mid-hash
+    except PermissionError:
+        pass
+    return True
+
+
 def forget() -> None:
     """Forget every check, in this process and in those sharing the record (benchmarks of a first epoch, tests)."""
     with _lock:
         _local.clear()
         _table[:] = bytes(len(_table))
+        _claims[:] = bytes(len(_claims))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,48 @@ def test_a_worker_forked_before_the_trainer_checked_the_shards_does_not_hash_the
     finally:
         worker.join(30)
     assert worker.exitcode == 0
+
+
+def _claim_then(identity: tuple[int, int, int, int], digest: str, seconds: float, good: bool, ready: Any) -> None:
+    verified.claim(identity, digest)
+    ready.set()
+    time.sleep(seconds)
+    if good:
+        verified.remember(identity, digest)
+    verified.release(identity, digest)
+
+
+def test_a_file_another_live_process_is_hashing_is_waited_for_not_hashed_again(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    with DatasetWriter(tmp_path / "ds", shard_bytes=4096, batch_rows=16) as writer:
+        writer.write_batch({"x": np.arange(500, dtype=np.int64)})
+    dataset = Dataset(tmp_path / "ds")
+    mapped, digest = dataset.mapped(0), dataset.shards[0].xxh3_128
+    context = multiprocessing.get_context("fork")
+    hashed: list[int] = []
+    real = shard_check.Hasher
+    monkeypatch.setattr(shard_check, "Hasher", lambda: (hashed.append(1), real())[-1])
+    for good in (True, False):
+        shard_check.forget_verified()
+        ready = context.Event()
+        other = context.Process(target=_claim_then, args=(mapped.identity, digest, 0.5, good, ready))
+        other.start()
+        assert ready.wait(30)
+        assert verified.hashing(mapped.identity, digest)
+        started = time.monotonic()
+        dataset.checker().wait(0) if good else Dataset(tmp_path / "ds").checker().wait(0)
+        assert time.monotonic() - started >= 0.3, "it waited for the other process's result"
+        assert hashed == ([] if good else [1]), "a result found good is taken; otherwise the file is hashed here"
+        other.join(30)
+        assert not verified.hashing(mapped.identity, digest)
+
+
+def test_a_claim_left_by_a_dead_process_is_not_waited_for() -> None:
+    context = multiprocessing.get_context("fork")
+    dead = context.Process(target=verified.claim, args=(_ONE, _DIGEST))
+    dead.start()
+    dead.join(30)
+    assert not verified.hashing(_ONE, _DIGEST), "its pid is gone"
+    verified.claim(_ONE, _DIGEST)
+    assert not verified.hashing(_ONE, _DIGEST), "this process's own claim is not another's"
+    verified.release(_ONE, _DIGEST)
