@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainio.checkpoint import CheckpointManager, Tier
-from trainio.tools._bench_limits import read_files
+from trainio.tools._bench_limits import destination, read_files
 
 
 def _sharded(state: Any, mesh: Any) -> Any:
@@ -262,7 +262,8 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
                                        lambda: _fresh_steps(tier), repeat)
         rows += [("blocking", "trainio save()", blocked), ("durable save", "trainio save() to committed", total)]
         target = like(state)
-        rows += _restores_in_turn(lambda: read_files(files, manager.options.threads),
+        into = destination(files)  # a restore puts every byte in a place of its own, as the limit does
+        rows += _restores_in_turn(lambda: read_files(files, manager.options.threads, into=into),
                                   lambda: manager.restore(into=target), [base / "raw", tier], repeat)
         assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
     _fresh(tier)

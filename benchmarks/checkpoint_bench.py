@@ -50,7 +50,13 @@ from _files import fsync_path  # noqa: E402
 from _report import best, machine, machine_lines, markdown_table, timed  # noqa: E402
 
 from trainio.checkpoint import CheckpointManager, CheckpointOptions, Tier  # noqa: E402
-from trainio.tools._bench_limits import DurableWrite, drop_from_page_cache, read_files, sample_of  # noqa: E402
+from trainio.tools._bench_limits import (  # noqa: E402
+    DurableWrite,
+    destination,
+    drop_from_page_cache,
+    read_files,
+    sample_of,
+)
 from trainio.tools._bench_run import tensors_of, transformer_state  # noqa: E402
 from trainio.tools._bench_run import zeros_like as like  # noqa: E402
 
@@ -169,7 +175,8 @@ class Bench:
             drop_cache(tier)
             drop_cache(files[0].parent)
 
-        contenders = ((f"raw read, {threads} threads", lambda: read_files(files, threads)),
+        into = destination(files)  # a restore puts every byte in a place of its own, as the limit does
+        contenders = ((f"raw read, {threads} threads", lambda: read_files(files, threads, into=into)),
                       ("trainio restore(into=)", restore))
         for row in in_turn(contenders, self.repeat, cool, timed):
             self.add(*row)

@@ -345,7 +345,8 @@ def checkpoint_rounds(state: dict[str, Any], tiers: list[Any], work: Path, round
             return time.perf_counter() - started
 
         if files:
-            restore_s, read_s = interleaved(restore, partial(limits.read_files, files, threads), rounds)
+            into = limits.destination(files)  # a restore puts every byte in a place of its own
+            restore_s, read_s = interleaved(restore, partial(limits.read_files, files, threads, into=into), rounds)
             copy_s = read_s + write_s
         else:  # a remote tier: no local limit to read against
             restore_s, read_s, copy_s = statistics.median(restore() for _ in range(max(1, rounds))), 0.0, 0.0

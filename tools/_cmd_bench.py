@@ -192,7 +192,8 @@ def _table(results: dict[str, Any]) -> str:
                  "end; or one sync: the fastest); the shard files read with the Loader's threads and its checker's, "
                  "page cache warm "
                  "(read just before) or cold (dropped just before with posix_fadvise DONTNEED, for both); memcpy "
-                 "of the tensors; the step's files read with the manager's threads (a promotion: read, then "
+                 "of the tensors; the step's files read with the manager's threads into memory of their own (a "
+                 "promotion: read, then "
                  "written+fsynced). 1.00x is the limit; (!) marks a figure past its limit, a defect of the "
                  "measurement. A loader epoch is a new StreamingDataset + Loader, every shard hash-checked.")
     return "\n".join(lines)
