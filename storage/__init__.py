@@ -25,13 +25,13 @@ from ._eviction import CacheEntry, EvictionPolicy, FurthestInFuture, LeastRecent
 from ._hashing import DIGEST_NAME, Hasher, check_digest, digest
 from ._keys import TEMP_MARKER, check_key
 from ._local import LocalOptions, LocalStore
-from ._local_io import start_writeback
 from ._open import open_store
 from ._parallel import batched, run_all
 from ._retry import RetryPolicy
 from ._s3 import S3Store
 from ._s3_options import S3Options
 from ._store import Store
+from ._writeback import start_writeback
 from ._writer import StoreWriter
 from ._zarr import ZarrStore
 from .errors import (

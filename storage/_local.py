@@ -14,9 +14,10 @@ from pathlib import Path
 
 from ._atomic import atomic_file, fsync_dir, make_dirs, open_temp, publish, temp_name, write_all
 from ._keys import TEMP_MARKER, check_bounds, check_key
-from ._local_io import kernel_copy, opened_path, pread_exact, preadv_exact, start_writeback
+from ._local_io import kernel_copy, opened_path, pread_exact, preadv_exact
 from ._store import Store
 from ._streams import HashingReader, HashingWriter
+from ._writeback import start_writeback
 from ._writer import StoreWriter
 from .errors import AlreadyExists, InvalidKey, NotFound, StoreError
 

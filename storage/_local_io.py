@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import sys
-from typing import Any
 
 from ._hashing import Hasher
 from .errors import StoreError
@@ -94,26 +91,3 @@ def kernel_copy(src: int, dst: int, size: int, hasher: Hasher, block: memoryview
         offset += n
     return True
 
-
-def start_writeback(fd: int) -> None:
-    """Have the kernel start writing ``fd``'s dirty pages to the device now, without waiting for them (Linux;
-    elsewhere nothing), so that a later fsync finds less left to write. It makes nothing durable and reports
-    no error: the fsync does both."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-
-
-def _libc_sync_file_range() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = _libc_sync_file_range()

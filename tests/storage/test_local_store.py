@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from trainio.storage import InvalidKey, LocalOptions, LocalStore, NotFound, Store, StoreError, open_store
+from trainio.storage import (
+    InvalidKey,
+    LocalOptions,
+    LocalStore,
+    NotFound,
+    Store,
+    StoreError,
+    open_store,
+    start_writeback,
+)
+from trainio.storage._writeback import wait_for_writeback_starts
 
 from .store_contract import StoreContract
 
@@ -104,6 +114,25 @@ def test_an_unsynced_write_is_flushed_by_sync_not_by_commit(tmp_path: Path, monk
     synced.clear()
     LocalStore(tmp_path, options=LocalOptions(durable=False)).sync(["dir/a"])
     assert synced == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+def test_starting_a_write_back_returns_at_once_and_keeps_no_descriptor(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        with open(tmp_path / f"f{i}", "wb") as f:
+            f.write(os.urandom(1 << 16))
+            f.flush()
+            start_writeback(f.fileno())  # the caller closes its descriptor at once
+    wait_for_writeback_starts()
+    assert len(os.listdir("/proc/self/fd")) == before
+    child = os.fork()
+    if child == 0:  # a forked child starts write-backs with a thread of its own
+        with open(tmp_path / "f0", "rb+") as f:
+            start_writeback(f.fileno())
+        wait_for_writeback_starts()
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
 
 
 def test_sync_refuses_missing_keys_fifos_and_links_out_of_the_root(tmp_path: Path) -> None:
