@@ -31,6 +31,7 @@ from ._retry import RetryPolicy
 from ._s3 import S3Store
 from ._s3_options import S3Options
 from ._store import Store
+from ._sync_files import sync_files
 from ._writeback import start_writeback
 from ._writer import StoreWriter
 from ._zarr import ZarrStore
@@ -84,6 +85,7 @@ __all__ = [
     "digest",
     "fsync_dir",
     "start_writeback",
+    "sync_files",
     "is_sealed",
     "batched",
     "load_sealed",

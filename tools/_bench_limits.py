@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainio.storage import start_writeback
+from trainio.storage import start_writeback, sync_files
 
 _READ_BLOCK = 8 << 20
 
@@ -129,9 +129,9 @@ class DurableWrite:
 
     Calls take turns between three ways to make them durable, each the
     cheapest somewhere: each file fsynced as soon as it is written; each
-    file's write-back started as soon as it is written (as trainio's writers
-    do, :func:`trainio.storage.start_writeback`) and every file fsynced
-    after the last; and one ``sync`` after all. With
+    file's write-back started as soon as it is written and all of them made
+    durable together after the last (:func:`trainio.storage.sync_files`: as
+    trainio's writers do); and one ``sync`` after all. With
     :func:`interleaved` keeping the fastest run, the limit is the best of
     them. Each call writes the files anew and deletes them afterwards,
     untimed, waiting for the file system to finish with the deleted blocks
@@ -139,24 +139,25 @@ class DurableWrite:
     pays for one before it.
     """
 
-    _WAYS = ("each", "started", "one")
+    WAYS = ("each", "started", "one")
+    """The ways to make the files durable, one a call in this order (so ``2 * len(WAYS)`` calls try each twice)."""
 
     def __init__(self, directory: Path, like: Sequence[memoryview], threads: int = 1,
                  file_bytes: int = 1 << 62) -> None:
         nbytes = sum(view.nbytes for view in like)
         self._block = sample_of(like, min(max(nbytes, 1), 64 << 20))
         self._sizes = [min(file_bytes, nbytes - start) for start in range(0, max(nbytes, 1), file_bytes)]
-        self._paths = [directory / f"limit-{i}.bin" for i in range(len(self._sizes))]
+        self._directory = directory / "durable-write-limit"  # its own: made durable as a whole, as a step's is
+        self._paths = [self._directory / f"limit-{i}.bin" for i in range(len(self._sizes))]
         self._threads = threads
         self._calls = 0
 
     def __call__(self) -> float:
         """Seconds to write the bytes into new files and make them durable."""
-        way = self._WAYS[self._calls % len(self._WAYS)]
+        way = self.WAYS[self._calls % len(self.WAYS)]
         self._calls += 1
         cursor = iter(range(len(self._sizes)))
         lock = threading.Lock()
-        unsynced: list[int] = []
 
         def writer() -> None:
             while True:
@@ -173,24 +174,22 @@ class DurableWrite:
                         os.fsync(fd)
                     elif way == "started":
                         start_writeback(fd)
-                        with lock:
-                            unsynced.append(os.dup(fd))
                 finally:
                     os.close(fd)
 
+        self._directory.mkdir(exist_ok=True)
         try:
             started = time.perf_counter()
             _timed_threads(writer, self._threads)
-            for fd in unsynced:
-                os.fsync(fd)
-            if way == "one":
+            if way == "started":
+                sync_files(str(self._directory), [str(path) for path in self._paths])
+            elif way == "one":
                 os.sync()
             return time.perf_counter() - started
         finally:
-            for fd in unsynced:
-                os.close(fd)
             for path in self._paths:
                 path.unlink(missing_ok=True)
+            self._directory.rmdir()
             os.sync()
 
 

@@ -18,13 +18,13 @@ from trainio.storage import (
     StoreError,
     fsync_dir,
     start_writeback,
+    sync_files,
     temp_name,
     temp_owner_is_dead,
 )
 
 from .._format.manifest import MANIFEST, FileEntry
 from .commit import StepWriter, TierIO, size_error, step_name
-from .fsync import sync_files
 
 WRITEBACK_BYTES = 1 << 20
 """Files at least this big have their write-back started as soon as they are written (the disk writes them while

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier
-from trainio.checkpoint._tiers import fsync as fsync_module
+from trainio.storage import _sync_files as fsync_module
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
 

@@ -7,7 +7,7 @@ import functools
 import os
 import platform
 
-from trainio.storage import fsync_dir
+from ._atomic import fsync_dir
 
 
 @functools.lru_cache(maxsize=1)
