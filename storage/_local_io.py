@@ -90,4 +90,3 @@ def kernel_copy(src: int, dst: int, size: int, hasher: Hasher, block: memoryview
         hasher.update(view)
         offset += n
     return True
-

@@ -6,29 +6,21 @@ import ctypes
 import functools
 import os
 import platform
+from typing import Any
 
 from ._atomic import fsync_dir
+from ._libc import libc_function
 
 
 @functools.lru_cache(maxsize=1)
-def _syncfs() -> ctypes._NamedFuncPointer | None:
+def _syncfs() -> Any:
     # syncfs reports writeback errors only since Linux 5.8; before that it can
     # lose them, so older kernels fsync file by file instead.
-    if platform.system() != "Linux":
-        return None
     try:
         major, minor = (int(p) for p in platform.release().split(".")[:2])
     except ValueError:
         return None
-    if (major, minor) < (5, 8):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
+    return libc_function("syncfs", [ctypes.c_int]) if (major, minor) >= (5, 8) else None
 
 
 FSYNC_EACH_MAX = 32

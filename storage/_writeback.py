@@ -5,26 +5,14 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
-import sys
 import threading
-from typing import Any
+
+from ._libc import libc_function
 
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _libc_sync_file_range() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _libc_sync_file_range()
+_sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _pending: queue.Queue[int] | None = None  # duplicated descriptors whose write-back is to be started
 _lock = threading.Lock()
 

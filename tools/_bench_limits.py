@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trainio.storage import start_writeback, sync_files
 
 _READ_BLOCK = 8 << 20
@@ -84,10 +86,7 @@ def read_files(files: Sequence[Path], threads: int, *, advise: bool = True, into
 
 def destination(files: Sequence[Path]) -> memoryview:
     """Memory for every byte of ``files``, touched now (a restore's target tensors already exist)."""
-    buffer = bytearray(sum(path.stat().st_size for path in files))
-    view = memoryview(buffer)
-    view[::4096] = b"\1" * len(range(0, len(buffer), 4096))
-    return view
+    return np.ones(sum(path.stat().st_size for path in files), np.uint8).data  # written: every page touched
 
 
 def _read_blocks(files: Sequence[Path], threads: int, into: memoryview | None) -> float:

@@ -31,7 +31,8 @@ _Identity = tuple[int, int, int, int]
 _SLOTS = 1 << 14
 _PROBES = 8
 _FIELDS = struct.Struct("<4q16s")  # the file's identity and its xxh3-128
-_ENTRY = struct.Struct("<4q16sQ")  # ... and the entry's own checksum (0: empty)
+_LAST = struct.Struct("<Q")  # then the entry's own checksum (0: empty), or in a claim the hashing process's pid
+_ENTRY_BYTES = _FIELDS.size + _LAST.size
 _SLOT_BYTES = 64
 
 
@@ -72,19 +73,19 @@ def _slots(fields: bytes) -> list[int]:
 def remember(identity: _Identity, xxh3: str) -> None:
     """Record that the file ``identity`` was hashed whole and matched ``xxh3`` (an xxh3-128, 32 hex digits)."""
     fields = _fields(identity, xxh3)
-    entry = _ENTRY.pack(*_FIELDS.unpack(fields), _checksum(fields))
+    entry = fields + _LAST.pack(_checksum(fields))
     with _lock:
         _local.add((identity, xxh3))
         slots = _slots(fields)
         free = None
         for at in slots:
-            current = bytes(_table[at:at + _ENTRY.size])
+            current = bytes(_table[at:at + _ENTRY_BYTES])
             if current == entry:
                 return
-            if free is None and _checksum(current[:_FIELDS.size]) != _ENTRY.unpack(current)[-1]:
+            if free is None and not _valid(current):
                 free = at  # empty, or torn: free to take
         at = slots[0] if free is None else free
-        _table[at:at + _ENTRY.size] = entry
+        _table[at:at + _ENTRY_BYTES] = entry
 
 
 def known(identity: _Identity, xxh3: str) -> bool:
@@ -94,41 +95,41 @@ def known(identity: _Identity, xxh3: str) -> bool:
         return True
     fields = _fields(identity, xxh3)
     for at in _slots(fields):
-        current = bytes(_table[at:at + _ENTRY.size])
-        if current[:_FIELDS.size] == fields and _ENTRY.unpack(current)[-1] == _checksum(fields):
-            with _lock:
-                _local.add(key)
+        current = bytes(_table[at:at + _ENTRY_BYTES])
+        if current[:_FIELDS.size] == fields and _valid(current):
+            _local.add(key)
             return True
     return False
 
 
-def _claim_entry(fields: bytes, pid: int) -> bytes:
-    return _ENTRY.pack(*_FIELDS.unpack(fields), pid)
+def _valid(entry: bytes) -> bool:
+    """Whether a slot's bytes are a whole entry: its fields match its checksum (an empty or torn slot does not)."""
+    return bool(_checksum(entry[:_FIELDS.size]) == _LAST.unpack_from(entry, _FIELDS.size)[0])
 
 
 def claim(identity: _Identity, xxh3: str) -> None:
     """Say that this process is hashing the file ``identity`` now (until :func:`release`)."""
     fields = _fields(identity, xxh3)
     at = _slots(fields)[0]
-    _claims[at:at + _ENTRY.size] = _claim_entry(fields, os.getpid())
+    _claims[at:at + _ENTRY_BYTES] = fields + _LAST.pack(os.getpid())
 
 
 def release(identity: _Identity, xxh3: str) -> None:
     """This process has stopped hashing the file ``identity`` (done, failed or paused)."""
     fields = _fields(identity, xxh3)
     at = _slots(fields)[0]
-    if bytes(_claims[at:at + _ENTRY.size]) == _claim_entry(fields, os.getpid()):
-        _claims[at:at + _ENTRY.size] = bytes(_ENTRY.size)
+    if bytes(_claims[at:at + _ENTRY_BYTES]) == fields + _LAST.pack(os.getpid()):
+        _claims[at:at + _ENTRY_BYTES] = bytes(_ENTRY_BYTES)
 
 
 def hashing(identity: _Identity, xxh3: str) -> bool:
     """Whether another live process sharing the record is hashing the file ``identity`` now."""
     fields = _fields(identity, xxh3)
     at = _slots(fields)[0]
-    current = bytes(_claims[at:at + _ENTRY.size])
+    current = bytes(_claims[at:at + _ENTRY_BYTES])
     if current[:_FIELDS.size] != fields:
         return False
-    pid = _ENTRY.unpack(current)[-1]
+    pid = _LAST.unpack_from(current, _FIELDS.size)[0]
     if pid == os.getpid() or pid <= 0:
         return False
     try:

@@ -65,7 +65,7 @@ def test_a_torn_or_flipped_entry_reads_as_unknown() -> None:
     verified._local.clear()  # as another process sees it: through the shared table only
     table = verified._table
     at = next(i for i in range(0, len(table), verified._SLOT_BYTES) if any(table[i:i + verified._SLOT_BYTES]))
-    for offset in (0, 8 * 4, verified._ENTRY.size - 1):  # the identity, the digest, the entry's checksum
+    for offset in (0, 8 * 4, verified._ENTRY_BYTES - 1):  # the identity, the digest, the entry's checksum
         table[at + offset] ^= 0x10
         assert not verified.known(_ONE, _DIGEST)
         table[at + offset] ^= 0x10
