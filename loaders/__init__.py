@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ._batch.collate import Collate
 from ._format.convert import infer_columns_schema, infer_schema
-from ._format.index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, ShardInfo
+from ._format.index import FORMAT_NAME, FORMAT_VERSION, BatchInfo, DatasetIndex, RowDigests, ShardInfo
 from ._order.partitions import PartitionError
 from ._order.resume_state import PositionUnknown, ResumeMismatch
 from ._pack import PackedLoader, PackTokens, pack_documents
@@ -57,6 +57,7 @@ __all__ = [
     "Problem",
     "PackTokens",
     "PackedLoader",
+    "RowDigests",
     "ShardInfo",
     "ShardSetWriter",
     "StreamingDataset",

@@ -65,22 +65,25 @@ class IntegrityError(StoreError):
     Attributes:
         expected: The digest recorded when the bytes were written.
         actual: The digest of the bytes that were read.
+        what: Which bytes and which digest: "xxh3-128" (the whole key's), or a part's, e.g.
+            "row 7 of field 'tokens': xxh3-64".
     """
 
     def __init__(
-        self, url: str, key: str, expected: str, actual: str, hint: str = ""
+        self, url: str, key: str, expected: str, actual: str, hint: str = "", what: str = "xxh3-128"
     ) -> None:
         self.expected = expected
         self.actual = actual
+        self.what = what
         super().__init__(
             url,
             key,
-            f"xxh3-128 is {actual}, expected {expected}",
+            f"{what} is {actual}, expected {expected}",
             hint or "the stored bytes are corrupt or were replaced; re-fetch or rewrite them",
         )
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        return type(self), (self.url, self.key, self.expected, self.actual, self.hint)
+        return type(self), (self.url, self.key, self.expected, self.actual, self.hint, self.what)
 
 
 class FormatError(_LocatedError, ValueError):

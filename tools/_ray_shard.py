@@ -32,7 +32,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from trainio.loaders import BatchInfo, DatasetIndex, ShardInfo, ShardSetWriter, commit_dataset, prepare_destination
+from trainio.loaders import (
+    BatchInfo,
+    DatasetIndex,
+    RowDigests,
+    ShardInfo,
+    ShardSetWriter,
+    commit_dataset,
+    prepare_destination,
+)
 from trainio.storage import FormatError, Hasher, S3Store, Store, TrainioError, open_store
 
 from ._inputs import InputFile, InputFormat, find_inputs
@@ -218,7 +226,7 @@ def shard_with_ray(inputs: Sequence[str], out: str | os.PathLike[str], *, format
     schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(schemas.pop())))
     shards = [_shard_info(json.loads(row["shard"])) for row in rows]
     index = commit_dataset(destination, schema, shards, options.compression)
-    listed = {s.path for s in shards} | set(destination.replaced)
+    listed = {key for s in shards for key in s.files} | set(destination.replaced)
     for key in store.list("shards"):
         if key not in listed:
             store.delete(key)  # a failed attempt's shard that its retry did not write again
@@ -244,7 +252,9 @@ def _data_context(ray: Any, *, preserve_order: bool, **settings: Any) -> Iterato
 
 def _shard_info(record: dict[str, Any]) -> ShardInfo:
     batches = tuple(BatchInfo(**b) for b in record.pop("batches"))
-    return ShardInfo(**record, batches=batches)
+    rows = record.pop("row_xxh3", None)
+    row_xxh3 = RowDigests(rows["path"], tuple(rows["fields"]), rows["xxh3_128"]) if rows else None
+    return ShardInfo(**record, batches=batches, row_xxh3=row_xxh3)
 
 
 def _task_error(exc: BaseException) -> str:

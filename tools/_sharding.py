@@ -259,8 +259,8 @@ def _convert_in_processes(groups: list[list[InputFile]], store: Store, schema: p
             wait(futures)
             for f in futures:
                 if not f.cancelled() and f.exception() is None:
-                    for info in f.result():
-                        store.delete(info.path)
+                    for key in (key for info in f.result() for key in info.files):
+                        store.delete(key)
             raise
         finally:
             _drain(events, progress)

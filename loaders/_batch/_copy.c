@@ -1,4 +1,5 @@
-/* trainio.loaders._copy: many byte ranges copied into one buffer by one call, without the GIL.
+/* trainio.loaders._copy: many byte ranges copied into one buffer by one call, without the GIL, each range
+ * optionally checked against its XXH3-64 digest just before it is copied (while it is in the CPU's cache).
  *
  * Ranges of at least STREAM_FROM bytes are written with non-temporal (streaming) stores on x86-64:
  * the staging buffer is written once and read next by the device copy (or the trainer), so
@@ -14,6 +15,17 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
 #define TRAINIO_STREAMING 1
+#endif
+
+/* xxHash 0.8.4 (BSD 2-Clause, xxhash/LICENSE), the version python-xxhash 4.1 ships. On x86-64 its dispatcher picks the
+ * widest vector unit the CPU has (AVX-512, AVX2, SSE2) at run time; elsewhere the header's compile-time choice. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include "xxhash/xxh_x86dispatch.c"
+#define row_xxh3 XXH3_64bits_dispatch
+#else
+#define XXH_INLINE_ALL
+#include "xxhash/xxhash.h"
+#define row_xxh3 XXH3_64bits
 #endif
 
 #define STREAM_FROM 2048
@@ -139,8 +151,121 @@ release_out:
     return result;
 }
 
+PyDoc_STRVAR(copy_checked_doc,
+"copy_checked(destination, starts, sources, sizes, digests) -> int\n--\n\n"
+"As copy(), except that each range is first hashed (XXH3-64, seed 0) and compared with digests[i], a\n"
+"contiguous 1-D array of 64-bit integers as long as the others. Returns -1 when every range matched and\n"
+"was copied; else the index of the first range that did not match: the ranges before it are copied, it\n"
+"and those after it are not. Ranges are not merged: each is one row with its own digest.");
+
+static PyObject *copy_checked(PyObject *module, PyObject *args)
+{
+    Py_buffer out, starts, sources, sizes, digests;
+    PyObject *starts_object, *sources_object, *sizes_object, *digests_object, *result = NULL;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "w*OOOO:copy_checked", &out, &starts_object, &sources_object, &sizes_object,
+                          &digests_object))
+        return NULL;
+    if (!int64_vector(starts_object, &starts, "starts", -1))
+        goto release_out;
+    if (!int64_vector(sources_object, &sources, "sources", starts.shape[0]))
+        goto release_starts;
+    if (!int64_vector(sizes_object, &sizes, "sizes", starts.shape[0]))
+        goto release_sources;
+    if (!int64_vector(digests_object, &digests, "digests", starts.shape[0]))
+        goto release_sizes;
+    Py_ssize_t count = starts.shape[0];
+    const int64_t *start = starts.buf, *source = sources.buf, *size = sizes.buf;
+    const uint64_t *digest = digests.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (start[i] < 0 || size[i] < 0 || start[i] > out.len || size[i] > out.len - start[i]) {
+            PyErr_Format(PyExc_ValueError, "copy_checked: range %zd (%lld bytes to byte %lld) lies outside the "
+                         "%zd-byte destination", i, (long long)size[i], (long long)start[i], out.len);
+            goto release_digests;
+        }
+    }
+    Py_ssize_t failed = -1;
+    int streamed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (i + PREFETCH_AHEAD < count)
+            prefetch_range((const char *)(intptr_t)source[i + PREFETCH_AHEAD], (size_t)size[i + PREFETCH_AHEAD]);
+        const char *from = (const char *)(intptr_t)source[i];
+        if ((uint64_t)row_xxh3(from, (size_t)size[i]) != digest[i]) {
+            failed = i;
+            break;
+        }
+        copy_range((char *)out.buf + start[i], from, (size_t)size[i], &streamed);
+    }
+#ifdef TRAINIO_STREAMING
+    if (streamed)
+        _mm_sfence();
+#endif
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(failed);
+release_digests:
+    PyBuffer_Release(&digests);
+release_sizes:
+    PyBuffer_Release(&sizes);
+release_sources:
+    PyBuffer_Release(&sources);
+release_starts:
+    PyBuffer_Release(&starts);
+release_out:
+    PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(digests_doc,
+"digests(out, sources, sizes)\n--\n\n"
+"Set out[i] to the XXH3-64 digest (seed 0) of the sizes[i] bytes at address sources[i], for every i.\n\n"
+"out, sources and sizes are contiguous 1-D arrays of 64-bit integers of one length, out writable; every\n"
+"source range must be readable memory that stays mapped during the call. Runs without the GIL.");
+
+static PyObject *digests(PyObject *module, PyObject *args)
+{
+    Py_buffer out, sources, sizes;
+    PyObject *out_object, *sources_object, *sizes_object, *result = NULL;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OOO:digests", &out_object, &sources_object, &sizes_object))
+        return NULL;
+    if (PyObject_GetBuffer(out_object, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (out.ndim != 1 || out.itemsize != 8) {
+        PyErr_SetString(PyExc_ValueError, "digests: out must be a writable 1-D array of 64-bit integers");
+        goto release_out;
+    }
+    if (!int64_vector(sources_object, &sources, "sources", out.shape[0]))
+        goto release_out;
+    if (!int64_vector(sizes_object, &sizes, "sizes", out.shape[0]))
+        goto release_sources;
+    Py_ssize_t count = out.shape[0];
+    const int64_t *source = sources.buf, *size = sizes.buf;
+    uint64_t *digest = out.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (size[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "digests: range %zd has a negative size", i);
+            goto release_sizes;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < count; i++)
+        digest[i] = (uint64_t)row_xxh3((const void *)(intptr_t)source[i], (size_t)size[i]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+release_sizes:
+    PyBuffer_Release(&sizes);
+release_sources:
+    PyBuffer_Release(&sources);
+release_out:
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"copy", copy, METH_VARARGS, copy_doc},
+    {"copy_checked", copy_checked, METH_VARARGS, copy_checked_doc},
+    {"digests", digests, METH_VARARGS, digests_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -151,5 +276,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__copy(void)
 {
+    (void)row_xxh3("", 0); /* the dispatcher picks its implementation now, before threads share it */
     return PyModule_Create(&module);
 }

@@ -7,8 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from trainio.storage import IntegrityError
+
 from .gather import copy_ranges, gather_rows, pack_ranges
 from .list_layout import Lists
+from .row_hash import RowMismatch, check_rows
 from .row_numbers import Book
 from .row_tables import FieldRows
 from .staging import Staging
@@ -45,6 +48,13 @@ def assemble_group(group: Group, slot: Staging, *, lists: Lists, pad_to: int | N
     batch + 1 of them); ``lists="auto"`` packs binary fields and pads lists
     of numbers. Other fields (strings, nested types, fields with nulls)
     come as Python lists.
+
+    Where the book's rows carry digests, every row is checked against its
+    digest as it is copied.
+
+    Raises:
+        IntegrityError: a row does not match its digest (naming its shard,
+            field and row); nothing of the group is handed out.
     """
     slot.reset()
     book, ids = group.book, group.ids
@@ -55,20 +65,30 @@ def assemble_group(group: Group, slot: Staging, *, lists: Lists, pad_to: int | N
     columns: Columns = {}
     for name, field in book.fields.items():
         addresses = field.addresses[ids]
-        if field.lengths is None:
-            out = slot.array((n, *field.shape), field.dtype)
-            gather_rows(out.view(np.uint8).reshape(n, field.row_bytes), addresses, field.low, field.high)
-            columns[name] = out
-            nbytes += counts * field.row_bytes
-        elif lists == "pack" or (lists == "auto" and field.binary):
-            _pack(name, field, addresses, field.lengths[ids], slot, spans, columns, nbytes)
-        else:
-            _pad(name, field, ids, addresses, slot, spans, columns, nbytes, pad_to, pad_value)
+        digests = field.digests[ids] if field.digests is not None else None
+        try:
+            if field.lengths is None:
+                out = slot.array((n, *field.shape), field.dtype)
+                gather_rows(out.view(np.uint8).reshape(n, field.row_bytes), addresses, field.low, field.high, digests)
+                columns[name] = out
+                nbytes += counts * field.row_bytes
+            elif lists == "pack" or (lists == "auto" and field.binary):
+                _pack(name, field, addresses, field.lengths[ids], digests, slot, spans, columns, nbytes)
+            else:
+                _pad(name, field, ids, addresses, digests, slot, spans, columns, nbytes, pad_to, pad_value)
+        except RowMismatch as mismatch:
+            raise _damaged(book, ids[mismatch.index:mismatch.index + 1], name, mismatch) from None
     for name in book.names:
         if name not in book.fields:
             values = book.values(name, ids)
             columns[name] = [values[begin:end] for begin, end in spans]
     return columns, nbytes.tolist()
+
+
+def _damaged(book: Book, one: np.ndarray, name: str, mismatch: RowMismatch) -> IntegrityError:
+    """The error for a row that does not match its digest: its shard, field and row."""
+    ((shard, row),) = book.locate(one)
+    return mismatch.error(*book.tables[shard].source, name, row)
 
 
 def shards_in(shards: np.ndarray) -> list[int]:
@@ -86,8 +106,8 @@ def _uniform(lengths: np.ndarray) -> int | None:
     return None
 
 
-def _pack(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarray, slot: Staging,
-          spans: list[tuple[int, int]], columns: Columns, nbytes: np.ndarray) -> None:
+def _pack(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarray, digests: np.ndarray | None,
+          slot: Staging, spans: list[tuple[int, int]], columns: Columns, nbytes: np.ndarray) -> None:
     """The group's values end to end in one array, copied by one call; each batch gets its part and its offsets."""
     size = field.dtype.itemsize
     n = lengths.size
@@ -96,9 +116,9 @@ def _pack(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarra
     raw = values.view(np.uint8)
     width = _uniform(lengths)
     if width is not None and width > 0:
-        gather_rows(raw.reshape(n, width * size), addresses, field.low, field.high)
+        gather_rows(raw.reshape(n, width * size), addresses, field.low, field.high, digests)
     else:
-        pack_ranges(raw, addresses, lengths * size, field.low, field.high)
+        pack_ranges(raw, addresses, lengths * size, field.low, field.high, digests)
     values_of, offsets_of = [], []
     for batch, (begin, end) in enumerate(spans):
         first = int(ends[begin - 1]) if begin else 0
@@ -112,8 +132,8 @@ def _pack(name: str, field: FieldRows, addresses: np.ndarray, lengths: np.ndarra
     columns[name], columns[f"{name}_offsets"] = values_of, offsets_of
 
 
-def _pad(name: str, field: FieldRows, ids: np.ndarray, addresses: np.ndarray, slot: Staging,
-         spans: list[tuple[int, int]], columns: Columns, nbytes: np.ndarray, pad_to: int | None,
+def _pad(name: str, field: FieldRows, ids: np.ndarray, addresses: np.ndarray, digests: np.ndarray | None,
+         slot: Staging, spans: list[tuple[int, int]], columns: Columns, nbytes: np.ndarray, pad_to: int | None,
          pad_value: int) -> None:
     assert field.lengths is not None and field.ends is not None
     lengths = field.lengths[ids]
@@ -122,12 +142,14 @@ def _pad(name: str, field: FieldRows, ids: np.ndarray, addresses: np.ndarray, sl
     n = lengths.size
     if uniform is not None and pad_to in (None, uniform):
         padded = slot.array((n, uniform), field.dtype)
-        gather_rows(padded.view(np.uint8).reshape(n, uniform * size), addresses, field.low, field.high)
+        gather_rows(padded.view(np.uint8).reshape(n, uniform * size), addresses, field.low, field.high, digests)
         kept = slot.array((n,), np.dtype(np.int64))
         kept.fill(uniform)
         columns[name], columns[f"{name}_lengths"] = padded, kept
         nbytes += np.asarray([end - begin for begin, end in spans]) * (uniform * size + kept.itemsize)
         return
+    if digests is not None:  # rows of several lengths are copied past their ends, then cut: checked first, apart
+        check_rows(addresses, lengths * size, digests)
     ends = field.ends[ids]
     rows, kept_of = [], []
     for batch, (begin, end) in enumerate(spans):

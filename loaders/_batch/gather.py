@@ -16,6 +16,12 @@ temporary, without torch); rows of different lengths are cut as views out
 of one tensor spanning their memory and concatenated by one ``torch.cat``;
 short ranges are copied by one ``process_vm_readv`` system call per 1024.
 
+A gather given the rows' digests (XXH3-64 of each row's bytes, from the
+shard's row digests) checks every row against its digest as it copies it:
+the C routine hashes a row, then copies it while it is in the CPU's cache,
+and stops at the first that does not match (:class:`RowMismatch`). Such
+rows are not merged, each being one digest's bytes.
+
 Only the rows named are ever touched. The callers guarantee that every
 address is the start of a row inside a buffer they keep alive for the
 duration of the call (the addresses come from :class:`~._rows.ShardRows`,
@@ -31,6 +37,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from .row_hash import RowMismatch, check_rows, row_digests
 
 torch: Any
 try:
@@ -59,19 +67,41 @@ def _window(low: int, high: int, row_bytes: int) -> np.ndarray:
     return np.asarray(_Memory(low, (count, row_bytes), (1, 1)))
 
 
-def gather_rows(out: np.ndarray, addresses: np.ndarray, low: int, high: int) -> None:
+def _copy_checked(destination: np.ndarray, starts: np.ndarray, sources: np.ndarray, sizes: np.ndarray,
+                  digests: np.ndarray) -> None:
+    """Check row ``i`` against ``digests[i]`` and copy it to ``starts[i]``, for each in turn (ranges not merged)."""
+    if _native is None:
+        check_rows(sources, sizes, digests)
+        _copy_runs(destination, *_runs(starts, sources, sizes))
+        return
+    arrays = (np.ascontiguousarray(a, dtype=np.int64) for a in (starts, sources, sizes))
+    failed = _native.copy_checked(destination, *arrays, np.ascontiguousarray(digests, dtype=np.uint64))
+    if failed >= 0:
+        actual = row_digests(sources[failed:failed + 1], sizes[failed:failed + 1])
+        raise RowMismatch(failed, int(digests[failed]), int(actual[0]))
+
+
+def gather_rows(out: np.ndarray, addresses: np.ndarray, low: int, high: int, digests: np.ndarray | None = None) -> None:
     """Copy row ``i`` of ``out`` (a C-contiguous ``(n, row_bytes)`` uint8 array) from ``addresses[i]``.
 
     Every row ``[addresses[i], addresses[i] + row_bytes)`` must lie inside
     ``[low, high)`` and inside memory that stays mapped during the call.
-    The copy runs without the GIL.
+    With ``digests`` (uint64, one per row), each row is checked against its
+    digest before it is copied (:class:`RowMismatch` for the first that
+    does not match). The copy runs without the GIL.
     """
     n, row_bytes = out.shape
-    if n == 0 or row_bytes == 0:
+    if n == 0:
         return
     offsets = addresses - low
     if int(offsets.min()) < 0 or int(offsets.max()) + row_bytes > high - low:
         raise ValueError("gather_rows: a row lies outside the memory it was promised to lie in")
+    if digests is not None:
+        _copy_checked(out.reshape(-1), np.arange(n, dtype=np.int64) * row_bytes, addresses,
+                      np.full(n, row_bytes, dtype=np.int64), digests)
+        return
+    if row_bytes == 0:
+        return
     if _native is not None:
         _copy_runs(out, *_runs(np.arange(n, dtype=np.int64) * row_bytes, addresses,
                                np.full(n, row_bytes, dtype=np.int64)))
@@ -166,17 +196,28 @@ def _copy_vectors(targets: np.ndarray, sources: np.ndarray, sizes: np.ndarray) -
     return True
 
 
-def pack_ranges(out: np.ndarray, addresses: np.ndarray, lengths: np.ndarray, low: int, high: int) -> None:
+def pack_ranges(out: np.ndarray, addresses: np.ndarray, lengths: np.ndarray, low: int, high: int,
+                digests: np.ndarray | None = None) -> None:
     """Copy ``lengths[i]`` bytes from ``addresses[i]``, for each ``i`` in turn, end to end into ``out``.
 
     ``out`` is a contiguous uint8 array of exactly ``lengths.sum()`` bytes.
     Every range must lie inside ``[low, high)`` and inside memory that stays
-    mapped during the call. The copy runs without the GIL, in one call (the C
-    routine's, or without it ``torch.cat`` when the ranges are long), else as
+    mapped during the call. With ``digests``, each range (empty ones too) is
+    checked against its digest before it is copied, as :func:`gather_rows`
+    checks. The copy runs without the GIL, in one call (the C routine's, or
+    without it ``torch.cat`` when the ranges are long), else as
     :func:`copy_ranges` copies.
     """
     if out.nbytes != int(lengths.sum()):
         raise ValueError(f"pack_ranges: {out.nbytes} bytes of room for {int(lengths.sum())} bytes of ranges")
+    if digests is not None:
+        if lengths.size == 0:
+            return
+        if int(addresses.min()) < low or int((addresses + lengths).max()) > high or int(lengths.min()) < 0:
+            raise ValueError("pack_ranges: a range lies outside the memory it was promised to lie in")
+        _copy_checked(out, np.concatenate(([0], np.cumsum(lengths[:-1]))).astype(np.int64), addresses, lengths,
+                      digests)
+        return
     kept = lengths > 0
     if not kept.all():
         addresses, lengths = addresses[kept], lengths[kept]

@@ -158,7 +158,12 @@ class EpochPipeline:
         if book is not None and book.covers(shards) and len(book.tables) <= 2 * len(shards):
             return book
         known = book.tables if book is not None else {}
-        return Book({shard: known.get(shard) or self._table(shard) for shard in shards})
+        made = Book({shard: known.get(shard) or self._table(shard) for shard in shards})
+        if not made.row_checked:  # rows laid out differently across shards are gathered without their digests
+            for shard, table in made.tables.items():
+                if table.row_checked:
+                    self.reader.check_whole(shard)
+        return made
 
     def _table(self, shard: int) -> ShardRows:
         """Shard ``shard``'s rows: those of an earlier epoch for a local shard, which stays mapped anyway."""
@@ -166,8 +171,15 @@ class EpochPipeline:
         if table is not None:
             return table
         dataset, info = self.plan.shard(shard)
-        batches = [self.reader.batch(shard, number) for number in range(len(info.batches))]
-        table = ShardRows(batches, source=(dataset.url, info.path))
+        numbers = range(len(info.batches))
+        digests = self.reader.row_digests(shard) if self.settings.collate is None else None
+        if digests is None:
+            table = ShardRows([self.reader.batch(shard, n) for n in numbers], source=(dataset.url, info.path))
+        else:  # each row is checked against its digest as it is copied (assemble.py)
+            table = ShardRows([self.reader.unchecked_batch(shard, n) for n in numbers],
+                              source=(dataset.url, info.path), digests=digests)
+            if not table.row_checked:  # a field not gathered by rows: the shard is checked whole instead
+                self.reader.check_whole(shard)
         if dataset.is_local:
             self.tables.keep(shard, table)
         return table

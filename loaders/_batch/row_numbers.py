@@ -41,6 +41,8 @@ class Book:
             merged = _merge([shard.fields.get(name) for shard in shards])
             if merged is not None:
                 self.fields[name] = merged
+        self.row_checked = all(shard.row_checked for shard in shards) and len(self.fields) == len(self.names)
+        """Whether every row of every field is checked against its digest as it is gathered."""
 
     def covers(self, shards: Iterable[int]) -> bool:
         """Whether every one of ``shards`` is in this book."""
@@ -53,13 +55,14 @@ class Book:
 
     def values(self, name: str, ids: np.ndarray) -> list[Any]:
         """Field ``name`` of each row ``ids``, as a Python value (see :meth:`ShardRows.value`)."""
-        return [self.tables[shard].value(name, row) for shard, row in self._locate(ids)]
+        return [self.tables[shard].value(name, row) for shard, row in self.locate(ids)]
 
     def samples(self, ids: np.ndarray) -> list[dict[str, Any]]:
         """Rows ``ids`` as sample dicts (see :meth:`ShardRows.sample`)."""
-        return [self.tables[shard].sample(row) for shard, row in self._locate(ids)]
+        return [self.tables[shard].sample(row) for shard, row in self.locate(ids)]
 
-    def _locate(self, ids: np.ndarray) -> zip[tuple[int, int]]:
+    def locate(self, ids: np.ndarray) -> zip[tuple[int, int]]:
+        """The (shard, row within it) of each of ``ids``."""
         place = np.searchsorted(self._firsts, ids, side="right") - 1
         return zip(self._numbers[place].tolist(), (ids - self._firsts[place]).tolist())
 
@@ -76,9 +79,11 @@ def _merge(fields: Sequence[FieldRows | None]) -> FieldRows | None:
     if len(fields) == 1:
         return first
     present = [f for f in fields if f is not None]
-    lengths = ends = None
+    lengths = ends = digests = None
+    if all(f.digests is not None for f in present):
+        digests = np.concatenate([f.digests for f in present if f.digests is not None])
     if first.lengths is not None:
         lengths = np.concatenate([f.lengths for f in present if f.lengths is not None])
         ends = np.concatenate([f.ends for f in present if f.ends is not None])
     return FieldRows(first.dtype, first.shape, np.concatenate([f.addresses for f in present]), lengths,
-                     min(f.low for f in present), max(f.high for f in present), ends, first.binary)
+                     min(f.low for f in present), max(f.high for f in present), ends, first.binary, digests)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from .._format.columns import Columns, sample_of
+from .row_hash import row_digests
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +23,8 @@ class FieldRows:
     where the values buffer each row lies in ends (reading past a row's
     last element up to there is safe). ``low``/``high`` bound the memory
     every row lies in. ``binary`` marks a binary field (variable-length
-    bytes) laid out as a list of uint8.
+    bytes) laid out as a list of uint8. ``digests``, where the shard has
+    row digests, holds each row's XXH3-64 (uint64), checked as it is copied.
     """
 
     dtype: np.dtype[Any]
@@ -33,11 +35,18 @@ class FieldRows:
     high: int
     ends: np.ndarray | None = None
     binary: bool = False
+    digests: np.ndarray | None = None
 
     @property
     def row_bytes(self) -> int:
         """Bytes of one row of a fixed-width field."""
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def sizes(self) -> np.ndarray:
+        """Bytes of each row."""
+        if self.lengths is not None:
+            return self.lengths * self.dtype.itemsize
+        return np.full(self.addresses.size, self.row_bytes, dtype=np.int64)
 
 
 class ShardRows:
@@ -47,9 +56,17 @@ class ShardRows:
     of uint8) that are laid out the same way in every record batch; every
     other field (strings, nested types, columns with nulls) is read row by
     row with :meth:`value`.
+
+    Given the shard's row digests (field name to one uint64 per row), the
+    table is :attr:`row_checked` when every field is gathered by rows and
+    has its digests: each field's rows then carry them. Otherwise (a field
+    read row by row, or a digest count that is not the row count) it is
+    not, and the caller must check the shard whole before using it.
     """
 
-    def __init__(self, batches: Sequence[pa.RecordBatch], source: tuple[str, str] = ("", "")) -> None:
+    def __init__(self, batches: Sequence[pa.RecordBatch], source: tuple[str, str] = ("", ""),
+                 digests: Mapping[str, np.ndarray] | None = None) -> None:
+        self.source = source
         self._columns = [Columns.of(batch, binary_as_lists=True, source=source) for batch in batches]
         self._samplers: list[Callable[[int], dict[str, Any]] | None] = [None] * len(self._columns)  # made when used
         sizes = np.asarray([batch.num_rows for batch in batches], dtype=np.int64)
@@ -63,6 +80,11 @@ class ShardRows:
             if rows is not None:
                 self.fields[name] = rows
         self.other = [name for name in names if name not in self.fields]
+        self.row_checked = digests is not None and not self.other and set(digests) == set(self.fields) \
+            and all(d.shape == (self.rows,) for d in digests.values())
+        if self.row_checked:
+            assert digests is not None
+            self.fields = {name: replace(rows, digests=digests[name]) for name, rows in self.fields.items()}
 
     def _fixed_rows(self, name: str) -> FieldRows | None:
         arrays = [columns.fixed.get(name) for columns in self._columns]
@@ -90,6 +112,13 @@ class ShardRows:
         low = min(values.ctypes.data for values, _ in present)
         high = max(values.ctypes.data + values.nbytes for values, _ in present)
         return FieldRows(dtype, (), addresses, lengths, low, high, ends, binary=name in self._binary)
+
+    def digests(self) -> dict[str, np.ndarray] | None:
+        """Each field's row digests (XXH3-64 of each row's bytes, as the gathers copy them), in the schema's order;
+        None when some field is not gathered by rows (then it has none)."""
+        if self.other:
+            return None
+        return {name: row_digests(rows.addresses, rows.sizes()) for name, rows in self.fields.items()}
 
     def value(self, name: str, row: int) -> Any:
         """Field ``name`` of row ``row``, as :meth:`sample` gives it."""

@@ -58,15 +58,40 @@ class BatchInfo:
     length: int
 
 
+@dataclass(frozen=True, slots=True)
+class RowDigests:
+    """A shard's row digests file: the XXH3-64 of every row of each of ``fields`` (see FORMAT.md).
+
+    Attributes:
+        path: Its key in the dataset.
+        fields: The fields it covers, in the schema's order (every field of the schema).
+        xxh3_128: The XXH3-128 digest of the whole file.
+    """
+
+    path: str
+    fields: tuple[str, ...]
+    xxh3_128: str
+
+    def size(self, rows: int) -> int:
+        """The file's size in bytes, for a shard of ``rows`` rows."""
+        return 8 * rows * len(self.fields)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShardInfo:
-    """One shard file of a dataset, as the index records it."""
+    """One shard file of a dataset, as the index records it (with its row digests file, where it has one)."""
 
     path: str
     rows: int
     bytes: int
     xxh3_128: str
     batches: tuple[BatchInfo, ...] = field(default=())
+    row_xxh3: RowDigests | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The keys of the shard's files: the shard, and its row digests file where it has one."""
+        return (self.path,) if self.row_xxh3 is None else (self.path, self.row_xxh3.path)
 
     def batch_of(self, row: int) -> int:
         """The number of the batch holding ``row`` (0 <= row < rows)."""
@@ -116,16 +141,7 @@ class DatasetIndex:
                 "arrow_ipc_base64": base64.b64encode(self.schema.serialize().to_pybytes()).decode("ascii"),
                 "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in self.schema],
             },
-            "shards": [
-                {
-                    "path": s.path,
-                    "rows": s.rows,
-                    "bytes": s.bytes,
-                    "xxh3_128": s.xxh3_128,
-                    "batches": [[b.first_row, b.offset, b.length] for b in s.batches],
-                }
-                for s in self.shards
-            ],
+            "shards": [_shard_json(s) for s in self.shards],
         }
         return seal_json(document, indent=1)
 
@@ -144,6 +160,20 @@ class DatasetIndex:
                 dataset, counts or batch tables that do not add up.
         """
         return _Parser(url).parse(data)
+
+
+def _shard_json(shard: ShardInfo) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "path": shard.path,
+        "rows": shard.rows,
+        "bytes": shard.bytes,
+        "xxh3_128": shard.xxh3_128,
+        "batches": [[b.first_row, b.offset, b.length] for b in shard.batches],
+    }
+    if shard.row_xxh3 is not None:
+        entry["row_xxh3"] = {"path": shard.row_xxh3.path, "fields": list(shard.row_xxh3.fields),
+                             "xxh3_128": shard.row_xxh3.xxh3_128}
+    return entry
 
 
 def load_index(store: Store) -> tuple[DatasetIndex, bytes]:
@@ -218,9 +248,13 @@ class _Parser:
         if not isinstance(raw_shards, list):
             raise self.fail("shards", "must be a list")
         shards = tuple(self.shard(i, raw) for i, raw in enumerate(raw_shards))
-        paths = [s.path for s in shards]
+        paths = [s.path for s in shards] + [s.row_xxh3.path for s in shards if s.row_xxh3 is not None]
         if len(set(paths)) != len(paths):
             raise self.fail("shards", "lists one shard file more than once")
+        for i, shard in enumerate(shards):
+            if shard.row_xxh3 is not None and list(shard.row_xxh3.fields) != schema.names:
+                raise self.fail(f"shards[{i}].row_xxh3.fields", f"are {list(shard.row_xxh3.fields)}, not the "
+                                                                 f"schema's fields {schema.names}")
         rows = self.integer(document, "rows", "rows")
         if rows != sum(s.rows for s in shards):
             raise self.fail("rows", f"is {rows} but the shards hold {sum(s.rows for s in shards)} rows")
@@ -246,23 +280,39 @@ class _Parser:
         where = f"shards[{i}]"
         if not isinstance(raw, dict):
             raise self.fail(where, "must be an object")
-        path = raw.get("path")
+        path = self.shard_path(f"{where}.path", raw.get("path"))
+        rows = self.integer(raw, "rows", f"{where}.rows")
+        size = self.integer(raw, "bytes", f"{where}.bytes")
+        digest = self.digest(f"{where}.xxh3_128", raw.get("xxh3_128"))
+        batches = self.batches(where, raw.get("batches"), rows, size)
+        row_xxh3 = self.row_digests(f"{where}.row_xxh3", raw["row_xxh3"]) if "row_xxh3" in raw else None
+        return ShardInfo(path=path, rows=rows, bytes=size, xxh3_128=digest, batches=batches, row_xxh3=row_xxh3)
+
+    def shard_path(self, where: str, path: object) -> str:
         try:
             check_key(self.url, path)
         except InvalidKey as exc:
-            raise self.fail(f"{where}.path", f"{path!r} is not a path inside the dataset ({exc.problem})",
+            raise self.fail(where, f"{path!r} is not a path inside the dataset ({exc.problem})",
                             "refusing to read outside the dataset") from exc
         assert isinstance(path, str)
         if not path.startswith(f"{SHARD_DIR}/") or path == INDEX_KEY:
-            raise self.fail(f"{where}.path", f"{path!r} is not under {SHARD_DIR}/",
+            raise self.fail(where, f"{path!r} is not under {SHARD_DIR}/",
                             "refusing to read outside the dataset's shard directory")
-        rows = self.integer(raw, "rows", f"{where}.rows")
-        size = self.integer(raw, "bytes", f"{where}.bytes")
-        digest = raw.get("xxh3_128")
+        return path
+
+    def digest(self, where: str, digest: object) -> str:
         if not isinstance(digest, str) or not _HEX32.match(digest):
-            raise self.fail(f"{where}.xxh3_128", f"{digest!r} is not 32 lowercase hex digits")
-        batches = self.batches(where, raw.get("batches"), rows, size)
-        return ShardInfo(path=path, rows=rows, bytes=size, xxh3_128=digest, batches=batches)
+            raise self.fail(where, f"{digest!r} is not 32 lowercase hex digits")
+        return digest
+
+    def row_digests(self, where: str, raw: object) -> RowDigests:
+        if not isinstance(raw, dict):
+            raise self.fail(where, "must be an object")
+        fields = raw.get("fields")
+        if not isinstance(fields, list) or not all(isinstance(name, str) for name in fields):
+            raise self.fail(f"{where}.fields", "must be a list of field names")
+        return RowDigests(self.shard_path(f"{where}.path", raw.get("path")), tuple(fields),
+                          self.digest(f"{where}.xxh3_128", raw.get("xxh3_128")))
 
     def batches(self, where: str, raw: object, rows: int, size: int) -> tuple[BatchInfo, ...]:
         if not isinstance(raw, list):

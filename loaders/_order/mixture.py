@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from .._read.row_check import RowDigestTable
 from .._read.shard_reader import ShardReader
 from .epoch_order import DEFAULT_WINDOW, EpochOrder, generator
 
@@ -228,9 +229,24 @@ class MixedReader:
         return per
 
     def batch(self, shard: int, number: int) -> pa.RecordBatch:
-        """Record batch ``number`` of global shard ``shard``."""
+        """Record batch ``number`` of global shard ``shard``, its rows checked (:meth:`ShardReader.batch`)."""
         reader, local = self._split(shard)
         return reader.batch(local, number)
+
+    def row_digests(self, shard: int) -> RowDigestTable | None:
+        """Global shard ``shard``'s row digests (:meth:`ShardReader.row_digests`)."""
+        reader, local = self._split(shard)
+        return reader.row_digests(local)
+
+    def unchecked_batch(self, shard: int, number: int) -> pa.RecordBatch:
+        """Record batch ``number`` of global shard ``shard``, unchecked (:meth:`ShardReader.unchecked_batch`)."""
+        reader, local = self._split(shard)
+        return reader.unchecked_batch(local, number)
+
+    def check_whole(self, shard: int) -> None:
+        """Return once global shard ``shard`` has matched the index whole (:meth:`ShardReader.check_whole`)."""
+        reader, local = self._split(shard)
+        reader.check_whole(local)
 
     def cache_stats(self) -> dict[str, int]:
         """Cache hits and misses, summed over the datasets."""

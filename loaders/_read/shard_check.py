@@ -12,6 +12,11 @@ again while its file stays the same (device, inode, size, modification
 time), in this process or in those forked from the same parent
 (``verified.py``).
 
+A shard with row digests is checked row by row by its readers
+(``row_check.py``): the threads leave it alone while it is in memory, and
+hash it (and so read it in) only when it is not; :meth:`wait` still hashes
+it whole for a reader that asks.
+
 The threads read no further ahead than ``read_ahead`` bytes past the shards
 the readers have planned: a shard beyond them is hashed up to that bound
 and the hash resumes where it paused once the readers' plan moves on, so a
@@ -65,6 +70,10 @@ class _Closed(Exception):
     """The checker was closed while a shard was being hashed."""
 
 
+class _LeftToReaders(Exception):
+    """The shard has row digests and is in memory: its readers check each row they read, so it is not hashed."""
+
+
 class _Paused(Exception):
     """The shard's hash reached the read-ahead bound: its state is kept for whoever goes on with it."""
 
@@ -111,6 +120,7 @@ class ShardChecker:
         self._paused: dict[int, _PartialHash] = {}  # shards whose hash stopped at the bound, nobody's now
         self._results: dict[int, tuple[_Identity | None, BaseException | None]] = {}  # None: whatever the file
         self._busy: set[int] = set()
+        self._left: set[int] = set()  # shards with row digests found in memory this epoch: left to their readers
         self._confirmed: set[int] = set()  # shards a reader asked for this epoch: file confirmed, in use, hashed whole
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -138,7 +148,7 @@ class ShardChecker:
     def plan(self, shards: Sequence[int]) -> None:
         """Check these shards next, in this order (before the rest of :meth:`expect`'s)."""
         with self._cond:
-            self._planned = [s for s in shards if s not in self._results]
+            self._planned = [s for s in shards if s not in self._results and s not in self._left]
             self._frontier = max([self._frontier] + [self._place[s] for s in shards if s in self._place])
             self._start()
 
@@ -158,6 +168,7 @@ class ShardChecker:
             self._hashed = {}
             self._confirmed.clear()
             self._results = {k: v for k, v in self._results.items() if v[1] is None}  # failures are retried
+            self._left.clear()
             self._start()
 
     def wait(self, shard: int) -> MappedFile:
@@ -168,8 +179,7 @@ class ShardChecker:
             FormatError: its size is not the index's.
             NotFound, StoreError: it is missing, not a regular file, or a link out of the dataset.
         """
-        mapped = self._dataset.mapped(shard, fresh=shard not in self._confirmed)
-        self._confirmed.add(shard)  # the file is the one mapped: confirmed once per epoch, not per batch
+        mapped = self.mapping(shard)
         if not CHECK_LOCAL_SHARDS or _known_good(mapped, self._dataset.shards[shard].xxh3_128):
             return mapped
         while True:
@@ -188,7 +198,14 @@ class ShardChecker:
                     self._cond.wait()
                     continue
                 self._busy.add(shard)  # nobody is on it (not announced, or not reached yet): hash it here
-            self._check_and_record(shard)
+            self._check_and_record(shard, waited=True)
+
+    def mapping(self, shard: int) -> MappedFile:
+        """Shard ``shard``'s mapping, not checked here: for :meth:`wait`, and for readers that check each row they
+        read against the shard's row digests. Its file is confirmed (by identity) once per epoch."""
+        mapped = self._dataset.mapped(shard, fresh=shard not in self._confirmed)
+        self._confirmed.add(shard)  # the file is the one mapped: confirmed once per epoch, not per batch
+        return mapped
 
     def close(self) -> None:
         """Stop checking (a shard being hashed is abandoned) and wait for the background thread to end."""
@@ -215,13 +232,13 @@ class ShardChecker:
     def _has_work(self, beyond: int) -> bool:
         """Whether more than ``beyond`` shards (as many as threads are free) wait for a thread."""
         todo = dict.fromkeys(self._planned + self._resumable() + self._expected[self._next_expected:self._horizon()])
-        return sum(s not in self._results and s not in self._busy for s in todo) > beyond
+        return sum(s not in self._results and s not in self._busy and s not in self._left for s in todo) > beyond
 
     def _next(self) -> int | None:
         """The next shard to check, nobody's yet (the lock held); None when there is none."""
         while self._planned:
             shard = self._planned.pop(0)
-            if shard not in self._results and shard not in self._busy:
+            if shard not in self._results and shard not in self._busy and shard not in self._left:
                 return shard
         resumable = self._resumable()
         if resumable:
@@ -229,7 +246,7 @@ class ShardChecker:
         while self._next_expected < self._horizon():
             shard = self._expected[self._next_expected]
             self._next_expected += 1
-            if shard not in self._results and shard not in self._busy:
+            if shard not in self._results and shard not in self._busy and shard not in self._left:
                 return shard
         return None
 
@@ -287,18 +304,20 @@ class ShardChecker:
                 self._busy.add(shard)
                 self._hashing += 1
             try:
-                self._check_and_record(shard)
+                self._check_and_record(shard, waited=False)
             finally:
                 with self._cond:
                     self._hashing -= 1
 
-    def _check_and_record(self, shard: int) -> None:
-        """Hash ``shard`` (claimed in ``_busy``) and record the outcome for its waiters."""
+    def _check_and_record(self, shard: int, *, waited: bool) -> None:
+        """Hash ``shard`` (claimed in ``_busy``) and record the outcome for its waiters (``waited``: for one now)."""
         try:
-            identity, error = self._check(shard)
-        except (_Closed, _Paused):
+            identity, error = self._check(shard, waited)
+        except (_Closed, _Paused, _LeftToReaders) as stopped:
             with self._cond:
                 self._busy.discard(shard)
+                if isinstance(stopped, _LeftToReaders):
+                    self._left.add(shard)  # until the next epoch: its residency is not looked at again
                 self._cond.notify_all()
             return
         except BaseException as exc:  # noqa: BLE001 - handed to the waiters, not lost with this thread
@@ -316,7 +335,7 @@ class ShardChecker:
             time.sleep(_POLL_S)
         return verified.known(mapped.identity, xxh3)
 
-    def _check(self, shard: int) -> tuple[_Identity | None, BaseException | None]:
+    def _check(self, shard: int, waited: bool) -> tuple[_Identity | None, BaseException | None]:
         info = self._dataset.shards[shard]
         with self._cond:
             partial = self._paused.pop(shard, None)
@@ -329,6 +348,8 @@ class ShardChecker:
                 return None, exc
             if _known_good(mapped, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
                 return mapped.identity, None
+            if not waited and info.row_xxh3 is not None and resident(mapped.buffer, 0, mapped.buffer.size):
+                raise _LeftToReaders  # hashed here only as the read-ahead of a shard not in memory
             partial = _PartialHash(mapped, Hasher(), 0)
         mapped, hasher = partial.mapped, partial.hasher
         view = memoryview(mapped.buffer)

@@ -13,7 +13,9 @@ import pyarrow as pa
 
 from trainio.storage import FurthestInFuture, ShardCache
 
+from . import shard_check
 from .dataset import Dataset, map_file
+from .row_check import RowDigestTable, check_batch_rows, read_row_digests
 from .shard_check import DEFAULT_READ_AHEAD
 
 log = logging.getLogger("trainio.loaders.reader")
@@ -25,7 +27,9 @@ class ShardReader:
     Local datasets are memory-mapped where they are, and each shard is
     hashed against the index before any batch of it is returned (ahead of
     the reader, by a :class:`ShardChecker`, at most ``read_ahead`` bytes past
-    the shards of the current plan). Remote ones go through
+    the shards of the current plan), or, where it has row digests, each
+    batch's rows are checked against them as the batch is returned (or by
+    the caller as it copies them: :meth:`unchecked_batch`). Remote ones go through
     ``cache``, which checks each download: the shards of the current plan
     stay mapped and pinned, the next ``prefetch_shards`` shards of the plan
     download in the background, and the cache evicts the shard needed
@@ -51,6 +55,7 @@ class ShardReader:
         self._order: list[int] = []  # the epoch's shards in order of first use (expect)
         self._place: dict[int, int] = {}  # each one's place in that order
         self._checker = dataset.checker() if cache is None else None
+        self._row_digests: OrderedDict[int, RowDigestTable] = OrderedDict()
         if self._checker is not None:
             self._checker.read_ahead = read_ahead
 
@@ -84,15 +89,66 @@ class ShardReader:
             self._checker.expect(shards)
 
     def batch(self, shard: int, number: int) -> pa.RecordBatch:
-        """Record batch ``number`` of shard ``shard``, from a shard whose bytes match the index.
+        """Record batch ``number`` of shard ``shard``, its rows checked: against the shard's row digests where it
+        has them, else by waiting until the whole shard has matched the index.
 
         Raises:
-            IntegrityError: the shard's xxh3-128 is not the one the index records.
-            FormatError: its size differs, or the batch does not decode.
+            IntegrityError: a row, the shard or its row digests file is not what the index records.
+            FormatError: a size differs, or the batch does not decode.
         """
+        digests = self.row_digests(shard)
+        if digests is not None:
+            batch = self.unchecked_batch(shard, number)
+            first_row = self._dataset.shards[shard].batches[number].first_row
+            if check_batch_rows((self._dataset.url, self._dataset.shards[shard].path), batch, first_row, digests):
+                return batch
         mapped = self._checker.wait(shard).buffer if self._checker is not None else self._mapped(shard)
         where = self._dataset.shards[shard].batches[number]
         return self._dataset.decode_batch(shard, number, mapped.slice(where.offset, where.length))
+
+    def row_digests(self, shard: int) -> RowDigestTable | None:
+        """The row digests of a local shard that has them (its file checked against the index), by which its
+        readers check each row; None for a shard that is checked whole.
+
+        Raises:
+            IntegrityError, FormatError, NotFound, StoreError: the row digests file is damaged or missing.
+        """
+        if self._checker is None or not shard_check.CHECK_LOCAL_SHARDS \
+                or self._dataset.shards[shard].row_xxh3 is None:
+            return None
+        with self._lock:
+            found = self._row_digests.get(shard)
+            if found is not None:
+                self._row_digests.move_to_end(shard)
+                return found
+        found = read_row_digests(self._dataset.store, self._dataset.shards[shard])
+        with self._lock:
+            self._row_digests[shard] = found
+            while len(self._row_digests) > self._open_limit:
+                self._row_digests.popitem(last=False)
+        return found
+
+    def unchecked_batch(self, shard: int, number: int) -> pa.RecordBatch:
+        """Record batch ``number`` of a local shard with row digests, not checked: for a caller that checks each
+        row against :meth:`row_digests` before it uses it.
+
+        Raises:
+            FormatError: the batch does not decode, or holds another number of rows than the index says.
+        """
+        assert self._checker is not None, "only a local dataset's shards are read unchecked"
+        mapped = self._checker.mapping(shard).buffer
+        where = self._dataset.shards[shard].batches[number]
+        return self._dataset.decode_batch(shard, number, mapped.slice(where.offset, where.length))
+
+    def check_whole(self, shard: int) -> None:
+        """Return once a local shard's bytes have matched the index whole (for rows that cannot be checked one by
+        one); at once for a remote one, checked as it was fetched.
+
+        Raises:
+            IntegrityError, FormatError, NotFound, StoreError: as :meth:`batch`.
+        """
+        if self._checker is not None:
+            self._checker.wait(shard)
 
     def _mapped(self, shard: int) -> pa.Buffer:
         with self._lock:

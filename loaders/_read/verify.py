@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from trainio.storage import FormatError, NotFound, Store, StoreError, digest, open_store
+from trainio.storage import FormatError, IntegrityError, NotFound, Store, StoreError, digest, open_store
 
 from .._format.index import INDEX_KEY, SHARD_DIR, DatasetIndex, ShardInfo, load_index
 from .dataset import map_local
+from .row_check import RowDigestTable, check_batch_rows, read_row_digests
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +58,10 @@ def verify_dataset(
     Per shard: present, of the recorded size, with the recorded xxh3-128; an
     Arrow IPC file of the index's schema whose footer agrees with the index
     on batches and rows; and every batch byte range the index records
-    decodes to the recorded number of rows. ``progress`` is called with the
-    byte count of each shard as it is done.
+    decodes to the recorded number of rows. Where the shard has row digests:
+    their file present, of the size the rows imply, with the recorded
+    xxh3-128, and every row of every batch matching its digest.
+    ``progress`` is called with the byte count of each shard as it is done.
 
     Returns:
         A report; it never raises for a problem of the dataset itself.
@@ -78,7 +81,7 @@ def verify_dataset(
         return VerifyReport(url=store.url, problems=(Problem(INDEX_KEY, f"unreadable: {exc.problem}"),))
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="trainio-verify") as pool:
         results = list(pool.map(lambda shard: _check_shard(store, index, shard, progress), index.shards))
-    listed = {s.path for s in index.shards}
+    listed = {key for s in index.shards for key in s.files}
     return VerifyReport(
         url=store.url, rows=index.rows, shards=len(index.shards), bytes=sum(s.bytes for s in index.shards),
         problems=tuple(p for found in results for p in found),
@@ -121,16 +124,41 @@ def _shard_problems(store: Store, index: DatasetIndex, shard: ShardInfo) -> list
     if reader.num_record_batches != len(shard.batches):
         problems.append(Problem(shard.path, f"its footer lists {reader.num_record_batches} batches, "
                                             f"the index says {len(shard.batches)}"))
+    row_digests, problem = _row_digests(store, shard)
+    problems += [problem] if problem is not None else []
     for number, batch in enumerate(shard.batches):
         try:
-            rows = ipc.read_record_batch(data.slice(batch.offset, batch.length), index.schema).num_rows
+            decoded = ipc.read_record_batch(data.slice(batch.offset, batch.length), index.schema)
         except (pa.ArrowException, ValueError) as exc:
             problems.append(Problem(shard.path, f"batch {number} at byte {batch.offset} does not decode ({exc})"))
             continue
-        if rows != shard.batch_rows(number):
-            problems.append(Problem(shard.path, f"batch {number} holds {rows} rows, "
+        if decoded.num_rows != shard.batch_rows(number):
+            problems.append(Problem(shard.path, f"batch {number} holds {decoded.num_rows} rows, "
                                                 f"the index says {shard.batch_rows(number)}"))
+        elif row_digests is not None and shard.row_xxh3 is not None:
+            try:
+                if not check_batch_rows((store.url, shard.path), decoded, batch.first_row, row_digests):
+                    problems.append(Problem(shard.row_xxh3.path, f"batch {number} of {shard.path} has a field "
+                                                                 "that rows cannot be checked in"))
+            except IntegrityError as exc:
+                problems.append(Problem(shard.row_xxh3.path, f"{exc.what} of {shard.path} is {exc.actual}, its "
+                                                             f"digest {exc.expected} (wrong digests)"))
     return problems
+
+
+def _row_digests(store: Store, shard: ShardInfo) -> tuple[RowDigestTable | None, Problem | None]:
+    """The shard's row digests, where it has them, and what is wrong with their file."""
+    if shard.row_xxh3 is None:
+        return None, None
+    try:
+        return read_row_digests(store, shard), None
+    except NotFound as exc:
+        return None, Problem(shard.row_xxh3.path, _absence(store, shard.row_xxh3.path, exc) or "missing")
+    except IntegrityError as exc:
+        return None, Problem(shard.row_xxh3.path, f"xxh3-128 is {exc.actual}, the index says {exc.expected} "
+                                                  "(corrupt)")
+    except (FormatError, StoreError) as exc:
+        return None, Problem(shard.row_xxh3.path, exc.problem)
 
 
 def _absence(store: Store, key: str, exc: NotFound) -> str:

@@ -70,8 +70,8 @@ def build_dataset(
     schema = written[0][0]
     for other in (s for s, _ in written[1:]):
         if not other.remove_metadata().equals(schema.remove_metadata()):
-            for info in (info for _, shards in results for info in shards):
-                store.delete(info.path)
+            for key in (key for _, shards in results for info in shards for key in info.files):
+                store.delete(key)
             raise FormatError(store.url, "", f"the samples disagree on the schema: {schema} and {other}",
                               "make every sample with the same fields and types")
     return commit_dataset(destination, schema, [info for _, shards in results for info in shards], compression)
@@ -129,7 +129,8 @@ def _in_processes(jobs: list[tuple[Any, ...]], store: Store) -> list[tuple[pa.Sc
         for future in futures:
             if not future.cancelled() and future.exception() is None:
                 for info in future.result()[1]:
-                    store.delete(info.path)
+                    for key in info.files:
+                        store.delete(key)
         error = failed.exception()
         assert error is not None
         raise error

@@ -57,7 +57,7 @@ def prepare_destination(store: Store, *, overwrite: bool) -> Destination:
             raise AlreadyExists(store.url, INDEX_KEY, "a dataset already exists here",
                                 "pass overwrite=True (--overwrite) to replace it, or choose another place")
         try:
-            replaced = frozenset(s.path for s in load_index(store)[0].shards)
+            replaced = frozenset(key for s in load_index(store)[0].shards for key in s.files)
         except FormatError:
             log.warning("replacing the damaged dataset at %s", store.url)
     leftovers = [key for key in store.list(SHARD_DIR) if key not in replaced]
@@ -80,7 +80,7 @@ def commit_dataset(destination: Destination, schema: pa.Schema, shards: Sequence
                          compression=compression)
     store = destination.store
     store.put(INDEX_KEY, index.to_json(), overwrite=destination.replacing)
-    for path in destination.replaced - {s.path for s in shards}:
+    for path in destination.replaced - {key for s in shards for key in s.files}:
         store.delete(path)
     return index
 

@@ -1,15 +1,18 @@
-"""Writing record batches into numbered Arrow IPC shard files on a store, hashed as they are written."""
+"""Writing record batches into numbered Arrow IPC shard files on a store, hashed as they are written, each with
+its row digests file where every field is gathered by rows."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from trainio.storage import Store
 
-from .._format.index import SHARD_DIR, BatchInfo, ShardInfo
+from .._batch.row_tables import ShardRows
+from .._format.index import SHARD_DIR, BatchInfo, RowDigests, ShardInfo
 
 Compression = Literal["lz4", "zstd"] | None
 _MAGIC_BYTES = 8  # "ARROW1" and two bytes of padding open every IPC file
@@ -25,22 +28,42 @@ class _OpenShard:
                                    options=ipc.IpcWriteOptions(compression=compression))
         self.batches: list[BatchInfo] = []
         self.rows = 0
+        self.digests: list[dict[str, np.ndarray]] | None = []  # each batch's row digests; None once one has none
         # pyarrow writes the magic and the schema message with the first batch, so that batch's
         # message starts after them.
         self._first_offset = _MAGIC_BYTES + schema.serialize().size
 
     def write(self, batch: pa.RecordBatch) -> None:
         start = self.sink.position if self.batches else self._first_offset
+        if self.digests is not None:
+            digests = ShardRows([batch]).digests()
+            self.digests = None if digests is None or not digests else [*self.digests, digests]
         self.writer.write_batch(batch)
         self.batches.append(BatchInfo(self.rows, start, self.sink.position - start))
         self.rows += batch.num_rows
 
-    def finish(self) -> ShardInfo:
-        """Close the IPC file and publish it under its key (not yet durably: see :meth:`Store.sync`)."""
+    def finish(self, store: Store) -> ShardInfo:
+        """Close the IPC file and publish it and its row digests under their keys (not yet durably: see
+        :meth:`Store.sync`)."""
         self.writer.close()
         digest = self.sink.commit()
         return ShardInfo(path=self.key, rows=self.rows, bytes=self.sink.position, xxh3_128=digest,
-                         batches=tuple(self.batches))
+                         batches=tuple(self.batches), row_xxh3=self._write_digests(store))
+
+    def _write_digests(self, store: Store) -> RowDigests | None:
+        """The row digests file: each field's digests of every row, field after field, as little-endian uint64."""
+        if not self.digests:
+            return None
+        fields = tuple(self.digests[0])
+        key = self.key.removesuffix(".arrow") + ".rows"
+        sink = store.open_writer(key, sync=False)
+        try:
+            for name in fields:
+                sink.write(np.concatenate([batch[name] for batch in self.digests]).astype("<u8").tobytes())
+            return RowDigests(key, fields, sink.commit())
+        except BaseException:
+            sink.abort()
+            raise
 
     def discard(self) -> None:
         self.sink.abort()
@@ -97,7 +120,7 @@ class ShardSequenceWriter:
         """Finish the last shard, make every shard durable where the store is, and return them in order."""
         if self._open is not None:
             self._finish()
-        self._store.sync(shard.path for shard in self._done)
+        self._store.sync(key for shard in self._done for key in shard.files)
         return list(self._done)
 
     def abort(self) -> None:
@@ -106,15 +129,17 @@ class ShardSequenceWriter:
             self._open.discard()
             self._open = None
         for shard in self._done:
-            self._store.delete(shard.path)
+            for key in shard.files:
+                self._store.delete(key)
         self._done.clear()
 
     def _finish(self) -> None:
         shard, self._open = self._open, None
         assert shard is not None
         try:
-            info = shard.finish()
+            info = shard.finish(self._store)
         except BaseException:
             shard.discard()
             raise
         self._done.append(info)
+

@@ -19,6 +19,19 @@ def edit_index(dataset: Path, edit: Callable[[dict[str, Any]], object], *, seal:
     (dataset / "index.json").write_bytes(data)
 
 
+def drop_row_digests(dataset: Path) -> Path:
+    """Make the dataset one whose shards are checked whole (as one written before row digests, or with a field
+    not gathered by rows): its row digests files deleted and unlisted."""
+    def edit(document: dict[str, Any]) -> None:
+        for shard in document["shards"]:
+            rows = shard.pop("row_xxh3", None)
+            if rows is not None:
+                (dataset / rows["path"]).unlink()
+
+    edit_index(dataset, edit)
+    return dataset
+
+
 def flip_bit(path: Path, position: int, bit: int = 2) -> None:
     """Flip one bit of the byte at ``position`` of the file (negative counts from the end)."""
     data = bytearray(path.read_bytes())

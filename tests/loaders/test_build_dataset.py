@@ -59,6 +59,6 @@ def test_a_failure_leaves_no_dataset_and_keeps_the_old_one(tmp_path: Path, make:
         build_dataset(make, range(200), tmp_path / "ds", workers=workers, overwrite=True)
     assert len(Dataset(tmp_path / "ds")) == 9 and verify_dataset(tmp_path / "ds").ok
     assert sorted(p.name for p in (tmp_path / "ds" / "shards").iterdir()) == \
-        sorted(Path(s.path).name for s in Dataset(tmp_path / "ds").shards)
+        sorted(Path(key).name for s in Dataset(tmp_path / "ds").shards for key in s.files)
     with pytest.raises(AlreadyExists):
         build_dataset(single, range(3), tmp_path / "ds")

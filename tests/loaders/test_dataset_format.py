@@ -202,7 +202,7 @@ def test_a_killed_writer_leaves_no_dataset_and_the_next_one_cleans_up(tmp_path: 
         Dataset(store)
     with DatasetWriter(store) as writer:
         writer.write({"id": 1})
-    assert store.list() == ["index.json", "shards/shard-00000.arrow"]
+    assert store.list() == ["index.json", "shards/shard-00000.arrow", "shards/shard-00000.rows"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")

@@ -18,7 +18,7 @@ from trainio.loaders._read.dataset import map_file
 from trainio.storage import Hasher, IntegrityError, digest
 from trainio.tools._bench_limits import drop_from_page_cache
 
-from ._damage import flip_bit
+from ._damage import drop_row_digests, flip_bit
 
 pytestmark = pytest.mark.timeout(120)  # a checker paused at its bound must never hang a reader or a close
 
@@ -26,15 +26,20 @@ ROWS = 48_000
 ROW_INTS = 12
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
+def write(path: Path) -> Path:
     """About 3 MB in shards of about 240 KB (4,000 rows: half of what a reader plans at a time in order)."""
-    path = tmp_path / "ds"
     with DatasetWriter(path, batch_rows=1000, shard_bytes=240_000) as writer:
         writer.write_batch({"id": np.arange(ROWS, dtype=np.int64),
                             "payload": list(np.arange(ROWS * ROW_INTS, dtype=np.int32).reshape(ROWS, -1))})
     assert len(Dataset(path).shards) >= 10
     return path
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """The dataset of :func:`write`, its shards checked whole (no row digests): what the checker's threads read
+    ahead."""
+    return drop_row_digests(write(tmp_path / "ds"))
 
 
 @pytest.fixture(autouse=True)
@@ -214,3 +219,27 @@ def test_a_cold_shard_is_hashed_through_reads_and_a_flipped_bit_still_stops_it(
     if not evicted(root / shard.path):
         pytest.skip("this file system kept the shard's pages in memory")
     assert Dataset(root).checker().wait(3).buffer.size == shard.bytes
+
+
+def test_shards_with_row_digests_in_memory_are_left_to_their_readers(tmp_path: Path) -> None:
+    path = write(tmp_path / "ds")
+    ds = StreamingDataset(path, shuffle=False)  # announces the epoch: the threads look at every shard
+    checker = ds.dataset.checker()
+    time.sleep(0.5)
+    assert checker.ahead_peak == 0 and not any(shard_check._known_good(ds.dataset.mapped(s), info.xxh3_128)
+                                               for s, info in enumerate(ds.dataset.shards))
+    ids = np.concatenate([batch["id"].numpy() for batch in Loader(ds, 500)])
+    assert np.array_equal(np.sort(ids), np.arange(ROWS))  # every row checked as it was copied
+    assert checker.wait(2).buffer.size == ds.dataset.shards[2].bytes  # a reader that asks gets it hashed whole
+    assert shard_check._known_good(ds.dataset.mapped(2), ds.dataset.shards[2].xxh3_128)
+
+
+def test_a_cold_shard_with_row_digests_is_still_read_ahead(tmp_path: Path) -> None:
+    path = write(tmp_path / "ds")
+    dataset = Dataset(path)
+    if not all(evicted(path / info.path) for info in dataset.shards[:3]):
+        pytest.skip("this file system kept the shards' pages in memory")
+    ds = StreamingDataset(path, shuffle=False)
+    first = ds.dataset.shards[0]
+    reaches(lambda: int(shard_check._known_good(ds.dataset.mapped(0), first.xxh3_128)), 1)
+    assert shard_check._known_good(ds.dataset.mapped(0), first.xxh3_128)  # hashed, and so read in, ahead

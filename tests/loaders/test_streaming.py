@@ -199,7 +199,7 @@ def test_too_small_a_cache_fails_fast_with_the_figure(s3_store: S3Store, s3_url:
 
 def test_a_corrupt_remote_shard_is_named(s3_store: S3Store, s3_url: str, tmp_path: Path) -> None:
     write_dataset(s3_store)
-    victim = s3_store.list("shards")[1]
+    victim = [key for key in s3_store.list("shards") if key.endswith(".arrow")][1]
     data = bytearray(s3_store.get(victim))
     data[len(data) // 2] ^= 0xFF
     s3_store.put(victim, bytes(data))
