@@ -32,25 +32,34 @@ class Columns:
         """The views of ``batch``, read from shard ``source`` (url, key), which error messages name.
 
         Raises:
-            FormatError: a list or binary column's offsets point outside its values.
+            FormatError: a list or binary column's offsets point outside its
+                values, or a column's buffers are not what its type needs
+                (bytes not yet checked against their digests may be damaged).
         """
         fixed, lists, other = {}, {}, {}
         for name, column in zip(batch.schema.names, batch.columns):
             kind = column.type
-            if column.null_count:
-                other[name] = column
-            elif isinstance(kind, pa.FixedShapeTensorType):
-                fixed[name] = column.to_numpy_ndarray()
-            elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _is_numeric(kind.value_type):
-                lists[name] = _checked(source, name, column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy())
-            elif _is_numeric(kind):
-                fixed[name] = column.to_numpy(zero_copy_only=False)
-            elif binary_as_lists and pa.types.is_fixed_size_binary(kind):
-                fixed[name] = _fixed_binary(column)
-            elif binary_as_lists and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-                lists[name] = _binary(source, name, column)
-            else:
-                other[name] = column
+            try:
+                if column.null_count:
+                    other[name] = column
+                elif isinstance(kind, pa.FixedShapeTensorType):
+                    fixed[name] = column.to_numpy_ndarray()
+                elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _is_numeric(kind.value_type):
+                    lists[name] = _checked(source, name, column.values.to_numpy(zero_copy_only=False),
+                                           column.offsets.to_numpy())
+                elif _is_numeric(kind):
+                    fixed[name] = column.to_numpy(zero_copy_only=False)
+                elif binary_as_lists and pa.types.is_fixed_size_binary(kind):
+                    fixed[name] = _fixed_binary(column)
+                elif binary_as_lists and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+                    lists[name] = _binary(source, name, column)
+                else:
+                    other[name] = column
+            except (pa.ArrowException, ValueError) as exc:
+                if isinstance(exc, FormatError):
+                    raise
+                raise FormatError(*source, f"field {name!r} does not decode ({exc})",
+                                  "the shard is corrupt: run trainio verify") from exc
         return cls(fixed, lists, other)
 
 

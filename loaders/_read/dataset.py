@@ -159,6 +159,9 @@ class Dataset:
     def decode_batch(self, shard: int, number: int, data: pa.Buffer) -> pa.RecordBatch:
         """Record batch ``number`` of shard ``shard`` decoded from ``data``, the bytes of its IPC message.
 
+        The batch's buffers are checked to hold what its metadata says (not
+        the values: offsets and bytes are checked where they are read).
+
         Raises:
             FormatError: the bytes do not decode, or hold another number of rows than the index says.
         """
@@ -166,7 +169,8 @@ class Dataset:
         where = info.batches[number]
         try:
             batch = ipc.read_record_batch(data, self.schema)
-        except (pa.ArrowException, ValueError) as exc:
+            batch.validate()
+        except (pa.ArrowException, ValueError, OSError) as exc:
             raise FormatError(self.url, info.path, f"record batch {number} at bytes [{where.offset}, "
                               f"{where.offset + where.length}) does not decode ({exc})",
                               "the shard is corrupt or does not match the index: run trainio verify") from exc

@@ -113,7 +113,7 @@ def _shard_problems(store: Store, index: DatasetIndex, shard: ShardInfo) -> list
         return [Problem(shard.path, f"xxh3-128 is {actual}, the index says {shard.xxh3_128} (corrupt)")]
     try:
         reader = ipc.open_file(data)
-    except (pa.ArrowException, ValueError) as exc:
+    except (pa.ArrowException, ValueError, OSError) as exc:
         return [Problem(shard.path, f"is not an Arrow IPC file ({exc})")]
     problems = []
     if not reader.schema.equals(index.schema):
@@ -129,7 +129,7 @@ def _shard_problems(store: Store, index: DatasetIndex, shard: ShardInfo) -> list
     for number, batch in enumerate(shard.batches):
         try:
             decoded = ipc.read_record_batch(data.slice(batch.offset, batch.length), index.schema)
-        except (pa.ArrowException, ValueError) as exc:
+        except (pa.ArrowException, ValueError, OSError) as exc:
             problems.append(Problem(shard.path, f"batch {number} at byte {batch.offset} does not decode ({exc})"))
             continue
         if decoded.num_rows != shard.batch_rows(number):
