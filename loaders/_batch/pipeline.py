@@ -91,6 +91,8 @@ class EpochPipeline:
         self.stopping = threading.Event()
         self.failure: BaseException | None = None
         self.reader = plan.open_reader()
+        if settings.collate is None:  # rows are checked as they are copied (assemble.py)
+            self.reader.leave_rows_to_readers()
         pool = None
         try:
             cuda = is_cuda(settings.torch, settings.device)

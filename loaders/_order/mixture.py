@@ -210,6 +210,11 @@ class MixedReader:
         d = int(np.searchsorted(self._offsets, shard, side="right")) - 1
         return self._readers[d], shard - int(self._offsets[d])
 
+    def leave_rows_to_readers(self) -> None:
+        """Every dataset's reader leaves rows to be checked by the caller (:meth:`ShardReader.leave_rows_to_readers`)."""
+        for reader in self._readers:
+            reader.leave_rows_to_readers()
+
     def plan(self, shards: Sequence[int], keep: Sequence[int] | None = None) -> None:
         """Each dataset's reader plans its own shards, and what its cache keeps, in the given order."""
         kept = self._per_reader(shards if keep is None else keep)

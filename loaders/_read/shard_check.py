@@ -12,10 +12,14 @@ again while its file stays the same (device, inode, size, modification
 time), in this process or in those forked from the same parent
 (``verified.py``).
 
-A shard with row digests is checked row by row by its readers
-(``row_check.py``): the threads leave it alone while it is in memory, and
-hash it (and so read it in) only when it is not; :meth:`wait` still hashes
-it whole for a reader that asks.
+A shard with row digests is checked row by row by readers that copy rows
+(a Loader, which says so: :meth:`ShardChecker.leave_rows_to_readers`): the
+threads then leave it alone while it is in memory, and hash it (and so read
+it in) only when it is not. Until the first reader says which it is, the
+threads do not start on a dataset with row digests; a reader that plans
+without saying so (iterating samples) has its shards hashed whole, as
+shards without row digests are. :meth:`wait` hashes a shard whole for any
+reader that asks.
 
 The threads read no further ahead than ``read_ahead`` bytes past the shards
 the readers have planned: a shard beyond them is hashed up to that bound
@@ -121,6 +125,8 @@ class ShardChecker:
         self._results: dict[int, tuple[_Identity | None, BaseException | None]] = {}  # None: whatever the file
         self._busy: set[int] = set()
         self._left: set[int] = set()  # shards with row digests found in memory this epoch: left to their readers
+        self._rows_by_readers: bool | None = None  # None: no reader has said yet (see leave_rows_to_readers)
+        self._has_row_digests = any(info.row_xxh3 is not None for info in dataset.shards)
         self._confirmed: set[int] = set()  # shards a reader asked for this epoch: file confirmed, in use, hashed whole
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -145,9 +151,23 @@ class ShardChecker:
         planned one that no reader had asked for yet."""
         return self._ahead_peak
 
+    @property
+    def rows_by_readers(self) -> bool:
+        """Whether the readers check each row of a shard with row digests themselves (see the module's doc)."""
+        return bool(self._rows_by_readers)
+
+    def leave_rows_to_readers(self) -> None:
+        """The readers check each row of a shard with row digests as they read it: the threads hash such a shard
+        only to read it in when it is not in memory. Call before the first :meth:`plan`."""
+        with self._cond:
+            self._rows_by_readers = True
+            self._start()
+
     def plan(self, shards: Sequence[int]) -> None:
         """Check these shards next, in this order (before the rest of :meth:`expect`'s)."""
         with self._cond:
+            if self._rows_by_readers is None:
+                self._rows_by_readers = False  # a reader that checks no row: every shard is hashed whole
             self._planned = [s for s in shards if s not in self._results and s not in self._left]
             self._frontier = max([self._frontier] + [self._place[s] for s in shards if s in self._place])
             self._start()
@@ -220,7 +240,7 @@ class ShardChecker:
 
     def _start(self) -> None:
         """Start background threads, up to :data:`_THREADS`, while there is work for them (the lock held)."""
-        if self._closed or not CHECK_LOCAL_SHARDS:
+        if self._closed or not CHECK_LOCAL_SHARDS or (self._rows_by_readers is None and self._has_row_digests):
             return
         self._threads = [t for t in self._threads if t.is_alive()]
         while len(self._threads) < _THREADS and self._has_work(len(self._threads) - self._hashing):
@@ -348,7 +368,8 @@ class ShardChecker:
                 return None, exc
             if _known_good(mapped, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
                 return mapped.identity, None
-            if not waited and info.row_xxh3 is not None and resident(mapped.buffer, 0, mapped.buffer.size):
+            if not waited and self._rows_by_readers and info.row_xxh3 is not None \
+                    and resident(mapped.buffer, 0, mapped.buffer.size):
                 raise _LeftToReaders  # hashed here only as the read-ahead of a shard not in memory
             partial = _PartialHash(mapped, Hasher(), 0)
         mapped, hasher = partial.mapped, partial.hasher

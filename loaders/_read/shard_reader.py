@@ -20,6 +20,8 @@ from .shard_check import DEFAULT_READ_AHEAD
 
 log = logging.getLogger("trainio.loaders.reader")
 
+_KEPT_DIGESTS = 64  # shards whose row digests stay read (8 bytes a row and field: 256 KB for 32,768 rows of one)
+
 
 class ShardReader:
     """Reads record batches of one dataset, shard by shard, for a known upcoming order.
@@ -27,9 +29,11 @@ class ShardReader:
     Local datasets are memory-mapped where they are, and each shard is
     hashed against the index before any batch of it is returned (ahead of
     the reader, by a :class:`ShardChecker`, at most ``read_ahead`` bytes past
-    the shards of the current plan), or, where it has row digests, each
-    batch's rows are checked against them as the batch is returned (or by
-    the caller as it copies them: :meth:`unchecked_batch`). Remote ones go through
+    the shards of the current plan); where the readers check rows
+    (:meth:`leave_rows_to_readers`, before the first plan) and a shard has
+    row digests, its rows are checked instead: by the caller as it copies
+    them (:meth:`unchecked_batch`), or a batch's as :meth:`batch` returns
+    it. Remote ones go through
     ``cache``, which checks each download: the shards of the current plan
     stay mapped and pinned, the next ``prefetch_shards`` shards of the plan
     download in the background, and the cache evicts the shard needed
@@ -58,6 +62,12 @@ class ShardReader:
         self._row_digests: OrderedDict[int, RowDigestTable] = OrderedDict()
         if self._checker is not None:
             self._checker.read_ahead = read_ahead
+
+    def leave_rows_to_readers(self) -> None:
+        """This reader's caller checks each row of a local shard with row digests as it copies it (a Loader): such
+        shards are not hashed whole while in memory. Call before the first :meth:`plan`."""
+        if self._checker is not None:
+            self._checker.leave_rows_to_readers()
 
     def plan(self, shards: Sequence[int], keep: Sequence[int] | None = None) -> None:
         """Tell the reader which shards it needs next, in order of first use, and which the cache should keep.
@@ -107,13 +117,13 @@ class ShardReader:
         return self._dataset.decode_batch(shard, number, mapped.slice(where.offset, where.length))
 
     def row_digests(self, shard: int) -> RowDigestTable | None:
-        """The row digests of a local shard that has them (its file checked against the index), by which its
-        readers check each row; None for a shard that is checked whole.
+        """The row digests of a local shard that has them (its file checked against the index), where the readers
+        check rows (:meth:`leave_rows_to_readers`); None for a shard that is checked whole.
 
         Raises:
             IntegrityError, FormatError, NotFound, StoreError: the row digests file is damaged or missing.
         """
-        if self._checker is None or not shard_check.CHECK_LOCAL_SHARDS \
+        if self._checker is None or not self._checker.rows_by_readers or not shard_check.CHECK_LOCAL_SHARDS \
                 or self._dataset.shards[shard].row_xxh3 is None:
             return None
         with self._lock:
@@ -124,7 +134,7 @@ class ShardReader:
         found = read_row_digests(self._dataset.store, self._dataset.shards[shard])
         with self._lock:
             self._row_digests[shard] = found
-            while len(self._row_digests) > self._open_limit:
+            while len(self._row_digests) > _KEPT_DIGESTS:
                 self._row_digests.popitem(last=False)
         return found
 

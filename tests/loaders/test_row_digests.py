@@ -202,7 +202,6 @@ def loader_ids(root: Path, **options: Any) -> list[int]:
     ("tokens", {"lists": "pad"}, lambda i: 2 + i % 5),         # lists of several lengths: checked, then copied
     ("tokens", {"lists": "pack"}, lambda i: 2 + i % 5),        # packed end to end
     ("blob", {}, None),                                        # binary, packed
-    ("tokens", {"collate": lambda samples: samples}, None),    # the collate path: checked as batches are taken
 ])
 def test_every_way_the_loader_copies_rows_refuses_a_damaged_row(
     tmp_path: Path, field: str, options: dict[str, Any], width: Callable[[int], int] | None
@@ -221,21 +220,22 @@ def test_every_way_the_loader_copies_rows_refuses_a_damaged_row(
     assert pickle.loads(pickle.dumps(cause)).what == cause.what  # crosses to a DataLoader's main process intact
 
 
-@pytest.mark.parametrize("read", ["loader", "samples", "workers"])
-def test_a_damaged_row_digests_file_is_refused_by_every_reader(tmp_path: Path, read: str) -> None:
+@pytest.mark.parametrize("read", ["loader", "samples", "workers", "collate"])
+def test_a_damaged_row_digests_file_is_refused_where_it_is_used(tmp_path: Path, read: str) -> None:
     root = write_rows(tmp_path / "ds")
     rows_key = Dataset(root).shards[1].row_xxh3.path  # type: ignore[union-attr]
     flip_bit(root / rows_key, 13)
     readers = {"loader": lambda: loader_ids(root),
-               "samples": lambda: list(StreamingDataset(root, shuffle=False)),
-               "workers": lambda: loader_ids(root, workers=1)}
-    with pytest.raises((IntegrityError, LoaderError)) as info:
-        readers[read]()
-    error = info.value.__cause__ if isinstance(info.value, LoaderError) else info.value
-    if read == "workers":  # a worker's error comes as its message
-        assert "IntegrityError" in str(error) and repr(rows_key) in str(error)
-    else:
-        assert isinstance(error, IntegrityError) and error.key == rows_key
+               "samples": lambda: [int(s["id"]) for s in StreamingDataset(root, shuffle=False)],
+               "workers": lambda: loader_ids(root, workers=1),
+               "collate": lambda: loader_ids(root, collate=lambda samples: samples)}
+    if read == "loader":  # the Loader checks rows against their digests: it reads the file, and refuses it
+        with pytest.raises(LoaderError) as info:
+            readers[read]()
+        cause = info.value.__cause__
+        assert isinstance(cause, IntegrityError) and cause.key == rows_key
+    else:  # the others check the shards whole: the digests are not read, the samples are right
+        assert sorted(readers[read]()) == list(range(BASE, BASE + 200))
     assert [p.path for p in verify_dataset(root).problems] == [rows_key]
 
 
@@ -244,22 +244,37 @@ def test_a_truncated_or_missing_row_digests_file_is_a_clean_error(tmp_path: Path
     rows_key = Dataset(root).shards[0].row_xxh3.path  # type: ignore[union-attr]
     data = (root / rows_key).read_bytes()
     (root / rows_key).write_bytes(data[:-8])
-    with pytest.raises(FormatError, match="row digests file was truncated"):
-        list(StreamingDataset(root, shuffle=False))
+    with pytest.raises(LoaderError) as info:
+        loader_ids(root)
+    assert isinstance(info.value.__cause__, FormatError) and "row digests file was truncated" in str(info.value)
     (root / rows_key).unlink()
-    with pytest.raises(NotFound):
-        list(StreamingDataset(root, shuffle=False))
+    with pytest.raises(LoaderError) as info:
+        loader_ids(root)
+    assert isinstance(info.value.__cause__, NotFound) and info.value.__cause__.key == rows_key
     assert [p.path for p in verify_dataset(root).problems] == [rows_key]
 
 
-def test_per_sample_readers_refuse_a_damaged_row_and_deliver_the_rest_of_the_shard_before_it(tmp_path: Path) -> None:
+def test_other_readers_check_shards_with_row_digests_whole(tmp_path: Path) -> None:
+    root = write_rows(tmp_path / "ds")
+    key, _ = damage_field(root, 57, "tokens")
+    with pytest.raises(IntegrityError, match="none of its samples was delivered") as info:
+        list(StreamingDataset(root, shuffle=False))
+    assert info.value.key == key
+    with pytest.raises(LoaderError, match="none of its samples was delivered"):
+        loader_ids(root, collate=lambda samples: samples)
+
+
+def test_a_loader_and_per_sample_reads_in_one_process_both_check(tmp_path: Path) -> None:
     root = write_rows(tmp_path / "ds")
     key, local = damage_field(root, 57, "tokens")
-    delivered: list[int] = []
+    ds = StreamingDataset(root, shuffle=False)
+    with pytest.raises(LoaderError):
+        list(Loader(ds, 8))
+    delivered: list[int] = []  # the checker now leaves rows to readers: samples are checked by record batch
     with pytest.raises(IntegrityError, match=f"row {local} of field 'tokens'") as info:
-        for sample in StreamingDataset(root, shuffle=False):
+        for sample in ds:
             delivered.append(int(sample["id"]))
-    assert info.value.key == key and BASE + 57 not in delivered and delivered[-1] < BASE + 57
+    assert info.value.key == key and BASE + 57 not in delivered
 
 
 def test_seeded_bit_flips_anywhere_in_a_shard_are_refused_or_change_nothing(tmp_path: Path) -> None:
@@ -323,7 +338,11 @@ def test_row_digests_entries_are_validated(tmp_path: Path) -> None:
 
 def test_without_row_digests_the_same_dataset_reads_the_same(tmp_path: Path) -> None:
     root = write_rows(tmp_path / "ds", width=lambda i: 1 + i % 3)
-    with_digests = [(int(s["id"]), s["tokens"].tolist(), s["blob"]) for s in StreamingDataset(root, shuffle=False)]
+
+    def batches() -> list[tuple[list[int], list[int], list[int]]]:
+        return [(b["id"].tolist(), b["tokens"].flatten().tolist(), b["blob"].tolist())
+                for b in Loader(StreamingDataset(root, shuffle=True, seed=3), 8, lists="pack")]
+
+    with_digests = batches()
     drop_row_digests(root)
-    assert [(int(s["id"]), s["tokens"].tolist(), s["blob"]) for s in StreamingDataset(root, shuffle=False)] \
-        == with_digests
+    assert batches() == with_digests
