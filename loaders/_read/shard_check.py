@@ -14,8 +14,8 @@ time), in this process or in those forked from the same parent
 
 A shard with row digests is checked row by row by readers that copy rows
 (a Loader, which says so: :meth:`ShardChecker.leave_rows_to_readers`): the
-threads then leave it alone while it is in memory, and hash it (and so read
-it in) only when it is not. Until the first reader says which it is, the
+threads then leave it alone while it is in memory (90% of its pages), and
+hash it (and so read it in) only when it is not. Until the first reader says which it is, the
 threads do not start on a dataset with row digests; a reader that plans
 without saying so (iterating samples) has its shards hashed whole, as
 shards without row digests are. :meth:`wait` hashes a shard whole for any
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 from trainio.storage import Hasher, IntegrityError
 
 from . import verified
-from .cold_hash import hash_by_reads, resident
+from .cold_hash import hash_by_reads, resident, resident_share
 
 if TYPE_CHECKING:  # a Dataset makes its checker (Dataset.checker)
     from .dataset import Dataset, MappedFile
@@ -53,6 +53,9 @@ CHECK_LOCAL_SHARDS = True
 
 _PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
 #                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
+
+_IN_MEMORY = 0.9  # a shard with this share of its pages in memory is not read ahead: its readers fault in the rest
+#                  (a kernel reclaiming idle pages, as DAMON does, keeps a few percent of a warm file out)
 
 _POLL_S = 0.001  # how often a shard another process is hashing is looked at again
 
@@ -369,7 +372,7 @@ class ShardChecker:
             if _known_good(mapped, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
                 return mapped.identity, None
             if not waited and self._rows_by_readers and info.row_xxh3 is not None \
-                    and resident(mapped.buffer, 0, mapped.buffer.size):
+                    and resident_share(mapped.buffer) >= _IN_MEMORY:
                 raise _LeftToReaders  # hashed here only as the read-ahead of a shard not in memory
             partial = _PartialHash(mapped, Hasher(), 0)
         mapped, hasher = partial.mapped, partial.hasher
