@@ -2,24 +2,19 @@
 
 A local shard is memory-mapped in place, so unlike a downloaded one it is
 never hashed on its way in. The checker hashes each shard the readers will
-need, in background threads from the moment the epoch's order is known (a
-StreamingDataset announces it when it is made), in the order they will need
-them, through the same mapping they decode from (so the hashing also brings
-the pages in). :meth:`ShardChecker.wait` returns a shard's mapping only once
-its bytes have matched the index's xxh3-128; a reader that needs a shard
-nobody has started on hashes it itself. A shard checked once is not hashed
-again while its file stays the same (device, inode, size, modification
-time), in this process or in those forked from the same parent
-(``verified.py``).
+need, in background threads from the moment the epoch's order is known, in
+that order, through the mapping they decode from (which brings the pages
+in). :meth:`ShardChecker.wait` returns a shard's mapping only once its bytes
+have matched the index's xxh3-128 (a reader that needs a shard nobody has
+started on hashes it itself). A shard checked once is not hashed again
+while its file stays the same (device, inode, size, modification time), in
+this process or those forked from the same parent (``verified.py``).
 
 A shard with row digests is checked row by row by readers that copy rows
-(a Loader, which says so: :meth:`ShardChecker.leave_rows_to_readers`): the
-threads then leave it alone while it is in memory (90% of its pages), and
-hash it (and so read it in) only when it is not. Until the first reader says which it is, the
-threads do not start on a dataset with row digests; a reader that plans
-without saying so (iterating samples) has its shards hashed whole, as
-shards without row digests are. :meth:`wait` hashes a shard whole for any
-reader that asks.
+(a Loader says so: :meth:`ShardChecker.leave_rows_to_readers`): the threads
+then hash it only as read-ahead, when under 90% of it is in memory. They do
+not start on such a dataset before a reader has said which it is; one that
+plans without saying (iterating samples) has every shard hashed whole.
 
 The threads read no further ahead than ``read_ahead`` bytes past the shards
 the readers have planned: a shard beyond them is hashed up to that bound
@@ -54,8 +49,7 @@ CHECK_LOCAL_SHARDS = True
 _PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
 #                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
 
-_IN_MEMORY = 0.9  # a shard with this share of its pages in memory is not read ahead: its readers fault in the rest
-#                  (a kernel reclaiming idle pages, as DAMON does, keeps a few percent of a warm file out)
+_IN_MEMORY = 0.9  # this share of a shard in memory is warm (a kernel reclaiming idle pages keeps a few % out)
 
 _POLL_S = 0.001  # how often a shard another process is hashing is looked at again
 
@@ -160,8 +154,7 @@ class ShardChecker:
         return bool(self._rows_by_readers)
 
     def leave_rows_to_readers(self) -> None:
-        """The readers check each row of a shard with row digests as they read it: the threads hash such a shard
-        only to read it in when it is not in memory. Call before the first :meth:`plan`."""
+        """The readers check each row of a shard with row digests (see the module's doc); before the first plan."""
         with self._cond:
             self._rows_by_readers = True
             self._start()
