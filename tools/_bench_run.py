@@ -156,7 +156,8 @@ def stream_epochs(url: Path, device: str, rounds: int, cold: bool,
     the Loader reads them with (its threads and the shard checker's). Warm:
     the files are read once before each run. Cold: their pages are dropped
     before each run (``posix_fadvise(DONTNEED)``), for trainio and the limit
-    alike. Every run checks every shard's hash, as a training job's first
+    alike. Every run checks every row against its digest (or, for shards
+    without row digests, every shard's hash), as a training job's first
     epoch does.
     """
     from trainio.loaders._loader import Loader

@@ -196,7 +196,7 @@ def _table(results: dict[str, Any]) -> str:
                  "of the tensors; the step's files read with the manager's threads into memory of their own (a "
                  "promotion: read, then "
                  "written+fsynced). 1.00x is the limit; (!) marks a figure past its limit, a defect of the "
-                 "measurement. A loader epoch is a new StreamingDataset + Loader, every shard hash-checked.")
+                 "measurement. A loader epoch is a new StreamingDataset + Loader, every row checked against its digest.")
     return "\n".join(lines)
 
 
