@@ -36,8 +36,11 @@ class _OpenShard:
     def write(self, batch: pa.RecordBatch) -> None:
         start = self.sink.position if self.batches else self._first_offset
         if self.digests is not None:
-            digests = ShardRows([batch]).digests()
-            self.digests = None if digests is None or not digests else [*self.digests, digests]
+            digests = ShardRows([batch]).digests()  # here: a thread of its own would wait for the GIL the writes hold
+            if digests:
+                self.digests.append(digests)
+            else:
+                self.digests = None
         self.writer.write_batch(batch)
         self.batches.append(BatchInfo(self.rows, start, self.sink.position - start))
         self.rows += batch.num_rows
