@@ -48,10 +48,10 @@ class StreamingDataset(Resumable, _Base):
     """The samples of a trainio dataset, one dict per sample, in a global order every layout agrees on.
 
     What to iterate: the dataset at ``url`` (local: memory-mapped in place,
-    every row checked against its digest before a sample holding it is
-    yielded, or, for a shard without row digests, the shard hash-checked
-    before its first sample; threads read at most ``read_ahead_bytes`` past
-    the shards the next samples need, per dataset of a mixture; remote: through a :class:`ShardCache` in
+    each shard hash-checked before its first sample, or each row as a
+    :class:`Loader` copies it where the shard has row digests; threads read
+    at most ``read_ahead_bytes`` past the shards the next samples need, per
+    dataset of a mixture; remote: through a :class:`ShardCache` in
     ``cache_dir``, at most ``cache_limit`` bytes, the next ``prefetch_shards``
     shards downloading while the current one is read, the shard needed
     furthest in the future evicted first).

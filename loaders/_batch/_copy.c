@@ -105,12 +105,15 @@ PyDoc_STRVAR(copy_doc,
 "ValueError, nothing copied); every source range must be readable memory that no other thread\n"
 "unmaps or writes during the call (the caller's promise). The copy runs without the GIL.");
 
-static PyObject *copy(PyObject *module, PyObject *args)
+/* copy() and copy_checked(): with digests (checked), each range is hashed and compared before it is copied. */
+static PyObject *copy_ranges(PyObject *args, int checked)
 {
-    Py_buffer out, starts, sources, sizes;
-    PyObject *starts_object, *sources_object, *sizes_object, *result = NULL;
-    (void)module;
-    if (!PyArg_ParseTuple(args, "w*OOO:copy", &out, &starts_object, &sources_object, &sizes_object))
+    Py_buffer out, starts, sources, sizes, digests = {0};
+    PyObject *starts_object, *sources_object, *sizes_object, *digests_object = NULL, *result = NULL;
+    const char *name = checked ? "copy_checked" : "copy";
+    if (!(checked ? PyArg_ParseTuple(args, "w*OOOO:copy_checked", &out, &starts_object, &sources_object,
+                                     &sizes_object, &digests_object)
+                  : PyArg_ParseTuple(args, "w*OOO:copy", &out, &starts_object, &sources_object, &sizes_object)))
         return NULL;
     if (!int64_vector(starts_object, &starts, "starts", -1))
         goto release_out;
@@ -118,28 +121,40 @@ static PyObject *copy(PyObject *module, PyObject *args)
         goto release_starts;
     if (!int64_vector(sizes_object, &sizes, "sizes", starts.shape[0]))
         goto release_sources;
+    if (checked && !int64_vector(digests_object, &digests, "digests", starts.shape[0]))
+        goto release_sizes;
     Py_ssize_t count = starts.shape[0];
     const int64_t *start = starts.buf, *source = sources.buf, *size = sizes.buf;
+    const uint64_t *digest = digests.buf;
     for (Py_ssize_t i = 0; i < count; i++) {
         if (start[i] < 0 || size[i] < 0 || start[i] > out.len || size[i] > out.len - start[i]) {
-            PyErr_Format(PyExc_ValueError, "copy: range %zd (%lld bytes to byte %lld) lies outside the %zd-byte "
-                         "destination", i, (long long)size[i], (long long)start[i], out.len);
-            goto release_sizes;
+            PyErr_Format(PyExc_ValueError, "%s: range %zd (%lld bytes to byte %lld) lies outside the %zd-byte "
+                         "destination", name, i, (long long)size[i], (long long)start[i], out.len);
+            goto release_digests;
         }
     }
+    Py_ssize_t failed = -1;
     int streamed = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < count; i++) {
         if (i + PREFETCH_AHEAD < count)
             prefetch_range((const char *)(intptr_t)source[i + PREFETCH_AHEAD], (size_t)size[i + PREFETCH_AHEAD]);
-        copy_range((char *)out.buf + start[i], (const char *)(intptr_t)source[i], (size_t)size[i], &streamed);
+        const char *from = (const char *)(intptr_t)source[i];
+        if (checked && (uint64_t)row_xxh3(from, (size_t)size[i]) != digest[i]) {
+            failed = i;
+            break;
+        }
+        copy_range((char *)out.buf + start[i], from, (size_t)size[i], &streamed);
     }
 #ifdef TRAINIO_STREAMING
     if (streamed)
         _mm_sfence(); /* streaming stores are weakly ordered: make them visible before the buffer is handed on */
 #endif
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
+    result = checked ? PyLong_FromSsize_t(failed) : Py_NewRef(Py_None);
+release_digests:
+    if (checked)
+        PyBuffer_Release(&digests);
 release_sizes:
     PyBuffer_Release(&sizes);
 release_sources:
@@ -151,6 +166,12 @@ release_out:
     return result;
 }
 
+static PyObject *copy(PyObject *module, PyObject *args)
+{
+    (void)module;
+    return copy_ranges(args, 0);
+}
+
 PyDoc_STRVAR(copy_checked_doc,
 "copy_checked(destination, starts, sources, sizes, digests) -> int\n--\n\n"
 "As copy(), except that each range is first hashed (XXH3-64, seed 0) and compared with digests[i], a\n"
@@ -160,60 +181,8 @@ PyDoc_STRVAR(copy_checked_doc,
 
 static PyObject *copy_checked(PyObject *module, PyObject *args)
 {
-    Py_buffer out, starts, sources, sizes, digests;
-    PyObject *starts_object, *sources_object, *sizes_object, *digests_object, *result = NULL;
     (void)module;
-    if (!PyArg_ParseTuple(args, "w*OOOO:copy_checked", &out, &starts_object, &sources_object, &sizes_object,
-                          &digests_object))
-        return NULL;
-    if (!int64_vector(starts_object, &starts, "starts", -1))
-        goto release_out;
-    if (!int64_vector(sources_object, &sources, "sources", starts.shape[0]))
-        goto release_starts;
-    if (!int64_vector(sizes_object, &sizes, "sizes", starts.shape[0]))
-        goto release_sources;
-    if (!int64_vector(digests_object, &digests, "digests", starts.shape[0]))
-        goto release_sizes;
-    Py_ssize_t count = starts.shape[0];
-    const int64_t *start = starts.buf, *source = sources.buf, *size = sizes.buf;
-    const uint64_t *digest = digests.buf;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (start[i] < 0 || size[i] < 0 || start[i] > out.len || size[i] > out.len - start[i]) {
-            PyErr_Format(PyExc_ValueError, "copy_checked: range %zd (%lld bytes to byte %lld) lies outside the "
-                         "%zd-byte destination", i, (long long)size[i], (long long)start[i], out.len);
-            goto release_digests;
-        }
-    }
-    Py_ssize_t failed = -1;
-    int streamed = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (i + PREFETCH_AHEAD < count)
-            prefetch_range((const char *)(intptr_t)source[i + PREFETCH_AHEAD], (size_t)size[i + PREFETCH_AHEAD]);
-        const char *from = (const char *)(intptr_t)source[i];
-        if ((uint64_t)row_xxh3(from, (size_t)size[i]) != digest[i]) {
-            failed = i;
-            break;
-        }
-        copy_range((char *)out.buf + start[i], from, (size_t)size[i], &streamed);
-    }
-#ifdef TRAINIO_STREAMING
-    if (streamed)
-        _mm_sfence();
-#endif
-    Py_END_ALLOW_THREADS
-    result = PyLong_FromSsize_t(failed);
-release_digests:
-    PyBuffer_Release(&digests);
-release_sizes:
-    PyBuffer_Release(&sizes);
-release_sources:
-    PyBuffer_Release(&sources);
-release_starts:
-    PyBuffer_Release(&starts);
-release_out:
-    PyBuffer_Release(&out);
-    return result;
+    return copy_ranges(args, 1);
 }
 
 PyDoc_STRVAR(digests_doc,

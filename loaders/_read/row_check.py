@@ -1,9 +1,9 @@
 """A shard's row digests: read and checked against the index, and a record batch's rows checked against them.
 
-A local shard with a row digests file is checked row by row where its rows
-are read, instead of whole before its first sample: the Loader checks each
-row as it copies it (``_batch/assemble.py``), and every other reader checks
-each record batch's rows when it takes the batch (:func:`check_batch_rows`).
+A local shard with a row digests file is checked row by row by the readers
+that copy rows, instead of whole before its first sample: the Loader checks
+each row as it copies it (``_batch/assemble.py``); a record batch taken
+whole in the same process has its rows checked (:func:`check_batch_rows`).
 """
 
 from __future__ import annotations

@@ -99,8 +99,9 @@ class ShardReader:
             self._checker.expect(shards)
 
     def batch(self, shard: int, number: int) -> pa.RecordBatch:
-        """Record batch ``number`` of shard ``shard``, its rows checked: against the shard's row digests where it
-        has them, else by waiting until the whole shard has matched the index.
+        """Record batch ``number`` of shard ``shard``, its rows checked: against the shard's row digests where the
+        readers check rows (:meth:`leave_rows_to_readers`) and it has them, else by waiting until the whole shard
+        has matched the index.
 
         Raises:
             IntegrityError: a row, the shard or its row digests file is not what the index records.
