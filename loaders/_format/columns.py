@@ -55,9 +55,9 @@ class Columns:
                     lists[name] = _binary(source, name, column)
                 else:
                     other[name] = column
+            except FormatError:
+                raise
             except (pa.ArrowException, ValueError) as exc:
-                if isinstance(exc, FormatError):
-                    raise
                 raise FormatError(*source, f"field {name!r} does not decode ({exc})",
                                   "the shard is corrupt: run trainio verify") from exc
         return cls(fixed, lists, other)

@@ -126,6 +126,7 @@ def _shard_problems(store: Store, index: DatasetIndex, shard: ShardInfo) -> list
                                             f"the index says {len(shard.batches)}"))
     row_digests, problem = _row_digests(store, shard)
     problems += [problem] if problem is not None else []
+    rows_key = shard.row_xxh3.path if shard.row_xxh3 is not None else ""
     for number, batch in enumerate(shard.batches):
         try:
             decoded = ipc.read_record_batch(data.slice(batch.offset, batch.length), index.schema)
@@ -135,14 +136,14 @@ def _shard_problems(store: Store, index: DatasetIndex, shard: ShardInfo) -> list
         if decoded.num_rows != shard.batch_rows(number):
             problems.append(Problem(shard.path, f"batch {number} holds {decoded.num_rows} rows, "
                                                 f"the index says {shard.batch_rows(number)}"))
-        elif row_digests is not None and shard.row_xxh3 is not None:
+        elif row_digests is not None:
             try:
                 if not check_batch_rows((store.url, shard.path), decoded, batch.first_row, row_digests):
-                    problems.append(Problem(shard.row_xxh3.path, f"batch {number} of {shard.path} has a field "
-                                                                 "that rows cannot be checked in"))
+                    problems.append(Problem(rows_key, f"batch {number} of {shard.path} has a field that rows "
+                                                      "cannot be checked in"))
             except IntegrityError as exc:
-                problems.append(Problem(shard.row_xxh3.path, f"{exc.what} of {shard.path} is {exc.actual}, its "
-                                                             f"digest {exc.expected} (wrong digests)"))
+                problems.append(Problem(rows_key, f"{exc.what} of {shard.path} is {exc.actual}, its digest "
+                                                  f"{exc.expected} (wrong digests)"))
     return problems
 
 
