@@ -7,6 +7,7 @@ import io
 import json
 import os
 from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -178,35 +179,74 @@ def _read_parquet(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.Recor
             yield batch, source.size * done // total
 
 
-_JSON_BLOCK = 1 << 20  # pyarrow's default block: a line longer than a block needs a larger one
-_JSON_MAX_BLOCK = 1 << 30
+_JSON_BLOCK = 1 << 20  # pyarrow's default block, parsed in parallel: a line longer than one needs a run-wide block
+_JSON_RUN = 16 << 20  # whole lines handed to pyarrow at a time
+_JSON_MAX_LINE = 1 << 30
 
 
 def _read_jsonl(source: InputFile, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, int]]:
-    """JSON lines of any length: a line longer than pyarrow's block starts the read again with a block four times
-    larger, skipping the rows already given (parsed with the schema they were given in)."""
-    block, delivered = _JSON_BLOCK, 0
+    """JSON lines of any length, parsed a run of whole lines at a time, each run with the schema of the first."""
     schema: pa.Schema | None = None
+    with _open(source.store, source.key) as f:
+        for run, done in _runs_of_whole_lines(f, source):
+            table = _parse_json_run(source, run, schema)
+            schema = table.schema
+            for batch in table.to_batches():
+                yield batch, done
+
+
+def _runs_of_whole_lines(f: Any, source: InputFile) -> Iterator[tuple[pa.Buffer, int]]:
+    """The file's bytes cut after a newline, about ``_JSON_RUN`` at a time, with the bytes read so far, the next run
+    read while this one is parsed; an empty file is one empty run."""
+    with ThreadPoolExecutor(1, thread_name_prefix="trainio-jsonl") as reader:
+        pending: Future[tuple[pa.Buffer, int, bool]] | None = reader.submit(_run_at, f, source, 0)
+        while pending is not None:
+            run, end, last = pending.result()
+            pending = None if last else reader.submit(_run_at, f, source, end)
+            if run.size or end == 0:
+                yield run, end
+
+
+def _run_at(f: Any, source: InputFile, offset: int) -> tuple[pa.Buffer, int, bool]:
+    """The whole lines from ``offset``, the offset after them, and whether they end the file."""
+    want = _JSON_RUN
     while True:
-        skip = delivered
-        try:
-            with _open(source.store, source.key) as f:
-                reader = pajson.open_json(f, read_options=pajson.ReadOptions(block_size=block),
-                                          parse_options=pajson.ParseOptions(explicit_schema=schema))
-                for batch in reader:
-                    if skip >= batch.num_rows:
-                        skip -= batch.num_rows
-                        continue
-                    batch, skip = batch.slice(skip), 0
-                    schema = batch.schema
-                    delivered += batch.num_rows
-                    yield batch, min(source.size, f.tell())
-            return
-        except pa.ArrowInvalid as exc:
-            if "straddl" in str(exc) and block < _JSON_MAX_BLOCK:
-                block *= 4
-                continue
-            raise FormatError(source.label, "", _json_problem(source, exc)) from exc
+        f.seek(offset)
+        run = f.read_buffer(want) if isinstance(f, pa.NativeFile) else pa.py_buffer(f.read(want))
+        if run.size < want:
+            return run, offset + run.size, True
+        cut = _after_last_newline(run)
+        if cut:
+            return run.slice(0, cut), offset + cut, False
+        if want == _JSON_MAX_LINE:
+            raise FormatError(source.label, "", f"a line is longer than {_JSON_MAX_LINE:,} bytes, at byte {offset:,}")
+        want = min(2 * want, _JSON_MAX_LINE)
+
+
+def _after_last_newline(run: pa.Buffer) -> int:
+    """The length of ``run`` up to and with its last newline, 0 if it has none."""
+    view, end = memoryview(run), int(run.size)
+    while end:
+        start = max(0, end - (1 << 16))
+        found = bytes(view[start:end]).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        end = start
+    return 0
+
+
+def _parse_json_run(source: InputFile, run: pa.Buffer, schema: pa.Schema | None) -> pa.Table:
+    parse = pajson.ParseOptions(explicit_schema=schema)
+    try:
+        return pajson.read_json(pa.BufferReader(run), read_options=pajson.ReadOptions(block_size=_JSON_BLOCK),
+                                parse_options=parse)
+    except pa.ArrowInvalid:
+        pass  # a line longer than a block ("straddling"), or a bad line: one block the run's size tells which
+    try:
+        return pajson.read_json(pa.BufferReader(run), parse_options=parse,
+                                read_options=pajson.ReadOptions(block_size=run.size + 1, use_threads=False))
+    except pa.ArrowInvalid as exc:
+        raise FormatError(source.label, "", _json_problem(source, exc)) from exc
 
 
 def _json_problem(source: InputFile, exc: Exception) -> str:

@@ -32,6 +32,28 @@ def test_a_json_line_longer_than_pyarrows_block_is_read(tmp_path: Path) -> None:
     assert [len(ds[i]["text"]) for i in range(6)] == [10, 3_000_000, 10, 10, 3_000_000, 10]
 
 
+def test_json_lines_are_cut_at_newlines_whatever_the_run_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainio.storage import FormatError
+    from trainio.tools import _inputs
+
+    rows = [{"i": i, "text": "y" * (i * 37 % 200)} for i in range(300)]
+    body = "".join(json.dumps(r) + "\n" for r in rows).rstrip("\n")  # the last line has no newline
+    (tmp_path / "docs.jsonl").write_text(body)
+    [source] = _inputs.find_inputs([str(tmp_path / "docs.jsonl")], None)
+    for run in (7, 64, 1000, 1 << 20):
+        monkeypatch.setattr(_inputs, "_JSON_RUN", run)
+        got = list(_inputs.read_batches(source, 100))
+        assert [r for b, _ in got for r in b.to_pylist()] == rows
+        progress = [done for _, done in got]
+        assert progress == sorted(progress) and progress[-1] == source.size
+    monkeypatch.setattr(_inputs, "_JSON_RUN", 64)
+    monkeypatch.setattr(_inputs, "_JSON_MAX_LINE", 300)
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": "z" * 400}) + "\n")
+    [long] = _inputs.find_inputs([str(tmp_path / "long.jsonl")], None)
+    with pytest.raises(FormatError, match="long.jsonl.*a line is longer than"):
+        list(_inputs.read_batches(long, 100))
+
+
 def test_a_bad_json_line_is_named(tmp_path: Path) -> None:
     (tmp_path / "docs.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3,}\n')
     result = shard("docs.jsonl", "--out", "ds", cwd=tmp_path)
