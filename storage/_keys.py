@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from .errors import InvalidKey, StoreError
 
 TEMP_MARKER = ".trainio-tmp."
 """Names starting with this are in-flight temporary files, never keys."""
+
+_SUSPECT = re.compile(r"[\x00-\x1f\x7f\\]|(?:^|/)" + re.escape(TEMP_MARKER))
+"""A control character, a backslash, or a part that starts with the temp-file marker (:func:`_check_part`)."""
 
 
 def check_key(url: str, key: object) -> str:
@@ -26,9 +31,12 @@ def check_key(url: str, key: object) -> str:
         raise InvalidKey(url, key, "a key must be valid UTF-8 (it holds a lone surrogate)") from None
     if key.startswith("/"):
         raise InvalidKey(url, key, "a key must be relative, not start with '/'")
-    for part in key.split("/"):
-        _check_part(url, key, part)
+    parts = key.split("/")
+    if _SUSPECT.search(key) or "" in parts or "." in parts or ".." in parts:  # one of them is refused: say which
+        for part in parts:
+            _check_part(url, key, part)
     return key
+
 
 
 def check_prefix(url: str, prefix: object) -> str:

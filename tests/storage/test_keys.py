@@ -31,3 +31,25 @@ def test_every_key_is_refused_or_stays_inside_the_root(key: str) -> None:
         assert store.list() == [key]
         parts = key.split("/")
         assert all(p not in ("", ".", "..") and "\\" not in p for p in parts)
+
+
+def _follows_the_rules(key: str) -> bool:
+    """The key rules of ``check_key``'s doc, part by part, as plainly as they can be written."""
+    if not key or key.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") and "\\" not in part and not part.startswith(".trainio-tmp.")
+               and all(32 <= ord(c) != 127 for c in part) for part in key.split("/"))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(key=_KEYS | st.lists(_PART | st.sampled_from([".trainio-tmp", "-tmp.", "x.trainio-tmp.y"]), max_size=4)
+       .map("/".join))
+def test_exactly_the_keys_that_follow_the_rules_are_accepted(key: str) -> None:
+    from trainio.storage._keys import check_key
+
+    try:
+        check_key("mem://", key)
+    except InvalidKey:
+        assert not _follows_the_rules(key)
+    else:
+        assert _follows_the_rules(key)
