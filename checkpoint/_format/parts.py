@@ -87,6 +87,7 @@ class StepFiles(Mapping[str, "FileEntry"]):
         self._parts: dict[int, dict[str, FileEntry]] = {}
         self._lock = threading.Lock()
         self._writers: dict[str, Callable[[tuple[int, ...]], int]] = {}
+        self._found: dict[str, FileEntry] = {}  # chunk files already looked up in their writer's part
         self._complete = False
 
     def part(self, rank: int) -> dict[str, FileEntry]:
@@ -127,13 +128,14 @@ class StepFiles(Mapping[str, "FileEntry"]):
             return None
 
     def __getitem__(self, key: str) -> FileEntry:
-        entry = self.root.get(key) or self._listed.get(key)
+        entry = self.root.get(key) or self._listed.get(key) or self._found.get(key)
         if entry is not None:
             return entry
         rank = self.writer(key)
         if rank is None or not 0 <= rank < len(self._manifest.parts or ()):
             raise KeyError(key)
-        return self.part(rank)[key]
+        entry = self._found[key] = self.part(rank)[key]
+        return entry
 
     def _every(self) -> dict[str, FileEntry]:
         every = {**self.root, **self._listed}
