@@ -68,9 +68,35 @@ def test_the_c_routine_hashes_a_row_then_copies_it_and_stops_at_the_first_that_d
     assert gather._native.copy_checked(out, starts, addresses, sizes, wrong) == 3
     assert out[:int(starts[3])].tobytes() == b"".join(source[a - source.ctypes.data:][:n].tobytes()
                                                       for a, n in zip(addresses[:3].tolist(), sizes[:3].tolist()))
-    assert set(out[int(starts[3]):].tolist()) == {0xEE}  # that row and the rest not copied
+    assert set(out[int(starts[4]):].tolist()) == {0xEE}  # the rows after it not copied
     with pytest.raises(ValueError, match="digests has 2 items"):
         gather._native.copy_checked(out, starts, addresses, sizes, found[:2])
+
+
+@NATIVE
+def test_long_rows_are_hashed_as_xxh3_while_they_are_streamed_whatever_their_length_and_alignment() -> None:
+    rng = np.random.default_rng(7)
+    source = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    sizes = np.array([2047, 2048, 2049, 3071, 3072, 3073, 4095, 4096, 4097, 8192, 8193, 65536 + 17, 300_001]
+                     + rng.integers(2048, 20_000, 40).tolist(), dtype=np.int64)
+    offsets = rng.integers(0, source.size - sizes.max(), sizes.size)
+    addresses = source.ctypes.data + offsets.astype(np.int64)
+    expected = np.array([xxh64(source[o:o + n].tobytes()) for o, n in zip(offsets.tolist(), sizes.tolist())],
+                        dtype=np.uint64)
+    found = np.zeros(sizes.size, dtype=np.uint64)
+    gather._native.digests(found, addresses, sizes)
+    assert found.tolist() == expected.tolist()
+    for gap in (0, 1, 8, 63):  # the destination ranges start at every alignment
+        starts = (np.concatenate(([0], np.cumsum(sizes[:-1] + gap))) + gap).astype(np.int64)
+        out = np.full(int(starts[-1] + sizes[-1]), 0xEE, dtype=np.uint8)
+        assert gather._native.copy_checked(out, starts, addresses, sizes, expected) == -1
+        for start, offset, n in zip(starts.tolist(), offsets.tolist(), sizes.tolist()):
+            assert out[start:start + n].tobytes() == source[offset:offset + n].tobytes()
+        wrong = expected.copy()
+        wrong[9] ^= 1 << 63
+        out[:] = 0xEE
+        assert gather._native.copy_checked(out, starts, addresses, sizes, wrong) == 9
+        assert set(out[int(starts[10]):].tolist()) == {0xEE}
 
 
 @pytest.mark.parametrize("native", [True, False])
