@@ -38,7 +38,6 @@ def check_key(url: str, key: object) -> str:
     return key
 
 
-
 def check_prefix(url: str, prefix: object) -> str:
     """Return ``prefix`` normalised to "" or a valid key without a trailing '/'.
 

@@ -21,9 +21,11 @@
  * widest vector unit the CPU has (AVX-512, AVX2, SSE2) at run time; elsewhere the header's compile-time choice. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "xxhash/xxh_x86dispatch.c"
-#include <immintrin.h>
 #define row_xxh3 XXH3_64bits_dispatch
+#if XXH_DISPATCH_AVX512
+#include <immintrin.h>
 #define TRAINIO_FUSED 1
+#endif
 #else
 #define XXH_INLINE_ALL
 #include "xxhash/xxhash.h"
@@ -95,8 +97,8 @@ XXH_TARGET_AVX512 static inline void stream_block(char *dst, const char *src, si
 
 /* XXH3-64 (seed 0) of a range longer than XXH3_MIDSIZE_MAX, computed as XXH3_hashLong_64b does, while the range is
  * streamed to dst a 64-byte block after each stripe is hashed: the bytes are read from memory once, for both. On the
- * test VM, 1.5 GB of 8 KB rows: copy 185-190 ms, hash then copy 207-216, this 180-188 (shuffled: 239-250, 301-304,
- * 252-257). */
+ * test VM, 1.1 GB of 8 KB rows of mapped shards: copy 179-193 ms, hash then copy 205-209, this 185-192 (shuffled:
+ * 196-212, 245-255, 210-219). */
 XXH_TARGET_AVX512 static uint64_t hash_and_stream(char *dst, const char *src, size_t len)
 {
     XXH_ALIGN(64) xxh_u64 acc[XXH_ACC_NB] = XXH3_INIT_ACC;
@@ -106,15 +108,17 @@ XXH_TARGET_AVX512 static uint64_t hash_and_stream(char *dst, const char *src, si
     size_t stored = (size_t)(-(uintptr_t)dst & 63);
     memcpy(dst, src, stored);
     for (size_t n = 0; n < blocks; n++) {
+        const char *block = src + n * block_len;
         for (size_t k = 0; k < per_block; k++) {
-            XXH3_accumulate_512_avx512(acc, src + n * block_len + k * XXH_STRIPE_LEN, secret + k * XXH_SECRET_CONSUME_RATE);
+            XXH3_accumulate_512_avx512(acc, block + k * XXH_STRIPE_LEN, secret + k * XXH_SECRET_CONSUME_RATE);
             stream_block(dst, src, len, &stored);
         }
         XXH3_scrambleAcc_avx512(acc, secret + XXH_SECRET_DEFAULT_SIZE - XXH_STRIPE_LEN);
     }
+    const char *last_block = src + blocks * block_len;
     const size_t stripes = ((len - 1) - block_len * blocks) / XXH_STRIPE_LEN;
     for (size_t k = 0; k < stripes; k++) {
-        XXH3_accumulate_512_avx512(acc, src + blocks * block_len + k * XXH_STRIPE_LEN, secret + k * XXH_SECRET_CONSUME_RATE);
+        XXH3_accumulate_512_avx512(acc, last_block + k * XXH_STRIPE_LEN, secret + k * XXH_SECRET_CONSUME_RATE);
         stream_block(dst, src, len, &stored);
     }
     XXH3_accumulate_512_avx512(acc, src + len - XXH_STRIPE_LEN,
