@@ -61,8 +61,7 @@ class LocalStore(Store):
     def __init__(self, root: str | os.PathLike[str], *, options: LocalOptions = LocalOptions()) -> None:
         super().__init__(io_threads=options.io_threads)
         self._root = os.path.abspath(os.fspath(root))
-        self._url = Path(self._root).as_uri()
-        self._real_root = os.path.realpath(self._root)
+        self._url, self._real_root = Path(self._root).as_uri(), os.path.realpath(self._root)
         self._options = options
         if os.path.lexists(self._root) and not os.path.isdir(self._root):
             raise StoreError(self.url, "", "the store root exists but is not a directory")
