@@ -38,7 +38,8 @@
 
 /* Touch every page of the range PREFETCH_AHEAD ranges on (its first 64 KB): rows picked at random out of
  * a large mapped file each cost a page walk and a trip to memory before their copy can stream, and the
- * hardware prefetcher cannot know where the next row is. On the test VM: +10% on shuffled 8 KB rows. */
+ * hardware prefetcher cannot know where the next row is. On the test VM: +10% on shuffled 8 KB rows. A range that
+ * starts where the one before it ends is left to the hardware: touching it cost 10% on rows read in order. */
 static void prefetch_range(const char *src, size_t n)
 {
 #if defined(TRAINIO_STREAMING) && defined(__GNUC__)
@@ -203,8 +204,9 @@ static PyObject *copy_ranges(PyObject *args, int checked)
     int streamed = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < count; i++) {
-        if (i + PREFETCH_AHEAD < count)
-            prefetch_range((const char *)(intptr_t)source[i + PREFETCH_AHEAD], (size_t)size[i + PREFETCH_AHEAD]);
+        Py_ssize_t ahead = i + PREFETCH_AHEAD;
+        if (ahead < count && source[ahead] != source[ahead - 1] + size[ahead - 1])
+            prefetch_range((const char *)(intptr_t)source[ahead], (size_t)size[ahead]);
         const char *from = (const char *)(intptr_t)source[i];
         char *to = (char *)out.buf + start[i];
         if (!checked)

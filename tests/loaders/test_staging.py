@@ -40,3 +40,15 @@ def test_the_slot_freed_last_is_lent_first() -> None:
     assert ring.take() is slots[2]
     assert ring.take() is slots[1]
     assert ring.take() is slots[0]
+
+
+def test_every_staged_array_starts_on_a_cache_line() -> None:
+    from trainio.loaders._batch.device import staging_allocator
+
+    allocate = staging_allocator(None, None)
+    for nbytes in (1, 4096, 3 << 20, 64 << 20):
+        assert allocate(nbytes).ctypes.data % 64 == 0 and allocate(nbytes).nbytes == nbytes
+    slot = Staging(allocate)
+    slot.reset()
+    arrays = [slot.array((n,), np.dtype(np.uint8)) for n in (5, 8192, 3, 100_000)]
+    assert [a.ctypes.data % 64 for a in arrays] == [0, 0, 0, 0]
