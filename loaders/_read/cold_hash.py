@@ -21,6 +21,7 @@ import pyarrow as pa
 from trainio.storage import Hasher
 
 _READ_PIECE = 8 << 20  # bytes per pread: several of the kernel's read-ahead windows
+_WINDOW = 256 << 10  # bytes of one window of a sampled residency estimate
 
 def _find_mincore() -> Callable[..., int] | None:
     """libc's ``mincore``, or None where there is none (every range then counts as resident)."""
@@ -45,10 +46,21 @@ def resident(buffer: pa.Buffer, start: int, end: int) -> bool:
     return pages is None or bool(pages.all())
 
 
-def resident_share(buffer: pa.Buffer) -> float:
-    """The share of the pages of ``buffer`` (a whole memory-mapped file) in memory now; 1.0 where it cannot tell."""
-    pages = _pages_in_memory(buffer, 0, buffer.size)
-    return 1.0 if pages is None or not pages.size else float(pages.mean())
+def resident_share(buffer: pa.Buffer, windows: int | None = None) -> float:
+    """The share of the pages of ``buffer`` (a whole memory-mapped file) in memory now; 1.0 where it cannot tell.
+
+    With ``windows``, an estimate from that many 256 KiB windows spread evenly over a larger buffer: asking the
+    kernel about every page of a 250 MB shard takes 1.2 ms.
+    """
+    spans = [(0, buffer.size)]
+    if windows is not None and buffer.size > windows * _WINDOW:
+        step = (buffer.size - _WINDOW) // max(1, windows - 1)
+        spans = [(k * step, k * step + _WINDOW) for k in range(windows)]
+    found = [pages for start, end in spans if (pages := _pages_in_memory(buffer, start, end)) is not None]
+    if len(found) < len(spans):
+        return 1.0
+    total = sum(pages.size for pages in found)
+    return 1.0 if not total else sum(int(pages.sum()) for pages in found) / total
 
 
 def _pages_in_memory(buffer: pa.Buffer, start: int, end: int) -> np.ndarray | None:

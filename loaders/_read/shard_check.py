@@ -365,7 +365,7 @@ class ShardChecker:
             if _known_good(mapped, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
                 return mapped.identity, None
             if not waited and self._rows_by_readers and info.row_xxh3 is not None \
-                    and resident_share(mapped.buffer) >= _IN_MEMORY:
+                    and resident_share(mapped.buffer, windows=32) >= _IN_MEMORY:
                 raise _LeftToReaders  # hashed here only as the read-ahead of a shard not in memory
             partial = _PartialHash(mapped, Hasher(), 0)
         mapped, hasher = partial.mapped, partial.hasher

@@ -244,3 +244,20 @@ def test_a_cold_shard_with_row_digests_is_still_read_ahead(tmp_path: Path) -> No
     first = ds.dataset.shards[0]
     reaches(lambda: int(shard_check._known_good(ds.dataset.mapped(0), first.xxh3_128)), 1)
     assert shard_check._known_good(ds.dataset.mapped(0), first.xxh3_128)  # hashed, and so read in, ahead
+
+
+def test_a_sampled_residency_estimate_is_close_to_the_count_of_every_page(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(np.random.default_rng(6).integers(0, 256, size=32 << 20, dtype=np.uint8).tobytes())
+    if not evicted(path):
+        pytest.skip("this file system keeps the file in memory whatever it is told")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 12 << 20, 0)  # the first 12 of 32 MiB read back into memory (and what the kernel reads ahead)
+    finally:
+        os.close(fd)
+    mapped = map_file(path)
+    exact = cold_hash.resident_share(mapped)
+    assert 0.3 < exact < 0.95
+    assert abs(cold_hash.resident_share(mapped, windows=16) - exact) < 0.1
+    assert cold_hash.resident_share(mapped, windows=1000) == exact  # more windows than fit: every page
