@@ -72,6 +72,7 @@ class TransformPool:
         self._token += 1
         token = self._token
         reader = plan.open_reader()  # hears the plan here: a local dataset's shards are read (and checked) ahead
+        reader.leave_rows_to_readers()  # the workers check each row they use (transform_worker.py)
         batches = _batch_tasks(plan, reader, batch_size, drop_last)
         pending: dict[int, SharedSlot] = {}
         done: dict[int, tuple[dict[str, Any], int, int]] = {}

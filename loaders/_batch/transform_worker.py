@@ -13,8 +13,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from .._format.columns import Columns, sample_of
+from .row_hash import RowMismatch, check_rows
+from .row_tables import ShardRows
 from .shared_slots import SharedSlot, columns_bytes, write_columns
 
 if TYPE_CHECKING:
@@ -83,13 +86,55 @@ def _as_array(value: Any) -> np.ndarray | None:
     return None
 
 
+class _Source:
+    """One record batch a worker takes samples from, and, while its shard is not yet known to match the index whole,
+    its rows' places and digests: each row a task uses is checked before the task uses it."""
+
+    __slots__ = ("sample", "first_row", "where", "names", "checks")
+
+    def __init__(self, batch: pa.RecordBatch, rows: ShardRows | None, where: tuple[str, str], first_row: int) -> None:
+        self.sample = sample_of(Columns.of(batch, source=where))
+        self.where = where  # the dataset's URL and the shard's key
+        self.first_row = first_row  # the batch's first row's number in its shard
+        self.names: list[str] = []
+        self.checks: list[tuple[int, ...]] | None = None  # per row: (address, size, digest) of each field in turn
+        if rows is not None:
+            self.names = list(rows.fields)
+            columns = [column.tolist() for field in rows.fields.values() if field.digests is not None
+                       for column in (field.addresses, field.sizes(), field.digests)]
+            self.checks = list(zip(*columns))
+
+
+def _check_used_rows(sources: list[_Source], rows: list[int]) -> None:
+    """Check row ``rows[i]`` of ``sources[i]``, every field of it, for each ``i`` whose source has checks, in one
+    call of the C routine (a Python step per row: a task's rows are few, and each may come from another batch).
+
+    Raises:
+        IntegrityError: a row does not match its digest (naming its shard, field and row).
+    """
+    flat: list[int] = []
+    for source, row in zip(sources, rows):
+        if source.checks is not None:
+            flat.extend(source.checks[row])
+    if not flat:
+        return
+    table = np.asarray(flat, dtype=np.uint64).reshape(-1, 3)
+    try:
+        check_rows(table[:, 0].view(np.int64), table[:, 1].view(np.int64), table[:, 2])
+    except RowMismatch as mismatch:
+        checked = [(source, name, row) for source, row in zip(sources, rows) if source.checks is not None
+                   for name in source.names]
+        source, name, row = checked[mismatch.index]
+        raise mismatch.error(*source.where, name, source.first_row + row) from None
+
+
 def work(dataset: StreamingDataset, transform: Transform | None, tasks: Any, results: Any, worker: int,
          parent: int) -> None:
     """Serve tasks until told to stop (None) or the parent process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it stops the workers
     reader = dataset._open_reader()
     slots: dict[str, SharedSlot] = {}
-    samplers: OrderedDict[tuple[int, int], Callable[[int], dict[str, Any]]] = OrderedDict()
+    samplers: OrderedDict[tuple[int, int], _Source] = OrderedDict()
     seed = dataset._seed
     try:
         while True:
@@ -104,18 +149,24 @@ def work(dataset: StreamingDataset, transform: Transform | None, tasks: Any, res
             token, index, slot_name, epoch, positions, shards, batches, rows = task
             where = ""
             try:
-                samples = []
-                for position, shard, batch, row in zip(positions.tolist(), shards.tolist(), batches.tolist(),
-                                                        rows.tolist()):
-                    source, info = dataset._shards[shard]
-                    where = f"{source.url}: {info.path}, record batch {batch}, row {row}"
-                    sampler = samplers.get((shard, batch))
-                    if sampler is None:
-                        columns = Columns.of(reader.batch(shard, batch), source=(source.url, info.path))
-                        sampler = samplers[(shard, batch)] = sample_of(columns)
+                sources = []
+                for shard, batch in zip(shards.tolist(), batches.tolist()):
+                    source = samplers.get((shard, batch))
+                    if source is None:
+                        origin, info = dataset._shards[shard]
+                        where = f"{origin.url}: {info.path}, record batch {batch}"
+                        source = samplers[(shard, batch)] = _Source(*reader.batch_and_rows(shard, batch),
+                                                                    (origin.url, info.path),
+                                                                    info.batches[batch].first_row)
                         if len(samplers) > _KEPT_SAMPLERS:
                             samplers.popitem(last=False)
-                    sample = sampler(row)
+                    sources.append(source)
+                where = "checking the batch's rows"
+                _check_used_rows(sources, rows.tolist())
+                samples = []
+                for position, source, batch, row in zip(positions.tolist(), sources, batches.tolist(), rows.tolist()):
+                    where = f"{source.where[0]}: {source.where[1]}, record batch {batch}, row {row}"
+                    sample = source.sample(row)
                     if transform is not None:
                         seed_all(seed, epoch, position)
                         sample = transform(sample)

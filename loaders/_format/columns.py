@@ -45,10 +45,9 @@ class Columns:
                 elif isinstance(kind, pa.FixedShapeTensorType):
                     fixed[name] = column.to_numpy_ndarray()
                 elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _is_numeric(kind.value_type):
-                    lists[name] = _checked(source, name, column.values.to_numpy(zero_copy_only=False),
-                                           column.offsets.to_numpy())
+                    lists[name] = _checked(source, name, _numbers(column.values), _numbers(column.offsets))
                 elif _is_numeric(kind):
-                    fixed[name] = column.to_numpy(zero_copy_only=False)
+                    fixed[name] = _numbers(column)
                 elif binary_as_lists and pa.types.is_fixed_size_binary(kind):
                     fixed[name] = _fixed_binary(column)
                 elif binary_as_lists and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
@@ -65,6 +64,24 @@ class Columns:
 
 def _is_numeric(kind: pa.DataType) -> bool:
     return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind))
+
+
+def _numbers(array: pa.Array) -> np.ndarray:
+    """The values of a numeric array: a view of its buffer (booleans, one bit each, and arrays with nulls copied).
+
+    Not ``Array.to_numpy``, which imports pandas: a third of a second in every new worker process.
+
+    Raises:
+        ValueError: the buffer is shorter than the array's length needs.
+    """
+    kind = array.type
+    if pa.types.is_boolean(kind) or array.null_count:
+        return np.asarray(array.to_numpy(zero_copy_only=False))
+    dtype = np.dtype(kind.to_pandas_dtype())
+    data = array.buffers()[1]
+    if data is None:
+        return np.zeros(0, dtype)
+    return np.frombuffer(data, dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
 def _checked(source: tuple[str, str], name: str, values: np.ndarray,

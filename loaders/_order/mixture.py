@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from .._batch.row_tables import ShardRows
 from .._read.row_check import RowDigestTable
 from .._read.shard_reader import ShardReader
 from .epoch_order import DEFAULT_WINDOW, EpochOrder, generator
@@ -237,6 +238,11 @@ class MixedReader:
         """Record batch ``number`` of global shard ``shard``, its rows checked (:meth:`ShardReader.batch`)."""
         reader, local = self._split(shard)
         return reader.batch(local, number)
+
+    def batch_and_rows(self, shard: int, number: int) -> tuple[pa.RecordBatch, ShardRows | None]:
+        """Record batch ``number`` of global shard ``shard``, and its rows to check (:meth:`ShardReader.batch_and_rows`)."""
+        reader, local = self._split(shard)
+        return reader.batch_and_rows(local, number)
 
     def row_digests(self, shard: int) -> RowDigestTable | None:
         """Global shard ``shard``'s row digests (:meth:`ShardReader.row_digests`)."""

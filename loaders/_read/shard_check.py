@@ -12,9 +12,9 @@ this process or those forked from the same parent (``verified.py``).
 
 A shard with row digests is checked row by row by readers that copy rows
 (a Loader says so: :meth:`ShardChecker.leave_rows_to_readers`): the threads
-then hash it only as read-ahead, when under 90% of it is in memory. They do
-not start on such a dataset before a reader has said which it is; one that
-plans without saying (iterating samples) has every shard hashed whole.
+then only have it read ahead (not hashed), when under 90% of it is in memory.
+They do not start on such a dataset before a reader has said which it is;
+one that plans without saying (iterating samples) has every shard hashed whole.
 
 The threads read no further ahead than ``read_ahead`` bytes past the shards
 the readers have planned: a shard beyond them is hashed up to that bound
@@ -32,12 +32,12 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from trainio.storage import Hasher, IntegrityError
 
 from . import verified
+from .check_steps import Closed, LeftToReaders, PartialHash, Paused
 from .cold_hash import hash_by_reads, resident, resident_share
 
 if TYPE_CHECKING:  # a Dataset makes its checker (Dataset.checker)
@@ -48,9 +48,9 @@ CHECK_LOCAL_SHARDS = True
 
 _PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
 #                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
+_FETCH_PIECE = 8 << 20  # read ahead (not hashed) per call: a closed checker or the bound stops it between two
 
 _IN_MEMORY = 0.9  # this share of a shard in memory is warm (a kernel reclaiming idle pages keeps a few % out)
-
 _POLL_S = 0.001  # how often a shard another process is hashing is looked at again
 
 DEFAULT_READ_AHEAD = 256 * 10**6
@@ -65,27 +65,6 @@ def forget_verified() -> None:
 
 def _known_good(mapped: MappedFile, xxh3: str) -> bool:
     return verified.known(mapped.identity, xxh3)
-
-
-class _Closed(Exception):
-    """The checker was closed while a shard was being hashed."""
-
-
-class _LeftToReaders(Exception):
-    """The shard has row digests and is in memory: its readers check each row they read, so it is not hashed."""
-
-
-class _Paused(Exception):
-    """The shard's hash reached the read-ahead bound: its state is kept for whoever goes on with it."""
-
-
-@dataclass(slots=True)
-class _PartialHash:
-    """A shard hashed up to ``done`` bytes, paused at the read-ahead bound."""
-
-    mapped: MappedFile
-    hasher: Hasher
-    done: int
 
 
 _Identity = tuple[int, int, int, int]
@@ -118,7 +97,7 @@ class ShardChecker:
         self._read_ahead = read_ahead
         self._hashed: dict[int, int] = {}  # bytes hashed of each expected shard this epoch
         self._ahead_peak = 0
-        self._paused: dict[int, _PartialHash] = {}  # shards whose hash stopped at the bound, nobody's now
+        self._paused: dict[int, PartialHash] = {}  # shards whose hash stopped at the bound, nobody's now
         self._results: dict[int, tuple[_Identity | None, BaseException | None]] = {}  # None: whatever the file
         self._busy: set[int] = set()
         self._left: set[int] = set()  # shards with row digests found in memory this epoch: left to their readers
@@ -216,6 +195,11 @@ class ShardChecker:
                 self._busy.add(shard)  # nobody is on it (not announced, or not reached yet): hash it here
             self._check_and_record(shard, waited=True)
 
+    def checked(self, shard: int) -> bool:
+        """Whether shard ``shard``'s file, as mapped now, has matched the index whole (here, or in a process
+        sharing the record), or is not to be checked at all (the benchmarks' switch); never waits."""
+        return not CHECK_LOCAL_SHARDS or _known_good(self.mapping(shard), self._dataset.shards[shard].xxh3_128)
+
     def mapping(self, shard: int) -> MappedFile:
         """Shard ``shard``'s mapping, not checked here: for :meth:`wait`, and for readers that check each row they
         read against the shard's row digests. Its file is confirmed (by identity) once per epoch."""
@@ -291,17 +275,17 @@ class ShardChecker:
         start = self._ends[place - 1] if place else 0
         return max(0, min(size, self._read_ahead - (start - self._base())))
 
-    def _allowance(self, shard: int, partial: _PartialHash) -> int:
+    def _allowance(self, shard: int, partial: PartialHash) -> int:
         """The byte ``shard`` may be hashed up to now; at the bound, its hash is kept in :attr:`_paused` and the
-        thread lets it go (:class:`_Paused`), so no thread waits on a reader that may never come."""
+        thread lets it go (:class:`Paused`), so no thread waits on a reader that may never come."""
         with self._cond:
             if self._closed:
-                raise _Closed
+                raise Closed
             allowed = self._allowed(shard)
             if allowed > partial.done:
                 return allowed
             self._paused[shard] = partial
-            raise _Paused
+            raise Paused
 
     def _note_hashed(self, shard: int, done: int) -> None:
         """``done`` bytes of ``shard`` are hashed: how far the threads are ahead of the readers' plan."""
@@ -329,10 +313,10 @@ class ShardChecker:
         """Hash ``shard`` (claimed in ``_busy``) and record the outcome for its waiters (``waited``: for one now)."""
         try:
             identity, error = self._check(shard, waited)
-        except (_Closed, _Paused, _LeftToReaders) as stopped:
+        except (Closed, Paused, LeftToReaders) as stopped:
             with self._cond:
                 self._busy.discard(shard)
-                if isinstance(stopped, _LeftToReaders):
+                if isinstance(stopped, LeftToReaders):
                     self._left.add(shard)  # until the next epoch: its residency is not looked at again
                 self._cond.notify_all()
             return
@@ -342,6 +326,20 @@ class ShardChecker:
             self._results[shard] = (identity, error)
             self._busy.discard(shard)
             self._cond.notify_all()
+
+    def _read_ahead_only(self, shard: int, partial: PartialHash) -> None:
+        """Have the kernel read a row-checked shard into the page cache (not hashed), within the read-ahead bound."""
+        fd = self._dataset.open_same(shard, partial.mapped)
+        if fd is None:  # replaced since it was mapped: its readers find out
+            return
+        try:
+            while partial.done < len(partial.mapped.buffer):
+                end = min(self._allowance(shard, partial), partial.done + _FETCH_PIECE)
+                os.posix_fadvise(fd, partial.done, end - partial.done, os.POSIX_FADV_WILLNEED)
+                partial.done = end
+                self._note_hashed(shard, end)
+        finally:
+            os.close(fd)
 
     def _checked_elsewhere(self, mapped: MappedFile, xxh3: str) -> bool:
         """Whether another process (the trainer, or a worker forked from it) is hashing this file now and finds it
@@ -364,12 +362,14 @@ class ShardChecker:
                 return None, exc
             if _known_good(mapped, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
                 return mapped.identity, None
-            if not waited and self._rows_by_readers and info.row_xxh3 is not None \
-                    and resident_share(mapped.buffer, windows=32) >= _IN_MEMORY:
-                raise _LeftToReaders  # hashed here only as the read-ahead of a shard not in memory
-            partial = _PartialHash(mapped, Hasher(), 0)
-        mapped, hasher = partial.mapped, partial.hasher
-        view = memoryview(mapped.buffer)
+            left = not waited and self._rows_by_readers and info.row_xxh3 is not None
+            if left and resident_share(mapped.buffer, windows=32) >= _IN_MEMORY:
+                raise LeftToReaders
+            partial = PartialHash(mapped, None if left else Hasher(), 0)
+        if partial.hasher is None:
+            self._read_ahead_only(shard, partial)
+            raise LeftToReaders
+        mapped, hasher, view = partial.mapped, partial.hasher, memoryview(partial.mapped.buffer)
         fd: int | None = None  # the same file opened for reads, once a range of it is found not in memory
         replaced = False  # the file is no longer the one mapped: hashed from the mapping
         verified.claim(mapped.identity, info.xxh3_128)
@@ -381,7 +381,7 @@ class ShardChecker:
                     replaced = fd is None
                 if fd is not None:
                     if not hash_by_reads(fd, hasher, partial.done, end, lambda: self._closed):
-                        raise _Closed
+                        raise Closed
                 else:
                     hasher.update(view[partial.done:end])
                 partial.done = end

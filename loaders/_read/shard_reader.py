@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from trainio.storage import FurthestInFuture, ShardCache
 
+from .._batch.row_tables import ShardRows
 from . import shard_check
 from .dataset import Dataset, map_file
 from .row_check import RowDigestTable, check_batch_rows, read_row_digests
@@ -117,6 +118,26 @@ class ShardReader:
         where = self._dataset.shards[shard].batches[number]
         return self._dataset.decode_batch(shard, number, mapped.slice(where.offset, where.length))
 
+    def batch_and_rows(self, shard: int, number: int) -> tuple[pa.RecordBatch, ShardRows | None]:
+        """Record batch ``number`` of shard ``shard``, and, while its shard has not matched the index whole, its
+        rows laid out with their digests (:attr:`ShardRows.row_checked`): the caller checks each row it uses
+        against them before using it (a worker process that uses a few rows of each batch). With None the batch
+        is checked already, as :meth:`batch` checks it.
+
+        Raises:
+            IntegrityError, FormatError, NotFound, StoreError: as :meth:`batch`.
+        """
+        checker, info = self._checker, self._dataset.shards[shard]
+        if checker is not None and info.row_xxh3 is not None and not checker.checked(shard):
+            batch = self.unchecked_batch(shard, number)
+            first = info.batches[number].first_row
+            rows = ShardRows([batch], source=(self._dataset.url, info.path),
+                             digests={name: digests[first:first + batch.num_rows]
+                                      for name, digests in self._digest_table(shard).items()})
+            if rows.row_checked:
+                return batch, rows
+        return self.batch(shard, number), None
+
     def row_digests(self, shard: int) -> RowDigestTable | None:
         """The row digests of a local shard that has them (its file checked against the index), where the readers
         check rows (:meth:`leave_rows_to_readers`); None for a shard that is checked whole.
@@ -127,6 +148,10 @@ class ShardReader:
         if self._checker is None or not self._checker.rows_by_readers or not shard_check.CHECK_LOCAL_SHARDS \
                 or self._dataset.shards[shard].row_xxh3 is None:
             return None
+        return self._digest_table(shard)
+
+    def _digest_table(self, shard: int) -> RowDigestTable:
+        """The row digests of local shard ``shard`` (it has them), read once and kept among the last few."""
         with self._lock:
             found = self._row_digests.get(shard)
             if found is not None:

@@ -299,3 +299,23 @@ def test_schema_only_dataset_is_empty(tmp_path: Path) -> None:
     assert len(ds) == 0 and ds.shards == ()
     empty = ds.take([])
     assert list(empty) == ["x"] and len(empty["x"]) == 0
+
+
+def test_decoding_a_batch_for_its_samples_imports_no_pandas(tmp_path: Path) -> None:
+    """pyarrow's ``to_numpy`` imports pandas: a third of a second in every new worker process."""
+    import subprocess
+
+    with DatasetWriter(tmp_path / "ds", batch_rows=4) as writer:
+        writer.write_batch({"id": np.arange(8, dtype=np.int64), "f": np.arange(8, dtype=np.float16),
+                            "tokens": [np.arange(i, dtype=np.int32) for i in range(8)], "raw": [b"ab"] * 8})
+    shard = tmp_path / "ds" / Dataset(tmp_path / "ds").shards[0].path
+    script = (
+        "import sys, pyarrow.ipc as ipc\n"
+        "from trainio.loaders._format.columns import Columns, sample_of\n"
+        f"batch = ipc.open_file({str(shard)!r}).get_batch(1)\n"
+        "columns = Columns.of(batch)\n"
+        "assert 'pandas' not in sys.modules, 'pandas was imported'\n"
+        "print(columns.fixed['id'].tolist(), columns.fixed['f'].tolist(), sample_of(columns)(1)['tokens'].tolist())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "[4, 5, 6, 7] [4.0, 5.0, 6.0, 7.0] [0, 1, 2, 3, 4]"

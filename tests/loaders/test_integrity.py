@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from trainio.loaders import Dataset, DatasetIndex, DatasetWriter, Loader, LoaderError, StreamingDataset, verify_dataset
+from trainio.loaders._read import shard_check
 from trainio.storage import SEAL_FIELD, FormatError, IntegrityError, NotFound, StoreError, seal_json
 
 from ._damage import drop_row_digests, edit_index, flip_bit
@@ -221,6 +222,38 @@ def test_a_flipped_bit_in_a_local_shard_stops_the_loader_before_the_damaged_samp
     cause = info.value.__cause__
     assert isinstance(cause, IntegrityError) and cause.key == key and the_refusal(checked_by, root) in str(cause)
     assert not withheld(checked_by, damaged) & set(delivered)
+
+
+@CHECKED_BY
+def test_transform_workers_refuse_a_damaged_row_without_waiting_for_its_whole_shard(tmp_path: Path,
+                                                                                     checked_by: str) -> None:
+    root = write_shards(tmp_path / "ds", checked_by)
+    key, damaged = damage_value(root, 100)
+    delivered: list[int] = []
+    loader = Loader(StreamingDataset(root, shuffle=False), 4, workers=2)  # row 100 is not its shard's first 4
+    try:
+        with pytest.raises(LoaderError, match=f"IntegrityError.*{key}") as info:
+            for batch in loader:
+                delivered.extend(int(i) for i in batch["id"])
+    finally:
+        loader.close()
+    assert the_refusal(checked_by, root) in str(info.value)
+    assert not withheld(checked_by, damaged) & set(delivered)
+    if checked_by == "rows":  # each row checked as a worker uses it: the damaged shard's rows before it came
+        assert damaged & set(delivered)
+
+
+def test_transform_workers_check_every_row_they_use(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "ds")
+    ds = StreamingDataset(root, shuffle=True, shuffle_window=64)
+    loader = Loader(ds, 8, workers=2)
+    try:
+        ids = sorted(int(i) for batch in loader for i in batch["id"])
+    finally:
+        loader.close()
+    assert ids == list(range(BASE, BASE + 256))
+    dataset = ds.dataset  # no shard was hashed whole: in memory, they were left to the workers' row checks
+    assert not any(shard_check._known_good(dataset.mapped(s), info.xxh3_128) for s, info in enumerate(dataset.shards))
 
 
 def test_a_damaged_shard_is_refused_inside_dataloader_workers(tmp_path: Path) -> None:
