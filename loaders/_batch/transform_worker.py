@@ -98,8 +98,8 @@ class _Source:
         self.first_row = first_row  # the batch's first row's number in its shard
         self.names: list[str] = []
         self.checks: list[tuple[int, ...]] | None = None  # per row: (address, size, digest) of each field in turn
-        if rows is not None:
-            self.names = list(rows.fields)
+        if rows is not None:  # every field has its digests (ShardRows.row_checked)
+            self.names = [name for name, field in rows.fields.items() if field.digests is not None]
             columns = [column.tolist() for field in rows.fields.values() if field.digests is not None
                        for column in (field.addresses, field.sizes(), field.digests)]
             self.checks = list(zip(*columns))
