@@ -99,10 +99,10 @@ class _Source:
         self.names: list[str] = []
         self.checks: list[tuple[int, ...]] | None = None  # per row: (address, size, digest) of each field in turn
         if rows is not None:  # every field has its digests (ShardRows.row_checked)
-            self.names = [name for name, field in rows.fields.items() if field.digests is not None]
-            columns = [column.tolist() for field in rows.fields.values() if field.digests is not None
-                       for column in (field.addresses, field.sizes(), field.digests)]
-            self.checks = list(zip(*columns))
+            checked = [(name, (field.addresses, field.sizes(), field.digests)) for name, field in rows.fields.items()
+                       if field.digests is not None]
+            self.names = [name for name, _ in checked]
+            self.checks = list(zip(*(column.tolist() for _, columns in checked for column in columns)))
 
 
 def _check_used_rows(sources: list[_Source], rows: list[int]) -> None:
