@@ -206,6 +206,8 @@ class Loader:
                 except WorkerFailed as exc:
                     self.close()
                     raise LoaderError(str(exc)) from exc
+                except TrainioError as exc:  # planning the workers' batches: a row digests file is damaged
+                    raise LoaderError(f"the loader's work failed: {exc}") from exc
                 metrics["wait_s"] += time.perf_counter() - waited
                 if item is None:
                     break

@@ -302,10 +302,83 @@ release_out:
     return result;
 }
 
+PyDoc_STRVAR(stack_doc,
+"stack(destination, rows, digests) -> int\n--\n\n"
+"Copy the bytes of each of rows (a list of C-contiguous buffers) end to end into destination, a writable\n"
+"contiguous buffer of exactly their total size. With digests (a contiguous 1-D array of 64-bit integers, one\n"
+"per row; or None) each row is first hashed (XXH3-64, seed 0) and compared with its digest. Returns -1 when\n"
+"every row was copied (and matched); else the index of the first row that did not match: the rows before it\n"
+"are copied, those after it are not. The rows must not change during the call. Copies without the GIL.");
+
+static PyObject *stack(PyObject *module, PyObject *args)
+{
+    Py_buffer out, digests = {0};
+    PyObject *rows_object, *digests_object, *rows = NULL, *result = NULL;
+    Py_buffer *views = NULL;
+    Py_ssize_t count = 0, held = 0, total = 0, failed = -1;
+    int checked = 0, streamed = 0;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "w*OO:stack", &out, &rows_object, &digests_object))
+        return NULL;
+    rows = PySequence_Fast(rows_object, "stack: rows must be a list of buffers");
+    if (rows == NULL)
+        goto release;
+    count = PySequence_Fast_GET_SIZE(rows);
+    if (digests_object != Py_None) {
+        if (!int64_vector(digests_object, &digests, "digests", count))
+            goto release;
+        checked = 1;
+    }
+    views = PyMem_Calloc(count ? (size_t)count : 1, sizeof(Py_buffer));
+    if (views == NULL) {
+        PyErr_NoMemory();
+        goto release;
+    }
+    for (; held < count; held++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(rows, held), &views[held], PyBUF_C_CONTIGUOUS) < 0)
+            goto release;
+        total += views[held].len;
+    }
+    if (total != out.len) {
+        PyErr_Format(PyExc_ValueError, "stack: the rows hold %zd bytes, the destination %zd", total, out.len);
+        goto release;
+    }
+    const uint64_t *digest = digests.buf;
+    Py_BEGIN_ALLOW_THREADS
+    char *to = out.buf;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const char *from = views[i].buf;
+        size_t n = (size_t)views[i].len;
+        if (!checked)
+            copy_range(to, from, n, &streamed);
+        else if (!check_and_copy(to, from, n, digest[i], &streamed)) {
+            failed = i;
+            break;
+        }
+        to += n;
+    }
+#ifdef TRAINIO_STREAMING
+    if (streamed)
+        _mm_sfence();
+#endif
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(failed);
+release:
+    for (Py_ssize_t i = 0; i < held; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    if (checked)
+        PyBuffer_Release(&digests);
+    Py_XDECREF(rows);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"copy", copy, METH_VARARGS, copy_doc},
     {"copy_checked", copy_checked, METH_VARARGS, copy_checked_doc},
     {"digests", digests, METH_VARARGS, digests_doc},
+    {"stack", stack, METH_VARARGS, stack_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -113,6 +113,34 @@ def gather_rows(out: np.ndarray, addresses: np.ndarray, low: int, high: int, dig
         out[...] = window[offsets]
 
 
+def stack_rows(out: np.ndarray, rows: list[np.ndarray], digests: np.ndarray | None = None) -> None:
+    """Stack ``rows`` (arrays of one shape and dtype) into ``out`` (a C-contiguous array of their stacked shape),
+    as ``np.stack`` does; with ``digests`` (uint64, one per row), each row is checked against its digest as it
+    is copied, while it is in the CPU's cache.
+
+    Raises:
+        RowMismatch: row ``index`` does not match its digest; the rows before it are copied, and ``out`` is not
+            to be used.
+    """
+    try:
+        failed = -2 if _native is None else _native.stack(out, rows, digests)
+    except ValueError:  # a row that is not contiguous (a transform's view), or of another size
+        failed = -2
+    if failed == -2:
+        np.stack(rows, out=out)
+        failed = -1
+        if digests is not None and rows:
+            row_bytes = out.nbytes // len(rows)
+            found = row_digests(out.ctypes.data + np.arange(len(rows), dtype=np.int64) * row_bytes,
+                                np.full(len(rows), row_bytes, dtype=np.int64))
+            wrong = np.flatnonzero(found != digests)
+            failed = int(wrong[0]) if wrong.size else -1
+    if failed >= 0:
+        row = rows[failed]
+        actual = row_digests(np.array([row.ctypes.data], dtype=np.int64), np.array([row.nbytes], dtype=np.int64))
+        raise RowMismatch(failed, int(digests[failed]), int(actual[0]))  # type: ignore[index]
+
+
 _memmove: Any = ctypes.memmove
 _IOV_MAX = 1024
 # Ranges longer than this on average are copied one memmove each: process_vm_readv

@@ -23,13 +23,15 @@ except ImportError:  # built without a C compiler
 
 
 class RowMismatch(Exception):
-    """Row ``index`` of a checked gather does not match its digest; it and the rows after it were not copied."""
+    """Row ``index`` of a checked gather (of field ``field``, where the gather knows it) does not match its digest;
+    it and the rows after it were not copied."""
 
-    def __init__(self, index: int, expected: int, actual: int) -> None:
+    def __init__(self, index: int, expected: int, actual: int, field: str = "") -> None:
         super().__init__(f"row {index}: xxh3-64 is {actual:016x}, expected {expected:016x}")
         self.index = index
         self.expected = expected
         self.actual = actual
+        self.field = field
 
     def error(self, url: str, key: str, field: str, row: int) -> IntegrityError:
         """The error to raise: row ``row`` (of its shard ``key`` in dataset ``url``) of ``field`` is damaged."""

@@ -9,10 +9,13 @@ import os
 import tempfile
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from .gather import stack_rows
+from .row_hash import RowMismatch
 from .staging import Lease, aligned
 
 _DIRECTORY = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -99,12 +102,15 @@ def _shape(column: Column) -> tuple[tuple[int, ...], np.dtype[Any], int]:
     return (len(column), *column[0].shape), column[0].dtype, len(column) * column[0].nbytes
 
 
-def write_columns(slot: SharedSlot, columns: dict[str, Column]) -> list[tuple[str, str, tuple[int, ...], int]]:
+def write_columns(slot: SharedSlot, columns: dict[str, Column], digests: Mapping[str, np.ndarray] | None = None
+                  ) -> list[tuple[str, str, tuple[int, ...], int]]:
     """Stack (or copy) each column into ``slot``, the columns end to end (64-byte aligned); where each lies:
-    (name, dtype, shape, offset).
+    (name, dtype, shape, offset). A stacked column named in ``digests`` has each sample's array checked against
+    its digest (XXH3-64 of its bytes, one per sample) as it is copied.
 
     Raises:
         ValueError: they do not fit (the caller makes a larger slot).
+        RowMismatch: a sample's array does not match its digest (its ``field`` the column's name).
     """
     layout = []
     offset = 0
@@ -118,7 +124,10 @@ def write_columns(slot: SharedSlot, columns: dict[str, Column]) -> list[tuple[st
         if isinstance(column, np.ndarray):
             np.copyto(target, column, casting="no")
         else:
-            np.stack(column, out=target)
+            try:
+                stack_rows(target, column, None if digests is None else digests.get(name))
+            except RowMismatch as mismatch:
+                raise RowMismatch(mismatch.index, mismatch.expected, mismatch.actual, name) from None
         layout.append((name, dtype.str, shape, offset))
         offset = end
     return layout

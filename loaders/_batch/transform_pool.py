@@ -51,6 +51,8 @@ class TransformPool:
         self.ring = SharedRing(slot_bytes)
         self._token = 0
         self._stale: dict[tuple[int, int], SharedSlot] = {}
+        self._digested = tuple(dict.fromkeys(name for _, info in dataset._shards if info.row_xxh3 is not None
+                                             for name in info.row_xxh3.fields))  # the fields with row digests
         self._processes = [context.Process(target=work, args=(dataset, transform, self._tasks, self._results, w,
                                                               os.getpid()),
                                            name=f"trainio-transform-{w}", daemon=True) for w in range(workers)]
@@ -72,10 +74,10 @@ class TransformPool:
         self._token += 1
         token = self._token
         reader = plan.open_reader()  # hears the plan here: a local dataset's shards are read (and checked) ahead
-        reader.leave_rows_to_readers()  # the workers check each row they use (transform_worker.py)
-        batches = _batch_tasks(plan, reader, batch_size, drop_last)
+        reader.leave_rows_to_readers()  # the workers check each row they use against the digests sent them
+        batches = _batch_tasks(plan, reader, batch_size, drop_last, self._digested)
         pending: dict[int, SharedSlot] = {}
-        done: dict[int, tuple[dict[str, Any], int, int]] = {}
+        done: dict[int, tuple[dict[str, Any], int, int] | WorkerFailed] = {}
         sent = wanted = 0
         exhausted = False
         try:
@@ -90,7 +92,10 @@ class TransformPool:
                     self._tasks.put((token, sent, slot.name, plan.position.epoch, *task))
                     sent += 1
                 if wanted in done:
-                    yield done.pop(wanted)
+                    ready = done.pop(wanted)
+                    if isinstance(ready, WorkerFailed):
+                        raise ready
+                    yield ready
                     wanted += 1
                     continue
                 if exhausted and not pending:
@@ -107,7 +112,7 @@ class TransformPool:
                 self._stale[(token, index)] = slot
 
     def _receive(self, token: int, pending: dict[int, SharedSlot],
-                 done: dict[int, tuple[dict[str, Any], int, int]]) -> bool:
+                 done: dict[int, tuple[dict[str, Any], int, int] | WorkerFailed]) -> bool:
         """Take one message from the workers, if one comes soon; whether one did."""
         try:
             message = self._results.get(timeout=_POLL_S)
@@ -120,9 +125,11 @@ class TransformPool:
             if slot is not None:
                 self.ring.give_back(self.ring.adopt(slot, message[3]) if kind == "ok" and message[3] else slot)
             return True
-        if kind == "error":
+        if kind == "error":  # raised in its turn: the batches before it are delivered first
             worker, where, error, trace = message[3:]
-            raise WorkerFailed(f"transform worker {worker} failed at {where}: {error}\n{trace}")
+            done[index] = WorkerFailed(f"transform worker {worker} failed at {where}: {error}\n{trace}")
+            self.ring.give_back(pending.pop(index))
+            return True
         made, layout, others, count, nbytes = message[3:]
         slot = pending.pop(index)
         if made is not None:
@@ -162,19 +169,49 @@ class TransformPool:
         self.ring.close()
 
 
-def _batch_tasks(plan: EpochPlan, reader: ShardReader | MixedReader, batch_size: int, drop_last: bool
-                 ) -> Generator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None, None]:
-    """The plan's batches as (positions, shards, record batches, rows within them), planning ``reader`` ahead of
-    them. The reader reads no batch: the workers read the shards, and check each before they use it, themselves;
-    a local dataset's checker in this process reads the shards ahead of them (within its read-ahead bound), so
-    theirs find the pages in memory; a remote one's cache here downloads nothing."""
+def _batch_tasks(plan: EpochPlan, reader: ShardReader | MixedReader, batch_size: int, drop_last: bool,
+                 fields: tuple[str, ...]) -> Generator[tuple[Any, ...], None, None]:
+    """The plan's batches as (positions, shards, record batches, rows within them, ``fields``, and per field which
+    rows to check (None: all) and their digests), planning ``reader`` ahead of them.
+
+    The reader reads no batch: the workers read the shards, and check each
+    before they use it, themselves; a local dataset's checker in this
+    process reads the shards ahead of them (within its read-ahead bound), so
+    theirs find the pages in memory; a remote one's cache here downloads
+    nothing. Rows of local shards with row digests are checked by the
+    workers against the digests sent with their batch, looked up here a
+    chunk of the plan at a time.
+
+    Raises:
+        IntegrityError, FormatError, NotFound, StoreError: a shard's row digests file is damaged or missing.
+    """
     carry: list[np.ndarray] | None = None
-    for chunk in plan.positioned(reader):
-        parts = list(chunk) if carry is None else [np.concatenate((a, b)) for a, b in zip(carry, chunk)]
+    for positions, shards, batches, within, rows in plan.positioned(reader):
+        chunk = [positions, shards, batches, within, *_row_checks(reader, fields, shards, rows)]
+        parts = chunk if carry is None else [np.concatenate((a, b), axis=-1) for a, b in zip(carry, chunk)]
         size = parts[0].size
         whole = size - size % batch_size
+        every = bool(parts[-2].all())  # every field of every row has its digest: said once per batch by None
         for begin in range(0, whole, batch_size):
-            yield tuple(part[begin:begin + batch_size] for part in parts)  # type: ignore[misc]
-        carry = [part[whole:] for part in parts]
+            *located, checked, expected = (part[..., begin:begin + batch_size] for part in parts)
+            yield (*located, fields, None if every else checked, expected)
+        carry = [part[..., whole:] for part in parts]
     if carry is not None and carry[0].size and not drop_last:
-        yield tuple(carry)  # type: ignore[misc]
+        *located, checked, expected = carry
+        yield (*located, fields, None if checked.all() else checked, expected)
+
+
+def _row_checks(reader: ShardReader | MixedReader, fields: tuple[str, ...], shards: np.ndarray,
+                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per field of ``fields`` and sample (row ``rows[i]`` of shard ``shards[i]``), whether a worker checks it
+    against its row digest, and that digest: for every field of each row of a shard that has row digests."""
+    checked = np.zeros((len(fields), shards.size), dtype=bool)
+    expected = np.zeros((len(fields), shards.size), dtype=np.uint64)
+    for shard in np.unique(shards).tolist() if fields else []:
+        table = reader.row_digests(shard)
+        if table is not None:
+            at = np.flatnonzero(shards == shard)
+            for name, digests in table.items():
+                checked[fields.index(name), at] = True
+                expected[fields.index(name), at] = digests[rows[at]]
+    return checked, expected

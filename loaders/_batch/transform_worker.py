@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
-Task = tuple[int, int, str, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-"""(pass token, batch index, slot name, epoch, positions, shards, record batches, rows within them)."""
+Task = tuple[int, int, str, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...],
+             np.ndarray | None, np.ndarray]
+"""(pass token, batch index, slot name, epoch, positions, shards, record batches, rows within them, the fields
+with row digests, and per such field and row whether to check it (None: all) and its digest)."""
 
 _KEPT_SAMPLERS = 1024
 _PARENT_CHECK_S = 1.0
@@ -88,44 +90,111 @@ def _as_array(value: Any) -> np.ndarray | None:
 
 class _Source:
     """One record batch a worker takes samples from, and, while its shard is not yet known to match the index whole,
-    its rows' places and digests: each row a task uses is checked before the task uses it."""
+    its rows' places: each row a task uses is then checked against its digest before its batch is delivered."""
 
-    __slots__ = ("sample", "first_row", "where", "names", "checks")
+    __slots__ = ("sample", "first_row", "where", "rows")
 
     def __init__(self, batch: pa.RecordBatch, rows: ShardRows | None, where: tuple[str, str], first_row: int) -> None:
         self.sample = sample_of(Columns.of(batch, source=where))
         self.where = where  # the dataset's URL and the shard's key
         self.first_row = first_row  # the batch's first row's number in its shard
-        self.names: list[str] = []
-        self.checks: list[tuple[int, ...]] | None = None  # per row: (address, size, digest) of each field in turn
-        if rows is not None:  # every field has its digests (ShardRows.row_checked)
-            checked = [(name, (field.addresses, field.sizes(), field.digests)) for name, field in rows.fields.items()
-                       if field.digests is not None]
-            self.names = [name for name, _ in checked]
-            self.checks = list(zip(*(column.tolist() for _, columns in checked for column in columns)))
+        self.rows = rows  # its rows to check (ShardRows.row_checked), or None: it is checked already
 
 
-def _check_used_rows(sources: list[_Source], rows: list[int]) -> None:
-    """Check row ``rows[i]`` of ``sources[i]``, every field of it, for each ``i`` whose source has checks, in one
-    call of the C routine (a Python step per row: a task's rows are few, and each may come from another batch).
+Checks = list[tuple[str, np.ndarray, np.ndarray]]
+"""What to check of a batch, by field: (the field, the places in the batch of the samples to check, their digests)."""
+
+
+def _checks(sources: list[_Source], fields: tuple[str, ...], checked: np.ndarray | None, expected: np.ndarray,
+            *, in_place: bool) -> Checks:
+    """What to check of the batch: each field of each sample with a digest in ``expected`` (the trainer's, per
+    field of ``fields`` and sample, where ``checked``; None: all of them). Where the rows are checked in their
+    shards (``in_place``), only those of sources not yet known good (``sources[i].rows``).
+
+    Raises:
+        RuntimeError: a sample not yet known good has a field without a digest to check it against.
+    """
+    if checked is None and not in_place:  # every field of every sample: the plain case, in the fewest steps
+        every = np.arange(len(sources))
+        return [(name, every, expected[f]) for f, name in enumerate(fields)]
+    fresh = [source.rows is not None for source in sources]
+    if not any(fresh):
+        return []
+    wanted = np.asarray(fresh) if checked is None else checked & np.asarray(fresh)
+    checks = [(name, places, expected[f, places]) for f, name in enumerate(fields)
+              if (places := np.flatnonzero(wanted if checked is None else wanted[f])).size]
+    if sum(places.size for _, places, _ in checks) != sum(len(s.rows.fields) for s in sources if s.rows is not None):
+        url, key = next(s for s, new in zip(sources, fresh) if new).where
+        raise RuntimeError(f"{url}: {key}: rows not yet checked came without the digests of all their fields; "
+                           "nothing of the batch was delivered")
+    return checks
+
+
+def _check_source_rows(checks: Checks, sources: list[_Source], rows: list[int]) -> None:
+    """Check the rows ``checks`` names where they lie in their shards (before a transform sees them).
 
     Raises:
         IntegrityError: a row does not match its digest (naming its shard, field and row).
     """
-    flat: list[int] = []
-    for source, row in zip(sources, rows):
-        if source.checks is not None:
-            flat.extend(source.checks[row])
-    if not flat:
-        return
-    table = np.asarray(flat, dtype=np.uint64).reshape(-1, 3)
+    addresses: list[int] = []
+    sizes: list[int] = []
+    for name, places, _ in checks:
+        for i in places.tolist():
+            table = sources[i].rows
+            assert table is not None  # in place, only samples of sources with rows to check are checked
+            field, row = table.fields[name], rows[i]
+            addresses.append(int(field.addresses[row]))
+            sizes.append(field.row_bytes if field.lengths is None else int(field.lengths[row]) * field.dtype.itemsize)
+    _check(checks, sources, rows, np.asarray(addresses, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
+
+
+def _check_delivered_rows(checks: Checks, sources: list[_Source], rows: list[int], slot: SharedSlot,
+                          arrays: dict[str, list[np.ndarray] | np.ndarray],
+                          layout: list[tuple[str, str, tuple[int, ...], int]]) -> None:
+    """Check the rows ``checks`` names as :func:`write_columns` wrote them, untransformed, to ``slot``: the bytes
+    the trainer gets, while they are in this CPU's cache.
+
+    Raises:
+        IntegrityError: as :func:`_check_source_rows`.
+    """
+    base, offsets = slot.array.ctypes.data, {name: offset for name, _, _, offset in layout}
+    addresses: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    for name, places, _ in checks:
+        column, start, at = arrays[name], base + offsets[name], places
+        if isinstance(column, np.ndarray):  # binary, packed end to end with its offsets (fields_of)
+            ends = np.asarray(arrays[f"{name}_offsets"], dtype=np.int64)
+            addresses.append(start + ends[at])
+            sizes.append(ends[at + 1] - ends[at])
+        else:
+            size = column[0].nbytes
+            addresses.append(start + at * size)
+            sizes.append(np.full(at.size, size, dtype=np.int64))
+    _check(checks, sources, rows, _joined(addresses), _joined(sizes))
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _check(checks: Checks, sources: list[_Source], rows: list[int], addresses: np.ndarray,
+           sizes: np.ndarray) -> None:
+    """Check the bytes at ``addresses``/``sizes`` against the digests of ``checks``, in their order, in one call
+    of the C routine.
+
+    Raises:
+        IntegrityError: a row does not match its digest (naming its shard, field and row).
+    """
     try:
-        check_rows(table[:, 0].view(np.int64), table[:, 1].view(np.int64), table[:, 2])
+        check_rows(addresses, sizes, _joined([digests for _, _, digests in checks]))
     except RowMismatch as mismatch:
-        checked = [(source, name, row) for source, row in zip(sources, rows) if source.checks is not None
-                   for name in source.names]
-        source, name, row = checked[mismatch.index]
-        raise mismatch.error(*source.where, name, source.first_row + row) from None
+        index = mismatch.index
+        for name, places, _ in checks:
+            if index < places.size:
+                place = int(places[index])
+                raise mismatch.error(*sources[place].where, name, sources[place].first_row + rows[place]) from None
+            index -= places.size
+        raise
 
 
 def work(dataset: StreamingDataset, transform: Transform | None, tasks: Any, results: Any, worker: int,
@@ -146,7 +215,7 @@ def work(dataset: StreamingDataset, transform: Transform | None, tasks: Any, res
                 continue
             if task is None:
                 return
-            token, index, slot_name, epoch, positions, shards, batches, rows = task
+            token, index, slot_name, epoch, positions, shards, batches, rows, fields, checked, expected = task
             where = ""
             try:
                 sources = []
@@ -162,9 +231,12 @@ def work(dataset: StreamingDataset, transform: Transform | None, tasks: Any, res
                             samplers.popitem(last=False)
                     sources.append(source)
                 where = "checking the batch's rows"
-                _check_used_rows(sources, rows.tolist())
+                used = rows.tolist()
+                checks = _checks(sources, fields, checked, expected, in_place=transform is not None)
+                if checks and transform is not None:
+                    _check_source_rows(checks, sources, used)
                 samples = []
-                for position, source, batch, row in zip(positions.tolist(), sources, batches.tolist(), rows.tolist()):
+                for position, source, batch, row in zip(positions.tolist(), sources, batches.tolist(), used):
                     where = f"{source.where[0]}: {source.where[1]}, record batch {batch}, row {row}"
                     sample = source.sample(row)
                     if transform is not None:
@@ -180,7 +252,18 @@ def work(dataset: StreamingDataset, transform: Transform | None, tasks: Any, res
                     slot = SharedSlot(need + need // 4)
                     slot.owner = False  # the trainer adopts it and removes it
                     made = slots.setdefault(slot.name, slot).name
-                layout = write_columns(slot, arrays)
+                stacked = {} if transform is not None else {
+                    name: digests for name, places, digests in checks
+                    if places.size == len(samples) and isinstance(arrays.get(name), list)}
+                try:
+                    layout = write_columns(slot, arrays, stacked)  # checked as they are copied
+                except RowMismatch as mismatch:
+                    source, row = sources[mismatch.index], used[mismatch.index]
+                    raise mismatch.error(*source.where, mismatch.field, source.first_row + row) from None
+                rest = [check for check in checks if check[0] not in stacked] if transform is None else []
+                if rest:  # binary fields, or rows of shards without digests beside rows to check
+                    where = "checking the batch's rows"
+                    _check_delivered_rows(rest, sources, used, slot, arrays, layout)
                 results.put(("ok", token, index, made, layout, others, len(samples), need))
             except BaseException as exc:  # noqa: BLE001 - reported to the trainer, which raises it
                 results.put(("error", token, index, worker, where, f"{type(exc).__name__}: {exc}",

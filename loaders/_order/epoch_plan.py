@@ -110,10 +110,11 @@ class EpochPlan:
         for _, shards, rows in self._chunks(reader):
             yield shards, rows
 
-    def positioned(self, reader: Any) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """Like :meth:`located`, with each sample's position in the epoch's global sequence first."""
+    def positioned(self, reader: Any) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Like :meth:`located`, with each sample's position in the epoch's global sequence first, and its row
+        within its shard last."""
         for positions, shards, rows in self._chunks(reader):
-            yield (positions, shards, *self._within_batches(shards, rows))
+            yield (positions, shards, *self._within_batches(shards, rows), rows)
 
     def _chunks(self, reader: Any) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         order = self.order

@@ -129,6 +129,39 @@ def test_the_gathers_check_every_row_with_or_without_the_c_routine(native: bool,
     assert info.value.index == 1
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_stacking_rows_checks_each_with_or_without_the_c_routine(native: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native:
+        monkeypatch.setattr(gather, "_native", None)
+        monkeypatch.setattr(row_hash, "_native", None)
+    elif gather._native is None:
+        pytest.skip("the C copy routine was not built here")
+    source = np.arange(4000, dtype=np.int64).reshape(8, 500)  # rows of 4,000 bytes: streamed, and hashed as long
+    rows = [source[i] for i in (3, 0, 7, 7, 1, 2, 6, 5)]
+    digests = np.array([xxh64(row.tobytes()) for row in rows], dtype=np.uint64)
+    out = np.zeros((8, 500), dtype=np.int64)
+    gather.stack_rows(out, rows, digests)
+    assert np.array_equal(out, np.stack(rows))
+    gather.stack_rows(out, rows[::-1], None)
+    assert np.array_equal(out, np.stack(rows[::-1]))
+    digests[4] ^= np.uint64(1)
+    out[:] = 0
+    with pytest.raises(row_hash.RowMismatch) as info:
+        gather.stack_rows(out, rows, digests)
+    assert info.value.index == 4 and info.value.actual == xxh64(rows[4].tobytes())
+    assert np.array_equal(out[:4], np.stack(rows[:4]))  # the rows before it are copied
+    strided = [source[i, ::2] for i in range(8)]  # not contiguous (a transform's view): stacked by numpy, then checked
+    halves = np.zeros((8, 250), dtype=np.int64)
+    good = np.array([xxh64(row.tobytes()) for row in strided], dtype=np.uint64)
+    gather.stack_rows(halves, strided, good)
+    assert np.array_equal(halves, np.stack(strided))
+    good[6] ^= np.uint64(1)
+    with pytest.raises(row_hash.RowMismatch) as info:
+        gather.stack_rows(halves, strided, good)
+    assert info.value.index == 6
+
+
 # -- the writer ----------------------------------------------------------------------------------------------------
 
 
@@ -214,6 +247,11 @@ def _blob_at(ds: Dataset, shard: int, local: int) -> int:
     return data_buffer.address - mapped.address + int(offsets[column.offset + row])
 
 
+def same(sample: dict[str, Any]) -> dict[str, Any]:
+    """A transform that changes nothing."""
+    return sample
+
+
 def loader_ids(root: Path, **options: Any) -> list[int]:
     found: list[int] = []
     for batch in Loader(StreamingDataset(root, shuffle=options.pop("shuffle", False)), 8, **options):
@@ -228,6 +266,11 @@ def loader_ids(root: Path, **options: Any) -> list[int]:
     ("tokens", {"lists": "pad"}, lambda i: 2 + i % 5),         # lists of several lengths: checked, then copied
     ("tokens", {"lists": "pack"}, lambda i: 2 + i % 5),        # packed end to end
     ("blob", {}, None),                                        # binary, packed
+    ("id", {"workers": 2}, None),                              # workers: checked as stacked into shared memory
+    ("image", {"workers": 2, "shuffle": True}, None),
+    ("tokens", {"workers": 2}, None),
+    ("blob", {"workers": 2}, None),                            # binary: checked in shared memory once packed
+    ("image", {"workers": 2, "transform": same}, None),         # checked where it lies, before the transform
 ])
 def test_every_way_the_loader_copies_rows_refuses_a_damaged_row(
     tmp_path: Path, field: str, options: dict[str, Any], width: Callable[[int], int] | None
@@ -239,10 +282,14 @@ def test_every_way_the_loader_copies_rows_refuses_a_damaged_row(
     with pytest.raises(LoaderError) as info:
         for batch in Loader(StreamingDataset(root, shuffle=options.pop("shuffle", False)), 8, **options):
             delivered.extend(int(i) for i in (batch["id"] if isinstance(batch, dict) else [s["id"] for s in batch]))
+    assert BASE + 57 not in delivered
+    if "workers" in options:  # a worker's error comes as its message
+        assert f"IntegrityError: {Dataset(root).url}: {key!r}" in str(info.value)
+        assert f"row {local} of field {field!r}: xxh3-64" in str(info.value)
+        return
     cause = info.value.__cause__
     assert isinstance(cause, IntegrityError) and cause.key == key
     assert f"row {local} of field {field!r}: xxh3-64" in str(cause)
-    assert BASE + 57 not in delivered
     assert pickle.loads(pickle.dumps(cause)).what == cause.what  # crosses to a DataLoader's main process intact
 
 
@@ -258,8 +305,8 @@ def test_a_damaged_row_digests_file_is_refused_where_it_is_used(tmp_path: Path, 
     if read in ("loader", "workers"):  # they check rows against their digests: they read the file, and refuse it
         with pytest.raises(LoaderError, match=rows_key) as info:
             readers[read]()
-        cause = info.value.__cause__  # a worker's error comes as its message
-        assert read == "workers" or isinstance(cause, IntegrityError) and cause.key == rows_key
+        cause = info.value.__cause__  # the workers' trainer reads the digests it sends them
+        assert isinstance(cause, IntegrityError) and cause.key == rows_key
     else:  # the others check the shards whole: the digests are not read, the samples are right
         assert sorted(readers[read]()) == list(range(BASE, BASE + 200))
     assert [p.path for p in verify_dataset(root).problems] == [rows_key]
@@ -330,19 +377,22 @@ def test_seeded_bit_flips_anywhere_in_a_shard_are_refused_or_change_nothing(tmp_
     assert refused  # most flips land in the rows' bytes
 
 
-def test_a_shard_without_row_digests_among_shards_with_them_is_checked_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_without_row_digests_among_shards_with_them_is_checked_whole(tmp_path: Path, workers: int) -> None:
     root = write_rows(tmp_path / "ds")
 
     def drop_one(document: dict[str, Any]) -> None:
         (root / document["shards"][1].pop("row_xxh3")["path"]).unlink()
 
     edit_index(root, drop_one)
-    assert sorted(loader_ids(root, shuffle=True)) == list(range(BASE, BASE + 200))
+    assert sorted(loader_ids(root, shuffle=True, workers=workers)) == list(range(BASE, BASE + 200))
+    damage_field(root, 160, "image")  # a shard with row digests beside it is still checked: the workers, by rows
+    with pytest.raises(LoaderError, match="row .* of field 'image'" if workers else "of field 'image'|none of its"):
+        loader_ids(root, shuffle=True, workers=workers)
     info = Dataset(root).shards[1]
     flip_bit(root / info.path, info.bytes // 2)
-    with pytest.raises(LoaderError) as caught:
-        loader_ids(root)
-    assert "none of its samples was delivered" in str(caught.value.__cause__)
+    with pytest.raises(LoaderError, match="none of its samples was delivered"):
+        loader_ids(root, workers=workers)
 
 
 def test_row_digests_entries_are_validated(tmp_path: Path) -> None:
