@@ -74,7 +74,9 @@ class TransformPool:
         self._token += 1
         token = self._token
         reader = plan.open_reader()  # hears the plan here: a local dataset's shards are read (and checked) ahead
-        reader.leave_rows_to_readers()  # the workers check each row they use against the digests sent them
+        # The workers check each row they use against the digests sent them. Their page faults are read ahead of by
+        # the kernel: reading ahead here too slowed a cold first epoch in order by a quarter (1.69 s against 2.15).
+        reader.leave_rows_to_readers(read_ahead=False)
         batches = _batch_tasks(plan, reader, batch_size, drop_last, self._digested)
         pending: dict[int, SharedSlot] = {}
         done: dict[int, tuple[dict[str, Any], int, int] | WorkerFailed] = {}

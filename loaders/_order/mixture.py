@@ -211,10 +211,10 @@ class MixedReader:
         d = int(np.searchsorted(self._offsets, shard, side="right")) - 1
         return self._readers[d], shard - int(self._offsets[d])
 
-    def leave_rows_to_readers(self) -> None:
+    def leave_rows_to_readers(self, read_ahead: bool = True) -> None:
         """Every dataset's reader leaves rows to be checked by the caller (:meth:`ShardReader.leave_rows_to_readers`)."""
         for reader in self._readers:
-            reader.leave_rows_to_readers()
+            reader.leave_rows_to_readers(read_ahead)
 
     def plan(self, shards: Sequence[int], keep: Sequence[int] | None = None) -> None:
         """Each dataset's reader plans its own shards, and what its cache keeps, in the given order."""

@@ -12,7 +12,7 @@ this process or those forked from the same parent (``verified.py``).
 
 A shard with row digests is checked row by row by readers that copy rows
 (a Loader says so: :meth:`ShardChecker.leave_rows_to_readers`): the threads
-then only have it read ahead (not hashed), when under 90% of it is in memory.
+then only have it read ahead (not hashed; not for workers) while under 90% is in memory.
 They do not start on such a dataset before a reader has said which it is;
 one that plans without saying (iterating samples) has every shard hashed whole.
 
@@ -102,6 +102,7 @@ class ShardChecker:
         self._busy: set[int] = set()
         self._left: set[int] = set()  # shards with row digests found in memory this epoch: left to their readers
         self._rows_by_readers: bool | None = None  # None: no reader has said yet (see leave_rows_to_readers)
+        self._read_left_ahead = True  # shards left to the readers are still read into memory ahead of them
         self._has_row_digests = any(info.row_xxh3 is not None for info in dataset.shards)
         self._confirmed: set[int] = set()  # shards a reader asked for this epoch: file confirmed, in use, hashed whole
         self._closed = False
@@ -132,10 +133,10 @@ class ShardChecker:
         """Whether the readers check each row of a shard with row digests themselves (see the module's doc)."""
         return bool(self._rows_by_readers)
 
-    def leave_rows_to_readers(self) -> None:
-        """The readers check each row of a shard with row digests (see the module's doc); before the first plan."""
+    def leave_rows_to_readers(self, read_ahead: bool = True) -> None:
+        """Readers check each row of shards with row digests, read ahead if ``read_ahead``; before the first plan."""
         with self._cond:
-            self._rows_by_readers = True
+            self._rows_by_readers, self._read_left_ahead = True, read_ahead
             self._start()
 
     def plan(self, shards: Sequence[int]) -> None:
@@ -363,7 +364,7 @@ class ShardChecker:
             if _known_good(mapped, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
                 return mapped.identity, None
             left = not waited and self._rows_by_readers and info.row_xxh3 is not None
-            if left and resident_share(mapped.buffer, windows=32) >= _IN_MEMORY:
+            if left and (not self._read_left_ahead or resident_share(mapped.buffer, windows=32) >= _IN_MEMORY):
                 raise LeftToReaders
             partial = PartialHash(mapped, None if left else Hasher(), 0)
         if partial.hasher is None:
@@ -392,9 +393,8 @@ class ShardChecker:
                 os.close(fd)
         actual = hasher.hexdigest()
         if actual != info.xxh3_128:
-            return mapped.identity, IntegrityError(
-                self._dataset.url, info.path, info.xxh3_128, actual,
-                "the shard is damaged and none of its samples was delivered: run trainio verify, then restore "
-                "or re-shard it")
+            return mapped.identity, IntegrityError(self._dataset.url, info.path, info.xxh3_128, actual, "the shard is "
+                                                   "damaged and none of its samples was delivered: run trainio "
+                                                   "verify, then restore or re-shard it")
         verified.remember(mapped.identity, info.xxh3_128)
         return mapped.identity, None

@@ -64,11 +64,13 @@ class ShardReader:
         if self._checker is not None:
             self._checker.read_ahead = read_ahead
 
-    def leave_rows_to_readers(self) -> None:
+    def leave_rows_to_readers(self, read_ahead: bool = True) -> None:
         """This reader's caller checks each row of a local shard with row digests as it copies it (a Loader): such
-        shards are not hashed whole while in memory. Call before the first :meth:`plan`."""
+        shards are not hashed whole, but read into memory ahead of it unless not ``read_ahead`` (the copies are
+        made by worker processes, whose page faults the kernel reads ahead of). Call before the first
+        :meth:`plan`."""
         if self._checker is not None:
-            self._checker.leave_rows_to_readers()
+            self._checker.leave_rows_to_readers(read_ahead)
 
     def plan(self, shards: Sequence[int], keep: Sequence[int] | None = None) -> None:
         """Tell the reader which shards it needs next, in order of first use, and which the cache should keep.

@@ -234,20 +234,29 @@ def test_shards_with_row_digests_in_memory_are_left_to_their_readers(tmp_path: P
     assert shard_check._known_good(ds.dataset.mapped(2), ds.dataset.shards[2].xxh3_128)
 
 
-def test_a_cold_shard_with_row_digests_is_still_read_ahead_but_not_hashed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_a_cold_shard_with_row_digests_is_read_ahead_unless_told_not_to_but_never_hashed(tmp_path: Path,
+                                                                                          read_ahead: bool) -> None:
     path = write(tmp_path / "ds")
     dataset = Dataset(path)
     if not all(evicted(path / info.path) for info in dataset.shards[:3]):
         pytest.skip("this file system kept the shards' pages in memory")
     ds = StreamingDataset(path, shuffle=False)
     checker = ds.dataset.checker()
-    checker.leave_rows_to_readers()  # as a Loader does: its readers check each row they copy
+    checker.leave_rows_to_readers(read_ahead)  # as a Loader does (its workers: not read ahead): rows checked as copied
     first = ds.dataset.shards[0]
     mapped = ds.dataset.mapped(0).buffer
-    reaches(lambda: int(cold_hash.resident_share(mapped) >= 0.9), 1)
-    assert cold_hash.resident_share(mapped) >= 0.9  # read into the page cache ahead of its readers
+    if read_ahead:
+        reaches(lambda: int(cold_hash.resident_share(mapped) >= 0.9), 1)
+        assert cold_hash.resident_share(mapped) >= 0.9  # read into the page cache ahead of its readers
+        assert 0 < checker.ahead_peak <= checker.read_ahead
+    else:
+        deadline = time.monotonic() + 10
+        while any(t.is_alive() for t in checker._threads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(t.is_alive() for t in checker._threads)
+        assert cold_hash.resident_share(mapped) < 0.5 and checker.ahead_peak == 0  # left to the workers' page faults
     assert not shard_check._known_good(ds.dataset.mapped(0), first.xxh3_128)  # and not hashed: its rows are checked as read
-    assert 0 < checker.ahead_peak <= checker.read_ahead
 
 
 def test_a_sampled_residency_estimate_is_close_to_the_count_of_every_page(tmp_path: Path) -> None:
