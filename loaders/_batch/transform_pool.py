@@ -73,7 +73,7 @@ class TransformPool:
         """
         self._token += 1
         token = self._token
-        reader = plan.open_reader()  # hears the plan here: a local dataset's shards are read (and checked) ahead
+        reader = plan.open_reader()  # hears the plan here: a local dataset's shards are checked ahead, or their rows
         # The workers check each row they use against the digests sent them. Their page faults are read ahead of by
         # the kernel: reading ahead here too slowed a cold first epoch in order by a quarter (1.69 s against 2.15).
         reader.leave_rows_to_readers(read_ahead=False)
@@ -174,15 +174,14 @@ class TransformPool:
 def _batch_tasks(plan: EpochPlan, reader: ShardReader | MixedReader, batch_size: int, drop_last: bool,
                  fields: tuple[str, ...]) -> Generator[tuple[Any, ...], None, None]:
     """The plan's batches as (positions, shards, record batches, rows within them, ``fields``, and per field which
-    rows to check (None: all) and their digests), planning ``reader`` ahead of them.
+    rows to check (None: all) and their digests (None: no row)), planning ``reader`` ahead of them.
 
-    The reader reads no batch: the workers read the shards, and check each
-    before they use it, themselves; a local dataset's checker in this
-    process reads the shards ahead of them (within its read-ahead bound), so
-    theirs find the pages in memory; a remote one's cache here downloads
-    nothing. Rows of local shards with row digests are checked by the
-    workers against the digests sent with their batch, looked up here a
-    chunk of the plan at a time.
+    The reader reads no batch: the workers read the shards themselves. The
+    rows of local shards with row digests are checked by the workers against
+    the digests sent with their batch, looked up here a chunk of the plan at
+    a time; other local shards are hashed whole here ahead of them (within
+    the read-ahead bound), which the workers wait for; a remote one's cache
+    here downloads nothing.
 
     Raises:
         IntegrityError, FormatError, NotFound, StoreError: a shard's row digests file is damaged or missing.
@@ -193,14 +192,14 @@ def _batch_tasks(plan: EpochPlan, reader: ShardReader | MixedReader, batch_size:
         parts = chunk if carry is None else [np.concatenate((a, b), axis=-1) for a, b in zip(carry, chunk)]
         size = parts[0].size
         whole = size - size % batch_size
-        every = bool(parts[-2].all())  # every field of every row has its digest: said once per batch by None
+        every, some = bool(parts[-2].all()), bool(parts[-2].any())  # said once per batch by None
         for begin in range(0, whole, batch_size):
             *located, checked, expected = (part[..., begin:begin + batch_size] for part in parts)
-            yield (*located, fields, None if every else checked, expected)
+            yield (*located, fields, None if every else checked, expected if some else None)
         carry = [part[..., whole:] for part in parts]
     if carry is not None and carry[0].size and not drop_last:
         *located, checked, expected = carry
-        yield (*located, fields, None if checked.all() else checked, expected)
+        yield (*located, fields, None if checked.all() else checked, expected if checked.any() else None)
 
 
 def _row_checks(reader: ShardReader | MixedReader, fields: tuple[str, ...], shards: np.ndarray,

@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 Task = tuple[int, int, str, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...],
-             np.ndarray | None, np.ndarray]
+             np.ndarray | None, np.ndarray | None]
 """(pass token, batch index, slot name, epoch, positions, shards, record batches, rows within them, the fields
-with row digests, and per such field and row whether to check it (None: all) and its digest)."""
+with row digests, and per such field and row whether to check it (None: all) and its digest (None: no row))."""
 
 _KEPT_SAMPLERS = 1024
 _PARENT_CHECK_S = 1.0
@@ -105,24 +105,26 @@ Checks = list[tuple[str, np.ndarray, np.ndarray]]
 """What to check of a batch, by field: (the field, the places in the batch of the samples to check, their digests)."""
 
 
-def _checks(sources: list[_Source], fields: tuple[str, ...], checked: np.ndarray | None, expected: np.ndarray,
-            *, in_place: bool) -> Checks:
+def _checks(sources: list[_Source], fields: tuple[str, ...], checked: np.ndarray | None,
+            expected: np.ndarray | None, *, in_place: bool) -> Checks:
     """What to check of the batch: each field of each sample with a digest in ``expected`` (the trainer's, per
-    field of ``fields`` and sample, where ``checked``; None: all of them). Where the rows are checked in their
-    shards (``in_place``), only those of sources not yet known good (``sources[i].rows``).
+    field of ``fields`` and sample, where ``checked``; None: all of them; ``expected`` None: none). Where the rows
+    are checked in their shards (``in_place``), only those of sources not yet known good (``sources[i].rows``).
 
     Raises:
         RuntimeError: a sample not yet known good has a field without a digest to check it against.
     """
-    if checked is None and not in_place:  # every field of every sample: the plain case, in the fewest steps
+    if checked is None and expected is not None and not in_place:  # every field of every sample: the plain case
         every = np.arange(len(sources))
         return [(name, every, expected[f]) for f, name in enumerate(fields)]
     fresh = [source.rows is not None for source in sources]
     if not any(fresh):
         return []
-    wanted = np.asarray(fresh) if checked is None else checked & np.asarray(fresh)
-    checks = [(name, places, expected[f, places]) for f, name in enumerate(fields)
-              if (places := np.flatnonzero(wanted if checked is None else wanted[f])).size]
+    checks: Checks = []
+    if expected is not None:
+        wanted = np.asarray(fresh) if checked is None else checked & np.asarray(fresh)
+        checks = [(name, places, expected[f, places]) for f, name in enumerate(fields)
+                  if (places := np.flatnonzero(wanted if checked is None else wanted[f])).size]
     if sum(places.size for _, places, _ in checks) != sum(len(s.rows.fields) for s in sources if s.rows is not None):
         url, key = next(s for s, new in zip(sources, fresh) if new).where
         raise RuntimeError(f"{url}: {key}: rows not yet checked came without the digests of all their fields; "

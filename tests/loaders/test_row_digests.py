@@ -22,7 +22,7 @@ from trainio.loaders import (
     StreamingDataset,
     verify_dataset,
 )
-from trainio.loaders._batch import gather, row_hash
+from trainio.loaders._batch import gather, row_hash, transform_worker
 from trainio.loaders._read import shard_check
 from trainio.storage import FormatError, IntegrityError, NotFound
 
@@ -291,6 +291,20 @@ def test_every_way_the_loader_copies_rows_refuses_a_damaged_row(
     assert isinstance(cause, IntegrityError) and cause.key == key
     assert f"row {local} of field {field!r}: xxh3-64" in str(cause)
     assert pickle.loads(pickle.dumps(cause)).what == cause.what  # crosses to a DataLoader's main process intact
+
+
+def test_a_worker_refuses_rows_to_check_that_came_without_their_digests(tmp_path: Path) -> None:
+    root = write_rows(tmp_path / "ds")
+    ds = StreamingDataset(root, shuffle=False)
+    origin, info = ds._shards[0]
+    source = transform_worker._Source(*ds._open_reader().batch_and_rows(0, 0), (origin.url, info.path), 0)
+    assert source.rows is not None  # its shard is not known good: its rows are to be checked
+    fields = tuple(source.rows.fields)
+    partial = np.ones((len(fields), 2), dtype=bool)
+    partial[1, 1] = False  # one field of the second sample without its digest
+    for checked, expected in ((None, None), (partial, np.zeros((len(fields), 2), dtype=np.uint64))):
+        with pytest.raises(RuntimeError, match="came without the digests of all their fields"):
+            transform_worker._checks([source, source], fields, checked, expected, in_place=False)
 
 
 @pytest.mark.parametrize("read", ["loader", "samples", "workers", "collate"])
