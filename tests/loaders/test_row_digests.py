@@ -99,14 +99,18 @@ def test_long_rows_are_hashed_as_xxh3_while_they_are_streamed_whatever_their_len
         assert set(out[int(starts[10]):].tolist()) == {0xEE}
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_the_gathers_check_every_row_with_or_without_the_c_routine(native: bool,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    if not native:
+@pytest.fixture(params=["native", "numpy"])
+def copy_routine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C copy routine, or (``numpy``) the code that stands in for it where it was not built."""
+    if request.param == "numpy":
         monkeypatch.setattr(gather, "_native", None)
         monkeypatch.setattr(row_hash, "_native", None)
     elif gather._native is None:
         pytest.skip("the C copy routine was not built here")
+
+
+@pytest.mark.usefixtures("copy_routine")
+def test_the_gathers_check_every_row_with_or_without_the_c_routine() -> None:
     rows = np.arange(40, dtype=np.int32).reshape(8, 5)
     addresses = rows.ctypes.data + np.arange(8, dtype=np.int64)[::-1] * 20
     digests = np.array([xxh64(rows[i].tobytes()) for i in range(8)][::-1], dtype=np.uint64)
@@ -129,14 +133,8 @@ def test_the_gathers_check_every_row_with_or_without_the_c_routine(native: bool,
     assert info.value.index == 1
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_stacking_rows_checks_each_with_or_without_the_c_routine(native: bool,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    if not native:
-        monkeypatch.setattr(gather, "_native", None)
-        monkeypatch.setattr(row_hash, "_native", None)
-    elif gather._native is None:
-        pytest.skip("the C copy routine was not built here")
+@pytest.mark.usefixtures("copy_routine")
+def test_stacking_rows_checks_each_with_or_without_the_c_routine() -> None:
     source = np.arange(4000, dtype=np.int64).reshape(8, 500)  # rows of 4,000 bytes: streamed, and hashed as long
     rows = [source[i] for i in (3, 0, 7, 7, 1, 2, 6, 5)]
     digests = np.array([xxh64(row.tobytes()) for row in rows], dtype=np.uint64)
