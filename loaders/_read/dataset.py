@@ -203,7 +203,11 @@ class Dataset:
             if self._checker is None or self._checker[0] != os.getpid():  # a forked child gets its own
                 from .shard_check import ShardChecker
 
-                self._checker = (os.getpid(), ShardChecker(self))
+                # It refers to this dataset weakly: no cycle keeps the two (and every shard's map) alive once the
+                # dataset is dropped, and its threads stop then.
+                checker = ShardChecker(weakref.proxy(self))
+                weakref.finalize(self, _close_checker, os.getpid(), checker)
+                self._checker = (os.getpid(), checker)
             return self._checker[1]
 
     def close(self) -> None:
@@ -277,6 +281,13 @@ class Dataset:
 
 
 _open_datasets: weakref.WeakSet[Dataset] = weakref.WeakSet()
+
+
+def _close_checker(pid: int, checker: ShardChecker) -> None:
+    """Stop a dropped dataset's checker, in the process that made it (a forked child's copy has no threads, and
+    its lock may have been held at the fork)."""
+    if os.getpid() == pid:
+        checker.close()
 
 
 def _after_fork() -> None:

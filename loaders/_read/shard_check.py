@@ -213,7 +213,7 @@ class ShardChecker:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            threads = list(self._threads)
+            threads = [t for t in self._threads if t is not threading.current_thread()]  # its dataset dropped in it
         for thread in threads:
             thread.join()
 

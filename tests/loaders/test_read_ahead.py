@@ -3,9 +3,11 @@ shard size, and never at the cost of a check."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -135,6 +137,27 @@ def test_the_trainer_process_reads_ahead_of_transform_workers(root: Path) -> Non
     assert 0 < checker.ahead_peak <= checker.read_ahead
 
 
+@pytest.mark.parametrize("read", ["loader", "samples"])
+def test_a_dropped_dataset_and_its_maps_go_at_once_without_the_garbage_collector(root: Path, read: str) -> None:
+    ds = StreamingDataset(root, shuffle=False)
+    if read == "loader":
+        assert sum(len(batch["id"]) for batch in Loader(ds, 500)) == ROWS
+    else:
+        assert sum(1 for _ in ds) == ROWS
+    dataset = weakref.ref(ds.dataset)
+    checker = ds.dataset.checker()
+    gc.disable()
+    try:
+        del ds
+        assert dataset() is None  # no cycle between it and its checker keeps it (and every shard's map) alive
+    finally:
+        gc.enable()
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in checker._threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.is_alive() for t in checker._threads)  # and its checker's threads stopped with it
+
+
 def test_the_bound_applies_per_epoch_and_to_the_per_sample_path(root: Path) -> None:
     bound = Dataset(root).shards[0].bytes
     ds = StreamingDataset(root, shuffle=False, read_ahead_bytes=bound)
@@ -213,12 +236,13 @@ def test_a_cold_shard_is_hashed_through_reads_and_a_flipped_bit_still_stops_it(
     real = shard_check.hash_by_reads
     monkeypatch.setattr(shard_check, "hash_by_reads", lambda fd, h, a, b, s: reads.append(b - a) or real(fd, h, a, b, s))
     with pytest.raises(IntegrityError, match=shard.path):
-        Dataset(root).checker().wait(3)
+        dataset.checker().wait(3)
     assert sum(reads) == shard.bytes  # the whole shard went through reads, not page faults
     flip_bit(root / shard.path, shard.bytes // 3)  # repaired: the same bytes as written
     if not evicted(root / shard.path):
         pytest.skip("this file system kept the shard's pages in memory")
-    assert Dataset(root).checker().wait(3).buffer.size == shard.bytes
+    again = Dataset(root)  # a checker lives as long as its dataset
+    assert again.checker().wait(3).buffer.size == shard.bytes
 
 
 def test_shards_with_row_digests_in_memory_are_left_to_their_readers(tmp_path: Path) -> None:

@@ -144,7 +144,8 @@ def test_a_file_another_live_process_is_hashing_is_waited_for_not_hashed_again(t
         assert ready.wait(30)
         assert verified.hashing(mapped.identity, digest)
         started = time.monotonic()
-        dataset.checker().wait(0) if good else Dataset(tmp_path / "ds").checker().wait(0)
+        fresh = dataset if good else Dataset(tmp_path / "ds")  # a checker lives as long as its dataset
+        fresh.checker().wait(0)
         assert time.monotonic() - started >= 0.3, "it waited for the other process's result"
         assert hashed == ([] if good else [1]), "a result found good is taken; otherwise the file is hashed here"
         other.join(30)
