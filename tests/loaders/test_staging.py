@@ -52,3 +52,14 @@ def test_every_staged_array_starts_on_a_cache_line() -> None:
     slot.reset()
     arrays = [slot.array((n,), np.dtype(np.uint8)) for n in (5, 8192, 3, 100_000)]
     assert [a.ctypes.data % 64 for a in arrays] == [0, 0, 0, 0]
+
+
+def test_a_slot_allocates_once_for_a_group_of_one_big_array_and_small_ones_and_again_never() -> None:
+    sizes: list[int] = []
+    slot = Staging(lambda nbytes: (sizes.append(nbytes), np.empty(nbytes, dtype=np.uint8))[1])
+    for _ in range(3):  # a group as a Loader stages one: a field's rows, then their lengths
+        slot.reset()
+        slot.array((64, 4096), np.dtype(np.int32))
+        slot.array((64,), np.dtype(np.int64))
+        slot.leases()
+    assert len(sizes) == 1 and sizes[0] >= 64 * 4096 * 4 + 64 * 8  # the first group's memory is touched once
