@@ -128,14 +128,11 @@ def stack_rows(out: np.ndarray, rows: list[np.ndarray], digests: np.ndarray | No
         failed = -2
     if failed == -2:
         np.stack(rows, out=out)
-        failed = -1
         if digests is not None and rows:
             row_bytes = out.nbytes // len(rows)
-            found = row_digests(out.ctypes.data + np.arange(len(rows), dtype=np.int64) * row_bytes,
-                                np.full(len(rows), row_bytes, dtype=np.int64))
-            wrong = np.flatnonzero(found != digests)
-            failed = int(wrong[0]) if wrong.size else -1
-    if failed >= 0:
+            check_rows(out.ctypes.data + np.arange(len(rows), dtype=np.int64) * row_bytes,
+                       np.full(len(rows), row_bytes, dtype=np.int64), digests)
+    elif failed >= 0:
         row = rows[failed]
         actual = row_digests(np.array([row.ctypes.data], dtype=np.int64), np.array([row.nbytes], dtype=np.int64))
         raise RowMismatch(failed, int(digests[failed]), int(actual[0]))  # type: ignore[index]

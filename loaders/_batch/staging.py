@@ -50,10 +50,10 @@ class Staging:
     boundary: plain host memory (:func:`aligned_empty`), or pinned host
     memory when batches go to a CUDA device. A group that needs more
     than the buffer holds gets a new one, sized for the whole group and a
-    quarter more, so its smaller arrays and the next group fit in it (each
-    new buffer is memory touched for the first time: 135 MB for a fresh
-    Loader's slots, where a buffer per array of a slot's first group made 217). :meth:`leases` are the group's
-    claims on its buffers; the slot is free again when they have all died.
+    quarter more, so its smaller arrays and the next group fit in it: each
+    new buffer is memory touched for the first time. :meth:`leases` are the
+    group's claims on its buffers; the slot is free again when they have
+    all died.
     """
 
     def __init__(self, allocate: Callable[[int], np.ndarray]) -> None:

@@ -213,6 +213,7 @@ def _row_checks(reader: ShardReader | MixedReader, fields: tuple[str, ...], shar
         if table is not None:
             at = np.flatnonzero(shards == shard)
             for name, digests in table.items():
-                checked[fields.index(name), at] = True
-                expected[fields.index(name), at] = digests[rows[at]]
+                field = fields.index(name)
+                checked[field, at] = True
+                expected[field, at] = digests[rows[at]]
     return checked, expected

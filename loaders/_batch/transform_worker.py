@@ -98,7 +98,7 @@ class _Source:
         self.sample = sample_of(Columns.of(batch, source=where))
         self.where = where  # the dataset's URL and the shard's key
         self.first_row = first_row  # the batch's first row's number in its shard
-        self.rows = rows  # its rows to check (ShardRows.row_checked), or None: it is checked already
+        self.rows = rows  # its rows to check (every field laid out by rows), or None: it is checked already
 
 
 Checks = list[tuple[str, np.ndarray, np.ndarray]]

@@ -121,10 +121,10 @@ class ShardReader:
         return self._dataset.decode_batch(shard, number, mapped.slice(where.offset, where.length))
 
     def batch_and_rows(self, shard: int, number: int) -> tuple[pa.RecordBatch, ShardRows | None]:
-        """Record batch ``number`` of shard ``shard``, and, while its shard has not matched the index whole, its
-        rows laid out with their digests (:attr:`ShardRows.row_checked`): the caller checks each row it uses
-        against them before using it (a worker process that uses a few rows of each batch). With None the batch
-        is checked already, as :meth:`batch` checks it.
+        """Record batch ``number`` of shard ``shard``, and, while its shard has not matched the index whole and has
+        row digests of every field, its rows laid out by field: the caller checks each row it uses against those
+        digests (which it has from elsewhere: a worker process, from its trainer) before using it. With None the
+        batch is checked already, as :meth:`batch` checks it.
 
         Raises:
             IntegrityError, FormatError, NotFound, StoreError: as :meth:`batch`.
@@ -132,11 +132,8 @@ class ShardReader:
         checker, info = self._checker, self._dataset.shards[shard]
         if checker is not None and info.row_xxh3 is not None and not checker.checked(shard):
             batch = self.unchecked_batch(shard, number)
-            first = info.batches[number].first_row
-            rows = ShardRows([batch], source=(self._dataset.url, info.path),
-                             digests={name: digests[first:first + batch.num_rows]
-                                      for name, digests in self._digest_table(shard).items()})
-            if rows.row_checked:
+            rows = ShardRows([batch], source=(self._dataset.url, info.path))
+            if not rows.other and set(rows.fields) == set(info.row_xxh3.fields):
                 return batch, rows
         return self.batch(shard, number), None
 
