@@ -26,7 +26,7 @@ from ._hashing import DIGEST_NAME, Hasher, check_digest, digest
 from ._keys import TEMP_MARKER, check_key
 from ._local import LocalOptions, LocalStore
 from ._open import open_store
-from ._parallel import batched, run_all
+from ._parallel import BATCH_BYTES, batched, run_all
 from ._retry import RetryPolicy
 from ._s3 import S3Store
 from ._s3_options import S3Options
@@ -49,6 +49,7 @@ from .errors import (
 )
 
 __all__ = [
+    "BATCH_BYTES",
     "DIGEST_NAME",
     "MAX_DEPTH",
     "MAX_DOCUMENT_BYTES",

@@ -35,6 +35,7 @@ def run_all(pool: ThreadPoolExecutor, jobs: Iterator[Callable[[], T]], limit: in
 
 
 BATCH_BYTES = 4 << 20
+"""Items smaller than this are grouped by :func:`batched`, and come after every bigger one."""
 BATCH_ITEMS = 64
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from trainio.storage import CheckpointError, FormatError, StoreError, batched, run_all
+from trainio.storage import BATCH_BYTES, CheckpointError, FormatError, StoreError, batched, run_all
 
 from .._format.boxes import Box
 from .._format.dtensor import is_dtensor
@@ -274,6 +274,13 @@ class StepReader:
         contents: dict[str, bytes | None] = {}
         sizes = {key: self._entry(key).size for key, _, _ in reads}
         jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]]))
+        # The small files are read last, one after another in each thread: from a cold disk, each costs a trip to
+        # the disk then, after the big files. Asked for now, they are read in while the big files stream.
+        small = [key for key, target, _ in reads if sizes[key] < BATCH_BYTES and not isinstance(target, DeviceRun)]
+        advice = threading.Thread(target=self.source.advise, args=(self.step, small), name="trainio-restore-advise",
+                                  daemon=True)
+        if small:
+            advice.start()
         if load.on_device:
             assert self.device is not None
             self.device.begin(load.on_device.values())
@@ -281,6 +288,8 @@ class StepReader:
             for done in run_all(self.pool, jobs, self.threads):
                 contents.update(done)
         finally:
+            if small:
+                advice.join()
             if load.on_device:
                 assert self.device is not None
                 self.device.finish()

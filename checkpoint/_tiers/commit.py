@@ -189,6 +189,10 @@ class TierIO(ABC):
         """The path of the local file holding ``key`` of ``step`` where this tier keeps local files, else None."""
         return None
 
+    def advise(self, step: int, keys: list[str]) -> None:
+        """Tell the tier that the files ``keys`` of ``step`` will be read soon: a tier of local files has the kernel
+        start reading them into memory. Nothing is checked or reported here; the reads that follow do that."""
+
     def source_of(self, key: str) -> str:
         """Where a read of ``key`` comes from, as a restore's report counts it (a tier: its name)."""
         return self.label

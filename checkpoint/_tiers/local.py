@@ -16,6 +16,7 @@ from trainio.storage import (
     IntegrityError,
     Store,
     StoreError,
+    TrainioError,
     fsync_dir,
     start_writeback,
     sync_files,
@@ -215,6 +216,19 @@ class LocalTierIO(TierIO):
         actual = hasher.hexdigest()
         if actual != entry.xxh3:
             raise IntegrityError(self.url, full, entry.xxh3, actual)
+
+    def advise(self, step: int, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                fd = self.store.open_local(f"{step_name(step)}/{key}")  # regular files inside the tier only
+            except (TrainioError, OSError):
+                continue  # missing or refused: its read says so
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # a file system without the advice: read as it comes
+            finally:
+                os.close(fd)
 
     def local_file(self, step: int, key: str) -> str | None:
         path = self.store.local_path(f"{step_name(step)}/{key}")

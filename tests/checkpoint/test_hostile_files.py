@@ -203,3 +203,20 @@ def test_a_local_tier_names_no_file_through_a_link_out_of_it(tmp_path: Path) -> 
         shutil.move(tier / "000000000001", tmp_path / "elsewhere")
         os.symlink(tmp_path / "elsewhere", tier / "000000000001")
         assert io.local_file(1, relative) is None
+
+
+def test_the_read_ahead_of_small_files_passes_over_hostile_ones_without_blocking(saved: Path, tmp_path: Path) -> None:
+    from trainio.checkpoint._tiers import open_tier_io
+    from trainio.storage import open_store
+
+    chunk = _chunk(saved)
+    _fifo_in_place_of(chunk)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"x" * 100)
+    (saved / "fast" / STEP / "link.bin").symlink_to(outside)
+    tier = open_tier_io(open_store(saved / "fast"), "fast")
+    tier.advise(5, [str(chunk.relative_to(saved / "fast" / STEP)), "link.bin", "missing.bin", "../../x",
+                    "manifest.json"])  # returns: nothing opened blocks, nothing raises
+    state, report = _restore(saved)  # and the restore, which advises too, still falls back past the FIFO
+    _assert_state(state)
+    assert any("not a regular file" in problem for problem in report.fell_back.values())

@@ -314,6 +314,23 @@ def test_files_not_in_the_page_cache_are_read_in_pieces_and_checked(tmp_path: Pa
             manager.restore(into=target)
 
 
+def test_a_restore_asks_the_disk_for_its_small_files_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files read last (those smaller than a batch) are announced to the tier before the reads start; the big
+    ones are not."""
+    from trainio.checkpoint._tiers.local import LocalTierIO
+
+    advised: list[list[str]] = []
+    monkeypatch.setattr(LocalTierIO, "advise", lambda self, step, keys: advised.append(sorted(keys)))
+    g = torch.Generator().manual_seed(5)
+    state = {"big": torch.randn(2 << 20, generator=g), "mid": torch.randn(100_000, generator=g),
+             "small": torch.randn(64, generator=g)}  # 8 MiB (its own read), 400 KB (batched), 256 bytes (the pack)
+    with CheckpointManager([tmp_path]) as manager:
+        manager.save(1, state).wait()
+        restored = manager.restore(1)
+    assert all(torch.equal(restored[k], state[k]) for k in state)
+    assert len(advised) == 1 and advised[0] == ["state.zarr/.packed/c.0", "state.zarr/mid/c.0"]
+
+
 def test_partial_restore_of_a_sub_tree(tmp_path: Path) -> None:
     state = {"model": {"a": torch.ones(3), "b": {"c": torch.zeros(2)}}, "optim": {"lr": 0.1}, "step": 4}
     with CheckpointManager([tmp_path]) as manager:
