@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +68,8 @@ class Checks:
         return FileEntry(size, digest)
 
     def root_files(self, arrays: dict[str, ArraySpec], files: dict[str, FileEntry], pack: ArraySpec | None) -> None:
-        """A version-3 root lists exactly the metadata documents and the pack's chunks."""
-        own = [s for s in arrays.values() if s.packed is None]
+        """A version-3 or 4 root lists exactly the metadata documents and the pack's chunks."""
+        own = [s for s in arrays.values() if s.stored_alone]
         expected = {group_metadata_key(g) for g in group_paths([s.path for s in own])}
         expected.update(spec.metadata_key for spec in own)
         if pack is not None:
@@ -121,21 +122,36 @@ class Checks:
                     f"{name}.boxes must be [offset, shape, rank] lists")
         return dict(doc)
 
-    def layout(self, arrays: dict[str, ArraySpec], files: dict[str, FileEntry], pack: ArraySpec | None) -> None:
+    def layout(self, arrays: dict[str, ArraySpec], files: Mapping[str, FileEntry], pack: ArraySpec | None,
+               members: Mapping[str, int] | None = None, packs: Collection[str] = ()) -> None:
+        """``files`` (and the ranks' pack ``members``, chunk key to size) hold exactly the arrays' chunks and
+        metadata documents, each chunk of its size; ``packs`` are the rank packs that hold the members."""
+        members = members or {}
         own = [s for s in arrays.values() if s.packed is None] + ([pack] if pack is not None else [])
         chunk_count = sum(math.prod(-(-n // c) for n, c in zip(s.shape, s.chunks, strict=True))
                           if all(s.shape) else 0 for s in own)
-        self.check(chunk_count <= len(files), f"the arrays have {chunk_count} chunks but files lists {len(files)}")
-        groups = group_paths([s.path for s in own if s is not pack])
+        self.check(chunk_count <= len(files) + len(members),
+                   f"the arrays have {chunk_count} chunks but files lists {len(files) + len(members)}")
+        groups = group_paths([s.path for s in own if s is not pack and s.stored_alone])
         expected: dict[str, int | None] = {group_metadata_key(g): None for g in groups}
+        ranked: dict[str, int] = {}
         for spec in own:
+            if spec.ranked:
+                ranked.update((chunk.key, chunk.size) for chunk in spec.chunk_files())
+                continue
             expected[spec.metadata_key] = None
             for chunk in spec.chunk_files():
                 expected[chunk.key] = chunk.size if spec.codec is None else None
         missing = sorted(set(expected) - set(files))
         self.check(not missing, f"files lacks {len(missing)} file(s) of the arrays, e.g. {missing[:1]}")
-        extra = sorted(set(files) - set(expected))
+        extra = sorted(set(files) - set(expected) - set(packs))
         self.check(not extra, f"files lists {len(extra)} file(s) no array uses, e.g. {extra[:1]}")
+        unlisted = sorted(set(ranked) ^ set(members))
+        self.check(not unlisted, f"the rank packs' members and the ranked arrays' chunks differ in {len(unlisted)} "
+                   f"chunk(s), e.g. {unlisted[:1]}")
+        for key, chunk_size in ranked.items():
+            self.check(members[key] == chunk_size, f"members[{key!r}] is {members[key]} bytes, but the array's chunk "
+                       f"holds {chunk_size}")
         for key, size in expected.items():
             if size is not None:
                 self.check(files[key].size == size, f"files[{key!r}].size is {files[key].size}, "

@@ -40,8 +40,11 @@ from .state_tree import array_paths
 from .zarr_layout import ArraySpec, pack_spec, parse_compression
 
 FORMAT = "trainio.checkpoint"
-VERSION = 3
-"""The manifest version this trainio writes: 3, a sealed root listing sealed part manifests (one per rank)."""
+VERSION = 4
+"""The manifest version this trainio writes: 4, a sealed root listing sealed part manifests (one per rank), whose
+small shards of sharded arrays may lie in a pack of their rank's (``ranked`` arrays)."""
+PARTS_VERSION = 3
+"""The first version with part manifests; version 4 adds ``ranked`` arrays and the parts' ``members``."""
 WHOLE_VERSION = 2
 """Sealed, every file listed in the one manifest: still read, and written when such a step is promoted."""
 UNSEALED_VERSION = 1
@@ -183,13 +186,14 @@ class _Validator(Checks):
     def manifest(self, doc: Any) -> Manifest:
         self.check(isinstance(doc, dict), "the manifest must be a JSON object")
         self.check(doc.get("format") == FORMAT, f"format is {doc.get('format')!r}, expected {FORMAT!r}")
-        self.check(doc.get("version") in (UNSEALED_VERSION, WHOLE_VERSION, VERSION),
+        self.check(doc.get("version") in (UNSEALED_VERSION, WHOLE_VERSION, PARTS_VERSION, VERSION),
                    f"version {doc.get('version')!r} is not supported (this trainio reads versions "
                    f"{UNSEALED_VERSION} to {VERSION})")
         self.check(doc.get("digest") == DIGEST_NAME, f"digest must be {DIGEST_NAME!r}")
         step = self.integer(doc.get("step"), "step")
         world_size = self.integer(doc.get("world_size"), "world_size", 1)
         self.world_size = world_size
+        self.version = doc["version"]
         wall = doc.get("time")
         self.check(isinstance(wall, (int, float)) and math.isfinite(wall), "time must be a number")
         arrays_doc = doc.get("arrays")
@@ -206,7 +210,7 @@ class _Validator(Checks):
         self.check(len(used) == len(set(used)), "tree names an array twice")
         self.check(set(used) == set(arrays), "tree and arrays name different arrays")
         pack = self.pack(doc.get("pack"), arrays)
-        if doc["version"] != VERSION:
+        if doc["version"] < PARTS_VERSION:
             self.layout(arrays, files, pack)
             return Manifest(step, tree, arrays, files, float(wall), world_size, pack)
         self.root_files(arrays, files, pack)
@@ -260,7 +264,11 @@ class _Validator(Checks):
         if packed is not None:
             self.integer(packed, f"arrays[{path!r}].packed")
         codec = self.codec(spec.get("codec"), f"arrays[{path!r}].codec")
-        result = ArraySpec(path, kind, dtype, stored, shape_t, chunks_t, packed, codec)
+        ranked = spec.get("ranked", False)
+        self.check(ranked is False or ranked is True and self.version >= VERSION and packed is None and codec is None,
+                   f"arrays[{path!r}].ranked must be true or absent, only in version {VERSION}, and only for an "
+                   "uncompressed array that is not packed")
+        result = ArraySpec(path, kind, dtype, stored, shape_t, chunks_t, packed, codec, ranked)
         self.check(dtype in ZARR_NATIVE and stored == dtype or dtype not in ZARR_NATIVE
                    and stored == stored_dtype(dtype, result.itemsize), f"arrays[{path!r}]: {dtype} is not stored as {stored}")
         self.check(math.prod(chunks_t) * result.itemsize <= 1 << 40, f"arrays[{path!r}]: chunks are too large")

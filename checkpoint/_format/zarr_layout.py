@@ -120,6 +120,8 @@ class ArraySpec:
         chunks: Its chunk shape.
         packed: Its byte offset in the step's pack, or None when it is an array of its own.
         codec: Its compression ("zstd:3"), or None when its chunks are stored raw.
+        ranked: Its chunks are byte ranges of the rank packs of the ranks that wrote them (small shards of a
+            sharded array, version 4), not files; it has no ``zarr.json``.
     """
 
     path: str
@@ -130,6 +132,12 @@ class ArraySpec:
     chunks: tuple[int, ...]
     packed: int | None = None
     codec: str | None = None
+    ranked: bool = False
+
+    @property
+    def stored_alone(self) -> bool:
+        """Whether the array is a zarr array of its own, with a ``zarr.json`` and chunk files."""
+        return self.packed is None and not self.ranked
 
     @property
     def itemsize(self) -> int:
@@ -164,6 +172,8 @@ class ArraySpec:
             record["packed"] = self.packed
         if self.codec is not None:
             record["codec"] = self.codec
+        if self.ranked:
+            record["ranked"] = True
         return record
 
 

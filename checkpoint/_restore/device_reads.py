@@ -61,7 +61,7 @@ def is_cuda_target(spec: ArraySpec, target: Any) -> bool:
 def device_bytes(spec: ArraySpec, target: Any) -> Any | None:
     """The bytes of ``target`` (a CUDA tensor of ``spec``, see :func:`is_cuda_target`) as a 1-D uint8 tensor, when
     its chunk files can be read straight into it (contiguous, uncompressed, not in the pack); else None."""
-    if spec.packed is not None or spec.codec is not None or not target.is_contiguous():
+    if not spec.stored_alone or spec.codec is not None or not target.is_contiguous():
         return None
     import torch
 

@@ -154,13 +154,19 @@ class NodeRestore:
             view = self._view(step, group)
             reader = StepReader([view, *further], step, self.pool, self.threads, rank=self.rank, world=world)
             load = reader.prepare(keys, into)
-            needed = [key for key, _, _ in load.reads]
+            needed = [key for key, _, _ in load.reads + load.in_packs]  # ranked chunks: their writers' parts
             write_back = lacking and self.io.record(step) is None and view.root.world_size == world
         except Exception as exc:  # noqa: BLE001 - raised after this rank has done its share of the exchanges
             problem, needed, write_back = exc, [], False
         # Every rank takes part in every exchange below, the same number of times, whatever happened above.
         self._fetch_parts(view, group, {view.part_of(k) for k in needed} | ({self.rank} if write_back else set())
                           if view is not None else set())
+        if problem is None:
+            try:
+                reader.resolve(load)  # the parts are here now: which rank packs hold the ranked chunks
+                needed = [key for key, _, _ in load.reads]
+            except Exception as exc:  # noqa: BLE001 - as above
+                problem, needed, write_back = exc, [], False
         if write_back:
             assert view is not None
             try:

@@ -22,7 +22,7 @@ from .._format.dtypes import storage_numpy_dtype, torch_dtype
 from .._format.zarr_layout import ArraySpec, chunk_key
 from .device_reads import DeviceRun
 
-Read = tuple[str, memoryview | DeviceRun | None, Callable[[bytes], None] | None]
+Read = tuple[str, memoryview | DeviceRun | None, Callable[[bytes | memoryview], None] | None]
 """A file to read: its key, memory to read it into (host memory, a CUDA tensor's, or None), and what to do with its
 bytes (or None: keep them)."""
 
@@ -102,7 +102,7 @@ def region_reads(region: Region) -> list[Read]:
     return reads
 
 
-def _place(region: Region, index: tuple[int, ...], data: bytes) -> None:
+def _place(region: Region, index: tuple[int, ...], data: bytes | memoryview) -> None:
     """Copy the part of chunk ``index`` (its file's bytes) that lies in the region into it."""
     spec, box = region.spec, region.box
     part = chunk_box(index, spec.chunks, spec.shape).intersect(box)

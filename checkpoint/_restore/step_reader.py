@@ -79,8 +79,21 @@ def first_manifest(tiers: list[TierIO], step: int) -> tuple[TierIO, Manifest]:
     raise CheckpointError(f"step {step}: no tier has a readable manifest: " + "; ".join(problems))
 
 
+def _scatter(members: list[tuple[int, int, Read]], data: bytes | memoryview) -> None:
+    """Copy each member's bytes (``offset``, ``size`` in a rank pack's ``data``) where its read says."""
+    view = memoryview(data)
+    for offset, size, (_, target, sink) in members:
+        piece = view[offset:offset + size]
+        if sink is not None:
+            sink(piece)
+        else:
+            assert isinstance(target, memoryview), "a ranked array's chunk is read into host memory"
+            target[:] = piece[:target.nbytes]
+
+
 def _same_state(a: Manifest, b: Manifest) -> bool:
-    return a.tree == b.tree and a.arrays == b.arrays and a.pack == b.pack
+    """Whether two tiers' manifests describe the same files (the same parts: where ranked chunks lie in the packs)."""
+    return a.tree == b.tree and a.arrays == b.arrays and a.pack == b.pack and a.parts == b.parts
 
 
 @dataclass
@@ -96,6 +109,8 @@ class Load:
     wanted: dict[str, list[str]]
     on_device: dict[str, Any]
     """The CUDA tensors read into in place (see :class:`DeviceReads`), by path."""
+    in_packs: list[Read] = field(default_factory=list)
+    """Reads of chunks of ranked arrays, by chunk key: :meth:`StepReader.resolve` makes them reads of rank packs."""
 
 
 class StepReader:
@@ -260,16 +275,44 @@ class StepReader:
         pack = self.manifest.pack
         if pack is not None and (members or any(specs[path].packed is not None for path in on_device)):
             regions[pack.path] = whole_region(pack, None, np.empty(pack.nbytes, np.uint8))
+        in_packs: list[Read] = []
         for path, region in regions.items():
+            if region.spec.ranked:
+                in_packs += region_reads(region)
+                continue
             # The manifest says all a raw array's bytes mean; only zarr decodes a compressed one from its zarr.json.
             metadata: list[Read] = [(region.spec.metadata_key, None, None)] if region.spec.codec is not None else []
             files: list[Read] = [*metadata, *region_reads(region)]
             wanted[path] = [key for key, _, _ in files]
             reads.extend(files)
-        return Load(node, into, specs, regions, members, reads, wanted, on_device)
+        return Load(node, into, specs, regions, members, reads, wanted, on_device, in_packs)
+
+    def resolve(self, load: Load) -> None:
+        """Turn ``load``'s reads of ranked arrays' chunks into reads of the rank packs that hold them (reading the
+        parts that say where): each pack read (and checked) whole once, its members copied where they belong."""
+        by_pack: dict[str, list[tuple[int, int, Read]]] = {}
+        for read in load.in_packs:
+            pack, offset, size = self._member(read[0])
+            by_pack.setdefault(pack, []).append((offset, size, read))
+        load.reads += [(pack, None, functools.partial(_scatter, members)) for pack, members in by_pack.items()]
+        load.in_packs = []
+
+    def _member(self, key: str) -> tuple[str, int, int]:
+        """Where chunk ``key`` of a ranked array lies: from the first tier whose own manifest's parts say so."""
+        problems = []
+        for tier in self.tiers:
+            try:
+                found: tuple[str, int, int] = self._own_manifest(tier).files.member(key)  # type: ignore[attr-defined]
+                return found  # (a version-4 step's files are a StepFiles)
+            except KeyError:
+                problems.append(f"{tier.label}: its parts list no chunk {key!r} in a rank's pack")
+            except (StoreError, OSError, CheckpointError) as exc:
+                problems.append(f"{tier.label}: {describe(exc)}")
+        raise CheckpointError(f"step {self.step}: no tier can say where chunk {key!r} lies: " + "; ".join(problems))
 
     def finish(self, load: Load) -> Any:
         """Read what ``load`` names and build the state from it."""
+        self.resolve(load)
         specs, regions, members, reads = load.specs, load.regions, load.members, load.reads
         contents: dict[str, bytes | None] = {}
         sizes = {key: self._entry(key).size for key, _, _ in reads}

@@ -14,7 +14,9 @@ from trainio.storage import CheckpointError, batched, run_all
 from .._format.boxes import chunk_box, chunk_bytes_of, chunk_origin, contiguous_run
 from .._format.dtypes import storage_numpy_dtype
 from .._format.manifest import FileEntry, Manifest
+from .._format.parts import rank_pack_key
 from .._format.zarr_layout import (
+    CHUNK_BYTES,
     ArraySpec,
     chunk_key,
     encode_chunk,
@@ -26,6 +28,7 @@ from .._format.zarr_layout import (
 from .._tiers.commit import StepWriter, TierIO, digest_with_padding
 from .plan import PACK_OWNER, Plan, Unit
 from .snapshot import Snapshot
+from .staging import aligned
 
 
 @dataclass(frozen=True)
@@ -75,15 +78,37 @@ def _unit_files(spec: ArraySpec, unit: Unit, held: memoryview) -> list[_File]:
     return files
 
 
-def shard_files(plan: Plan, rank: int, snapshot: Snapshot) -> list[_File]:
-    """The chunk files of the boxes ``rank`` writes (listed in its part manifest)."""
+def shard_files(plan: Plan, rank: int, snapshot: Snapshot) -> tuple[list[_File], dict[str, tuple[int, int, int]]]:
+    """The files of the boxes ``rank`` writes (listed in its part manifest): the chunk files of its boxes, and
+    its packs holding the chunks of ranked arrays; and where each such chunk lies (pack number, offset, size)."""
     views = {leaf.path: view for leaf, view in zip(snapshot.leaves, snapshot.views, strict=True)}
-    return [file for unit in plan.owned(rank) for file in _unit_files(plan.arrays[unit.path], unit, views[unit.path])]
+    files: list[_File] = []
+    small: list[_File] = []
+    for unit in plan.owned(rank):
+        spec = plan.arrays[unit.path]
+        (small if spec.ranked else files).extend(_unit_files(spec, unit, views[unit.path]))
+    members: dict[str, tuple[int, int, int]] = {}
+    ends = [0]
+    for file in small:  # packs of at most CHUNK_BYTES, as chunks are, so that readers' threads share them
+        start = aligned(ends[-1])
+        if start + file.size > CHUNK_BYTES and ends[-1]:
+            ends.append(0)
+            start = 0
+        members[file.key] = (len(ends) - 1, start, file.size)
+        ends[-1] = start + file.size
+    packs = [bytearray(end) for end in ends] if small else []
+    for file in small:
+        data = file.data()  # an edge chunk's bytes: its file (and member) is padded with zeros to the chunk's size
+        number, offset, _ = members[file.key]
+        packs[number][offset:offset + data.nbytes] = data
+    files += [_File(rank_pack_key(rank, n), len(pack), lambda p=pack: memoryview(p))  # type: ignore[misc]
+              for n, pack in enumerate(packs)]
+    return files, members
 
 
 def root_files(plan: Plan, snapshot: Snapshot) -> list[_File]:
     """The files :data:`PACK_OWNER` writes besides its boxes' (listed in the root manifest): metadata, the pack."""
-    own = [spec for spec in plan.arrays.values() if spec.packed is None]
+    own = [spec for spec in plan.arrays.values() if spec.stored_alone]
     files = [_bytes_file(group_metadata_key(g), group_metadata()) for g in group_paths([s.path for s in own])]
     files += [_bytes_file(spec.metadata_key, spec.metadata()) for spec in own]
     if plan.pack is not None:

@@ -110,6 +110,12 @@ def _check_replicated(shared: list[list[list[Any]]], wheres: Mapping[str, str]) 
                               "trainio.checkpoint.PerRank(...) to save each rank's own")
 
 
+def ranked(sharded: bool, largest_box: Box, itemsize: int, pack_bytes: int, codec: str | None) -> bool:
+    """Whether an array's chunks go in the packs of the ranks that write them: a sharded array whose shards are
+    small, uncompressed (so that a rank reading its shards opens one file, not one per array)."""
+    return sharded and codec is None and math.prod(largest_box.shape) * itemsize <= pack_bytes
+
+
 def make_plan(per_rank: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int, codec: str | None,
               wheres: Mapping[str, str] | None = None) -> Plan:
     """The plan for the arrays ``per_rank[r]`` (from :func:`describe_leaves`) says rank ``r`` holds.
@@ -164,8 +170,10 @@ def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], ch
             pack_end += nbytes
             continue
         distinct = sorted((b for b in by_box if not b.empty), key=lambda b: b.offset)
-        arrays[path] = ArraySpec(path, kind, dtype, stored, shape, grid_chunks(shape, itemsize, chunk_bytes, distinct),
-                                 None, codec)
+        chunks = grid_chunks(shape, itemsize, chunk_bytes, distinct)
+        arrays[path] = ArraySpec(path, kind, dtype, stored, shape, chunks, None, codec,
+                                 ranked(len(distinct) > 1, max(distinct, key=lambda b: math.prod(b.shape)), itemsize,
+                                        pack_bytes, codec))
         for box in distinct:
             holders[(path, box)] = by_box[box]
             units.append(Unit(path, box, -1))

@@ -219,13 +219,13 @@ class StepSaves:
         written: dict[str, FileEntry] = {}
         try:
             writer = tier.writer(step, name)
-            chunks = shard_files(plan, self.rank, snapshot)
+            chunks, members = shard_files(plan, self.rank, snapshot)
             extra = root_files(plan, snapshot) if self.rank == PACK_OWNER else []
             own = put_files(writer, chunks + extra, previous, pool, threads)
             root = {file.key: own.pop(file.key) for file in extra}
             part = None
             if own:
-                document = part_bytes(step, self.rank, own)
+                document = part_bytes(step, self.rank, own, members)
                 writer.prepare([part_key(self.rank)])
                 writer.write(part_key(self.rank), memoryview(document), len(document))
                 part = FileEntry(len(document), digest(document))

@@ -33,7 +33,7 @@ from .._format.per_rank import json_digest
 from .._format.placement import Mesh, Placement, grid_steps, mesh_boxes, writer_of
 from .._format.state_tree import ArrayLeaf
 from .._format.zarr_layout import ArraySpec, pack_spec
-from .plan import Plan, Unit
+from .plan import Plan, Unit, ranked
 from .staging import aligned
 
 
@@ -129,7 +129,9 @@ def share_plan(layout: Layout, per_rank: Sequence[Sequence[list[Any]]], rank: in
                 units.append(Unit(path, Box.whole(shape), rank, list(chunk_indices(Box.whole(shape), chunks))))
             continue
         chunks = cell_chunks(shape, itemsize, chunk_bytes, grid_steps(shape, placement))
-        arrays[path] = ArraySpec(path, kind, dtype, stored, shape, chunks, None, codec)
+        arrays[path] = ArraySpec(path, kind, dtype, stored, shape, chunks, None, codec,
+                                 ranked(not whole, mesh_boxes(shape, placement, only=0).box(0), itemsize, pack_bytes,
+                                        codec))
         writers[path] = {"mesh": placed[0], "shards": placed[1], "turn": number}
         mine = positions[placed[0]]
         box = mesh_boxes(shape, placement, only=mine).box(0)

@@ -192,6 +192,7 @@ class TierIO(ABC):
     def advise(self, step: int, keys: list[str]) -> None:
         """Tell the tier that the files ``keys`` of ``step`` will be read soon: a tier of local files has the kernel
         start reading them into memory. Nothing is checked or reported here; the reads that follow do that."""
+        return None  # a store of objects has no page cache to fill
 
     def source_of(self, key: str) -> str:
         """Where a read of ``key`` comes from, as a restore's report counts it (a tier: its name)."""

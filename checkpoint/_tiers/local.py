@@ -223,6 +223,7 @@ class LocalTierIO(TierIO):
                 fd = self.store.open_local(f"{step_name(step)}/{key}")  # regular files inside the tier only
             except (TrainioError, OSError):
                 continue  # missing or refused: its read says so
+            assert fd is not None, "a local tier's store keeps local files"
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             except OSError:

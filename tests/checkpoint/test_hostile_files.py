@@ -188,7 +188,7 @@ def test_last_known_good_that_is_deep_or_a_fifo_is_ignored(saved: Path) -> None:
     marker.unlink()
     os.mkfifo(marker)
     assert list_steps(saved / "fast")[0].verified is False
-    assert json.loads((saved / "slow" / STEP / "manifest.json").read_bytes())["version"] == 3
+    assert json.loads((saved / "slow" / STEP / "manifest.json").read_bytes())["version"] == 4
 
 
 def test_a_local_tier_names_no_file_through_a_link_out_of_it(tmp_path: Path) -> None:

@@ -1,0 +1,167 @@
+"""Rank packs (format version 4): the small shards of sharded arrays lie in one file per rank, not a file each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainio.checkpoint import CheckpointManager, Tier, verify_checkpoint
+from trainio.checkpoint._format.checks import FileEntry
+from trainio.checkpoint._format.parts import parse_part, part_bytes, rank_pack_key
+from trainio.storage import CheckpointError, FormatError, load_sealed, seal_json
+
+from ._ranks import run_ranks, values
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch.distributed.tensor")
+
+HERE = "tests.checkpoint.test_rank_packs"
+STEP = "000000000001"
+SMALL = ("norm", "bias")  # 64 and 48 elements: 128 and 96 bytes a rank, in the rank packs
+BIG = "w"  # 256 x 512 float32: 256 KiB a rank, more than pack_bytes: chunk files of its own
+
+
+def full_state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(7)
+    return {"norm": torch.randn(64, generator=g), "bias": torch.randn(48, generator=g).to(torch.bfloat16),
+            BIG: torch.randn(256, 512, generator=g), "rep": torch.randn(8, generator=g), "step": 1}
+
+
+def _sharded(state: dict[str, Any], world: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    return {k: distribute_tensor(v, mesh, [Shard(0)]) if k in (*SMALL, BIG) else v for k, v in state.items()}
+
+
+def save_and_restore(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Save the sharded state to a fast and a slow tier, restore it into fresh DTensors: what was read."""
+    expected = full_state()
+    tiers = [Tier(f"{root}/fast"), Tier(f"{root}/slow")]
+    with CheckpointManager(tiers, pack_bytes=1024, timeout_s=60) as manager:
+        manager.save(1, _sharded(expected, world)).wait()
+        manager.promote()
+        target = _sharded({k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
+                           for k, v in expected.items()}, world)
+        restored, report = manager.restore_with_report(into=target)
+    same = all(torch.equal(restored[k].full_tensor(), expected[k]) for k in (*SMALL, BIG))
+    return {"same": same, "files": report.files, "fell_back": report.fell_back}
+
+
+def restore_sharded(rank: int, world: int, root: str) -> dict[str, Any]:
+    expected = full_state()
+    with CheckpointManager([Tier(f"{root}/fast"), Tier(f"{root}/slow")], timeout_s=60) as manager:
+        target = _sharded({k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
+                           for k, v in expected.items()}, world)
+        restored, report = manager.restore_with_report(into=target)
+    return {"same": all(torch.equal(restored[k].full_tensor(), expected[k]) for k in (*SMALL, BIG)),
+            "fell_back": sorted(report.fell_back)}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("rank-packs")
+    return root, values(run_ranks(2, f"{HERE}.save_and_restore", root / "out", str(root)))
+
+
+@pytest.mark.slow
+def test_small_shards_lie_in_one_pack_a_rank_and_restore_in_place(saved: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, results = saved
+    assert all(r["same"] and not r["fell_back"] for r in results)
+    step = root / "fast" / STEP
+    assert sorted(p.name for p in (step / "state.zarr" / ".rank_packs").iterdir()) == ["000000.0", "000001.0"]
+    assert not any((step / "state.zarr" / name).exists() for name in SMALL), "no files, and no zarr.json, of their own"
+    assert (step / "state.zarr" / BIG / "zarr.json").is_file()
+    manifest = json.loads((step / "manifest.json").read_bytes())
+    assert manifest["version"] == 4 and all(manifest["arrays"][name]["ranked"] for name in SMALL)
+    assert "ranked" not in manifest["arrays"][BIG]
+    part = load_sealed((step / "parts" / "000001.json").read_bytes(), "test", "part")
+    assert part["version"] == 4 and sorted(part["members"]) == ["state.zarr/bias/c.1", "state.zarr/norm/c.1"]
+    # each rank read its part, its pack and its chunk of w (the root's files need not be read): three files
+    assert [r["files"] for r in results] == [3, 3]
+
+
+@pytest.mark.slow
+def test_a_whole_restore_in_one_process_reads_every_ranks_pack(saved: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, _ = saved
+    with CheckpointManager([Tier(root / "fast")]) as manager:
+        restored = manager.restore()
+    expected = full_state()
+    assert all(torch.equal(restored[k], expected[k]) for k in (*SMALL, BIG, "rep"))
+    assert verify_checkpoint(root / "fast").ok
+
+
+@pytest.mark.slow
+def test_a_flipped_bit_in_a_rank_pack_falls_back_and_is_named(saved: tuple[Path, list[dict[str, Any]]],
+                                                              tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(saved[0], root, ignore=shutil.ignore_patterns("out"))
+    pack = root / "fast" / STEP / "state.zarr" / ".rank_packs" / "000001.0"
+    data = bytearray(pack.read_bytes())
+    data[5] ^= 0x10
+    pack.write_bytes(bytes(data))
+    results = values(run_ranks(2, f"{HERE}.restore_sharded", tmp_path / "out", str(root)))
+    assert all(r["same"] for r in results)
+    assert [name.rsplit("/fast:", 1)[1] for name in results[1]["fell_back"]] == ["state.zarr/.rank_packs/000001.0"]
+    problems = verify_checkpoint(root / "fast").problems
+    assert [key for _, key, _ in problems] == ["state.zarr/.rank_packs/000001.0"]
+    shutil.rmtree(root / "slow")
+    with CheckpointManager([Tier(root / "fast")]) as manager, \
+            pytest.raises(CheckpointError, match=r"\.rank_packs/000001\.0.*damaged or missing on every tier"):
+        manager.restore()
+
+
+def _pack(size: int) -> dict[str, FileEntry]:
+    return {rank_pack_key(1, 0): FileEntry(size, "0" * 32)}
+
+
+@pytest.mark.parametrize("members, problem", [
+    ({"state.zarr/a/c.1": (0, 0, 200)}, "beyond the end of pack 0"),
+    ({"state.zarr/a/c.1": (1, 0, 8)}, "lies in pack 1, which the part does not list"),
+    ({"state.zarr/a/c.1": (0, 0, 64), "state.zarr/b/c.1": (0, 32, 64)}, "members overlap"),
+    ({"../x": (0, 0, 8)}, "not a valid relative key"),
+])
+def test_a_part_whose_members_lie_outside_their_pack_is_refused(members: dict[str, tuple[int, int, int]],
+                                                                problem: str) -> None:
+    document = part_bytes(1, 1, _pack(128), members)
+    with pytest.raises(FormatError, match=problem):
+        parse_part(document, "test", "parts/000001.json", 1, 1)
+
+
+def test_members_are_only_read_from_a_version_4_part() -> None:
+    document = load_sealed(part_bytes(1, 1, _pack(128), {"state.zarr/a/c.1": (0, 0, 8)}), "test", "part")
+    document["version"] = 3
+    with pytest.raises(FormatError, match="a version-3 part has no members"):
+        parse_part(seal_json(document), "test", "parts/000001.json", 1, 1)
+    assert parse_part(part_bytes(1, 1, _pack(128), {"state.zarr/a/c.1": (0, 8, 8)}), "test", "p", 1, 1).members == \
+        {"state.zarr/a/c.1": (0, 8, 8)}
+
+
+def _reseal_as(path: Path, edit: Any) -> None:
+    document = load_sealed(path.read_bytes(), "test", "manifest.json")
+    edit(document)
+    path.write_bytes(seal_json(document))
+
+
+def test_a_version_3_step_is_still_read_and_cannot_claim_ranked_arrays(tmp_path: Path) -> None:
+    """A step without ranked arrays is what version 3 wrote (a root and parts): it restores as it did."""
+    state = {"w": torch.randn(300, 300), "b": torch.randn(10)}
+    with CheckpointManager([tmp_path]) as manager:
+        manager.save(1, state).wait()
+    manifest = tmp_path / STEP / "manifest.json"
+    _reseal_as(manifest, lambda d: d.update(version=3))
+    with CheckpointManager([tmp_path]) as manager:
+        restored = manager.restore(1)
+    assert torch.equal(restored["w"], state["w"]) and torch.equal(restored["b"], state["b"])
+
+    def claim(document: dict[str, Any]) -> None:
+        document["arrays"]["w"]["ranked"] = True
+    _reseal_as(manifest, claim)
+    with CheckpointManager([tmp_path]) as manager, pytest.raises(CheckpointError, match="ranked must be true or absent"):
+        manager.restore(1)
