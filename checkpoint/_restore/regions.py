@@ -1,4 +1,5 @@
-"""Reading a box of a saved array: the chunks that overlap it, straight into its memory where they are runs of it.
+"""Reading a box of a saved array: the chunks that overlap it, straight into its memory where they are runs of it,
+from the rank packs where they lie there, decoded by zarr where they are compressed.
 
 A plain restore reads the whole array's box; a DTensor target reads only its
 own shard's.
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from trainio.storage import CheckpointError
+from trainio.storage import CheckpointError, FormatError
 
 from .._format.boxes import Box, chunk_box, chunk_indices, chunk_origin, contiguous_run
 from .._format.dtensor import dtensor_box
@@ -120,3 +121,42 @@ def region_finish(region: Region) -> Any:
         with torch.no_grad():
             local.copy_(memory)
     return region.result
+
+
+def pack_reads(reads: list[Read], where: Callable[[str], tuple[str, int, int]]) -> list[Read]:
+    """``reads`` of chunks that lie in rank packs (``where(key)``: the pack's key, the offset and size there) as one
+    read per pack, whose bytes are copied to each of its members' reads."""
+    by_pack: dict[str, list[tuple[int, int, Read]]] = {}
+    for read in reads:
+        pack, offset, size = where(read[0])
+        by_pack.setdefault(pack, []).append((offset, size, read))
+    return [(pack, None, functools.partial(_scatter, members)) for pack, members in by_pack.items()]
+
+
+def _scatter(members: list[tuple[int, int, Read]], data: bytes | memoryview) -> None:
+    """Copy each member's bytes (``offset``, ``size`` in a rank pack's ``data``) where its read says."""
+    view = memoryview(data)
+    for offset, size, (_, target, sink) in members:
+        piece = view[offset:offset + size]
+        if sink is not None:
+            sink(piece)
+        else:
+            assert isinstance(target, memoryview), "a ranked array's chunk is read into host memory"
+            target[:] = piece[:target.nbytes]
+
+
+def decode(spec: ArraySpec, contents: dict[str, bytes | None], box: Box | None = None) -> np.ndarray[Any, Any]:
+    """The elements of ``box`` (default: all) of a compressed array, decoded by zarr-python from its checked files."""
+    import zarr
+    from zarr.core.buffer import Buffer
+    from zarr.core.buffer.cpu import Buffer as HostBuffer
+    from zarr.storage import MemoryStore
+
+    prefix = spec.metadata_key[:-len("zarr.json")]
+    files: dict[str, Buffer] = {key[len(prefix):]: HostBuffer.from_bytes(data or b"") for key, data in contents.items()}
+    array = zarr.open_array(store=MemoryStore(files, read_only=True), mode="r")
+    if tuple(array.shape) != spec.shape or array.dtype != storage_numpy_dtype(spec.stored):
+        raise FormatError(prefix, "zarr.json", f"holds {array.dtype}{list(array.shape)}, the manifest "
+                          f"says {spec.stored}{list(spec.shape)}")
+    selection = (box or Box.whole(spec.shape)).relative_to(Box.whole(spec.shape))
+    return np.ascontiguousarray(array[selection])

@@ -13,9 +13,7 @@ import numpy as np
 
 from trainio.storage import BATCH_BYTES, CheckpointError, FormatError, StoreError, batched, run_all
 
-from .._format.boxes import Box
 from .._format.dtensor import is_dtensor
-from .._format.dtypes import storage_numpy_dtype
 from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.nodes import Node
 from .._format.per_rank import for_rank
@@ -31,7 +29,7 @@ from .device_reads import (
     fill_from_pack,
     is_cuda_target,
 )
-from .regions import Read, Region, region_finish, region_reads, shard_region, whole_region
+from .regions import Read, Region, decode, pack_reads, region_finish, region_reads, shard_region, whole_region
 from .targets import Casting, check_dtype, collect_targets, finish_array, host_array
 
 log = logging.getLogger(__name__)
@@ -77,18 +75,6 @@ def first_manifest(tiers: list[TierIO], step: int) -> tuple[TierIO, Manifest]:
         except (StoreError, FormatError, CheckpointError) as exc:
             problems.append(f"{tier.label}: {describe(exc)}")
     raise CheckpointError(f"step {step}: no tier has a readable manifest: " + "; ".join(problems))
-
-
-def _scatter(members: list[tuple[int, int, Read]], data: bytes | memoryview) -> None:
-    """Copy each member's bytes (``offset``, ``size`` in a rank pack's ``data``) where its read says."""
-    view = memoryview(data)
-    for offset, size, (_, target, sink) in members:
-        piece = view[offset:offset + size]
-        if sink is not None:
-            sink(piece)
-        else:
-            assert isinstance(target, memoryview), "a ranked array's chunk is read into host memory"
-            target[:] = piece[:target.nbytes]
 
 
 def _same_state(a: Manifest, b: Manifest) -> bool:
@@ -290,11 +276,7 @@ class StepReader:
     def resolve(self, load: Load) -> None:
         """Turn ``load``'s reads of ranked arrays' chunks into reads of the rank packs that hold them (reading the
         parts that say where): each pack read (and checked) whole once, its members copied where they belong."""
-        by_pack: dict[str, list[tuple[int, int, Read]]] = {}
-        for read in load.in_packs:
-            pack, offset, size = self._member(read[0])
-            by_pack.setdefault(pack, []).append((offset, size, read))
-        load.reads += [(pack, None, functools.partial(_scatter, members)) for pack, members in by_pack.items()]
+        load.reads += pack_reads(load.in_packs, self._member)
         load.in_packs = []
 
     def _member(self, key: str) -> tuple[str, int, int]:
@@ -338,7 +320,7 @@ class StepReader:
                 self.device.finish()
         for path, region in regions.items():
             if region.spec.codec is not None:
-                region.host[...] = _decode(region.spec, {k: contents[k] for k in load.wanted[path]}, region.box)
+                region.host[...] = decode(region.spec, {k: contents[k] for k in load.wanted[path]}, region.box)
         pack = self.manifest.pack
         if pack is not None and pack.path in regions:
             pack_bytes = regions[pack.path].host
@@ -414,19 +396,3 @@ class StepReader:
     def _where(self, path: str) -> str:
         return f"step {self.step}: {path}"
 
-
-def _decode(spec: ArraySpec, contents: dict[str, bytes | None], box: Box | None = None) -> np.ndarray[Any, Any]:
-    """The elements of ``box`` (default: all) of a compressed array, decoded by zarr-python from its checked files."""
-    import zarr
-    from zarr.core.buffer import Buffer
-    from zarr.core.buffer.cpu import Buffer as HostBuffer
-    from zarr.storage import MemoryStore
-
-    prefix = spec.metadata_key[:-len("zarr.json")]
-    files: dict[str, Buffer] = {key[len(prefix):]: HostBuffer.from_bytes(data or b"") for key, data in contents.items()}
-    array = zarr.open_array(store=MemoryStore(files, read_only=True), mode="r")
-    if tuple(array.shape) != spec.shape or array.dtype != storage_numpy_dtype(spec.stored):
-        raise FormatError(prefix, "zarr.json", f"holds {array.dtype}{list(array.shape)}, the manifest "
-                          f"says {spec.stored}{list(spec.shape)}")
-    selection = (box or Box.whole(spec.shape)).relative_to(Box.whole(spec.shape))
-    return np.ascontiguousarray(array[selection])
