@@ -50,10 +50,10 @@ from trainio.checkpoint._format import manifest as manifest_module  # noqa: E402
 from trainio.checkpoint._format.boxes import Box  # noqa: E402
 from trainio.checkpoint._format.manifest import FileEntry, Manifest  # noqa: E402
 from trainio.checkpoint._format.nodes import Node  # noqa: E402
-from trainio.checkpoint._format.parts import part_bytes, part_key, rank_pack_key  # noqa: E402
+from trainio.checkpoint._format.parts import part_bytes, part_key, rank_pack_key, rank_pack_path  # noqa: E402
 from trainio.checkpoint._format.placement import Mesh, Placement, mesh_boxes  # noqa: E402
 from trainio.checkpoint._format.state_tree import ArrayLeaf  # noqa: E402
-from trainio.checkpoint._format.zarr_layout import group_metadata_key, group_paths  # noqa: E402
+from trainio.checkpoint._format.zarr_layout import group_metadata_key, stored_groups  # noqa: E402
 from trainio.checkpoint._recent import Recent  # noqa: E402
 from trainio.checkpoint._save.plan import Plan  # noqa: E402
 from trainio.checkpoint._save.protocol import StepSaves  # noqa: E402
@@ -153,6 +153,7 @@ def simulate(rank: int, world: int, arrays: int, decision: Any) -> dict[str, Any
                 files[key] = entry
     if members:
         files[rank_pack_key(rank, 0)] = FileEntry(len(members) * 1024, entry.xxh3)
+        files[f"{rank_pack_path(rank, 0)}/zarr.json"] = FileEntry(400 * len(members), entry.xxh3)
     part = part_bytes(1, rank, files, members)
     report = {"part": [len(part), entry.xxh3], "root": {}, "bytes": len(files) << 20, "files": len(files)}
     commit = _size(report) if rank else _size(report) * (world - 1) + _size({"totals": [1, 1]}) * (world - 1)
@@ -192,7 +193,8 @@ def root_manifest(plan: Plan, skeleton: Node, world: int, part: int) -> tuple[by
     start = time.perf_counter()
     entry = FileEntry(part, "0123456789abcdef" * 2)
     own = [spec for spec in plan.arrays.values() if spec.stored_alone]
-    metadata = [group_metadata_key(g) for g in group_paths([s.path for s in own])] + [s.metadata_key for s in own]
+    metadata = [group_metadata_key(g) for g in stored_groups(list(plan.arrays.values()))] + \
+        [s.metadata_key for s in own]
     root = {key: FileEntry(400, entry.xxh3) for key in metadata}
     if plan.pack is not None:
         root[plan.pack.metadata_key] = FileEntry(400, entry.xxh3)

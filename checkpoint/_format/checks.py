@@ -16,7 +16,7 @@ from trainio.storage import FormatError, check_key
 from trainio.storage.errors import InvalidKey
 
 from .placement import Mesh
-from .zarr_layout import ROOT, ArraySpec, group_metadata_key, group_paths
+from .zarr_layout import ROOT, ArraySpec, group_metadata_key, stored_groups
 
 MAX_FILE_BYTES = 1 << 40
 """The largest file a manifest may list (1 TiB): more is damage, not a checkpoint."""
@@ -70,7 +70,7 @@ class Checks:
     def root_files(self, arrays: dict[str, ArraySpec], files: dict[str, FileEntry], pack: ArraySpec | None) -> None:
         """A version-3 or 4 root lists exactly the metadata documents and the pack's chunks."""
         own = [s for s in arrays.values() if s.stored_alone]
-        expected = {group_metadata_key(g) for g in group_paths([s.path for s in own])}
+        expected = {group_metadata_key(g) for g in stored_groups(list(arrays.values()))}
         expected.update(spec.metadata_key for spec in own)
         if pack is not None:
             expected.add(pack.metadata_key)
@@ -132,7 +132,7 @@ class Checks:
                           if all(s.shape) else 0 for s in own)
         self.check(chunk_count <= len(files) + len(members),
                    f"the arrays have {chunk_count} chunks but files lists {len(files) + len(members)}")
-        groups = group_paths([s.path for s in own if s is not pack and s.stored_alone])
+        groups = stored_groups([s for s in own if s is not pack])
         expected: dict[str, int | None] = {group_metadata_key(g): None for g in groups}
         ranked: dict[str, int] = {}
         for spec in own:

@@ -24,14 +24,12 @@ from .._recent import Recent
 from .checks import Checks, FileEntry
 from .names import step_name
 from .writers import chunk_writer
-from .zarr_layout import ROOT
+from .zarr_layout import RANK_PACKS, ROOT
 
 if TYPE_CHECKING:
     from .manifest import Manifest
 
 PART_FORMAT = "trainio.checkpoint.part"
-RANK_PACKS = ".rank_packs"
-"""The folder of the rank packs, in the zarr group (no zarr reader sees it as an array)."""
 _RANK_PACK_NAME = re.compile(r"(\d{6,})\.\d+")
 PARTS = "parts"
 """The folder of the part manifests, relative to the step."""
@@ -43,8 +41,13 @@ def part_key(rank: int) -> str:
 
 
 def rank_pack_key(rank: int, number: int) -> str:
-    """The key of rank ``rank``'s pack ``number`` (chunks of ranked arrays it wrote, back to back), relative to the
-    step."""
+    """The key of rank ``rank``'s pack ``number`` (chunks of ranked arrays it wrote, back to back: the one chunk of
+    a 1-D uint8 zarr array), relative to the step."""
+    return f"{rank_pack_path(rank, number)}/c.0"
+
+
+def rank_pack_path(rank: int, number: int) -> str:
+    """The key of the zarr array that is rank ``rank``'s pack ``number`` (its ``zarr.json`` lies in it)."""
     return f"{ROOT}/{RANK_PACKS}/{rank:06d}.{number}"
 
 
@@ -174,9 +177,10 @@ class StepFiles(Mapping[str, "FileEntry"]):
     def writer(self, key: str) -> int | None:
         """The rank whose part lists chunk file (or rank pack) ``key``, or None when ``key`` is neither."""
         path, _, name = key.rpartition("/")
-        if path == f"{ROOT}/{RANK_PACKS}":
-            match = _RANK_PACK_NAME.fullmatch(name)
-            return int(match.group(1)) if match else None
+        folder, _, pack = path.rpartition("/")
+        if folder == f"{ROOT}/{RANK_PACKS}":
+            match = _RANK_PACK_NAME.fullmatch(pack)
+            return int(match.group(1)) if match and name in ("c.0", "zarr.json") else None
         path = path[len(ROOT) + 1:] if path.startswith(f"{ROOT}/") else ""
         spec = self._manifest.arrays.get(path)
         writers = self._manifest.writers.get(path)
@@ -214,7 +218,8 @@ class StepFiles(Mapping[str, "FileEntry"]):
             part = self._part(rank)
             every.update(part.files)
             members.update((key, size) for key, (_, _, size) in part.members.items())
-            packs.extend({rank_pack_key(rank, number) for number, _, _ in part.members.values()})
+            for number in {number for number, _, _ in part.members.values()}:
+                packs += [rank_pack_key(rank, number), f"{rank_pack_path(rank, number)}/zarr.json"]
         if not self._complete:
             chunks = {k: e for k, e in every.items() if k not in self._listed}
             Checks(self._where, f"{step_name(self._manifest.step)}/parts").layout(

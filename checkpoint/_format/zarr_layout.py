@@ -44,6 +44,17 @@ attribute ``trainio.packed`` maps each member's path to its byte ``offset``,
 """
 
 
+RANK_PACKS = ".rank_packs"
+"""The group of the rank packs (version 4): one 1-D uint8 array a pack, ``<rank:06d>.<n>``."""
+
+
+def stored_groups(arrays: list[ArraySpec]) -> list[str]:
+    """Every group with a ``zarr.json`` of a step whose arrays (the pack excluded) are ``arrays``: those the arrays
+    stored alone live in, and the rank packs' group when some array is ranked."""
+    groups = group_paths([s.path for s in arrays if s.stored_alone])
+    return groups + [RANK_PACKS] if any(s.ranked for s in arrays) else groups
+
+
 def chunk_key(path: str, index: tuple[int, ...]) -> str:
     """The key, relative to the step, of chunk ``index`` of the array at ``path``."""
     return f"{ROOT}/{path}/" + ".".join(["c", *map(str, index)])
@@ -219,6 +230,19 @@ def pack_metadata(pack: ArraySpec, members: list[ArraySpec]) -> bytes:
     document = json.loads(pack.metadata())
     document["attributes"]["trainio"]["packed"] = {
         m.path: {"offset": m.packed, "dtype": m.dtype, "stored": m.stored, "shape": list(m.shape)} for m in members}
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def rank_pack_metadata(nbytes: int, members: dict[str, tuple[ArraySpec, tuple[int, ...], int]]) -> bytes:
+    """A rank pack's ``zarr.json``: a 1-D uint8 array of one chunk, whose attribute ``trainio.ranked`` says, for any
+    zarr reader, which chunk of which array lies where in it (by chunk key: the array's path, type, shape and chunk
+    shape, the chunk's grid index, and its offset and size in the pack)."""
+    document = json.loads(pack_spec(nbytes, max(1, nbytes)).metadata())
+    document["attributes"]["trainio"]["ranked"] = {
+        key: {"path": spec.path, "dtype": spec.dtype, "stored": spec.stored, "shape": list(spec.shape),
+              "chunks": list(spec.chunks), "index": list(index), "offset": offset,
+              "size": math.prod(spec.chunks) * spec.itemsize}
+        for key, (spec, index, offset) in sorted(members.items())}
     return json.dumps(document, separators=(",", ":")).encode()
 
 

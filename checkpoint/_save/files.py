@@ -14,7 +14,7 @@ from trainio.storage import CheckpointError, batched, run_all
 from .._format.boxes import chunk_box, chunk_bytes_of, chunk_origin, contiguous_run
 from .._format.dtypes import storage_numpy_dtype
 from .._format.manifest import FileEntry, Manifest
-from .._format.parts import rank_pack_key
+from .._format.parts import rank_pack_key, rank_pack_path
 from .._format.zarr_layout import (
     CHUNK_BYTES,
     ArraySpec,
@@ -22,8 +22,9 @@ from .._format.zarr_layout import (
     encode_chunk,
     group_metadata,
     group_metadata_key,
-    group_paths,
     pack_metadata,
+    rank_pack_metadata,
+    stored_groups,
 )
 from .._tiers.commit import StepWriter, TierIO, digest_with_padding
 from .plan import PACK_OWNER, Plan, Unit
@@ -84,9 +85,12 @@ def shard_files(plan: Plan, rank: int, snapshot: Snapshot) -> tuple[list[_File],
     views = {leaf.path: view for leaf, view in zip(snapshot.leaves, snapshot.views, strict=True)}
     files: list[_File] = []
     small: list[_File] = []
+    chunks: dict[str, tuple[ArraySpec, tuple[int, ...]]] = {}  # the ranked chunks: their array and grid index
     for unit in plan.owned(rank):
         spec = plan.arrays[unit.path]
         (small if spec.ranked else files).extend(_unit_files(spec, unit, views[unit.path]))
+        if spec.ranked:
+            chunks.update((chunk_key(spec.path, index), (spec, index)) for index in unit.chunks)
     members: dict[str, tuple[int, int, int]] = {}
     ends = [0]
     for file in small:  # packs of at most CHUNK_BYTES, as chunks are, so that readers' threads share them
@@ -101,15 +105,17 @@ def shard_files(plan: Plan, rank: int, snapshot: Snapshot) -> tuple[list[_File],
         data = file.data()  # an edge chunk's bytes: its file (and member) is padded with zeros to the chunk's size
         number, offset, _ = members[file.key]
         packs[number][offset:offset + data.nbytes] = data
-    files += [_File(rank_pack_key(rank, n), len(pack), lambda p=pack: memoryview(p))  # type: ignore[misc]
-              for n, pack in enumerate(packs)]
+    for n, pack in enumerate(packs):
+        described = {key: (*chunks[key], offset) for key, (number, offset, _) in members.items() if number == n}
+        files.append(_bytes_file(f"{rank_pack_path(rank, n)}/zarr.json", rank_pack_metadata(len(pack), described)))
+        files.append(_File(rank_pack_key(rank, n), len(pack), lambda p=pack: memoryview(p)))  # type: ignore[misc]
     return files, members
 
 
 def root_files(plan: Plan, snapshot: Snapshot) -> list[_File]:
     """The files :data:`PACK_OWNER` writes besides its boxes' (listed in the root manifest): metadata, the pack."""
     own = [spec for spec in plan.arrays.values() if spec.stored_alone]
-    files = [_bytes_file(group_metadata_key(g), group_metadata()) for g in group_paths([s.path for s in own])]
+    files = [_bytes_file(group_metadata_key(g), group_metadata()) for g in stored_groups(list(plan.arrays.values()))]
     files += [_bytes_file(spec.metadata_key, spec.metadata()) for spec in own]
     if plan.pack is not None:
         members = [spec for spec in plan.arrays.values() if spec.packed is not None]

@@ -250,8 +250,11 @@ def test_restore_in_one_process_and_with_plain_zarr(four_way_step: tuple[Path, P
     group = zarr.open_group(root / "000000000001" / "state.zarr", mode="r")
     assert np.array_equal(zarr_read(group, "big_shard"), expected["big_shard"].numpy())
     assert np.array_equal(zarr_read(group, "small/0"), expected["small"][0].numpy())
-    # The small shards lie in their ranks' packs (FORMAT.md, version 4): no array a plain reader would fill with zeros
+    # The small shards lie in their ranks' packs (FORMAT.md, version 4), which say where in their attributes: no
+    # array of their own that a plain reader would fill with zeros
     assert "w" not in group and "x" not in group
+    assert np.array_equal(zarr_read(group, "w"), expected["w"].numpy())
+    assert np.array_equal(zarr_read(group, "x"), expected["x"].view(torch.uint16).numpy())
     os.sync()
 
 

@@ -108,9 +108,23 @@ def test_restore_returns_what_was_saved_type_for_type(tmp_path: Path) -> None:
 
 
 def zarr_read(group: Any, path: str) -> np.ndarray[Any, Any]:
-    """An array of a step as any zarr v3 reader gets it: its own array, or its bytes in ``.packed``."""
+    """An array of a step as any zarr v3 reader gets it: its own array, its bytes in ``.packed``, or its chunks in
+    the rank packs (``.rank_packs/*``, each saying in its attributes which chunk lies where)."""
     if path in group:
         return np.asarray(group[path][...])
+    if ".rank_packs" in group:
+        chunks = [(pack, m) for _, pack in group[".rank_packs"].arrays()
+                  for m in pack.attrs["trainio"]["ranked"].values() if m["path"] == path]
+        if chunks:
+            first = chunks[0][1]
+            stored = np.dtype(first["stored"]).newbyteorder("<")
+            whole = np.zeros(first["shape"], stored)
+            for pack, m in chunks:
+                raw = pack[m["offset"]:m["offset"] + m["size"]].view(stored).reshape(m["chunks"])
+                place = tuple(slice(i * c, min((i + 1) * c, n))
+                              for i, c, n in zip(m["index"], m["chunks"], m["shape"], strict=True))
+                whole[place] = raw[tuple(slice(0, s.stop - s.start) for s in place)]
+            return whole
     member = group[".packed"].attrs["trainio"]["packed"][path]
     stored = np.dtype(member["stored"]).newbyteorder("<")
     start = member["offset"]

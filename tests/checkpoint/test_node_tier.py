@@ -364,8 +364,8 @@ def test_verify_checks_what_a_node_directory_holds(saved: Path, tmp_path: Path) 
     root = copy_of(saved, tmp_path)
     node = root / "n1" / "nvme"
     report = verify_checkpoint(node, [3])
-    # ranks 0-3's part manifests, their chunks of w and their packs (b's small shards), rep's one chunk (its owner is
-    # among them), the root's 3 (b, ranked, has no zarr.json)
-    assert report.problems == [] and report.files == 4 + 4 * 2 + 1 + 3
+    # ranks 0-3's part manifests, their chunks of w and their packs (b's small shards: a chunk and a zarr.json), rep's
+    # one chunk (its owner is among them), the root's 4 (b, ranked, has no zarr.json; the packs' group has)
+    assert report.problems == [] and report.files == 4 + 4 * 3 + 1 + 4
     _flip(node / "000000000003" / "state.zarr" / "w" / "c.2.0")
     assert [key for _, key, _ in verify_checkpoint(node, [3]).problems] == ["state.zarr/w/c.2.0"]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from trainio.checkpoint import CheckpointManager, Tier, verify_checkpoint
@@ -14,6 +15,7 @@ from trainio.checkpoint._format.parts import parse_part, part_bytes, rank_pack_k
 from trainio.storage import CheckpointError, FormatError, load_sealed, seal_json
 
 from ._ranks import run_ranks, values
+from .test_format import zarr_read
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.tensor")
@@ -73,7 +75,9 @@ def test_small_shards_lie_in_one_pack_a_rank_and_restore_in_place(saved: tuple[P
     root, results = saved
     assert all(r["same"] and not r["fell_back"] for r in results)
     step = root / "fast" / STEP
-    assert sorted(p.name for p in (step / "state.zarr" / ".rank_packs").iterdir()) == ["000000.0", "000001.0"]
+    packs = step / "state.zarr" / ".rank_packs"
+    assert sorted(p.relative_to(packs).as_posix() for p in packs.rglob("*") if p.is_file()) == [
+        "000000.0/c.0", "000000.0/zarr.json", "000001.0/c.0", "000001.0/zarr.json", "zarr.json"]
     assert not any((step / "state.zarr" / name).exists() for name in SMALL), "no files, and no zarr.json, of their own"
     assert (step / "state.zarr" / BIG / "zarr.json").is_file()
     manifest = json.loads((step / "manifest.json").read_bytes())
@@ -81,6 +85,11 @@ def test_small_shards_lie_in_one_pack_a_rank_and_restore_in_place(saved: tuple[P
     assert "ranked" not in manifest["arrays"][BIG]
     part = load_sealed((step / "parts" / "000001.json").read_bytes(), "test", "part")
     assert part["version"] == 4 and sorted(part["members"]) == ["state.zarr/bias/c.1", "state.zarr/norm/c.1"]
+    zarr = pytest.importorskip("zarr")
+    group = zarr.open_group(step / "state.zarr", mode="r")  # a plain zarr reader finds them through the packs
+    expected = full_state()
+    assert all(np.array_equal(zarr_read(group, name), expected[name].view(torch.uint16 if name == "bias" else
+                                                                          torch.float32).numpy()) for name in SMALL)
     # each rank read its part, its pack and its chunk of w (the root's files need not be read): three files
     assert [r["files"] for r in results] == [3, 3]
 
@@ -102,18 +111,18 @@ def test_a_flipped_bit_in_a_rank_pack_falls_back_and_is_named(saved: tuple[Path,
 
     root = tmp_path / "copy"
     shutil.copytree(saved[0], root, ignore=shutil.ignore_patterns("out"))
-    pack = root / "fast" / STEP / "state.zarr" / ".rank_packs" / "000001.0"
+    pack = root / "fast" / STEP / "state.zarr" / ".rank_packs" / "000001.0" / "c.0"
     data = bytearray(pack.read_bytes())
     data[5] ^= 0x10
     pack.write_bytes(bytes(data))
     results = values(run_ranks(2, f"{HERE}.restore_sharded", tmp_path / "out", str(root)))
     assert all(r["same"] for r in results)
-    assert [name.rsplit("/fast:", 1)[1] for name in results[1]["fell_back"]] == ["state.zarr/.rank_packs/000001.0"]
+    assert [name.rsplit("/fast:", 1)[1] for name in results[1]["fell_back"]] == ["state.zarr/.rank_packs/000001.0/c.0"]
     problems = verify_checkpoint(root / "fast").problems
-    assert [key for _, key, _ in problems] == ["state.zarr/.rank_packs/000001.0"]
+    assert [key for _, key, _ in problems] == ["state.zarr/.rank_packs/000001.0/c.0"]
     shutil.rmtree(root / "slow")
     with CheckpointManager([Tier(root / "fast")]) as manager, \
-            pytest.raises(CheckpointError, match=r"\.rank_packs/000001\.0.*damaged or missing on every tier"):
+            pytest.raises(CheckpointError, match=r"\.rank_packs/000001\.0/c\.0.*damaged or missing on every tier"):
         manager.restore()
 
 
