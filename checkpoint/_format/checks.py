@@ -125,7 +125,8 @@ class Checks:
     def layout(self, arrays: dict[str, ArraySpec], files: Mapping[str, FileEntry], pack: ArraySpec | None,
                members: Mapping[str, int] | None = None, packs: Collection[str] = ()) -> None:
         """``files`` (and the ranks' pack ``members``, chunk key to size) hold exactly the arrays' chunks and
-        metadata documents, each chunk of its size; ``packs`` are the rank packs that hold the members."""
+        metadata documents, each chunk of its size; ``packs`` are the files of the rank packs that hold the members
+        (each pack's chunk and ``zarr.json``), which ``files`` must list too."""
         members = members or {}
         own = [s for s in arrays.values() if s.packed is None] + ([pack] if pack is not None else [])
         chunk_count = sum(math.prod(-(-n // c) for n, c in zip(s.shape, s.chunks, strict=True))
@@ -142,7 +143,7 @@ class Checks:
             expected[spec.metadata_key] = None
             for chunk in spec.chunk_files():
                 expected[chunk.key] = chunk.size if spec.codec is None else None
-        missing = sorted(set(expected) - set(files))
+        missing = sorted((set(expected) | set(packs)) - set(files))
         self.check(not missing, f"files lacks {len(missing)} file(s) of the arrays, e.g. {missing[:1]}")
         extra = sorted(set(files) - set(expected) - set(packs))
         self.check(not extra, f"files lists {len(extra)} file(s) no array uses, e.g. {extra[:1]}")

@@ -174,3 +174,23 @@ def test_a_version_3_step_is_still_read_and_cannot_claim_ranked_arrays(tmp_path:
     _reseal_as(manifest, claim)
     with CheckpointManager([tmp_path]) as manager, pytest.raises(CheckpointError, match="ranked must be true or absent"):
         manager.restore(1)
+
+
+def test_a_rank_pack_without_its_zarr_json_is_incomplete() -> None:
+    """Every part read together must list each pack's chunk and its zarr.json (what other zarr readers go by)."""
+    from trainio.checkpoint._format.checks import Checks
+    from trainio.checkpoint._format.parts import rank_pack_path
+    from trainio.checkpoint._format.zarr_layout import ArraySpec
+
+    arrays = {"b": ArraySpec("b", "torch", "float32", "float32", (8,), (4,), ranked=True)}
+    members = {"state.zarr/b/c.0": 16, "state.zarr/b/c.1": 16}
+    pack, metadata = rank_pack_key(0, 0), f"{rank_pack_path(0, 0)}/zarr.json"
+    files = {"state.zarr/zarr.json": FileEntry(1, "0" * 32), "state.zarr/.rank_packs/zarr.json": FileEntry(1, "0" * 32),
+             pack: FileEntry(32, "0" * 32), metadata: FileEntry(1, "0" * 32)}
+    Checks("test", "parts").layout(arrays, files, None, members, [pack, metadata])
+    del files[metadata]
+    with pytest.raises(FormatError, match="lacks 1 file"):
+        Checks("test", "parts").layout(arrays, files, None, members, [pack, metadata])
+    with pytest.raises(FormatError, match="members and the ranked arrays' chunks differ"):
+        Checks("test", "parts").layout(arrays, {**files, metadata: FileEntry(1, "0" * 32)}, None,
+                                       {"state.zarr/b/c.0": 16}, [pack, metadata])
