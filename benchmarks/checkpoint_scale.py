@@ -50,7 +50,7 @@ from trainio.checkpoint._format import manifest as manifest_module  # noqa: E402
 from trainio.checkpoint._format.boxes import Box  # noqa: E402
 from trainio.checkpoint._format.manifest import FileEntry, Manifest  # noqa: E402
 from trainio.checkpoint._format.nodes import Node  # noqa: E402
-from trainio.checkpoint._format.parts import part_bytes, part_key, rank_pack_key, rank_pack_path  # noqa: E402
+from trainio.checkpoint._format.parts import part_bytes, part_key, rank_pack_key, rank_pack_metadata_key  # noqa: E402
 from trainio.checkpoint._format.placement import Mesh, Placement, mesh_boxes  # noqa: E402
 from trainio.checkpoint._format.state_tree import ArrayLeaf  # noqa: E402
 from trainio.checkpoint._format.zarr_layout import group_metadata_key, stored_groups  # noqa: E402
@@ -153,7 +153,7 @@ def simulate(rank: int, world: int, arrays: int, decision: Any) -> dict[str, Any
                 files[key] = entry
     if members:
         files[rank_pack_key(rank, 0)] = FileEntry(len(members) * 1024, entry.xxh3)
-        files[f"{rank_pack_path(rank, 0)}/zarr.json"] = FileEntry(400 * len(members), entry.xxh3)
+        files[rank_pack_metadata_key(rank, 0)] = FileEntry(400 * len(members), entry.xxh3)
     part = part_bytes(1, rank, files, members)
     report = {"part": [len(part), entry.xxh3], "root": {}, "bytes": len(files) << 20, "files": len(files)}
     commit = _size(report) if rank else _size(report) * (world - 1) + _size({"totals": [1, 1]}) * (world - 1)

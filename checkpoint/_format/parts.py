@@ -46,6 +46,11 @@ def rank_pack_key(rank: int, number: int) -> str:
     return f"{rank_pack_path(rank, number)}/c.0"
 
 
+def rank_pack_metadata_key(rank: int, number: int) -> str:
+    """The key of the ``zarr.json`` of rank ``rank``'s pack ``number``, relative to the step."""
+    return f"{rank_pack_path(rank, number)}/zarr.json"
+
+
 def rank_pack_path(rank: int, number: int) -> str:
     """The key of the zarr array that is rank ``rank``'s pack ``number`` (its ``zarr.json`` lies in it)."""
     return f"{ROOT}/{RANK_PACKS}/{rank:06d}.{number}"
@@ -219,7 +224,7 @@ class StepFiles(Mapping[str, "FileEntry"]):
             every.update(part.files)
             members.update((key, size) for key, (_, _, size) in part.members.items())
             for number in {number for number, _, _ in part.members.values()}:
-                packs += [rank_pack_key(rank, number), f"{rank_pack_path(rank, number)}/zarr.json"]
+                packs += [rank_pack_key(rank, number), rank_pack_metadata_key(rank, number)]
         if not self._complete:
             chunks = {k: e for k, e in every.items() if k not in self._listed}
             Checks(self._where, f"{step_name(self._manifest.step)}/parts").layout(
@@ -232,3 +237,14 @@ class StepFiles(Mapping[str, "FileEntry"]):
 
     def __len__(self) -> int:
         return self._manifest.totals[1] if self._manifest.totals is not None else len(self._every())
+
+
+def pack_member(files: Mapping[str, FileEntry], key: str) -> tuple[str, int, int]:
+    """Where chunk ``key`` of a ranked array lies among a step's ``files``: its rank pack's key, offset and size.
+
+    Raises:
+        KeyError: no part lists it (a step without parts has no rank packs).
+    """
+    if not isinstance(files, StepFiles):
+        raise KeyError(key)
+    return files.member(key)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from trainio.storage import BATCH_BYTES, CheckpointError, FormatError, StoreErro
 from .._format.dtensor import is_dtensor
 from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.nodes import Node
+from .._format.parts import pack_member
 from .._format.per_rank import for_rank
 from .._format.state_tree import array_paths, build, select
 from .._format.zarr_layout import ArraySpec
@@ -32,6 +34,7 @@ from .device_reads import (
 from .regions import Read, Region, decode, pack_reads, region_finish, region_reads, shard_region, whole_region
 from .targets import Casting, check_dtype, collect_targets, finish_array, host_array
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -139,15 +142,26 @@ class StepReader:
 
     def _entry(self, key: str) -> FileEntry:
         """The size and digest of file ``key``, from the first tier whose own manifest (and part) lists it."""
+        return self._first_listed(lambda files: files[key], f"its manifest lists no file {key!r}",
+                                  f"what file {key!r} holds")
+
+    def _member(self, key: str) -> tuple[str, int, int]:
+        """Where chunk ``key`` of a ranked array lies: from the first tier whose own manifest's parts say so."""
+        return self._first_listed(lambda files: pack_member(files, key),
+                                  f"its parts list no chunk {key!r} in a rank's pack", f"where chunk {key!r} lies")
+
+    def _first_listed(self, find: Callable[[Mapping[str, FileEntry]], T], missing: str, what: str) -> T:
+        """``find`` in the files of the first tier whose own manifest (and parts) can answer: one that raises
+        KeyError lacks it (``missing``); an error names ``what`` could not be found."""
         problems = []
         for tier in self.tiers:
             try:
-                return self._own_manifest(tier).files[key]
+                return find(self._own_manifest(tier).files)
             except KeyError:
-                problems.append(f"{tier.label}: its manifest lists no file {key!r}")
+                problems.append(f"{tier.label}: {missing}")
             except (StoreError, OSError, CheckpointError) as exc:
                 problems.append(f"{tier.label}: {describe(exc)}")
-        raise CheckpointError(f"step {self.step}: no tier can say what file {key!r} holds: " + "; ".join(problems))
+        raise CheckpointError(f"step {self.step}: no tier can say {what}: " + "; ".join(problems))
 
     def read_file(self, key: str, target: memoryview | None) -> bytes | None:
         """Fill ``target`` from the first tier whose copy of ``key`` is whole; with no target, return the bytes.
@@ -279,19 +293,6 @@ class StepReader:
         load.reads += pack_reads(load.in_packs, self._member)
         load.in_packs = []
 
-    def _member(self, key: str) -> tuple[str, int, int]:
-        """Where chunk ``key`` of a ranked array lies: from the first tier whose own manifest's parts say so."""
-        problems = []
-        for tier in self.tiers:
-            try:
-                found: tuple[str, int, int] = self._own_manifest(tier).files.member(key)  # type: ignore[attr-defined]
-                return found  # (a version-4 step's files are a StepFiles)
-            except KeyError:
-                problems.append(f"{tier.label}: its parts list no chunk {key!r} in a rank's pack")
-            except (StoreError, OSError, CheckpointError) as exc:
-                problems.append(f"{tier.label}: {describe(exc)}")
-        raise CheckpointError(f"step {self.step}: no tier can say where chunk {key!r} lies: " + "; ".join(problems))
-
     def finish(self, load: Load) -> Any:
         """Read what ``load`` names and build the state from it."""
         self.resolve(load)
@@ -303,8 +304,8 @@ class StepReader:
         # the disk then, after the big files. Asked for now, they are read in while the big files stream.
         small = [key for key, target, _ in reads if sizes[key] < BATCH_BYTES and not isinstance(target, DeviceRun)]
         advice = threading.Thread(target=self.source.advise, args=(self.step, small), name="trainio-restore-advise",
-                                  daemon=True)
-        if small:
+                                  daemon=True) if small else None
+        if advice is not None:
             advice.start()
         if load.on_device:
             assert self.device is not None
@@ -313,7 +314,7 @@ class StepReader:
             for done in run_all(self.pool, jobs, self.threads):
                 contents.update(done)
         finally:
-            if small:
+            if advice is not None:
                 advice.join()
             if load.on_device:
                 assert self.device is not None

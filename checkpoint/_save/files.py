@@ -14,7 +14,7 @@ from trainio.storage import CheckpointError, batched, run_all
 from .._format.boxes import chunk_box, chunk_bytes_of, chunk_origin, contiguous_run
 from .._format.dtypes import storage_numpy_dtype
 from .._format.manifest import FileEntry, Manifest
-from .._format.parts import rank_pack_key, rank_pack_path
+from .._format.parts import rank_pack_key, rank_pack_metadata_key
 from .._format.zarr_layout import (
     CHUNK_BYTES,
     ArraySpec,
@@ -84,30 +84,42 @@ def shard_files(plan: Plan, rank: int, snapshot: Snapshot) -> tuple[list[_File],
     its packs holding the chunks of ranked arrays; and where each such chunk lies (pack number, offset, size)."""
     views = {leaf.path: view for leaf, view in zip(snapshot.leaves, snapshot.views, strict=True)}
     files: list[_File] = []
-    small: list[_File] = []
-    chunks: dict[str, tuple[ArraySpec, tuple[int, ...]]] = {}  # the ranked chunks: their array and grid index
+    ranked: list[tuple[_File, ArraySpec, tuple[int, ...]]] = []  # a chunk of a ranked array, its array, its index
     for unit in plan.owned(rank):
         spec = plan.arrays[unit.path]
-        (small if spec.ranked else files).extend(_unit_files(spec, unit, views[unit.path]))
+        made = _unit_files(spec, unit, views[unit.path])  # one a chunk, in the order of unit.chunks
         if spec.ranked:
-            chunks.update((chunk_key(spec.path, index), (spec, index)) for index in unit.chunks)
+            ranked += [(file, spec, index) for file, index in zip(made, unit.chunks, strict=True)]
+        else:
+            files += made
+    packs, members = _rank_packs(rank, ranked)
+    return files + packs, members
+
+
+def _rank_packs(rank: int, ranked: list[tuple[_File, ArraySpec, tuple[int, ...]]]
+                ) -> tuple[list[_File], dict[str, tuple[int, int, int]]]:
+    """The files of ``rank``'s packs (each its chunk and its ``zarr.json``) holding the chunks ``ranked``, and where
+    each chunk lies (pack number, offset, size). Packs hold at most CHUNK_BYTES, as chunks do, so that readers'
+    threads share them."""
     members: dict[str, tuple[int, int, int]] = {}
     ends = [0]
-    for file in small:  # packs of at most CHUNK_BYTES, as chunks are, so that readers' threads share them
+    for file, _, _ in ranked:
         start = aligned(ends[-1])
         if start + file.size > CHUNK_BYTES and ends[-1]:
             ends.append(0)
             start = 0
         members[file.key] = (len(ends) - 1, start, file.size)
         ends[-1] = start + file.size
-    packs = [bytearray(end) for end in ends] if small else []
-    for file in small:
+    packs = [bytearray(end) for end in ends] if ranked else []
+    described: list[dict[str, tuple[ArraySpec, tuple[int, ...], int]]] = [{} for _ in packs]
+    for file, spec, index in ranked:
         data = file.data()  # an edge chunk's bytes: its file (and member) is padded with zeros to the chunk's size
         number, offset, _ = members[file.key]
         packs[number][offset:offset + data.nbytes] = data
+        described[number][file.key] = (spec, index, offset)
+    files = []
     for n, pack in enumerate(packs):
-        described = {key: (*chunks[key], offset) for key, (number, offset, _) in members.items() if number == n}
-        files.append(_bytes_file(f"{rank_pack_path(rank, n)}/zarr.json", rank_pack_metadata(len(pack), described)))
+        files.append(_bytes_file(rank_pack_metadata_key(rank, n), rank_pack_metadata(len(pack), described[n])))
         files.append(_File(rank_pack_key(rank, n), len(pack), lambda p=pack: memoryview(p)))  # type: ignore[misc]
     return files, members
 
