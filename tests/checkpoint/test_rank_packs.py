@@ -194,3 +194,28 @@ def test_a_rank_pack_without_its_zarr_json_is_incomplete() -> None:
     with pytest.raises(FormatError, match="members and the ranked arrays' chunks differ"):
         Checks("test", "parts").layout(arrays, {**files, metadata: FileEntry(1, "0" * 32)}, None,
                                        {"state.zarr/b/c.0": 16}, [pack, metadata])
+
+
+@pytest.mark.slow
+def test_every_bit_flip_of_a_part_with_members_is_refused(saved: tuple[Path, list[dict[str, Any]]],
+                                                         tmp_path: Path) -> None:
+    """Where a rank pack's chunks lie is believed only from a part whose bytes match the root's digest."""
+    import shutil
+
+    from trainio.storage import IntegrityError
+
+    root = tmp_path / "copy"
+    shutil.copytree(saved[0] / "fast", root)
+    part = root / STEP / "parts" / "000001.json"
+    data = part.read_bytes()
+    assert b'"members"' in data
+    with CheckpointManager([Tier(root)]) as manager:
+        for position in range(len(data)):
+            for bit in range(8):
+                damaged = bytearray(data)
+                damaged[position] ^= 1 << bit
+                part.write_bytes(bytes(damaged))
+                with pytest.raises(IntegrityError):
+                    manager._io[0].manifest(1).files.member("state.zarr/norm/c.1")  # type: ignore[attr-defined]
+        part.write_bytes(data)
+        assert manager._io[0].manifest(1).files.member("state.zarr/norm/c.1")[0].endswith("000001.0/c.0")
