@@ -6,10 +6,11 @@ barrier to after one (so a row is the slowest rank's time):
 - memcpy: each rank copies its shards into preallocated tensors;
 - raw write+sync / read: each rank writes its shards' bytes as new files of trainio's chunk size with trainio's
   threads and makes them durable, then reads them with as many threads;
-- trainio: ``save`` blocking (the slowest rank's), to committed on every
-  rank, ``restore(into=)`` warm and cold, each run in turn with a run of the raw read (cold: every rank's raw
-  files and the whole tier dropped from the page cache, ``sync``, half a second to settle);
-- dcp.save, dcp.async_save (blocking, and to done), dcp.load warm and cold;
+- trainio: ``save`` blocking (the slowest rank's), to committed on every rank;
+- dcp.save, dcp.async_save (blocking, and to done);
+- ``restore(into=)``, dcp.load and the raw read, warm and cold, in turn (``checkpoint_bench.in_turn``: the median
+  of the rounds; cold: every rank's files of all three dropped from the page cache, ``sync``, half a second to
+  settle);
 - with ``nodes``, a node tier (``ranks // nodes`` ranks a node, ``{node}`` in
   its path, one replica) before a shared tier: ``save`` blocking, to committed
   on every node with its replica, against each rank writing its own and its
@@ -34,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainio.checkpoint import CheckpointManager, Tier
-from trainio.tools._bench_limits import destination, read_files
+from trainio.tools._bench_limits import destination
 
 
 def _sharded(state: Any, mesh: Any) -> Any:
@@ -104,11 +105,6 @@ def _async_rounds(start: Callable[[], Any], finish: Callable[[Any], Any], before
     return min(blocked), min(total)
 
 
-def _restore_rows(who: str, restore: Callable[[], Any], path: Path, repeat: int) -> list[tuple[str, str, float]]:
-    return [("restore warm", who, _best(restore, repeat)),
-            ("restore cold", who, _best(restore, repeat, lambda: _drop(path)))]
-
-
 def _raw_files(root: Path, buffer: torch.Tensor, repeat: int) -> tuple[tuple[str, str, float], list[Path]]:
     """The write limit with trainio's parallelism on every rank (its threads writing this rank's bytes as new
     files of its chunk size, made durable), and such files left for the read limit."""
@@ -130,19 +126,16 @@ def _raw_files(root: Path, buffer: torch.Tensor, repeat: int) -> tuple[tuple[str
     return row, files
 
 
-def _restores_in_turn(raw: Callable[[], Any], restore: Callable[[], Any], paths: list[Path],
+def _restores_in_turn(contenders: list[tuple[str, Callable[[], Any]]], paths: list[Path],
                       repeat: int) -> list[tuple[str, str, float]]:
-    """Warm and cold rows of the read limit and of trainio's restore, measured in turn on every rank
-    (``checkpoint_bench.in_turn``); a cold run follows a drop of every rank's files of both."""
+    """Warm and cold rows of every reader in ``contenders``, measured in turn on every rank
+    (``checkpoint_bench.in_turn``); a cold run follows a drop of every rank's files of all of them."""
     from checkpoint_bench import in_turn
-
-    from trainio.checkpoint import CheckpointOptions
 
     def cool() -> None:
         for path in paths:
             _drop(path)
 
-    contenders = ((f"raw read, {CheckpointOptions().threads} threads a rank", raw), ("trainio restore(into=)", restore))
     return in_turn(contenders, repeat, cool, _all)
 
 
@@ -211,8 +204,8 @@ def _node_rows(base: Path, state: Any, shards: list[torch.Tensor], buffer: torch
         manager.save(next(steps), state).wait()
         manager.wait()
         target = like(state)
-        rows += _restore_rows("trainio restore from own node", lambda: manager.restore(into=target, tiers=[0]),
-                              node_root, repeat)
+        rows += _restores_in_turn([("trainio restore from own node", lambda: manager.restore(into=target, tiers=[0]))],
+                                  [node_root], repeat)
         assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
 
         def lose_node() -> None:
@@ -229,7 +222,7 @@ def _node_rows(base: Path, state: Any, shards: list[torch.Tensor], buffer: torch
 
 
 def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int, out: str, nodes: int) -> None:
-    from checkpoint_bench import like, state_of
+    from checkpoint_bench import like, raw_reads, state_of
     from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -254,7 +247,9 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
     row, files = _raw_files(base / "raw", buffer, repeat)
     rows.append(row)
 
-    tier = base / "trainio"
+    import torch.distributed.checkpoint as dcp
+
+    tier, dcp_path = base / "trainio", base / "dcp"
     with CheckpointManager([Tier(tier, keep_last=1)], timeout_s=600) as manager:
         manager.save(0, state).wait()
         steps = iter(range(1, repeat + 1))
@@ -262,27 +257,23 @@ def _worker(rank: int, world: int, port: int, root: str, gb: float, repeat: int,
         blocked, total = _async_rounds(lambda: manager.save(next(steps), state), lambda h: h.wait(),
                                        lambda: _fresh_steps(tier), repeat)
         rows += [("blocking", "trainio save()", blocked), ("durable save", "trainio save() to committed", total)]
-        target = like(state)
+        rows.append(("durable save", "dcp.save", _best(lambda: dcp.save(state, checkpoint_id=str(dcp_path)), repeat,
+                                                      lambda: _fresh(dcp_path))))
+        blocked, total = _async_rounds(lambda: dcp.async_save(state, checkpoint_id=str(dcp_path)),
+                                       lambda f: f.result(), lambda: _fresh(dcp_path), repeat)
+        rows += [("blocking", "dcp.async_save", blocked), ("durable save", "dcp.async_save to done", total)]
+        target, dcp_target = like(state), like(state)
         into = destination(files)  # a restore puts every byte in a place of its own, as the limit does
-        rows += _restores_in_turn(lambda: read_files(files, manager.options.threads, into=into),
-                                  lambda: manager.restore(into=target), [base / "raw", tier], repeat)
-        assert all(torch.equal(a, b) for a, b in zip(_locals(target), shards, strict=True))
-    _fresh(tier)
-    _fresh(base / "raw")
+        readers = [*raw_reads(files, manager.options.threads, into, " a rank"),
+                   ("trainio restore(into=)", lambda: manager.restore(into=target)),
+                   ("dcp.load (into)", lambda: dcp.load(dcp_target, checkpoint_id=str(dcp_path)))]
+        rows += _restores_in_turn(readers, [base / "raw", tier, dcp_path], repeat)
+        for restored in (target, dcp_target):
+            assert all(torch.equal(a, b) for a, b in zip(_locals(restored), shards, strict=True))
+    for path in (tier, base / "raw", dcp_path):
+        _fresh(path)
     if nodes:
         rows += _node_rows(base, state, shards, buffer, nodes, repeat)
-
-    import torch.distributed.checkpoint as dcp
-
-    path = base / "dcp"
-    rows.append(("durable save", "dcp.save", _best(lambda: dcp.save(state, checkpoint_id=str(path)), repeat,
-                                                  lambda: _fresh(path))))
-    blocked, total = _async_rounds(lambda: dcp.async_save(state, checkpoint_id=str(path)), lambda f: f.result(),
-                                   lambda: _fresh(path), repeat)
-    rows += [("blocking", "dcp.async_save", blocked), ("durable save", "dcp.async_save to done", total)]
-    target = like(state)
-    rows += _restore_rows("dcp.load (into)", lambda: dcp.load(target, checkpoint_id=str(path)), path, repeat)
-    _fresh(path)
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()

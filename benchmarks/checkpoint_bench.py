@@ -10,11 +10,14 @@ Rows, all measured in this run on the same state and directory:
 - raw write+sync / raw read: the state's bytes as new files of trainio's chunk
   size, written with trainio's threads and made durable, and read with as many;
 - trainio: ``save`` blocking time, time to committed on tier 0 (durable), and
-  ``restore(into=...)`` warm and cold, every file it reads hash-checked; each
-  restore run in turn with a run of the raw read (cold: both's files dropped,
-  ``sync``, half a second to settle), so that the disk's drift hits both;
+  ``restore(into=...)`` warm and cold, every file it reads hash-checked;
 - torch.save + fsync / torch.load; dcp.save / dcp.load; dcp.async_save
   (blocking, and total to done).
+Every restore row (trainio's, the peers', the raw read) is the median of
+``--repeat`` rounds in which each reader runs once, warm then cold, in an
+order that reverses each round (cold: every reader's files dropped, ``sync``,
+half a second to settle), so that the disk's drift hits all alike; the other
+rows are the best of ``--repeat`` runs.
 Then a many-small-tensors table: per-tensor cost of writing and reading
 thousands of small tensors with trainio, as raw files, and with zarr-python.
 Finally the training-loop slowdown while a save is flushed in the background.
@@ -25,16 +28,18 @@ With ``--ranks N`` it measures instead one state sharded over N local gloo
 ranks (DTensors, Shard(0)): trainio's collective save and restore against
 dcp.save / dcp.async_save / dcp.load and the raw limits on every rank (_ckpt_ranks.py).
 
-Run:  python benchmarks/checkpoint_bench.py [--gb 2] [--dir /tmp/ckpt-bench] [--small 2000] [--ranks 2 [--nodes 2]]
+Run:  python benchmarks/checkpoint_bench.py [--gb 1] [--repeat 3] [--dir /tmp/ckpt-bench] [--small 2000] [--ranks 2 [--nodes 2]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _files import fsync_path  # noqa: E402
 from _report import best, machine, machine_lines, markdown_table, timed  # noqa: E402
+from _report import in_turn as order_of_round  # noqa: E402
 
 from trainio.checkpoint import CheckpointManager, CheckpointOptions, Tier  # noqa: E402
 from trainio.tools._bench_limits import (  # noqa: E402
@@ -94,7 +100,9 @@ class Bench:
         self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
         self.rows: list[tuple[str, str, float]] = []
         self.notes: list[str] = []
-        self.raw_files: list[Path] = []  # the read limit's files (raw), read in turn with trainio's restores
+        self.raw_files: list[Path] = []  # the read limit's files (raw), read in turn with every restore
+        self.readers: list[tuple[str, Callable[[], Any], Path]] = []  # (who, restore, its files), read in turn
+        self.open = contextlib.ExitStack()  # what the readers need until :meth:`restores` is done
 
     def add(self, what: str, who: str, seconds: float) -> None:
         self.rows.append((what, who, seconds))
@@ -133,53 +141,55 @@ class Bench:
         self.raw_files = files
 
     def trainio(self, compression: str | None = None) -> None:
-        tier = self.root / "trainio"
+        tier = self.root / ("trainio" if compression is None else f"trainio-{compression}")
         who = "trainio" if compression is None else f"trainio {compression}"
         fresh(tier)
-        with CheckpointManager([Tier(tier, keep_last=1)], compression=compression) as manager:
-            manager.save(0, self.state).wait()  # allocates and faults in the staging slot once
-            blocked, total = [], []
-            for step in range(1, self.repeat + 2):
-                fresh_steps(tier)  # no earlier step to link unchanged files from: a full write
-                gc.collect()
-                start = time.perf_counter()
-                handle = manager.save(step, self.state)
-                blocked.append(time.perf_counter() - start)
-                handle.wait()
-                total.append(time.perf_counter() - start)
-                manager.wait()
-            if compression is None:
-                self.add("blocking", f"{who} save()", min(blocked))
-            else:
-                self.notes.append(f"{who}: a step takes {manager._io[0].manifest(step).nbytes / self.nbytes:.1%} "
-                                  "of the state's bytes")
-            self.add("durable save", f"{who} save() to committed", min(total))
-            target = like(self.state)
-            if compression is None:
-                self.restores_in_turn(lambda: manager.restore(into=target), tier)
-            else:
-                self.add("restore warm", f"{who} restore(into=)", best(
-                    lambda: manager.restore(into=target), self.repeat))
-                self.add("restore cold", f"{who} restore(into=)", best(
-                    lambda: manager.restore(into=target), self.repeat, lambda: drop_cache(tier)))
-            assert all(torch.equal(a, b) for a, b in zip(tensors_of(target), self.tensors, strict=True))
-        fresh(tier)
+        manager = self.open.enter_context(CheckpointManager([Tier(tier, keep_last=1)], compression=compression))
+        manager.save(0, self.state).wait()  # allocates and faults in the staging slot once
+        blocked, total = [], []
+        for step in range(1, self.repeat + 2):
+            fresh_steps(tier)  # no earlier step to link unchanged files from: a full write
+            gc.collect()
+            start = time.perf_counter()
+            handle = manager.save(step, self.state)
+            blocked.append(time.perf_counter() - start)
+            handle.wait()
+            total.append(time.perf_counter() - start)
+            manager.wait()
+        if compression is None:
+            self.add("blocking", f"{who} save()", min(blocked))
+        else:
+            self.notes.append(f"{who}: a step takes {manager._io[0].manifest(step).nbytes / self.nbytes:.1%} "
+                              "of the state's bytes")
+        self.add("durable save", f"{who} save() to committed", min(total))
+        target = like(self.state)
 
-    def restores_in_turn(self, restore: Callable[[], Any], tier: Path) -> None:
-        """The read limit's rows and trainio's restore rows, warm and cold, measured in turn (see
-        :func:`in_turn`); a cold run follows a drop of both's files from the page cache."""
+        def restore() -> None:
+            manager.restore(into=target)
+
+        def check() -> None:
+            assert all(torch.equal(a, b) for a, b in zip(tensors_of(target), self.tensors, strict=True)), who
+
+        self.readers.append((f"{who} restore(into=)", restore, tier))
+        self.open.callback(fresh, tier)
+        self.open.callback(check)
+
+    def restores(self) -> None:
+        """Every reader's restore rows and the read limit's, warm and cold, measured in turn (see :func:`in_turn`);
+        a cold run follows a drop of every reader's files and the limit's from the page cache."""
         threads = CheckpointOptions().threads
         files = self.raw_files
 
         def cool() -> None:
-            drop_cache(tier)
+            for _, _, path in self.readers:
+                drop_cache(path)
             drop_cache(files[0].parent)
 
         into = destination(files)  # a restore puts every byte in a place of its own, as the limit does
-        contenders = ((f"raw read, {threads} threads", lambda: read_files(files, threads, into=into)),
-                      ("trainio restore(into=)", restore))
-        for row in in_turn(contenders, self.repeat, cool, timed):
-            self.add(*row)
+        contenders = (*raw_reads(files, threads, into, ""), *((who, restore) for who, restore, _ in self.readers))
+        with self.open:
+            for row in in_turn(contenders, self.repeat, cool, timed):
+                self.add(*row)
         fresh(files[0].parent)
 
     def torch_save(self) -> None:
@@ -190,10 +200,8 @@ class Bench:
             fsync_path(path)
 
         self.add("durable save", "torch.save + fsync", best(save, self.repeat, lambda: path.unlink(True)))
-        self.add("restore warm", "torch.load", best(lambda: torch.load(path, weights_only=True), self.repeat))
-        self.add("restore cold", "torch.load", best(lambda: torch.load(path, weights_only=True), self.repeat,
-                                                    lambda: drop_cache(path)))
-        path.unlink()
+        self.readers.append(("torch.load", lambda: torch.load(path, weights_only=True), path))
+        self.open.callback(path.unlink)
 
     def dcp(self) -> None:
         import torch.distributed as dist
@@ -220,41 +228,55 @@ class Bench:
         self.add("blocking", "dcp.async_save", min(blocked))
         self.add("durable save", "dcp.async_save to done", min(total))
         target = like(self.state)
-        self.add("restore warm", "dcp.load (into)", best(lambda: dcp.load(target, checkpoint_id=str(path)),
-                                                          self.repeat))
-        self.add("restore cold", "dcp.load (into)", best(lambda: dcp.load(target, checkpoint_id=str(path)),
-                                                          self.repeat, lambda: drop_cache(path)))
-        fresh(path)
+        self.readers.append(("dcp.load (into)", lambda: dcp.load(target, checkpoint_id=str(path)), path))
+        self.open.callback(fresh, path)
 
     def table(self) -> list[str]:
         return rows_table(self.rows, self.nbytes)
 
 
+IN_TURN_NOTE = ("Rows 'restore warm' and 'restore cold': the median of the rounds, every reader run once a round, in "
+                "an order that reverses each round; other rows: the best run.")
+
+
 def in_turn(contenders: Sequence[tuple[str, Callable[[], Any]]], repeat: int, cool: Callable[[], None],
             timer: Callable[[Callable[[], Any]], float]) -> list[tuple[str, str, float]]:
-    """Warm and cold rows (measure, who, best seconds) of ``contenders``, measured in turn (one, the other, one,
-    ...) so that the disk's drift hits them alike: a warm run follows an untimed run of the same reads, a cold one
-    ``cool()``, a ``sync`` and half a second for the disk to settle; rows in the order of ``contenders``."""
-    shortest: dict[tuple[str, str], float] = {}
-    for _ in range(repeat):
+    """Warm and cold rows (measure, who, median seconds) of ``contenders``, measured in turn: each of ``repeat``
+    rounds runs every contender once warm, then once cold, in an order that reverses each round, so that the disk's
+    drift hits them alike and none always runs first after the disk was idle. A warm run follows an untimed run of
+    the same reads, a cold one ``cool()``, a ``sync`` and half a second for the disk to settle. The median, not the
+    best: this disk's cold rate moves by half from one run to the next, and the best of a few runs is whichever
+    contender drew the one lucky run. Rows in the order of ``contenders``."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for round_ in range(repeat):
         for measure, cold in (("restore warm", False), ("restore cold", True)):
-            for who, fn in contenders:
+            for who, fn in order_of_round(contenders, round_):
                 if cold:
                     cool()
                     os.sync()
                     time.sleep(0.5)
                 else:
                     fn()
-                seconds = timer(fn)
-                shortest[(measure, who)] = min(shortest.get((measure, who), seconds), seconds)
-    return [(measure, who, shortest[(measure, who)]) for who, _ in contenders
+                times.setdefault((measure, who), []).append(timer(fn))
+    return [(measure, who, statistics.median(times[(measure, who)])) for who, _ in contenders
             for measure in ("restore warm", "restore cold")]
 
 
+def raw_reads(files: Sequence[Path], threads: int, into: memoryview, each: str) -> list[tuple[str, Callable[[], Any]]]:
+    """The read limit's ways as contenders (see :func:`read_files`): which is fastest depends on the disk, and the
+    table takes the fastest as the limit."""
+    return [(f"raw read, {threads} threads{each}, all files advised", lambda: read_files(files, threads, into=into)),
+            (f"raw read, {threads} threads{each}, whole files in turn",
+             lambda: read_files(files, threads, into=into, advise=False, whole_files=True))]
+
+
 def rows_table(measured: list[tuple[str, str, float]], nbytes: int) -> list[str]:
-    """The table of rows (measure, who, seconds), each against the raw limit of its measure."""
+    """The table of rows (measure, who, seconds), each against the raw limit of its measure (the fastest raw row)."""
     floor = {what: min(s for w, _, s in measured if w == what) for what, _, _ in measured}
-    raw = {w: s for w, who, s in measured if who.startswith(("raw", "memcpy"))}
+    raw: dict[str, float] = {}
+    for what, who, seconds in measured:
+        if who.startswith(("raw", "memcpy")):
+            raw[what] = min(seconds, raw.get(what, seconds))
     rows = [["measure", "who", "seconds", "GB/s", "vs raw limit"]]
     for what, who, seconds in measured:
         limit = raw.get(what, raw.get(what.replace("blocking", "blocking (memcpy floor)"), floor[what]))
@@ -378,9 +400,9 @@ def loop_slowdown(root: Path, state: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gb", type=float, default=2.0)
+    parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--dir", type=Path, default=None)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--only", choices=["big", "small", "loop"], action="append")
     parser.add_argument("--ranks", type=int, default=0,
@@ -404,7 +426,7 @@ def main() -> None:
                 shutil.rmtree(root, ignore_errors=True)
         nodes = f", as {args.nodes} nodes" if args.nodes else ""
         print("\n".join(["", f"{args.ranks} ranks{nodes}, Shard(0) over a 1-D mesh; state {nbytes / 1e9:.2f} GB",
-                         *rows_table(measured, nbytes)]))
+                         *rows_table(measured, nbytes), IN_TURN_NOTE]))
         return
     state = state_of(args.gb)
     try:
@@ -412,10 +434,10 @@ def main() -> None:
             bench = Bench(root, state, args.repeat)
             print(f"state: {len(bench.tensors)} tensors, {bench.nbytes / 1e9:.2f} GB", flush=True)
             for part in (bench.memcpy, bench.raw, bench.trainio, lambda: bench.trainio("zstd:1"), bench.torch_save,
-                         bench.dcp):
+                         bench.dcp, bench.restores):
                 part()
             out += ["", f"state: {len(bench.tensors)} tensors, {bench.nbytes / 1e9:.2f} GB", *bench.table(),
-                    *bench.notes]
+                    IN_TURN_NOTE, *bench.notes]
         if "small" in only:
             out += ["", *small_tensors(root, args.small, max(3, args.repeat))]
         if "loop" in only:

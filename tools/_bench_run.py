@@ -350,7 +350,7 @@ def checkpoint_rounds(state: dict[str, Any], tiers: list[Any], work: Path, round
 
         if files:
             into = limits.destination(files)  # a restore puts every byte in a place of its own
-            restore_s, read_s = interleaved(restore, partial(limits.read_files, files, threads, into=into), rounds)
+            restore_s, read_s = interleaved(restore, partial(limits.fastest_warm_read, files, threads, into), rounds)
             copy_s = read_s + write_s
         else:  # a remote tier: no local limit to read against
             restore_s, read_s, copy_s = statistics.median(restore() for _ in range(max(1, rounds))), 0.0, 0.0

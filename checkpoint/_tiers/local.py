@@ -200,11 +200,12 @@ class LocalTierIO(TierIO):
         hasher = Hasher()
         done = 0
         while done < target.nbytes:
-            n = os.preadv(fd, [target[done:done + _READ_PIECE]], done)
+            piece = target[done:done + _READ_PIECE]
+            n = os.preadv(fd, [piece], done)
             if n == 0:
                 raise size_error(self.url, full, entry, done)
+            hasher.update(piece[:n])  # while the piece is still in the CPU's cache
             done += n
-        hasher.update(target)
         if size > done:
             block = np.empty(min(size - done, _READ_BLOCK), np.uint8)
             while done < size:

@@ -21,9 +21,10 @@ def _files(tmp_path: Path) -> list[Path]:
 
 def test_a_read_into_a_destination_puts_every_file_in_a_place_of_its_own(tmp_path: Path) -> None:
     files = _files(tmp_path)
-    into = destination(files)
-    assert read_files(files, 3, into=into) > 0
-    assert bytes(into) == b"".join(f.read_bytes() for f in files)
+    for whole_files in (False, True):
+        into = destination(files)
+        assert read_files(files, 3, into=into, whole_files=whole_files) > 0
+        assert bytes(into) == b"".join(f.read_bytes() for f in files)
     with pytest.raises(ValueError, match="into holds"):
         read_files(files, 1, into=into[:-1])
 
