@@ -27,7 +27,7 @@ from ._format.zarr_layout import PACK_PATH, ArraySpec
 from ._handle import SaveHandle, TierResult
 from ._manager import CheckpointManager
 from ._options import CheckpointOptions
-from ._restore.step_reader import ReadReport
+from ._restore.report import ReadReport
 from ._tier import Tier
 
 __all__ = [

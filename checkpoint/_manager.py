@@ -20,7 +20,7 @@ from ._node_job import NodeJob
 from ._options import CheckpointOptions
 from ._policy import SavePolicy
 from ._promotions import Promotions
-from ._restore.step_reader import ReadReport
+from ._restore.report import ReadReport
 from ._restore.targets import Casting
 from ._save.collective import Collective, Exchange, WorldOfOne, distributed_world
 from ._save.plan import Plan

@@ -11,7 +11,7 @@ from typing import Any
 from trainio.storage import CheckpointError, open_store
 
 from ._restore.node_restore import NodeRestore
-from ._restore.step_reader import ReadReport
+from ._restore.report import ReadReport
 from ._save.collective import Exchange
 from ._save.node_promote import promote_part
 from ._tier import Tier

@@ -26,7 +26,7 @@ from ._hashing import DIGEST_NAME, Hasher, check_digest, digest
 from ._keys import TEMP_MARKER, check_key
 from ._local import LocalOptions, LocalStore
 from ._open import open_store
-from ._parallel import BATCH_BYTES, batched, run_all
+from ._parallel import BATCH_BYTES, batched, in_thread, run_all
 from ._retry import RetryPolicy
 from ._s3 import S3Store
 from ._s3_options import S3Options
@@ -89,6 +89,7 @@ __all__ = [
     "sync_files",
     "is_sealed",
     "batched",
+    "in_thread",
     "load_sealed",
     "open_store",
     "parse_json",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
@@ -32,6 +33,21 @@ def run_all(pool: ThreadPoolExecutor, jobs: Iterator[Callable[[], T]], limit: in
         for future in futures:
             future.cancel()
         wait(futures)
+
+
+def in_thread(work: Callable[[], T], name: str) -> Future[T]:
+    """``work()`` run in a new daemon thread named ``name``: its result, or its error, in the future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 BATCH_BYTES = 4 << 20

@@ -39,7 +39,8 @@ from .._tiers.node_holdings import node_groups
 from .._tiers.node_tier import NODE_RECORD, NodeRecord, NodeTierIO
 from .._tiers.nodes import Nodes
 from .node_view import ROOT_PART, NodeView
-from .step_reader import ReadReport, StepReader
+from .report import ReadReport
+from .step_reader import StepReader
 
 log = logging.getLogger("trainio.checkpoint._manager")
 

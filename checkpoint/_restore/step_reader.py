@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 
-from trainio.storage import BATCH_BYTES, CheckpointError, FormatError, StoreError, batched, run_all
+from trainio.storage import BATCH_BYTES, CheckpointError, FormatError, StoreError, batched, in_thread, run_all
 
 from .._format.dtensor import is_dtensor
 from .._format.manifest import MANIFEST, FileEntry, Manifest
@@ -32,41 +32,11 @@ from .device_reads import (
     is_cuda_target,
 )
 from .regions import Read, Region, decode, pack_reads, region_finish, region_reads, shard_region, whole_region
+from .report import ReadReport
 from .targets import Casting, check_dtype, collect_targets, finish_array, host_array
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ReadReport:
-    """What a restore read: from which tiers, what it had to fall back on, what it repaired."""
-
-    step: int
-    files: int = 0
-    bytes: int = 0
-    fell_back: dict[str, str] = field(default_factory=dict)
-    repaired: list[str] = field(default_factory=list)
-    from_tiers: dict[str, int] = field(default_factory=dict)
-    """Bytes read from each tier, by its name (a node tier's are counted below instead)."""
-    from_node: int = 0
-    """Bytes read from this rank's own node's directory of a node tier."""
-    from_peers: int = 0
-    """Bytes of a node tier that other nodes sent (their own files or their replicas)."""
-    to_device: str = ""
-    """How files were read into CUDA tensors in place: "pinned-host", or kvikio's "gds", "cufile-compat" or
-    "kvikio-posix" (see :data:`~trainio.checkpoint.CheckpointOptions.gpu_direct`); "" when none was."""
-    to_device_bytes: int = 0
-    """Bytes read that way."""
-
-    def count(self, source: str, nbytes: int) -> None:
-        """Add ``nbytes`` read from ``source`` ("node", "peers", or a tier's name)."""
-        if source == "node":
-            self.from_node += nbytes
-        elif source == "peers":
-            self.from_peers += nbytes
-        else:
-            self.from_tiers[source] = self.from_tiers.get(source, 0) + nbytes
 
 
 def first_manifest(tiers: list[TierIO], step: int) -> tuple[TierIO, Manifest]:
@@ -100,6 +70,8 @@ class Load:
     """The CUDA tensors read into in place (see :class:`DeviceReads`), by path."""
     in_packs: list[Read] = field(default_factory=list)
     """Reads of chunks of ranked arrays, by chunk key: :meth:`StepReader.resolve` makes them reads of rank packs."""
+    later: list[tuple[str, Any]] = field(default_factory=list)
+    """Ranked arrays (path, target) whose reads :meth:`StepReader.finish` works out while the others are read."""
 
 
 class StepReader:
@@ -227,10 +199,14 @@ class StepReader:
         A DTensor in ``into`` gets only its own shard, read from the chunks
         that overlap it.
         """
-        return self.finish(self.prepare(keys, into))
+        return self.finish(self.prepare(keys, into, ranked_later=True))
 
-    def prepare(self, keys: list[str] | None, into: Any) -> Load:
+    def prepare(self, keys: list[str] | None, into: Any, *, ranked_later: bool = False) -> Load:
         """What :meth:`load` reads for ``keys`` and ``into`` (its ``reads`` name every file), before it reads.
+
+        With ``ranked_later``, the reads of ranked arrays (hundreds of small
+        shards) are left for :meth:`finish` to work out while the other files
+        are read; their dtypes are checked now all the same.
 
         Raises:
             CheckpointError: a tensor or array of ``into`` has another dtype
@@ -244,48 +220,52 @@ class StepReader:
         specs = {path: self.manifest.arrays[path] for path in array_paths(node)}
         targets: dict[str, Any] = {}
         collect_targets(node, into, targets)
-        regions: dict[str, Region] = {}
-        members: dict[str, tuple[Any, np.ndarray[Any, Any]]] = {}  # packed arrays
-        on_device: dict[str, Any] = {}
-        reads: list[Read] = []
-        wanted: dict[str, list[str]] = {}
+        load = Load(node, into, specs, {}, {}, [], {}, {})
         for path, spec in specs.items():
             target = targets.get(path)
             if target is not None and not cast:
                 check_dtype(spec, target, self._where(path))
-            on_cuda = self.device is not None and is_cuda_target(spec, target)
-            if on_cuda and spec.packed is not None:  # filled from the pack, copied up once (see finish)
-                on_device[path] = target
-                continue
-            memory = device_bytes(spec, target) if on_cuda else None  # None: compressed, or not contiguous
-            direct = device_reads(spec, memory) if memory is not None else None
-            if direct is not None:
-                on_device[path] = target
-                reads.extend(direct)
-                wanted[path] = [key for key, _, _ in direct]
-                continue
-            if spec.packed is None and is_dtensor(target):
-                regions[path] = shard_region(spec, target, self._where(path))
-                continue
+            if ranked_later and spec.ranked:
+                load.later.append((path, target))
+            else:
+                self._plan(load, path, spec, target)
+        pack = self.manifest.pack
+        if pack is not None and (load.members or any(specs[path].packed is not None for path in load.on_device)):
+            self._add_region(load, pack.path, whole_region(pack, None, np.empty(pack.nbytes, np.uint8)))
+        return load
+
+    def _plan(self, load: Load, path: str, spec: ArraySpec, target: Any) -> None:
+        """Add to ``load`` what restoring array ``path`` into ``target`` reads, and where it goes."""
+        on_cuda = self.device is not None and is_cuda_target(spec, target)
+        if on_cuda and spec.packed is not None:  # filled from the pack, copied up once (see finish)
+            load.on_device[path] = target
+            return
+        memory = device_bytes(spec, target) if on_cuda else None  # None: compressed, or not contiguous
+        direct = device_reads(spec, memory) if memory is not None else None
+        if direct is not None:
+            load.on_device[path] = target
+            load.reads.extend(direct)
+            load.wanted[path] = [key for key, _, _ in direct]
+        elif spec.packed is None and is_dtensor(target):
+            self._add_region(load, path, shard_region(spec, target, self._where(path)))
+        else:
             result, raw = host_array(spec, None if is_dtensor(target) else target)
             if spec.packed is None:
-                regions[path] = whole_region(spec, result, raw)
+                self._add_region(load, path, whole_region(spec, result, raw))
             else:
-                members[path] = (result, raw)
-        pack = self.manifest.pack
-        if pack is not None and (members or any(specs[path].packed is not None for path in on_device)):
-            regions[pack.path] = whole_region(pack, None, np.empty(pack.nbytes, np.uint8))
-        in_packs: list[Read] = []
-        for path, region in regions.items():
-            if region.spec.ranked:
-                in_packs += region_reads(region)
-                continue
-            # The manifest says all a raw array's bytes mean; only zarr decodes a compressed one from its zarr.json.
-            metadata: list[Read] = [(region.spec.metadata_key, None, None)] if region.spec.codec is not None else []
-            files: list[Read] = [*metadata, *region_reads(region)]
-            wanted[path] = [key for key, _, _ in files]
-            reads.extend(files)
-        return Load(node, into, specs, regions, members, reads, wanted, on_device, in_packs)
+                load.members[path] = (result, raw)
+
+    @staticmethod
+    def _add_region(load: Load, path: str, region: Region) -> None:
+        load.regions[path] = region
+        if region.spec.ranked:
+            load.in_packs += region_reads(region)
+            return
+        # The manifest says all a raw array's bytes mean; only zarr decodes a compressed one from its zarr.json.
+        metadata: list[Read] = [(region.spec.metadata_key, None, None)] if region.spec.codec is not None else []
+        files: list[Read] = [*metadata, *region_reads(region)]
+        load.wanted[path] = [key for key, _, _ in files]
+        load.reads.extend(files)
 
     def resolve(self, load: Load) -> None:
         """Turn ``load``'s reads of ranked arrays' chunks into reads of the rank packs that hold them (reading the
@@ -293,29 +273,52 @@ class StepReader:
         load.reads += pack_reads(load.in_packs, self._member)
         load.in_packs = []
 
+    def _plan_later(self, load: Load) -> list[Read]:
+        """The reads of the arrays :meth:`prepare` left for later (see ``ranked_later``), added to ``load``."""
+        known = len(load.reads)
+        for path, target in load.later:
+            self._plan(load, path, load.specs[path], target)
+        load.later = []
+        self.resolve(load)
+        return load.reads[known:]
+
     def finish(self, load: Load) -> Any:
         """Read what ``load`` names and build the state from it."""
         self.resolve(load)
-        specs, regions, members, reads = load.specs, load.regions, load.members, load.reads
+        specs, regions, members = load.specs, load.regions, load.members
         contents: dict[str, bytes | None] = {}
-        sizes = {key: self._entry(key).size for key, _, _ in reads}
-        jobs = (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]]))
-        # The small files are read last, one after another in each thread: from a cold disk, each costs a trip to
-        # the disk then, after the big files. Asked for now, they are read in while the big files stream.
-        small = [key for key, target, _ in reads if sizes[key] < BATCH_BYTES and not isinstance(target, DeviceRun)]
-        advice = threading.Thread(target=self.source.advise, args=(self.step, small), name="trainio-restore-advise",
-                                  daemon=True) if small else None
-        if advice is not None:
-            advice.start()
+        sizes: dict[str, int] = {}
+        read: list[Read] = []
+        first = list(load.reads)
+        # Ranked arrays left for later are worked out in a thread while the first files are read.
+        later = in_thread(functools.partial(self._plan_later, load), "trainio-restore-plan") if load.later else None
+
+        def jobs(reads: list[Read]) -> Iterator[Callable[[], list[tuple[str, bytes | None]]]]:
+            read.extend(reads)
+            sizes.update((key, self._entry(key).size) for key, _, _ in reads)
+            # The small files are read last, one after another in each thread: from a cold disk, each costs a trip
+            # to the disk then, after the big files. Asked for now, they are read in while the big files stream.
+            small = [key for key, target, _ in reads if sizes[key] < BATCH_BYTES and not isinstance(target, DeviceRun)]
+            if small:
+                advice.append(in_thread(functools.partial(self.source.advise, self.step, small),
+                                         "trainio-restore-advise"))
+            yield from (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]]))
+
+        def all_jobs() -> Iterator[Callable[[], list[tuple[str, bytes | None]]]]:
+            yield from jobs(first)
+            if later is not None:
+                yield from jobs(later.result())
+
+        advice: list[Future[None]] = []
         if load.on_device:
             assert self.device is not None
             self.device.begin(load.on_device.values())
         try:
-            for done in run_all(self.pool, jobs, self.threads):
+            for done in run_all(self.pool, all_jobs(), self.threads):
                 contents.update(done)
         finally:
-            if advice is not None:
-                advice.join()
+            for waited in (*advice, *([later] if later is not None else [])):
+                wait([waited])
             if load.on_device:
                 assert self.device is not None
                 self.device.finish()
@@ -331,7 +334,7 @@ class StepReader:
                 raw[:] = pack_bytes[offset:offset + specs[path].nbytes]
             fill_from_pack(pack_bytes, {path: (specs[path], target) for path, target in load.on_device.items()
                                         if specs[path].packed is not None})
-        self.report.files = len(reads)
+        self.report.files = len(read)
         self.report.bytes = sum(sizes.values())
 
         def load_array(path: str, target: Any) -> Any:
@@ -396,4 +399,3 @@ class StepReader:
 
     def _where(self, path: str) -> str:
         return f"step {self.step}: {path}"
-

@@ -22,7 +22,8 @@ from trainio.storage import CheckpointError
 from .._format.manifest import Manifest
 from .._handle import SaveLedger, TierResult
 from .._restore.device_reads import DeviceReads
-from .._restore.step_reader import ReadReport, StepReader
+from .._restore.report import ReadReport
+from .._restore.step_reader import StepReader
 from .._save.files import copy_step
 from .._tier import Tier
 from .commit import TierIO, describe
