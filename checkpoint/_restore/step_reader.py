@@ -288,19 +288,20 @@ class StepReader:
         specs, regions, members = load.specs, load.regions, load.members
         contents: dict[str, bytes | None] = {}
         sizes: dict[str, int] = {}
-        read: list[Read] = []
+        every: list[Read] = []
         first = list(load.reads)
         # Ranked arrays left for later are worked out in a thread while the first files are read.
         later = in_thread(functools.partial(self._plan_later, load), "trainio-restore-plan") if load.later else None
+        helpers: list[Future[Any]] = [later] if later is not None else []
 
         def jobs(reads: list[Read]) -> Iterator[Callable[[], list[tuple[str, bytes | None]]]]:
-            read.extend(reads)
+            every.extend(reads)
             sizes.update((key, self._entry(key).size) for key, _, _ in reads)
             # The small files are read last, one after another in each thread: from a cold disk, each costs a trip
             # to the disk then, after the big files. Asked for now, they are read in while the big files stream.
             small = [key for key, target, _ in reads if sizes[key] < BATCH_BYTES and not isinstance(target, DeviceRun)]
             if small:
-                advice.append(in_thread(functools.partial(self.source.advise, self.step, small),
+                helpers.append(in_thread(functools.partial(self.source.advise, self.step, small),
                                          "trainio-restore-advise"))
             yield from (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]]))
 
@@ -309,7 +310,6 @@ class StepReader:
             if later is not None:
                 yield from jobs(later.result())
 
-        advice: list[Future[None]] = []
         if load.on_device:
             assert self.device is not None
             self.device.begin(load.on_device.values())
@@ -317,8 +317,7 @@ class StepReader:
             for done in run_all(self.pool, all_jobs(), self.threads):
                 contents.update(done)
         finally:
-            for waited in (*advice, *([later] if later is not None else [])):
-                wait([waited])
+            wait(helpers)
             if load.on_device:
                 assert self.device is not None
                 self.device.finish()
@@ -334,7 +333,7 @@ class StepReader:
                 raw[:] = pack_bytes[offset:offset + specs[path].nbytes]
             fill_from_pack(pack_bytes, {path: (specs[path], target) for path, target in load.on_device.items()
                                         if specs[path].packed is not None})
-        self.report.files = len(read)
+        self.report.files = len(every)
         self.report.bytes = sum(sizes.values())
 
         def load_array(path: str, target: Any) -> Any:

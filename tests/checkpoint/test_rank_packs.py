@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,41 @@ def test_a_whole_restore_in_one_process_reads_every_ranks_pack(saved: tuple[Path
     expected = full_state()
     assert all(torch.equal(restored[k], expected[k]) for k in (*SMALL, BIG, "rep"))
     assert verify_checkpoint(root / "fast").ok
+
+
+@pytest.mark.slow
+def test_the_ranked_arrays_reads_are_worked_out_while_the_other_files_are_read(
+        saved: tuple[Path, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainio.checkpoint._restore.step_reader import StepReader
+    from trainio.checkpoint._tiers.local import LocalTierIO
+
+    root, _ = saved
+    big_read = threading.Event()
+    read_into, plan_later = LocalTierIO.read_into, StepReader._plan_later
+
+    def reading(self: LocalTierIO, step: int, key: str, entry: FileEntry, target: memoryview) -> None:
+        read_into(self, step, key, entry, target)
+        if key.startswith(f"state.zarr/{BIG}/c."):
+            big_read.set()
+
+    planned: list[str] = []
+
+    def planning(self: StepReader, load: Any) -> Any:
+        assert big_read.wait(10), "the ranked arrays were worked out before any other file was read"
+        planned.extend(path for path, _ in load.later)
+        return plan_later(self, load)
+
+    monkeypatch.setattr(LocalTierIO, "read_into", reading)
+    monkeypatch.setattr(StepReader, "_plan_later", planning)
+    with CheckpointManager([Tier(root / "fast")]) as manager:
+        restored, report = manager.restore_with_report()
+    expected = full_state()
+    assert all(torch.equal(restored[k], expected[k]) for k in (*SMALL, BIG, "rep"))
+    assert not report.fell_back
+    assert sorted(planned) == sorted(SMALL)
+    state = root / "fast" / STEP / "state.zarr"
+    read = [*(state / BIG).glob("c.*"), *(state / ".rank_packs").glob("*/c.0"), state / ".packed" / "c.0"]
+    assert report.files == len(read) == 5  # each once: the big array's chunks, both ranks' packs, the step's pack
 
 
 @pytest.mark.slow
