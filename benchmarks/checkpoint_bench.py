@@ -144,6 +144,7 @@ class Bench:
         tier = self.root / ("trainio" if compression is None else f"trainio-{compression}")
         who = "trainio" if compression is None else f"trainio {compression}"
         fresh(tier)
+        self.open.callback(fresh, tier)  # after the manager is closed
         manager = self.open.enter_context(CheckpointManager([Tier(tier, keep_last=1)], compression=compression))
         manager.save(0, self.state).wait()  # allocates and faults in the staging slot once
         blocked, total = [], []
@@ -171,7 +172,6 @@ class Bench:
             assert all(torch.equal(a, b) for a, b in zip(tensors_of(target), self.tensors, strict=True)), who
 
         self.readers.append((f"{who} restore(into=)", restore, tier))
-        self.open.callback(fresh, tier)
         self.open.callback(check)
 
     def restores(self) -> None:
