@@ -193,8 +193,8 @@ def _table(results: dict[str, Any]) -> str:
                  "its checker's, "
                  "page cache warm "
                  "(read just before) or cold (dropped just before with posix_fadvise DONTNEED, for both); memcpy "
-                 "of the tensors; the step's files read with the manager's threads into memory of their own (a "
-                 "promotion: read, then "
+                 "of the tensors; the step's files read with the manager's threads into memory of their own (all "
+                 "advised at once in 8 MiB blocks, or each whole in 256 KiB reads: the faster; a promotion: read, then "
                  "written+fsynced). 1.00x is the limit; (!) marks a figure past its limit, a defect of the "
                  "measurement. A loader epoch is a new StreamingDataset + Loader, every row checked against its digest.")
     return "\n".join(lines)
