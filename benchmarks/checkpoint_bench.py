@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import os
 import shutil
@@ -57,6 +58,7 @@ from _report import in_turn as order_of_round  # noqa: E402
 
 from trainio.checkpoint import CheckpointManager, CheckpointOptions, Tier  # noqa: E402
 from trainio.tools._bench_limits import (  # noqa: E402
+    READ_WAYS,
     DurableWrite,
     destination,
     drop_from_page_cache,
@@ -265,9 +267,8 @@ def in_turn(contenders: Sequence[tuple[str, Callable[[], Any]]], repeat: int, co
 def raw_reads(files: Sequence[Path], threads: int, into: memoryview, each: str) -> list[tuple[str, Callable[[], Any]]]:
     """The read limit's ways as contenders (see :func:`read_files`): which is fastest depends on the disk, and the
     table takes the fastest as the limit."""
-    return [(f"raw read, {threads} threads{each}, all files advised", lambda: read_files(files, threads, into=into)),
-            (f"raw read, {threads} threads{each}, whole files in turn",
-             lambda: read_files(files, threads, into=into, advise=False, whole_files=True))]
+    return [(f"raw read, {threads} threads{each}, {name}", functools.partial(read_files, files, threads, into=into, **way))
+            for name, way in READ_WAYS.items()]
 
 
 def rows_table(measured: list[tuple[str, str, float]], nbytes: int) -> list[str]:
