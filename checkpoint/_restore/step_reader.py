@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from trainio.storage import BATCH_BYTES, CheckpointError, FormatError, StoreError, batched, in_thread, run_all
+from trainio.storage import CheckpointError, FormatError, StoreError, batched, in_thread, run_all
 
 from .._format.dtensor import is_dtensor
 from .._format.manifest import MANIFEST, FileEntry, Manifest
@@ -21,7 +21,7 @@ from .._format.parts import pack_member
 from .._format.per_rank import for_rank
 from .._format.state_tree import array_paths, build, select
 from .._format.zarr_layout import ArraySpec
-from .._tiers.commit import NotKeptHere, TierIO, describe, step_name
+from .._tiers.commit import ADVISE_BELOW, NotKeptHere, TierIO, describe, step_name
 from .device_reads import (
     PINNED_HOST,
     DeviceReads,
@@ -299,7 +299,7 @@ class StepReader:
             sizes.update((key, self._entry(key).size) for key, _, _ in reads)
             # The small files are read last, one after another in each thread: from a cold disk, each costs a trip
             # to the disk then, after the big files. Asked for now, they are read in while the big files stream.
-            small = [key for key, target, _ in reads if sizes[key] < BATCH_BYTES and not isinstance(target, DeviceRun)]
+            small = [key for key, target, _ in reads if sizes[key] < ADVISE_BELOW and not isinstance(target, DeviceRun)]
             if small:
                 helpers.append(in_thread(functools.partial(self.source.advise, self.step, small),
                                          "trainio-restore-advise"))

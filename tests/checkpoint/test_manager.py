@@ -315,15 +315,16 @@ def test_files_not_in_the_page_cache_are_read_in_pieces_and_checked(tmp_path: Pa
 
 
 def test_a_restore_asks_the_disk_for_its_small_files_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The files read last (those smaller than a batch) are announced to the tier before the reads start; the big
-    ones are not."""
+    """The files the kernel reads in one request (smaller than ADVISE_BELOW) are announced to the tier before the
+    reads start; bigger ones are left to the read-ahead of their own reads."""
     from trainio.checkpoint._tiers.local import LocalTierIO
 
     advised: list[list[str]] = []
     monkeypatch.setattr(LocalTierIO, "advise", lambda self, step, keys: advised.append(sorted(keys)))
     g = torch.Generator().manual_seed(5)
-    state = {"big": torch.randn(2 << 20, generator=g), "mid": torch.randn(100_000, generator=g),
-             "small": torch.randn(64, generator=g)}  # 8 MiB (its own read), 400 KB (batched), 256 bytes (the pack)
+    state = {"big": torch.randn(2 << 20, generator=g), "batched": torch.randn(400_000, generator=g),
+             "mid": torch.randn(100_000, generator=g), "small": torch.randn(64, generator=g)}
+    # 8 MiB (its own read), 1.6 MB (batched, not advised), 400 KB (batched and advised), 256 bytes (the pack)
     with CheckpointManager([tmp_path]) as manager:
         manager.save(1, state).wait()
         restored = manager.restore(1)
