@@ -1,14 +1,14 @@
 """ShardChecker: a local dataset's shards hashed against the index ahead of the reader, before any sample is used.
 
-A local shard is memory-mapped in place, so unlike a downloaded one it is
-never hashed on its way in. The checker hashes each shard the readers will
-need, in background threads from the moment the epoch's order is known, in
-that order, through the mapping they decode from (which brings the pages
-in). :meth:`ShardChecker.wait` returns a shard's mapping only once its bytes
-have matched the index's xxh3-128 (a reader that needs a shard nobody has
-started on hashes it itself). A shard checked once is not hashed again
-while its file stays the same (device, inode, size, modification time), in
-this process or those forked from the same parent (``verified.py``).
+A local shard is memory-mapped in place, never hashed on its way in. The
+checker hashes each shard the readers will need, in background threads from
+the moment the epoch's order is known, in that order, through the mapping
+they decode from (bringing the pages in). :meth:`ShardChecker.wait` returns
+a shard's mapping only once its bytes have matched the index's xxh3-128 (a
+reader that needs a shard nobody has started on hashes it itself). A shard
+checked once is not hashed again while its file stays the same (device,
+inode, size, modification time), in this process or those forked from the
+same parent (``verified.py``).
 
 A shard with row digests is checked row by row by readers that copy rows
 (a Loader says so: :meth:`ShardChecker.leave_rows_to_readers`): the threads
@@ -38,7 +38,7 @@ from trainio.storage import Hasher, IntegrityError
 
 from . import verified
 from .check_steps import Closed, LeftToReaders, PartialHash, Paused
-from .cold_hash import hash_by_reads, resident, resident_share
+from .cold_hash import cached_share, hash_by_reads, resident, resident_share
 
 if TYPE_CHECKING:  # a Dataset makes its checker (Dataset.checker)
     from .dataset import Dataset, MappedFile
@@ -63,26 +63,19 @@ def forget_verified() -> None:
     verified.forget()
 
 
-def _known_good(mapped: MappedFile, xxh3: str) -> bool:
-    return verified.known(mapped.identity, xxh3)
-
-
 _Identity = tuple[int, int, int, int]
 
 
 class ShardChecker:
     """Checks the shards of one local dataset before they are used: ahead of the readers, and by whoever waits.
 
-    One per :class:`Dataset` and process (:meth:`Dataset.checker`), shared by
-    every reader of it. :meth:`expect` gives the order in which an epoch
-    will need the shards, :meth:`plan` the ones needed next (checked first).
-    Two background threads (one on a single core) hash them in that order
-    while there are any left, and end when there are none (the sooner the
-    first shards are checked, the less the readers wait); :meth:`wait` for a
-    shard nobody hashes yet hashes it in the waiting thread. Of the shards
-    past the furthest one planned, the threads read at most
-    :attr:`read_ahead` bytes (:attr:`ahead_peak` says how many they did);
-    a shard a reader waits for is hashed whole. Thread-safe.
+    One per :class:`Dataset` and process (:meth:`Dataset.checker`), shared by every reader of it. :meth:`expect`
+    gives the order in which an epoch will need the shards, :meth:`plan` the ones needed next (checked first). Two
+    background threads (one on a single core) hash them in that order while there are any left, and end when there
+    are none (the sooner the first shards are checked, the less the readers wait); :meth:`wait` for a shard nobody
+    hashes yet hashes it in the waiting thread. Of the shards past the furthest one planned, the threads read at
+    most :attr:`read_ahead` bytes (:attr:`ahead_peak` says how many they did); a shard a reader waits for is hashed
+    whole. Thread-safe.
     """
 
     def __init__(self, dataset: Dataset, read_ahead: int = DEFAULT_READ_AHEAD) -> None:
@@ -176,7 +169,7 @@ class ShardChecker:
             NotFound, StoreError: it is missing, not a regular file, or a link out of the dataset.
         """
         mapped = self.mapping(shard)
-        if not CHECK_LOCAL_SHARDS or _known_good(mapped, self._dataset.shards[shard].xxh3_128):
+        if not CHECK_LOCAL_SHARDS or verified.known(mapped.identity, self._dataset.shards[shard].xxh3_128):
             return mapped
         while True:
             with self._cond:
@@ -199,7 +192,8 @@ class ShardChecker:
     def checked(self, shard: int) -> bool:
         """Whether shard ``shard``'s file, as mapped now, has matched the index whole (here, or in a process
         sharing the record), or is not to be checked at all (the benchmarks' switch); never waits."""
-        return not CHECK_LOCAL_SHARDS or _known_good(self.mapping(shard), self._dataset.shards[shard].xxh3_128)
+        return not CHECK_LOCAL_SHARDS or verified.known(self.mapping(shard).identity,
+                                                     self._dataset.shards[shard].xxh3_128)
 
     def mapping(self, shard: int) -> MappedFile:
         """Shard ``shard``'s mapping, not checked here: for :meth:`wait`, and for readers that check each row they
@@ -350,6 +344,12 @@ class ShardChecker:
             time.sleep(_POLL_S)
         return verified.known(mapped.identity, xxh3)
 
+    def _in_memory(self, shard: int, mapped: MappedFile) -> float:
+        """The share of ``shard``'s file in memory now: exact from the file, else estimated from its mapping."""
+        fd = self._dataset.open_same(shard, mapped)
+        share = None if fd is None else cached_share(fd, len(mapped.buffer), close=True)
+        return resident_share(mapped.buffer, windows=32) if share is None else share
+
     def _check(self, shard: int, waited: bool) -> tuple[_Identity | None, BaseException | None]:
         info = self._dataset.shards[shard]
         with self._cond:
@@ -361,10 +361,10 @@ class ShardChecker:
                 mapped = self._dataset.mapped(shard)
             except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this shard
                 return None, exc
-            if _known_good(mapped, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
+            if verified.known(mapped.identity, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
                 return mapped.identity, None
             left = not waited and self._rows_by_readers and info.row_xxh3 is not None
-            if left and (not self._read_left_ahead or resident_share(mapped.buffer, windows=32) >= _IN_MEMORY):
+            if left and (not self._read_left_ahead or self._in_memory(shard, mapped) >= _IN_MEMORY):
                 raise LeftToReaders
             partial = PartialHash(mapped, None if left else Hasher(), 0)
         if partial.hasher is None:

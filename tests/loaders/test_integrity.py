@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from trainio.loaders import Dataset, DatasetIndex, DatasetWriter, Loader, LoaderError, StreamingDataset, verify_dataset
-from trainio.loaders._read import shard_check
+from trainio.loaders._read import verified
 from trainio.storage import SEAL_FIELD, FormatError, IntegrityError, NotFound, StoreError, seal_json
 
 from ._damage import drop_row_digests, edit_index, flip_bit
@@ -253,7 +253,7 @@ def test_transform_workers_check_every_row_they_use(tmp_path: Path) -> None:
         loader.close()
     assert ids == list(range(BASE, BASE + 256))
     dataset = ds.dataset  # no shard was hashed whole: in memory, they were left to the workers' row checks
-    assert not any(shard_check._known_good(dataset.mapped(s), info.xxh3_128) for s, info in enumerate(dataset.shards))
+    assert not any(verified.known(dataset.mapped(s).identity, info.xxh3_128) for s, info in enumerate(dataset.shards))
 
 
 def test_a_damaged_shard_is_refused_inside_dataloader_workers(tmp_path: Path) -> None:
@@ -346,7 +346,7 @@ def test_the_check_starts_when_the_dataset_is_made_and_a_waiting_reader_helps(tm
     ds = StreamingDataset(root)  # announces the first epoch's shards: checked before anything iterates
     dataset = ds.dataset
     deadline = 200
-    while deadline and not all(_shard_check._known_good(dataset.mapped(s), dataset.shards[s].xxh3_128)
+    while deadline and not all(verified.known(dataset.mapped(s).identity, dataset.shards[s].xxh3_128)
                                for s in range(len(dataset.shards))):
         threading.Event().wait(0.05)
         deadline -= 1
@@ -355,4 +355,4 @@ def test_the_check_starts_when_the_dataset_is_made_and_a_waiting_reader_helps(tm
     fresh = Dataset(root)
     checker = fresh.checker()
     assert checker.wait(2).buffer.size == fresh.shards[2].bytes  # no thread was asked: the waiter hashed it
-    assert _shard_check._known_good(fresh.mapped(2), fresh.shards[2].xxh3_128)
+    assert verified.known(fresh.mapped(2).identity, fresh.shards[2].xxh3_128)

@@ -3,6 +3,8 @@ shard size, and never at the cost of a check."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import gc
 import os
 import threading
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from trainio.loaders import Dataset, DatasetWriter, Loader, StreamingDataset
-from trainio.loaders._read import cold_hash, shard_check
+from trainio.loaders._read import cold_hash, shard_check, verified
 from trainio.loaders._read.dataset import map_file
 from trainio.storage import Hasher, IntegrityError, digest
 from trainio.tools._bench_limits import drop_from_page_cache
@@ -72,8 +74,8 @@ def test_the_threads_stop_at_the_bound_in_the_middle_of_a_shard(root: Path) -> N
     checker.plan([0])  # a reader starts on shard 0: the bound moves one shard on, and the third is finished
     assert reaches(lambda: sum(checker._hashed.values()), bound + sizes[0]) == bound + sizes[0]
     assert checker.ahead_peak == bound
-    assert shard_check._known_good(dataset.mapped(2), dataset.shards[2].xxh3_128)
-    assert not shard_check._known_good(dataset.mapped(4), dataset.shards[4].xxh3_128)
+    assert verified.known(dataset.mapped(2).identity, dataset.shards[2].xxh3_128)
+    assert not verified.known(dataset.mapped(4).identity, dataset.shards[4].xxh3_128)
     checker.close()
 
 
@@ -133,7 +135,7 @@ def test_the_trainer_process_reads_ahead_of_transform_workers(root: Path) -> Non
     finally:
         loader.close()
     checker = ds.dataset.checker()  # this process's: the workers check every shard again themselves
-    assert all(shard_check._known_good(ds.dataset.mapped(s), info.xxh3_128) for s, info in enumerate(dataset.shards))
+    assert all(verified.known(ds.dataset.mapped(s).identity, info.xxh3_128) for s, info in enumerate(dataset.shards))
     assert 0 < checker.ahead_peak <= checker.read_ahead
 
 
@@ -250,12 +252,12 @@ def test_shards_with_row_digests_in_memory_are_left_to_their_readers(tmp_path: P
     ds = StreamingDataset(path, shuffle=False)  # announces the epoch: the threads look at every shard
     checker = ds.dataset.checker()
     time.sleep(0.5)
-    assert checker.ahead_peak == 0 and not any(shard_check._known_good(ds.dataset.mapped(s), info.xxh3_128)
+    assert checker.ahead_peak == 0 and not any(verified.known(ds.dataset.mapped(s).identity, info.xxh3_128)
                                                for s, info in enumerate(ds.dataset.shards))
     ids = np.concatenate([batch["id"].numpy() for batch in Loader(ds, 500)])
     assert np.array_equal(np.sort(ids), np.arange(ROWS))  # every row checked as it was copied
     assert checker.wait(2).buffer.size == ds.dataset.shards[2].bytes  # a reader that asks gets it hashed whole
-    assert shard_check._known_good(ds.dataset.mapped(2), ds.dataset.shards[2].xxh3_128)
+    assert verified.known(ds.dataset.mapped(2).identity, ds.dataset.shards[2].xxh3_128)
 
 
 @pytest.mark.parametrize("read_ahead", [True, False])
@@ -280,7 +282,7 @@ def test_a_cold_shard_with_row_digests_is_read_ahead_unless_told_not_to_but_neve
             time.sleep(0.01)
         assert not any(t.is_alive() for t in checker._threads)
         assert cold_hash.resident_share(mapped) < 0.5 and checker.ahead_peak == 0  # left to the workers' page faults
-    assert not shard_check._known_good(ds.dataset.mapped(0), first.xxh3_128)  # and not hashed: its rows are checked as read
+    assert not verified.known(ds.dataset.mapped(0).identity, first.xxh3_128)  # and not hashed: its rows are checked as read
 
 
 def test_a_sampled_residency_estimate_is_close_to_the_count_of_every_page(tmp_path: Path) -> None:
@@ -301,3 +303,32 @@ def test_a_sampled_residency_estimate_is_close_to_the_count_of_every_page(tmp_pa
     assert 0.3 < exact < 0.95
     assert abs(cold_hash.resident_share(mapped, windows=16) - exact) < 0.1
     assert cold_hash.resident_share(mapped, windows=1000) == exact  # more windows than fit: every page
+    fd = os.open(path, os.O_RDONLY)
+    counted = cold_hash.cached_share(fd, path.stat().st_size, close=True)  # the page cache's own count, where kept
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed as asked
+    assert counted is None or counted == pytest.approx(exact, abs=0.01)
+
+
+def test_a_system_without_cachestat_falls_back_to_the_mapping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel before 6.5 (ENOSYS), or a sandbox refusing the call (EPERM): no count from the file; the checker's
+    residency is then estimated from the mapping, and the call is not tried again."""
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(1 << 20))
+    calls: list[int] = []
+
+    def refused(*args: object) -> int:
+        calls.append(1)
+        ctypes.set_errno(errno.ENOSYS)
+        return -1
+
+    monkeypatch.setattr(cold_hash, "_syscall", refused)
+    for _ in range(2):
+        fd = os.open(path, os.O_RDONLY)
+        assert cold_hash.cached_share(fd, 1 << 20, close=True) is None
+    assert calls == [1]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert cold_hash.cached_share(fd, 1 << 20) is None and os.fstat(fd)  # not closed unless asked
+    finally:
+        os.close(fd)
