@@ -38,7 +38,7 @@ from trainio.storage import Hasher, IntegrityError
 
 from . import verified
 from .check_steps import Closed, LeftToReaders, PartialHash, Paused
-from .cold_hash import cached_share, hash_by_reads, resident, resident_share
+from .cold_hash import cached_share, fetch_by_reads, hash_by_reads, prefer_huge_pages, resident, resident_share
 
 if TYPE_CHECKING:  # a Dataset makes its checker (Dataset.checker)
     from .dataset import Dataset, MappedFile
@@ -49,7 +49,6 @@ CHECK_LOCAL_SHARDS = True
 _PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
 #                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
 _FETCH_PIECE = 8 << 20  # read ahead (not hashed) per call: a closed checker or the bound stops it between two
-
 _IN_MEMORY = 0.9  # this share of a shard in memory is warm (a kernel reclaiming idle pages keeps a few % out)
 _POLL_S = 0.001  # how often a shard another process is hashing is looked at again
 
@@ -192,14 +191,15 @@ class ShardChecker:
     def checked(self, shard: int) -> bool:
         """Whether shard ``shard``'s file, as mapped now, has matched the index whole (here, or in a process
         sharing the record), or is not to be checked at all (the benchmarks' switch); never waits."""
-        return not CHECK_LOCAL_SHARDS or verified.known(self.mapping(shard).identity,
-                                                     self._dataset.shards[shard].xxh3_128)
+        return not CHECK_LOCAL_SHARDS or verified.known(self.mapping(shard).identity, self._dataset.shards[shard].xxh3_128)
 
     def mapping(self, shard: int) -> MappedFile:
         """Shard ``shard``'s mapping, not checked here: for :meth:`wait`, and for readers that check each row they
         read against the shard's row digests. Its file is confirmed (by identity) once per epoch."""
-        mapped = self._dataset.mapped(shard, fresh=shard not in self._confirmed)
+        mapped = self._dataset.mapped(shard, fresh=(fresh := shard not in self._confirmed))
         self._confirmed.add(shard)  # the file is the one mapped: confirmed once per epoch, not per batch
+        if fresh and self._rows_by_readers and self._read_left_ahead:  # a Loader's faults read in huge folios too
+            prefer_huge_pages(mapped.buffer)  # (in its process: not a worker's, which reads no shard ahead)
         return mapped
 
     def close(self) -> None:
@@ -324,13 +324,13 @@ class ShardChecker:
 
     def _read_ahead_only(self, shard: int, partial: PartialHash) -> None:
         """Have the kernel read a row-checked shard into the page cache (not hashed), within the read-ahead bound."""
-        fd = self._dataset.open_same(shard, partial.mapped)
-        if fd is None:  # replaced since it was mapped: its readers find out
+        if (fd := self._dataset.open_same(shard, partial.mapped)) is None:  # replaced since: its readers find out
             return
+        prefer_huge_pages(partial.mapped.buffer)
         try:
             while partial.done < len(partial.mapped.buffer):
                 end = min(self._allowance(shard, partial), partial.done + _FETCH_PIECE)
-                os.posix_fadvise(fd, partial.done, end - partial.done, os.POSIX_FADV_WILLNEED)
+                fetch_by_reads(fd, partial.done, end)
                 partial.done = end
                 self._note_hashed(shard, end)
         finally:

@@ -12,6 +12,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -283,6 +284,45 @@ def test_a_cold_shard_with_row_digests_is_read_ahead_unless_told_not_to_but_neve
         assert not any(t.is_alive() for t in checker._threads)
         assert cold_hash.resident_share(mapped) < 0.5 and checker.ahead_peak == 0  # left to the workers' page faults
     assert not verified.known(ds.dataset.mapped(0).identity, first.xxh3_128)  # and not hashed: its rows are checked as read
+    if huge_pages_possible():  # what faults read before the read-ahead gets there comes in huge folios (a Loader's)
+        assert marked_huge(checker.mapping(1).buffer) == read_ahead
+
+
+def huge_pages_possible() -> bool:
+    """Whether this system can be asked for transparent huge pages."""
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+def marked_huge(buffer: Any) -> bool:
+    """Whether the mapping holding ``buffer`` is marked for huge pages (``hg`` in /proc/self/smaps)."""
+    region = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(x, 16) for x in head.split("-"))
+            region = low <= buffer.address < high
+        elif region and line.startswith("VmFlags:"):
+            return "hg" in line.split()[1:]
+    raise AssertionError("no mapping holds the buffer")
+
+
+def test_reads_ahead_fill_the_page_cache_and_stop_at_the_end_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(np.random.default_rng(7).integers(0, 256, size=6 << 20, dtype=np.uint8).tobytes())
+    if not evicted(path):
+        pytest.skip("this file system keeps the file in memory whatever it is told")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        cold_hash.fetch_by_reads(fd, 0, 8 << 20)  # past the end: what there is
+    finally:
+        os.close(fd)
+    assert cold_hash.resident_share(map_file(path)) == 1.0
+    mapped = map_file(path)
+    cold_hash.prefer_huge_pages(mapped)
+    assert marked_huge(mapped) == huge_pages_possible()
 
 
 def test_a_sampled_residency_estimate_is_close_to_the_count_of_every_page(tmp_path: Path) -> None:
