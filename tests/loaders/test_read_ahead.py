@@ -309,11 +309,16 @@ def marked_huge(buffer: Any) -> bool:
     raise AssertionError("no mapping holds the buffer")
 
 
-def test_reads_ahead_fill_the_page_cache_and_stop_at_the_end_of_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "blob"
-    path.write_bytes(np.random.default_rng(7).integers(0, 256, size=6 << 20, dtype=np.uint8).tobytes())
+def cold_blob(path: Path, size: int) -> Path:
+    """A file of ``size`` random bytes at ``path``, out of the page cache (the test is skipped where it stays in)."""
+    path.write_bytes(np.random.default_rng(size).integers(0, 256, size=size, dtype=np.uint8).tobytes())
     if not evicted(path):
         pytest.skip("this file system keeps the file in memory whatever it is told")
+    return path
+
+
+def test_reads_ahead_fill_the_page_cache_and_stop_at_the_end_of_the_file(tmp_path: Path) -> None:
+    path = cold_blob(tmp_path / "blob", 6 << 20)
     fd = os.open(path, os.O_RDONLY)
     try:
         cold_hash.fetch_by_reads(fd, 0, 8 << 20)  # past the end: what there is
@@ -326,10 +331,7 @@ def test_reads_ahead_fill_the_page_cache_and_stop_at_the_end_of_the_file(tmp_pat
 
 
 def test_a_sampled_residency_estimate_is_close_to_the_count_of_every_page(tmp_path: Path) -> None:
-    path = tmp_path / "blob"
-    path.write_bytes(np.random.default_rng(6).integers(0, 256, size=32 << 20, dtype=np.uint8).tobytes())
-    if not evicted(path):
-        pytest.skip("this file system keeps the file in memory whatever it is told")
+    path = cold_blob(tmp_path / "blob", 32 << 20)
     fd = os.open(path, os.O_RDONLY)
     try:
         # No read-ahead: pages the kernel read ahead could still be arriving between the two counts below (a disk
