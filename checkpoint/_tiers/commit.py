@@ -52,12 +52,12 @@ from .lease import Lease
 
 _STEP_NAME = re.compile(r"\d{12}")
 LAST_KNOWN_GOOD = "last_known_good.json"
+"""Key, at the top of a tier, of the newest step that passed a full verification."""
 ADVISE_BELOW = 1 << 20
 """Files smaller than this are worth :meth:`TierIO.advise` before a restore reads them: the kernel reads such a file
 in one request anyway. A bigger file is better left to the read-ahead its own reads start, which fills the page cache
 with large folios; the advice fills it with single pages, slower to copy now and when read again (measured on 4 MiB
 files: a cold read 1.4x as long, a warm read after it 1.2x)."""
-"""Key, at the top of a tier, of the newest step that passed a full verification."""
 
 
 def digest_with_padding(data: memoryview, size: int) -> str:

@@ -324,6 +324,7 @@ def test_reads_ahead_fill_the_page_cache_and_stop_at_the_end_of_the_file(tmp_pat
         cold_hash.fetch_by_reads(fd, 0, 8 << 20)  # past the end: what there is
     finally:
         os.close(fd)
+    cold_hash.fetch_by_reads(fd, 0, 1 << 20)  # a descriptor that no longer reads: nothing, as the advice it replaces
     assert cold_hash.resident_share(map_file(path)) == 1.0
     mapped = map_file(path)
     cold_hash.prefer_huge_pages(mapped)
