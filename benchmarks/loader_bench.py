@@ -110,6 +110,7 @@ IMAGE_BYTES = (90_000, 110_000)      # each image sample's length is drawn unifo
 BATCH, WORKERS = 64, 2
 SHARD_BYTES = 256 << 20              # trainio's default shard_bytes; every writer closes its shards here
 MAX_EPOCHS = 25                      # timed epochs of one contender, at most (see --min-seconds)
+CHECK_PAIR_RUNS = 15                 # timed epochs, at least, of a fresh Loader row judged by checked/unchecked time
 WDS_SHUFFLE = 1000                   # WebDataset's sample shuffle buffer
 VERSIONS = ("pyarrow", "numpy", "torch", "trainio", "mosaicml-streaming", "litdata", "webdataset")
 IN_ORDER, SHUFFLED = "in order", "shuffled"
@@ -514,6 +515,7 @@ class Contender(harness.Contender):
     teardown: Callable[[], None] = lambda: None
     before: Callable[[], None] = lambda: None  # untimed, before every run (the cold rows evict the files)
     together: str = ""                         # a "fresh" row measured in turn with the rows of this name
+    min_runs: int = 0                          # timed runs, at least (a row judged by the ratio of two medians)
     tallies: list[Tally] = field(default_factory=list)
 
 
@@ -699,7 +701,8 @@ def fresh_contenders(work: Workload, path: Path, seed: int) -> list[Contender]:
                     found.append(Contender(work.name, order, f"trainio {name}{label}", "fresh",
                                            lambda epoch, s=shuffle, c=checked, run=run: run(epoch, s, c),
                                            None if cold else path,
-                                           before=(lambda: evict(path)) if cold else (lambda: None)))
+                                           before=(lambda: evict(path)) if cold else (lambda: None),
+                                           min_runs=CHECK_PAIR_RUNS if name in (FRESH, FRESH_WORKERS) else 0))
     return found
 
 
@@ -867,8 +870,8 @@ def measure(group: list[Contender], work: Workload, repeat: int, min_seconds: fl
         for c in started:
             attempt(c, live, lambda c=c: (c.setup(), warm_cache(c.files)))
         epoch = 0
-        while live and (epoch <= repeat
-                        or (min(sum(c.seconds) for c in live) < min_seconds and epoch <= MAX_EPOCHS)):
+        while live and (epoch <= repeat or (epoch <= MAX_EPOCHS and (
+                min(sum(c.seconds) for c in live) < min_seconds or any(len(c.seconds) < c.min_runs for c in live)))):
             if epoch < 2:  # then the timed epochs back to back, as a trainer runs them (see NOTES)
                 gc.collect()
             for c in list(live):
