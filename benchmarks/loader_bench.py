@@ -861,7 +861,7 @@ ABORTS = ("trainio", "DataLoader ceiling", "pyarrow", "numpy")  # contenders who
 def measure(group: list[Contender], work: Workload, repeat: int, min_seconds: float) -> None:
     """Set up the contenders of ``group`` and warm the cache, then run them an epoch each in turn: one untimed
     round, then at least ``repeat`` timed ones, and more (up to MAX_EPOCHS) until each contender's add up to
-    ``min_seconds``; check every run's counts. Contenders measured together meet the same drift of the
+    ``min_seconds`` and each has its ``min_runs``; check every run's counts. Contenders measured together meet the same drift of the
     machine, which keeps their ratios fair."""
     live = [c for c in group if not c.skip]
     started = list(live)
