@@ -345,9 +345,9 @@ class ShardChecker:
         return verified.known(mapped.identity, xxh3)
 
     def _in_memory(self, shard: int, mapped: MappedFile) -> float:
-        """The share of ``shard``'s file in memory now: exact from the file, else estimated from its mapping."""
+        """The share of ``shard``'s file in memory now, estimated from the page cache's count, else from its mapping."""
         fd = self._dataset.open_same(shard, mapped)
-        share = None if fd is None else cached_share(fd, len(mapped.buffer), close=True)
+        share = None if fd is None else cached_share(fd, len(mapped.buffer), close=True, windows=32)
         return resident_share(mapped.buffer, windows=32) if share is None else share
 
     def _check(self, shard: int, waited: bool) -> tuple[_Identity | None, BaseException | None]:
