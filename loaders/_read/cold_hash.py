@@ -15,6 +15,7 @@ import errno
 import mmap
 import os
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,29 +27,23 @@ _FETCH_READ = 1 << 20  # bytes per pread of a range only read into the page cach
 _MADV_HUGEPAGE = 14
 _WINDOW = 256 << 10  # bytes of one window of a sampled residency estimate
 
-def _find_mincore() -> Callable[..., int] | None:
-    """libc's ``mincore``, or None where there is none (every range then counts as resident).
+def _libc_function(name: str, argtypes: tuple[Any, ...], restype: Any) -> Callable[..., int] | None:
+    """libc's function ``name``, or None where there is none.
 
-    Called holding the GIL (``PyDLL``), as ``cachestat`` is: each returns in microseconds, and a call that gave
-    the GIL up could wait a switch interval (5 ms) behind the loader's busy threads to take it back.
+    Called holding the GIL (``PyDLL``): each of these returns in microseconds, and a call that gave the GIL up
+    could wait a switch interval (5 ms) behind the loader's busy threads to take it back.
     """
     try:
-        function = ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True).mincore
+        function = getattr(ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-    function.restype = ctypes.c_int
+    function.argtypes, function.restype = argtypes, restype
     return function
 
 
-_mincore = _find_mincore()
-_madvise: Callable[..., int] | None = None
-try:
-    _madvise = ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True).madvise  # returns at once: see above
-    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    _madvise.restype = ctypes.c_int
-except (OSError, AttributeError):
-    _madvise = None
+_mincore = _libc_function("mincore", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p), ctypes.c_int)
+"""Where there is none, every range counts as resident."""
+_madvise = _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int)
 
 
 class _CacheRange(ctypes.Structure):
@@ -60,14 +55,8 @@ class _CacheStat(ctypes.Structure):
 
 
 _CACHESTAT = 451  # the system call's number on every Linux architecture (6.5 on)
-_syscall: Callable[..., int] | None = None
-if os.uname().sysname == "Linux":
-    try:
-        _syscall = ctypes.PyDLL(None, use_errno=True).syscall  # holding the GIL: see _find_mincore
-        _syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long)
-        _syscall.restype = ctypes.c_long
-    except (OSError, AttributeError):
-        _syscall = None
+_syscall = _libc_function("syscall", (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long),
+                          ctypes.c_long) if os.uname().sysname == "Linux" else None
 
 
 def cached_share(fd: int, size: int, *, close: bool = False, windows: int | None = None) -> float | None:
@@ -76,7 +65,7 @@ def cached_share(fd: int, size: int, *, close: bool = False, windows: int | None
 
     With ``windows``, an estimate from that many 256 KiB windows spread evenly over a larger file: the call walks
     every page-cache entry of its range, 9 us for a 256 MB file held in 2 MiB folios but 2 ms held in 4 KiB pages
-    (with the GIL held, as it must be: see :func:`_find_mincore`).
+    (with the GIL held, as it must be: see :func:`_libc_function`).
     """
     global _syscall
     stat, cached, pages = _CacheStat(), 0, 0
