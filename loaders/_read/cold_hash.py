@@ -38,7 +38,8 @@ def _libc_function(name: str, argtypes: tuple[Any, ...], restype: Any) -> Callab
     except (OSError, AttributeError):
         return None
     function.argtypes, function.restype = argtypes, restype
-    return function
+    found: Callable[..., int] = function
+    return found
 
 
 _mincore = _libc_function("mincore", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p), ctypes.c_int)
