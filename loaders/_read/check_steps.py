@@ -26,9 +26,17 @@ class Paused(Exception):
 
 @dataclass(slots=True)
 class PartialHash:
-    """A shard hashed up to ``done`` bytes, paused at the read-ahead bound; with no ``hasher``, a shard its readers
-    check row by row, only read ahead (brought into the page cache) that far."""
+    """A shard hashed up to ``done`` bytes, paused at the read-ahead bound."""
 
     mapped: MappedFile
-    hasher: Hasher | None
+    hasher: Hasher
+    done: int
+
+
+@dataclass(slots=True)
+class PartialFetch:
+    """A shard its readers check row by row, read into the page cache (not hashed) up to ``done`` bytes of the file
+    of ``identity`` (a :attr:`MappedFile.identity`), paused at the read-ahead bound."""
+
+    identity: tuple[int, int, int, int]
     done: int

@@ -60,9 +60,9 @@ _syscall = _libc_function("syscall", (ctypes.c_long, ctypes.c_long, ctypes.c_voi
                           ctypes.c_long) if os.uname().sysname == "Linux" else None
 
 
-def cached_share(fd: int, size: int, *, close: bool = False, windows: int | None = None) -> float | None:
+def cached_share(fd: int, size: int, *, windows: int | None = None) -> float | None:
     """The share of the pages of the open file ``fd`` (``size`` bytes) in the page cache now, from the page cache's
-    own count (``cachestat``, Linux 6.5 on); None where the system has no such call. With ``close``, ``fd`` is closed.
+    own count (``cachestat``, Linux 6.5 on); None where the system has no such call.
 
     With ``windows``, an estimate from that many 256 KiB windows spread evenly over a larger file: the call walks
     every page-cache entry of its range, 9 us for a 256 MB file held in 2 MiB folios but 2 ms held in 4 KiB pages
@@ -70,17 +70,13 @@ def cached_share(fd: int, size: int, *, close: bool = False, windows: int | None
     """
     global _syscall
     stat, cached, pages = _CacheStat(), 0, 0
-    try:
-        for start, end in _spans(size, windows):
-            if _syscall is None or _syscall(_CACHESTAT, fd, ctypes.byref(_CacheRange(start, end - start)),
-                                            ctypes.byref(stat), 0):
-                if _syscall is not None and ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # older kernel, sandbox
-                    _syscall = None
-                return None
-            cached, pages = cached + stat.cached, pages + -(-(end - start) // mmap.PAGESIZE)
-    finally:
-        if close:
-            os.close(fd)
+    for start, end in _spans(size, windows):
+        if _syscall is None or _syscall(_CACHESTAT, fd, ctypes.byref(_CacheRange(start, end - start)),
+                                        ctypes.byref(stat), 0):
+            if _syscall is not None and ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # older kernel, sandbox
+                _syscall = None
+            return None
+        cached, pages = cached + stat.cached, pages + -(-(end - start) // mmap.PAGESIZE)
     return 1.0 if not pages else min(1.0, cached / pages)
 
 

@@ -246,7 +246,6 @@ class Dataset:
             StoreError: a symbolic link leads it out of the dataset's directory.
             FormatError: its size is not the one the index records.
         """
-        store = self._store
         if not self.is_local:
             raise TypeError(f"{self.url}: only a local dataset's shards are memory-mapped in place")
         info = self._index.shards[shard]
@@ -254,13 +253,15 @@ class Dataset:
             mapped = self._maps.get(shard)
             if mapped is not None:
                 self._maps.move_to_end(shard)
-        if mapped is not None and (not fresh or file_identity(store, info.path) == mapped.identity):
+        if mapped is not None and not fresh:
             return mapped
+        fd, identity = self.open_shard(shard)
         try:
-            mapped = map_local(store, info.path)
-        except NotFound as exc:
-            raise NotFound(self.url, info.path, f"the shard file is missing ({exc.problem})",
-                           "the dataset is incomplete: run trainio verify") from exc
+            if mapped is not None and identity == mapped.identity:
+                return mapped
+            mapped = _map_open(fd, identity)
+        finally:
+            os.close(fd)
         if mapped.buffer.size != info.bytes:
             raise FormatError(self.url, info.path, f"is {mapped.buffer.size} bytes, the index says {info.bytes}",
                               "the shard was truncated or replaced: run trainio verify")
@@ -270,11 +271,28 @@ class Dataset:
                 self._maps.popitem(last=False)
         return mapped
 
-    def open_same(self, shard: int, mapped: MappedFile) -> int | None:
-        """Shard ``shard``'s file of a local dataset opened for reading, if it is still the file ``mapped`` maps;
-        None if it was replaced since (close the descriptor when done)."""
-        fd = _open_local(self._store, self._index.shards[shard].path)
-        if identity_of(os.fstat(fd)) == mapped.identity:
+    def open_shard(self, shard: int) -> tuple[int, tuple[int, int, int, int]]:
+        """Shard ``shard``'s local file opened for reading (to be closed) and its identity; errors as :meth:`mapped`'s."""
+        info = self._index.shards[shard]
+        try:
+            fd = _open_local(self._store, info.path)
+        except NotFound as exc:
+            raise NotFound(self.url, info.path, f"the shard file is missing ({exc.problem})",
+                           "the dataset is incomplete: run trainio verify") from exc
+        try:
+            return fd, identity_of(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def open_same(self, shard: int, identity: tuple[int, int, int, int]) -> int | None:
+        """Shard ``shard``'s file of a local dataset opened for reading, if it is still the file of ``identity`` (a
+        :attr:`MappedFile.identity`); None if it was replaced or removed since (close the descriptor when done)."""
+        try:
+            fd, now = self.open_shard(shard)
+        except NotFound:
+            return None
+        if now == identity:
             return fd
         os.close(fd)
         return None
@@ -321,15 +339,6 @@ def _open_local(store: Store, key: str) -> int:
     return fd
 
 
-def file_identity(store: Store, key: str) -> tuple[int, int, int, int]:
-    """``(st_dev, st_ino, st_size, st_mtime_ns)`` of the local regular file ``key`` (errors as :meth:`Store.open_local`)."""
-    fd = _open_local(store, key)
-    try:
-        return identity_of(os.fstat(fd))
-    finally:
-        os.close(fd)
-
-
 def identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
     """``(st_dev, st_ino, st_size, st_mtime_ns)``: which file it is, and whether it was rewritten since."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
@@ -347,11 +356,14 @@ def map_local(store: Store, key: str) -> MappedFile:
     """
     fd = _open_local(store, key)
     try:
-        st = os.fstat(fd)
-        data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""
+        return _map_open(fd, identity_of(os.fstat(fd)))
     finally:
         os.close(fd)
-    return MappedFile(pa.py_buffer(data), identity_of(st))
+
+
+def _map_open(fd: int, identity: tuple[int, int, int, int]) -> MappedFile:
+    """The open file ``fd`` of this identity, memory-mapped read-only whole."""
+    return MappedFile(pa.py_buffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if identity[2] else b""), identity)
 
 
 def map_file(path: str | os.PathLike[str]) -> pa.Buffer:

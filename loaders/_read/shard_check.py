@@ -10,11 +10,10 @@ checked once is not hashed again while its file stays the same (device,
 inode, size, modification time), in this process or those forked from the
 same parent (``verified.py``).
 
-A shard with row digests is checked row by row by readers that copy rows
-(a Loader says so: :meth:`ShardChecker.leave_rows_to_readers`): the threads
-then only have it read ahead (not hashed; not for workers) while under 90% is in memory.
-They do not start on such a dataset before a reader has said which it is;
-one that plans without saying (iterating samples) has every shard hashed whole.
+A shard with row digests is checked row by row by readers that copy rows (a
+Loader says so: :meth:`ShardChecker.leave_rows_to_readers`), and at most read
+ahead here (``row_checked.py``); until a reader has said which it is, no thread
+starts on such a dataset, and one that plans without saying has it hashed whole.
 
 The threads read no further ahead than ``read_ahead`` bytes past the shards
 the readers have planned: a shard beyond them is hashed up to that bound
@@ -30,15 +29,15 @@ import bisect
 import itertools
 import os
 import threading
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from trainio.storage import Hasher, IntegrityError
 
 from . import verified
-from .check_steps import Closed, LeftToReaders, PartialHash, Paused
-from .cold_hash import cached_share, fetch_by_reads, hash_by_reads, prefer_huge_pages, resident, resident_share
+from .check_steps import Closed, LeftToReaders, PartialFetch, PartialHash, Paused
+from .cold_hash import hash_by_reads, prefer_huge_pages, resident
+from .row_checked import Look, look_at, read_for_readers
 
 if TYPE_CHECKING:  # a Dataset makes its checker (Dataset.checker)
     from .dataset import Dataset, MappedFile
@@ -48,9 +47,6 @@ CHECK_LOCAL_SHARDS = True
 
 _PIECE = 1 << 30  # hashed per call: the GIL is released within one (taking it back between calls can wait a
 #                   switch interval, 5 ms, behind busy threads), and a closed checker stops between two
-_FETCH_PIECE = 8 << 20  # read ahead (not hashed) per call: a closed checker or the bound stops it between two
-_IN_MEMORY = 0.9  # this share of a shard in memory is warm (a kernel reclaiming idle pages keeps a few % out)
-_POLL_S = 0.001  # how often a shard another process is hashing is looked at again
 
 DEFAULT_READ_AHEAD = 256 * 10**6
 """Bytes of shards read and checked ahead of the shards the readers have planned, unless told otherwise."""
@@ -89,10 +85,11 @@ class ShardChecker:
         self._read_ahead = read_ahead
         self._hashed: dict[int, int] = {}  # bytes hashed of each expected shard this epoch
         self._ahead_peak = 0
-        self._paused: dict[int, PartialHash] = {}  # shards whose hash stopped at the bound, nobody's now
+        self._paused: dict[int, PartialHash | PartialFetch] = {}  # shards whose hash stopped at the bound, nobody's now
         self._results: dict[int, tuple[_Identity | None, BaseException | None]] = {}  # None: whatever the file
         self._busy: set[int] = set()
         self._left: set[int] = set()  # shards with row digests found in memory this epoch: left to their readers
+        self._looked: set[int] = set()  # shards with row digests looked at this epoch (row_checked.py)
         self._rows_by_readers: bool | None = None  # None: no reader has said yet (see leave_rows_to_readers)
         self._read_left_ahead = True  # shards left to the readers are still read into memory ahead of them
         self._has_row_digests = any(info.row_xxh3 is not None for info in dataset.shards)
@@ -157,6 +154,7 @@ class ShardChecker:
             self._confirmed.clear()
             self._results = {k: v for k, v in self._results.items() if v[1] is None}  # failures are retried
             self._left.clear()
+            self._looked.clear()
             self._start()
 
     def wait(self, shard: int) -> MappedFile:
@@ -217,12 +215,28 @@ class ShardChecker:
         """Start background threads, up to :data:`_THREADS`, while there is work for them (the lock held)."""
         if self._closed or not CHECK_LOCAL_SHARDS or (self._rows_by_readers is None and self._has_row_digests):
             return
+        if self._rows_by_readers and self._has_row_digests:
+            self._look_at_row_checked()
         self._threads = [t for t in self._threads if t.is_alive()]
         while len(self._threads) < _THREADS and self._has_work(len(self._threads) - self._hashing):
             thread = threading.Thread(target=self._run, name="trainio-shard-check", daemon=True)
             thread.start()
             self._threads.append(thread)
         self._cond.notify_all()  # and threads paused at the bound look again
+
+    def _look_at_row_checked(self) -> None:
+        """Of the shards the threads would start next, those their readers check row by row and that need no thread,
+        found good or left to the readers at once (the lock held; see ``row_checked.py``)."""
+        for shard in dict.fromkeys(self._planned + self._expected[self._next_expected:self._horizon()]):
+            if (self._dataset.shards[shard].row_xxh3 is None or shard in self._looked or shard in self._results
+                    or shard in self._busy or shard in self._paused):
+                continue
+            self._looked.add(shard)
+            found, identity = look_at(self._dataset, shard, read_ahead=self._read_left_ahead)
+            if found is Look.GOOD:
+                self._results[shard] = (identity, None)
+            elif found is Look.LEFT:
+                self._left.add(shard)
 
     def _has_work(self, beyond: int) -> bool:
         """Whether more than ``beyond`` shards (as many as threads are free) wait for a thread."""
@@ -270,7 +284,7 @@ class ShardChecker:
         start = self._ends[place - 1] if place else 0
         return max(0, min(size, self._read_ahead - (start - self._base())))
 
-    def _allowance(self, shard: int, partial: PartialHash) -> int:
+    def _allowance(self, shard: int, partial: PartialHash | PartialFetch) -> int:
         """The byte ``shard`` may be hashed up to now; at the bound, its hash is kept in :attr:`_paused` and the
         thread lets it go (:class:`Paused`), so no thread waits on a reader that may never come."""
         with self._cond:
@@ -322,38 +336,15 @@ class ShardChecker:
             self._busy.discard(shard)
             self._cond.notify_all()
 
-    def _read_ahead_only(self, shard: int, partial: PartialHash) -> None:
-        """Have the kernel read a row-checked shard into the page cache (not hashed), within the read-ahead bound."""
-        if (fd := self._dataset.open_same(shard, partial.mapped)) is None:  # replaced since: its readers find out
-            return
-        prefer_huge_pages(partial.mapped.buffer)
-        try:
-            while partial.done < len(partial.mapped.buffer):
-                end = min(self._allowance(shard, partial), partial.done + _FETCH_PIECE)
-                fetch_by_reads(fd, partial.done, end)
-                partial.done = end
-                self._note_hashed(shard, end)
-        finally:
-            os.close(fd)
-
-    def _checked_elsewhere(self, mapped: MappedFile, xxh3: str) -> bool:
-        """Whether another process (the trainer, or a worker forked from it) is hashing this file now and finds it
-        good: waited for, while it hashes (at most long enough to hash it at 50 MB/s), instead of hashing it too."""
-        deadline = time.monotonic() + max(5.0, len(mapped.buffer) / 50e6)
-        while verified.hashing(mapped.identity, xxh3) and not self._closed and time.monotonic() < deadline:
-            time.sleep(_POLL_S)
-        return verified.known(mapped.identity, xxh3)
-
-    def _in_memory(self, shard: int, mapped: MappedFile) -> float:
-        """The share of ``shard``'s file in memory now, estimated from the page cache's count, else from its mapping."""
-        fd = self._dataset.open_same(shard, mapped)
-        share = None if fd is None else cached_share(fd, len(mapped.buffer), close=True, windows=32)
-        return resident_share(mapped.buffer, windows=32) if share is None else share
-
     def _check(self, shard: int, waited: bool) -> tuple[_Identity | None, BaseException | None]:
         info = self._dataset.shards[shard]
         with self._cond:
             partial = self._paused.pop(shard, None)
+        if isinstance(partial, PartialFetch) or (partial is None and not waited and self._rows_by_readers
+                                                 and info.row_xxh3 is not None):
+            return read_for_readers(self._dataset, shard, partial, read_ahead=self._read_left_ahead,
+                                    allowance=lambda p: self._allowance(shard, p),
+                                    note=lambda done: self._note_hashed(shard, done))
         if partial is None:
             try:
                 # The mapping kept, if any, not re-confirmed here: wait() confirms the file once an epoch, and every
@@ -361,15 +352,9 @@ class ShardChecker:
                 mapped = self._dataset.mapped(shard)
             except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this shard
                 return None, exc
-            if verified.known(mapped.identity, info.xxh3_128) or self._checked_elsewhere(mapped, info.xxh3_128):
+            if verified.found_good(mapped.identity, info.xxh3_128, lambda: self._closed):
                 return mapped.identity, None
-            left = not waited and self._rows_by_readers and info.row_xxh3 is not None
-            if left and (not self._read_left_ahead or self._in_memory(shard, mapped) >= _IN_MEMORY):
-                raise LeftToReaders
-            partial = PartialHash(mapped, None if left else Hasher(), 0)
-        if partial.hasher is None:
-            self._read_ahead_only(shard, partial)
-            raise LeftToReaders
+            partial = PartialHash(mapped, Hasher(), 0)
         mapped, hasher, view = partial.mapped, partial.hasher, memoryview(partial.mapped.buffer)
         fd: int | None = None  # the same file opened for reads, once a range of it is found not in memory
         replaced = False  # the file is no longer the one mapped: hashed from the mapping
@@ -378,7 +363,7 @@ class ShardChecker:
             while partial.done < view.nbytes:  # paused where the read-ahead bound stops it, until readers move on
                 end = min(self._allowance(shard, partial), partial.done + _PIECE)
                 if fd is None and not replaced and not resident(mapped.buffer, partial.done, end):
-                    fd = self._dataset.open_same(shard, mapped)
+                    fd = self._dataset.open_same(shard, mapped.identity)
                     replaced = fd is None
                 if fd is not None:
                     if not hash_by_reads(fd, hasher, partial.done, end, lambda: self._closed):

@@ -23,6 +23,8 @@ import mmap
 import os
 import struct
 import threading
+import time
+from collections.abc import Callable
 
 import xxhash
 
@@ -34,6 +36,7 @@ _FIELDS = struct.Struct("<4q16s")  # the file's identity and its xxh3-128
 _LAST = struct.Struct("<Q")  # then the entry's own checksum (0: empty), or in a claim the hashing process's pid
 _ENTRY_BYTES = _FIELDS.size + _LAST.size
 _SLOT_BYTES = 64
+_POLL_S = 0.001  # how often a file another process is hashing is looked at again
 
 
 def _shared_table() -> mmap.mmap | bytearray:
@@ -139,6 +142,15 @@ def hashing(identity: _Identity, xxh3: str) -> bool:
     except PermissionError:
         pass
     return True
+
+
+def found_good(identity: _Identity, xxh3: str, stopped: Callable[[], bool]) -> bool:
+    """Whether the file ``identity`` was found to match ``xxh3``; if another process is hashing it now, once it is
+    done (waited for until ``stopped()`` or long enough to hash it at 50 MB/s), instead of hashing it here too."""
+    deadline = time.monotonic() + max(5.0, identity[2] / 50e6)
+    while hashing(identity, xxh3) and not stopped() and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+    return known(identity, xxh3)
 
 
 def forget() -> None:

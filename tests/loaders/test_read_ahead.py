@@ -261,6 +261,16 @@ def test_shards_with_row_digests_in_memory_are_left_to_their_readers(tmp_path: P
     assert verified.known(ds.dataset.mapped(2).identity, ds.dataset.shards[2].xxh3_128)
 
 
+def test_shards_with_row_digests_in_memory_need_no_thread(tmp_path: Path) -> None:
+    ds = StreamingDataset(write(tmp_path / "ds"), shuffle=False)  # just written: in memory
+    checker = ds.dataset.checker()
+    checker.leave_rows_to_readers()  # as a Loader does: every shard looked at, in this thread, at once
+    assert not checker._threads and checker._left == set(range(len(ds.dataset.shards)))
+    assert not ds.dataset._maps  # through their files, not mapped
+    ids = np.concatenate([batch["id"].numpy() for batch in Loader(ds, 500)])
+    assert np.array_equal(ids, np.arange(ROWS))
+
+
 @pytest.mark.parametrize("read_ahead", [True, False])
 def test_a_cold_shard_with_row_digests_is_read_ahead_unless_told_not_to_but_never_hashed(tmp_path: Path,
                                                                                           read_ahead: bool) -> None:
@@ -273,19 +283,45 @@ def test_a_cold_shard_with_row_digests_is_read_ahead_unless_told_not_to_but_neve
     checker.leave_rows_to_readers(read_ahead)  # as a Loader does (its workers: not read ahead): rows checked as copied
     first = ds.dataset.shards[0]
     mapped = ds.dataset.mapped(0).buffer
+    all_done(checker)
     if read_ahead:
-        reaches(lambda: int(cold_hash.resident_share(mapped) >= 0.9), 1)
         assert cold_hash.resident_share(mapped) >= 0.9  # read into the page cache ahead of its readers
         assert 0 < checker.ahead_peak <= checker.read_ahead
     else:
-        deadline = time.monotonic() + 10
-        while any(t.is_alive() for t in checker._threads) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not any(t.is_alive() for t in checker._threads)
         assert cold_hash.resident_share(mapped) < 0.5 and checker.ahead_peak == 0  # left to the workers' page faults
+    assert set(ds.dataset._maps) == {0}  # the threads opened the shards but mapped none (only this test did)
     assert not verified.known(ds.dataset.mapped(0).identity, first.xxh3_128)  # and not hashed: its rows are checked as read
     if huge_pages_possible():  # what faults read before the read-ahead gets there comes in huge folios (a Loader's)
         assert marked_huge(checker.mapping(1).buffer) == read_ahead
+
+
+def all_done(checker: shard_check.ShardChecker) -> None:
+    """Once the checker's threads have ended (nothing left for them), or fail after 10 s."""
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in checker._threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.is_alive() for t in checker._threads)
+
+
+def test_a_shard_replaced_while_its_read_ahead_is_paused_is_left_to_its_readers(tmp_path: Path) -> None:
+    path = write(tmp_path / "ds")
+    dataset = Dataset(path)
+    sizes = [info.bytes for info in dataset.shards]
+    if not all(evicted(path / info.path) for info in dataset.shards[:3]):
+        pytest.skip("this file system kept the shards' pages in memory")
+    ds = StreamingDataset(path, shuffle=False)
+    checker = ds.dataset.checker()
+    checker.read_ahead = sizes[0] + sizes[1] // 2  # the read-ahead pauses in the middle of shard 1
+    checker.leave_rows_to_readers()
+    assert reaches(lambda: checker.ahead_peak, checker.read_ahead) == checker.read_ahead
+    shard = path / dataset.shards[1].path
+    shard.with_suffix(".new").write_bytes(shard.read_bytes())
+    os.replace(shard.with_suffix(".new"), shard)  # the same bytes in another file: what was read ahead is not it
+    checker.plan([0])
+    all_done(checker)
+    assert 1 in checker._left and 1 not in checker._results and 1 not in checker._paused
+    ids = np.concatenate([batch["id"].numpy() for batch in Loader(ds, 500)])  # its readers map the new file
+    assert np.array_equal(ids, np.arange(ROWS))
 
 
 def huge_pages_possible() -> bool:
@@ -347,10 +383,11 @@ def test_a_sampled_residency_estimate_is_close_to_the_count_of_every_page(tmp_pa
     assert abs(cold_hash.resident_share(mapped, windows=16) - exact) < 0.1
     assert cold_hash.resident_share(mapped, windows=1000) == exact  # more windows than fit: every page
     fd = os.open(path, os.O_RDONLY)
-    sampled = cold_hash.cached_share(fd, path.stat().st_size, windows=16)  # the page cache's own count, where kept
-    counted = cold_hash.cached_share(fd, path.stat().st_size, close=True)
-    with pytest.raises(OSError):
-        os.fstat(fd)  # closed as asked
+    try:
+        sampled = cold_hash.cached_share(fd, path.stat().st_size, windows=16)  # the page cache's own count, where kept
+        counted = cold_hash.cached_share(fd, path.stat().st_size)
+    finally:
+        os.close(fd)
     assert counted is None or counted == pytest.approx(exact, abs=0.01)
     assert sampled is None or abs(sampled - exact) < 0.1
 
@@ -368,12 +405,16 @@ def test_a_system_without_cachestat_falls_back_to_the_mapping(tmp_path: Path, mo
         return -1
 
     monkeypatch.setattr(cold_hash, "_syscall", refused)
-    for _ in range(2):
-        fd = os.open(path, os.O_RDONLY)
-        assert cold_hash.cached_share(fd, 1 << 20, close=True) is None
-    assert calls == [1]
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert cold_hash.cached_share(fd, 1 << 20) is None and os.fstat(fd)  # not closed unless asked
+        assert [cold_hash.cached_share(fd, 1 << 20) for _ in range(2)] == [None, None]
     finally:
         os.close(fd)
+    assert calls == [1]
+    ds = StreamingDataset(write(tmp_path / "ds"), shuffle=False)  # just written: in memory
+    checker = ds.dataset.checker()
+    checker.leave_rows_to_readers()
+    all_done(checker)
+    assert checker.ahead_peak == 0 and len(checker._left) == len(ds.dataset.shards)  # found in memory: not read
+    assert len(ds.dataset._maps) == len(ds.dataset.shards)  # from their mappings' pages
+
