@@ -67,9 +67,7 @@ def shard_region(spec: ArraySpec, target: Any, where: str) -> Region:
     """
     import torch
 
-    if tuple(target.shape) != spec.shape or target.dtype != torch_dtype(spec.dtype):
-        raise CheckpointError(f"{where}: the checkpoint holds {spec.dtype}{list(spec.shape)}, the target DTensor is "
-                              f"{str(target.dtype).removeprefix('torch.')}{list(target.shape)}")
+    check_shard_target(spec, target, where)
     box = dtensor_box(target, where) or Box.whole(spec.shape)
     local = target.to_local()
     direct = local.device.type == "cpu" and local.is_contiguous()
@@ -78,6 +76,13 @@ def shard_region(spec: ArraySpec, target: Any, where: str) -> Region:
     raw = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
     host = raw.view(storage_numpy_dtype(spec.stored)).reshape(box.shape)
     return Region(spec, box, host, target, None if direct else (local, memory))
+
+
+def check_shard_target(spec: ArraySpec, target: Any, where: str) -> None:
+    """Raise :class:`CheckpointError` unless the DTensor ``target``'s global shape and dtype are the saved array's."""
+    if tuple(target.shape) != spec.shape or target.dtype != torch_dtype(spec.dtype):
+        raise CheckpointError(f"{where}: the checkpoint holds {spec.dtype}{list(spec.shape)}, the target DTensor is "
+                              f"{str(target.dtype).removeprefix('torch.')}{list(target.shape)}")
 
 
 def region_reads(region: Region) -> list[Read]:

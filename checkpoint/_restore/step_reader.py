@@ -5,19 +5,19 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from queue import SimpleQueue
+from typing import Any
 
 import numpy as np
 
-from trainio.storage import CheckpointError, FormatError, StoreError, batched, in_thread, run_all
+from trainio.storage import CheckpointError, StoreError, batched, in_thread, run_all
 
 from .._format.dtensor import is_dtensor
-from .._format.manifest import MANIFEST, FileEntry, Manifest
+from .._format.manifest import MANIFEST, FileEntry
 from .._format.nodes import Node
-from .._format.parts import pack_member
 from .._format.per_rank import for_rank
 from .._format.state_tree import array_paths, build, select
 from .._format.zarr_layout import ArraySpec
@@ -31,28 +31,24 @@ from .device_reads import (
     fill_from_pack,
     is_cuda_target,
 )
-from .regions import Read, Region, decode, pack_reads, region_finish, region_reads, shard_region, whole_region
+from .regions import (
+    Read,
+    Region,
+    check_shard_target,
+    decode,
+    pack_reads,
+    region_finish,
+    region_reads,
+    shard_region,
+    whole_region,
+)
 from .report import ReadReport
 from .targets import Casting, check_dtype, collect_targets, finish_array, host_array
+from .tier_manifests import TierManifests
 
-T = TypeVar("T")
+FIRST_READS = 16 << 20
+"""Bytes of arrays whose reads a restore starts before it works out the others' (:meth:`StepReader.prepare`)."""
 log = logging.getLogger(__name__)
-
-
-def first_manifest(tiers: list[TierIO], step: int) -> tuple[TierIO, Manifest]:
-    """The manifest of ``step`` from the first tier whose copy is valid."""
-    problems = []
-    for tier in tiers:
-        try:
-            return tier, tier.manifest(step)
-        except (StoreError, FormatError, CheckpointError) as exc:
-            problems.append(f"{tier.label}: {describe(exc)}")
-    raise CheckpointError(f"step {step}: no tier has a readable manifest: " + "; ".join(problems))
-
-
-def _same_state(a: Manifest, b: Manifest) -> bool:
-    """Whether two tiers' manifests describe the same files (the same parts: where ranked chunks lie in the packs)."""
-    return a.tree == b.tree and a.arrays == b.arrays and a.pack == b.pack and a.parts == b.parts
 
 
 @dataclass
@@ -71,7 +67,7 @@ class Load:
     in_packs: list[Read] = field(default_factory=list)
     """Reads of chunks of ranked arrays, by chunk key: :meth:`StepReader.resolve` makes them reads of rank packs."""
     later: list[tuple[str, Any]] = field(default_factory=list)
-    """Ranked arrays (path, target) whose reads :meth:`StepReader.finish` works out while the others are read."""
+    """Arrays (path, target) whose reads :meth:`StepReader.finish` works out while the first files are read."""
 
 
 class StepReader:
@@ -86,54 +82,10 @@ class StepReader:
         self.threads = threads
         self.repair = repair
         self.device = device
-        self.source, self.manifest = first_manifest(tiers, step)
+        self.manifests = TierManifests(tiers, step)
+        self.source, self.manifest = self.manifests.source, self.manifests.manifest
         self.report = ReadReport(step)
-        self._manifests: dict[int, Manifest | CheckpointError] = {id(self.source): self.manifest}
-        self._manifest_lock = threading.Lock()
-
-    def _own_manifest(self, tier: TierIO) -> Manifest:
-        """``tier``'s own manifest of the step, which its files are checked against.
-
-        Raises:
-            CheckpointError: it cannot be read, or it describes another state than the manifest restored from.
-        """
-        with self._manifest_lock:
-            known = self._manifests.get(id(tier))
-            if known is None:
-                try:
-                    known = tier.manifest(self.step)
-                    if not _same_state(known, self.manifest):
-                        known = CheckpointError(f"its manifest of step {self.step} describes another state than "
-                                                f"{self.source.label}'s")
-                except (StoreError, FormatError, CheckpointError) as exc:
-                    known = CheckpointError(f"manifest: {describe(exc)}")
-                self._manifests[id(tier)] = known
-        if isinstance(known, CheckpointError):
-            raise known
-        return known
-
-    def _entry(self, key: str) -> FileEntry:
-        """The size and digest of file ``key``, from the first tier whose own manifest (and part) lists it."""
-        return self._first_listed(lambda files: files[key], f"its manifest lists no file {key!r}",
-                                  f"what file {key!r} holds")
-
-    def _member(self, key: str) -> tuple[str, int, int]:
-        """Where chunk ``key`` of a ranked array lies: from the first tier whose own manifest's parts say so."""
-        return self._first_listed(lambda files: pack_member(files, key),
-                                  f"its parts list no chunk {key!r} in a rank's pack", f"where chunk {key!r} lies")
-
-    def _first_listed(self, find: Callable[[Mapping[str, FileEntry]], T], missing: str, what: str) -> T:
-        """``find`` in the files of the first tier whose own manifest (and parts) can answer: one that raises
-        KeyError lacks it (``missing``); an error names ``what`` could not be found."""
-        problems = []
-        for tier in self.tiers:
-            try:
-                return find(self._own_manifest(tier).files)
-            except KeyError:
-                problems.append(f"{tier.label}: {missing}")
-            except (StoreError, OSError, CheckpointError) as exc:
-                problems.append(f"{tier.label}: {describe(exc)}")
-        raise CheckpointError(f"step {self.step}: no tier can say {what}: " + "; ".join(problems))
+        self._report_lock = threading.Lock()
 
     def read_file(self, key: str, target: memoryview | None) -> bytes | None:
         """Fill ``target`` from the first tier whose copy of ``key`` is whole; with no target, return the bytes.
@@ -144,7 +96,7 @@ class StepReader:
         failed: list[tuple[TierIO, BaseException]] = []
         for tier in self.tiers:
             try:
-                own = self._own_manifest(tier).files.get(key)
+                own = self.manifests.own(tier).files.get(key)
                 if own is None:
                     raise CheckpointError(f"its manifest of step {self.step} lists no file {key!r}")
             except (StoreError, OSError, CheckpointError) as exc:
@@ -160,7 +112,7 @@ class StepReader:
             except (StoreError, OSError, CheckpointError) as exc:
                 failed.append((tier, exc))
                 continue
-            with self._manifest_lock:
+            with self._report_lock:
                 self.report.count(tier.source_of(key), own.size)
             if failed:
                 self._recover(key, own, failed, tier, data, target)
@@ -199,19 +151,22 @@ class StepReader:
         A DTensor in ``into`` gets only its own shard, read from the chunks
         that overlap it.
         """
-        return self.finish(self.prepare(keys, into, ranked_later=True))
+        return self.finish(self.prepare(keys, into, plan_later=True))
 
-    def prepare(self, keys: list[str] | None, into: Any, *, ranked_later: bool = False) -> Load:
+    def prepare(self, keys: list[str] | None, into: Any, *, plan_later: bool = False) -> Load:
         """What :meth:`load` reads for ``keys`` and ``into`` (its ``reads`` name every file), before it reads.
 
-        With ``ranked_later``, the reads of ranked arrays (hundreds of small
-        shards) are left for :meth:`finish` to work out while the other files
-        are read; their dtypes are checked now all the same.
+        With ``plan_later``, only the first :data:`FIRST_READS` bytes of
+        arrays are worked out now; the reads of the others (and of ranked
+        arrays: hundreds of small shards) are left for :meth:`finish` to work
+        out while the first files are read (a cold disk is then busy from the
+        start). Their dtypes and DTensors' shapes are checked now all the same.
 
         Raises:
             CheckpointError: a tensor or array of ``into`` has another dtype
                 than the one saved at its place, and ``into`` is not
-                :class:`Casting` (naming the place and both dtypes).
+                :class:`Casting` (naming the place and both dtypes); a DTensor
+                has another global shape than the saved array.
         """
         cast = isinstance(into, Casting)
         into = into.into if isinstance(into, Casting) else into
@@ -221,18 +176,27 @@ class StepReader:
         targets: dict[str, Any] = {}
         collect_targets(node, into, targets)
         load = Load(node, into, specs, {}, {}, [], {}, {})
+        planned = 0  # bytes of the arrays planned so far
         for path, spec in specs.items():
             target = targets.get(path)
             if target is not None and not cast:
                 check_dtype(spec, target, self._where(path))
-            if ranked_later and spec.ranked:
+            if plan_later and (spec.ranked or planned >= FIRST_READS and self._plannable_later(spec, target)):
+                if is_dtensor(target):
+                    check_shard_target(spec, target, self._where(path))
                 load.later.append((path, target))
             else:
                 self._plan(load, path, spec, target)
+                planned += load.regions[path].host.nbytes if path in load.regions else 0
         pack = self.manifest.pack
         if pack is not None and (load.members or any(specs[path].packed is not None for path in load.on_device)):
             self._add_region(load, pack.path, whole_region(pack, None, np.empty(pack.nbytes, np.uint8)))
         return load
+
+    def _plannable_later(self, spec: ArraySpec, target: Any) -> bool:
+        """Whether an array's reads can be worked out while others are read: not a packed array (read from the
+        pack, whose read is decided now), nor one read into a CUDA tensor in place (set up before any read)."""
+        return spec.packed is None and not (self.device is not None and is_cuda_target(spec, target))
 
     def _plan(self, load: Load, path: str, spec: ArraySpec, target: Any) -> None:
         """Add to ``load`` what restoring array ``path`` into ``target`` reads, and where it goes."""
@@ -270,17 +234,41 @@ class StepReader:
     def resolve(self, load: Load) -> None:
         """Turn ``load``'s reads of ranked arrays' chunks into reads of the rank packs that hold them (reading the
         parts that say where): each pack read (and checked) whole once, its members copied where they belong."""
-        load.reads += pack_reads(load.in_packs, self._member)
+        load.reads += pack_reads(load.in_packs, self.manifests.member)
         load.in_packs = []
 
-    def _plan_later(self, load: Load) -> list[Read]:
-        """The reads of the arrays :meth:`prepare` left for later (see ``ranked_later``), added to ``load``."""
-        known = len(load.reads)
-        for path, target in load.later:
+    def _plan_later(self, load: Load, first: list[tuple[Read, int]],
+                    hand: Callable[[list[tuple[Read, int]]], None]) -> None:
+        """Work out the reads of the arrays :meth:`prepare` left for later (see ``plan_later``), added to ``load``:
+        each piece of them handed on (``hand``) with each file's size (about :data:`FIRST_READS` bytes of arrays; the
+        ranked arrays last, together: each rank pack is read whole once). The small files of ``first`` and of each
+        piece are advised as they come (see :meth:`_advise_small`)."""
+        self._advise_small(first)
+        known, planned = len(load.reads), 0
+        rest = [(path, target) for path, target in load.later if not load.specs[path].ranked]
+        for path, target in rest:
             self._plan(load, path, load.specs[path], target)
-        load.later = []
+            planned += load.regions[path].host.nbytes if path in load.regions else 0
+            if planned >= FIRST_READS:
+                hand(self._advise_small(self._sized(load.reads[known:])))
+                known, planned = len(load.reads), 0
+        for path, target in load.later:
+            if load.specs[path].ranked:
+                self._plan(load, path, load.specs[path], target)
         self.resolve(load)
-        return load.reads[known:]
+        hand(self._advise_small(self._sized(load.reads[known:])))
+
+    def _sized(self, reads: list[Read]) -> list[tuple[Read, int]]:
+        return [(read, self.manifests.entry(read[0]).size) for read in reads]
+
+    def _advise_small(self, reads: list[tuple[Read, int]]) -> list[tuple[Read, int]]:
+        """``reads``, once their small files are advised. Those are read last in their piece, one after another in
+        each thread: from a cold disk, each costs a trip to the disk then; asked for now, they are read in while the
+        big files stream."""
+        small = [read[0] for read, size in reads if size < ADVISE_BELOW and not isinstance(read[1], DeviceRun)]
+        if small:
+            self.source.advise(self.step, small)
+        return reads
 
     def finish(self, load: Load) -> Any:
         """Read what ``load`` names and build the state from it."""
@@ -289,26 +277,30 @@ class StepReader:
         contents: dict[str, bytes | None] = {}
         sizes: dict[str, int] = {}
         every: list[Read] = []
-        first = list(load.reads)
-        # Ranked arrays left for later are worked out in a thread while the first files are read.
-        later = in_thread(functools.partial(self._plan_later, load), "trainio-restore-plan") if load.later else None
-        helpers: list[Future[Any]] = [later] if later is not None else []
+        first = self._sized(load.reads)
+        # What is left for later is worked out in a thread while the first files are read, and handed over in pieces.
+        handed: SimpleQueue[list[tuple[Read, int]] | None] = SimpleQueue()
 
-        def jobs(reads: list[Read]) -> Iterator[Callable[[], list[tuple[str, bytes | None]]]]:
-            every.extend(reads)
-            sizes.update((key, self._entry(key).size) for key, _, _ in reads)
-            # The small files are read last, one after another in each thread: from a cold disk, each costs a trip
-            # to the disk then, after the big files. Asked for now, they are read in while the big files stream.
-            small = [key for key, target, _ in reads if sizes[key] < ADVISE_BELOW and not isinstance(target, DeviceRun)]
-            if small:
-                helpers.append(in_thread(functools.partial(self.source.advise, self.step, small),
-                                         "trainio-restore-advise"))
-            yield from (functools.partial(self._read_batch, batch) for batch in batched(reads, lambda r: sizes[r[0]]))
+        def plan_later() -> None:
+            try:
+                self._plan_later(load, first, handed.put)
+            finally:
+                handed.put(None)  # also after an error, which later.result() raises
+
+        later = in_thread(plan_later, "trainio-restore-plan")
+
+        def pieces() -> Iterator[list[tuple[Read, int]]]:
+            yield first
+            while (piece := handed.get()) is not None:
+                yield piece
+            later.result()  # its error, if it stopped on one
 
         def all_jobs() -> Iterator[Callable[[], list[tuple[str, bytes | None]]]]:
-            yield from jobs(first)
-            if later is not None:
-                yield from jobs(later.result())
+            for piece in pieces():
+                every.extend(read for read, _ in piece)
+                sizes.update((read[0], size) for read, size in piece)
+                yield from (functools.partial(self._read_batch, batch)
+                            for batch in batched([read for read, _ in piece], lambda r: sizes[r[0]]))
 
         if load.on_device:
             assert self.device is not None
@@ -317,7 +309,7 @@ class StepReader:
             for done in run_all(self.pool, all_jobs(), self.threads):
                 contents.update(done)
         finally:
-            wait(helpers)
+            wait([later])
             if load.on_device:
                 assert self.device is not None
                 self.device.finish()

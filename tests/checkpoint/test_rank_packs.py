@@ -123,10 +123,10 @@ def test_the_ranked_arrays_reads_are_worked_out_while_the_other_files_are_read(
 
     planned: list[str] = []
 
-    def planning(self: StepReader, load: Any) -> Any:
+    def planning(self: StepReader, load: Any, *handing: Any) -> Any:
         assert big_read.wait(10), "the ranked arrays were worked out before any other file was read"
         planned.extend(path for path, _ in load.later)
-        return plan_later(self, load)
+        return plan_later(self, load, *handing)
 
     monkeypatch.setattr(LocalTierIO, "read_into", reading)
     monkeypatch.setattr(StepReader, "_plan_later", planning)
