@@ -360,19 +360,19 @@ class StepReader:
         tier = self.tiers[0]
         file = tier.local_file(self.step, key) if device.direct else None
         try:
-            entry = self._own_manifest(tier).files.get(key) if file is not None else None
+            entry = self.manifests.own(tier).files.get(key) if file is not None else None
         except CheckpointError:
             entry = None
         if file is not None and entry is not None and entry.size == run.nbytes:  # not a padded edge chunk
             try:
                 device.read_direct(file, entry, run, tier.url, f"{step_name(self.step)}/{key}")
-                with self._manifest_lock:
+                with self._report_lock:
                     self.report.count(tier.source_of(key), entry.size)
                     self.report.to_device = device.path
                     self.report.to_device_bytes += entry.size
                 return
             except (OSError, CheckpointError) as exc:  # read again below, from the first tier with it whole
-                with self._manifest_lock:
+                with self._report_lock:
                     self.report.fell_back[f"{tier.label}:{key} ({device.path})"] = describe(exc)
                 log.warning("checkpoint step %d: %s on %s through %s: %s; read through host memory", self.step, key,
                             tier.label, device.path, describe(exc))
@@ -383,7 +383,7 @@ class StepReader:
             device.release(buffer)
             raise
         device.upload(buffer, run)
-        with self._manifest_lock:
+        with self._report_lock:
             if not self.report.to_device:  # a kvikio read that fell back here keeps its path's name
                 self.report.to_device = PINNED_HOST
             self.report.to_device_bytes += run.nbytes
