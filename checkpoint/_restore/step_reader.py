@@ -245,20 +245,17 @@ class StepReader:
         piece are advised as they come (see :meth:`_advise_small`)."""
         self._advise_small(first)
         known, planned = len(load.reads), 0
-        rest = [(path, target) for path, target in load.later if not load.specs[path].ranked]
-        for path, target in rest:
+        for path, target in sorted(load.later, key=lambda later: load.specs[later[0]].ranked):  # ranked ones last
             self._plan(load, path, load.specs[path], target)
             planned += load.regions[path].host.nbytes if path in load.regions else 0
-            if planned >= FIRST_READS:
+            if planned >= FIRST_READS and len(load.reads) > known:
                 hand(self._advise_small(self._sized(load.reads[known:])))
                 known, planned = len(load.reads), 0
-        for path, target in load.later:
-            if load.specs[path].ranked:
-                self._plan(load, path, load.specs[path], target)
         self.resolve(load)
         hand(self._advise_small(self._sized(load.reads[known:])))
 
     def _sized(self, reads: list[Read]) -> list[tuple[Read, int]]:
+        """``reads``, each with its file's size."""
         return [(read, self.manifests.entry(read[0]).size) for read in reads]
 
     def _advise_small(self, reads: list[tuple[Read, int]]) -> list[tuple[Read, int]]:
