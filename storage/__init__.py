@@ -24,6 +24,7 @@ from ._documents import (
 from ._eviction import CacheEntry, EvictionPolicy, FurthestInFuture, LeastRecentlyUsed
 from ._hashing import DIGEST_NAME, Hasher, check_digest, digest
 from ._keys import TEMP_MARKER, check_key
+from ._libc import libc_function
 from ._local import LocalOptions, LocalStore
 from ._open import open_store
 from ._parallel import BATCH_BYTES, batched, in_thread, run_all
@@ -89,6 +90,7 @@ __all__ = [
     "sync_files",
     "is_sealed",
     "batched",
+    "libc_function",
     "in_thread",
     "load_sealed",
     "open_store",

@@ -10,41 +10,25 @@ readers), and a resident one straight from the mapping, with no copy.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from trainio.storage import Hasher
+from trainio.storage import Hasher, libc_function
 
 _READ_PIECE = 8 << 20  # bytes per pread: several of the kernel's read-ahead windows
 _FETCH_READ = 1 << 20  # bytes per pread of a range only read into the page cache (into a buffer the CPU's cache holds)
 _MADV_HUGEPAGE = 14
 _WINDOW = 256 << 10  # bytes of one window of a sampled residency estimate
 
-def _libc_function(name: str, argtypes: tuple[Any, ...], restype: Any) -> Callable[..., int] | None:
-    """libc's function ``name``, or None where there is none.
-
-    Called holding the GIL (``PyDLL``): each of these returns in microseconds, and a call that gave the GIL up
-    could wait a switch interval (5 ms) behind the loader's busy threads to take it back.
-    """
-    try:
-        function = getattr(ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes, function.restype = argtypes, restype
-    found: Callable[..., int] = function
-    return found
-
-
-_mincore = _libc_function("mincore", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p), ctypes.c_int)
+# Each called holding the GIL: they return in microseconds (see libc_function).
+_mincore = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], hold_gil=True)
 """Where there is none, every range counts as resident."""
-_madvise = _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int)
+_madvise = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], hold_gil=True)
 
 
 class _CacheRange(ctypes.Structure):
@@ -56,8 +40,8 @@ class _CacheStat(ctypes.Structure):
 
 
 _CACHESTAT = 451  # the system call's number on every Linux architecture (6.5 on)
-_syscall = _libc_function("syscall", (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long),
-                          ctypes.c_long) if os.uname().sysname == "Linux" else None
+_syscall = libc_function("syscall", [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long],
+                         restype=ctypes.c_long, hold_gil=True)
 
 
 def cached_share(fd: int, size: int, *, windows: int | None = None) -> float | None:
@@ -66,7 +50,7 @@ def cached_share(fd: int, size: int, *, windows: int | None = None) -> float | N
 
     With ``windows``, an estimate from that many 256 KiB windows spread evenly over a larger file: the call walks
     every page-cache entry of its range, 9 us for a 256 MB file held in 2 MiB folios but 2 ms held in 4 KiB pages
-    (with the GIL held, as it must be: see :func:`_libc_function`).
+    (with the GIL held, as it must be: see ``libc_function``).
     """
     global _syscall
     stat, cached, pages = _CacheStat(), 0, 0
