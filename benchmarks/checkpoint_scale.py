@@ -46,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine, machine_lines, markdown_table  # noqa: E402
 
+from trainio.checkpoint import CheckpointOptions  # noqa: E402
 from trainio.checkpoint._format import manifest as manifest_module  # noqa: E402
 from trainio.checkpoint._format.boxes import Box  # noqa: E402
 from trainio.checkpoint._format.manifest import FileEntry, Manifest  # noqa: E402
@@ -131,7 +132,7 @@ def simulate(rank: int, world: int, arrays: int, decision: Any) -> dict[str, Any
     """One rank's first and second save() planning: times, bytes, and its files."""
     skeleton, leaves = state(rank, world, arrays)
     stand = _Stand(rank, world, decision)
-    saves = StepSaves(stand, CHUNK_BYTES, PACK_BYTES, None)
+    saves = StepSaves(stand, CheckpointOptions(chunk_bytes=CHUNK_BYTES, pack_bytes=PACK_BYTES))
     start = time.perf_counter()
     plan, _ = saves.plan(1, skeleton, leaves, None, _Tier())  # type: ignore[arg-type]
     first = time.perf_counter() - start

@@ -85,8 +85,7 @@ class CheckpointManager(SavePolicy):
         self._lock = threading.Lock()
         self._ledger = SaveLedger(labels)
         self._closed = False
-        self._saves = StepSaves(exchange, opts.chunk_bytes, opts.pack_bytes, opts.codec,
-                                self._nodes.nodes if self._nodes is not None else None)
+        self._saves = StepSaves(exchange, opts, self._nodes.nodes if self._nodes is not None else None)
         committing = len(self._io) if self._rank == 0 else int(self._nodes is not None and self._nodes.commits)
         self._keeper = LeaseKeeper.for_tiers(self._io[:committing], opts.lease_s)  # the tiers this rank commits on
         self._tierset = TierSet(self.tiers, self._io, self._ledger, self._keeper, rank=self._rank, pool=self._pool,

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._format.zarr_layout import CHUNK_BYTES, PACK_BYTES, parse_compression
+from ._format.zarr_layout import CHUNK_BYTES, PACK_BYTES, RANK_PACK_BYTES, parse_compression
 from ._restore.device_reads import GPU_DIRECT_MODES
 
 
@@ -27,6 +27,12 @@ class CheckpointOptions:
         pack_bytes: Arrays up to this size are stored together in the step's
             pack (see :data:`~trainio.checkpoint.PACK_PATH`), not one zarr array
             each: thousands of tiny files per step are slow to create and delete.
+        rank_pack_bytes: A sharded array (DTensor, ShardedTensor) whose
+            largest shard is at most this size, and not compressed, has its
+            chunks stored in the rank packs of the ranks that write them
+            (files of up to ``chunk_bytes`` each; every such file is checked
+            whole when read), not a file per chunk: a rank restoring its shards
+            reads a few big files, which a cold disk streams faster.
         compression: None (default: chunks stored raw, read straight into the
             tensors), ``"zstd"`` or ``"zstd:<level>"``: smaller steps for
             compressible state, at the cost of CPU time on save and restore.
@@ -78,6 +84,7 @@ class CheckpointOptions:
     retry_backoff_s: float = 1.0
     chunk_bytes: int = CHUNK_BYTES
     pack_bytes: int = PACK_BYTES
+    rank_pack_bytes: int = RANK_PACK_BYTES
     compression: str | None = None
     distributed: bool | None = None
     ranks_per_node: int | None = None
@@ -93,6 +100,7 @@ class CheckpointOptions:
         for name in ("max_pending", "threads", "promote_attempts", "chunk_bytes"):
             _check_int(name, getattr(self, name), 1)
         _check_int("pack_bytes", self.pack_bytes, 0)
+        _check_int("rank_pack_bytes", self.rank_pack_bytes, 0)
         for name in ("retry_backoff_s", "timeout_s", "lease_s", "preemption_grace_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

@@ -33,6 +33,11 @@ CHUNK_BYTES = 32 << 20
 PACK_BYTES = 256 << 10
 """Default size up to which an array is stored in the step's pack rather than as its own zarr array."""
 
+RANK_PACK_BYTES = 8 << 20
+"""Default size up to which a sharded array's largest shard has its chunks stored in the rank packs of the ranks that
+write them (see FORMAT.md, "Rank packs"), not a file per chunk: a rank then reads a few big files, which a cold disk
+streams faster than many files of a few MiB."""
+
 PACK_PATH = ".packed"
 """The pack: a 1-D uint8 zarr array holding the small arrays of a step back to back.
 

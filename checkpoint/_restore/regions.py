@@ -21,11 +21,12 @@ from .._format.boxes import Box, chunk_box, chunk_indices, chunk_origin, contigu
 from .._format.dtensor import dtensor_box
 from .._format.dtypes import storage_numpy_dtype, torch_dtype
 from .._format.zarr_layout import ArraySpec, chunk_key
+from .._tiers.pack_members import PackMember, PackMembers
 from .device_reads import DeviceRun
 
-Read = tuple[str, memoryview | DeviceRun | None, Callable[[bytes | memoryview], None] | None]
-"""A file to read: its key, memory to read it into (host memory, a CUDA tensor's, or None), and what to do with its
-bytes (or None: keep them)."""
+Read = tuple[str, memoryview | DeviceRun | PackMembers | None, Callable[[bytes | memoryview], None] | None]
+"""A file to read: its key, memory to read it into (host memory, a CUDA tensor's, a rank pack's members' places, or
+None), and what to do with its bytes (or None: keep them)."""
 
 
 @dataclass
@@ -130,24 +131,17 @@ def region_finish(region: Region) -> Any:
 
 def pack_reads(reads: list[Read], where: Callable[[str], tuple[str, int, int]]) -> list[Read]:
     """``reads`` of chunks that lie in rank packs (``where(key)``: the pack's key, the offset and size there) as one
-    read per pack, whose bytes are copied to each of its members' reads."""
-    by_pack: dict[str, list[tuple[int, int, Read]]] = {}
-    for read in reads:
-        pack, offset, size = where(read[0])
-        by_pack.setdefault(pack, []).append((offset, size, read))
-    return [(pack, None, functools.partial(_scatter, members)) for pack, members in by_pack.items()]
-
-
-def _scatter(members: list[tuple[int, int, Read]], data: bytes | memoryview) -> None:
-    """Copy each member's bytes (``offset``, ``size`` in a rank pack's ``data``) where its read says."""
-    view = memoryview(data)
-    for offset, size, (_, target, sink) in members:
-        piece = view[offset:offset + size]
-        if sink is not None:
-            sink(piece)
-        else:
+    read per pack, into its members' places (:class:`PackMembers`)."""
+    by_pack: dict[str, list[PackMember]] = {}
+    for key, target, sink in reads:
+        pack, offset, size = where(key)
+        if sink is None:
             assert isinstance(target, memoryview), "a ranked array's chunk is read into host memory"
-            target[:] = piece[:target.nbytes]
+            member = PackMember(offset, size, target)
+        else:
+            member = PackMember(offset, size, None, sink)
+        by_pack.setdefault(pack, []).append(member)
+    return [(pack, PackMembers(members), None) for pack, members in by_pack.items()]
 
 
 def decode(spec: ArraySpec, contents: dict[str, bytes | None], box: Box | None = None) -> np.ndarray[Any, Any]:

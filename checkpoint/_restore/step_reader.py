@@ -22,6 +22,7 @@ from .._format.per_rank import for_rank
 from .._format.state_tree import array_paths, build, select
 from .._format.zarr_layout import ArraySpec
 from .._tiers.commit import ADVISE_BELOW, NotKeptHere, TierIO, describe, step_name
+from .._tiers.pack_members import PackMembers
 from .device_reads import (
     PINNED_HOST,
     DeviceReads,
@@ -87,8 +88,9 @@ class StepReader:
         self.report = ReadReport(step)
         self._report_lock = threading.Lock()
 
-    def read_file(self, key: str, target: memoryview | None) -> bytes | None:
-        """Fill ``target`` from the first tier whose copy of ``key`` is whole; with no target, return the bytes.
+    def read_file(self, key: str, target: memoryview | PackMembers | None) -> bytes | None:
+        """Fill ``target`` (memory, or a rank pack's members' places) from the first tier whose copy of ``key`` is
+        whole; with no target, return the bytes.
 
         Each tier's copy is checked against that tier's own manifest; a tier
         whose manifest is damaged is not read from.
@@ -104,11 +106,13 @@ class StepReader:
                                else CheckpointError(describe(exc))))
                 continue  # its manifest or the part listing the file is unreadable: nothing to read or repair here
             try:
+                data = None
                 if target is None:
                     data = tier.read(self.step, key, own)
+                elif isinstance(target, PackMembers):
+                    tier.read_members(self.step, key, own, target)
                 else:
                     tier.read_into(self.step, key, own, target)
-                    data = None
             except (StoreError, OSError, CheckpointError) as exc:
                 failed.append((tier, exc))
                 continue
@@ -121,7 +125,7 @@ class StepReader:
                               + "; ".join(f"{t.label}: {describe(e)}" for t, e in failed))
 
     def _recover(self, key: str, entry: FileEntry, failed: list[tuple[TierIO, BaseException]],
-                 good: TierIO, data: bytes | None, target: memoryview | None) -> None:
+                 good: TierIO, data: bytes | None, target: memoryview | PackMembers | None) -> None:
         failed = [(tier, exc) for tier, exc in failed if not isinstance(exc, NotKeptHere)]  # not a fall-back
         for tier, exc in failed:
             name = f"{tier.label}:{MANIFEST if isinstance(exc, CheckpointError) else key}"
@@ -131,7 +135,9 @@ class StepReader:
                 self.report.fell_back[name] = describe(exc)
         if not self.repair:
             return
-        if data is None:
+        if isinstance(target, PackMembers):
+            data = good.read(self.step, key, entry)  # the members' places hold only some of the pack's bytes
+        elif data is None:
             assert target is not None
             data = bytes(target) + bytes(entry.size - target.nbytes)
         for tier, exc in failed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,8 @@ def _rank_packs(rank: int, ranked: list[tuple[_File, ArraySpec, tuple[int, ...]]
     each chunk lies (pack number, offset, size). Packs hold at most CHUNK_BYTES, as chunks do, so that readers'
     threads share them."""
     members: dict[str, tuple[int, int, int]] = {}
+    if not ranked:
+        return [], members
     ends = [0]
     for file, _, _ in ranked:
         start = aligned(ends[-1])
@@ -110,18 +113,27 @@ def _rank_packs(rank: int, ranked: list[tuple[_File, ArraySpec, tuple[int, ...]]
             start = 0
         members[file.key] = (len(ends) - 1, start, file.size)
         ends[-1] = start + file.size
-    packs = [bytearray(end) for end in ends] if ranked else []
-    described: list[dict[str, tuple[ArraySpec, tuple[int, ...], int]]] = [{} for _ in packs]
+    described: list[dict[str, tuple[ArraySpec, tuple[int, ...], int]]] = [{} for _ in ends]
+    contents: list[list[tuple[int, _File]]] = [[] for _ in described]
     for file, spec, index in ranked:
-        data = file.data()  # an edge chunk's bytes: its file (and member) is padded with zeros to the chunk's size
         number, offset, _ = members[file.key]
-        packs[number][offset:offset + data.nbytes] = data
         described[number][file.key] = (spec, index, offset)
+        contents[number].append((offset, file))
     files = []
-    for n, pack in enumerate(packs):
-        files.append(_bytes_file(rank_pack_metadata_key(rank, n), rank_pack_metadata(len(pack), described[n])))
-        files.append(_File(rank_pack_key(rank, n), len(pack), lambda p=pack: memoryview(p)))  # type: ignore[misc]
+    for n, (end, placed) in enumerate(zip(ends, contents, strict=True)):
+        files.append(_bytes_file(rank_pack_metadata_key(rank, n), rank_pack_metadata(end, described[n])))
+        files.append(_File(rank_pack_key(rank, n), end, functools.partial(_pack_bytes, end, placed)))
     return files, members
+
+
+def _pack_bytes(size: int, members: list[tuple[int, _File]]) -> memoryview:
+    """A rank pack's bytes: each member's at its offset (an edge chunk's padded with zeros to the chunk's size), made
+    only when the pack is written, so that a save holds one pack per writer, not all of them."""
+    pack = np.zeros(size, np.uint8)
+    for offset, file in members:
+        data = np.frombuffer(file.data(), np.uint8)
+        pack[offset:offset + data.nbytes] = data  # numpy copies without the GIL
+    return pack.data
 
 
 def root_files(plan: Plan, snapshot: Snapshot) -> list[_File]:

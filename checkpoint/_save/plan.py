@@ -21,7 +21,7 @@ from trainio.storage import CheckpointError
 from .._format.boxes import Box, chunk_indices, grid_chunks
 from .._format.placement import Mesh
 from .._format.state_tree import ArrayLeaf
-from .._format.zarr_layout import ArraySpec, pack_spec
+from .._format.zarr_layout import RANK_PACK_BYTES, ArraySpec, pack_spec
 from .staging import aligned
 
 PACK_OWNER = 0
@@ -110,14 +110,15 @@ def _check_replicated(shared: list[list[list[Any]]], wheres: Mapping[str, str]) 
                               "trainio.checkpoint.PerRank(...) to save each rank's own")
 
 
-def ranked(sharded: bool, largest_box: Box, itemsize: int, pack_bytes: int, codec: str | None) -> bool:
+def ranked(sharded: bool, largest_box: Box, itemsize: int, rank_pack_bytes: int, codec: str | None) -> bool:
     """Whether an array's chunks go in the packs of the ranks that write them: a sharded array whose shards are
-    small, uncompressed (so that a rank reading its shards opens one file, not one per array)."""
-    return sharded and codec is None and math.prod(largest_box.shape) * itemsize <= pack_bytes
+    at most ``rank_pack_bytes``, uncompressed (so that a rank reading its shards opens a few big files, not one per
+    array)."""
+    return sharded and codec is None and math.prod(largest_box.shape) * itemsize <= rank_pack_bytes
 
 
 def make_plan(per_rank: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int, codec: str | None,
-              wheres: Mapping[str, str] | None = None) -> Plan:
+              wheres: Mapping[str, str] | None = None, *, rank_pack_bytes: int = RANK_PACK_BYTES) -> Plan:
     """The plan for the arrays ``per_rank[r]`` (from :func:`describe_leaves`) says rank ``r`` holds.
 
     ``wheres`` maps array paths to their places in the state, for messages.
@@ -132,11 +133,11 @@ def make_plan(per_rank: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int
     for rank, rows in enumerate(shared[1:], start=1):
         _rank_rows(rows, rank, reference)
     _check_replicated(shared, wheres or {})
-    return _new_plan(per_rank, shared, chunk_bytes, pack_bytes, codec)
+    return _new_plan(per_rank, shared, chunk_bytes, pack_bytes, rank_pack_bytes, codec)
 
 
 def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], chunk_bytes: int, pack_bytes: int,
-              codec: str | None) -> Plan:
+              rank_pack_bytes: int, codec: str | None) -> Plan:
     reference = shared[0]
     arrays: dict[str, ArraySpec] = {}
     pack_end = 0
@@ -173,7 +174,7 @@ def _new_plan(per_rank: list[list[list[Any]]], shared: list[list[list[Any]]], ch
         chunks = grid_chunks(shape, itemsize, chunk_bytes, distinct)
         arrays[path] = ArraySpec(path, kind, dtype, stored, shape, chunks, None, codec,
                                  ranked(len(distinct) > 1, max(distinct, key=lambda b: math.prod(b.shape)), itemsize,
-                                        pack_bytes, codec))
+                                        rank_pack_bytes, codec))
         for box in distinct:
             holders[(path, box)] = by_box[box]
             units.append(Unit(path, box, -1))

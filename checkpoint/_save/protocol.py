@@ -43,7 +43,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainio.storage import CheckpointError, digest
 
@@ -63,6 +63,9 @@ from .plan import PACK_OWNER, Plan, describe_leaves, make_plan
 from .share_plan import Layout, describe_layout, share_plan
 from .snapshot import Snapshot
 
+if TYPE_CHECKING:
+    from .._options import CheckpointOptions
+
 log = logging.getLogger("trainio.checkpoint._manager")
 
 
@@ -78,15 +81,15 @@ def _retired(retire: Callable[[int], list[int]] | None, step: int) -> list[int]:
 class StepSaves:
     """The save protocol of one manager, on every rank: planning in ``save()``, committing in the background."""
 
-    def __init__(self, collective: Exchange, chunk_bytes: int, pack_bytes: int, codec: str | None,
-                 nodes: Nodes | None = None) -> None:
+    def __init__(self, collective: Exchange, options: CheckpointOptions, nodes: Nodes | None = None) -> None:
         self.collective = collective
         self.nodes = None if nodes is None else NodeCommit(collective, nodes)
         self.rank = self.collective.rank
         self.world = self.collective.world
-        self._chunk_bytes = chunk_bytes
-        self._pack_bytes = pack_bytes
-        self._codec = codec
+        self._chunk_bytes = options.chunk_bytes
+        self._pack_bytes = options.pack_bytes
+        self._rank_pack_bytes = options.rank_pack_bytes
+        self._codec = options.codec
         self._previous: tuple[str, Plan] | None = None  # the last plan made by exchanging boxes, by its key
         self._shared: tuple[str, Plan] | None = None  # the last share planned alone, by what it was made from
 
@@ -143,7 +146,7 @@ class StepSaves:
         else:
             described = self.collective.all_gather(f"step {step}: describing every rank's arrays", rows)
             plan = make_plan(described, self._chunk_bytes, self._pack_bytes, self._codec,
-                             {leaf.path: leaf.where for leaf in leaves})
+                             {leaf.path: leaf.where for leaf in leaves}, rank_pack_bytes=self._rank_pack_bytes)
             self._previous = (decision["key"], plan)
         if decision["skeletons"]:
             skeletons = self.collective.all_gather(f"step {step}: comparing the ranks' states", shared)
@@ -167,7 +170,7 @@ class StepSaves:
         if len(set(steps)) > 1:
             return {"error": f"the ranks called save() with different steps {steps}; every rank must save the "
                              "same step"}
-        settings = [self._chunk_bytes, self._pack_bytes, self._codec]
+        settings = [self._chunk_bytes, self._pack_bytes, self._rank_pack_bytes, self._codec]
         key = json_digest([*settings, [p["boxes"] for p in everyone]])
         if len({p["values"] for p in everyone}) == 1 and len({p["layout"] for p in everyone}) == 1 \
                 and everyone[0]["layout"] is not None:
@@ -183,10 +186,12 @@ class StepSaves:
         """This rank's share of a plan every rank makes alone: the last one while nothing it depends on changed."""
         per_rank = [p["own_rows"] for p in everyone] if everyone is not None else \
             [layout.own if r == self.rank else [] for r in range(self.world)]
-        key = json_digest([self._chunk_bytes, self._pack_bytes, self._codec, layout.digest, per_rank])
+        key = json_digest([self._chunk_bytes, self._pack_bytes, self._rank_pack_bytes, self._codec, layout.digest,
+                           per_rank])
         if self._shared is not None and self._shared[0] == key:
             return self._shared[1]
-        plan = share_plan(layout, per_rank, self.rank, self.world, self._chunk_bytes, self._pack_bytes, self._codec)
+        plan = share_plan(layout, per_rank, self.rank, self.world, self._chunk_bytes, self._pack_bytes, self._codec,
+                          rank_pack_bytes=self._rank_pack_bytes)
         self._shared = (key, plan)
         return plan
 

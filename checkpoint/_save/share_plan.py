@@ -32,7 +32,7 @@ from .._format.boxes import Box, cell_chunks, chunk_indices, grid_chunks
 from .._format.per_rank import json_digest
 from .._format.placement import Mesh, Placement, grid_steps, mesh_boxes, writer_of
 from .._format.state_tree import ArrayLeaf
-from .._format.zarr_layout import ArraySpec, pack_spec
+from .._format.zarr_layout import RANK_PACK_BYTES, ArraySpec, pack_spec
 from .plan import Plan, Unit, ranked
 from .staging import aligned
 
@@ -94,7 +94,8 @@ def describe_layout(leaves: Sequence[ArrayLeaf], rank: int, world: int) -> Layou
 
 
 def share_plan(layout: Layout, per_rank: Sequence[Sequence[list[Any]]], rank: int, world: int,
-               chunk_bytes: int, pack_bytes: int, codec: str | None) -> Plan:
+               chunk_bytes: int, pack_bytes: int, codec: str | None, *, rank_pack_bytes: int = RANK_PACK_BYTES
+               ) -> Plan:
     """Rank ``rank``'s plan: every array's layout, and the units ``rank`` writes.
 
     ``layout`` is what every rank described alike (:func:`describe_layout`).
@@ -130,8 +131,8 @@ def share_plan(layout: Layout, per_rank: Sequence[Sequence[list[Any]]], rank: in
             continue
         chunks = cell_chunks(shape, itemsize, chunk_bytes, grid_steps(shape, placement))
         arrays[path] = ArraySpec(path, kind, dtype, stored, shape, chunks, None, codec,
-                                 ranked(not whole, mesh_boxes(shape, placement, only=0).box(0), itemsize, pack_bytes,
-                                        codec))
+                                 ranked(not whole, mesh_boxes(shape, placement, only=0).box(0), itemsize,
+                                        rank_pack_bytes, codec))
         writers[path] = {"mesh": placed[0], "shards": placed[1], "turn": number}
         mine = positions[placed[0]]
         box = mesh_boxes(shape, placement, only=mine).box(0)

@@ -49,6 +49,7 @@ from trainio.storage import (
 from .._format.manifest import MANIFEST, FileEntry, Manifest
 from .._format.names import step_name as step_name  # where the tiers and the save find it
 from .lease import Lease
+from .pack_members import PackMembers
 
 _STEP_NAME = re.compile(r"\d{12}")
 LAST_KNOWN_GOOD = "last_known_good.json"
@@ -189,6 +190,15 @@ class TierIO(ABC):
         """
         data = self.read(step, key, entry)
         target[:] = memoryview(data)[:target.nbytes]
+
+    def read_members(self, step: int, key: str, entry: FileEntry, members: PackMembers) -> None:
+        """Put the ``members`` of the rank pack ``key`` where they go, checking the whole pack.
+
+        Raises:
+            NotFound: the pack is missing.
+            IntegrityError: its size or digest differs from ``entry``.
+        """
+        members.fill(memoryview(self.read(step, key, entry)))
 
     def local_file(self, step: int, key: str) -> str | None:
         """The path of the local file holding ``key`` of ``step`` where this tier keeps local files, else None."""

@@ -217,8 +217,11 @@ def test_each_file_has_exactly_one_writer(four_way_step: tuple[Path, Path, list[
         every = set(manager._io[0].manifest(1).files)  # the root's files, the parts, and what each part lists
     assert set(writers) == every and {f"parts/{rank:06d}.json" for rank in range(4)} <= every
     assert {key: ranks for key, ranks in writers.items() if len(ranks) != 1} == {}
-    shard_writers = {writers[k][0] for k in writers if k.startswith("state.zarr/big_shard/c.")}
-    assert shard_writers == {0, 1, 2, 3}  # every rank wrote its own shard's chunks
+    # big_shard's shards (600 KB) are at most rank_pack_bytes: every rank wrote its own shard's chunks into its packs
+    assert not [k for k in writers if k.startswith("state.zarr/big_shard/")]
+    pack_writers = {writers[k][0] for k in writers if k.startswith("state.zarr/.rank_packs/")}
+    assert pack_writers == {0, 1, 2, 3}
+    assert all(k.startswith(f"state.zarr/.rank_packs/{writers[k][0]:06d}.") for k in writers if ".rank_packs/0" in k)
     big = Counter(writers[k][0] for k in writers if k.startswith("state.zarr/big/"))
     assert len(big) >= 2, f"replicated tensors should be spread over the ranks, not all on one: {big}"
 

@@ -59,7 +59,7 @@ def empty_like(world: int) -> dict[str, Any]:
 
 def save_job(rank: int, world: int, root: str, steps: list[int]) -> bool:
     os.environ["LOCAL_WORLD_SIZE"] = "2"
-    with CheckpointManager(tiers(root), chunk_bytes=CHUNK, pack_bytes=256) as manager:
+    with CheckpointManager(tiers(root), chunk_bytes=CHUNK, pack_bytes=256, rank_pack_bytes=256) as manager:
         for step in steps:
             manager.save(step, sharded(step, world)).wait()
     return True

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from trainio.checkpoint import CheckpointOptions
 from trainio.checkpoint._format.boxes import Box, chunk_box, chunk_bytes_of, chunk_indices, contiguous_run, grid_chunks
 from trainio.checkpoint._save.plan import make_plan
 from trainio.storage import CheckpointError
@@ -100,7 +101,7 @@ def test_a_layout_saved_again_reuses_its_plan(tmp_path: Path) -> None:
     from trainio.checkpoint._tiers import open_tier_io
     from trainio.storage import open_store
 
-    saves = StepSaves(WorldOfOne(), 1 << 20, 1024, None)
+    saves = StepSaves(WorldOfOne(), CheckpointOptions(chunk_bytes=1 << 20, pack_bytes=1024))
     tier = open_tier_io(open_store(tmp_path), "t")
 
     def plan(state: dict[str, Any]) -> Any:

@@ -25,7 +25,7 @@ pytest.importorskip("torch.distributed.tensor")
 HERE = "tests.checkpoint.test_rank_packs"
 STEP = "000000000001"
 SMALL = ("norm", "bias")  # 64 and 48 elements: 128 and 96 bytes a rank, in the rank packs
-BIG = "w"  # 256 x 512 float32: 256 KiB a rank, more than pack_bytes: chunk files of its own
+BIG = "w"  # 256 x 512 float32: 256 KiB a rank, more than rank_pack_bytes: chunk files of its own
 
 
 def full_state() -> dict[str, Any]:
@@ -46,7 +46,7 @@ def save_and_restore(rank: int, world: int, root: str) -> dict[str, Any]:
     """Save the sharded state to a fast and a slow tier, restore it into fresh DTensors: what was read."""
     expected = full_state()
     tiers = [Tier(f"{root}/fast"), Tier(f"{root}/slow")]
-    with CheckpointManager(tiers, pack_bytes=1024, timeout_s=60) as manager:
+    with CheckpointManager(tiers, pack_bytes=1024, rank_pack_bytes=1024, timeout_s=60) as manager:
         manager.save(1, _sharded(expected, world)).wait()
         manager.promote()
         target = _sharded({k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
