@@ -157,6 +157,11 @@ def test_a_flipped_bit_in_a_rank_pack_falls_back_and_is_named(saved: tuple[Path,
     assert [name.rsplit("/fast:", 1)[1] for name in results[1]["fell_back"]] == ["state.zarr/.rank_packs/000001.0/c.0"]
     problems = verify_checkpoint(root / "fast").problems
     assert [key for _, key, _ in problems] == ["state.zarr/.rank_packs/000001.0/c.0"]
+    with CheckpointManager([Tier(root / "fast"), Tier(root / "slow")]) as manager:
+        restored, report = manager.restore_with_report(repair=True)  # in one process: every rank's pack
+    assert all(torch.equal(restored[k], full_state()[k]) for k in (*SMALL, BIG)) and report.fell_back
+    assert verify_checkpoint(root / "fast").ok, "the damaged pack is rewritten from the slow tier's"
+    pack.write_bytes(bytes(data))
     shutil.rmtree(root / "slow")
     with CheckpointManager([Tier(root / "fast")]) as manager, \
             pytest.raises(CheckpointError, match=r"\.rank_packs/000001\.0/c\.0.*damaged or missing on every tier"):
