@@ -30,9 +30,10 @@ class CheckpointOptions:
         rank_pack_bytes: A sharded array (DTensor, ShardedTensor) whose
             largest shard is at most this size, and not compressed, has its
             chunks stored in the rank packs of the ranks that write them
-            (files of up to ``chunk_bytes`` each; every such file is checked
-            whole when read), not a file per chunk: a rank restoring its shards
-            reads a few big files, which a cold disk streams faster.
+            (files of up to 32 MiB each, every one checked whole when read), not
+            a file per chunk: a rank restoring its shards reads a few big
+            files, which a cold disk streams faster. A restore of only some
+            keys reads the packs that hold them whole.
         compression: None (default: chunks stored raw, read straight into the
             tensors), ``"zstd"`` or ``"zstd:<level>"``: smaller steps for
             compressible state, at the cost of CPU time on save and restore.

@@ -327,4 +327,3 @@ class LocalTierIO(TierIO):
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)
-
