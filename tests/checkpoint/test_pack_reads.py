@@ -53,11 +53,13 @@ def _data(size: int = 4 * PIECE + 3000) -> bytes:
     return np.random.default_rng(3).integers(0, 256, size, np.uint8).tobytes()
 
 
-def test_every_member_lands_where_it_goes_from_one_pass(tmp_path: Path) -> None:
+def test_every_member_lands_where_it_goes_from_one_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _data()
     tier, entry = _pack(tmp_path, data)
     places = _Places()
-    tier.read_members(STEP, KEY, entry, places.members())
+    with monkeypatch.context() as patched:
+        patched.setattr(tier, "read", lambda *_: pytest.fail("the pack was read whole into memory of its own"))
+        tier.read_members(STEP, KEY, entry, places.members())
     places.check(data)
     whole = _Places()  # the same through the whole pack's bytes, as a tier without local files reads it
     TierIO.read_members(tier, STEP, KEY, entry, whole.members())
