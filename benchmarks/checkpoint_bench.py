@@ -5,7 +5,7 @@ matrices, several hundred small biases and norms, and an Adam-like optimizer
 (fp32 master copy and two moments per parameter), about ``--gb`` GB in all.
 
 Rows, all measured in this run on the same state and directory:
-- memcpy: copy of the state into preallocated, touched tensors (the floor for
+- memcpy: copy of the state into preallocated, touched tensors, once before each of trainio's saves (the floor for
   the time a save may block the caller);
 - raw write+sync / raw read: the state's bytes as new files of trainio's chunk
   size, written with trainio's threads and made durable, and read with as many;
@@ -104,6 +104,7 @@ class Bench:
         self.notes: list[str] = []
         self.raw_files: list[Path] = []  # the read limit's files (raw), read in turn with every restore
         self.readers: list[tuple[str, Callable[[], Any], Path]] = []  # (who, restore, its files), read in turn
+        self.copy: Callable[[], None] = lambda: None  # the memcpy floor (:meth:`memcpy`)
         self.open = contextlib.ExitStack()  # what the readers need until :meth:`restores` is done
 
     def add(self, what: str, who: str, seconds: float) -> None:
@@ -111,6 +112,8 @@ class Bench:
         print(f"  {what:34} {who:30} {seconds:8.3f} s  {self.nbytes / seconds / 1e9:6.2f} GB/s", flush=True)
 
     def memcpy(self) -> None:
+        """The blocking save's floor, a copy of every tensor into preallocated ones: made ready here, timed in turn
+        with trainio's saves (:meth:`trainio`), so that the machine's drift hits both."""
         targets = [torch.empty_like(t) for t in self.tensors]
         for t in targets:
             t.zero_()
@@ -119,7 +122,7 @@ class Bench:
             for dst, src in zip(targets, self.tensors, strict=True):
                 dst.copy_(src)
 
-        self.add("blocking (memcpy floor)", "memcpy into preallocated", best(copy, self.repeat + 1))
+        self.copy = copy
 
     def raw(self) -> None:
         """The limits, with trainio's parallelism: its threads writing new files of its chunk size made durable
@@ -149,9 +152,11 @@ class Bench:
         self.open.callback(fresh, tier)  # after the manager is closed
         manager = self.open.enter_context(CheckpointManager([Tier(tier, keep_last=1)], compression=compression))
         manager.save(0, self.state).wait()  # allocates and faults in the staging slot once
-        blocked, total = [], []
+        blocked, total, floor = [], [], []
         for step in range(1, self.repeat + 2):
             fresh_steps(tier)  # no earlier step to link unchanged files from: a full write
+            if compression is None:
+                floor.append(timed(self.copy))
             gc.collect()
             start = time.perf_counter()
             handle = manager.save(step, self.state)
@@ -160,6 +165,7 @@ class Bench:
             total.append(time.perf_counter() - start)
             manager.wait()
         if compression is None:
+            self.add("blocking (memcpy floor)", "memcpy into preallocated", min(floor))
             self.add("blocking", f"{who} save()", min(blocked))
         else:
             self.notes.append(f"{who}: a step takes {manager._io[0].manifest(step).nbytes / self.nbytes:.1%} "
