@@ -47,10 +47,14 @@ def interleaved(figure: Callable[[], float], limit: Callable[[], float], rounds:
 
 
 def drop_from_page_cache(files: Sequence[Path]) -> None:
-    """Evict ``files``' pages from the page cache (pages still mapped stay: maps left for the collector go first)."""
+    """Evict ``files``' pages from the page cache (pages still mapped stay: maps left for the collector go first).
+    A file gone meanwhile is passed over (a tier's lease is renewed through a temp file beside its steps)."""
     gc.collect()
     for path in files:
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
         try:
             os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
