@@ -239,7 +239,8 @@ class StepReader:
 
     def resolve(self, load: Load) -> None:
         """Turn ``load``'s reads of ranked arrays' chunks into reads of the rank packs that hold them (reading the
-        parts that say where): each pack read (and checked) whole once, its members copied where they belong."""
+        parts that say where): each pack read (and checked) whole once, its members put where they belong
+        (:class:`PackMembers`)."""
         load.reads += pack_reads(load.in_packs, self.manifests.member)
         load.in_packs = []
 
